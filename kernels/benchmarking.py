@@ -1,0 +1,47 @@
+"""Shared pieces of the kernel benchmarks: a case description and a timer.
+
+Each op folder has a `bench.py` with `cases(dtype, device) -> list[BenchCase]`;
+`composer bench kernels` times every candidate of a case in one process.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Candidate:
+    name: str
+    forward: Callable[[], object]
+    forward_backward: Callable[[], object] | None = None
+
+
+@dataclass
+class BenchCase:
+    op: str
+    shape: str                  # e.g. "B256 H4 N144 D16"
+    flops_fwd: int              # a multiply-add counts as 2 FLOPs
+    flops_fwd_bwd: int
+    bytes_fwd: int              # bytes that must move at least once (the memory floor)
+    bytes_fwd_bwd: int
+    anchor: str                 # candidate the ratio column is measured against
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def time_us(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Median time of `fn` in µs: CUDA events via triton's do_bench on GPU, wall clock on CPU."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples)

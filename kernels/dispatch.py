@@ -1,0 +1,98 @@
+"""Backend choice for the public ops: "auto" | "triton" | "reference".
+
+Every op states, for a given input, the reasons its Triton kernel cannot take
+it (`triton_reasons`). "auto" picks Triton only for CUDA tensors with no
+reasons; an explicit "triton" that cannot run raises with every reason, so a
+user who asked for the fast path never silently gets the slow one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when backend="triton" is requested for an input it cannot take."""
+
+    def __init__(self, op: str, reasons: list[str]):
+        self.op = op
+        self.reasons = list(reasons)
+        lines = "\n".join(f"  - {r}" for r in self.reasons)
+        super().__init__(
+            f"{op}: the Triton backend cannot run this input:\n{lines}\n"
+            f'Use backend="auto" or "reference" to fall back to the PyTorch path.'
+        )
+
+
+def interpreter_mode() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when `import triton` works, else why not (imported lazily, once)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def device_reasons(device: torch.device | str) -> list[str]:
+    """Why a Triton kernel cannot run on this device (empty when it can)."""
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_mode()):
+        return []
+    return [f"tensors are on {device.type}; Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"]
+
+
+def dtype_reasons(dtype: torch.dtype) -> list[str]:
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return []
+    return [f"dtype {dtype} is not supported (float32, float16, bfloat16 are)"]
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def select(op: str, backend: str, device: torch.device | str, reasons: list[str]) -> str:
+    """Return "triton" or "reference" for one call.
+
+    `reasons` are the op's own shape/dtype reasons; import and device reasons
+    are added here. "auto" never picks the interpreter: on CPU it is far slower
+    than the reference and is only meant for testing the kernels.
+    """
+    check_backend(backend)
+    if backend == "reference":
+        return "reference"
+    all_reasons = list(reasons) + device_reasons(device)
+    err = triton_import_error()
+    if err:
+        all_reasons.append(err)
+    if backend == "triton":
+        if all_reasons:
+            raise BackendUnavailable(op, all_reasons)
+        return "triton"
+    return "triton" if (torch.device(device).type == "cuda" and not all_reasons) else "reference"
+
+
+def explain(op: str, backend: str, device: torch.device | str, reasons: list[str]) -> tuple[str, list[str]]:
+    """Like `select` but never raises: (choice, reasons the Triton path was not taken)."""
+    check_backend(backend)
+    if backend == "reference":
+        return "reference", ["reference backend requested"]
+    all_reasons = list(reasons) + device_reasons(device)
+    err = triton_import_error()
+    if err:
+        all_reasons.append(err)
+    if torch.device(device).type != "cuda" and backend == "auto" and not all_reasons:
+        all_reasons.append("auto uses Triton only on CUDA")
+    return ("reference", all_reasons) if all_reasons else ("triton", [])
