@@ -1,15 +1,90 @@
-"""PLACEHOLDER (reference only) until the Triton kernel lands."""
+"""Public attention op: backend choice, autograd and torch.library registration.
+
+The Triton path is two `torch.library.triton_op`s (forward, backward) tied
+together with `register_autograd`, so torch.compile(fullgraph=True) sees them
+as ordinary graph nodes (and inductor can still see the kernels inside).
+Triton itself is imported only inside the op bodies.
+"""
+from __future__ import annotations
+
 import torch
+from torch import Tensor
 
 from kernels import dispatch
+from kernels.attention import reference
+
+OP = "attention"
+HEAD_DIMS = (16, 32, 64, 128)
 
 
 def triton_reasons(*, dtype: torch.dtype, head_dim: int) -> list[str]:
-    return ["the Triton attention kernel is not implemented yet"]
+    """Why the Triton kernel cannot take inputs of this dtype and head dim (empty when it can)."""
+    reasons = dispatch.dtype_reasons(dtype)
+    if head_dim not in HEAD_DIMS:
+        reasons.append(f"head_dim {head_dim} is not supported (the kernel takes {', '.join(map(str, HEAD_DIMS))})")
+    return reasons
 
 
-def attention(q, k, v, *, scale=None, backend="auto"):
-    dispatch.select("attention", backend, q.device, triton_reasons(dtype=q.dtype, head_dim=q.shape[-1]))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
-    return (p @ v.float()).to(q.dtype)
+@torch.library.triton_op("kernels::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from kernels.attention import triton as kt
+
+    return kt.forward(q, k, v, scale)
+
+
+@torch.library.triton_op("kernels::attention_bwd", mutates_args=())
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from kernels.attention import triton as kt
+
+    return kt.backward(do, q, k, v, out, lse2, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _dlse2):
+    q, k, v, out, lse2 = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse2, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"attention expects q, k, v of one shape (B, H, N, D); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention expects one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[2] < 1:
+        raise ValueError("attention needs at least one token (N >= 1)")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Non-causal multi-head attention softmax(q k^T * scale) v.
+
+    Args:
+        q, k, v: (B, H, N, D), one dtype; any strides (views of a packed qkv are read in place).
+        scale: score scale, D ** -0.5 when None.
+        backend: "auto" (Triton for supported CUDA tensors, else reference), "triton"
+            (raises BackendUnavailable with the reasons when it cannot run), or "reference".
+
+    Returns:
+        (B, H, N, D) in the input dtype. On the Triton path its memory is (B, N, H, D),
+        so `out.transpose(1, 2).reshape(B, N, H * D)` is a view.
+    """
+    _check_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    reasons = triton_reasons(dtype=q.dtype, head_dim=q.shape[-1])
+    if dispatch.select(OP, backend, q.device, reasons) == "reference":
+        return reference.attention(q, k, v, scale)
+    out, _ = _attention_fwd(q, k, v, scale)
+    return out

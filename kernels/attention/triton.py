@@ -1,0 +1,368 @@
+"""Fused non-causal attention in Triton: forward, backward and their launchers.
+
+Shapes are (B, H, N, D) with arbitrary strides: the attention block passes q,
+k, v as views of its packed (B, N, 3, H, D) projection, so every kernel takes
+the four strides of every tensor and never asks for a contiguous copy.
+
+Softmax runs in base 2: scores are scaled by `scale * log2(e)` so that exp2 can
+be used, and the forward saves the per-row log-sum-exp in that same domain
+(`lse2`, fp32, (B, H, N)). No N x N matrix is ever written to memory.
+
+Two backward kernels, chosen by N (see `_bwd_config`):
+- whole-KV: one program per (batch, head) keeps all of K, V and the dK, dV
+  accumulators on chip and walks over the query blocks. Each query block sees
+  every key, so its dQ is complete and is stored directly: no atomics and no
+  second pass over the scores. This is the vision case (N up to ~256).
+- tiled: one program per (batch, head, key block) accumulates that block's dK,
+  dV over all queries, then computes dQ for the query block of the same index
+  over all keys. Scores are recomputed twice, but there are still no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+LOG2E = 1.4426950408889634
+
+# Largest N_pad * D for which the whole-KV backward keeps K, V, dK and dV of a
+# (batch, head) on chip (fp32 dK + dV of 256 x 32 is 64 KiB of registers).
+WHOLE_KV_MAX_ELEMS = 8192
+WHOLE_KV_MAX_N = 256
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32: the tests hold the kernel to
+    # fp32 accuracy. For fp16/bf16 the option is ignored by tl.dot.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE2,
+    qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    LSE2 += pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < N
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None], other=0.0)
+
+    # -- online softmax over key tiles (a single tile when BLOCK_N >= N) --
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N
+        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_n[None, :], other=0.0)                       # (D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # the first tile always holds key 0, so m_new is finite from then on
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None], other=0.0)                        # (BLOCK_N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # -- epilogue: normalise, store O and the row statistics --
+    acc = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(LSE2 + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_whole_kv(
+    Q, K, V, O, DO, DQ, DK, DV, LSE2,
+    sm_scale, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_gb, stride_gh, stride_gn, stride_gd,   # shared by DQ, DK, DV (same layout)
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    g_off = off_b * stride_gb + off_h * stride_gh
+    DQ += g_off
+    DK += g_off
+    DV += g_off
+    LSE2 += pid_bh.to(tl.int64) * N
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < N
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask_n[:, None], other=0.0)                            # (BLOCK_N, D)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask_n[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        # Padded query rows load q = do = o = 0 and lse = 0: their p is finite
+        # and their ds is 0, so they add nothing to dK or dV.
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask_m[:, None], other=0.0)
+        o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                    mask=mask_m[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)             # rowsum(dO * O)
+
+        # -- recompute the probabilities of this query block --
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)                               # (BLOCK_M, BLOCK_N)
+
+        # -- gradients through softmax --
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(DQ + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                 dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+
+    tl.store(DK + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(DV + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # rowsum(dO * O), read once here instead of once per key block later
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < N
+    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask_m[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask_m[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_tiled(
+    Q, K, V, DO, DQ, DK, DV, LSE2, DELTA,
+    sm_scale, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    g_off = off_b * stride_gb + off_h * stride_gh
+    DQ += g_off
+    DK += g_off
+    DV += g_off
+    LSE2 += pid_bh.to(tl.int64) * N
+    DELTA += pid_bh.to(tl.int64) * N
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_blk = pid * BLOCK + tl.arange(0, BLOCK)
+    mask_blk = offs_blk < N
+    offs_step = tl.arange(0, BLOCK_STEP)
+
+    # -- dK, dV of key block `pid`, over all query blocks --
+    k = tl.load(K + offs_blk[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask_blk[:, None], other=0.0)                          # (BLOCK, D)
+    v = tl.load(V + offs_blk[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask_blk[:, None], other=0.0)
+    dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_STEP):
+        offs_m = start_m + offs_step
+        mask_m = offs_m < N
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask_m[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+        # transposed scores (keys x queries) so dK, dV need no transposed P
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])
+        pt = tl.where(mask_m[None, :], pt, 0.0)                             # (BLOCK, BLOCK_STEP)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
+    tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_blk[:, None])
+    tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             dv.to(DV.dtype.element_ty), mask=mask_blk[:, None])
+
+    # -- dQ of query block `pid`, over all key blocks --
+    q = tl.load(Q + offs_blk[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_blk[:, None], other=0.0)
+    do = tl.load(DO + offs_blk[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask_blk[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
+    delta = tl.load(DELTA + offs_blk, mask=mask_blk, other=0.0)
+    dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_STEP):
+        offs_n = start_n + offs_step
+        mask_n = offs_n < N
+        kb = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     mask=mask_n[:, None], other=0.0)                       # (BLOCK_STEP, D)
+        vb = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                     mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq += tl.dot(ds, kb, input_precision=DOT_PRECISION)
+    tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_blk[:, None])
+
+
+# ---------------------------------------------------------------- launchers --
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _fwd_config(n: int, d: int) -> dict:
+    """Block sizes of the forward: the whole of K, V in one tile for short N."""
+    n_pad = _pow2(n)
+    if n_pad <= WHOLE_KV_MAX_N and n_pad * d <= 16384:
+        block_n = n_pad                      # no loop over keys, no rescaling
+    else:
+        block_n = 128 if d <= 32 else 64
+    block_m = 64 if n >= 128 else max(16, min(32, n_pad))
+    num_warps = 8 if block_m * block_n >= 16384 else 4
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+
+
+def _bwd_config(n: int, d: int) -> dict:
+    """Pick the backward kernel: whole-KV when K, V, dK, dV fit on chip."""
+    n_pad = _pow2(n)
+    if n_pad <= WHOLE_KV_MAX_N and n_pad * d <= WHOLE_KV_MAX_ELEMS:
+        return {"path": "whole_kv", "BLOCK_M": 32 if n_pad <= 128 else 16, "BLOCK_N": n_pad,
+                "num_warps": 4 if n_pad * d <= 4096 else 8}
+    return {"path": "tiled", "BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4 if d <= 64 else 8}
+
+
+def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
+    # (B, H, N, D) view of a (B, N, H, D) buffer: the block's out-projection
+    # reads out.transpose(1, 2).reshape(B, N, H * D) without a copy.
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
+    b, h, n, d = q.shape
+    cfg = dict(config or _fwd_config(n, d))
+    out = _bhnd_like(q)
+    lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
+    wrap_triton(_attn_fwd)[grid](
+        q, k, v, out, lse2, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, n,
+        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+    )
+    return out, lse2
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             out: torch.Tensor, lse2: torch.Tensor, scale: float,
+             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
+    b, h, n, d = q.shape
+    cfg = dict(config or _bwd_config(n, d))
+    dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
+    prec = _dot_precision(q.dtype)
+    if cfg["path"] == "whole_kv":
+        if cfg["BLOCK_N"] < n:
+            raise ValueError(f"whole-KV backward needs BLOCK_N >= N, got {cfg['BLOCK_N']} < {n}")
+        wrap_triton(_attn_bwd_whole_kv)[(b * h,)](
+            q, k, v, out, do, dq, dk, dv, lse2, scale, scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+            h, n,
+            HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            DOT_PRECISION=prec, num_warps=cfg["num_warps"],
+        )
+        return dq, dk, dv
+
+    delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    block_m = 64
+    wrap_triton(_attn_bwd_delta)[(triton.cdiv(n, block_m), b * h)](
+        out, do, delta, *out.stride(), *do.stride(), h, n,
+        HEAD_DIM=d, BLOCK_M=block_m,
+    )
+    wrap_triton(_attn_bwd_tiled)[(triton.cdiv(n, cfg["BLOCK"]), b * h)](
+        q, k, v, do, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        h, n,
+        HEAD_DIM=d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
+        DOT_PRECISION=prec, num_warps=cfg["num_warps"],
+    )
+    return dq, dk, dv
