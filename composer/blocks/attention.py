@@ -1,0 +1,66 @@
+"""Pre-norm multi-head self-attention with a residual: tokens (B, N, C) -> (B, N, C)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import kernels
+from composer.blocks.base import Block, Context, Cost, DropPath, register
+
+
+@register
+class Attention(Block):
+    """Args:
+        dim: channels C; heads: number of heads (divides dim); qkv_bias: bias on to_qkv;
+        attn_dropout: dropout on probabilities (forces the reference path while training);
+        proj_dropout: dropout after to_out; drop_path: stochastic depth; norm_eps: LayerNorm eps.
+    """
+
+    kind, layout, kernel_op = "attention", "tokens", "attention"
+
+    def __init__(self, dim, heads, qkv_bias=True, attn_dropout=0.0, proj_dropout=0.0, drop_path=0.0,
+                 norm_eps=1e-6, backend="auto"):
+        super().__init__()
+        self.heads, self.attn_dropout, self.backend = heads, attn_dropout, backend
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.to_out = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(proj_dropout)
+        self.drop_path = DropPath(drop_path)
+
+    @classmethod
+    def from_spec(cls, spec, ctx: Context) -> "Attention":
+        return cls(ctx.dim, spec.heads, spec.qkv_bias, spec.attn_dropout, spec.proj_dropout, spec.drop_path,
+                   spec.norm_eps, ctx.backend)
+
+    def qkv(self, x: torch.Tensor):
+        # Strided views of the packed projection, no copy: each (B, H, N, D).
+        qkv = self.to_qkv(self.norm(x))
+        return rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        if self.training and self.attn_dropout > 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout)
+        else:
+            out = kernels.attention(q, k, v, backend=self.backend)            # (B, H, N, D)
+        out = rearrange(out, "b h n d -> b n (h d)")  # a view when the kernel wrote (B, N, H, D)
+        return x + self.drop_path(self.proj_dropout(self.to_out(out)))
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax(Q K^T / sqrt(D)) of this layer for input x, recomputed exactly: (B, H, N, N)."""
+        from kernels.attention.reference import attention_probs
+
+        q, k, _ = self.qkv(x)
+        return attention_probs(q, k)
+
+    def cost(self, ctx: Context) -> Cost:
+        n, c = ctx.tokens, ctx.dim
+        flops = 2 * n * c * 3 * c + 2 * 2 * n * n * c + 2 * n * c * c
+        # saved for backward: x, LN out, qkv, attention out, per-row statistics
+        return Cost(flops, n * c * 6 + self.heads * n)
+
+    def kernel_dims(self, ctx: Context) -> dict:
+        return {"head_dim": ctx.dim // self.heads}

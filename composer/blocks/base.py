@@ -1,0 +1,79 @@
+"""What every block shares: the registry, the context a block is built in, drop-path.
+
+A block class declares the layout it consumes (`tokens` (B, N, C) or `grid`
+(B, C, H, W)), the fused op it calls, and how to count its cost; the builder and
+the summary read these instead of special-casing kinds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+REGISTRY: dict[str, type["Block"]] = {}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a block knows about its input when it is built."""
+
+    dim: int                 # channels C
+    tokens: int              # sequence length N in token layout (class token included)
+    grid: tuple[int, int]    # (H, W) patch grid in grid layout
+    backend: str = "auto"    # kernel backend of the fused ops
+
+
+@dataclass
+class Cost:
+    """Per-image cost of one block; a multiply-add counts as 2 FLOPs."""
+
+    flops: int
+    activations: int  # elements the block keeps for backward (an estimate, see each block)
+
+
+class Block(nn.Module):
+    """Base of registered blocks."""
+
+    kind: str = ""
+    layout: str = ""            # "tokens" or "grid"
+    kernel_op: str | None = None  # the public op of `kernels` this block runs, if any
+
+    def cost(self, ctx: Context) -> Cost:
+        raise NotImplementedError
+
+    def kernel_dims(self, ctx: Context) -> dict:
+        """Keywords of `kernels.backend_for` describing this block's op input."""
+        return {}
+
+
+def register(cls: type[Block]) -> type[Block]:
+    if cls.kind in REGISTRY:
+        raise ValueError(f"block kind {cls.kind!r} registered twice")
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Point every block of `model` at one kernel backend ("auto" | "triton" | "reference")."""
+    for module in model.modules():
+        if isinstance(module, Block) and module.kernel_op:
+            module.backend = backend
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+def activation(name: str) -> nn.Module:
+    return {"gelu": nn.GELU(), "relu": nn.ReLU()}[name]

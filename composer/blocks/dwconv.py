@@ -1,0 +1,47 @@
+"""ConvMixer's spatial mixing: depthwise conv -> activation -> BatchNorm, plus a residual.
+
+Grid (B, C, H, W) -> (B, C, H, W). The conv and a GELU run as one fused op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from composer.blocks.base import Block, Context, Cost, DropPath, register
+
+
+@register
+class DwConv(Block):
+    """Args:
+        dim: channels C; kernel_size: odd k ('same' padding); activation: gelu | relu;
+        drop_path: stochastic depth.
+    """
+
+    kind, layout, kernel_op = "dwconv", "grid", "dwconv2d"
+
+    def __init__(self, dim, kernel_size=9, activation="gelu", drop_path=0.0, backend="auto"):
+        super().__init__()
+        self.activation, self.backend = activation, backend
+        # Conv2d holds the weight (C, 1, k, k) and bias so that checkpoints and init match nn.Conv2d.
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.drop_path = DropPath(drop_path)
+
+    @classmethod
+    def from_spec(cls, spec, ctx: Context) -> "DwConv":
+        return cls(ctx.dim, spec.kernel_size, spec.activation, spec.drop_path, ctx.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = "gelu" if self.activation == "gelu" else None
+        y = kernels.dwconv2d(x, self.conv.weight, self.conv.bias, activation=fused, backend=self.backend)
+        if self.activation == "relu":
+            y = torch.relu(y)
+        return x + self.drop_path(self.norm(y))
+
+    def cost(self, ctx: Context) -> Cost:
+        (h, w), c, k = ctx.grid, ctx.dim, self.conv.kernel_size[0]
+        return Cost(2 * c * h * w * k * k, c * h * w * 3)
+
+    def kernel_dims(self, ctx: Context) -> dict:
+        return {"channels": ctx.dim, "kernel_size": self.conv.kernel_size[0]}

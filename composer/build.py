@@ -1,0 +1,242 @@
+"""Spec -> nn.Module: registry lookup, layout tracking, einops adapters where layouts change.
+
+The model is a flat list of layers (stem, adapters, blocks, head) so that the
+summary, visualization and tests can walk it; `Layer` records say where each
+layer came from in the spec and what shapes it sees.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops.layers.torch import Rearrange
+from torch import nn
+
+from composer.blocks import COMPOSITES, REGISTRY, Block, Context, Cost
+from composer.blocks.base import activation
+from composer.spec import ModelSpec, Spec
+
+
+@dataclass
+class Layer:
+    """One row of the model: where it came from and the shapes it sees (per image)."""
+
+    name: str           # "blocks[2].attention #1"
+    kind: str
+    layout: str         # layout it consumes: "image" | "tokens" | "grid" | "tokens->grid" ...
+    in_shape: tuple
+    out_shape: tuple
+    module: nn.Module
+    ctx: Context
+    cost: Cost
+
+
+class Stem(nn.Module):
+    """Patchify + project: image (B, Cin, H, W) -> grid (B, C, h, w) [conv] or tokens (B, N, C) [linear]."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        s, p = spec.stem, spec.stem.patch_size
+        self.resize = spec.resize
+        if s.kind == "conv":
+            self.project = nn.Conv2d(spec.in_channels, s.dim, p, stride=p)
+        else:
+            self.project = nn.Sequential(
+                Rearrange("b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p), nn.Linear(p * p * spec.in_channels, s.dim))
+        self.out_layout = "grid" if s.kind == "conv" else "tokens"
+        self.act = activation(s.activation) if s.activation else nn.Identity()
+        if s.norm == "batchnorm":
+            self.norm = nn.BatchNorm2d(s.dim) if s.kind == "conv" else _TokenBatchNorm(s.dim)
+        elif s.norm == "layernorm":
+            self.norm = nn.LayerNorm(s.dim) if s.kind == "linear" else _GridLayerNorm(s.dim)
+        else:
+            self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize and x.shape[-1] != self.resize:
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        return self.norm(self.act(self.project(x)))
+
+
+class _TokenBatchNorm(nn.BatchNorm1d):
+    def forward(self, x):  # (B, N, C)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _GridLayerNorm(nn.LayerNorm):
+    def forward(self, x):  # (B, C, H, W), normalized over C
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PositionEmbedding(nn.Module):
+    """Adds a learned or fixed 2-D sin-cos embedding to tokens (B, N, C)."""
+
+    def __init__(self, kind: str, tokens: int, dim: int, grid: tuple[int, int], has_cls: bool):
+        super().__init__()
+        if kind == "learned":
+            self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        else:
+            table = sincos_2d(grid, dim)
+            if has_cls:
+                table = torch.cat([torch.zeros(1, dim), table])
+            self.register_buffer("pos", table[None], persistent=False)
+
+    def forward(self, x):
+        return x + self.pos.to(x.dtype)
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine table (h*w, dim): a quarter of the channels per sin/cos of y/x."""
+    h, w = grid
+    quarter = max(1, dim // 4)
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freq) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    table = torch.cat(parts, dim=1)
+    table = F.pad(table, (0, max(0, dim - table.shape[1])))[:, :dim]
+    return table.float()
+
+
+class ClassToken(nn.Module):
+    """Prepends a learned class token: (B, N, C) -> (B, N + 1, C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x):
+        return torch.cat([self.token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+
+
+class Head(nn.Module):
+    """(norm) -> pool (class token or mean) -> dropout -> Linear to classes."""
+
+    def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: bool, dropout: float):
+        super().__init__()
+        self.pool, self.layout = pool, layout
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.classify = nn.Linear(dim, classes)
+
+    def features(self, x):
+        if self.layout == "grid":                        # (B, C, H, W)
+            return self.norm(x.mean(dim=(2, 3)))
+        x = self.norm(x)                                 # (B, N, C)
+        return x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+
+    def forward(self, x):
+        return self.classify(self.dropout(self.features(x)))
+
+
+class ComposedModel(nn.Module):
+    """The built network. `layers` lists every stage with its spec origin and shapes."""
+
+    def __init__(self, spec: ModelSpec, layers: list[Layer]):
+        super().__init__()
+        self.spec = spec
+        self.layers = layers
+        self.stages = nn.ModuleList(layer.module for layer in layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def blocks(self) -> list[Layer]:
+        return [layer for layer in self.layers if isinstance(layer.module, Block)]
+
+
+def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object]]:
+    """(name, kind, block spec) for every block instance, composites and repeats unrolled."""
+    out = []
+    for i, block in enumerate(spec.blocks):
+        for r in range(block.repeat):
+            for kind in COMPOSITES.get(block.kind, (block.kind,)):
+                suffix = f" #{r + 1}" if block.repeat > 1 else ""
+                out.append((f"blocks[{i}].{kind}{suffix}", kind, block))
+    return out
+
+
+def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
+    """Assemble the model described by a validated spec."""
+    m = spec.model if isinstance(spec, Spec) else spec
+    dim, size = m.stem.dim, m.input_size
+    grid = (size // m.stem.patch_size, size // m.stem.patch_size)
+    patches = grid[0] * grid[1]
+    instances = expand_blocks(m)
+    layouts = [REGISTRY[kind].layout for _, kind, _ in instances]
+    # The class token joins where the trailing run of token blocks starts, so grid blocks never see it.
+    cls_at = None
+    if m.head.pool == "cls":
+        cls_at = len(layouts)
+        while cls_at > 0 and layouts[cls_at - 1] == "tokens":
+            cls_at -= 1
+    tokens = patches
+
+    layers: list[Layer] = []
+    image = (m.in_channels, m.image_size, m.image_size)
+
+    def shape(layout, n):
+        return (n, dim) if layout == "tokens" else (dim,) + grid
+
+    def add(name, kind, layout, in_shape, out_shape, module, cost=Cost(0, 0)):
+        layers.append(Layer(name, kind, layout, in_shape, out_shape, module, Context(dim, tokens, grid, backend), cost))
+
+    stem = Stem(m)
+    p = m.stem.patch_size
+    layout = stem.out_layout
+    add("stem", f"stem ({m.stem.kind})", "image", image, shape(layout, tokens), stem,
+        Cost(2 * patches * p * p * m.in_channels * dim, patches * dim * 2))
+
+    def to(new_layout, n):
+        nonlocal layout
+        if layout == new_layout:
+            return
+        pattern = "b c h w -> b (h w) c" if new_layout == "tokens" else "b (h w) c -> b c h w"
+        module = Rearrange(pattern) if new_layout == "tokens" else Rearrange(pattern, h=grid[0], w=grid[1])
+        add("rearrange", "rearrange", f"{layout}->{new_layout}", shape(layout, n), shape(new_layout, n), module)
+        layout = new_layout
+
+    if m.pos_embed != "none" or cls_at == 0:
+        to("tokens", tokens)
+    if cls_at == 0:
+        add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1), ClassToken(dim))
+        tokens += 1
+    if m.pos_embed != "none":
+        add("pos_embed", f"pos_embed ({m.pos_embed})", "tokens", shape("tokens", tokens), shape("tokens", tokens),
+            PositionEmbedding(m.pos_embed, tokens, dim, grid, cls_at == 0))
+
+    for index, (name, kind, block_spec) in enumerate(instances):
+        cls = REGISTRY[kind]
+        to(cls.layout, tokens)
+        if index == cls_at and index > 0:
+            add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1),
+                ClassToken(dim))
+            tokens += 1
+        ctx = Context(dim, tokens, grid, backend)
+        module = cls.from_spec(block_spec, ctx)
+        layers.append(Layer(name, kind, cls.layout, shape(layout, tokens), shape(layout, tokens), module, ctx,
+                            module.cost(ctx)))
+
+    norm = m.head.norm == "layernorm" or (m.head.norm == "auto" and layout == "tokens")
+    head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout)
+    add("head", f"head ({m.head.pool})", layout, shape(layout, tokens), (m.num_classes,), head,
+        Cost(2 * dim * m.num_classes, dim))
+    model = ComposedModel(m, layers)
+    _init_weights(model)
+    return model
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Truncated-normal Linear weights and zero biases (ViT / Mixer practice); convs keep PyTorch's init."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,327 @@
+"""YAML -> Spec, with every problem reported as FILE:LINE:COL: path: message.
+
+The YAML is read with YAML 1.2 rules for plain scalars (only true/false are
+booleans, so `no` stays the string "no"; `1e-3` is a float), duplicate keys
+are errors, and every node's position is kept so that pydantic's error
+locations and the cross-field rules can point at the line that is wrong.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from composer.spec import rules
+from composer.spec.spec import Spec
+
+Path_ = tuple  # a path into the YAML data: ("model", "blocks", 2, "heads")
+
+
+@dataclass
+class Problem:
+    where: str    # "specs/x.yaml:14:9" or "--set model.stem.dim=7"
+    path: str     # "model.blocks[2].heads"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.path}: {self.message}" if self.path else f"{self.where}: {self.message}"
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# -- YAML with positions ----------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+# Replace YAML 1.1's implicit scalar rules by YAML 1.2 core ones.
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float",
+                                                  "tag:yaml.org,2002:int")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _construct_int(loader, node):
+    return int(loader.construct_scalar(node), 0)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _mark(node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def parse_yaml(text: str, source: str) -> tuple[object, dict, dict, list[Problem]]:
+    """Parse YAML text into plain data plus {path: (line, col)} for values and for keys."""
+    problems: list[Problem] = []
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise SpecError([Problem(where, "", f"invalid YAML: {exc.problem or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(source, "", f"invalid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    values: dict = {}
+    keys: dict = {}
+
+    def build(node, path):
+        values[path] = _mark(node)
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)
+            out = {}
+            for key_node, value_node in node.value:
+                key = loader.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int)):
+                    problems.append(Problem(f"{source}:{_mark(key_node)[0]}:{_mark(key_node)[1]}",
+                                            format_path(path), f"keys must be strings, got {key!r}"))
+                    continue
+                if key in out:
+                    line, col = _mark(key_node)
+                    first = keys[path + (key,)]
+                    problems.append(Problem(f"{source}:{line}:{col}", format_path(path + (key,)),
+                                            f"duplicate key (first given at line {first[0]}); keep only one"))
+                    continue
+                keys[path + (key,)] = _mark(key_node)
+                out[key] = build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [build(item, path + (i,)) for i, item in enumerate(node.value)]
+        return loader.construct_object(node, deep=True)
+
+    data = None if root is None else build(root, ())
+    return data, values, keys, problems
+
+
+def format_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# -- overrides ----------------------------------------------------------------------
+
+def parse_override_path(text: str) -> Path_:
+    """'model.blocks[2].heads' or 'model.blocks.2.heads' -> ("model", "blocks", 2, "heads")."""
+    parts: list = []
+    for piece in re.split(r"\.(?![^\[]*\])", text):
+        m = re.fullmatch(r"([^\[\]]*)((?:\[\d+\])*)", piece)
+        if not m or (not m.group(1) and not m.group(2)):
+            raise ValueError(f"cannot read the key path {text!r}")
+        if m.group(1):
+            parts.append(int(m.group(1)) if m.group(1).isdigit() else m.group(1))
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    return tuple(parts)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[Problem]]:
+    """Apply `key.path=value` overrides; returns {path: label} for error reporting."""
+    origins: dict = {}
+    problems: list[Problem] = []
+    for item in overrides:
+        label = f"--set {item}"
+        if "=" not in item:
+            problems.append(Problem(label, "", "expected KEY.PATH=VALUE, e.g. --set train.epochs=5"))
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            path = parse_override_path(key.strip())
+            value, _, _, errs = parse_yaml(raw, label) if raw.strip() else (None, {}, {}, [])
+        except (ValueError, SpecError) as exc:
+            problems.append(Problem(label, "", str(exc)))
+            continue
+        problems.extend(errs)
+        target = data
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(target, list):
+                if not isinstance(part, int) or part >= len(target):
+                    problems.append(Problem(label, format_path(path[: i + 1]),
+                                            f"no such list item (the list has {len(target)})"))
+                    break
+                target = target[part]
+            elif isinstance(target, dict):
+                if target.get(part) is None:
+                    target[part] = [] if isinstance(nxt, int) else {}
+                target = target[part]
+            else:
+                problems.append(Problem(label, format_path(path[:i]), "is not a mapping or a list"))
+                break
+        else:
+            last = path[-1]
+            if isinstance(target, list) and isinstance(last, int) and last < len(target):
+                target[last] = value
+            elif isinstance(target, dict):
+                target[last] = value
+            else:
+                problems.append(Problem(label, format_path(path), "cannot set this item"))
+                continue
+            origins[path] = label
+    return origins, problems
+
+
+# -- pydantic error locations -> YAML positions -----------------------------------------
+
+def _data_path(data, loc: tuple) -> tuple[Path_, bool]:
+    """Follow pydantic's loc through the data, dropping union tags; (path, fully found)."""
+    path: list = []
+    cur = data
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+            path.append(part)
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+            path.append(part)
+        elif isinstance(cur, dict) and isinstance(part, str) and cur.get("kind") == part:
+            continue  # discriminated-union tag
+        else:
+            return tuple(path) + tuple(loc[loc.index(part):]), False
+    return tuple(path), True
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that validates the mapping at `loc` (tags included)."""
+    cls: object = Spec
+    for part in loc:
+        cls = _unwrap(cls)
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            field = cls.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            cls = field.annotation
+        elif typing.get_origin(cls) is list:
+            cls = typing.get_args(cls)[0]
+        elif typing.get_origin(cls) is typing.Union:
+            options = [_unwrap(a) for a in typing.get_args(cls)]
+            cls = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)
+                        and "kind" in o.model_fields and part in typing.get_args(o.model_fields["kind"].annotation)),
+                       None)
+            if cls is None:
+                return None
+        else:
+            return None
+    cls = _unwrap(cls)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(tp):
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin is typing.Union and type(None) in typing.get_args(tp) and len(typing.get_args(tp)) == 2:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            return tp
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _message(err: dict) -> str:
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = list(model.model_fields) if model else []
+        return f"unknown key '{loc[-1]}'{_suggest(loc[-1], known)}" + (
+            f"; valid keys: {', '.join(known)}" if known else "")
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        return f"unknown block kind '{ctx.get('tag')}'{_suggest(ctx.get('tag'), tags)}; kinds: {', '.join(tags)}"
+    if kind == "union_tag_not_found":
+        return f"a block needs a 'kind' (one of {', '.join(rules.LAYOUTS)})"
+    if kind == "missing":
+        return "required field is missing"
+    return err["msg"][0].lower() + err["msg"][1:] if err["msg"] else kind
+
+
+# -- the entry points ----------------------------------------------------------------
+
+def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ()) -> Spec:
+    data, values, keys, problems = parse_yaml(text, source)
+    if data is None and not problems:
+        raise SpecError([Problem(source, "", "the file is empty; a spec needs at least a 'model:' section "
+                                             "(see specs/quickstart.yaml)")])
+    if not isinstance(data, dict):
+        raise SpecError([Problem(f"{source}:1:1", "", f"a spec is a mapping with a 'model:' key, "
+                                                      f"not a {type(data).__name__}")])
+    origins, override_problems = apply_overrides(data, list(overrides))
+    problems += override_problems
+    if problems:
+        raise SpecError(problems)
+
+    def where(path: Path_, prefer_key: bool = False) -> str:
+        for n in range(len(path), -1, -1):
+            if path[:n] in origins:
+                return origins[path[:n]]
+            pos = (keys.get(path[:n]) if prefer_key else None) or values.get(path[:n])
+            if pos:
+                return f"{source}:{pos[0]}:{pos[1]}"
+        return source
+
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            path, found = _data_path(data, err["loc"])
+            extra = err["type"] == "extra_forbidden"
+            problems.append(Problem(where(path if found else path[:-1], prefer_key=extra),
+                                    format_path(path), _message(err)))
+        raise SpecError(problems) from None
+    for path, message in rules.check(spec):
+        problems.append(Problem(where(path), format_path(path), message))
+    if problems:
+        raise SpecError(problems)
+    if spec.name is None:
+        spec.name = Path(source).stem if source and not source.startswith("<") else "spec"
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
+    """Read and validate a spec file; raises SpecError naming every problem."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise SpecError([Problem(source, "", "no such file")])
+    if path.is_dir():
+        raise SpecError([Problem(source, "", "is a directory; give a spec file such as specs/quickstart.yaml")])
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise SpecError([Problem(source, "", "is a binary file, not a YAML spec")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem(source, "", f"is not UTF-8 text (byte {exc.start}); save the spec as UTF-8")]) \
+            from None
+    return load_spec_text(text, source, overrides)

@@ -1,0 +1,172 @@
+"""Pydantic models of the `model:` section: stem, position embedding, blocks, head.
+
+Every model forbids unknown keys and documents each field: the descriptions
+become the JSON Schema that editors use to check specs as they are typed.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+Activation = Literal["gelu", "relu"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# -- stem ---------------------------------------------------------------------
+
+class Stem(Strict):
+    """Cuts the image into non-overlapping patches and projects each to `dim` channels."""
+
+    kind: Literal["conv", "linear"] = Field(
+        "conv",
+        description="conv: a strided Conv2d (kernel = stride = patch_size), output on the grid; "
+        "linear: flatten each patch and apply a Linear layer, output as tokens. Same parameters, same math.",
+    )
+    patch_size: PositiveInt = Field(description="Side of the square patch in pixels; must divide the image size.")
+    dim: PositiveInt = Field(description="Channels per token / grid cell for the whole network.")
+    activation: Optional[Activation] = Field(None, description="Activation after the projection (ConvMixer uses gelu).")
+    norm: Literal["none", "batchnorm", "layernorm"] = Field(
+        "none", description="Normalization after the projection (ConvMixer uses batchnorm)."
+    )
+
+
+# -- blocks -------------------------------------------------------------------
+
+class BlockBase(Strict):
+    repeat: PositiveInt = Field(1, description="How many copies of this block to stack, each with its own weights.")
+    drop_path: Probability = Field(0.0, description="Stochastic-depth probability of skipping the residual branch.")
+
+
+class TokenBlock(BlockBase):
+    norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="LayerNorm epsilon.")
+
+
+class AttentionFields(BaseModel):
+    heads: PositiveInt = Field(description="Number of attention heads; must divide dim.")
+    qkv_bias: bool = Field(True, description="Bias on the query/key/value projection.")
+    attn_dropout: Probability = Field(0.0, description="Dropout on the attention probabilities (reference path only).")
+    proj_dropout: Probability = Field(0.0, description="Dropout after the output projection.")
+
+
+class TokenMlpFields(BaseModel):
+    token_hidden: Optional[PositiveInt] = Field(
+        None, description="Hidden width of the token-mixing MLP; default token_hidden_ratio x dim (as in MLP-Mixer)."
+    )
+    token_hidden_ratio: Annotated[float, Field(gt=0.0)] = Field(
+        0.5, description="Token-MLP hidden width as a multiple of dim, used when token_hidden is not given."
+    )
+
+
+class ChannelMlpFields(BaseModel):
+    mlp_ratio: Annotated[float, Field(gt=0.0)] = Field(4.0, description="Channel-MLP hidden width as a multiple of dim.")
+    dropout: Probability = Field(0.0, description="Dropout after each channel-MLP layer.")
+
+
+class ConvFields(BaseModel):
+    kernel_size: PositiveInt = Field(9, description="Depthwise kernel side (odd, 'same' padding).")
+    activation: Activation = Field("gelu", description="Activation after each convolution.")
+
+
+class AttentionBlock(TokenBlock, AttentionFields):
+    """Pre-norm multi-head self-attention with a residual connection (tokens in, tokens out)."""
+
+    kind: Literal["attention"]
+
+
+class TokenMlpBlock(TokenBlock, TokenMlpFields):
+    """Pre-norm token-mixing MLP (mixes across tokens, per channel) with a residual connection."""
+
+    kind: Literal["token_mlp"]
+
+
+class ChannelMlpBlock(TokenBlock, ChannelMlpFields):
+    """Pre-norm MLP across channels with a residual connection."""
+
+    kind: Literal["channel_mlp"]
+
+
+class DwConvBlock(BlockBase, ConvFields):
+    """ConvMixer's spatial mixing: depthwise conv -> activation -> BatchNorm, plus a residual (grid layout)."""
+
+    kind: Literal["dwconv"]
+
+
+class PointwiseBlock(BlockBase):
+    """ConvMixer's channel mixing: 1x1 conv -> activation -> BatchNorm, no residual (grid layout)."""
+
+    kind: Literal["pointwise"]
+    activation: Activation = Field("gelu", description="Activation after the 1x1 convolution.")
+
+
+class VitBlock(TokenBlock, AttentionFields, ChannelMlpFields):
+    """A transformer encoder layer: attention then channel_mlp."""
+
+    kind: Literal["vit"]
+
+
+class MixerBlock(TokenBlock, TokenMlpFields, ChannelMlpFields):
+    """An MLP-Mixer layer: token_mlp then channel_mlp."""
+
+    kind: Literal["mixer"]
+
+
+class ConvMixerBlock(BlockBase, ConvFields):
+    """A ConvMixer layer: dwconv (with residual) then pointwise."""
+
+    kind: Literal["convmixer"]
+
+
+Block = Annotated[
+    Union[
+        AttentionBlock, TokenMlpBlock, ChannelMlpBlock, DwConvBlock, PointwiseBlock,
+        VitBlock, MixerBlock, ConvMixerBlock,
+    ],
+    Field(discriminator="kind"),
+]
+BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "vit", "mixer", "convmixer"]
+
+
+# -- head ---------------------------------------------------------------------
+
+class Head(Strict):
+    """Pools the features into one vector per image and classifies it."""
+
+    pool: Literal["cls", "mean"] = Field(
+        "mean", description="cls: a learned class token (needs token layout at the end); mean: average over tokens/grid."
+    )
+    norm: Literal["auto", "layernorm", "none"] = Field(
+        "auto", description="Normalization before pooling; auto = layernorm when the last block uses tokens, else none."
+    )
+    dropout: Probability = Field(0.0, description="Dropout before the classifier.")
+
+
+class ModelSpec(Strict):
+    """The network: stem, a list of blocks, a head."""
+
+    image_size: PositiveInt = Field(description="Side of the (square) input images as the data provides them.")
+    resize: Optional[PositiveInt] = Field(
+        None, description="Resize images to this side inside the model (bilinear) before the stem."
+    )
+    in_channels: PositiveInt = Field(3, description="Image channels (3 for RGB, 1 for grayscale).")
+    num_classes: PositiveInt = Field(description="Number of output classes.")
+    stem: Stem
+    pos_embed: Literal["none", "learned", "sincos"] = Field(
+        "none", description="Position embedding added to the tokens after the stem."
+    )
+    blocks: list[Block] = Field(min_length=1, description="The mixing blocks, applied in order; hybrids are just lists.")
+    head: Head = Field(default_factory=Head)
+
+    @property
+    def input_size(self) -> int:
+        return self.resize or self.image_size
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (exact only when patch_size divides input_size; checked by the rules)."""
+        return self.input_size // self.stem.patch_size

@@ -1,0 +1,69 @@
+"""Cross-field rules, checked when a spec loads, before any tensor exists.
+
+Each rule returns problems as (path, message) where the path is a tuple into
+the YAML data, so the loader can point at the line. Messages say what to change.
+"""
+from __future__ import annotations
+
+from composer.spec.spec import Spec
+
+# The layout each block kind consumes: tokens (B, N, C) or grid (B, C, H, W).
+LAYOUTS = {
+    "attention": "tokens", "token_mlp": "tokens", "channel_mlp": "tokens", "vit": "tokens", "mixer": "tokens",
+    "dwconv": "grid", "pointwise": "grid", "convmixer": "grid",
+}
+DATASET_CLASSES = {"cifar10": 10, "digits": 10}
+DATASET_SIZES = {"cifar10": 32}
+
+
+def divisors(n: int, limit: int | None = None) -> list[int]:
+    found = [d for d in range(1, n + 1) if n % d == 0]
+    return [d for d in found if limit is None or d <= limit]
+
+
+def check(spec: Spec) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
+    m = spec.model
+    size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim
+    size_field = "resize" if m.resize else "image_size"
+
+    if size % patch:
+        problems.append((("model", "stem", "patch_size"),
+                         f"{patch} does not divide the {size_field} {size} (try {_list(divisors(size, 32))})"))
+
+    for i, block in enumerate(m.blocks):
+        where = ("model", "blocks", i)
+        heads = getattr(block, "heads", None)
+        if heads is not None and dim % heads:
+            problems.append((where + ("heads",),
+                             f"{heads} does not divide dim {dim} (try {_list(divisors(dim, 32))})"))
+        k = getattr(block, "kernel_size", None)
+        if k is not None and k % 2 == 0:
+            problems.append((where + ("kernel_size",),
+                             f"{k} is even; 'same' padding needs an odd kernel size (try {k - 1} or {k + 1})"))
+
+    last_layout = LAYOUTS[m.blocks[-1].kind]
+    if m.head.pool == "cls" and last_layout != "tokens":
+        problems.append((("model", "head", "pool"),
+                         f"cls pooling needs token layout at the end, but the last block ({m.blocks[-1].kind}) "
+                         "works on the grid; use pool: mean or end with a token block"))
+
+    d = spec.data
+    if d.kind in ("cifar10", "folder") and not d.root:
+        problems.append((("data", "root"), f"the {d.kind} dataset needs a root (a directory"
+                         + (" or archive" if d.kind == "folder" else "") + ")"))
+    expected = DATASET_CLASSES.get(d.kind)
+    if expected is not None and m.num_classes != expected:
+        problems.append((("model", "num_classes"), f"{m.num_classes} does not match {d.kind}, which has {expected} classes"))
+    native = DATASET_SIZES.get(d.kind)
+    if native is not None and m.image_size != native:
+        problems.append((("model", "image_size"),
+                         f"{d.kind} images are {native}x{native}; set image_size: {native} "
+                         f"(and resize: {m.image_size} to feed the network larger images)"))
+    if d.kind == "cifar10" and m.in_channels != 3:
+        problems.append((("model", "in_channels"), "cifar10 images have 3 channels; set in_channels: 3"))
+    return problems
+
+
+def _list(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)

@@ -1,0 +1,54 @@
+"""Pydantic models of the `train:` section."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field, PositiveInt
+
+from composer.spec.model import Probability, Strict
+
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+
+
+class Optimizer(Strict):
+    kind: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd with Nesterov momentum.")
+    lr: PositiveFloat = Field(1e-3, description="Peak learning rate.")
+    weight_decay: NonNegFloat = Field(0.05, description="Decoupled weight decay; never applied to norms, biases, embeddings.")
+    betas: tuple[Probability, Probability] = Field((0.9, 0.999), description="adamw: (beta1, beta2).")
+    momentum: Probability = Field(0.9, description="sgd: Nesterov momentum.")
+
+
+class Schedule(Strict):
+    kind: Literal["cosine", "onecycle", "constant"] = Field(
+        "cosine", description="cosine: linear warmup then cosine decay to 0; onecycle: linear up then linear down; constant."
+    )
+    warmup_epochs: NonNegFloat = Field(1.0, description="cosine: epochs of linear warmup from 0.")
+    peak_epoch_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.3, description="onecycle: fraction of training at which the learning rate peaks."
+    )
+
+
+class TrainSpec(Strict):
+    """How to train: optimizer, schedule, precision, checkpoints."""
+
+    epochs: PositiveInt = Field(10, description="Passes over the training split.")
+    batch_size: PositiveInt = Field(128, description="Global batch size (split across processes under torchrun).")
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    label_smoothing: Probability = Field(0.0, description="Label smoothing of the cross-entropy loss.")
+    grad_clip: Optional[PositiveFloat] = Field(None, description="Clip the global gradient norm to this value.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler."
+    )
+    ema: Optional[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        None, description="Decay of an exponential moving average of the weights (evaluated instead of the raw weights)."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    kernels: Literal["auto", "triton", "reference"] = Field("auto", description="Backend of the fused ops.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    seed: int = Field(0, description="Seed of weights, shuffling and augmentation.")
+    deterministic: bool = Field(False, description="Deterministic algorithms (bitwise-reproducible on CPU).")
+    checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="Also save last.pt every N steps (0: epoch ends only).")
+    max_nonfinite: PositiveInt = Field(5, description="Stop after this many consecutive non-finite losses.")
+    out_dir: Optional[str] = Field(None, description="Run directory (default runs/<spec name>).")
