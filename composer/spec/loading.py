@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from composer.errors import UserError
 from composer.spec import rules
 from composer.spec.spec import Spec
 
@@ -32,7 +33,7 @@ class Problem:
         return f"{self.where}: {self.path}: {self.message}" if self.path else f"{self.where}: {self.message}"
 
 
-class SpecError(Exception):
+class SpecError(UserError):
     """A spec that cannot be used; carries every problem found."""
 
     def __init__(self, problems: list[Problem]):

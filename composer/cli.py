@@ -1,0 +1,217 @@
+"""The `composer` command. Each command loads the spec, calls one function, prints. No logic here."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from composer.errors import UserError
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a spec field, e.g. --set train.epochs=5 (repeatable).")
+
+
+class Group(click.Group):
+    """Turns every UserError into its message on stderr and its exit code, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}" if "\n" not in str(exc) else str(exc), err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=Group)
+def main():
+    """Compose, summarize, train and inspect vision models described in YAML."""
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True)
+@set_option
+def validate(specs, overrides):
+    """Check spec files; print OK or every problem with FILE:LINE:COL."""
+    from composer.spec import SpecError, load_spec
+
+    problems = []
+    for path in specs:
+        try:
+            spec = load_spec(path, overrides)
+            click.echo(f"{path}: OK ({spec.name}: {len(spec.model.blocks)} block entries)")
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the schema here instead of stdout.")
+def schema(output):
+    """Print the JSON Schema of spec files (for editor validation)."""
+    from composer.spec import Spec
+
+    text = json.dumps(Spec.model_json_schema(), indent=2)
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Batch for shapes/memory.")
+@click.option("--kernels", "backend", type=click.Choice(["auto", "triton", "reference"]), default=None,
+              help="Kernel backend to report (default: the spec's train.kernels).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@set_option
+def summarize(spec_path, batch_size, backend, as_json, overrides):
+    """Per-block shapes, parameters, FLOPs, activation memory and kernel path."""
+    from composer.spec import load_spec
+    from composer.summarize import render, summarize as run
+
+    result = run(load_spec(spec_path, overrides), batch_size=batch_size, backend=backend)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+            console = Console(width=200)
+        console.print(render(result))
+
+
+def _spec_overrides(overrides, **options):
+    """CLI options that mirror train.* fields become --set overrides (validated the same way)."""
+    extra = [f"train.{k}={v}" for k, v in options.items() if v is not None]
+    return list(overrides) + extra
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
+@click.option("--resume", default=None, help="'auto' (newest checkpoint in the run dir) or a checkpoint path.")
+@click.option("--epochs", type=int, default=None, help="Shortcut for --set train.epochs=N.")
+@click.option("--kernels", type=click.Choice(["auto", "triton", "reference"]), default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--deterministic/--no-deterministic", default=None)
+@set_option
+def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, deterministic, overrides):
+    """Train the model of SPEC, with checkpoints and resume."""
+    from composer.spec import load_spec
+    from composer.train import train as run
+
+    ov = _spec_overrides(overrides, epochs=epochs, kernels=kernels, device=device,
+                         compile=None if compile_ is None else str(compile_).lower(),
+                         deterministic=None if deterministic is None else str(deterministic).lower(),
+                         out_dir=out_dir)
+    spec = load_spec(spec_path, ov)
+    result = run(spec, resume=resume)
+    click.echo(json.dumps(result["final"]))
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT")
+@click.option("--data-root", default=None, help="Evaluate on another folder/archive with the same classes.")
+@click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(target, data_root, split, batch_size, device, as_json):
+    """Accuracy (top-1, top-5), loss and per-class accuracy of a trained run."""
+    from composer.evaluate import evaluate as run, render
+
+    result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
+@main.group(cls=Group)
+def visualize():
+    """Figures of what each mixer learned (PNG files)."""
+
+
+@visualize.command("attention")
+@click.argument("run_dir")
+@click.option("--image", "image_index", type=int, default=0, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
+@click.option("--layer", type=int, default=None, help="Attention layer (0-based); default: all.")
+@click.option("--head", type=int, default=None, help="Head (0-based); default: all.")
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+def visualize_attention(run_dir, image_index, split, layer, head, out):
+    """Attention matrices, per-query overlays and rollout for one image."""
+    from composer.visualize import attention
+
+    for path in attention(run_dir, image_index=image_index, split=split, layer=layer, head=head, out=out):
+        click.echo(path)
+
+
+@visualize.command("token-mlp")
+@click.argument("run_dir")
+@click.option("--block", type=int, default=None, help="Token-MLP block (0-based); default: all.")
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+def visualize_token_mlp(run_dir, block, out):
+    """First-layer token-MLP weights as patch-grid images, one per hidden unit."""
+    from composer.visualize import token_mlp
+
+    for path in token_mlp(run_dir, block=block, out=out):
+        click.echo(path)
+
+
+@visualize.command("dwconv")
+@click.argument("run_dir")
+@click.option("--block", type=int, default=None, help="Depthwise-conv block (0-based); default: all.")
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+def visualize_dwconv(run_dir, block, out):
+    """Learned depthwise kernels, one tile per channel."""
+    from composer.visualize import dwconv
+
+    for path in dwconv(run_dir, block=block, out=out):
+        click.echo(path)
+
+
+@visualize.command("curves")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+def visualize_curves(run_dirs, out):
+    """Loss and accuracy per epoch of one or more runs."""
+    from composer.visualize import curves
+
+    for path in curves(list(run_dirs), out=out):
+        click.echo(path)
+
+
+@main.group(cls=Group)
+def bench():
+    """Benchmarks: fused kernels against PyTorch, training throughput."""
+
+
+@bench.command("kernels")
+@click.option("--op", type=click.Choice(["attention", "token_mlp", "dwconv2d", "all"]), default="all")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "all"]), default="all")
+def bench_kernels(op, dtype):
+    """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
+    from composer.bench import bench_kernels as run
+
+    run(op=op, dtype=dtype, echo=click.echo)
+
+
+@bench.command("train")
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option("--data", "source", type=click.Choice(["real", "synthetic", "both"]), default="both")
+@set_option
+def bench_train(spec_path, steps, source, overrides):
+    """Training throughput (img/s) on real and synthetic data."""
+    from composer.bench import bench_train as run
+    from composer.spec import load_spec
+
+    run(load_spec(spec_path, overrides), steps=steps, source=source, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The per-block table of `composer summarize`: shapes, params, FLOPs, activation memory, kernel path.
+
+FLOP convention: a multiply-add counts as 2 FLOPs; only matrix products and
+convolutions are counted (norms, activations, softmax and adds are not), the
+same convention as torch.utils.flop_counter. Activation memory is an estimate
+of the elements a layer keeps for backward, times the bytes of the training dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from composer.build import ComposedModel, build_model, count_params
+from composer.spec import Spec
+
+FLOP_CONVENTION = "multiply-add = 2 FLOPs; matmuls and convolutions only (as torch.utils.flop_counter)"
+
+
+def training_device_and_dtype() -> tuple[str, torch.dtype]:
+    """Where `composer train --device auto` would run, and its activation dtype."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def kernel_path(layer, backend: str, device: str, dtype: torch.dtype) -> tuple[str, list[str]]:
+    """("attention: triton" | "attention: reference" | "pytorch", reasons Triton is not used)."""
+    op = getattr(layer.module, "kernel_op", None)
+    if not op:
+        return "pytorch", []
+    choice, reasons = kernels.backend_for(op, backend, device, dtype, **layer.module.kernel_dims(layer.ctx))
+    return f"{op}: {choice}", reasons
+
+
+def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
+              model: ComposedModel | None = None) -> dict:
+    backend = backend or spec.train.kernels
+    model = model or build_model(spec, backend=backend)
+    device, dtype = training_device_and_dtype()
+    act_bytes = torch.finfo(dtype).bits // 8
+    rows = []
+    for i, layer in enumerate(model.layers):
+        path, reasons = kernel_path(layer, backend, device, dtype)
+        rows.append({
+            "index": i,
+            "name": layer.name,
+            "kind": layer.kind,
+            "layout": layer.layout,
+            "input": [batch_size, *layer.in_shape],
+            "output": [batch_size, *layer.out_shape],
+            "params": count_params(layer.module),
+            "flops_per_image": layer.cost.flops,
+            "activation_bytes": layer.cost.activations * act_bytes * batch_size,
+            "kernel": path,
+            "kernel_reasons": reasons,
+        })
+    return {
+        "spec": spec.name,
+        "batch_size": batch_size,
+        "device": device,
+        "activation_dtype": str(dtype).replace("torch.", ""),
+        "params": count_params(model),
+        "flops": sum(r["flops_per_image"] for r in rows),
+        "activation_bytes": sum(r["activation_bytes"] for r in rows),
+        "flop_convention": FLOP_CONVENTION,
+        "rows": rows,
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def render(summary: dict) -> "rich.table.Table":  # noqa: F821
+    from rich.table import Table
+
+    shape = lambda s: "(" + ", ".join(str(x) for x in s) + ")"  # noqa: E731
+    table = Table(title=f"{summary['spec']}: batch {summary['batch_size']} on {summary['device']}, "
+                        f"activations in {summary['activation_dtype']}")
+    for col in ("#", "layer", "layout", "input -> output", "params", "FLOPs/img", "act. mem", "kernel"):
+        right = col in ("#", "params", "FLOPs/img", "act. mem")
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    reasons: dict[str, list[str]] = {}
+    for r in summary["rows"]:
+        table.add_row(str(r["index"]), r["name"], r["layout"], f"{shape(r['input'])} -> {shape(r['output'])}",
+                      f"{r['params']:,}", human(r["flops_per_image"]), human(r["activation_bytes"], "B"), r["kernel"])
+        if r["kernel_reasons"]:
+            reasons.setdefault(r["kernel"].split(":")[0], r["kernel_reasons"])
+    table.add_section()
+    table.add_row("", "total", "", "", f"{summary['params']:,}", human(summary["flops"]),
+                  human(summary["activation_bytes"], "B"), "")
+    notes = [f"FLOPs: {summary['flop_convention']}.", "Activation memory: an estimate of what backward keeps."]
+    notes += [f"{op} not on Triton: {'; '.join(why)}" for op, why in reasons.items()]
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table
