@@ -1,17 +1,98 @@
-"""PLACEHOLDER (reference only) until the Triton kernel lands."""
+"""token_mlp: x + W2 @ GELU(W1 @ LayerNorm(x) + b1) + b2 per image, with backend dispatch.
+
+The Triton path is a pair of `torch.library.triton_op`s (forward, backward)
+tied together with `register_autograd`, so `torch.compile(fullgraph=True)`
+traces straight through them (Inductor even sees the kernels). The kernels
+module is imported only inside the op bodies: a machine without Triton
+registers the ops, never calls them, and runs the reference.
+"""
+from __future__ import annotations
+
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from kernels import dispatch
+from kernels.token_mlp.reference import token_mlp_reference
+
+# The whole token axis is one tile: it is the reduction axis of W1 @ Z.
+MAX_TOKENS = 512
 
 
 def triton_reasons(*, dtype: torch.dtype, tokens: int, channels: int, hidden: int) -> list[str]:
-    return ["the Triton token-MLP kernel is not implemented yet"]
+    """Why the Triton kernel cannot take x of this dtype and (tokens, channels), hidden units."""
+    reasons = dispatch.dtype_reasons(dtype)
+    if tokens > MAX_TOKENS:
+        reasons.append(f"{tokens} tokens > {MAX_TOKENS}: the kernel holds all tokens of an image in one tile")
+    for name, value in (("tokens", tokens), ("channels", channels), ("hidden", hidden)):
+        if value < 1:
+            reasons.append(f"{name} must be at least 1 (got {value})")
+    return reasons
+
+
+@torch.library.triton_op("kernels::token_mlp_fwd", mutates_args=())
+def _token_mlp_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor,
+                   w2: Tensor, b2: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    from kernels.token_mlp import triton as kernels_triton
+
+    return kernels_triton.forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps)
+
+
+@torch.library.triton_op("kernels::token_mlp_bwd", mutates_args=())
+def _token_mlp_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor,
+                   w2: Tensor, mean: Tensor, rstd: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from kernels.token_mlp import triton as kernels_triton
+
+    return kernels_triton.backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
+
+
+def _setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, w1, b1, w2, b2, _eps = inputs
+    _, mean, rstd = output
+    # only the LayerNorm statistics are saved; A and H are recomputed in the backward
+    ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
+    ctx.b2_dtype = b2.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, ln_weight, ln_bias, w1, b1, w2, mean, rstd = ctx.saved_tensors
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _token_mlp_bwd(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
+    # the kernels accumulate parameter gradients in fp32; hand each back in its parameter's dtype
+    return (dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw1.to(w1.dtype), db1.to(b1.dtype),
+            dw2.to(w2.dtype), db2.to(ctx.b2_dtype), None)
+
+
+_token_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_shapes(x, ln_weight, ln_bias, w1, b1, w2, b2) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"token_mlp: x must be (B, N, C); got shape {tuple(x.shape)}")
+    _, n, c = x.shape
+    hd = w1.shape[0] if w1.dim() == 2 else -1
+    expected = {"ln_weight": (ln_weight, (c,)), "ln_bias": (ln_bias, (c,)), "w1": (w1, (hd, n)),
+                "b1": (b1, (hd,)), "w2": (w2, (n, hd)), "b2": (b2, (n,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"token_mlp: {name} must have shape {shape} for x {tuple(x.shape)} "
+                             f"and w1 {tuple(w1.shape)}; got {tuple(t.shape)}")
 
 
 def token_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, *, eps=1e-5, backend="auto"):
-    dispatch.select("token_mlp", backend, x.device,
-                    triton_reasons(dtype=x.dtype, tokens=x.shape[1], channels=x.shape[2], hidden=w1.shape[0]))
-    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)        # (B, N, C)
-    h = F.gelu(torch.einsum("hn,bnc->bhc", w1, h) + b1[:, None])         # (B, Hd, C)
-    return x + torch.einsum("nh,bhc->bnc", w2, h) + b2[:, None]
+    """x + W2 @ GELU(W1 @ LayerNorm_C(x) + b1) + b2, mixing the N tokens of each image.
+
+    Args:
+        x: (B, N, C) tokens, float32 / float16 / bfloat16.
+        ln_weight, ln_bias: (C,) LayerNorm affine parameters.
+        w1: (Hd, N), b1: (Hd,) expansion over tokens; w2: (N, Hd), b2: (N,) projection back.
+        eps: LayerNorm epsilon.
+        backend: "auto" | "triton" | "reference" (see kernels.dispatch).
+    Returns:
+        (B, N, C), x's dtype. Differentiable in x and every parameter.
+    """
+    _check_shapes(x, ln_weight, ln_bias, w1, b1, w2, b2)
+    reasons = triton_reasons(dtype=x.dtype, tokens=x.shape[1], channels=x.shape[2], hidden=w1.shape[0])
+    if dispatch.select("token_mlp", backend, x.device, reasons) == "triton":
+        return _token_mlp_fwd(x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))[0]
+    return token_mlp_reference(x, ln_weight, ln_bias, w1, b1, w2, b2, eps)

@@ -1,0 +1,350 @@
+"""Triton kernels for the fused token-mixing MLP and their launchers.
+
+Per image X (N, C):  Z = LN_C(X),  A = W1 @ Z + b1,  H = GELU(A),  Y = X + W2 @ H + b2.
+
+A program owns one image and a block of channels. LayerNorm needs whole rows
+of C, so a small pass writes the per-token mean/rstd first; the main programs
+then hold the full (N, BLOCK_C) slab, which is all that token mixing needs:
+both matmuls reduce over tokens or hidden units, never over channels.
+
+Backward (dY given), per image:
+    dH = W2^T @ dY     dA = dH * GELU'(A)     dZ = W1^T @ dA
+    dW2 = sum dY @ H^T     dW1 = sum dA @ Z^T     (summed over batch and channels)
+  - `_bwd_data_kernel` (image, channel block): recomputes A, stores dA, forms dZ
+    and the LayerNorm backward up to the per-token row sums, which span every
+    channel block; `_ln_finish_kernel` applies them.
+  - `_bwd_weight_kernel` (hidden block, split of the (image, channel block)
+    units): keeps its dW1/dW2 tiles in registers over many units and writes one
+    partial per split; the partials are summed afterwards (deterministic, no atomics).
+Only mean/rstd are saved from the forward; A and H are recomputed.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: full-precision products, matching PyTorch's default fp32
+    # matmul (no TF32); fp16/bf16 inputs use the tensor cores as they are.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gelu(a):
+    # exact GELU: a * Phi(a), 0.70710678 = 1/sqrt(2)
+    return 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(a):
+    # d/da a*Phi(a) = Phi(a) + a*phi(a), 0.39894228 = 1/sqrt(2*pi)
+    cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    return cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
+
+
+@triton.jit
+def _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc):
+    """LayerNorm of one (BLOCK_N, BLOCK_C) slab of image b: (xhat, z) in fp32, zero outside."""
+    mask = (offs_n < N)[:, None] & (offs_c < C)[None, :]
+    x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + b * N + offs_n, mask=offs_n < N, other=0.0)
+    rstd = tl.load(RSTD + b * N + offs_n, mask=offs_n < N, other=0.0)
+    gamma = tl.load(LNW + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    # padded tokens must be exact zeros: they are summed over in W1 @ Z and dA @ Z^T
+    z = tl.where(mask, xhat * gamma[None, :] + beta[None, :], 0.0)
+    return xhat, z
+
+
+@triton.jit
+def _ln_stats_kernel(X, MEAN, RSTD, R, N, C, stride_xb, stride_xn, stride_xc, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
+    r_mask = rows < R
+    base = X + (rows // N).to(tl.int64) * stride_xb + (rows % N) * stride_xn
+    # -- mean --
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = r_mask[:, None] & (cols < C)[None, :]
+        acc += tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / C
+    # -- variance, second pass: exact even when |mean| >> std --
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = r_mask[:, None] & (cols < C)[None, :]
+        x = tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / C + eps)
+    tl.store(MEAN + rows, mean, mask=r_mask)
+    tl.store(RSTD + rows, rstd, mask=r_mask)
+
+
+@triton.jit
+def _fwd_kernel(X, Y, MEAN, RSTD, LNW, LNB, W1, B1, W2, B2,
+                N, C, HD,
+                stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
+                stride_w1h, stride_w1n, stride_w2n, stride_w2h,
+                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                IEEE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_H)
+    n_mask = offs_n < N
+    c_mask = offs_c < C
+    dt = X.dtype.element_ty
+    # -- layer norm of the (N, BLOCK_C) slab --
+    _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+    z = z.to(dt)
+    # -- token mixing, one block of hidden units at a time --
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, HD, BLOCK_H):
+        hh = h0 + offs_h
+        h_mask = hh < HD
+        w1 = tl.load(W1 + hh[:, None] * stride_w1h + offs_n[None, :] * stride_w1n,
+                     mask=h_mask[:, None] & n_mask[None, :], other=0.0).to(dt)          # (BH, BN)
+        b1 = tl.load(B1 + hh, mask=h_mask, other=0.0).to(tl.float32)
+        a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
+        # padded hidden rows meet the zero columns of W2 below
+        h = _gelu(a).to(dt)
+        w2 = tl.load(W2 + offs_n[:, None] * stride_w2n + hh[None, :] * stride_w2h,
+                     mask=n_mask[:, None] & h_mask[None, :], other=0.0).to(dt)          # (BN, BH)
+        acc = _mm(w2, h, acc, IEEE)
+    # -- bias and residual (x re-read here rather than held across the loop) --
+    mask = n_mask[:, None] & c_mask[None, :]
+    x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    b2 = tl.load(B2 + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = x + acc + b2[:, None]
+    tl.store(Y + b * stride_yb + offs_n[:, None] * stride_yn + offs_c[None, :] * stride_yc,
+             y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
+                     DA, P, S1, S2, DGAMMA, DBETA, DB2,
+                     N, C, HD, NUM_CB,
+                     stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
+                     stride_w1h, stride_w1n, stride_w2n, stride_w2h,
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                     IEEE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_H)
+    n_mask = offs_n < N
+    c_mask = offs_c < C
+    mask = n_mask[:, None] & c_mask[None, :]
+    dt = X.dtype.element_ty
+    xhat, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+    z = z.to(dt)
+    dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                 mask=mask, other=0.0).to(tl.float32)
+    dy_lp = dy.to(dt)
+    # -- through the MLP: dZ = W1^T @ (W2^T @ dY * GELU'(A)) --
+    dz = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, HD, BLOCK_H):
+        hh = h0 + offs_h
+        h_mask = hh < HD
+        w_mask = h_mask[:, None] & n_mask[None, :]
+        w1 = tl.load(W1 + hh[:, None] * stride_w1h + offs_n[None, :] * stride_w1n,
+                     mask=w_mask, other=0.0).to(dt)                                     # (BH, BN)
+        b1 = tl.load(B1 + hh, mask=h_mask, other=0.0).to(tl.float32)
+        a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
+        w2t = tl.load(W2 + hh[:, None] * stride_w2h + offs_n[None, :] * stride_w2n,
+                      mask=w_mask, other=0.0).to(dt)                                    # (BH, BN)
+        dh = _mm(w2t, dy_lp, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE)
+        da_mask = h_mask[:, None] & c_mask[None, :]
+        da = tl.where(da_mask, dh * _gelu_grad(a), 0.0).to(dt)
+        # dA (B, Hd, C) is kept for the weight-gradient kernel instead of recomputing it there
+        tl.store(DA + b * HD * C + hh[:, None] * C + offs_c[None, :], da, mask=da_mask)
+        dz = _mm(tl.trans(w1), da, dz, IEEE)
+    # -- layer norm backward, partial over this channel block --
+    gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
+    tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
+    tl.store(DBETA + b * C + offs_c, tl.sum(dz, axis=0), mask=c_mask)
+    dxhat = dz * gamma[None, :]
+    row = (b * NUM_CB + cb) * N + offs_n
+    tl.store(S1 + row, tl.sum(dxhat, axis=1), mask=n_mask)
+    tl.store(S2 + row, tl.sum(dxhat * xhat, axis=1), mask=n_mask)
+    tl.store(DB2 + row, tl.sum(dy, axis=1), mask=n_mask)
+    # residual gradient plus the row-local part of dX; the row sums come in _ln_finish_kernel
+    p = dy + rstd[:, None] * dxhat
+    tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], p, mask=mask)
+
+
+@triton.jit
+def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C,
+                      stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_mask = rows < R
+    mask = r_mask[:, None] & (cols < C)[None, :]
+    bi = (rows // N).to(tl.int64)
+    ni = rows % N
+    x = tl.load(X + (bi * stride_xb + ni * stride_xn)[:, None] + cols[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
+    s1 = tl.load(S1 + rows, mask=r_mask, other=0.0)
+    s2 = tl.load(S2 + rows, mask=r_mask, other=0.0)
+    p = tl.load(P + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
+    tl.store(DX + (bi * stride_db + ni * stride_dn)[:, None] + cols[None, :] * stride_dc,
+             dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
+                       DW1, DW2, DB1,
+                       N, C, HD, NUM_CB, UNITS, UNITS_PER_PROG,
+                       stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
+                       stride_w1h, stride_w1n,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                       IEEE: tl.constexpr):
+    hb = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    n_mask = offs_n < N
+    h_mask = offs_h < HD
+    dt = X.dtype.element_ty
+    w1 = tl.load(W1 + offs_h[:, None] * stride_w1h + offs_n[None, :] * stride_w1n,
+                 mask=h_mask[:, None] & n_mask[None, :], other=0.0).to(dt)              # (BH, BN)
+    b1 = tl.load(B1 + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    dw1 = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # -- reduce over this split's (image, channel block) units --
+    u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
+    for u in range(split * UNITS_PER_PROG, u_end):
+        b = (u // NUM_CB).to(tl.int64)
+        offs_c = (u % NUM_CB) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+        z = z.to(dt)
+        dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                     mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(dt)
+        da = tl.load(DA + b * HD * C + offs_h[:, None] * C + offs_c[None, :],
+                     mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+        # H is recomputed; its padded channels meet dY's zero columns
+        a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
+        h = _gelu(a).to(dt)
+        dw1 = _mm(da, tl.trans(z), dw1, IEEE)
+        dw2 = _mm(dy, tl.trans(h), dw2, IEEE)
+        db1 += tl.sum(da.to(tl.float32), axis=1)
+    base = split.to(tl.int64) * HD * N
+    tl.store(DW1 + base + offs_h[:, None] * N + offs_n[None, :], dw1,
+             mask=h_mask[:, None] & n_mask[None, :])
+    tl.store(DW2 + base + offs_n[:, None] * HD + offs_h[None, :], dw2,
+             mask=n_mask[:, None] & h_mask[None, :])
+    tl.store(DB1 + split * HD + offs_h, db1, mask=h_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_TARGET_PROGRAMS = 264  # ~2 per SM on an H100: enough splits to fill the GPU for dW
+
+
+def _blocks(n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_C, BLOCK_H, num_warps) for the (image, channel block) kernels."""
+    block_n = max(16, triton.next_power_of_2(n))
+    # keep the fp32 (BLOCK_N, BLOCK_C) accumulator near 64 registers a thread;
+    # fp32 operands (IEEE dots) are twice as heavy, so they get half the slab
+    budget = 8192 if dtype == torch.float32 else 16384
+    block_c = max(16, min(64, budget // block_n, triton.next_power_of_2(c)))
+    block_h = max(16, min(64, triton.next_power_of_2(hd)))
+    num_warps = 4 if block_n * block_c <= 4096 else 8
+    return block_n, block_c, block_h, num_warps
+
+
+def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
+    """(y, mean, rstd): y like x; mean and rstd (B, N) fp32, saved for the backward."""
+    B, N, C = x.shape
+    HD = w1.shape[0]
+    mean = torch.empty((B, N), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ln_weight, ln_bias, b1, b2 = (t.contiguous() for t in (ln_weight, ln_bias, b1, b2))
+    R = B * N
+    stats_c = min(512, triton.next_power_of_2(C))
+    wrap_triton(_ln_stats_kernel)[(triton.cdiv(R, 8),)](
+        x, mean, rstd, R, N, C, *x.stride(), eps, BLOCK_R=8, BLOCK_C=stats_c, num_warps=4)
+    BN, BC, BH, warps = _blocks(N, C, HD, x.dtype)
+    wrap_triton(_fwd_kernel)[(B, triton.cdiv(C, BC))](
+        x, y, mean, rstd, ln_weight, ln_bias, w1, b1, w2, b2, N, C, HD,
+        *x.stride(), *y.stride(), *w1.stride(), *w2.stride(),
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=x.dtype == torch.float32, num_warps=warps)
+    return y, mean, rstd
+
+
+def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
+    """Gradients (dx, dln_weight, dln_bias, dw1, db1, dw2, db2): dx like x, the rest fp32."""
+    B, N, C = x.shape
+    HD = w1.shape[0]
+    dev = x.device
+    f32 = torch.float32
+    ieee = x.dtype == torch.float32
+    ln_weight, ln_bias, b1 = (t.contiguous() for t in (ln_weight, ln_bias, b1))
+
+    # -- data gradient: (image, channel block) programs --
+    BN, BC, BH, warps = _blocks(N, C, HD, x.dtype)
+    ncb = triton.cdiv(C, BC)
+    da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
+    p = torch.empty((B, N, C), device=dev, dtype=f32)
+    s1 = torch.empty((B, ncb, N), device=dev, dtype=f32)
+    s2 = torch.empty_like(s1)
+    db2_part = torch.empty_like(s1)
+    dgamma_part = torch.empty((B, C), device=dev, dtype=f32)
+    dbeta_part = torch.empty_like(dgamma_part)
+    wrap_triton(_bwd_data_kernel)[(B, ncb)](
+        x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
+        da, p, s1, s2, dgamma_part, dbeta_part, db2_part,
+        N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=ieee, num_warps=warps)
+
+    # -- finish the layer norm backward once the row sums span all of C --
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    R = B * N
+    fin_c = min(256, triton.next_power_of_2(C))
+    wrap_triton(_ln_finish_kernel)[(triton.cdiv(R, 16), triton.cdiv(C, fin_c))](
+        p, x, mean, rstd, s1.sum(1), s2.sum(1), dx, R, N, C, *x.stride(), *dx.stride(),
+        BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
+
+    # -- weight gradients: (hidden block, split) programs, partials summed after --
+    WBH = max(16, min(64 if BN <= 128 else 32 if BN <= 256 else 16, triton.next_power_of_2(HD)))
+    WBC = max(16, min(64 if BN <= 128 else 32, triton.next_power_of_2(C)))
+    wncb = triton.cdiv(C, WBC)
+    units = B * wncb
+    nhb = triton.cdiv(HD, WBH)
+    splits = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, nhb)))
+    per_prog = triton.cdiv(units, splits)
+    splits = triton.cdiv(units, per_prog)
+    dw1_part = torch.empty((splits, HD, N), device=dev, dtype=f32)
+    dw2_part = torch.empty((splits, N, HD), device=dev, dtype=f32)
+    db1_part = torch.empty((splits, HD), device=dev, dtype=f32)
+    wrap_triton(_bwd_weight_kernel)[(nhb, splits)](
+        x, dy, da, mean, rstd, ln_weight, ln_bias, w1, b1,
+        dw1_part, dw2_part, db1_part,
+        N, C, HD, wncb, units, per_prog, *x.stride(), *dy.stride(), *w1.stride(),
+        BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=4 if BN * WBC <= 4096 else 8)
+
+    return (dx, dgamma_part.sum(0), dbeta_part.sum(0), dw1_part.sum(0), db1_part.sum(0),
+            dw2_part.sum(0), db2_part.sum((0, 1)))
