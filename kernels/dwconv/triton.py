@@ -1,0 +1,219 @@
+"""Triton kernels for the depthwise "same" convolution, and their launchers.
+
+Both kernels work on one tile of shape (BLOCK_C, BLOCK_P): BLOCK_C channels by
+BLOCK_P = BB * TILE_H * TILE_W pixels (BB images, a TILE_H x TILE_W window of
+each). Every tensor is addressed through its own strides, so NCHW and
+channels_last (and strided views) run through the same code; Triton
+specializes a stride of 1, which lets it vectorize along whichever axis is
+contiguous (W for NCHW, C for channels_last).
+
+  _dwconv_fwd_kernel   y = act(bias + sum_taps w * x), fp32 accumulation. With
+                       FLIP it correlates with the flipped kernel, which is the
+                       input gradient: dx = conv(g, flip(w)).
+  _dwconv_bwd_w_kernel g = dy * gelu'(z) (stored for the dx pass when GELU),
+                       and per-program partial sums of the weight and bias
+                       gradients; the launcher adds the partials in a fixed
+                       order, so the result is deterministic (no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _tile_coords(pid, n_th, n_tw, BB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    # program -> (batch group, tile row, tile col); pixel p -> (b, h, w)
+    tw = pid % n_tw
+    th = (pid // n_tw) % n_th
+    bg = pid // (n_tw * n_th)
+    p = tl.arange(0, BB * TILE_H * TILE_W)
+    b = bg * BB + p // (TILE_H * TILE_W)
+    h = th * TILE_H + (p // TILE_W) % TILE_H
+    w = tw * TILE_W + p % TILE_W
+    return b, h, w
+
+
+@triton.jit
+def _dwconv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
+    B, C, H, W, n_th, n_tw,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
+    K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    b, h, w = _tile_coords(tl.program_id(0), n_th, n_tw, BB, TILE_H, TILE_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    tile_ok = c_ok[:, None] & ((b < B) & (h < H) & (w < W))[None, :]
+    # 64-bit plane offsets: B * C * H * W can pass 2**31 on big batches
+    b64 = b.to(tl.int64)
+    c64 = c.to(tl.int64)
+    x_plane = x_ptr + c64[:, None] * sxc + (b64 * sxb)[None, :]
+    w_row = w_ptr + c * (K * K)
+    PAD: tl.constexpr = K // 2
+
+    # -- accumulate taps: each x element of the tile + halo comes from L1/L2 --
+    acc = tl.zeros((BLOCK_C, BB * TILE_H * TILE_W), dtype=tl.float32)
+    for i in tl.static_range(K):
+        hi = h + (i - PAD)
+        row_ok = tile_ok & ((hi >= 0) & (hi < H))[None, :]
+        x_row = x_plane + (hi * sxh)[None, :]
+        for j in tl.static_range(K):
+            wj = w + (j - PAD)
+            ok = row_ok & ((wj >= 0) & (wj < W))[None, :]
+            xv = tl.load(x_row + (wj * sxw)[None, :], mask=ok, other=0.0).to(tl.float32)
+            if FLIP:
+                tap = (K - 1 - i) * K + (K - 1 - j)
+            else:
+                tap = i * K + j
+            wv = tl.load(w_row + tap, mask=c_ok, other=0.0).to(tl.float32)
+            acc += xv * wv[:, None]
+
+    # -- epilogue: bias, keep the pre-activation for backward, GELU --
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    if STORE_PREACT:
+        z_off = c64[:, None] * szc + (b64 * szb + h * szh + w * szw)[None, :]
+        tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=tile_ok)
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * _SQRT1_2))
+    y_off = c64[:, None] * syc + (b64 * syb + h * syh + w * syw)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dwconv_bwd_w_kernel(
+    x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
+    B, C, H, W, n_th, n_tw,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
+    sgb, sgc, sgh, sgw,
+    K: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b, h, w = _tile_coords(pid, n_th, n_tw, BB, TILE_H, TILE_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    tile_ok = c_ok[:, None] & ((b < B) & (h < H) & (w < W))[None, :]
+    b64 = b.to(tl.int64)
+    c64 = c.to(tl.int64)
+
+    # -- upstream gradient through GELU: g = dy * gelu'(z) --
+    dy_off = c64[:, None] * syc + (b64 * syb + h * syh + w * syw)[None, :]
+    g = tl.load(dy_ptr + dy_off, mask=tile_ok, other=0.0).to(tl.float32)
+    if GELU:
+        z_off = c64[:, None] * szc + (b64 * szb + h * szh + w * szw)[None, :]
+        z = tl.load(z_ptr + z_off, mask=tile_ok, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        g = g * (cdf + z * pdf)
+        g_off = c64[:, None] * sgc + (b64 * sgb + h * sgh + w * sgw)[None, :]
+        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=tile_ok)
+
+    # -- partial sums of this program, laid out (program, tap, C) for coalesced stores --
+    if HAS_BIAS:
+        tl.store(db_part_ptr + pid.to(tl.int64) * C + c, tl.sum(g, axis=1), mask=c_ok)
+    if NEED_DW:
+        x_plane = x_ptr + c64[:, None] * sxc + (b64 * sxb)[None, :]
+        PAD: tl.constexpr = K // 2
+        for i in tl.static_range(K):
+            hi = h + (i - PAD)
+            row_ok = tile_ok & ((hi >= 0) & (hi < H))[None, :]
+            x_row = x_plane + (hi * sxh)[None, :]
+            for j in tl.static_range(K):
+                wj = w + (j - PAD)
+                ok = row_ok & ((wj >= 0) & (wj < W))[None, :]
+                xv = tl.load(x_row + (wj * sxw)[None, :], mask=ok, other=0.0).to(tl.float32)
+                dst = dw_part_ptr + (pid.to(tl.int64) * (K * K) + (i * K + j)) * C + c
+                tl.store(dst, tl.sum(g * xv, axis=1), mask=c_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _tiles(x: torch.Tensor, elems: int, c_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_C, BB, TILE_H, TILE_W, num_warps) for a tile of about `elems` elements.
+
+    channels_last: channels are contiguous, so a tile spans `c_bytes` of channels
+    (vector loads) and a compact spatial window (small halo). NCHW: a tile spans
+    whole rows of one plane (W contiguous), then as many rows, images and
+    channels as fit.
+    """
+    B, C, H, W = x.shape
+    if x.stride(1) == 1 and C > 1:
+        block_c = min(_pow2(C), max(1, c_bytes // x.element_size()))
+        tile_w = min(_pow2(W), 16)
+        tile_h = min(_pow2(H), max(1, elems // (block_c * tile_w)))
+    else:
+        block_c = 1
+        tile_w = min(_pow2(W), 64)
+        tile_h = min(_pow2(H), max(1, elems // tile_w))
+    bb = min(_pow2(B), max(1, elems // (block_c * tile_h * tile_w)))
+    if block_c == 1:  # small NCHW planes: fill the tile with channels after images
+        block_c = min(_pow2(C), max(1, elems // (bb * tile_h * tile_w)))
+    n = block_c * bb * tile_h * tile_w
+    return block_c, bb, tile_h, tile_w, (8 if n >= 4096 else 4)
+
+
+def _grid(x: torch.Tensor, block_c: int, bb: int, tile_h: int, tile_w: int):
+    B, C, H, W = x.shape
+    n_th, n_tw = triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+    return (triton.cdiv(B, bb) * n_th * n_tw, triton.cdiv(C, block_c)), n_th, n_tw
+
+
+def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False) -> None:
+    """y = act(conv(x, weight) + bias); z (pre-activation) is written when given."""
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    block_c, bb, tile_h, tile_w, warps = _tiles(x, 4096, 64)
+    grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
+    zz = y if z is None else z
+    wrap_triton(_dwconv_fwd_kernel)[grid](
+        x, weight, x if bias is None else bias, y, zz,
+        B, C, H, W, n_th, n_tw,
+        *x.stride(), *y.stride(), *zz.stride(),
+        K=K, FLIP=flip, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
+        BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
+    )
+
+
+def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool):
+    """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None."""
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    dx = dw = db = None
+    g = dy
+    if gelu or need_dw or has_bias:
+        g = torch.empty_like(dy) if gelu else dy
+        block_c, bb, tile_h, tile_w, warps = _tiles(x, 8192, 32)
+        grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
+        dw_part = torch.empty((grid[0], K * K, C) if need_dw else (1,), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((grid[0], C) if has_bias else (1,), device=x.device, dtype=torch.float32)
+        zz = dy if z is None else z
+        wrap_triton(_dwconv_bwd_w_kernel)[grid](
+            x, dy, zz, g, dw_part, db_part,
+            B, C, H, W, n_th, n_tw,
+            *x.stride(), *dy.stride(), *zz.stride(), *g.stride(),
+            K=K, GELU=gelu, HAS_BIAS=has_bias, NEED_DW=need_dw,
+            BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
+        )
+        dw = dw_part.sum(0).t().reshape(C, 1, K, K) if need_dw else None
+        db = db_part.sum(0) if has_bias else None
+    if need_dx:
+        dx = torch.empty_like(x)
+        conv_forward(g, weight, None, dx, None, gelu=False, flip=True)
+    return dx, dw, db
