@@ -1,0 +1,113 @@
+"""Benchmark cases for token_mlp: ours vs the eager token-mixing sublayer and torch.compile of it.
+
+The sublayer is what an MLP-Mixer user would otherwise write: LayerNorm,
+rearrange, Linear over tokens, GELU, Linear back, rearrange, residual. Under
+bf16 the baselines run under torch.autocast(bfloat16) with fp32 parameters (as
+in mixed-precision training); ours runs on bf16 tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from kernels import dispatch
+from kernels.benchmarking import BenchCase, Candidate
+from kernels.token_mlp.op import token_mlp, triton_reasons
+
+# (B, N, C, Hd): small Mixer at CIFAR size, Mixer-S/16 and Mixer-B/16 at 224 px
+SHAPES = [(256, 64, 256, 128), (256, 196, 512, 256), (128, 196, 768, 384)]
+
+
+class TokenMixingSublayer(nn.Module):
+    """The unfused baseline: x + (Linear_Hd->N . GELU . Linear_N->Hd) over tokens of LayerNorm(x)."""
+
+    def __init__(self, tokens: int, channels: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.to_hidden = nn.Linear(tokens, hidden)
+        self.to_tokens = nn.Linear(hidden, tokens)
+
+    def forward(self, x):
+        h = rearrange(self.norm(x), "b n c -> b c n")
+        h = self.to_tokens(F.gelu(self.to_hidden(h)))
+        return x + rearrange(h, "b c n -> b n c")
+
+
+def compile_sublayer(module: nn.Module):
+    """torch.compile with its default (Inductor) backend; tests swap in a cheaper backend."""
+    return torch.compile(module)
+
+
+def _timed_pair(fn, inputs, grad, autocast: bool):
+    """(forward, forward_backward) closures; gradients via autograd.grad so nothing accumulates."""
+    device_type = grad.device.type
+
+    def ctx():
+        if autocast:
+            return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward():
+        with ctx():
+            return fn()
+
+    def forward_backward():
+        with ctx():
+            y = fn()
+        return torch.autograd.grad(y, inputs, grad)
+
+    return forward, forward_backward
+
+
+def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
+    """One BenchCase per (B, N, C, Hd) in `shapes` (default SHAPES) for x of `dtype` on `device`."""
+    device = torch.device(device)
+    cases_ = []
+    for B, N, C, Hd in shapes or SHAPES:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        module = TokenMixingSublayer(N, C, Hd)
+        with torch.no_grad():  # LayerNorm starts at ones/zeros: make every parameter random
+            module.norm.weight.copy_(1 + 0.1 * torch.randn(C, generator=gen))
+            module.norm.bias.copy_(0.1 * torch.randn(C, generator=gen))
+        module = module.to(device)                      # fp32 parameters for the baselines
+        x = torch.randn(B, N, C, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        grad = torch.randn(B, N, C, generator=gen).to(device=device, dtype=dtype)
+        autocast = dtype == torch.bfloat16
+
+        # ours: the same parameters, in x's dtype
+        params = [t.detach().to(dtype).requires_grad_() for t in (
+            module.norm.weight, module.norm.bias, module.to_hidden.weight, module.to_hidden.bias,
+            module.to_tokens.weight, module.to_tokens.bias)]
+        reasons = triton_reasons(dtype=dtype, tokens=N, channels=C, hidden=Hd)
+        backend, _ = dispatch.explain("token_mlp", "triton", device, reasons)
+        ours = _timed_pair(lambda: token_mlp(x, *params, eps=module.norm.eps, backend=backend),
+                           [x, *params], grad, autocast=False)
+
+        base_inputs = [x, *module.parameters()]
+        eager = _timed_pair(lambda: module(x), base_inputs, grad, autocast)
+        compiled_module = compile_sublayer(module)
+        compiled = _timed_pair(lambda: compiled_module(x), base_inputs, grad, autocast)
+
+        flops = 2 * 2 * B * N * Hd * C             # two matmuls, a multiply-add = 2 FLOPs
+        size = torch.tensor([], dtype=dtype).element_size()
+        act = B * N * C * size                     # one pass over x, y, dy or dx
+        par = (2 * N * Hd + Hd + N + 2 * C) * size
+        cases_.append(BenchCase(
+            op="token_mlp",
+            shape=f"B{B} N{N} C{C} Hd{Hd}",
+            flops_fwd=flops,
+            flops_fwd_bwd=3 * flops,               # + dH, dZ, dW1, dW2
+            bytes_fwd=2 * act + par,               # read x, write y, read parameters
+            bytes_fwd_bwd=4 * act + 2 * par,       # + read dy, write dx, write parameter gradients
+            anchor="torch.compile",
+            candidates=[
+                Candidate(f"ours ({backend})", *ours),
+                Candidate("eager", *eager),
+                Candidate("torch.compile", *compiled),
+            ],
+        ))
+    return cases_
