@@ -1,0 +1,100 @@
+"""Benchmark cases for `composer bench kernels --op attention`.
+
+Candidates, all on the same random (B, H, N, D) inputs:
+  ours            kernels.attention (the Triton kernel where it can run)
+  ours-packed     the same on q, k, v viewed out of a packed (B, N, 3, H, D) qkv,
+                  the layout the attention block really passes (no copies)
+  sdpa            torch.nn.functional.scaled_dot_product_attention, default backend (the anchor)
+  eager           matmul -> softmax -> matmul in the input dtype
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import dispatch
+from kernels.attention.op import attention, triton_reasons
+from kernels.benchmarking import BenchCase, Candidate
+
+# (B, H, N, D); anchors for these are in GPU.md
+SHAPES: list[tuple[int, int, int, int]] = [
+    (256, 4, 144, 16),   # the seed ViT, 144 patches
+    (512, 3, 65, 64),    # CIFAR ViT, patch 4
+    (256, 6, 197, 64),   # ViT-S/16
+    (128, 12, 197, 64),  # ViT-B/16
+    (32, 16, 1024, 64),  # a long sequence, for the tiled path
+]
+
+
+def _eager(q, k, v):
+    scale = q.shape[-1] ** -0.5
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def _candidate(name, fn, inputs, grad):
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    def forward_backward():
+        out = fn(*inputs)
+        # autograd.grad instead of .backward(): no .grad accumulation kernels in the timing
+        return torch.autograd.grad(out, inputs, grad)
+
+    return Candidate(name, forward, forward_backward)
+
+
+def _ours_backend(dtype, device, d) -> str:
+    # "triton" wherever the kernel can run (CUDA, or the CPU interpreter in
+    # tests), else the reference path, so that the case still builds anywhere
+    reasons = triton_reasons(dtype=dtype, head_dim=d) + dispatch.device_reasons(device)
+    if dispatch.triton_import_error():
+        reasons.append("triton missing")
+    return "reference" if reasons else "triton"
+
+
+def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
+    device = torch.device(device)
+    out = []
+    for b, h, n, d in shapes or SHAPES:
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+        qkv = [rand(b, h, n, d).requires_grad_() for _ in range(3)]
+        packed = rand(b, n, 3, h, d).requires_grad_()
+        grad = rand(b, h, n, d)
+        backend = _ours_backend(dtype, device, d)
+        suffix = "" if backend == "triton" else " (reference path)"
+
+        def ours(q, k, v, backend=backend):
+            return attention(q, k, v, backend=backend)
+
+        def ours_packed(packed, backend=backend):
+            # the block's layout: (B, H, N, D) views of (B, N, 3, H, D), read in place
+            q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
+            return attention(q, k, v, backend=backend)
+
+        elem = torch.finfo(dtype).bits // 8
+        tensor_bytes = b * h * n * d * elem
+        matmul_flops = 2 * b * h * n * n * d   # one (N x D) @ (D x N) product
+        out.append(BenchCase(
+            op="attention",
+            shape=f"B{b} H{h} N{n} D{d}",
+            # forward: QK^T and PV; backward: recompute QK^T, then dV, dP, dQ, dK
+            flops_fwd=2 * matmul_flops,
+            flops_fwd_bwd=7 * matmul_flops,
+            # forward reads q, k, v and writes out; backward reads q, k, v, out,
+            # dout and writes dq, dk, dv
+            bytes_fwd=4 * tensor_bytes,
+            bytes_fwd_bwd=(4 + 8) * tensor_bytes,
+            anchor="sdpa",
+            candidates=[
+                _candidate(f"ours{suffix}", ours, tuple(qkv), grad),
+                _candidate(f"ours-packed{suffix}", ours_packed, (packed,), grad),
+                _candidate("sdpa", F.scaled_dot_product_attention, tuple(qkv), grad),
+                _candidate("eager", _eager, tuple(qkv), grad),
+            ],
+        ))
+    return out

@@ -1,0 +1,300 @@
+"""kernels.attention: the Triton kernel (interpreter on CPU) against an fp64 reference.
+
+Accuracy rule: for the output and every gradient, the kernel's max error against
+fp64 must be at most 3x the error of PyTorch's own path (kernels' reference run
+on the same low-precision inputs) plus a small floor, FLOOR_ULPS ulps of the
+tensor's largest value (at least 1). NaN or inf never passes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import BackendUnavailable
+from kernels.attention import bench, reference
+from kernels.attention.op import attention, triton_reasons
+
+# Floor, in ulps of the dtype at the tensor's largest magnitude. Low precision:
+# the kernel rounds P and dS to the input dtype before the tensor-core matmuls
+# (as every flash kernel must, P never leaves the chip in fp32), which the
+# fp32-math reference does not do; a couple of ulps covers that. fp32: only the
+# summation order differs.
+FLOOR_ULPS = {torch.float32: 4.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+FACTOR = 3.0
+
+N_ALL = [1, 7, 16, 65, 144, 145, 197, 257]
+
+
+# ------------------------------------------------------------------ helpers --
+
+def _randn(*shape, dtype, device, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32, device="cpu").to(device=device, dtype=dtype)
+
+
+def _fp64_truth(q, k, v, dout, scale):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    p = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+    out = p @ v
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout.double())]
+
+
+def _run(fn, q, k, v, dout):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+
+
+def _assert_close(name, got, ours_pytorch, truth, dtype):
+    finite = torch.isfinite(got)
+    assert finite.all(), f"{name}: {int((~finite).sum())} non-finite values"
+    err = (got.double() - truth).abs()
+    torch_err = (ours_pytorch.double() - truth).abs().max().item()
+    scale = max(1.0, truth.abs().max().item())
+    allowed = FACTOR * torch_err + FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * scale
+    worst = err.max().item()
+    if worst > allowed:
+        where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{name} ({dtype}): max abs err {worst:.3e} at {where} "
+            f"(got {got[where].item():.6g}, fp64 {truth[where].item():.6g}); allowed {allowed:.3e} "
+            f"= {FACTOR} x PyTorch's own err {torch_err:.3e} + floor"
+        )
+
+
+def check_attention(q, k, v, *, scale=None, dout=None, fn=None, gen=None):
+    """Kernel output and dq, dk, dv vs fp64, bounded by the reference path's error in q.dtype."""
+    d = q.shape[-1]
+    s = d ** -0.5 if scale is None else scale
+    if dout is None:
+        dout = _randn(*q.shape, dtype=q.dtype, device=q.device, gen=gen)
+    fn = fn or (lambda q, k, v: attention(q, k, v, scale=scale, backend="triton"))
+    got = _run(fn, q, k, v, dout)
+    pytorch = _run(lambda q, k, v: reference.attention(q, k, v, s), q, k, v, dout)
+    truth = _fp64_truth(q, k, v, dout, s)
+    for name, g, p, t in zip(("out", "dq", "dk", "dv"), got, pytorch, truth):
+        _assert_close(name, g, p, t, q.dtype)
+    return got
+
+
+def packed_qkv(b, h, n, d, *, dtype, device, gen):
+    """q, k, v exactly as the attention block makes them: views of (B, N, 3, H, D)."""
+    qkv = _randn(b, n, 3, h, d, dtype=dtype, device=device, gen=gen)
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+# --------------------------------------------------------------- accuracy --
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("n", N_ALL)
+def test_matches_fp64(n, d, dtype, device, gen):
+    # B * H = 3 (odd); test_block_layout_in_place exercises B > 1 with H > 1
+    q, k, v = packed_qkv(1, 3, n, d, dtype=dtype, device=device, gen=gen)
+    check_attention(q, k, v, gen=gen)
+
+
+def test_contiguous_inputs(device, gen):
+    q, k, v = (_randn(1, 3, 145, 32, dtype=torch.float16, device=device, gen=gen) for _ in range(3))
+    check_attention(q, k, v, gen=gen)
+
+
+@pytest.mark.parametrize("n,d", [(65, 64), (197, 16)])
+def test_block_layout_in_place(n, d, device, gen):
+    """The block's packed qkv views, and its out-projection reading a view of the output."""
+    b, h = 3, 3
+    q, k, v = packed_qkv(b, h, n, d, dtype=torch.float16, device=device, gen=gen)
+    out = attention(q, k, v, backend="triton")
+    flat = out.transpose(1, 2).reshape(b, n, h * d)
+    assert flat.data_ptr() == out.data_ptr() and flat._base is not None, "out-projection input is a copy"
+    # dout arrives as the transposed view of a (B, N, H*D) gradient, as it does in the block
+    dout = _randn(b, n, h * d, dtype=torch.float16, device=device, gen=gen).view(b, n, h, d).transpose(1, 2)
+    check_attention(q, k, v, dout=dout)
+
+
+def test_strided_inputs(device, gen):
+    """Odd strides everywhere: sliced head dim, permuted storage, and an expanded (stride 0) dout."""
+    b, h, n, d = 1, 3, 33, 16
+    q = _randn(b, h, n, 2 * d, dtype=torch.float32, device=device, gen=gen)[..., ::2]     # stride_d = 2
+    k = _randn(n, d, b, h, dtype=torch.float32, device=device, gen=gen).permute(2, 3, 0, 1)
+    v = _randn(b, h, d, n, dtype=torch.float32, device=device, gen=gen).transpose(-1, -2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    dout = _randn(1, 1, 1, d, dtype=torch.float32, device=device, gen=gen).expand(b, h, n, d)
+    check_attention(q, k, v, dout=dout)
+
+
+@pytest.mark.parametrize("path", ["whole_kv", "tiled"])
+def test_both_backward_kernels(path, device, gen):
+    """Force each backward kernel (and a multi-tile forward) at a small size."""
+    from kernels.attention import triton as kt
+
+    n, d = 65, 16
+    fwd_cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4}     # 5 key tiles, last one partial
+    bwd_cfg = ({"path": "whole_kv", "BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4} if path == "whole_kv"
+               else {"path": "tiled", "BLOCK": 32, "BLOCK_STEP": 16, "num_warps": 4})
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse2 = kt.forward(q, k, v, d ** -0.5, fwd_cfg)
+            ctx.save_for_backward(q, k, v, out, lse2)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            return kt.backward(dout, *ctx.saved_tensors, d ** -0.5, bwd_cfg)
+
+    q, k, v = packed_qkv(1, 3, n, d, dtype=torch.float16, device=device, gen=gen)
+    check_attention(q, k, v, fn=Fn.apply, gen=gen)
+
+
+def test_custom_scale(device, gen):
+    q, k, v = (_randn(1, 1, 20, 32, dtype=torch.float32, device=device, gen=gen) for _ in range(3))
+    check_attention(q, k, v, scale=0.9, gen=gen)
+
+
+# --------------------------------------------------------- dispatch and API --
+
+def test_triton_reasons():
+    assert triton_reasons(dtype=torch.float16, head_dim=64) == []
+    assert any("head_dim 48" in r for r in triton_reasons(dtype=torch.float16, head_dim=48))
+    assert any("float64" in r for r in triton_reasons(dtype=torch.float64, head_dim=64))
+
+
+def test_explicit_triton_raises_with_reasons(device, gen):
+    q = _randn(1, 2, 5, 48, dtype=torch.float32, device=device, gen=gen)
+    with pytest.raises(BackendUnavailable) as info:
+        attention(q, q, q, backend="triton")
+    assert any("head_dim 48" in r for r in info.value.reasons)
+    # the reference still takes it
+    out = attention(q, q, q, backend="auto")
+    torch.testing.assert_close(out, reference.attention(q, q, q))
+
+
+def test_auto_uses_reference_on_cpu(monkeypatch, gen):
+    from kernels.attention import op
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("auto took the Triton path on CPU")
+
+    monkeypatch.setattr(op, "_attention_fwd", no_kernel)
+    q, k, v = (_randn(2, 2, 9, 16, dtype=torch.float32, device="cpu", gen=gen) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v), reference.attention(q, k, v))
+
+
+def test_bad_shapes_rejected(gen):
+    q = _randn(1, 2, 5, 16, dtype=torch.float32, device="cpu", gen=gen)
+    with pytest.raises(ValueError):
+        attention(q, q[:, :, :4], q)
+    with pytest.raises(ValueError):
+        attention(q, q.half(), q)
+
+
+def test_attention_probs(gen):
+    q, k, v = (_randn(2, 3, 11, 16, dtype=torch.float16, device="cpu", gen=gen) for _ in range(3))
+    p = reference.attention_probs(q, k)
+    assert p.shape == (2, 3, 11, 11) and p.dtype == torch.float32
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 3, 11))
+    torch.testing.assert_close(p @ v.float(), reference.attention(q.float(), k.float(), v.float()))
+
+
+# ---------------------------------------------------------------- compile --
+
+class _AttentionBlock(torch.nn.Module):
+    """The shape of the builder's attention block: packed qkv in, (B, N, C) out."""
+
+    def __init__(self, dim=32, heads=2, backend="auto"):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.to_qkv = torch.nn.Linear(dim, 3 * dim)
+        self.to_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, c // self.heads).unbind(2)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend=self.backend)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+
+def _compile_matches_eager(block, x, backend):
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = block(x1), compiled(x2)
+    g1, = torch.autograd.grad(y1.square().sum(), x1)
+    g2, = torch.autograd.grad(y2.square().sum(), x2)
+    # compiled Linear layers may reduce in another order: a few ulps of the dtype
+    tol = {torch.float32: {}, torch.float16: dict(atol=3e-3, rtol=3e-3),
+           torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}[x.dtype]
+    torch.testing.assert_close(y2, y1, **tol)
+    torch.testing.assert_close(g2, g1, **tol)
+
+
+def test_compile_fullgraph_reference_path(gen):
+    torch._dynamo.reset()
+    block = _AttentionBlock()
+    _compile_matches_eager(block, _randn(2, 7, 32, dtype=torch.float32, device="cpu", gen=gen), "aot_eager")
+
+
+# ------------------------------------------------------------------ bench --
+
+def test_bench_cases_smoke(gen):
+    cases = bench.cases(torch.float32, "cpu", shapes=[(1, 3, 9, 16)])
+    assert len(cases) == 1 and cases[0].anchor == "sdpa"
+    case = cases[0]
+    assert case.flops_fwd > 0 and case.bytes_fwd_bwd > case.bytes_fwd > 0
+    names = [c.name for c in case.candidates]
+    assert "sdpa" in names and "eager" in names and any(n.startswith("ours") for n in names)
+    for cand in case.candidates:
+        out = cand.forward()
+        assert torch.isfinite(out).all(), cand.name
+        grads = cand.forward_backward()
+        assert all(torch.isfinite(g).all() for g in grads), cand.name
+
+
+# -------------------------------------------------------------------- gpu --
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+@pytest.mark.parametrize("n", N_ALL)
+def test_gpu_every_size(n, d, dtype, gen):
+    q, k, v = packed_qkv(3, 5, n, d, dtype=dtype, device="cuda", gen=gen)
+    check_attention(q, k, v, gen=gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", bench.SHAPES + [(4, 2, 4099, 64)], ids=lambda s: "B{} H{} N{} D{}".format(*s))
+def test_gpu_benchmark_shapes(shape, dtype, gen):
+    b, h, n, d = shape
+    q, k, v = packed_qkv(b, h, n, d, dtype=dtype, device="cuda", gen=gen)
+    check_attention(q, k, v, gen=gen)
+
+
+@pytest.mark.gpu
+def test_gpu_no_n_by_n_buffer(gen):
+    b, h, n, d = 8, 16, 1024, 64
+    q, k, v = (t.requires_grad_() for t in packed_qkv(b, h, n, d, dtype=torch.bfloat16, device="cuda", gen=gen))
+    dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = attention(q, k, v, backend="triton")
+    torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    scores = b * h * n * n * 2   # one bf16 N x N matrix
+    assert extra < scores / 4, f"peak extra memory {extra} B suggests an N x N buffer ({scores} B)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_compile_fullgraph_inductor(dtype, gen):
+    torch._dynamo.reset()
+    block = _AttentionBlock(dim=128, heads=2, backend="triton").to("cuda", dtype)
+    x = _randn(4, 197, 128, dtype=dtype, device="cuda", gen=gen)
+    _compile_matches_eager(block, x, "inductor")
