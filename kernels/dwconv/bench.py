@@ -1,0 +1,79 @@
+"""Benchmark cases for dwconv2d: ours vs nn.Conv2d(groups=C) (cuDNN) and torch.compile.
+
+The comparison is the plain layer (depthwise conv + bias, no activation), the
+same layer as the anchors in GPU.md, in both memory formats.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kernels import dispatch
+from kernels.benchmarking import BenchCase, Candidate
+from kernels.dwconv.op import dwconv2d
+
+OP = "dwconv2d"
+
+# (B, C, H, W, k): ConvMixer-256/8 k9 at CIFAR size, a ConvMixer-768 k7 and a ConvMixer-1536 k9 layer
+SHAPES = [
+    (256, 256, 32, 32, 9),
+    (128, 768, 32, 32, 7),
+    (64, 1536, 28, 28, 9),
+]
+
+
+def _counts(B, C, H, W, k, elem):
+    """FLOPs (multiply-add = 2) and the minimal bytes moved, forward and forward+backward."""
+    n = B * C * H * W
+    params = (C * k * k + C) * elem
+    flops_fwd = 2 * n * k * k
+    bytes_fwd = 2 * n * elem + params                         # read x, write y
+    bytes_fwd_bwd = bytes_fwd + 3 * n * elem + params         # read dy and x, write dx and the grads
+    return flops_fwd, 3 * flops_fwd, bytes_fwd, bytes_fwd_bwd  # dx and dw each cost a forward
+
+
+def _timed_pair(fn, x, dy):
+    """(forward, forward+backward) zero-argument callables of fn on x."""
+    x_grad = x.detach().clone().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            return fn(x)
+
+    def forward_backward():
+        y = fn(x_grad)
+        y.backward(dy)
+        return y
+
+    return forward, forward_backward
+
+
+def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
+    device = torch.device(device)
+    # inductor on CPU needs a C++ toolchain and minutes; there only the plumbing is checked
+    compile_backend = "inductor" if device.type == "cuda" else "aot_eager"
+    triton_ok = not dispatch.device_reasons(device) and dispatch.triton_import_error() is None
+    out = []
+    for B, C, H, W, k in shapes or SHAPES:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        conv = nn.Conv2d(C, C, k, padding=k // 2, groups=C).to(device=device, dtype=dtype)
+        x = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+        dy = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+        layouts = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+        cands = []
+        for layout, fmt in layouts.items():
+            xl, dyl = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+            cands.append(Candidate(f"cuDNN {layout}", *_timed_pair(conv, xl, dyl)))
+            compiled = torch.compile(conv, backend=compile_backend)
+            cands.append(Candidate(f"torch.compile {layout}", *_timed_pair(compiled, xl, dyl)))
+            if triton_ok:
+                ours = (lambda t: dwconv2d(t, conv.weight, conv.bias, backend="triton"))
+                cands.append(Candidate(f"triton {layout}", *_timed_pair(ours, xl, dyl)))
+        flops_fwd, flops_fwd_bwd, bytes_fwd, bytes_fwd_bwd = _counts(B, C, H, W, k, x.element_size())
+        out.append(BenchCase(
+            op=OP, shape=f"B{B} C{C} {H}x{W} k{k}",
+            flops_fwd=flops_fwd, flops_fwd_bwd=flops_fwd_bwd,
+            bytes_fwd=bytes_fwd, bytes_fwd_bwd=bytes_fwd_bwd,
+            anchor="cuDNN NCHW", candidates=cands,
+        ))
+    return out

@@ -1,0 +1,249 @@
+"""dwconv2d: the Triton kernel against an fp64 reference, forward and every gradient.
+
+Tolerance rule: on fresh random inputs, the kernel's max abs error against the
+fp64 reference must be at most 3x PyTorch's own error (the reference path run
+in the same low dtype) plus a small floor. NaN/inf never passes.
+On CPU the kernels run in Triton's interpreter, so shapes stay tiny.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kernels import BackendUnavailable, dwconv2d
+from kernels.dwconv import bench, op as dwconv_op
+
+# Floor per dtype, in units of the reference's magnitude (max(1, max|ref|)): it
+# only matters where PyTorch happens to be (nearly) exact, and is about 2 ulps
+# of the dtype so that a different summation order is not a failure.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+FACTOR = 3.0
+
+
+def _inputs(B, C, H, W, k, device, *, channels_last=False, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(C, 1, k, k, generator=g, dtype=torch.float64) / k  # outputs O(1)
+    b = torch.randn(C, generator=g, dtype=torch.float64) if bias else None
+    dy = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        dy = dy.to(memory_format=torch.channels_last)
+    move = (lambda t: None if t is None else t.to(device))
+    return move(x), move(w), move(b), move(dy)
+
+
+def _run(x, w, b, dy, dtype, activation, backend):
+    """Output and gradients of one path, inputs cast to `dtype` (memory format kept)."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+    y = dwconv2d(*leaves, activation=activation, backend=backend)
+    y.backward(dy.to(dtype))
+    return y, {"y": y.detach(), "dx": leaves[0].grad, "dw": leaves[1].grad,
+               **({"db": leaves[2].grad} if b is not None else {})}
+
+
+def _compare(name, got, ours_low, ref64, dtype):
+    err_k = (got.double() - ref64).abs()
+    err_pt = (ours_low.double() - ref64).abs().max().item()
+    scale = max(1.0, ref64.abs().max().item())
+    bound = FACTOR * err_pt + FLOOR[dtype] * scale
+    finite = bool(torch.isfinite(got).all())
+    worst = err_k.max().item() if finite else float("inf")
+    if not finite or worst > bound:
+        where = tuple(int(i) for i in torch.nonzero(err_k == err_k.max())[0]) if finite else "non-finite"
+        return (f"{name}: max abs err {worst:.3e} at {where} > allowed {bound:.3e} "
+                f"(= {FACTOR} x PyTorch {dtype} err {err_pt:.3e} + floor {FLOOR[dtype]:.0e} x scale {scale:.3g})")
+    return None
+
+
+def check(B, C, H, W, k, dtype, device, *, channels_last=False, bias=True, activation="gelu", seed=0):
+    x, w, b, dy = _inputs(B, C, H, W, k, device, channels_last=channels_last, bias=bias, seed=seed)
+    y_k, got = _run(x, w, b, dy, dtype, activation, "triton")
+    _, low = _run(x, w, b, dy, dtype, activation, "reference")
+    _, ref = _run(x, w, b, dy, torch.float64, activation, "reference")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y_k.dtype == dtype and y_k.shape == x.shape
+    assert y_k.is_contiguous(memory_format=fmt), "output lost the input's memory format"
+    problems = [p for name in ref if (p := _compare(name, got[name], low[name], ref[name], dtype))]
+    assert not problems, (f"B{B} C{C} {H}x{W} k{k} {dtype} channels_last={channels_last} "
+                          f"bias={bias} act={activation}:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- correctness (CPU interpreter or GPU)
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+def test_kernel_sizes(k, dtype, device):
+    check(2, 3, 8, 8, k, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hw", [(7, 7), (14, 14), (32, 32), (9, 13)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sizes(hw, dtype, device):
+    # k=9 is larger than the 7x7 image: every tap meets the zero padding somewhere
+    check(2, 5, *hw, 9, dtype, device, channels_last=(hw[0] == 32))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("bias,activation", [(False, None), (True, None), (False, "gelu"), (True, "gelu")])
+def test_formats_and_epilogue(channels_last, bias, activation, device):
+    check(2, 3, 10, 11, 5, torch.float16, device, channels_last=channels_last, bias=bias, activation=activation)
+
+
+@pytest.mark.parametrize("C,channels_last", [(1, False), (1, True), (37, True), (37, False)])
+def test_channel_counts(C, channels_last, device):
+    # 37 channels is more than one channel block in channels_last, with a ragged last block
+    check(1, C, 6, 5, 3, torch.float32, device, channels_last=channels_last)
+
+
+def test_strided_inputs(device):
+    """Views with gaps in every dimension, and an upstream gradient in another layout."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 7, 12, 15, generator=g, dtype=torch.float64).to(device)
+    x = base[::2, 1::2, 1:-1, ::2]                              # (2, 3, 10, 8), no unit stride
+    w = (torch.randn(6, 1, 5, 5, generator=g, dtype=torch.float64) / 5).to(device)[::2]
+    b = torch.randn(3, generator=g, dtype=torch.float64).to(device)
+    dy = torch.randn(2, 3, 10, 8, generator=g, dtype=torch.float64).to(device)
+    dy = dy.to(memory_format=torch.channels_last)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    for dtype in (torch.float32, torch.float16):
+        _, got = _run(x, w, b, dy, dtype, "gelu", "triton")
+        _, low = _run(x, w, b, dy, dtype, "gelu", "reference")
+        _, ref = _run(x, w, b, dy, torch.float64, "gelu", "reference")
+        problems = [p for n in ref if (p := _compare(n, got[n], low[n], ref[n], dtype))]
+        assert not problems, f"strided {dtype}:\n  " + "\n  ".join(problems)
+
+
+def test_inference_without_grad(device):
+    """No grad: the pre-activation is not stored and the output is unchanged."""
+    x, w, b, _ = _inputs(2, 3, 9, 9, 7, device, channels_last=True)
+    x, w, b = (t.float() for t in (x, w, b))
+    with torch.no_grad():
+        y = dwconv2d(x, w, b, activation="gelu", backend="triton")
+    y_ref = dwconv2d(x, w, b, activation="gelu", backend="reference")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def test_triton_refuses_unsupported_inputs(device):
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with pytest.raises(BackendUnavailable) as info:
+        dwconv2d(x, torch.randn(3, 1, 4, 4, device=device), backend="triton")
+    assert any("even" in r for r in info.value.reasons), info.value.reasons
+    with pytest.raises(BackendUnavailable) as info:
+        dwconv2d(x.double(), torch.randn(3, 1, 3, 3, device=device, dtype=torch.float64), backend="triton")
+    assert any("float64" in r for r in info.value.reasons), info.value.reasons
+    assert dwconv_op.triton_reasons(dtype=torch.bfloat16, channels=3, kernel_size=17)
+    assert dwconv_op.triton_reasons(dtype=torch.float16, channels=768, kernel_size=15) == []
+
+
+def test_reference_takes_even_kernels():
+    x = torch.randn(1, 3, 8, 7)
+    y = dwconv2d(x, torch.randn(3, 1, 4, 4), backend="auto")
+    assert y.shape == x.shape
+
+
+def test_bad_arguments():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="activation"):
+        dwconv2d(x, torch.randn(3, 1, 3, 3), activation="relu")
+    with pytest.raises(ValueError, match="weight"):
+        dwconv2d(x, torch.randn(4, 1, 3, 3))
+    with pytest.raises(ValueError, match="bias"):
+        dwconv2d(x, torch.randn(3, 1, 3, 3), torch.randn(4))
+
+
+def test_auto_uses_reference_on_cpu(monkeypatch):
+    calls = []
+    real = dwconv_op.reference.dwconv2d_reference
+    monkeypatch.setattr(dwconv_op.reference, "dwconv2d_reference",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(2, 3, 8, 8)
+    dwconv2d(x, torch.randn(3, 1, 3, 3), activation="gelu", backend="auto")
+    assert calls == [1]
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+class _Mixer(nn.Module):
+    """The ConvMixer depthwise sublayer: x + GELU(dwconv(x)) (BatchNorm left out)."""
+
+    def __init__(self, C: int, k: int, backend: str):
+        super().__init__()
+        self.mix_space = nn.Conv2d(C, C, k, padding=k // 2, groups=C)
+        self.backend = backend
+
+    def forward(self, x):
+        return x + dwconv2d(x, self.mix_space.weight, self.mix_space.bias,
+                            activation="gelu", backend=self.backend)
+
+
+def _compile_check(device, backend, compile_backend, channels_last=False):
+    torch.manual_seed(0)
+    model = _Mixer(5, 7, backend).to(device)
+    x = torch.randn(2, 5, 9, 9, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    outs = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, model.mix_space.weight.grad.clone(), model.mix_space.bias.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_reference_cpu():
+    _compile_check("cpu", "reference", "aot_eager")
+
+
+# Under TRITON_INTERPRET=1, torch's wrap_triton hands back the raw interpreted
+# kernel, which cannot run on the fake tensors compile traces with: the Triton
+# path is compiled on the GPU only.
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_triton_gpu(compile_backend, device):
+    _compile_check(device, "triton", compile_backend)
+    _compile_check(device, "triton", compile_backend, channels_last=True)
+
+
+# ----------------------------------------------------------------------------- GPU: bf16 and the benchmark shapes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("k,hw", [(3, (8, 8)), (5, (7, 7)), (7, (14, 14)), (9, (32, 32)), (9, (9, 13)),
+                                  (15, (28, 28))])
+def test_bf16(k, hw, channels_last, device):
+    check(4, 33, *hw, k, torch.bfloat16, device, channels_last=channels_last)
+    check(4, 33, *hw, k, torch.bfloat16, device, channels_last=channels_last, bias=False, activation=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", bench.SHAPES, ids=lambda s: "B{}_C{}_{}x{}_k{}".format(*s))
+def test_benchmark_shapes(shape, dtype, device):
+    B, C, H, W, k = shape
+    check(B, C, H, W, k, dtype, device, channels_last=(dtype == torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- benchmark contract
+
+def test_bench_cases_smoke():
+    tiny = (2, 3, 6, 6, 3)
+    cases = bench.cases(torch.float32, "cpu", shapes=[tiny])
+    assert len(cases) == 1
+    case = cases[0]
+    assert case.flops_fwd > 0 and case.bytes_fwd > 0 and case.flops_fwd_bwd > case.flops_fwd
+    assert case.anchor in {c.name for c in case.candidates}
+    for cand in case.candidates:
+        cand.forward()
+        cand.forward_backward()
