@@ -1,0 +1,242 @@
+"""token_mlp: the Triton kernels against an fp64 reference, dispatch, compile, benchmark smoke.
+
+Tolerance rule (as for attention): on fresh random inputs, the kernel's max
+error against the fp64 reference must be at most 3x PyTorch's own error (the
+reference path run in the same low dtype) plus a floor of FLOOR[dtype] times
+the tensor's scale (its largest value, at least 1: the inputs are O(1)). The
+floor is needed where PyTorch's result is by luck almost exact, e.g. a bias
+gradient summed in fp32 and rounded once: 3x a near-zero error is no bound.
+NaN or inf never passes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from kernels import BackendUnavailable, token_mlp
+from kernels.token_mlp import bench
+from kernels.token_mlp.op import triton_reasons
+from kernels.token_mlp.reference import token_mlp_reference
+
+FLOOR = {
+    # fp32: the same few O(1) terms summed in another order differ by a few ulps
+    # of the terms, not of a (possibly much smaller) result
+    torch.float32: 4 * 2.0**-24,
+    # fp16/bf16: one unit roundoff at the tensor's scale, i.e. a single rounding
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+NAMES = ("y", "dx", "dln_weight", "dln_bias", "dw1", "db1", "dw2", "db2")
+
+
+def make_inputs(B, N, C, Hd, dtype, device, *, strided=False, seed=0):
+    """(inputs, grad): x, ln_weight, ln_bias, w1, b1, w2, b2 and an output gradient, all random."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
+
+    if strided:  # every 2-D/3-D tensor a view with a non-unit last stride
+        x = rnd(B, C, N).transpose(1, 2)
+        w1 = rnd(N, Hd, scale=N**-0.5).t()
+        w2 = rnd(N, 2 * Hd, scale=Hd**-0.5)[:, ::2]
+        ln_weight = rnd(2 * C, scale=0.1, shift=1.0)[::2]
+        grad = rnd(B, C, N).transpose(1, 2)
+    else:
+        x = rnd(B, N, C)
+        w1 = rnd(Hd, N, scale=N**-0.5)
+        w2 = rnd(N, Hd, scale=Hd**-0.5)
+        ln_weight = rnd(C, scale=0.1, shift=1.0)
+        grad = rnd(B, N, C)
+    inputs = [x, ln_weight, rnd(C, scale=0.1), w1, rnd(Hd, scale=0.1), w2, rnd(N, scale=0.1)]
+    return inputs, grad
+
+
+def run(fn, inputs, grad):
+    """[y, *gradients of every input] on fresh leaves."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    return [y, *torch.autograd.grad(y, leaves, grad)]
+
+
+def assert_within_rule(name, ours, torch_low, exact, dtype, where=""):
+    assert ours.shape == exact.shape and ours.dtype == torch_low.dtype, (
+        f"{name}{where}: got {tuple(ours.shape)} {ours.dtype}, expected {tuple(exact.shape)} {torch_low.dtype}")
+    assert torch.isfinite(ours).all(), f"{name}{where}: {int((~torch.isfinite(ours)).sum())} non-finite values"
+    err = (ours.double() - exact).abs()
+    torch_err = (torch_low.double() - exact).abs().max().item()
+    floor = FLOOR[dtype] * max(1.0, exact.abs().max().item())
+    bound = 3.0 * torch_err + floor
+    worst = err.max().item()
+    if not worst <= bound:
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        pytest.fail(
+            f"{name}{where} ({dtype}): max |ours - fp64| = {worst:.3e} at {idx} "
+            f"(ours {ours[idx].item():.6g}, fp64 {exact[idx].item():.6g}); allowed {bound:.3e} = "
+            f"3 x PyTorch's {dtype} error {torch_err:.3e} + floor {floor:.3e}; "
+            f"{int((err > bound).sum())} of {err.numel()} elements over")
+
+
+def check_against_fp64(B, N, C, Hd, dtype, device, *, strided=False, param_dtype=None):
+    inputs, grad = make_inputs(B, N, C, Hd, dtype, device, strided=strided)
+    if param_dtype is not None:
+        inputs = [inputs[0], *(t.to(param_dtype) for t in inputs[1:])]
+    ours = run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+    torch_low = run(token_mlp_reference, inputs, grad)
+    exact = run(token_mlp_reference, [t.double() for t in inputs], grad.double())
+    where = f" B{B} N{N} C{C} Hd{Hd}" + (" strided" if strided else "")
+    for name, o, t, e in zip(NAMES, ours, torch_low, exact):
+        assert_within_rule(name, o, t, e, dtype, where)
+
+
+# Every size the issue names, without the full cross product (the interpreter is slow):
+# every N at one (C, Hd), every C at one (N, Hd), every Hd at one (N, C), plus awkward ones.
+SHAPES = (
+    [(3, n, 100, 64) for n in (16, 49, 64, 144, 196)]
+    + [(1, 144, c, 64) for c in (32, 256, 512)]
+    + [(3, 64, 32, hd) for hd in (16, 256)]
+    + [(1, 1, 8, 3), (3, 65, 33, 17), (1, 197, 40, 24), (1, 257, 24, 20)]
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_matches_fp64(shape, dtype, device):
+    check_against_fp64(*shape, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_strided_inputs(dtype, device):
+    check_against_fp64(3, 49, 100, 64, dtype, device, strided=True)
+
+
+def test_fp32_parameters_with_fp16_tokens(device):
+    """Parameters kept in fp32 (as under autocast) with fp16 tokens: gradients come back fp32."""
+    inputs, grad = make_inputs(3, 49, 32, 16, torch.float16, device)
+    inputs = [inputs[0], *(t.float() for t in inputs[1:])]
+    ours = run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+    exact = run(token_mlp_reference, [t.double() for t in inputs], grad.double())
+    assert [t.dtype for t in ours] == [torch.float16, torch.float16] + [torch.float32] * 6
+    for name, o, e in zip(NAMES, ours, exact):
+        # the kernel rounds weights to fp16 for its matmuls: judge by fp16 precision
+        rel = ((o.double() - e).abs().max() / e.abs().max()).item()
+        assert rel < 2e-3, f"{name}: max error {rel:.2e} of the largest value"
+
+
+def test_weight_gradients_are_deterministic(device):
+    inputs, grad = make_inputs(3, 49, 100, 64, torch.float32, device)
+    first = run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+    second = run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_triton_backend_unavailable_lists_reasons(device):
+    inputs, _ = make_inputs(1, 4, 8, 4, torch.float64, device)
+    with pytest.raises(BackendUnavailable) as info:
+        token_mlp(*inputs, backend="triton")
+    assert any("float64" in r for r in info.value.reasons), info.value.reasons
+
+    inputs, _ = make_inputs(1, 600, 4, 4, torch.float32, device)
+    with pytest.raises(BackendUnavailable, match="600 tokens"):
+        token_mlp(*inputs, backend="triton")
+    assert triton_reasons(dtype=torch.float16, tokens=196, channels=512, hidden=256) == []
+
+
+def test_auto_uses_reference_on_cpu():
+    inputs, _ = make_inputs(3, 16, 32, 16, torch.float32, "cpu")
+    assert torch.equal(token_mlp(*inputs, backend="auto"), token_mlp_reference(*inputs))
+    choice, why = kernels.backend_for("token_mlp", "auto", "cpu", torch.float32, tokens=16, channels=32, hidden=16)
+    assert choice == "reference" and why
+
+
+def test_shape_errors_are_explained():
+    inputs, _ = make_inputs(1, 16, 32, 8, torch.float32, "cpu")
+    inputs[3] = inputs[3].t()  # w1 given as (N, Hd)
+    with pytest.raises(ValueError, match="w1 must have shape"):
+        token_mlp(*inputs)
+
+
+class TokenMixer(nn.Module):
+    def __init__(self, tokens, channels, hidden, backend):
+        super().__init__()
+        self.backend = backend
+        self.norm = nn.LayerNorm(channels)
+        self.w1 = nn.Parameter(torch.randn(hidden, tokens) * tokens**-0.5)
+        self.b1 = nn.Parameter(0.1 * torch.randn(hidden))
+        self.w2 = nn.Parameter(torch.randn(tokens, hidden) * hidden**-0.5)
+        self.b2 = nn.Parameter(0.1 * torch.randn(tokens))
+
+    def forward(self, x):
+        return token_mlp(x, self.norm.weight, self.norm.bias, self.w1, self.b1, self.w2, self.b2,
+                         backend=self.backend)
+
+
+def _compile_matches_eager(module, x, backend, atol):
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    outs = []
+    for fn in (module, compiled):
+        xi = x.detach().requires_grad_()
+        y = fn(xi)
+        grads = torch.autograd.grad(y.float().square().sum(), [xi, *module.parameters()])
+        outs.append([y, *grads])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=atol, rtol=atol)
+
+
+def test_compile_fullgraph_reference_cpu():
+    torch.manual_seed(0)
+    module = TokenMixer(16, 32, 24, "auto")
+    _compile_matches_eager(module, torch.randn(3, 16, 32), "aot_eager", atol=1e-5)
+
+
+def test_bench_cases_smoke(monkeypatch):
+    # Inductor on this CPU would take most of the test budget: dynamo + aot_eager still traces it
+    monkeypatch.setattr(bench, "compile_sublayer", lambda m: torch.compile(m, backend="aot_eager"))
+    cases = bench.cases(torch.float32, "cpu", shapes=[(3, 16, 32, 16)])
+    assert len(cases) == 1 and len(bench.SHAPES) == 3
+    case = cases[0]
+    assert case.op == "token_mlp" and case.shape == "B3 N16 C32 Hd16"
+    assert case.anchor in [c.name for c in case.candidates]
+    assert 0 < case.flops_fwd < case.flops_fwd_bwd and 0 < case.bytes_fwd < case.bytes_fwd_bwd
+    for cand in case.candidates:
+        assert cand.forward().shape == (3, 16, 32), cand.name
+        assert len(cand.forward_backward()) == 7, cand.name
+
+
+# -------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES[:5] + [(3, 144, 32, 64), (1, 144, 512, 256), (1, 257, 24, 20)],
+                         ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_matches_fp64_bf16(shape, device):
+    check_against_fp64(*shape, torch.bfloat16, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("shape", bench.SHAPES, ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_benchmark_shapes(shape, dtype, device):
+    check_against_fp64(*shape, dtype, device)
+
+
+@pytest.mark.gpu
+def test_bf16_strided(device):
+    check_against_fp64(3, 196, 256, 64, torch.bfloat16, device, strided=True)
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_triton_inductor(device):
+    torch.manual_seed(0)
+    module = TokenMixer(49, 96, 64, "triton").to(device)
+    _compile_matches_eager(module, torch.randn(3, 49, 96, device=device), "inductor", atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_bench_cases_smoke_bf16(device):
+    for case in bench.cases(torch.bfloat16, device, shapes=[(3, 16, 32, 16)]):
+        for cand in case.candidates:
+            assert cand.forward().shape == (3, 16, 32), cand.name
+            assert len(cand.forward_backward()) == 7, cand.name
