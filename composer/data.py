@@ -1,0 +1,483 @@
+"""Datasets as one uint8 tensor, train/val/test splits, and batched augmentation on the device.
+
+Every dataset kind ends as an `ImageSet`: all images in one uint8 (N, C, H, W) tensor,
+already at the model's image size and channel count, so the training loop moves it to
+the device once and slices batches there. Image folders (directories or archives) are
+decoded once and cached as a tensor; archives are extracted once.
+"""
+from __future__ import annotations
+
+import hashlib
+import lzma
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from composer.errors import UserError
+from composer.spec.data import Augment, DataSpec
+from composer.spec.model import ModelSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz")
+CACHE_VERSION = 1         # part of every cache key: bump it when the cached format changes
+DECODE_CHUNK = 1024       # images per decode task
+SYNTHETIC_CLASS_SEED = 1234  # class prototypes, shared by the synthetic train and test sets
+SYNTHETIC_SEEDS = {True: 0, False: 1}  # train=True / train=False (the test set)
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: list[str]    # class names, index = label
+
+    def to(self, device) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# -- splits -------------------------------------------------------------------
+
+def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | None = None) -> ImageSet:
+    """One split of the dataset, at the model's image size and channel count.
+
+    Args:
+        split: "train" and "val" partition the training data (val = the data.val_split fraction,
+            chosen by a permutation seeded with data.split_seed); "test" is the dataset's own test set.
+        data_root: replaces data.root (evaluate --data-root); for a folder dataset it is the only
+            way to get a test split: the whole folder is the test set.
+    """
+    if split not in ("train", "val", "test"):
+        raise UserError(f"unknown split {split!r}; use train, val or test")
+    root = data_root or data.root
+    if split == "test":
+        if data.kind == "digits":
+            raise UserError("the digits dataset has no test split; evaluate on the validation split (--split val)")
+        if data.kind == "folder" and data_root is None:
+            raise UserError("a folder dataset has no test split; evaluate on the validation split (--split val) "
+                            "or pass --data-root with a held-out folder of the same classes")
+        return _load(data, model, root, train=False)  # a folder ignores `train`
+    if split == "val" and data.val_split == 0:
+        raise UserError("there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
+    full = _load(data, model, root, train=True)
+    # A fixed permutation so the same spec always holds out the same images.
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(data.split_seed))
+    n_val = min(max(round(len(full) * data.val_split), 1), len(full) - 1) if data.val_split > 0 else 0
+    index = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values
+    return ImageSet(full.images[index], full.labels[index], full.classes)
+
+
+def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool) -> ImageSet:
+    if data.kind == "cifar10":
+        found, where = _load_cifar10(root, train, data.download), _expand(root)
+    elif data.kind == "folder":
+        found, where = _load_folder(root, model, _cache_dir(data)), _expand(root)
+    elif data.kind == "digits":
+        found, where = _load_digits(), "scikit-learn's digits"
+    else:
+        found, where = _synthetic(data.num_samples, model, SYNTHETIC_SEEDS[train]), "synthetic"
+    if len(found.classes) != model.num_classes:
+        raise UserError(f"the {data.kind} data ({where}) has {len(found.classes)} classes but model.num_classes "
+                        f"is {model.num_classes}; set model.num_classes: {len(found.classes)}")
+    found.images = _fit(found.images, model.in_channels, model.image_size)
+    return found
+
+
+def _fit(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Converts uint8 (N, C, H, W) to `channels` channels and size x size (bilinear)."""
+    if images.shape[1] != channels:
+        if images.shape[1] == 1 and channels == 3:
+            images = images.repeat(1, 3, 1, 1)
+        elif images.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * weights).sum(1, keepdim=True).round().to(torch.uint8)
+        else:
+            raise UserError(f"cannot turn {images.shape[1]}-channel images into {channels} channels; "
+                            "set model.in_channels to 1 or 3")
+    if images.shape[-2:] != (size, size):
+        chunks = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True).round().clamp(0, 255).to(torch.uint8)
+                  for chunk in images.split(4096)]  # bounded float memory for big sets
+        images = torch.cat(chunks)
+    return images.contiguous()
+
+
+# -- dataset kinds --------------------------------------------------------------
+
+def _load_cifar10(root: str | None, train: bool, download: bool) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+
+    if not root:
+        raise UserError("data.root is not set; the cifar10 dataset needs the directory that holds (or will hold) it")
+    path = _expand(root)
+    try:
+        ds = CIFAR10(path, train=train, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        if download:
+            raise UserError(f"CIFAR-10 in {path} is corrupted even after downloading ({e}); delete it and retry") from e
+        raise UserError(f"CIFAR-10 not found in {path}; set data.download: true to download it there, "
+                        "or point data.root at a directory that holds cifar-10-batches-py") from e
+    except OSError as e:  # network errors during the download
+        raise UserError(f"could not download CIFAR-10 into {path}: {e}; download it elsewhere and point "
+                        "data.root at it") from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+
+
+def _load_digits() -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # 8x8 images with values 0..16
+    images = torch.from_numpy(np.rint(digits.images * (255 / 16)).astype(np.uint8))[:, None]
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    return ImageSet(images, labels, [str(i) for i in range(10)])
+
+
+def _synthetic(n: int, model: ModelSpec, seed: int) -> ImageSet:
+    """Learnable random images: each class has its own colour and coarse 4x4 layout, plus pixel noise."""
+    k, c, s = model.num_classes, model.in_channels, model.image_size
+    g = torch.Generator().manual_seed(SYNTHETIC_CLASS_SEED)
+    colours = torch.rand(k, c, 1, 1, generator=g) * 160 + 48
+    layouts = F.interpolate(torch.randn(k, c, 4, 4, generator=g), size=(s, s), mode="bilinear") * 40
+    prototypes = colours + layouts  # (K, C, S, S)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(n, generator=g) % k  # balanced classes in random order
+    images = torch.cat([(prototypes[chunk] + torch.randn(len(chunk), c, s, s, generator=g) * 24)
+                        .round().clamp(0, 255).to(torch.uint8) for chunk in labels.split(4096)])
+    return ImageSet(images, labels, [f"class_{i}" for i in range(k)])
+
+
+# -- image folders and archives -------------------------------------------------
+
+def _load_folder(root: str | None, model: ModelSpec, cache: Path) -> ImageSet:
+    if not root:
+        raise UserError("data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
+    path = Path(_expand(root))
+    if not path.exists():
+        raise UserError(f"{path} does not exist; point data.root (or --data-root) at an image folder "
+                        "laid out as <root>/<class>/<image>, or an archive of one")
+    if model.in_channels not in (1, 3):
+        raise UserError(f"folder images load as grayscale (1) or RGB (3), not {model.in_channels} channels; "
+                        "set model.in_channels to 1 or 3")
+    if path.is_dir():
+        files, classes = _scan(path, str(path))
+        stats = [os.stat(f) for f, _ in files]
+        source = ["dir", path] + [f"{f}:{s.st_size}:{s.st_mtime_ns}" for (f, _), s in zip(files, stats)]
+    elif path.name.lower().endswith(ARCHIVE_EXTENSIONS):
+        files, stat = None, path.stat()
+        source = ["archive", path, stat.st_size, stat.st_mtime_ns]
+    else:
+        raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)}); "
+                        "point data.root at an image folder (<root>/<class>/<image>) or an archive of one")
+
+    key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION])
+    cached = cache / "images" / f"{_slug(path)}-{key}.pt"
+    if cached.exists():
+        try:
+            return ImageSet(**torch.load(cached, weights_only=True))
+        except Exception:  # a damaged entry (e.g. a full disk at write time) is rebuilt below
+            pass
+    if files is None:  # an archive: extract once, then treat it as a folder
+        files, classes = _scan(_class_root(_extract(path, cache)), f"archive {path}")
+    try:
+        decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size)
+    except _BadImage as e:
+        raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); remove or replace it") from None
+    found = ImageSet(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(),
+                     torch.tensor([label for _, label in files], dtype=torch.int64), classes)
+    _save_atomic({"images": found.images, "labels": found.labels, "classes": found.classes}, cached)
+    return found
+
+
+def _scan(folder: Path, shown: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(image path, label) pairs of an ImageFolder layout; classes are the sorted subfolder names."""
+    entries = sorted((e for e in os.scandir(folder) if not _ignored(e.name)), key=lambda e: e.name)
+    class_dirs = [e for e in entries if e.is_dir()]
+    if not entries:
+        raise UserError(f"{shown} is empty; it should hold one subfolder per class with that class's images "
+                        "(<root>/<class>/<image>)")
+    if not class_dirs:
+        raise UserError(f"{shown} has no class subfolders, only {len(entries)} files; put the images in one "
+                        "subfolder per class (<root>/<class>/<image>)")
+    files = []
+    for label, class_dir in enumerate(class_dirs):
+        found = sorted(os.path.join(top, name) for top, dirs, names in os.walk(class_dir.path)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS) and not _ignored(name))
+        if not found:
+            raise UserError(f"class folder {class_dir.name!r} in {shown} holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        files += [(f, label) for f in found]
+    return files, [e.name for e in class_dirs]
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # hidden files and macOS archive metadata
+
+
+def _class_root(extracted: Path) -> Path:
+    """An archive with a single top folder holding the class folders (e.g. train/<class>/...) means that folder."""
+    top = [e for e in os.scandir(extracted) if not _ignored(e.name)]
+    if len(top) == 1 and top[0].is_dir() and any(e.is_dir() and not _ignored(e.name) for e in os.scandir(top[0].path)):
+        return Path(top[0].path)
+    return extracted
+
+
+def _extract(archive: Path, cache: Path) -> Path:
+    """Extracts once per archive version; the rename makes a complete folder appear at once."""
+    stat = archive.stat()
+    target = cache / "extracted" / f"{_slug(archive)}-{_digest([archive, stat.st_size, stat.st_mtime_ns])}"
+    if target.is_dir():
+        return target
+    _make_dir(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _unpack(archive, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # else another process finished the same extraction first
+                raise
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, lzma.LZMAError, zlib.error) as e:
+        raise UserError(f"cannot extract {archive}: {e}; check that the archive is complete and that "
+                        f"{target.parent} is writable") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Writes only regular files, each under `dest`: links, devices and escaping paths are never created."""
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    with zf.open(info) as src:
+                        _write_member(src, dest, info.filename, archive)
+    else:
+        with tarfile.open(archive) as tf:  # compression detected from the content
+            for member in tf:
+                if member.isfile():
+                    with tf.extractfile(member) as src:
+                        _write_member(src, dest, member.name, archive)
+
+
+def _write_member(src, dest: Path, name: str, archive: Path) -> None:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
+        raise UserError(f"{archive} holds an unsafe path {name!r} (absolute or with '..'); refusing to extract it")
+    out = dest.joinpath(*parts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:
+        shutil.copyfileobj(src, f)
+
+
+class _BadImage(Exception):
+    """(path, reason) of an image that could not be decoded."""
+
+
+def _decode_images(paths: list[str], channels: int, size: int) -> np.ndarray:
+    """Decodes and resizes images into one uint8 (N, size, size, C) array, in parallel when there are many."""
+    jobs = [(paths[i:i + DECODE_CHUNK], channels, size) for i in range(0, len(paths), DECODE_CHUNK)]
+    workers = min(os.cpu_count() or 1, len(jobs), 16)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # fork: the workers run only PIL and numpy, and start without re-importing torch.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns on fork with threads
+            pool = multiprocessing.get_context("fork").Pool(workers)
+        with pool:
+            parts = pool.map(_decode_chunk, jobs)
+    else:
+        parts = [_decode_chunk(job) for job in jobs]
+    for part in parts:
+        if isinstance(part, tuple):
+            raise _BadImage(*part)
+    return np.concatenate(parts)
+
+
+def _decode_chunk(job: tuple[list[str], int, int]) -> np.ndarray | tuple[str, str]:
+    from PIL import Image
+
+    paths, channels, size = job
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(paths), size, size, channels), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image = image.convert(mode)
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.BILINEAR)
+                out[i] = np.asarray(image).reshape(size, size, channels)
+        except Exception as e:  # reported with its path; exceptions from PIL plugins vary
+            return path, f"{type(e).__name__}: {e}"
+    return out
+
+
+# -- cache helpers -----------------------------------------------------------------
+
+def _cache_dir(data: DataSpec) -> Path:
+    return Path(_expand(data.cache_dir or os.environ.get("COMPOSER_CACHE") or "~/.cache/composer"))
+
+
+def _expand(path: str | None) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else ""
+
+
+def _digest(parts: list) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def _slug(path: Path) -> str:
+    """A readable prefix for cache entries (the digest makes them unique)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:40] or "root"
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the cache folder {path}: {e}; set data.cache_dir or COMPOSER_CACHE "
+                        "to a writable folder") from e
+
+
+def _save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: readers never see a half-written cache entry."""
+    _make_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write the cache file {path}: {e}; set data.cache_dir or COMPOSER_CACHE "
+                        "to a writable folder with space") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -- normalization -----------------------------------------------------------------
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images, in [0, 1] units."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.int64, device=images.device)
+    squares = torch.zeros(c, dtype=torch.int64, device=images.device)
+    for chunk in images.split(4096):  # integer sums: exact, and no float copy of the whole set
+        x = chunk.to(torch.int64)
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    count = images.numel() // c
+    mean = total.double() / count
+    std = (squares.double() / count - mean**2).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, 255.0)  # a constant channel: std 1 rather than a division by zero
+    return (mean / 255).tolist(), (std / 255).tolist()
+
+
+def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (x / 255 - mean) / std, on the batch's device."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=batch_uint8.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=batch_uint8.device).view(1, -1, 1, 1)
+    return batch_uint8.float().mul_(1 / (255 * std)).sub_(mean / std)
+
+
+# -- augmentation -------------------------------------------------------------------
+
+def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding, horizontal flip and cutout, batched on the batch's device.
+
+    All randomness comes from `generator`, which must live on the batch's device.
+    """
+    out = batch_uint8
+    b, _, h, w = out.shape
+    dev = out.device
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    if aug.crop_padding > 0:
+        p = aug.crop_padding
+        padded = F.pad(out, (p, p, p, p))  # (B, C, H + 2p, W + 2p)
+        top = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=dev)
+        left = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=dev)
+        image = torch.arange(b, device=dev)[:, None, None]
+        # advanced indices around a slice put the indexed dims first: (B, H, W, C)
+        out = padded[image, :, (top + rows)[:, :, None], (left + cols)[:, None, :]].permute(0, 3, 1, 2)
+    if aug.hflip:
+        flip = torch.rand(b, generator=generator, device=dev) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    if aug.cutout > 0:
+        s = min(aug.cutout, h, w)  # the square lies inside the image, so every image loses the same area
+        top = torch.randint(0, h - s + 1, (b, 1), generator=generator, device=dev)
+        left = torch.randint(0, w - s + 1, (b, 1), generator=generator, device=dev)
+        in_rows = (rows >= top) & (rows < top + s)  # (B, H)
+        in_cols = (cols >= left) & (cols < left + s)  # (B, W)
+        out = out.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+    return out.contiguous()
+
+
+def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, aug: Augment,
+        generator: torch.Generator, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (one per batch, each with probability 0.5 when both are on) with soft targets.
+
+    Returns float images and float32 (B, num_classes) targets that sum to 1, label smoothing
+    included. Everything stays on the device: no host synchronization per batch.
+    """
+    if not images.is_floating_point():
+        images = images.float()
+    targets = F.one_hot(labels, num_classes).float() * (1 - label_smoothing) + label_smoothing / num_classes
+    if aug.mixup == 0 and aug.cutmix == 0:
+        return images, targets
+    b, _, h, w = images.shape
+    dev = images.device
+    partner = torch.randperm(b, generator=generator, device=dev)
+    if aug.mixup > 0 and aug.cutmix > 0:
+        use_cutmix = torch.rand((), generator=generator, device=dev) < 0.5
+    else:
+        use_cutmix = torch.tensor(aug.cutmix > 0, device=dev)
+    lam = _sample_beta(torch.where(use_cutmix, aug.cutmix, aug.mixup), generator)
+    # CutMix: one box of area about (1 - lam) for the batch; lam becomes the exact area kept.
+    cut_h, cut_w = (h * (1 - lam).sqrt()).long(), (w * (1 - lam).sqrt()).long()
+    cy = torch.randint(0, h, (), generator=generator, device=dev)
+    cx = torch.randint(0, w, (), generator=generator, device=dev)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    box = (((rows >= cy - cut_h // 2) & (rows < cy + cut_h // 2))[:, None]
+           & ((cols >= cx - cut_w // 2) & (cols < cx + cut_w // 2))[None, :])  # (H, W)
+    keep = torch.where(use_cutmix, (~box).float(), lam)  # weight of the image itself, (H, W)
+    lam = torch.where(use_cutmix, keep.mean(), lam)
+    other = images[partner]
+    mixed = other + (images - other) * keep.to(images.dtype)
+    return mixed, lam * targets + (1 - lam) * targets[partner]
+
+
+def _sample_beta(alpha: torch.Tensor, generator: torch.Generator, tries: int = 16) -> torch.Tensor:
+    """Beta(alpha, alpha) as a 0-d tensor, from two Gamma(alpha) draws (Marsaglia & Tsang, 2000).
+
+    torch.distributions cannot draw from a given generator. Each Gamma draw takes the first
+    accepted of `tries` candidates (acceptance is above 95% each); shapes below 1 use
+    Gamma(a) = Gamma(a + 1) * U^(1/a). Logs and a sigmoid keep tiny alphas free of 0/0.
+    """
+    dev = alpha.device
+    small = alpha < 1
+    a = torch.where(small, alpha + 1, alpha)
+    d = a - 1 / 3
+    c = 1 / (9 * d).sqrt()
+    x = torch.randn(2, tries, generator=generator, device=dev)
+    u = torch.rand(2, tries, generator=generator, device=dev)
+    v = ((1 + c * x) ** 3).clamp_min(1e-12)
+    accepted = ((1 + c * x) > 0) & (u.log() < 0.5 * x * x + d - d * v + d * v.log())
+    first = accepted.to(torch.uint8).argmax(1, keepdim=True)  # (2, 1)
+    log_gamma = (d * v.gather(1, first)).squeeze(1).log()  # (2,)
+    boost = torch.rand(2, generator=generator, device=dev).clamp_min(1e-12).log() / alpha
+    log_gamma = log_gamma + torch.where(small, boost, torch.zeros_like(boost))
+    return torch.sigmoid(log_gamma[0] - log_gamma[1])
