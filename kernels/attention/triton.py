@@ -26,9 +26,10 @@ from torch.library import wrap_triton
 
 LOG2E = 1.4426950408889634
 
-# Largest N_pad * D for which the whole-KV backward keeps K, V, dK and dV of a
-# (batch, head) on chip (fp32 dK + dV of 256 x 32 is 64 KiB of registers).
-WHOLE_KV_MAX_ELEMS = 8192
+# The whole-KV backward keeps K, V and the fp32 dK, dV of a (batch, head) on
+# chip: at most N_pad * D * itemsize = 16 KiB per input tile (bf16 256 x 32,
+# i.e. 64 KiB of fp32 accumulators). Tune on the GPU.
+WHOLE_KV_MAX_BYTES = 16 * 1024
 WHOLE_KV_MAX_N = 256
 
 
@@ -242,10 +243,10 @@ def _attn_bwd_tiled(
                      mask=mask_m[:, None], other=0.0)
         lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
-        # transposed scores (keys x queries) so dK, dV need no transposed P
+        # transposed scores (keys x queries) so dK, dV need no transposed P;
+        # padded query rows have do = 0 and delta = 0, so they add nothing
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])
-        pt = tl.where(mask_m[None, :], pt, 0.0)                             # (BLOCK, BLOCK_STEP)
+        pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, BLOCK_STEP)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -286,25 +287,27 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _fwd_config(n: int, d: int) -> dict:
-    """Block sizes of the forward: the whole of K, V in one tile for short N."""
+def _fwd_config(n: int, d: int, elem: int) -> dict:
+    """Forward blocks: all of K, V in one tile for short N (no loop, no rescaling)."""
     n_pad = _pow2(n)
-    if n_pad <= WHOLE_KV_MAX_N and n_pad * d <= 16384:
-        block_n = n_pad                      # no loop over keys, no rescaling
+    if n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= 32 * 1024:
+        # a single trip through the key loop: prefetch stages would only cost shared memory
+        block_n, num_stages = n_pad, 1
     else:
-        block_n = 128 if d <= 32 else 64
-    block_m = 64 if n >= 128 else max(16, min(32, n_pad))
-    num_warps = 8 if block_m * block_n >= 16384 else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+        block_n, num_stages = (128 if d <= 32 else 64), (3 if elem == 2 else 2)
+    block_m = 128 if n >= 512 else 64 if n >= 128 else max(16, min(32, n_pad))
+    num_warps = 8 if block_m * block_n >= 8192 or d >= 128 else 4
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
-def _bwd_config(n: int, d: int) -> dict:
-    """Pick the backward kernel: whole-KV when K, V, dK, dV fit on chip."""
+def _bwd_config(n: int, d: int, elem: int) -> dict:
+    """Backward kernel and blocks: whole-KV when K, V, dK, dV of a (batch, head) fit on chip."""
     n_pad = _pow2(n)
-    if n_pad <= WHOLE_KV_MAX_N and n_pad * d <= WHOLE_KV_MAX_ELEMS:
+    if n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= WHOLE_KV_MAX_BYTES:
         return {"path": "whole_kv", "BLOCK_M": 32 if n_pad <= 128 else 16, "BLOCK_N": n_pad,
-                "num_warps": 4 if n_pad * d <= 4096 else 8}
-    return {"path": "tiled", "BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4 if d <= 64 else 8}
+                "num_warps": 4 if n_pad * d <= 4096 else 8, "num_stages": 2}
+    return {"path": "tiled", "BLOCK": 64, "BLOCK_STEP": 32,
+            "num_warps": 4 if d <= 64 and elem == 2 else 8, "num_stages": 2}
 
 
 def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
@@ -318,7 +321,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
     b, h, n, d = q.shape
-    cfg = dict(config or _fwd_config(n, d))
+    cfg = dict(config or _fwd_config(n, d, q.element_size()))
     out = _bhnd_like(q)
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
@@ -327,7 +330,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, n,
         HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse2
 
@@ -337,7 +340,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     b, h, n, d = q.shape
-    cfg = dict(config or _bwd_config(n, d))
+    cfg = dict(config or _bwd_config(n, d, q.element_size()))
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
     prec = _dot_precision(q.dtype)
     if cfg["path"] == "whole_kv":
@@ -348,7 +351,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
             h, n,
             HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            DOT_PRECISION=prec, num_warps=cfg["num_warps"],
+            DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return dq, dk, dv
 
@@ -363,6 +366,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, n,
         HEAD_DIM=d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
-        DOT_PRECISION=prec, num_warps=cfg["num_warps"],
+        DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv

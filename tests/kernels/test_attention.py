@@ -133,9 +133,9 @@ def test_both_backward_kernels(path, device, gen):
     from kernels.attention import triton as kt
 
     n, d = 65, 16
-    fwd_cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4}     # 5 key tiles, last one partial
-    bwd_cfg = ({"path": "whole_kv", "BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4} if path == "whole_kv"
-               else {"path": "tiled", "BLOCK": 32, "BLOCK_STEP": 16, "num_warps": 4})
+    fwd_cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}     # 5 key tiles, last one partial
+    bwd_cfg = ({"path": "whole_kv", "BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2} if path == "whole_kv"
+               else {"path": "tiled", "BLOCK": 32, "BLOCK_STEP": 16, "num_warps": 4, "num_stages": 2})
 
     class Fn(torch.autograd.Function):
         @staticmethod
