@@ -18,6 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from composer.errors import UserError
 from composer.spec import rules
+from composer.spec.data import DataSpec
+from composer.spec.model import ModelSpec
 from composer.spec.spec import Spec
 
 Path_ = tuple  # a path into the YAML data: ("model", "blocks", 2, "heads")
@@ -291,22 +293,34 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
                 return f"{source}:{pos[0]}:{pos[1]}"
         return source
 
+    spec = None
     try:
         spec = Spec.model_validate(data)
+        model, data_spec = spec.model, spec.data
     except ValidationError as exc:
         for err in exc.errors():
             path, found = _data_path(data, err["loc"])
-            extra = err["type"] == "extra_forbidden"
-            problems.append(Problem(where(path if found else path[:-1], prefer_key=extra),
+            at_key = err["type"] in ("extra_forbidden", "missing")  # point at the key, not its contents
+            problems.append(Problem(where(path if found else path[:-1], prefer_key=at_key),
                                     format_path(path), _message(err)))
-        raise SpecError(problems) from None
-    for path, message in rules.check(spec):
+        # Still check the rules of whichever sections are valid on their own, so every problem shows at once.
+        model, data_spec = _valid_or_none(ModelSpec, data.get("model")), _valid_or_none(DataSpec, data.get("data"))
+        if "data" not in data:
+            data_spec = None
+    for path, message in rules.check(model, data_spec):
         problems.append(Problem(where(path), format_path(path), message))
     if problems:
         raise SpecError(problems)
     if spec.name is None:
         spec.name = Path(source).stem if source and not source.startswith("<") else "spec"
     return spec
+
+
+def _valid_or_none(cls: type[BaseModel], value):
+    try:
+        return cls.model_validate(value)
+    except ValidationError:
+        return None
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:

@@ -5,7 +5,8 @@ the YAML data, so the loader can point at the line. Messages say what to change.
 """
 from __future__ import annotations
 
-from composer.spec.spec import Spec
+from composer.spec.data import DataSpec
+from composer.spec.model import ModelSpec
 
 # The layout each block kind consumes: tokens (B, N, C) or grid (B, C, H, W).
 LAYOUTS = {
@@ -21,9 +22,11 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
     return [d for d in found if limit is None or d <= limit]
 
 
-def check(spec: Spec) -> list[tuple[tuple, str]]:
+def check(m: ModelSpec | None, d: DataSpec | None) -> list[tuple[tuple, str]]:
+    """Problems of the model section alone, and of model and data together when both are valid."""
     problems: list[tuple[tuple, str]] = []
-    m = spec.model
+    if m is None:
+        return problems
     size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim
     size_field = "resize" if m.resize else "image_size"
 
@@ -48,7 +51,8 @@ def check(spec: Spec) -> list[tuple[tuple, str]]:
                          f"cls pooling needs token layout at the end, but the last block ({m.blocks[-1].kind}) "
                          "works on the grid; use pool: mean or end with a token block"))
 
-    d = spec.data
+    if d is None:
+        return problems
     if d.kind in ("cifar10", "folder") and not d.root:
         problems.append((("data", "root"), f"the {d.kind} dataset needs a root (a directory"
                          + (" or archive" if d.kind == "folder" else "") + ")"))

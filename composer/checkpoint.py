@@ -1,0 +1,116 @@
+"""Checkpoints: atomic save, validated load, and loading a trained run back as a model.
+
+A checkpoint is one torch.save'd dict: model, optimizer, scheduler, scaler, EMA,
+every RNG state, the position (epoch, step within the epoch), the spec, the
+data normalization and library versions. Saving writes a temporary file in the
+same directory, fsyncs it and renames it over the old one, so a crash at any
+moment leaves either the old or the new checkpoint, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from composer.errors import UserError
+from composer.spec import Spec, load_spec_text
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "pydantic", "einops"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load with user-facing errors; a corrupt file is named and left in place."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "it may be truncated or not a composer checkpoint. It was left in place; "
+                        "resume from another checkpoint or start a fresh run.") from None
+    if not isinstance(state, dict) or "model" not in state or "spec_yaml" not in state:
+        raise UserError(f"checkpoint {path} is not a composer checkpoint (no model/spec inside)")
+    return state
+
+
+def spec_from_checkpoint(state: dict, source: str) -> Spec:
+    return load_spec_text(state["spec_yaml"], f"{source} (embedded spec)")
+
+
+def model_differences(a: dict, b: dict, prefix: str = "model") -> list[str]:
+    """Human-readable differences between two model sections (as plain dicts)."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(key), b.get(key)
+        path = f"{prefix}.{key}" if not isinstance(key, int) else f"{prefix}[{key}]"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += model_differences(va, vb, path)
+        elif isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb):
+            out += model_differences(dict(enumerate(va)), dict(enumerate(vb)), path)
+        elif va != vb:
+            out.append(f"{path}: checkpoint has {va!r}, spec has {vb!r}")
+    return out
+
+
+def find_checkpoint(target: str | Path, prefer: str = BEST) -> Path:
+    """A run directory -> its best (or last) checkpoint; a file -> itself."""
+    target = Path(target)
+    if target.is_dir():
+        for name in (prefer, LAST, BEST):
+            if (target / name).exists():
+                return target / name
+        raise UserError(f"{target} holds no checkpoint ({BEST} or {LAST}); train first: composer train SPEC --out {target}")
+    if not target.exists():
+        raise UserError(f"{target} does not exist; give a run directory or a checkpoint file")
+    return target
+
+
+def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """(spec, model in eval mode, checkpoint dict) of a trained run directory or checkpoint file."""
+    from composer.build import build_model
+
+    path = find_checkpoint(target)
+    state = load_checkpoint(path)
+    spec = spec_from_checkpoint(state, str(path))
+    model = build_model(spec, backend="auto")
+    weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not match its own spec: {str(exc)[:300]}") from None
+    return spec, model.to(device).eval(), state

@@ -1,0 +1,77 @@
+"""Accuracy and loss of a model on an ImageSet; `composer evaluate` on a trained run."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from composer.errors import UserError
+
+
+@torch.no_grad()
+def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 512,
+                   autocast_dtype: torch.dtype | None = None, num_classes: int | None = None) -> dict:
+    """Top-1 / top-5 accuracy, mean cross-entropy and per-class accuracy over uint8 `images` (N, C, H, W)."""
+    from composer.data import normalize
+
+    was_training = model.training
+    model.eval()
+    device = images.device
+    num_classes = num_classes or int(labels.max().item()) + 1
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(images[start:start + batch_size], mean, std)
+        y = labels[start:start + batch_size]
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        k = min(5, logits.shape[1])
+        best = logits.topk(k, dim=1).indices
+        hit1 = (best[:, 0] == y).double()
+        top1.index_add_(0, y, hit1)
+        top5 += (best == y[:, None]).any(dim=1).double().sum()
+        count.index_add_(0, y, torch.ones_like(hit1))
+    model.train(was_training)
+    total = count.sum().clamp(min=1)
+    return {
+        "images": int(count.sum().item()),
+        "loss": float(loss_sum / total),
+        "accuracy": float(top1.sum() / total),
+        "top5": float(top5 / total),
+        "per_class": [float(a) if c else None for a, c in zip((top1 / count.clamp(min=1)).tolist(), count.tolist())],
+    }
+
+
+def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
+             device: str = "auto") -> dict:
+    """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`)."""
+    from composer.checkpoint import load_run
+    from composer.data import load_split
+    from composer.train import resolve_device
+
+    dev = resolve_device(device)
+    spec, model, state = load_run(target, device=dev)
+    if split is None:
+        split = "test" if (spec.data.kind in ("cifar10", "synthetic") or data_root) else "val"
+    data = load_split(spec.data, spec.model, split, data_root=data_root)
+    classes = state.get("classes")
+    if classes and data.classes and list(data.classes) != list(classes):
+        raise UserError(f"the classes of {data_root or spec.data.root} ({', '.join(data.classes[:5])}...) differ "
+                        f"from the run's ({', '.join(classes[:5])}...); evaluate on data with the same class folders")
+    mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    autocast = torch.bfloat16 if dev.type == "cuda" else None
+    result = evaluate_model(model, data.images.to(dev), data.labels.to(dev), mean, std, batch_size=batch_size,
+                            autocast_dtype=autocast, num_classes=spec.model.num_classes)
+    result.update({"spec": spec.name, "split": split, "checkpoint": state.get("path_hint"),
+                   "epoch": state.get("epoch"), "classes": data.classes or classes})
+    return result
+
+
+def render(result: dict) -> str:
+    lines = [f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}):",
+             f"  accuracy {result['accuracy']:.4f}   top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
+    for name, acc in zip(result["classes"] or [], result["per_class"]):
+        lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
+    return "\n".join(lines)

@@ -1,0 +1,499 @@
+"""The training loop: device-resident data, AMP, EMA, checkpoints that survive a crash, DDP.
+
+Resumption is exact: the shuffling order of an epoch is a pure function of
+(seed, epoch), augmentation draws from one generator whose state is checkpointed,
+and a checkpoint records the step within the epoch, so a resumed run replays
+the same batches in the same order with the same random numbers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from composer.build import build_model
+from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
+from composer.errors import UserError
+from composer.evaluate import evaluate_model
+from composer.spec import Spec
+
+METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "img_per_s",
+                 "epoch_s", "nonfinite_skipped"]
+
+
+class NonFiniteLoss(UserError):
+    exit_code = 3
+
+
+class Interrupted(UserError):
+    exit_code = 130
+
+
+# -- setup ----------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was requested but CUDA is not available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+class Distributed:
+    """Rank/world from torchrun's environment; a single process otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and conv kernels only: not on norms, biases, embeddings, class tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".pos") or name.endswith(".token")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(spec: Spec, model) -> torch.optim.Optimizer:
+    o = spec.train.optimizer
+    groups = param_groups(model, o.weight_decay)
+    if o.kind == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def lr_factor(spec: Spec, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    s = spec.train.schedule
+    total = max(1, spec.train.epochs * steps_per_epoch)
+    t = min(step, total)
+    if s.kind == "constant":
+        return 1.0
+    if s.kind == "onecycle":
+        peak = max(1, int(s.peak_epoch_fraction * total))
+        return (t + 1) / peak if t < peak else max(0.0, (total - t) / max(1, total - peak))
+    warmup = int(s.warmup_epochs * steps_per_epoch)
+    if t < warmup:
+        return (t + 1) / warmup
+    progress = (t - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Ema:
+    """Exponential moving average of parameters and buffers (evaluated instead of the raw weights)."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].lerp_(v.detach(), 1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+
+def precision(spec: Spec, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a GradScaler)."""
+    p = spec.train.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise UserError("train.precision fp16 needs CUDA; use fp32 or bf16 on CPU")
+    return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[p]
+
+
+@contextmanager
+def sigint_flag():
+    """Ctrl-C sets a flag that the loop checks between steps, so the state saved is never half-updated."""
+    state = {"hit": False}
+    if threading_main():
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if state["hit"]:  # a second Ctrl-C aborts at once
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            state["hit"] = True
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield state
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    else:
+        yield state
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# -- progress ---------------------------------------------------------------------------
+
+class Progress:
+    """A rich bar per epoch on a terminal; one line per epoch otherwise (logs, CI, pipes)."""
+
+    def __init__(self, enabled: bool, echo):
+        self.echo = echo
+        self.live = enabled and sys.stdout.isatty()
+        self.bar = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int):
+        if not self.live:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        self.bar = Bar(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+
+    def update(self, info: str):
+        if self.bar:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def end_epoch(self, line: str):
+        if self.bar:
+            self.bar.stop()
+            self.bar = None
+        self.echo(line)
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def spec_yaml(spec: Spec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
+    """Train `spec`; returns {"run_dir", "final": final metrics}. Raises UserError subclasses for user mistakes."""
+    from composer.data import augment, channel_stats, load_split, mix
+
+    t = spec.train
+    device = resolve_device(t.device)
+    dist = Distributed(device)
+    try:
+        return _train(spec, resume, echo, device, dist, augment, channel_stats, load_split, mix)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory at batch size {t.batch_size} (per process {t.batch_size // dist.world}); "
+            f"try --set train.batch_size={max(1, t.batch_size // 2)}, precision bf16, or a smaller model") from None
+    finally:
+        dist.close()
+
+
+def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split, mix):
+    t = spec.train
+    run_dir = Path(t.out_dir or Path("runs") / spec.name)
+    if t.batch_size % dist.world:
+        raise UserError(f"train.batch_size {t.batch_size} must be divisible by the {dist.world} processes")
+    log = echo if dist.main else (lambda *a, **k: None)
+
+    # -- resume target, checked before any work ---------------------------------------
+    state = None
+    if resume and resume != "auto":
+        state = load_checkpoint(Path(resume))
+    elif resume == "auto" and (run_dir / LAST).exists():
+        state = load_checkpoint(run_dir / LAST)
+    if state is not None:
+        diffs = model_differences(yaml.safe_load(state["spec_yaml"])["model"], spec.model.model_dump(mode="json"))
+        if diffs:
+            raise UserError("the checkpoint does not match the spec:\n  " + "\n  ".join(diffs)
+                            + "\nresume with the spec the run was trained with, or start a new run directory")
+        if state["step_in_epoch"] and state["batch_size"] != t.batch_size:
+            raise UserError(f"the checkpoint stopped mid-epoch at batch size {state['batch_size']}; "
+                            f"resume with train.batch_size={state['batch_size']}")
+
+    seed_everything(t.seed, t.deterministic)
+
+    # -- data: one uint8 tensor per split, on the training device ------------------------
+    started = time.perf_counter()
+    train_set = load_split(spec.data, spec.model, "train")
+    val_set = load_split(spec.data, spec.model, "val") if spec.data.val_split > 0 else None
+    if state is not None:
+        mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    else:
+        mean, std = channel_stats(train_set.images)
+    train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
+    n = train_images.shape[0]
+    steps_per_epoch = n // t.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size {t.batch_size} is larger than the {n} training images; lower it")
+    log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
+        f"{tuple(train_images.shape[1:])} on {device} ({time.perf_counter() - started:.1f}s)")
+
+    # -- model, optimizer, schedule ------------------------------------------------------
+    model = build_model(spec, backend=t.kernels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last) if _grid_model(spec) else model
+    optimizer = make_optimizer(spec, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
+    autocast_dtype, use_scaler = precision(spec, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    ema = Ema(model, t.ema) if t.ema else None
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(t.seed + 1)
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "nonfinite_total": 0}
+
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.state = {k: v.to(device) for k, v in state["ema"].items()}
+        _set_rng(state["rng"], aug_gen)
+        position.update({k: state[k] for k in position})
+        log(f"resumed from epoch {position['epoch']} step {position['step_in_epoch']} (global step "
+            f"{position['global_step']})")
+        if dist.main:
+            _truncate_metrics(run_dir / "metrics.csv", position["epoch"])
+
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.yaml").write_text(spec_yaml(spec))
+    forward_model = torch.compile(model) if t.compile else model
+    if dist.enabled:
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            forward_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(path_names):
+        if not dist.main:
+            return
+        blob = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "ema": ema.state if ema else None, "rng": _get_rng(aug_gen),
+            **position, "batch_size": t.batch_size, "spec_yaml": spec_yaml(spec),
+            "normalization": {"mean": list(mean), "std": list(std)}, "classes": train_set.classes,
+            "versions": library_versions(),
+        }
+        for name in path_names:
+            save_atomic(blob, run_dir / name)
+
+    progress = Progress(dist.main, log)
+    per_rank = t.batch_size // dist.world
+    consecutive_bad = 0
+    final = {}
+    with sigint_flag() as interrupt:
+        for epoch in range(position["epoch"], t.epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch)).to(device)
+            start_step = position["step_in_epoch"]
+            model.train()
+            progress.start_epoch(epoch, t.epochs, steps_per_epoch, start_step)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen, skipped = 0, 0
+            tic = time.perf_counter()
+            for step in range(start_step, steps_per_epoch):
+                idx = order[step * t.batch_size:(step + 1) * t.batch_size]
+                # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
+                # random numbers and the gradient are the same for any number of processes.
+                images = augment(train_images[idx], spec.data.augment, aug_gen)
+                x, targets = mix(_normalize(images, mean, std), train_labels[idx], spec.model.num_classes,
+                                 spec.data.augment, aug_gen, t.label_smoothing)
+                shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+                x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
+                if device.type == "cuda" and _grid_model(spec):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    logits = forward_model(x)
+                loss = soft_cross_entropy(logits, targets)
+                if not _all_finite(loss, dist):
+                    optimizer.zero_grad(set_to_none=True)
+                    consecutive_bad += 1
+                    skipped += 1
+                    position["nonfinite_total"] += 1
+                    if consecutive_bad >= t.max_nonfinite:
+                        raise NonFiniteLoss(
+                            f"the loss was not finite for {consecutive_bad} steps in a row (epoch {epoch + 1}, "
+                            f"step {step + 1}); stopped. The last good checkpoint is in {run_dir}. Try a lower "
+                            f"train.optimizer.lr, train.grad_clip, or precision fp32.")
+                else:
+                    consecutive_bad = 0
+                    scaler.scale(loss).backward()
+                    if t.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema:
+                        ema.update(model)
+                    loss_sum += loss.detach() * y.shape[0]
+                    correct += (logits.detach().argmax(-1) == y).sum()
+                    seen += y.shape[0]
+                scheduler.step()
+                position["global_step"] += 1
+                position["step_in_epoch"] = step + 1
+                if progress.live:
+                    progress.update(f"loss {loss.item():.3f}")
+                if t.checkpoint_every and position["global_step"] % t.checkpoint_every == 0:
+                    checkpoint([LAST])
+                if interrupt["hit"]:
+                    checkpoint([LAST])
+                    raise Interrupted(f"interrupted; saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
+                                      f"Resume with: composer train SPEC --resume auto --out {run_dir}")
+            elapsed = time.perf_counter() - tic
+            images_done = (steps_per_epoch - start_step) * t.batch_size
+
+            # -- end of epoch: validate, log, checkpoint -------------------------------
+            eval_model = model
+            if ema:
+                eval_model = build_model(spec, backend=t.kernels).to(device)
+                eval_model.load_state_dict(ema.state)
+            val = evaluate_model(eval_model, val_set.images.to(device), val_set.labels.to(device), mean, std,
+                                 autocast_dtype=autocast_dtype, num_classes=spec.model.num_classes) \
+                if val_set is not None else {"loss": float("nan"), "accuracy": float("nan"), "top5": float("nan")}
+            position.update({"epoch": epoch + 1, "step_in_epoch": 0})
+            row = {
+                "epoch": epoch + 1, "step": position["global_step"],
+                "train_loss": float(loss_sum) / max(1, seen) if seen else float("nan"),
+                "train_acc": float(correct) / max(1, seen) if seen else float("nan"),
+                "val_loss": val["loss"], "val_acc": val["accuracy"], "val_top5": val["top5"],
+                "lr": scheduler.get_last_lr()[0], "img_per_s": images_done / max(elapsed, 1e-9),
+                "epoch_s": elapsed, "nonfinite_skipped": skipped,
+            }
+            if dist.main:
+                _append_metrics(run_dir / "metrics.csv", row)
+            improved = val_set is not None and val["accuracy"] > position["best_acc"]
+            if improved:
+                position["best_acc"] = val["accuracy"]
+            checkpoint([LAST, BEST] if improved or val_set is None else [LAST])
+            progress.end_epoch(
+                f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
+                f"{row['img_per_s']:.0f} img/s")
+            final = row
+            dist.barrier()
+
+    if not final:  # resumed a finished run
+        final = _last_metrics(run_dir / "metrics.csv")
+    final = {**final, "best_val_acc": position["best_acc"], "run_dir": str(run_dir)}
+    if dist.main:
+        (run_dir / "final.json").write_text(json.dumps(final, indent=2))
+    return {"run_dir": str(run_dir), "final": final}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _normalize(images, mean, std):
+    from composer.data import normalize
+
+    return normalize(images, mean, std)
+
+
+def _grid_model(spec: Spec) -> bool:
+    from composer.spec import LAYOUTS
+
+    return any(LAYOUTS[b.kind] == "grid" for b in spec.model.blocks)
+
+
+def _all_finite(loss: torch.Tensor, dist: Distributed) -> bool:
+    ok = torch.isfinite(loss.detach()).to(torch.float32)
+    if dist.enabled:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _get_rng(aug_gen: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "augment": aug_gen.get_state(),
+    }
+
+
+def _set_rng(rng: dict, aug_gen: torch.Generator) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    aug_gen.set_state(rng["augment"])
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop rows written after the checkpoint we resume from (a crash between log and save)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epochs_done]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _last_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for k, v in rows[-1].items()} if rows else {}

@@ -1,0 +1,132 @@
+"""The builder: every shipped spec builds and trains a step; counts match reality and references."""
+import pytest
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from composer.blocks import REGISTRY, set_backend
+from composer.build import build_model, count_params
+from composer.spec import load_spec, load_spec_text
+from composer.summarize import summarize
+from tests.helpers import SPECS
+
+# Parameter counts of the published reference implementations (timm, pretrained=False).
+PUBLISHED = {
+    "vit_ti16": 5_717_416,
+    "vit_s16": 22_050_664,
+    "vit_b16": 86_567_656,
+    "mixer_s16": 18_528_264,
+    "mixer_b16": 59_880_472,
+    "convmixer_768_32": 21_110_248,
+    "convmixer_1536_20": 51_625_960,
+}
+ALL_SPECS = sorted(p for p in SPECS.glob("*.yaml"))
+CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+# flop_counter knows the CUDA SDPA variants but not the CPU one the reference path runs; same formula.
+if CPU_SDPA not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(CPU_SDPA)
+    def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+
+@pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: p.stem)
+def test_summary_counts_match_the_model(path):
+    spec = load_spec(path)
+    with torch.device("meta"):  # shapes only: fast even for ViT-B and ConvMixer-1536
+        model = build_model(spec, backend="reference")
+        summary = summarize(spec, model=model)
+        m = spec.model
+        with FlopCounterMode(display=False) as counter:
+            model(torch.rand(1, m.in_channels, m.image_size, m.image_size))
+    assert summary["params"] == count_params(model) == sum(r["params"] for r in summary["rows"])
+    assert summary["flops"] == counter.get_total_flops(), (summary["flops"], counter.get_total_flops())
+
+
+@pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: p.stem)
+def test_spec_runs_forward_and_backward_on_cpu(path):
+    torch.manual_seed(0)
+    spec = load_spec(path)
+    model = build_model(spec, backend="reference")
+    m = spec.model
+    logits = model(torch.rand(1, m.in_channels, m.image_size, m.image_size))
+    assert logits.shape == (1, m.num_classes) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_standard_specs_match_published_parameter_counts(name):
+    with torch.device("meta"):  # no memory, no init cost
+        model = build_model(load_spec(SPECS / f"{name}.yaml"))
+    assert count_params(model) == PUBLISHED[name]
+
+
+def per_layer_flops(spec):
+    """flop_counter's count for each stage of the model, on the reference path."""
+    model = build_model(spec, backend="reference")
+    m = spec.model
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, m.in_channels, m.image_size, m.image_size))
+    counts = counter.get_flop_counts()
+    return model, [sum(counts.get(f"ComposedModel.stages.{i}", {}).values()) for i in range(len(model.layers))]
+
+
+def test_per_block_flops_match_flop_counter():
+    spec = load_spec(SPECS / "seed_convmixer_mixer.yaml")
+    model, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+
+
+HYBRID = """
+model:
+  image_size: 32
+  num_classes: 10
+  stem: {patch_size: 4, dim: 32}
+  blocks:
+    - {kind: convmixer, kernel_size: 3}
+    - {kind: mixer, repeat: 2}
+    - {kind: dwconv, kernel_size: 5}
+    - {kind: vit, heads: 2}
+  head: {pool: cls}
+"""
+
+
+def test_layout_adapters_only_where_layout_changes():
+    model = build_model(load_spec_text(HYBRID))
+    kinds = [layer.kind for layer in model.layers]
+    assert kinds == ["stem (conv)", "dwconv", "pointwise", "rearrange", "token_mlp", "channel_mlp", "token_mlp",
+                     "channel_mlp", "rearrange", "dwconv", "rearrange", "cls_token", "attention", "channel_mlp",
+                     "head (cls)"]
+    # the class token joins only for the trailing token run, so token_mlp sees 64 tokens and attention 65
+    assert model.layers[4].ctx.tokens == 64 and model.layers[12].in_shape == (65, 32)
+    out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def test_linear_stem_equals_conv_stem_math():
+    conv = build_model(load_spec_text(HYBRID.replace("dim: 32}", "dim: 32, kind: conv}")))
+    linear = build_model(load_spec_text(HYBRID.replace("dim: 32}", "dim: 32, kind: linear}")))
+    assert count_params(conv) == count_params(linear)
+    w = conv.layers[0].module.project.weight  # (C, Cin, p, p) -> Linear weight over (p q c)
+    linear.layers[0].module.project[1].weight.data = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+    linear.layers[0].module.project[1].bias.data = conv.layers[0].module.project.bias.data
+    x = torch.rand(2, 3, 32, 32)
+    tokens = linear.layers[0].module(x)
+    grid = conv.layers[0].module(x)
+    torch.testing.assert_close(tokens, grid.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_every_registered_block_runs_both_backends_alike():
+    # Each registered kind, built alone, gives the same output on "auto" (reference on CPU) and "reference".
+    for kind, cls in REGISTRY.items():
+        extra = {"attention": "heads: 2", "dwconv": "kernel_size: 3"}.get(kind, "")
+        text = f"model: {{image_size: 16, num_classes: 3, stem: {{patch_size: 4, dim: 8}}, " \
+               f"blocks: [{{kind: {kind}{', ' + extra if extra else ''}}}]}}"
+        torch.manual_seed(0)
+        model = build_model(load_spec_text(text)).eval()
+        x = torch.rand(2, 3, 16, 16)
+        a = model(x)
+        set_backend(model, "reference")
+        torch.testing.assert_close(model(x), a)
+        assert any(isinstance(layer.module, cls) for layer in model.layers), kind

@@ -1,0 +1,132 @@
+"""The spec language: loading, every class of mistake, overrides, schema."""
+import json
+
+import pytest
+
+from composer.spec import Spec, SpecError, load_spec, load_spec_text
+from tests.helpers import ROOT, SPECS, assert_user_error, run_cli
+
+GOOD = """\
+name: tiny
+model:
+  image_size: 32
+  num_classes: 10
+  stem: {patch_size: 4, dim: 64}
+  blocks:
+    - kind: vit
+      heads: 4
+data: {kind: synthetic}
+"""
+
+
+def problems(text, overrides=()):
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, "x.yaml", overrides)
+    return [str(p) for p in info.value.problems]
+
+
+def test_good_spec_loads_with_defaults():
+    spec = load_spec_text(GOOD, "x.yaml")
+    assert spec.model.blocks[0].heads == 4 and spec.model.blocks[0].repeat == 1
+    assert spec.train.optimizer.kind == "adamw"
+
+
+@pytest.mark.parametrize("path", sorted(SPECS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_validates(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+
+
+def test_all_problems_reported_at_their_lines():
+    text = GOOD.replace("heads: 4", "heads: 5").replace("patch_size: 4", "patch_size: 5")
+    text = text.replace("data: {kind: synthetic}", "data: {kind: synthetic, val_splt: 0.1}")
+    found = problems(text)
+    assert found == [
+        "x.yaml:9:25: data.val_splt: unknown key 'val_splt' (did you mean 'val_split'?); valid keys: "
+        "kind, root, download, cache_dir, val_split, split_seed, num_samples, augment",
+        "x.yaml:5:22: model.stem.patch_size: 5 does not divide the image_size 32 (try 1, 2, 4, 8, 16, 32)",
+        "x.yaml:8:14: model.blocks[0].heads: 5 does not divide dim 64 (try 1, 2, 4, 8, 16, 32)",
+    ]
+
+
+def test_unknown_block_kind_suggests():
+    (msg,) = problems(GOOD.replace("kind: vit", "kind: atention"))
+    assert msg.startswith("x.yaml:7:7: model.blocks[0]: unknown block kind 'atention' (did you mean 'attention'?)")
+
+
+def test_missing_field_and_wrong_type():
+    found = problems(GOOD.replace("  num_classes: 10\n", "").replace("heads: 4", "heads: four"))
+    assert any("x.yaml:2:1: model.num_classes: required field is missing" == m for m in found), found
+    assert any(m.startswith("x.yaml:7:14: model.blocks[0].heads: input should be a valid integer") for m in found)
+
+
+def test_cross_field_rules():
+    text = GOOD.replace("kind: vit\n      heads: 4", "kind: convmixer\n      kernel_size: 4")
+    text = text.replace("num_classes: 10", "num_classes: 10\n  head: {pool: cls}")
+    found = problems(text)
+    assert any("model.blocks[0].kernel_size: 4 is even" in m and m.startswith("x.yaml:9:") for m in found), found
+    assert any("model.head.pool: cls pooling needs token layout at the end" in m for m in found), found
+    found = problems(GOOD.replace("kind: synthetic", "kind: cifar10").replace("image_size: 32", "image_size: 64"))
+    assert any("data.root" in m for m in found) and any("cifar10 images are 32x32" in m for m in found), found
+
+
+def test_duplicate_keys_are_errors():
+    (msg,) = problems(GOOD.replace("  num_classes: 10\n", "  num_classes: 10\n  num_classes: 100\n"))
+    assert msg.startswith("x.yaml:5:3: model.num_classes: duplicate key (first given at line 4)")
+
+
+def test_yaml11_traps():
+    # `no`/`off` stay strings where a string is meant, and still work as booleans where one is meant;
+    # 1e-3 is a float, not the string "1e-3".
+    text = GOOD.replace("name: tiny", "name: no") + "train:\n  compile: off\n  optimizer: {lr: 1e-3}\n"
+    spec = load_spec_text(text, "x.yaml")
+    assert spec.name == "no" and spec.train.compile is False and spec.train.optimizer.lr == 1e-3
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "the file is empty"),
+    ("- a\n- b\n", "not a list"),
+    ("model: [1, 2\n", "invalid YAML"),
+])
+def test_malformed_files(text, fragment):
+    (msg,) = problems(text)
+    assert fragment in msg and msg.startswith("x.yaml"), msg
+
+
+def test_overrides_apply_and_report_origin():
+    spec = load_spec_text(GOOD, "x.yaml", ["model.blocks[0].heads=8", "train.optimizer.lr=0.01", "model.blocks.0.repeat=2"])
+    assert spec.model.blocks[0].heads == 8 and spec.model.blocks[0].repeat == 2 and spec.train.optimizer.lr == 0.01
+    (msg,) = problems(GOOD, ["model.blocks[0].heads=7"])
+    assert msg.startswith("--set model.blocks[0].heads=7: model.blocks[0].heads: 7 does not divide dim 64")
+    (msg,) = problems(GOOD, ["model.blocks[3].heads=2"])
+    assert msg.startswith("--set model.blocks[3].heads=2") and "no such list item" in msg
+    (msg,) = problems(GOOD, ["train.epochs"])
+    assert "expected KEY.PATH=VALUE" in msg
+
+
+def test_cli_validate_reports_every_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("heads: 4", "heads: 5"))
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    result = run_cli("validate", SPECS / "quickstart.yaml", bad, garbage, tmp_path / "missing.yaml")
+    assert "quickstart.yaml: OK" in result.stdout
+    assert_user_error(result, f"{bad}:8:14: model.blocks[0].heads: 5 does not divide dim 64",
+                      f"{garbage}: is a binary file", f"{tmp_path / 'missing.yaml'}: no such file")
+
+
+def test_cli_set_errors_exit_2():
+    result = run_cli("summarize", SPECS / "quickstart.yaml", "--set", "model.stem.dim=0")
+    assert_user_error(result, "--set model.stem.dim=0: model.stem.dim: input should be greater than 0")
+
+
+def test_schema_matches_models_and_committed_copy(tmp_path):
+    out = tmp_path / "schema.json"
+    result = run_cli("schema", "-o", out)
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(out.read_text())
+    assert schema == Spec.model_json_schema()
+    assert schema == json.loads((SPECS / "composer.schema.json").read_text()), \
+        "specs/composer.schema.json is stale: run `composer schema -o specs/composer.schema.json`"
+    blocks = schema["$defs"]["ModelSpec"]["properties"]["blocks"]
+    assert "description" in blocks and "discriminator" in json.dumps(blocks)
