@@ -149,11 +149,12 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
     c_mask = offs_c < C
     mask = n_mask[:, None] & c_mask[None, :]
     dt = X.dtype.element_ty
-    xhat, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+    dy_ptrs = DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc
+    # only the matmul operands stay live across the hidden loop; the fp32 xhat and
+    # dY needed afterwards are re-read (from L2) rather than held in registers
+    _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
     z = z.to(dt)
-    dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                 mask=mask, other=0.0).to(tl.float32)
-    dy_lp = dy.to(dt)
+    dy_lp = tl.load(dy_ptrs, mask=mask, other=0.0).to(dt)
     # -- through the MLP: dZ = W1^T @ (W2^T @ dY * GELU'(A)) --
     dz = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for h0 in range(0, HD, BLOCK_H):
@@ -173,6 +174,8 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
         tl.store(DA + b * HD * C + hh[:, None] * C + offs_c[None, :], da, mask=da_mask)
         dz = _mm(tl.trans(w1), da, dz, IEEE)
     # -- layer norm backward, partial over this channel block --
+    xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
     tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
