@@ -98,3 +98,28 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             ],
         ))
     return out
+
+
+def main() -> None:
+    """Standalone table (`python -m kernels.attention.bench [bf16|fp16|fp32]`) for a quick GPU check."""
+    import sys
+
+    from kernels.benchmarking import time_us
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dname in sys.argv[1:] or ["bf16", "fp32"]:
+        for case in cases(names[dname], device):
+            times = {}
+            for cand in case.candidates:
+                times[cand.name] = (time_us(cand.forward, device), time_us(cand.forward_backward, device))
+            anchor = times[case.anchor]
+            for name, (fwd, fb) in times.items():
+                print(f"{dname} {case.shape:<20} {name:<28} fwd {fwd:9.1f} us {case.flops_fwd / fwd / 1e6:6.1f} TF/s "
+                      f"{case.bytes_fwd / fwd / 1e3:7.1f} GB/s x{anchor[0] / fwd:5.2f} | fwd+bwd {fb:9.1f} us "
+                      f"{case.flops_fwd_bwd / fb / 1e6:6.1f} TF/s {case.bytes_fwd_bwd / fb / 1e3:7.1f} GB/s "
+                      f"x{anchor[1] / fb:5.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
