@@ -324,6 +324,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     cfg = dict(config or _fwd_config(n, d, q.element_size()))
     out = _bhnd_like(q)
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    if q.numel() == 0:
+        return out, lse2
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
     wrap_triton(_attn_fwd)[grid](
         q, k, v, out, lse2, scale * LOG2E,
@@ -342,6 +344,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     b, h, n, d = q.shape
     cfg = dict(config or _bwd_config(n, d, q.element_size()))
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
+    if q.numel() == 0:
+        return dq, dk, dv
     prec = _dot_precision(q.dtype)
     if cfg["path"] == "whole_kv":
         if cfg["BLOCK_N"] < n:

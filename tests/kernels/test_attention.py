@@ -152,6 +152,14 @@ def test_both_backward_kernels(path, device, gen):
     check_attention(q, k, v, fn=Fn.apply, gen=gen)
 
 
+def test_empty_batch(device):
+    q = torch.randn(0, 2, 5, 16, device=device, requires_grad=True)
+    out = attention(q, q, q, backend="triton")
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
 def test_custom_scale(device, gen):
     q, k, v = (_randn(1, 1, 20, 32, dtype=torch.float32, device=device, gen=gen) for _ in range(3))
     check_attention(q, k, v, scale=0.9, gen=gen)
@@ -297,7 +305,7 @@ def test_gpu_no_n_by_n_buffer(gen):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     scores = b * h * n * n * 2   # one bf16 N x N matrix
-    assert extra < scores / 4, f"peak extra memory {extra} B suggests an N x N buffer ({scores} B)"
+    assert extra < scores / 2, f"peak extra memory {extra} B suggests an N x N buffer ({scores} B)"
 
 
 @pytest.mark.gpu
