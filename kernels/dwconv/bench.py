@@ -48,8 +48,19 @@ def _timed_pair(fn, x, dy):
     return forward, forward_backward
 
 
+def _allow_recompiles(n: int) -> None:
+    """Every shape x layout x grad mode recompiles nn.Conv2d.forward (one code object);
+    past dynamo's default limit of 8 it would silently fall back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), n))
+
+
 def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
     device = torch.device(device)
+    _allow_recompiles(64)
     # inductor on CPU needs a C++ toolchain and minutes; there only the plumbing is checked
     compile_backend = "inductor" if device.type == "cuda" else "aot_eager"
     triton_ok = not dispatch.device_reasons(device) and dispatch.triton_import_error() is None
