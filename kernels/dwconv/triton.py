@@ -180,6 +180,8 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False) -> No
     """y = act(conv(x, weight) + bias); z (pre-activation) is written when given."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
+    if y.numel() == 0:  # nothing to compute; Triton rejects an empty grid
+        return
     # sizes chosen from register counts on sm_90 (no spills, 1-2 CTAs of 8 warps per SM);
     # channels_last takes the larger tile for its smaller halo share
     channels_last = x.stride(1) == 1 and C > 1
@@ -202,6 +204,10 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
     K = weight.shape[-1]
     dx = dw = db = None
     g = dy
+    if x.numel() == 0:  # no pixels: zero parameter gradients, empty input gradient
+        dw = torch.zeros((C, 1, K, K), device=x.device, dtype=torch.float32) if need_dw else None
+        db = torch.zeros((C,), device=x.device, dtype=torch.float32) if has_bias else None
+        return (torch.empty_like(x) if need_dx else None), dw, db
     if gelu or need_dw or has_bias:
         g = torch.empty_like(dy) if gelu else dy
         block_c, bb, tile_h, tile_w, warps = _tiles(x, K, 8192, 32)

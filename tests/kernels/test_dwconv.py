@@ -118,6 +118,16 @@ def test_strided_inputs(device):
         assert not problems, f"strided {dtype}:\n  " + "\n  ".join(problems)
 
 
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    y = dwconv2d(x, w, b, activation="gelu", backend="triton")
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert not w.grad.any() and not b.grad.any()
+
+
 def test_inference_without_grad(device):
     """No grad: the pre-activation is not stored and the output is unchanged."""
     x, w, b, _ = _inputs(2, 3, 9, 9, 7, device, channels_last=True)
