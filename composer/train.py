@@ -290,7 +290,9 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
     ema = Ema(model, t.ema) if t.ema else None
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(t.seed + 1)
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "nonfinite_total": 0}
+    # Where the run is, including the running sums of the current epoch, so a mid-epoch resume logs the same.
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "nonfinite_total": 0,
+                "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0}
 
     if state is not None:
         model.load_state_dict(state["model"])
@@ -337,9 +339,19 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
             start_step = position["step_in_epoch"]
             model.train()
             progress.start_epoch(epoch, t.epochs, steps_per_epoch, start_step)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen, skipped = 0, 0
+            # This process's (loss sum, correct, images) since the last sync; `sync` folds the sums of all
+            # processes into `position` (a collective: every rank calls it at the same step).
+            local = torch.zeros(3, dtype=torch.float64, device=device)
+            skipped = position["epoch_skipped"]
+
+            def sync():
+                if dist.enabled:
+                    torch.distributed.all_reduce(local)
+                loss_sum, correct, seen = local.tolist()
+                position.update({"epoch_loss_sum": position["epoch_loss_sum"] + loss_sum,
+                                 "epoch_correct": position["epoch_correct"] + int(correct),
+                                 "epoch_seen": position["epoch_seen"] + int(seen), "epoch_skipped": skipped})
+                local.zero_()
             tic = time.perf_counter()
             for step in range(start_step, steps_per_epoch):
                 idx = order[step * t.batch_size:(step + 1) * t.batch_size]
@@ -377,22 +389,26 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                     optimizer.zero_grad(set_to_none=True)
                     if ema:
                         ema.update(model)
-                    loss_sum += loss.detach() * y.shape[0]
-                    correct += (logits.detach().argmax(-1) == y).sum()
-                    seen += y.shape[0]
+                    local[0] += loss.detach().double() * y.shape[0]
+                    local[1] += (logits.detach().argmax(-1) == y).sum()
+                    local[2] += y.shape[0]
                 scheduler.step()
                 position["global_step"] += 1
                 position["step_in_epoch"] = step + 1
                 if progress.live:
                     progress.update(f"loss {loss.item():.3f}")
                 if t.checkpoint_every and position["global_step"] % t.checkpoint_every == 0:
+                    sync()
                     checkpoint([LAST])
                 if interrupt["hit"]:
+                    sync()
                     checkpoint([LAST])
                     raise Interrupted(f"interrupted; saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
                                       f"Resume with: composer train SPEC --resume auto --out {run_dir}")
             elapsed = time.perf_counter() - tic
             images_done = (steps_per_epoch - start_step) * t.batch_size
+            sync()
+            seen = position["epoch_seen"]
 
             # -- end of epoch: validate, log, checkpoint -------------------------------
             eval_model = model
@@ -405,12 +421,13 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
             position.update({"epoch": epoch + 1, "step_in_epoch": 0})
             row = {
                 "epoch": epoch + 1, "step": position["global_step"],
-                "train_loss": float(loss_sum) / max(1, seen) if seen else float("nan"),
-                "train_acc": float(correct) / max(1, seen) if seen else float("nan"),
+                "train_loss": position["epoch_loss_sum"] / seen if seen else float("nan"),
+                "train_acc": position["epoch_correct"] / seen if seen else float("nan"),
                 "val_loss": val["loss"], "val_acc": val["accuracy"], "val_top5": val["top5"],
                 "lr": scheduler.get_last_lr()[0], "img_per_s": images_done / max(elapsed, 1e-9),
                 "epoch_s": elapsed, "nonfinite_skipped": skipped,
             }
+            position.update({"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0})
             if dist.main:
                 _append_metrics(run_dir / "metrics.csv", row)
             improved = val_set is not None and val["accuracy"] > position["best_acc"]

@@ -7,7 +7,6 @@ user who asked for the fast path never silently gets the slow one.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,15 +32,20 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERROR: list = []  # filled on first use; a plain list so torch.compile traces the lookup quietly
+
+
 def triton_import_error() -> str | None:
     """None when `import triton` works, else why not (imported lazily, once)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _IMPORT_ERROR.append(None)
+        except Exception as exc:  # ImportError, or a broken install
+            _IMPORT_ERROR.append(f"triton is not importable ({type(exc).__name__}: {exc})")
+    return _IMPORT_ERROR[0]
 
 
 def device_reasons(device: torch.device | str) -> list[str]:

@@ -1,0 +1,228 @@
+"""Training, checkpoints, resume, the NaN guard, evaluation and DDP, end to end on tiny synthetic data."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from composer import train as train_module
+from composer.cli import main
+from composer.spec import load_spec_text
+from composer.train import train
+from tests.helpers import ROOT, SPECS, assert_user_error, run_cli
+
+TINY = """\
+name: tiny
+model:
+  image_size: 8
+  num_classes: 4
+  stem: {patch_size: 2, dim: 16}
+  blocks:
+    - {kind: mixer, token_hidden: 8, mlp_ratio: 2}
+    - {kind: vit, heads: 2, mlp_ratio: 2}
+  head: {pool: mean}
+data:
+  kind: synthetic
+  num_samples: 320
+  val_split: 0.2
+  augment: {crop_padding: 1, hflip: true, cutout: 2, mixup: 0.2}
+train:
+  epochs: 2
+  batch_size: 32
+  optimizer: {lr: 3.0e-3}
+  schedule: {kind: cosine, warmup_epochs: 0.5}
+  label_smoothing: 0.1
+  grad_clip: 1.0
+  ema: 0.9
+  device: cpu
+  deterministic: true
+"""
+
+
+def write_spec(tmp_path, text=TINY, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_end_to_end_writes_run_directory(tmp_path):
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
+    result = train(spec, echo=lambda *a: None)
+    run = tmp_path / "run"
+    assert {"last.pt", "best.pt", "metrics.csv", "spec.yaml", "final.json"} <= {p.name for p in run.iterdir()}
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert result["final"]["val_acc"] > 0.5  # 4 learnable classes: far above chance
+    assert json.loads((run / "final.json").read_text())["epoch"] == 2
+    state = torch.load(run / "last.pt", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step_in_epoch", "spec_yaml",
+                "versions", "normalization"):
+        assert key in state, key
+    assert state["epoch"] == 2 and state["step_in_epoch"] == 0
+    assert set(state["rng"]) >= {"python", "numpy", "torch", "cuda", "augment"}
+
+
+def _kill_when_checkpointed(cmd, run_dir, env):
+    """Start training, SIGKILL it as soon as a mid-epoch checkpoint exists; returns that checkpoint's step."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            last = run_dir / "last.pt"
+            if last.exists():
+                state = torch.load(last, weights_only=False)
+                if state["step_in_epoch"] > 0:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return state["epoch"], state["step_in_epoch"]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    raise AssertionError(f"no mid-epoch checkpoint appeared: {proc.stderr.read().decode()[-2000:]}")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 3"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "composer", "train", str(spec), "--set", "train.checkpoint_every=2"]
+    full = run_cli("train", spec, "--set", "train.checkpoint_every=2", "--out", tmp_path / "full", env=env)
+    assert full.returncode == 0, full.stderr
+
+    killed = tmp_path / "killed"
+    epoch, step = _kill_when_checkpointed(base + ["--out", str(killed)], killed, env)
+    assert step > 0 and epoch < 3
+    resumed = run_cli("train", spec, "--set", "train.checkpoint_every=2", "--out", killed, "--resume", "auto", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from epoch" in resumed.stdout
+
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(killed / "last.pt", weights_only=False)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"weights differ after resume: {name}"
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), f"EMA differs after resume: {name}"
+    drop = {"img_per_s", "epoch_s"}  # wall-clock columns
+    clean = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert clean(read_metrics(tmp_path / "full")) == clean(read_metrics(killed))
+
+
+def test_nonfinite_loss_guard_stops_with_exit_3(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 3"))
+    real = train_module.soft_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] > 10 else loss  # epoch 1 has 8 steps: it completes
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", poisoned)
+    result = CliRunner().invoke(main, ["train", str(spec), "--out", str(tmp_path / "run"),
+                                       "--set", "train.max_nonfinite=3"])
+    assert result.exit_code == 3, result.output
+    assert "not finite for 3 steps in a row" in result.output
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0  # the last good checkpoint stays
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    real = train_module.soft_cross_entropy
+    calls = {"n": 0}
+
+    def sometimes(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("inf") if calls["n"] in (3, 5) else loss
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", sometimes)
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
+    train(spec, echo=lambda *a: None)
+    rows = read_metrics(tmp_path / "run")
+    assert [int(r["nonfinite_skipped"]) for r in rows] == [2, 0]
+
+
+def test_missing_and_corrupt_data(tmp_path):
+    folder = TINY.replace("kind: synthetic", f"kind: folder\n  root: {tmp_path / 'nowhere'}")
+    result = run_cli("train", write_spec(tmp_path, folder), "--out", tmp_path / "run")
+    assert_user_error(result, str(tmp_path / "nowhere"), "does not exist")
+    not_archive = tmp_path / "data.zip"
+    not_archive.write_bytes(b"this is not a zip file")
+    result = run_cli("train", write_spec(tmp_path, TINY.replace("kind: synthetic", f"kind: folder\n  root: {not_archive}")))
+    assert_user_error(result, str(not_archive))
+
+
+def test_resume_errors(tmp_path):
+    spec = write_spec(tmp_path)
+    run = tmp_path / "run"
+    result = run_cli("train", spec, "--out", run, "--resume", tmp_path / "missing.pt")
+    assert_user_error(result, "missing.pt does not exist")
+    assert not (run / "last.pt").exists()  # never a silent fresh start
+
+    assert run_cli("train", spec, "--out", run, "--epochs", "1").returncode == 0
+    result = run_cli("train", spec, "--out", run, "--resume", "auto", "--set", "model.stem.dim=32")
+    assert_user_error(result, "the checkpoint does not match the spec", "model.stem.dim: checkpoint has 16, spec has 32")
+
+    (run / "last.pt").write_bytes(b"\x00garbage, as after a disk error")
+    result = run_cli("train", spec, "--out", run, "--resume", "auto")
+    assert_user_error(result, f"checkpoint {run / 'last.pt'} cannot be read")
+    assert (run / "last.pt").read_bytes().startswith(b"\x00garbage")  # left in place
+
+
+def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_kept(tmp_path):
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.epochs=1"])
+    train(spec, resume="auto", echo=lambda *a: None)
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    result = train(spec, resume="auto", echo=lambda *a: None)  # nothing left to do
+    again = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert result["final"]["epoch"] == 1
+
+
+def test_evaluate_saved_run(tmp_path):
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
+    train(spec, echo=lambda *a: None)
+    result = run_cli("evaluate", tmp_path / "run", "--json", "--split", "val")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert 0.5 < report["accuracy"] <= 1 and report["loss"] > 0 and report["top5"] >= report["accuracy"]
+    assert len(report["per_class"]) == 4 and report["images"] == 64
+    text = run_cli("evaluate", tmp_path / "run" / "last.pt", "--split", "test")
+    assert text.returncode == 0 and "accuracy" in text.stdout
+    assert_user_error(run_cli("evaluate", tmp_path / "nothing-here"), "does not exist")
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    spec_text = TINY.replace("ema: 0.9", "ema: null")
+    spec = write_spec(tmp_path, spec_text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    single = run_cli("train", spec, "--out", tmp_path / "one", env=env)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          "-m", "composer", "train", str(spec), "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_quickstart_reaches_its_accuracy(tmp_path):
+    spec = load_spec_text((SPECS / "quickstart.yaml").read_text(), "quickstart.yaml",
+                          [f"train.out_dir={tmp_path / 'qs'}"])
+    result = train(spec, echo=lambda *a: None)
+    assert result["final"]["val_acc"] >= 0.95, result["final"]
