@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -34,7 +35,7 @@ ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz")
 CACHE_VERSION = 1         # part of every cache key: bump it when the cached format changes
 DECODE_CHUNK = 1024       # images per decode task
 SYNTHETIC_CLASS_SEED = 1234  # class prototypes, shared by the synthetic train and test sets
-SYNTHETIC_SEEDS = {True: 0, False: 1}  # train=True / train=False (the test set)
+SYNTHETIC_TRAIN_SEED, SYNTHETIC_TEST_SEED = 0, 1
 
 
 @dataclass
@@ -89,7 +90,8 @@ def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool) -> Im
     elif data.kind == "digits":
         found, where = _load_digits(), "scikit-learn's digits"
     else:
-        found, where = _synthetic(data.num_samples, model, SYNTHETIC_SEEDS[train]), "synthetic"
+        seed = SYNTHETIC_TRAIN_SEED if train else SYNTHETIC_TEST_SEED
+        found, where = _synthetic(data.num_samples, model, seed), "synthetic"
     if len(found.classes) != model.num_classes:
         raise UserError(f"the {data.kind} data ({where}) has {len(found.classes)} classes but model.num_classes "
                         f"is {model.num_classes}; set model.num_classes: {len(found.classes)}")
@@ -98,16 +100,12 @@ def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool) -> Im
 
 
 def _fit(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """Converts uint8 (N, C, H, W) to `channels` channels and size x size (bilinear)."""
-    if images.shape[1] != channels:
-        if images.shape[1] == 1 and channels == 3:
-            images = images.repeat(1, 3, 1, 1)
-        elif images.shape[1] == 3 and channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            images = (images.float() * weights).sum(1, keepdim=True).round().to(torch.uint8)
-        else:
-            raise UserError(f"cannot turn {images.shape[1]}-channel images into {channels} channels; "
-                            "set model.in_channels to 1 or 3")
+    """uint8 (N, C, H, W) at `channels` channels and size x size (bilinear)."""
+    if images.shape[1] == 1 and channels == 3:  # grayscale data (digits) for an RGB model
+        images = images.repeat(1, 3, 1, 1)
+    elif images.shape[1] != channels:
+        raise UserError(f"the data has {images.shape[1]} channels but model.in_channels is {channels}; "
+                        f"set model.in_channels: {images.shape[1]}")
     if images.shape[-2:] != (size, size):
         chunks = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False,
                                 antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -292,9 +290,10 @@ class _BadImage(Exception):
 def _decode_images(paths: list[str], channels: int, size: int) -> np.ndarray:
     """Decodes and resizes images into one uint8 (N, size, size, C) array, in parallel when there are many."""
     jobs = [(paths[i:i + DECODE_CHUNK], channels, size) for i in range(0, len(paths), DECODE_CHUNK)]
-    workers = min(os.cpu_count() or 1, len(jobs), 16)
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        # fork: the workers run only PIL and numpy, and start without re-importing torch.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cpus, len(jobs), 16)
+    if workers > 1 and sys.platform.startswith("linux"):
+        # fork (safe on Linux; not on macOS): the workers run only PIL and numpy and need no torch re-import.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns on fork with threads
             pool = multiprocessing.get_context("fork").Pool(workers)
