@@ -33,6 +33,9 @@ METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_ac
                  "epoch_s", "nonfinite_skipped"]
 
 
+WARMUP_STEPS = 5
+
+
 class NonFiniteLoss(UserError):
     exit_code = 3
 
@@ -273,7 +276,7 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
         mean, std = channel_stats(train_set.images)
     train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
     n = train_images.shape[0]
-    steps_per_epoch = n // t.batch_size
+    steps_per_epoch = min(n // t.batch_size, t.max_steps_per_epoch or n)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size {t.batch_size} is larger than the {n} training images; lower it")
     log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
@@ -352,8 +355,12 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                                  "epoch_correct": position["epoch_correct"] + int(correct),
                                  "epoch_seen": position["epoch_seen"] + int(seen), "epoch_skipped": skipped})
                 local.zero_()
-            tic = time.perf_counter()
+            tic, timed_from = time.perf_counter(), start_step
             for step in range(start_step, steps_per_epoch):
+                if step == start_step + WARMUP_STEPS and steps_per_epoch - step >= WARMUP_STEPS:
+                    # img/s counts steady-state steps only: not the first ones (allocation, autotuning, compile)
+                    _synchronize(device)
+                    tic, timed_from = time.perf_counter(), step
                 idx = order[step * t.batch_size:(step + 1) * t.batch_size]
                 # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
                 # random numbers and the gradient are the same for any number of processes.
@@ -405,8 +412,9 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                     checkpoint([LAST])
                     raise Interrupted(f"interrupted; saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
                                       f"Resume with: composer train SPEC --resume auto --out {run_dir}")
+            _synchronize(device)
             elapsed = time.perf_counter() - tic
-            images_done = (steps_per_epoch - start_step) * t.batch_size
+            images_done = (steps_per_epoch - timed_from) * t.batch_size
             sync()
             seen = position["epoch_seen"]
 
@@ -455,6 +463,11 @@ def _normalize(images, mean, std):
     from composer.data import normalize
 
     return normalize(images, mean, std)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _grid_model(spec: Spec) -> bool:

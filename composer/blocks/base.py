@@ -75,5 +75,18 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Cast x to the autocast dtype when autocast is on.
+
+    Custom ops are opaque to autocast, so without this a fused op would receive the fp32
+    residual stream and run its slow fp32 path; with it the op works in bf16/fp16 like the
+    matmuls it replaces (and returns that dtype).
+    """
+    kind = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
 def activation(name: str) -> nn.Module:
     return {"gelu": nn.GELU(), "relu": nn.ReLU()}[name]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import kernels
-from composer.blocks.base import Block, Context, Cost, DropPath, register
+from composer.blocks.base import Block, Context, Cost, DropPath, autocast_input, register
 
 
 @register
@@ -34,6 +34,7 @@ class DwConv(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = "gelu" if self.activation == "gelu" else None
+        x = autocast_input(x)
         y = kernels.dwconv2d(x, self.conv.weight, self.conv.bias, activation=fused, backend=self.backend)
         if self.activation == "relu":
             y = torch.relu(y)

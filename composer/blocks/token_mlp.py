@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kernels
-from composer.blocks.base import Block, Context, Cost, DropPath, register
+from composer.blocks.base import Block, Context, Cost, DropPath, autocast_input, register
 
 
 @register
@@ -35,6 +35,7 @@ class TokenMlp(Block):
         return cls(ctx.dim, ctx.tokens, hidden, spec.drop_path, spec.norm_eps, ctx.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         y = kernels.token_mlp(x, self.norm.weight, self.norm.bias, self.mix_in.weight, self.mix_in.bias,
                               self.mix_out.weight, self.mix_out.bias, eps=self.norm.eps, backend=self.backend)
         if self.drop_path.p and self.training:

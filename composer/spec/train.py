@@ -50,5 +50,8 @@ class TrainSpec(Strict):
     seed: int = Field(0, description="Seed of weights, shuffling and augmentation.")
     deterministic: bool = Field(False, description="Deterministic algorithms (bitwise-reproducible on CPU).")
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="Also save last.pt every N steps (0: epoch ends only).")
+    max_steps_per_epoch: Optional[PositiveInt] = Field(
+        None, description="Cap the optimizer steps per epoch (quick runs on a subset, benchmarks); default: all data."
+    )
     max_nonfinite: PositiveInt = Field(5, description="Stop after this many consecutive non-finite losses.")
     out_dir: Optional[str] = Field(None, description="Run directory (default runs/<spec name>).")

@@ -1,0 +1,97 @@
+"""`composer bench`: fused kernels against what a user would otherwise run, and training throughput.
+
+Kernel timings are CUDA-event medians (triton.testing.do_bench) after warm-up, on
+random data, every candidate in the same process. Each row also shows how far
+the measurement is from the floor: bytes that must move / 3.0 TB/s and FLOPs /
+the card's dense rate (H100 figures, see BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import importlib
+import tempfile
+
+import torch
+
+from composer.errors import UserError
+
+OPS = ("attention", "token_mlp", "dwconv2d")
+BENCH_MODULES = {"attention": "kernels.attention.bench", "token_mlp": "kernels.token_mlp.bench",
+                 "dwconv2d": "kernels.dwconv.bench"}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MEMORY_BW = 3.0e12       # bytes/s, measured device-to-device copy on an H100 (2,962 GB/s)
+DENSE_BF16 = 680e12      # FLOP/s, measured 8192^3 bf16 matmul on an H100 (lower end)
+
+
+def _time(fn, device) -> float | str:
+    from kernels.benchmarking import time_us
+
+    try:
+        return time_us(fn, device)
+    except Exception as exc:  # one failing candidate must not hide the others' numbers
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None) -> list:
+    """Print (and return) one row per (op, dtype, shape, candidate)."""
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        raise UserError("composer bench kernels times CUDA kernels and needs a CUDA GPU; none is visible here")
+    if device == "cuda":
+        echo(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    rows = []
+    for name in (OPS if op == "all" else (op,)):
+        module = importlib.import_module(BENCH_MODULES[name])
+        for dname in (DTYPES if dtype == "all" else (dtype,)):
+            echo(f"\n== {name} {dname} ==")
+            echo(f"{'shape':<24} {'candidate':<26} {'fwd us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8} "
+                 f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}")
+            for case in module.cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
+                times = {c.name: (_time(c.forward, device),
+                                  _time(c.forward_backward, device) if c.forward_backward else "n/a")
+                         for c in case.candidates}
+                anchor = times.get(case.anchor, ("n/a", "n/a"))
+                floor_f = max(case.bytes_fwd / MEMORY_BW, case.flops_fwd / DENSE_BF16) * 1e6
+                floor_b = max(case.bytes_fwd_bwd / MEMORY_BW, case.flops_fwd_bwd / DENSE_BF16) * 1e6
+                for cand in case.candidates:
+                    f, b = times[cand.name]
+                    row = {"op": name, "dtype": dname, "shape": case.shape, "candidate": cand.name,
+                           "fwd_us": f, "fwd_bwd_us": b, "anchor": case.anchor,
+                           "floor_fwd_us": floor_f, "floor_fwd_bwd_us": floor_b}
+                    rows.append(row)
+                    echo(f"{case.shape:<24} {cand.name:<26} "
+                         + _cells(f, case.flops_fwd, case.bytes_fwd, anchor[0]) + " "
+                         + _cells(b, case.flops_fwd_bwd, case.bytes_fwd_bwd, anchor[1], wide=True))
+                echo(f"{'':<24} {'(floor)':<26} {floor_f:9.1f} {'':>8} {'':>7} {'':>8} {floor_b:11.1f}")
+    return rows
+
+
+def _cells(us, flops, nbytes, anchor, wide=False) -> str:
+    w = 11 if wide else 9
+    if isinstance(us, str):
+        return f"{us:>{w}}"
+    ratio = f"{anchor / us:8.2f}" if isinstance(anchor, float) else f"{'-':>8}"
+    return f"{us:{w}.1f} {flops / us / 1e6:8.2f} {nbytes / us / 1e3:7.0f} {ratio}"
+
+
+def bench_train(spec, steps: int = 30, source: str = "both", echo=print) -> dict:
+    """Training img/s of `spec` on its real data and on synthetic data of the same shape (steady-state steps)."""
+    from composer.spec import load_spec_text
+    from composer.train import WARMUP_STEPS, spec_yaml, train
+
+    steps = max(steps, 2 * WARMUP_STEPS + 1)
+    results = {}
+    sources = ("real", "synthetic") if source == "both" else (source,)
+    for src in sources:
+        with tempfile.TemporaryDirectory() as out:
+            overrides = [f"train.epochs=1", f"train.max_steps_per_epoch={steps}", f"train.out_dir={out}",
+                         "train.checkpoint_every=0"]
+            if src == "synthetic":
+                overrides += ["data.kind=synthetic", f"data.num_samples={steps * spec.train.batch_size + 64}",
+                              "data.root=null"]
+            run_spec = load_spec_text(spec_yaml(spec), f"{spec.name} (bench)", overrides)
+            final = train(run_spec, echo=lambda *a, **k: None)["final"]
+        results[src] = final["img_per_s"]
+        echo(f"{spec.name}: {src} data: {final['img_per_s']:,.0f} img/s (batch {spec.train.batch_size}, {steps} steps)")
+    if len(results) == 2:
+        echo(f"real / synthetic: {results['real'] / results['synthetic']:.3f}")
+    return results
