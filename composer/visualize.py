@@ -1,0 +1,469 @@
+"""Figures of what each mixer learned: attention maps, token-MLP units, depthwise kernels, curves.
+
+Every figure is computed from a trained run directory (or checkpoint) on the CPU by
+default and written as PNG; each public function returns the paths it wrote.
+Attention probabilities are recomputed exactly by `attention_maps`, the single code
+path behind every attention figure, with the fused kernels switched to the reference
+path, so the maps never depend on the backend a run was trained with.
+
+Figures use matplotlib's object API on an Agg canvas: no pyplot global state, safe to
+call repeatedly from one process (tests, notebooks).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from composer.errors import UserError
+
+COMMAND_OF_KIND = {"attention": "attention", "token_mlp": "token-mlp", "dwconv": "dwconv"}
+MAX_TILES = 256        # units / channels drawn per figure; the title says when there are more
+MAX_HEAD_COLUMNS = 8   # heads drawn side by side; --head picks any one of them
+DPI = 120
+MAP_CMAP, WEIGHT_CMAP = "inferno", "RdBu_r"
+
+
+# -- the numbers behind the figures ------------------------------------------------------
+
+@contextmanager
+def _reference_kernels(model: torch.nn.Module):
+    """Run every fused op on its PyTorch reference for the duration, then restore each block's backend."""
+    saved = [(m, m.backend) for m in model.modules() if getattr(m, "kernel_op", None) and hasattr(m, "backend")]
+    try:
+        for module, _ in saved:
+            module.backend = "reference"
+        yield
+    finally:
+        for module, backend in saved:
+            module.backend = backend
+
+
+@torch.no_grad()
+def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(layer name, probabilities (H, N, N) float32) for every attention layer, in order.
+
+    Args:
+        model: a built `ComposedModel`.
+        x: one normalized image, (C, H, W) or (1, C, H, W), at the data's image size
+            (the stem resizes it like in training).
+
+    Each layer's softmax(Q K^T / sqrt(d)) is recomputed from the input that layer sees
+    in an eval-mode forward pass; rows sum to 1. Token 0 is the class token when the
+    layer's token count is the patch count plus one.
+    """
+    if x.dim() == 3:
+        x = x[None]
+    if x.shape[0] != 1:
+        raise ValueError(f"attention_maps takes one image, got a batch of {x.shape[0]}")
+    attention = [i for i, layer in enumerate(model.layers) if layer.kind == "attention"]
+    maps = []
+    was_training = model.training
+    model.eval()
+    try:
+        with _reference_kernels(model):
+            for i, layer in enumerate(model.layers[:attention[-1] + 1] if attention else []):
+                if layer.kind == "attention":
+                    maps.append((layer.name, layer.module.attention_probs(x)[0].float()))
+                x = layer.module(x)
+    finally:
+        model.train(was_training)
+    return maps
+
+
+def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020) through the given (H, N, N) maps: (N_last, N_last).
+
+    Heads are averaged, the identity added for the residual, rows renormalized, and the
+    layers multiplied in order. When a class token joins between two layers it carries no
+    image information yet, so it enters the product as an identity row and column (index 0).
+    """
+    result = None
+    for probs in maps:
+        n = probs.shape[-1]
+        a = probs.double().mean(0) + torch.eye(n, dtype=torch.float64)
+        a = a / a.sum(-1, keepdim=True)
+        if result is not None and result.shape[0] < n:
+            result = torch.block_diag(torch.eye(n - result.shape[0], dtype=torch.float64), result)
+        result = a if result is None else a @ result
+    return result.float()
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def _load(run_dir, device):
+    from composer.checkpoint import load_run
+
+    spec, model, state = load_run(run_dir, device)
+    return spec, model, state
+
+
+def _out_dir(run_dir, out) -> Path:
+    if out:
+        path = Path(out)
+    else:
+        run = Path(run_dir)
+        path = (run if run.is_dir() else run.parent) / "figures"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _layers_of(model, kind: str):
+    return [layer for layer in model.layers if layer.kind == kind]
+
+
+def _select(model, spec, kind: str, index: int | None, option: str):
+    """The layers of `kind` to draw (all, or the one at `index`), with user-facing errors."""
+    found = _layers_of(model, kind)
+    if not found:
+        have = sorted({layer.kind for layer in model.blocks()})
+        hints = [f"composer visualize {COMMAND_OF_KIND[k]}" for k in have if k in COMMAND_OF_KIND]
+        raise UserError(
+            f"run {spec.name!r} has no {kind} layers; its blocks are: "
+            + ", ".join(f"{layer.name} ({layer.kind})" for layer in model.blocks())
+            + (f". Try: {'; '.join(hints)}" if hints else ". No figure of this command applies to them"))
+    if index is None:
+        return list(enumerate(found))
+    if not 0 <= index < len(found):
+        raise UserError(f"{option} {index} is out of range: run {spec.name!r} has {len(found)} {kind} "
+                        f"layer{'s' if len(found) != 1 else ''} ({option} 0..{len(found) - 1}): "
+                        + ", ".join(layer.name for layer in found))
+    return [(index, found[index])]
+
+
+def _display_image(image_uint8: torch.Tensor, size: int) -> np.ndarray:
+    """uint8 (C, H, W) -> float (size, size, C) in [0, 1], resized exactly as the stem does (bilinear)."""
+    x = image_uint8[None].float()
+    if x.shape[-1] != size:
+        # Normalization is per-channel affine, so resizing before it equals the stem's resize after it.
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x[0] / 255).clamp(0, 1).permute(1, 2, 0).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")
+
+
+def _save(fig: Figure, path: Path) -> str:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI)
+    return str(path)
+
+
+def _show_image(ax, image: np.ndarray, title: str | None = None):
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _tiles_grid(count: int) -> tuple[int, int]:
+    cols = max(1, math.ceil(math.sqrt(count * 1.3)))  # a little wider than tall, like a page
+    return math.ceil(count / cols), cols
+
+
+# -- attention -----------------------------------------------------------------------------
+
+def _query_patches(grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """A few query patches spread over the image: the centre and one per quadrant."""
+    h, w = grid
+    spots = [(h // 2, w // 2), (h // 4, w // 4), (h // 4, (3 * w) // 4), ((3 * h) // 4, w // 4),
+             ((3 * h) // 4, (3 * w) // 4)]
+    return list(dict.fromkeys((min(r, h - 1), min(c, w - 1)) for r, c in spots))
+
+
+def attention(run_dir, image_index: int = 0, split: str = "val", layer: int | None = None, head: int | None = None,
+              out=None, device: str = "cpu") -> list[str]:
+    """Attention matrices, per-query overlays and (all layers) rollout for one image; returns PNG paths."""
+    from composer.data import load_split, normalize
+
+    spec, model, state = _load(run_dir, device)
+    chosen = _select(model, spec, "attention", layer, "--layer")
+    data = load_split(spec.data, spec.model, split)
+    if not 0 <= image_index < len(data):
+        raise UserError(f"--image {image_index} is out of range: the {split} split has {len(data)} images "
+                        f"(0..{len(data) - 1})")
+    heads = chosen[0][1].module.heads
+    if head is not None and not 0 <= head < heads:
+        raise UserError(f"--head {head} is out of range: the attention layers have {heads} heads (0..{heads - 1})")
+
+    norm = state["normalization"]
+    x = normalize(data.images[image_index:image_index + 1], norm["mean"], norm["std"]).to(device)
+    maps = attention_maps(model, x)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), -1)[0]
+    label, pred = int(data.labels[image_index]), int(probs.argmax())
+    classes = data.classes
+    caption = (f"{split} image #{image_index}: {classes[label]}\n"
+               f"predicted {classes[pred]} ({probs[pred]:.0%})")
+    image = _display_image(data.images[image_index], spec.model.input_size)
+    grid = (spec.model.grid, spec.model.grid)
+    tag = f"attention_{split}{image_index}"
+    out_dir = _out_dir(run_dir, out)
+
+    paths = []
+    for index, info in chosen:
+        name, p = maps[index]
+        assert name == info.name  # attention_maps walks the same layers in the same order
+        has_cls = p.shape[-1] == grid[0] * grid[1] + 1
+        suffix = f"layer{index}" + (f"_head{head}" if head is not None else "")
+        title = f"{spec.name} · {name} (attention layer {index} of {len(maps)})"
+        paths.append(_save(_matrix_figure(p, head, image, caption, title, has_cls),
+                           out_dir / f"{tag}_{suffix}_matrix.png"))
+        paths.append(_save(_overlay_figure(p, head, image, caption, title, grid, has_cls),
+                           out_dir / f"{tag}_{suffix}_overlay.png"))
+    if layer is None:
+        paths.append(_save(_rollout_figure(maps, image, caption, spec.name, grid), out_dir / f"{tag}_rollout.png"))
+    return paths
+
+
+def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
+    """The image, then each head's N x N matrix (query rows, key columns), each with its colour bar."""
+    heads = p.shape[0]
+    panels = [(f"head {h}", p[h]) for h in ([head] if head is not None else range(min(heads, MAX_HEAD_COLUMNS)))]
+    if head is None and heads > 1:
+        panels.append(("mean over heads", p.mean(0)))
+    cols = min(len(panels) + 1, 5)
+    rows = math.ceil((len(panels) + 1) / cols)
+    fig = Figure(figsize=(3.3 * cols, 3.2 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    _show_image(axes[0], image, caption)
+    n = p.shape[-1]
+    for ax, (label, matrix) in zip(axes[1:], panels):
+        m = matrix.numpy()
+        # Attention is peaked: a square-root scale shows the weak structure; the bar keeps true values.
+        im = ax.imshow(m, cmap=MAP_CMAP, norm=PowerNorm(0.5, vmin=0, vmax=float(m.max())), interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("key token", fontsize=8)
+        ax.set_ylabel("query token", fontsize=8)
+        ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="probability").ax.tick_params(labelsize=7)
+    for ax in axes[len(panels) + 1:]:
+        ax.set_axis_off()
+    more = f"; heads 0..{MAX_HEAD_COLUMNS - 1} of {heads} shown (use --head)" if head is None and heads > \
+        MAX_HEAD_COLUMNS else ""
+    fig.suptitle(f"{title}\nsoftmax(QKᵀ/√d), {n} tokens"
+                 f"{' (token 0 = class token)' if has_cls else ''}, rows sum to 1{more}", fontsize=10)
+    return fig
+
+
+def _overlay(ax, image, values: np.ndarray, vmax: float):
+    """A (h, w) map on top of the image in grey (so its colours do not mix with the map's), patches kept sharp."""
+    grey = image if image.ndim == 2 else image @ np.array([0.299, 0.587, 0.114])
+    _show_image(ax, grey)
+    size = image.shape[0]
+    return ax.imshow(values, cmap=MAP_CMAP, vmin=0, vmax=vmax, alpha=0.6, interpolation="nearest",
+                     extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+
+
+def _mark_patch(ax, rc, grid, size):
+    step = size / grid[0]
+    ax.add_patch(Rectangle((rc[1] * step - 0.5, rc[0] * step - 0.5), step, step, fill=False, edgecolor="cyan",
+                           linewidth=1.5))
+
+
+def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
+    """Rows: query patches (and the class token); columns: the image, the head mean, each head."""
+    heads = p.shape[0]
+    offset = 1 if has_cls else 0
+    queries = [("class token", 0, None)] if has_cls else []
+    queries += [(f"query patch {rc}", offset + rc[0] * grid[1] + rc[1], rc) for rc in _query_patches(grid)]
+    shown = [head] if head is not None else list(range(min(heads, MAX_HEAD_COLUMNS)))
+    columns = ([] if head is not None or heads == 1 else [("mean over heads", None)]) + \
+        [(f"head {h}", h) for h in shown]
+    size = image.shape[0]
+    fig = Figure(figsize=(1.75 * (len(columns) + 1) + 0.9, 1.75 * len(queries) + 1.1), layout="constrained")
+    axes = fig.subplots(len(queries), len(columns) + 1, squeeze=False)
+    for r, (label, q, rc) in enumerate(queries):
+        _show_image(axes[r, 0], image)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+        if rc is not None:
+            _mark_patch(axes[r, 0], rc, grid, size)
+        rows = [(p.mean(0) if h is None else p[h])[q, offset:].reshape(grid).numpy() for _, h in columns]
+        vmax = max(float(v.max()) for v in rows)  # one scale per query row, so heads compare directly
+        for c, ((col_label, _), values) in enumerate(zip(columns, rows), start=1):
+            im = _overlay(axes[r, c], image, values, vmax)
+            if rc is not None:
+                _mark_patch(axes[r, c], rc, grid, size)
+            if r == 0:
+                axes[r, c].set_title(col_label, fontsize=9)
+        fig.colorbar(im, ax=axes[r, -1], shrink=0.9).ax.tick_params(labelsize=7)
+    axes[0, 0].set_title(caption, fontsize=8)
+    cls_note = " (class-token column left out)" if has_cls else ""
+    fig.suptitle(f"{title}\nwhere each query looks: its attention row over the patches{cls_note}", fontsize=10)
+    return fig
+
+
+def _rollout_figure(maps, image, caption, spec_name, grid) -> Figure:
+    """The image, the rollout matrix, and what the classifier's pooled token draws from."""
+    probs = [p for _, p in maps]
+    r = attention_rollout(probs)
+    n = r.shape[0]
+    has_cls = n == grid[0] * grid[1] + 1
+    counts = [p.shape[-1] for p in probs]
+    if has_cls:
+        pooled, pooled_label = r[0, 1:], "class token's rollout over patches"
+    else:
+        pooled, pooled_label = r.mean(0), "mean over queries (what mean pooling gathers)"
+    fig = Figure(figsize=(11, 3.9), layout="constrained")
+    axes = fig.subplots(1, 3)
+    _show_image(axes[0], image, caption)
+    im = axes[1].imshow(r.numpy(), cmap=MAP_CMAP, norm=PowerNorm(0.5, vmin=0, vmax=float(r.max())),
+                        interpolation="nearest")
+    axes[1].set_title("rollout matrix", fontsize=9)
+    axes[1].set_xlabel("input token", fontsize=8)
+    axes[1].set_ylabel("output token", fontsize=8)
+    axes[1].tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes[1], shrink=0.85).ax.tick_params(labelsize=7)
+    values = pooled.reshape(grid).numpy()
+    im = _overlay(axes[2], image, values, float(values.max()))
+    axes[2].set_title(pooled_label, fontsize=9)
+    fig.colorbar(im, ax=axes[2], shrink=0.85).ax.tick_params(labelsize=7)
+    layers = f"{len(maps)} attention layer{'s' if len(maps) != 1 else ''}"
+    notes = ["heads averaged, identity added for the residual"]
+    if len(set(counts)) > 1:
+        joined = next(i for i, c in enumerate(counts) if c == counts[-1])
+        notes.append(f"class token joins at attention layer {joined} ({counts[0]} -> {counts[-1]} tokens)")
+    fig.suptitle(f"{spec_name} · attention rollout through {layers} (other mixers not counted)\n"
+                 + "; ".join(notes), fontsize=10)
+    return fig
+
+
+# -- token-mixing MLPs and depthwise kernels -------------------------------------------------
+
+def _weight_tiles(tiles: torch.Tensor, title: str, bar_label: str) -> Figure:
+    """One small image per row of `tiles` (T, h, w), each scaled to its own max |w|, on one shared bar."""
+    count = tiles.shape[0]
+    rows, cols = _tiles_grid(count)
+    tile = 0.62 if tiles.shape[-1] > 3 else 0.45
+    fig = Figure(figsize=(max(6.5, tile * cols + 1.2), tile * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    scale = tiles.flatten(1).abs().amax(1).clamp_min(1e-12)
+    scaled = (tiles / scale[:, None, None]).numpy()
+    im = None
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= count:
+            ax.set_axis_off()
+            continue
+        im = ax.imshow(scaled[i], cmap=WEIGHT_CMAP, vmin=-1, vmax=1, interpolation="nearest")
+        for spine in ax.spines.values():
+            spine.set_linewidth(0.3)
+    fig.colorbar(im, ax=axes, shrink=min(0.9, 3.0 / rows + 0.3), aspect=30, label=bar_label)
+    fig.suptitle(title, fontsize=10)
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
+    return fig
+
+
+def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") -> list[str]:
+    """First-layer weights of each token-mixing MLP, one patch-grid image per hidden unit."""
+    spec, model, _ = _load(run_dir, device)
+    chosen = _select(model, spec, "token_mlp", block, "--block")
+    grid = (spec.model.grid, spec.model.grid)
+    out_dir, paths = _out_dir(run_dir, out), []
+    for index, layer in chosen:
+        w = layer.module.mix_in.weight.detach().float().cpu()  # (Hd, N)
+        hidden, n = w.shape
+        # A class token that joined before this block is token 0: its weight has no place on the grid.
+        cls_note = ", class-token weight not drawn" if n == grid[0] * grid[1] + 1 else ""
+        tiles = w[:MAX_TILES, n - grid[0] * grid[1]:].reshape(-1, *grid)
+        more = f" (first {MAX_TILES} of {hidden})" if hidden > MAX_TILES else ""
+        title = (f"{spec.name} · {layer.name} (token-MLP block {index} of {len(_layers_of(model, 'token_mlp'))})\n"
+                 f"first-layer weights: {hidden} hidden units{more} on the {grid[0]}x{grid[1]} patch grid{cls_note}"
+                 f"\n(each unit scaled to its own max |w|)")
+        fig = _weight_tiles(tiles, title, "relative weight")
+        paths.append(_save(fig, out_dir / f"token_mlp_block{index}.png"))
+    return paths
+
+
+def dwconv(run_dir, block: int | None = None, out=None, device: str = "cpu") -> list[str]:
+    """The learned depthwise kernels of each dwconv block, one tile per channel."""
+    spec, model, _ = _load(run_dir, device)
+    chosen = _select(model, spec, "dwconv", block, "--block")
+    out_dir, paths = _out_dir(run_dir, out), []
+    for index, layer in chosen:
+        w = layer.module.conv.weight.detach().float().cpu()[:, 0]  # (C, k, k)
+        channels, k = w.shape[0], w.shape[-1]
+        more = f" (first {MAX_TILES} of {channels})" if channels > MAX_TILES else ""
+        title = (f"{spec.name} · {layer.name} (dwconv block {index} of {len(_layers_of(model, 'dwconv'))})\n"
+                 f"{k}x{k} depthwise kernels, one per channel: {channels} channels{more}"
+                 f"\n(each kernel scaled to its own max |w|)")
+        fig = _weight_tiles(w[:MAX_TILES], title, "relative weight")
+        paths.append(_save(fig, out_dir / f"dwconv_block{index}.png"))
+    return paths
+
+
+# -- training curves -------------------------------------------------------------------------
+
+def _read_metrics(run_dir: Path) -> dict[str, list]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        raise UserError(f"{run_dir} has no metrics.csv; give run directories written by `composer train`")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"{path} has no finished epoch yet")
+
+    def column(key):
+        return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
+
+    return {key: column(key) for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")}
+
+
+def _run_name(run_dir: Path) -> str:
+    import yaml
+
+    try:
+        return str(yaml.safe_load((run_dir / "spec.yaml").read_text())["name"])
+    except Exception:  # a run without its spec copy is still worth plotting: name it after its folder
+        return run_dir.name
+
+
+def curves(run_dirs: list, out=None) -> list[str]:
+    """Loss and accuracy per epoch of one or more runs, overlaid, labelled by spec name."""
+    dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{d} is not a run directory")
+    names = [_run_name(d) for d in dirs]
+    labels = [f"{n} ({d.name})" if names.count(n) > 1 else n for n, d in zip(names, dirs)]
+    runs = [_read_metrics(d) for d in dirs]
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for label, metrics, colour in zip(labels, runs, colours):
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            scale = 100.0 if key == "acc" else 1.0
+            for part, style, marker in (("train", "-", "o"), ("val", "--", "s")):
+                values = np.array(metrics[f"{part}_{key}"]) * scale
+                if np.isfinite(values).any():
+                    ax.plot(metrics["epoch"], values, style, color=colour, marker=marker, markersize=3.5,
+                            label=f"{label} {part}")
+    for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, max(max(m["epoch"]) for m in runs) + 0.5)  # one epoch still gets a sensible axis
+    ax_loss.set_title("loss (train: solid, val: dashed)", fontsize=10)
+    ax_acc.set_title("accuracy (train: solid, val: dashed)", fontsize=10)
+    ax_acc.legend(fontsize=8, loc="lower right")
+    fig.suptitle("training curves: " + ", ".join(labels), fontsize=11)
+    out_dir = _out_dir(dirs[0], out)
+    name = "curves.png" if len(dirs) == 1 else f"curves_{_slug('+'.join(labels))[:120]}.png"
+    return [_save(fig, out_dir / name)]
