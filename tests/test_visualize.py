@@ -1,0 +1,214 @@
+"""`composer visualize`: figures from tiny trained runs, and the attention numbers behind them.
+
+One hybrid run (convmixer -> mixer -> vit, class token) is trained once with the Triton
+kernels (interpreter mode on CPU, see conftest) so every command applies to it; a pure
+ViT run checks the message for a block kind a run lacks.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from composer import visualize
+from composer.blocks.base import set_backend
+from composer.checkpoint import load_run
+from composer.cli import main
+from composer.data import load_split, normalize
+from composer.spec import load_spec_text
+from composer.train import train
+
+HYBRID = """\
+name: tiny_hybrid
+model:
+  image_size: 12
+  resize: 16
+  num_classes: 4
+  stem: {patch_size: 4, dim: 32}
+  pos_embed: learned
+  blocks:
+    - {kind: convmixer, kernel_size: 3}
+    - {kind: mixer, token_hidden: 8, mlp_ratio: 2}
+    - {kind: vit, heads: 2, mlp_ratio: 2}
+  head: {pool: cls}
+data:
+  kind: synthetic
+  num_samples: 40
+  val_split: 0.2
+train:
+  epochs: 1
+  batch_size: 16
+  device: cpu
+  kernels: KERNELS
+"""
+
+VIT = """\
+name: tiny_vit
+model:
+  image_size: 8
+  num_classes: 4
+  stem: {patch_size: 2, dim: 16}
+  blocks:
+    - {kind: vit, heads: 2, mlp_ratio: 2, repeat: 2}
+  head: {pool: mean}
+data:
+  kind: synthetic
+  num_samples: 40
+  val_split: 0.2
+train:
+  epochs: 1
+  batch_size: 16
+  device: cpu
+"""
+
+
+def _train(tmp_path_factory, text, name, kernels="reference"):
+    run = tmp_path_factory.mktemp(name) / "run"
+    spec = load_spec_text(text.replace("KERNELS", kernels), f"{name}.yaml", [f"train.out_dir={run}"])
+    train(spec, echo=lambda *a, **k: None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    # Trained through the Triton kernels: an explicit "triton" raises rather than falling back,
+    # so a finished run proves they ran, and the figures below must not care.
+    return _train(tmp_path_factory, HYBRID, "hybrid", kernels="triton")
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    return _train(tmp_path_factory, VIT, "vit")
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, ["visualize", *map(str, args)])
+    return result
+
+
+def assert_pngs(paths, count):
+    assert len(paths) == count, paths
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            width, height = image.size
+            image.load()  # decodes the whole file: a truncated PNG fails here
+        assert 300 <= width <= 4000 and 200 <= height <= 4000, (path, image.size)
+
+
+def printed_paths(result):
+    assert result.exit_code == 0, (result.output, result.exception)
+    return [line for line in result.output.splitlines() if line.endswith(".png")]
+
+
+# -- the numbers ----------------------------------------------------------------------------
+
+def independent_probs(model, x):
+    """softmax(Q K^T / sqrt(d)) of every attention layer, from its input and to_qkv weights, in float64."""
+    inputs = []
+    hooks = [layer.module.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+             for layer in model.layers if layer.kind == "attention"]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = []
+    for module, inp in inputs:
+        x64 = inp[0].double()  # (N, C)
+        ln = F.layer_norm(x64, x64.shape[-1:], module.norm.weight.double(), module.norm.bias.double(), module.norm.eps)
+        qkv = ln @ module.to_qkv.weight.double().T + module.to_qkv.bias.double()
+        n, c = x64.shape
+        d = c // module.heads
+        q, k, _ = qkv.reshape(n, 3, module.heads, d).permute(1, 2, 0, 3)  # packed as (three, heads, d)
+        out.append(torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1))
+    return out
+
+
+def test_drawn_attention_equals_softmax_of_the_model(hybrid_run, tmp_path, monkeypatch):
+    drawn = []
+
+    def recording(model, x):
+        maps = real(model, x)
+        drawn.extend(maps)
+        return maps
+
+    real = visualize.attention_maps
+    monkeypatch.setattr(visualize, "attention_maps", recording)
+    paths = visualize.attention(hybrid_run, image_index=3, split="val", out=tmp_path)
+    assert_pngs(paths, 3)
+
+    spec, model, state = load_run(hybrid_run)
+    data = load_split(spec.data, spec.model, "val")
+    x = normalize(data.images[3:4], state["normalization"]["mean"], state["normalization"]["std"])
+    expected = independent_probs(model, x)
+    assert [name for name, _ in drawn] == ["blocks[2].attention"]
+    assert len(expected) == 1
+    probs = drawn[0][1]
+    assert probs.shape == (2, 17, 17)  # 2 heads; 16 patches after the 12 -> 16 resize, plus the class token
+    torch.testing.assert_close(probs.double(), expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 17), atol=1e-5, rtol=0)
+
+
+def test_attention_maps_do_not_depend_on_the_kernel_backend(hybrid_run):
+    spec, model, state = load_run(hybrid_run)
+    x = normalize(load_split(spec.data, spec.model, "val").images[:1], **state["normalization"])
+    reference = visualize.attention_maps(model, x)
+    set_backend(model, "triton")
+    model.train()
+    on_triton = visualize.attention_maps(model, x)
+    for (name_a, a), (name_b, b) in zip(reference, on_triton):
+        assert name_a == name_b
+        assert torch.equal(a, b)
+    # the model is handed back as it came: its backends and its training mode
+    assert all(m.backend == "triton" for m in model.modules() if getattr(m, "kernel_op", None))
+    assert model.training
+
+
+def test_rollout_averages_heads_adds_identity_and_admits_a_late_class_token():
+    torch.manual_seed(0)
+    first = torch.softmax(torch.randn(2, 4, 4), -1)
+    second = torch.softmax(torch.randn(3, 5, 5), -1)  # a class token joined in between
+    one = visualize.attention_rollout([first])
+    expected = (first.mean(0) + torch.eye(4)) / 2
+    torch.testing.assert_close(one, expected)
+    both = visualize.attention_rollout([first, second])
+    a2 = (second.mean(0) + torch.eye(5)) / 2
+    torch.testing.assert_close(both, a2 @ torch.block_diag(torch.eye(1), expected))
+    torch.testing.assert_close(both.sum(-1), torch.ones(5))
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
+    # one layer: matrix and overlay, no rollout
+    assert_pngs(printed_paths(invoke("attention", hybrid_run, "--layer", 0, "--head", 1, "--out", tmp_path)), 2)
+    # every layer: two layers x (matrix, overlay), then the rollout through both
+    paths = printed_paths(invoke("attention", vit_run, "--split", "train", "--image", 5, "--out", tmp_path))
+    assert_pngs(paths, 5)
+    assert paths[-1].endswith("attention_train5_rollout.png")
+    # default destination: RUN_DIR/figures
+    paths = printed_paths(invoke("token-mlp", hybrid_run))
+    assert_pngs(paths, 1)
+    assert all(p.startswith(str(hybrid_run / "figures")) for p in paths)
+    assert_pngs(printed_paths(invoke("dwconv", hybrid_run, "--block", 0, "--out", tmp_path)), 1)
+    assert_pngs(printed_paths(invoke("curves", hybrid_run, vit_run, "--out", tmp_path)), 1)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("token-mlp", "VIT"), ["no token_mlp layers", "blocks[0].attention", "composer visualize attention"]),
+    (("dwconv", "VIT"), ["no dwconv layers"]),
+    (("attention", "HYBRID", "--layer", 1), ["--layer 1 is out of range", "1 attention layer"]),
+    (("token-mlp", "HYBRID", "--block", 2), ["--block 2 is out of range", "1 token_mlp layer"]),
+    (("attention", "HYBRID", "--image", 8), ["--image 8 is out of range", "8 images"]),
+    (("attention", "HYBRID", "--head", 2), ["--head 2 is out of range", "2 heads"]),
+    (("curves", "NOWHERE"), ["not a run directory"]),
+])
+def test_user_errors(hybrid_run, vit_run, tmp_path, args, fragments):
+    where = {"VIT": vit_run, "HYBRID": hybrid_run, "NOWHERE": tmp_path / "missing"}
+    result = invoke(*[where.get(a, a) if isinstance(a, str) else a for a in args], "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
