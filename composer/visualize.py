@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from composer.checkpoint import load_run
 from composer.errors import UserError
 
 COMMAND_OF_KIND = {"attention": "attention", "token_mlp": "token-mlp", "dwconv": "dwconv"}
@@ -73,7 +74,7 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     model.eval()
     try:
         with _reference_kernels(model):
-            for i, layer in enumerate(model.layers[:attention[-1] + 1] if attention else []):
+            for layer in model.layers[:attention[-1] + 1] if attention else []:
                 if layer.kind == "attention":
                     maps.append((layer.name, layer.module.attention_probs(x)[0].float()))
                 x = layer.module(x)
@@ -101,13 +102,6 @@ def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 # -- loading -------------------------------------------------------------------------------
-
-def _load(run_dir, device):
-    from composer.checkpoint import load_run
-
-    spec, model, state = load_run(run_dir, device)
-    return spec, model, state
-
 
 def _out_dir(run_dir, out) -> Path:
     if out:
@@ -190,13 +184,13 @@ def attention(run_dir, image_index: int = 0, split: str = "val", layer: int | No
     """Attention matrices, per-query overlays and (all layers) rollout for one image; returns PNG paths."""
     from composer.data import load_split, normalize
 
-    spec, model, state = _load(run_dir, device)
+    spec, model, state = load_run(run_dir, device)
     chosen = _select(model, spec, "attention", layer, "--layer")
     data = load_split(spec.data, spec.model, split)
     if not 0 <= image_index < len(data):
         raise UserError(f"--image {image_index} is out of range: the {split} split has {len(data)} images "
                         f"(0..{len(data) - 1})")
-    heads = chosen[0][1].module.heads
+    heads = min(info.module.heads for _, info in chosen)  # blocks of one spec may differ in heads
     if head is not None and not 0 <= head < heads:
         raise UserError(f"--head {head} is out of range: the attention layers have {heads} heads (0..{heads - 1})")
 
@@ -280,7 +274,7 @@ def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
     heads = p.shape[0]
     offset = 1 if has_cls else 0
     queries = [("class token", 0, None)] if has_cls else []
-    queries += [(f"query patch {rc}", offset + rc[0] * grid[1] + rc[1], rc) for rc in _query_patches(grid)]
+    queries += [(f"query: row {r}, col {c}", offset + r * grid[1] + c, (r, c)) for r, c in _query_patches(grid)]
     shown = [head] if head is not None else list(range(min(heads, MAX_HEAD_COLUMNS)))
     columns = ([] if head is not None or heads == 1 else [("mean over heads", None)]) + \
         [(f"head {h}", h) for h in shown]
@@ -371,7 +365,7 @@ def _weight_tiles(tiles: torch.Tensor, title: str, bar_label: str) -> Figure:
 
 def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") -> list[str]:
     """First-layer weights of each token-mixing MLP, one patch-grid image per hidden unit."""
-    spec, model, _ = _load(run_dir, device)
+    spec, model, _ = load_run(run_dir, device)
     chosen = _select(model, spec, "token_mlp", block, "--block")
     grid = (spec.model.grid, spec.model.grid)
     out_dir, paths = _out_dir(run_dir, out), []
@@ -392,7 +386,7 @@ def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") 
 
 def dwconv(run_dir, block: int | None = None, out=None, device: str = "cpu") -> list[str]:
     """The learned depthwise kernels of each dwconv block, one tile per channel."""
-    spec, model, _ = _load(run_dir, device)
+    spec, model, _ = load_run(run_dir, device)
     chosen = _select(model, spec, "dwconv", block, "--block")
     out_dir, paths = _out_dir(run_dir, out), []
     for index, layer in chosen:
