@@ -83,7 +83,7 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     matmuls it replaces (and returns that dtype).
     """
     kind = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+    if x.dtype == torch.float32 and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
         return x.to(torch.get_autocast_dtype(kind))
     return x
 

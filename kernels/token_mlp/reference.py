@@ -11,6 +11,8 @@ Mixing tokens is a left multiplication, so no transpose is ever materialized:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,9 @@ def token_mlp_reference(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5
     ct = torch.promote_types(x.dtype, torch.float32)
     # Autocast would silently run the matmuls in bf16/fp16; the reference is
     # the ground truth, so it always computes in `ct`.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    no_autocast = (torch.autocast(device_type=x.device.type, enabled=False)
+                   if x.device.type in ("cpu", "cuda") else contextlib.nullcontext())  # e.g. meta tensors
+    with no_autocast:
         xf = x.to(ct)
         z = F.layer_norm(xf, (x.shape[-1],), ln_weight.to(ct), ln_bias.to(ct), eps)  # (B, N, C)
         h = F.gelu(torch.matmul(w1.to(ct), z) + b1.to(ct)[:, None])                 # (B, Hd, C)
