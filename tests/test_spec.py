@@ -54,6 +54,11 @@ def test_unknown_block_kind_suggests():
     assert msg.startswith("x.yaml:7:7: model.blocks[0]: unknown block kind 'atention' (did you mean 'attention'?)")
 
 
+def test_misplaced_key_names_its_section():
+    (msg,) = problems(GOOD + "train:\n  lr: 0.1\n")
+    assert msg.startswith("x.yaml:11:3: train.lr: unknown key 'lr' (it belongs under 'optimizer:')"), msg
+
+
 def test_missing_field_and_wrong_type():
     found = problems(GOOD.replace("  num_classes: 10\n", "").replace("heads: 4", "heads: four"))
     assert any("x.yaml:2:1: model.num_classes: required field is missing" == m for m in found), found

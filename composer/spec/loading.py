@@ -251,13 +251,22 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _belongs_under(model: type[BaseModel] | None, key) -> str:
+    """' (it belongs under optimizer)' when `key` is a field of one of model's sub-sections."""
+    for name, field in (model.model_fields.items() if model else []):
+        sub = _unwrap(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and key in sub.model_fields:
+            return f" (it belongs under '{name}:')"
+    return ""
+
+
 def _message(err: dict) -> str:
     kind, loc = err["type"], err["loc"]
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         known = list(model.model_fields) if model else []
-        return f"unknown key '{loc[-1]}'{_suggest(loc[-1], known)}" + (
-            f"; valid keys: {', '.join(known)}" if known else "")
+        hint = _suggest(loc[-1], known) or _belongs_under(model, loc[-1])
+        return f"unknown key '{loc[-1]}'{hint}" + (f"; valid keys: {', '.join(known)}" if known else "")
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
         tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
