@@ -1,0 +1,48 @@
+"""`composer summarize` and `composer bench` as a user runs them."""
+import json
+
+import torch
+
+from composer.bench import bench_kernels
+from tests.helpers import SPECS, assert_user_error, run_cli
+
+
+def test_summarize_json_and_table():
+    result = run_cli("summarize", SPECS / "vit_ti16.yaml", "--json", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["params"] == 5_717_416 and isinstance(data["flops"], int)
+    assert data["flops"] == sum(r["flops_per_image"] for r in data["rows"])
+    assert "multiply-add = 2 FLOPs" in data["flop_convention"]
+    attention = [r for r in data["rows"] if r["kind"] == "attention"]
+    assert len(attention) == 12 and attention[0]["input"] == [8, 197, 192]
+    expected = "attention: triton" if torch.cuda.is_available() else "attention: reference"
+    assert attention[0]["kernel"] == expected and (torch.cuda.is_available() or attention[0]["kernel_reasons"])
+    table = run_cli("summarize", SPECS / "seed_convmixer_mixer.yaml")
+    assert table.returncode == 0, table.stderr
+    for fragment in ("blocks[0].dwconv", "grid->tokens", "blocks[1].token_mlp", "total", "FLOPs: multiply-add"):
+        assert fragment in table.stdout, fragment
+
+
+def test_summarize_errors_exit_2(tmp_path):
+    assert_user_error(run_cli("summarize", tmp_path / "nope.yaml"), "no such file")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- model\n- data\n")
+    assert_user_error(run_cli("summarize", listing), f"{listing}:1:1: a spec is a mapping")
+
+
+def test_bench_kernels_needs_cuda_or_runs():
+    if torch.cuda.is_available():
+        return
+    assert_user_error(run_cli("bench", "kernels"), "needs a CUDA GPU")
+
+
+def test_bench_kernels_runner_prints_every_candidate():
+    lines = []
+    tiny = {"attention": [(1, 1, 5, 16)], "token_mlp": [(1, 16, 32, 16)], "dwconv2d": [(1, 3, 8, 8, 3)]}
+    rows = bench_kernels("all", "fp32", echo=lines.append, device="cpu", shapes=tiny)
+    ops = {r["op"] for r in rows}
+    assert ops == {"attention", "token_mlp", "dwconv2d"}
+    for r in rows:
+        assert isinstance(r["fwd_us"], float) and r["fwd_us"] > 0, r
+    assert sum("(floor)" in line for line in lines) == 3
