@@ -402,8 +402,10 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                 scheduler.step()
                 position["global_step"] += 1
                 position["step_in_epoch"] = step + 1
-                if progress.live:
-                    progress.update(f"loss {loss.item():.3f}")
+                if progress.live:  # the .item() syncs are paid only when someone watches a terminal
+                    done = local[2].item() or 1
+                    rate = (step + 1 - timed_from) * t.batch_size / max(time.perf_counter() - tic, 1e-9)
+                    progress.update(f"loss {loss.item():.3f}  acc {local[1].item() / done:.3f}  {rate:,.0f} img/s")
                 if t.checkpoint_every and position["global_step"] % t.checkpoint_every == 0:
                     sync()
                     checkpoint([LAST])

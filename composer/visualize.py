@@ -152,7 +152,7 @@ def _slug(text: str) -> str:
 
 def _save(fig: Figure, path: Path) -> str:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.08)
     return str(path)
 
 
@@ -230,7 +230,7 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
     panels = [(f"head {h}", p[h]) for h in ([head] if head is not None else range(min(heads, MAX_HEAD_COLUMNS)))]
     if head is None and heads > 1:
         panels.append(("mean over heads", p.mean(0)))
-    cols = min(len(panels) + 1, 5)
+    cols = len(panels) + 1 if len(panels) < 6 else 5  # one row when it fits, no orphan panel
     rows = math.ceil((len(panels) + 1) / cols)
     fig = Figure(figsize=(3.3 * cols, 3.2 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -238,8 +238,10 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
     n = p.shape[-1]
     for ax, (label, matrix) in zip(axes[1:], panels):
         m = matrix.numpy()
-        # Attention is peaked: a square-root scale shows the weak structure; the bar keeps true values.
-        im = ax.imshow(m, cmap=MAP_CMAP, norm=PowerNorm(0.5, vmin=0, vmax=float(m.max())), interpolation="nearest")
+        # Attention is either near uniform (early in training) or peaked: spanning min..max on a square-root
+        # scale shows the structure in both cases; the bar keeps the true probabilities.
+        norm = PowerNorm(0.5, vmin=float(m.min()), vmax=float(m.max()))
+        im = ax.imshow(m, cmap=MAP_CMAP, norm=norm, interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("key token", fontsize=8)
         ax.set_ylabel("query token", fontsize=8)
@@ -255,11 +257,16 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
 
 
 def _overlay(ax, image, values: np.ndarray, vmax: float):
-    """A (h, w) map on top of the image in grey (so its colours do not mix with the map's), patches kept sharp."""
+    """A (h, w) map on top of the image in grey (so its colours do not mix with the map's), patches kept sharp.
+
+    Opacity grows with the value: where little attention goes the image shows through,
+    so a map that is nearly uniform does not paint over the whole picture.
+    """
     grey = image if image.ndim == 2 else image @ np.array([0.299, 0.587, 0.114])
     _show_image(ax, grey)
     size = image.shape[0]
-    return ax.imshow(values, cmap=MAP_CMAP, vmin=0, vmax=vmax, alpha=0.6, interpolation="nearest",
+    alpha = 0.9 * np.clip(values / max(vmax, 1e-12), 0, 1) ** 1.5
+    return ax.imshow(values, cmap=MAP_CMAP, vmin=0, vmax=vmax, alpha=alpha, interpolation="nearest",
                      extent=(-0.5, size - 0.5, size - 0.5, -0.5))
 
 
@@ -315,13 +322,15 @@ def _rollout_figure(maps, image, caption, spec_name, grid) -> Figure:
     fig = Figure(figsize=(11, 3.9), layout="constrained")
     axes = fig.subplots(1, 3)
     _show_image(axes[0], image, caption)
-    im = axes[1].imshow(r.numpy(), cmap=MAP_CMAP, norm=PowerNorm(0.5, vmin=0, vmax=float(r.max())),
-                        interpolation="nearest")
-    axes[1].set_title("rollout matrix", fontsize=9)
+    # The residual identity dominates the diagonal; clip it so the mixing between tokens stays visible.
+    off_diagonal = r[~torch.eye(n, dtype=torch.bool)]
+    vmax = float(off_diagonal.max()) if n > 1 else float(r.max())
+    im = axes[1].imshow(r.numpy(), cmap=MAP_CMAP, norm=PowerNorm(0.5, vmin=0, vmax=vmax), interpolation="nearest")
+    axes[1].set_title("rollout matrix (diagonal clipped)", fontsize=9)
     axes[1].set_xlabel("input token", fontsize=8)
     axes[1].set_ylabel("output token", fontsize=8)
     axes[1].tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[1], shrink=0.85).ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes[1], shrink=0.85, extend="max").ax.tick_params(labelsize=7)
     values = pooled.reshape(grid).numpy()
     im = _overlay(axes[2], image, values, float(values.max()))
     axes[2].set_title(pooled_label, fontsize=9)
