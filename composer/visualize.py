@@ -230,8 +230,9 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
     panels = [(f"head {h}", p[h]) for h in ([head] if head is not None else range(min(heads, MAX_HEAD_COLUMNS)))]
     if head is None and heads > 1:
         panels.append(("mean over heads", p.mean(0)))
-    cols = len(panels) + 1 if len(panels) < 6 else 5  # one row when it fits, no orphan panel
-    rows = math.ceil((len(panels) + 1) / cols)
+    total = len(panels) + 1
+    rows = 1 if total <= 3 else 2 if total <= 10 else math.ceil(total / 5)  # a compact block, not a long strip
+    cols = math.ceil(total / rows)
     fig = Figure(figsize=(3.3 * cols, 3.2 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     _show_image(axes[0], image, caption)
@@ -256,17 +257,17 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
     return fig
 
 
-def _overlay(ax, image, values: np.ndarray, vmax: float):
+def _overlay(ax, image, values: np.ndarray, vmin: float, vmax: float):
     """A (h, w) map on top of the image in grey (so its colours do not mix with the map's), patches kept sharp.
 
-    Opacity grows with the value: where little attention goes the image shows through,
+    Opacity grows from vmin to vmax: where least attention goes the image shows through,
     so a map that is nearly uniform does not paint over the whole picture.
     """
     grey = image if image.ndim == 2 else image @ np.array([0.299, 0.587, 0.114])
     _show_image(ax, grey)
     size = image.shape[0]
-    alpha = 0.9 * np.clip(values / max(vmax, 1e-12), 0, 1) ** 1.5
-    return ax.imshow(values, cmap=MAP_CMAP, vmin=0, vmax=vmax, alpha=alpha, interpolation="nearest",
+    alpha = 0.9 * np.clip((values - vmin) / max(vmax - vmin, 1e-12), 0, 1) ** 1.5
+    return ax.imshow(values, cmap=MAP_CMAP, vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest",
                      extent=(-0.5, size - 0.5, size - 0.5, -0.5))
 
 
@@ -294,14 +295,16 @@ def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
         if rc is not None:
             _mark_patch(axes[r, 0], rc, grid, size)
         rows = [(p.mean(0) if h is None else p[h])[q, offset:].reshape(grid).numpy() for _, h in columns]
-        vmax = max(float(v.max()) for v in rows)  # one scale per query row, so heads compare directly
+        # One scale per query row, so its heads compare directly; min..max because a row is often
+        # close to uniform (1/N) and what matters is where it departs from that.
+        vmin, vmax = min(float(v.min()) for v in rows), max(float(v.max()) for v in rows)
         for c, ((col_label, _), values) in enumerate(zip(columns, rows), start=1):
-            im = _overlay(axes[r, c], image, values, vmax)
+            im = _overlay(axes[r, c], image, values, vmin, vmax)
             if rc is not None:
                 _mark_patch(axes[r, c], rc, grid, size)
             if r == 0:
                 axes[r, c].set_title(col_label, fontsize=9)
-        fig.colorbar(im, ax=axes[r, -1], shrink=0.9).ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=axes[r, -1], shrink=0.9, format="%.3f").ax.tick_params(labelsize=7)
     axes[0, 0].set_title(caption, fontsize=8)
     cls_note = " (class-token column left out)" if has_cls else ""
     fig.suptitle(f"{title}\nwhere each query looks: its attention row over the patches{cls_note}", fontsize=10)
@@ -330,11 +333,11 @@ def _rollout_figure(maps, image, caption, spec_name, grid) -> Figure:
     axes[1].set_xlabel("input token", fontsize=8)
     axes[1].set_ylabel("output token", fontsize=8)
     axes[1].tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[1], shrink=0.85, extend="max").ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes[1], shrink=0.85, extend="max", label="rollout weight").ax.tick_params(labelsize=7)
     values = pooled.reshape(grid).numpy()
-    im = _overlay(axes[2], image, values, float(values.max()))
+    im = _overlay(axes[2], image, values, float(values.min()), float(values.max()))
     axes[2].set_title(pooled_label, fontsize=9)
-    fig.colorbar(im, ax=axes[2], shrink=0.85).ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes[2], shrink=0.85, label="rollout weight").ax.tick_params(labelsize=7)
     layers = f"{len(maps)} attention layer{'s' if len(maps) != 1 else ''}"
     notes = ["heads averaged, identity added for the residual"]
     if len(set(counts)) > 1:

@@ -135,3 +135,35 @@ def test_schema_matches_models_and_committed_copy(tmp_path):
         "specs/composer.schema.json is stale: run `composer schema -o specs/composer.schema.json`"
     blocks = schema["$defs"]["ModelSpec"]["properties"]["blocks"]
     assert "description" in blocks and "discriminator" in json.dumps(blocks)
+
+
+BAD_INPUTS = {
+    "unknown key": (GOOD.replace("heads: 4", "heads: 4\n      haeds: 2"), ":9:7:", "unknown key 'haeds'"),
+    "unknown kind": (GOOD.replace("kind: vit", "kind: vitt"), ":7:7:", "unknown block kind 'vitt'"),
+    "duplicate key": (GOOD.replace("  num_classes: 10\n", "  num_classes: 10\n  num_classes: 10\n"), ":5:3:",
+                      "duplicate key"),
+    "wrong type": (GOOD.replace("heads: 4", "heads: [4]"), ":8:14:", "valid integer"),
+    "missing field": (GOOD.replace("  num_classes: 10\n", ""), ":2:1:", "required field is missing"),
+    "rule": (GOOD.replace("heads: 4", "heads: 3"), ":8:14:", "3 does not divide dim 64"),
+    "invalid yaml": (GOOD.replace("heads: 4", "heads: [4"), ":", "invalid YAML"),
+    "not a mapping": ("- 1\n", ":1:1:", "a spec is a mapping"),
+    "empty": ("", "", "the file is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_cli_bad_input_exit_2_with_position_and_no_traceback(tmp_path, case):
+    from click.testing import CliRunner
+
+    from composer.cli import main
+
+    text, position, fragment = BAD_INPUTS[case]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    for command in (["validate"], ["summarize"], ["train", "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(main, command + [str(spec)])
+        assert result.exit_code == 2, (command, result.output)
+        assert isinstance(result.exception, SystemExit)  # handled: no traceback printed
+        assert f"{spec}{position}" in result.stderr and fragment in result.stderr, result.stderr
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # nothing started
