@@ -35,7 +35,9 @@ def kernel_path(layer, backend: str, device: str, dtype: torch.dtype) -> tuple[s
 def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
               model: ComposedModel | None = None) -> dict:
     backend = backend or spec.train.kernels
-    model = model or build_model(spec, backend=backend)
+    if model is None:
+        with torch.device("meta"):  # shapes and counts only: no memory, no init time, even for ViT-B
+            model = build_model(spec, backend=backend)
     device, dtype = training_device_and_dtype()
     act_bytes = torch.finfo(dtype).bits // 8
     rows = []
