@@ -12,6 +12,7 @@ call repeatedly from one process (tests, notebooks).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from composer.checkpoint import load_run
 from composer.errors import UserError
@@ -152,7 +154,12 @@ def _slug(text: str) -> str:
 
 def _save(fig: Figure, path: Path) -> str:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.08)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08)
+    # Figures are opaque: without the alpha channel, and with an optimized deflate, files shrink by ~10%.
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").save(path, optimize=True)
     return str(path)
 
 
@@ -289,7 +296,7 @@ def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
     columns = ([] if head is not None or heads == 1 else [("mean over heads", None)]) + \
         [(f"head {h}", h) for h in shown]
     size = image.shape[0]
-    fig = Figure(figsize=(1.75 * (len(columns) + 1) + 0.9, 1.75 * len(queries) + 1.1), layout="constrained")
+    fig = Figure(figsize=(1.5 * (len(columns) + 1) + 0.9, 1.5 * len(queries) + 1.1), layout="constrained")
     axes = fig.subplots(len(queries), len(columns) + 1, squeeze=False)
     for r, (label, q, rc) in enumerate(queries):
         _show_image(axes[r, 0], image)
