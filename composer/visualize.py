@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import re
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
@@ -171,6 +171,25 @@ def _show_image(ax, image: np.ndarray, title: str | None = None):
         ax.set_title(title, fontsize=9)
 
 
+def _suptitle(fig: Figure, text: str, fontsize: float = 10) -> None:
+    """A figure title wrapped to the figure's width, so a narrow figure is not stretched by its own title."""
+    chars = max(30, int(fig.get_figwidth() * 130 / fontsize))  # ~0.077 in per character at 10 pt
+    lines = [textwrap.fill(line, chars) for line in text.split("\n")]
+    fig.suptitle("\n".join(lines), fontsize=fontsize)
+
+
+def _colorbar(fig: Figure, im, ax, label: str | None, ticks: int | None = None, **kwargs):
+    """A colour bar with small ticks that stay distinct when the range is narrow (no '+1.5e-2' offsets)."""
+    bar = fig.colorbar(im, ax=ax, **kwargs)
+    if ticks:
+        bar.ax.yaxis.set_major_locator(MaxNLocator(ticks))
+    bar.formatter.set_useOffset(False)
+    bar.ax.tick_params(labelsize=7)
+    if label:
+        bar.set_label(label, fontsize=8)
+    return bar
+
+
 def _tiles_grid(count: int) -> tuple[int, int]:
     cols = max(1, math.ceil(math.sqrt(count * 1.3)))  # a little wider than tall, like a page
     return math.ceil(count / cols), cols
@@ -254,15 +273,13 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
         ax.set_xlabel("key token", fontsize=8)
         ax.set_ylabel("query token", fontsize=8)
         ax.tick_params(labelsize=7)
-        bar = fig.colorbar(im, ax=ax, shrink=0.8, extend="both", format="%.3g")
-        bar.set_label("probability", fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        _colorbar(fig, im, ax, "probability", shrink=0.8, extend="both")
     for ax in axes[len(panels) + 1:]:
         ax.set_axis_off()
-    more = f"; heads 0..{MAX_HEAD_COLUMNS - 1} of {heads} shown (use --head)" if head is None and heads > \
-        MAX_HEAD_COLUMNS else ""
-    fig.suptitle(f"{title}\nsoftmax(QKᵀ/√d), {n} tokens"
-                 f"{' (token 0 = class token)' if has_cls else ''}, rows sum to 1{more}", fontsize=10)
+    cls_note = " (token 0 = class token)" if has_cls else ""
+    more = f"; heads 0..{MAX_HEAD_COLUMNS - 1} of {heads} shown (use --head)" \
+        if head is None and heads > MAX_HEAD_COLUMNS else ""
+    _suptitle(fig, f"{title}\nsoftmax(QKᵀ/√d), {n} tokens{cls_note}, rows sum to 1{more}")
     return fig
 
 
@@ -313,12 +330,10 @@ def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
                 _mark_patch(axes[r, c], rc, grid, size)
             if r == 0:
                 axes[r, c].set_title(col_label, fontsize=9)
-        bar = fig.colorbar(im, ax=axes[r, -1], shrink=0.9, format="%.3g")
-        bar.ax.yaxis.set_major_locator(MaxNLocator(4))
-        bar.ax.tick_params(labelsize=7)
+        _colorbar(fig, im, axes[r, -1], None, shrink=0.9, ticks=4)
     axes[0, 0].set_title(caption, fontsize=8)
     cls_note = " (class-token column left out)" if has_cls else ""
-    fig.suptitle(f"{title}\nwhere each query looks: its attention row over the patches{cls_note}", fontsize=10)
+    _suptitle(fig, f"{title}\nwhere each query looks: its attention row over the patches{cls_note}")
     return fig
 
 
@@ -336,26 +351,27 @@ def _rollout_figure(maps, image, caption, spec_name, grid) -> Figure:
     fig = Figure(figsize=(11, 3.9), layout="constrained")
     axes = fig.subplots(1, 3)
     _show_image(axes[0], image, caption)
-    # The residual identity dominates the diagonal; clip it so the mixing between tokens stays visible.
-    off_diagonal = r[~torch.eye(n, dtype=torch.bool)]
-    vmax = float(off_diagonal.max()) if n > 1 else float(r.max())
-    im = axes[1].imshow(r.numpy(), cmap=MAP_CMAP, norm=PowerNorm(0.5, vmin=0, vmax=vmax), interpolation="nearest")
+    # The residual identity dominates the diagonal: scale by the off-diagonal entries (0.5..99.5 percentiles)
+    # so the mixing between tokens stays visible.
+    off_diagonal = r[~torch.eye(n, dtype=torch.bool)].numpy() if n > 1 else r.numpy().ravel()
+    lo, hi = np.percentile(off_diagonal, [0.5, 99.5])
+    im = axes[1].imshow(r.numpy(), cmap=MAP_CMAP, vmin=lo, vmax=max(hi, lo + 1e-9), interpolation="nearest")
     axes[1].set_title("rollout matrix (diagonal clipped)", fontsize=9)
     axes[1].set_xlabel("input token", fontsize=8)
     axes[1].set_ylabel("output token", fontsize=8)
     axes[1].tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[1], shrink=0.85, extend="max", label="rollout weight").ax.tick_params(labelsize=7)
+    _colorbar(fig, im, axes[1], "rollout weight", shrink=0.85, extend="both")
     values = pooled.reshape(grid).numpy()
     im = _overlay(axes[2], image, values, float(values.min()), float(values.max()))
     axes[2].set_title(pooled_label, fontsize=9)
-    fig.colorbar(im, ax=axes[2], shrink=0.85, label="rollout weight").ax.tick_params(labelsize=7)
+    _colorbar(fig, im, axes[2], "rollout weight", shrink=0.85)
     layers = f"{len(maps)} attention layer{'s' if len(maps) != 1 else ''}"
     notes = ["heads averaged, identity added for the residual"]
     if len(set(counts)) > 1:
         joined = next(i for i, c in enumerate(counts) if c == counts[-1])
         notes.append(f"class token joins at attention layer {joined} ({counts[0]} -> {counts[-1]} tokens)")
-    fig.suptitle(f"{spec_name} · attention rollout through {layers} (other mixers not counted)\n"
-                 + "; ".join(notes), fontsize=10)
+    _suptitle(fig, f"{spec_name} · attention rollout through {layers} (other mixers not counted)\n"
+              + "; ".join(notes))
     return fig
 
 
@@ -381,7 +397,7 @@ def _weight_tiles(tiles: torch.Tensor, title: str, bar_label: str) -> Figure:
         for spine in ax.spines.values():
             spine.set_linewidth(0.3)
     fig.colorbar(im, ax=axes, shrink=min(0.9, 3.0 / rows + 0.3), aspect=30, label=bar_label)
-    fig.suptitle(title, fontsize=10)
+    _suptitle(fig, title)
     fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
     return fig
 
@@ -480,7 +496,7 @@ def curves(run_dirs: list, out=None) -> list[str]:
     ax_loss.set_title("loss (train: solid, val: dashed)", fontsize=10)
     ax_acc.set_title("accuracy (train: solid, val: dashed)", fontsize=10)
     ax_acc.legend(fontsize=8, loc="lower right")
-    fig.suptitle("training curves: " + ", ".join(labels), fontsize=11)
+    _suptitle(fig, "training curves: " + ", ".join(labels), fontsize=11)
     out_dir = _out_dir(dirs[0], out)
     name = "curves.png" if len(dirs) == 1 else f"curves_{_slug('+'.join(labels))[:120]}.png"
     return [_save(fig, out_dir / name)]
