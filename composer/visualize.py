@@ -55,7 +55,7 @@ def _reference_kernels(model: torch.nn.Module):
 
 @torch.no_grad()
 def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """(layer name, probabilities (H, N, N) float32) for every attention layer, in order.
+    """(layer name, probabilities (H, N, N) float32, on the CPU) for every attention layer, in order.
 
     Args:
         model: a built `ComposedModel`.
@@ -78,7 +78,7 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         with _reference_kernels(model):
             for layer in model.layers[:attention[-1] + 1] if attention else []:
                 if layer.kind == "attention":
-                    maps.append((layer.name, layer.module.attention_probs(x)[0].float()))
+                    maps.append((layer.name, layer.module.attention_probs(x)[0].float().cpu()))
                 x = layer.module(x)
     finally:
         model.train(was_training)
@@ -224,7 +224,7 @@ def attention(run_dir, image_index: int = 0, split: str = "val", layer: int | No
     x = normalize(data.images[image_index:image_index + 1], norm["mean"], norm["std"]).to(device)
     maps = attention_maps(model, x)
     with torch.no_grad():
-        probs = torch.softmax(model(x).float(), -1)[0]
+        probs = torch.softmax(model(x).float(), -1)[0].cpu()
     label, pred = int(data.labels[image_index]), int(probs.argmax())
     classes = data.classes
     caption = (f"{split} image #{image_index}: {classes[label]}\n"

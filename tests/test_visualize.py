@@ -17,6 +17,11 @@ from composer.cli import main
 from composer.data import load_split, normalize
 from composer.spec import load_spec_text
 from composer.train import train
+from kernels.dispatch import interpreter_mode, triton_import_error
+
+HAS_CUDA = torch.cuda.is_available()
+# Triton runs natively on a GPU and in interpreter mode on the CPU (conftest sets TRITON_INTERPRET=1 there).
+TRITON = triton_import_error() is None and (HAS_CUDA or interpreter_mode())
 
 HYBRID = """\
 name: tiny_hybrid
@@ -38,7 +43,7 @@ data:
 train:
   epochs: 1
   batch_size: 16
-  device: cpu
+  device: DEVICE
   kernels: KERNELS
 """
 
@@ -62,9 +67,10 @@ train:
 """
 
 
-def _train(tmp_path_factory, text, name, kernels="reference"):
+def _train(tmp_path_factory, text, name, kernels="reference", device="cpu"):
     run = tmp_path_factory.mktemp(name) / "run"
-    spec = load_spec_text(text.replace("KERNELS", kernels), f"{name}.yaml", [f"train.out_dir={run}"])
+    text = text.replace("KERNELS", kernels).replace("DEVICE", device)
+    spec = load_spec_text(text, f"{name}.yaml", [f"train.out_dir={run}"])
     train(spec, echo=lambda *a, **k: None)
     return run
 
@@ -73,7 +79,9 @@ def _train(tmp_path_factory, text, name, kernels="reference"):
 def hybrid_run(tmp_path_factory):
     # Trained through the Triton kernels: an explicit "triton" raises rather than falling back,
     # so a finished run proves they ran, and the figures below must not care.
-    return _train(tmp_path_factory, HYBRID, "hybrid", kernels="triton")
+    # Without Triton the same run trains on the reference path and the figures are checked all the same.
+    return _train(tmp_path_factory, HYBRID, "hybrid", kernels="triton" if TRITON else "reference",
+                  device="cuda" if HAS_CUDA else "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +90,8 @@ def vit_run(tmp_path_factory):
 
 
 def invoke(*args):
-    result = CliRunner().invoke(main, ["visualize", *map(str, args)])
-    return result
+    """`composer visualize ARGS` in this process (stdout and stderr both in .output)."""
+    return CliRunner().invoke(main, ["visualize", *map(str, args)])
 
 
 def assert_pngs(paths, count):
@@ -99,6 +107,12 @@ def assert_pngs(paths, count):
 def printed_paths(result):
     assert result.exit_code == 0, (result.output, result.exception)
     return [line for line in result.output.splitlines() if line.endswith(".png")]
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton is not importable")
+def test_hybrid_run_was_trained_on_the_triton_kernels(hybrid_run):
+    spec, _, _ = load_run(hybrid_run)
+    assert spec.train.kernels == "triton"
 
 
 # -- the numbers ----------------------------------------------------------------------------
