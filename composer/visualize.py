@@ -123,12 +123,15 @@ def _select(model, spec, kind: str, index: int | None, option: str):
     """The layers of `kind` to draw (all, or the one at `index`), with user-facing errors."""
     found = _layers_of(model, kind)
     if not found:
-        have = sorted({layer.kind for layer in model.blocks()})
-        hints = [f"composer visualize {COMMAND_OF_KIND[k]}" for k in have if k in COMMAND_OF_KIND]
-        raise UserError(
-            f"run {spec.name!r} has no {kind} layers; its blocks are: "
-            + ", ".join(f"{layer.name} ({layer.kind})" for layer in model.blocks())
-            + (f". Try: {'; '.join(hints)}" if hints else ". No figure of this command applies to them"))
+        blocks = model.blocks()
+        kinds = list(dict.fromkeys(layer.kind for layer in blocks))
+        hints = [f"composer visualize {COMMAND_OF_KIND[k]}" for k in kinds if k in COMMAND_OF_KIND]
+        if len(blocks) <= 8:
+            have = ", ".join(f"{layer.name} ({layer.kind})" for layer in blocks)
+        else:  # a deep model: counts per kind say more than a long list
+            have = ", ".join(f"{sum(layer.kind == k for layer in blocks)} x {k}" for k in kinds)
+        raise UserError(f"run {spec.name!r} has no {kind} layers; its blocks are: {have}"
+                        + (f". Try: {'; '.join(hints)}" if hints else ""))
     if index is None:
         return list(enumerate(found))
     if not 0 <= index < len(found):
