@@ -226,3 +226,24 @@ def test_quickstart_reaches_its_accuracy(tmp_path):
                           [f"train.out_dir={tmp_path / 'qs'}"])
     result = train(spec, echo=lambda *a: None)
     assert result["final"]["val_acc"] >= 0.95, result["final"]
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 200"))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "composer", "train", str(spec), "--out", str(run)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until training has really started
+            if line.startswith("epoch 1/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; saved" in err and "--resume auto" in err and "Traceback" not in err
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["epoch"] >= 1 and state["global_step"] > 8
