@@ -247,3 +247,13 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     assert "interrupted; saved" in err and "--resume auto" in err and "Traceback" not in err
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["epoch"] >= 1 and state["global_step"] > 8
+
+
+def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
+    def oom(logits, targets):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", oom)
+    result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "out of GPU memory at batch size 32" in result.stderr and "train.batch_size=16" in result.stderr
