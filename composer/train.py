@@ -108,9 +108,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(spec: Spec, model) -> torch.optim.Optimizer:
     o = spec.train.optimizer
     groups = param_groups(model, o.weight_decay)
+    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on GPU
     if o.kind == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)
 
 
 def lr_factor(spec: Spec, step: int, steps_per_epoch: int) -> float:
@@ -135,14 +136,16 @@ class Ema:
 
     def __init__(self, model, decay: float):
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # state_dict() tensors alias the live parameters and buffers, so one lookup serves every step.
+        self.sources = model.state_dict()
+        self.state = {k: v.detach().clone() for k, v in self.sources.items()}
 
     @torch.no_grad()
-    def update(self, model):
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.state[k].lerp_(v.detach(), 1.0 - self.decay)
-            else:
+    def update(self):
+        floats = [k for k, v in self.sources.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([self.state[k] for k in floats], [self.sources[k] for k in floats], 1.0 - self.decay)
+        for k, v in self.sources.items():
+            if not v.dtype.is_floating_point:
                 self.state[k].copy_(v)
 
 
@@ -252,7 +255,8 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
     # -- resume target, checked before any work ---------------------------------------
     state = None
     if resume and resume != "auto":
-        state = load_checkpoint(Path(resume))
+        path = Path(resume)
+        state = load_checkpoint(path / LAST if path.is_dir() else path)
     elif resume == "auto" and (run_dir / LAST).exists():
         state = load_checkpoint(run_dir / LAST)
     if state is not None:
@@ -375,6 +379,8 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                                     enabled=autocast_dtype is not None):
                     logits = forward_model(x)
                 loss = soft_cross_entropy(logits, targets)
+                scaler.scale(loss).backward()
+                # The finiteness check syncs with the device; after backward is queued, it costs little.
                 if not _all_finite(loss, dist):
                     optimizer.zero_grad(set_to_none=True)
                     consecutive_bad += 1
@@ -387,7 +393,6 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                             f"train.optimizer.lr, train.grad_clip, or precision fp32.")
                 else:
                     consecutive_bad = 0
-                    scaler.scale(loss).backward()
                     if t.grad_clip:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -395,7 +400,7 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     if ema:
-                        ema.update(model)
+                        ema.update()
                     local[0] += loss.detach().double() * y.shape[0]
                     local[1] += (logits.detach().argmax(-1) == y).sum()
                     local[2] += y.shape[0]
