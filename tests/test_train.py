@@ -257,3 +257,35 @@ def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "out of GPU memory at batch size 32" in result.stderr and "train.batch_size=16" in result.stderr
+
+
+def _image_folder(root, classes, per_class=12, seed=0):
+    """A tiny ImageFolder of 8x8 PNGs whose colour depends on the class (so it is learnable)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.float64)
+            pixels = np.clip(base + rng.normal(0, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_evaluate_folder_run_on_another_folder(tmp_path):
+    classes = ["ant", "bee", "cat", "dog"]
+    train_dir = _image_folder(tmp_path / "train", classes)
+    other = _image_folder(tmp_path / "holdout", classes, per_class=5, seed=1)
+    wrong = _image_folder(tmp_path / "wrong", ["ant", "bee", "cow", "dog"], per_class=2, seed=2)
+    text = TINY.replace("kind: synthetic", f"kind: folder\n  root: {train_dir}\n  cache_dir: {tmp_path / 'cache'}")
+    text = text.replace("batch_size: 32", "batch_size: 8")
+    spec = load_spec_text(text, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
+    train(spec, echo=lambda *a: None)
+    result = run_cli("evaluate", tmp_path / "run", "--data-root", other, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 20 and report["split"] == "test" and report["classes"] == classes
+    assert 0 <= report["accuracy"] <= 1
+    assert_user_error(run_cli("evaluate", tmp_path / "run", "--data-root", wrong), "differ from the run's")
