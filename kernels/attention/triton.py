@@ -288,26 +288,47 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _fwd_config(n: int, d: int, elem: int) -> dict:
-    """Forward blocks: all of K, V in one tile for short N (no loop, no rescaling)."""
+    """Forward blocks: all of K, V in one tile for short N (no loop, no rescaling).
+
+    Sizes checked against sm_90 compiles (ptxas register and spill counts).
+    """
     n_pad = _pow2(n)
+    if elem == 4:
+        # IEEE fp32 dots run on FMA units with both operands in registers: key
+        # tiles of at most 2048 elements (larger ones spill)
+        block_n = min(n_pad, max(32, 2048 // d))
+        num_stages = 1 if block_n >= n_pad else 2
+        block_m = 64 if n >= 128 and d <= 64 else max(16, min(32, n_pad))
+        num_warps = 8 if block_m >= 64 or d >= 128 else 4
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
     if n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= 32 * 1024:
         # a single trip through the key loop: prefetch stages would only cost shared memory
         block_n, num_stages = n_pad, 1
     else:
         block_n, num_stages = (128 if d <= 32 else 64), (3 if elem == 2 else 2)
     block_m = 128 if n >= 512 else 64 if n >= 128 else max(16, min(32, n_pad))
+    if block_n >= 256 and d >= 64:
+        # a 64 x 256 score tile next to a 256 x 64 key tile fills all 255 registers
+        block_m = 32
     num_warps = 8 if block_m * block_n >= 8192 or d >= 128 else 4
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
 def _bwd_config(n: int, d: int, elem: int) -> dict:
-    """Backward kernel and blocks: whole-KV when K, V, dK, dV of a (batch, head) fit on chip."""
+    """Backward kernel and blocks: whole-KV when K, V, dK, dV of a (batch, head) fit on chip.
+
+    fp32 (IEEE dots on FMA units, operands in registers) spills in the whole-KV
+    kernel at every useful size on sm_90, so it always takes the tiled path.
+    """
     n_pad = _pow2(n)
-    if n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= WHOLE_KV_MAX_BYTES:
+    if elem != 4 and n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= WHOLE_KV_MAX_BYTES:
         return {"path": "whole_kv", "BLOCK_M": 32 if n_pad <= 128 else 16, "BLOCK_N": n_pad,
-                "num_warps": 4 if n_pad * d <= 4096 else 8, "num_stages": 2}
+                "num_warps": 4 if n_pad * d <= 2048 else 8, "num_stages": 2}
+    if elem == 4:
+        return {"path": "tiled", "BLOCK": 64 if d <= 64 else 32, "BLOCK_STEP": 32 if d <= 64 else 16,
+                "num_warps": 8, "num_stages": 2}
     return {"path": "tiled", "BLOCK": 64, "BLOCK_STEP": 32,
-            "num_warps": 4 if d <= 64 and elem == 2 else 8, "num_stages": 2}
+            "num_warps": 4 if d <= 64 else 8, "num_stages": 2}
 
 
 def _bhnd_like(q: torch.Tensor) -> torch.Tensor:

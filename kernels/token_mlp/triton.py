@@ -266,16 +266,41 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
 _TARGET_PROGRAMS = 264  # ~2 per SM on an H100: enough splits to fill the GPU for dW
 
 
-def _blocks(n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_C, BLOCK_H, num_warps) for the (image, channel block) kernels."""
+def _blocks(n: int, c: int, hd: int, dtype: torch.dtype,
+            backward: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_C, BLOCK_H, num_warps, num_stages) for the (image, channel block) kernels.
+
+    Sizes checked against sm_90 compiles (ptxas register and spill counts, shared
+    memory): the whole token axis is one tile, so the slab budget shrinks as N grows.
+    """
     block_n = max(16, triton.next_power_of_2(n))
-    # keep the fp32 (BLOCK_N, BLOCK_C) accumulator near 64 registers a thread;
-    # fp32 operands (IEEE dots) are twice as heavy, so they get half the slab
-    budget = 8192 if dtype == torch.float32 else 16384
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units with both operands in registers: a
+        # quarter of the 16-bit slab and 16 hidden units a step keep them in
+        # registers (larger tiles spill, and at N = 256 overflow shared memory)
+        budget, block_h = 2048, 16
+    else:
+        # the fp32 (BLOCK_N, BLOCK_C) accumulator near 64 registers a thread; the
+        # data backward holds dY and dZ next to Z, so it gets half the slab
+        budget, block_h = (8192 if backward else 16384), 64
     block_c = max(16, min(64, budget // block_n, triton.next_power_of_2(c)))
-    block_h = max(16, min(64, triton.next_power_of_2(hd)))
-    num_warps = 4 if block_n * block_c <= 4096 else 8
-    return block_n, block_c, block_h, num_warps
+    block_h = max(16, min(block_h, triton.next_power_of_2(hd)))
+    num_warps = 8 if block_n >= 256 or block_n * block_c > 4096 else 4
+    # two stages: the hidden loop's W1/W2 tiles are (BLOCK_H, BLOCK_N) each, and
+    # three stages of them overflow the 227 KiB of shared memory at N = 256
+    return block_n, block_c, block_h, num_warps, 2
+
+
+def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_H, num_warps) for the weight-gradient kernel."""
+    if dtype == torch.float32:
+        wbh, wbc = (32 if block_n <= 64 else 16), 16
+    else:
+        wbh = 64 if block_n <= 128 else 32 if block_n <= 256 else 16
+        wbc = 64 if block_n <= 128 else 32
+    wbh = max(16, min(wbh, triton.next_power_of_2(hd)))
+    wbc = max(16, min(wbc, triton.next_power_of_2(c)))
+    return wbc, wbh, (4 if block_n * wbc <= 4096 else 8)
 
 
 def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
@@ -290,11 +315,12 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
     stats_c = min(512, triton.next_power_of_2(C))
     wrap_triton(_ln_stats_kernel)[(triton.cdiv(R, 8),)](
         x, mean, rstd, R, N, C, *x.stride(), eps, BLOCK_R=8, BLOCK_C=stats_c, num_warps=4)
-    BN, BC, BH, warps = _blocks(N, C, HD, x.dtype)
+    BN, BC, BH, warps, stages = _blocks(N, C, HD, x.dtype)
     wrap_triton(_fwd_kernel)[(B, triton.cdiv(C, BC))](
         x, y, mean, rstd, ln_weight, ln_bias, w1, b1, w2, b2, N, C, HD,
         *x.stride(), *y.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=x.dtype == torch.float32, num_warps=warps)
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=x.dtype == torch.float32,
+        num_warps=warps, num_stages=stages)
     return y, mean, rstd
 
 
@@ -308,7 +334,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
     ln_weight, ln_bias, b1 = (t.contiguous() for t in (ln_weight, ln_bias, b1))
 
     # -- data gradient: (image, channel block) programs --
-    BN, BC, BH, warps = _blocks(N, C, HD, x.dtype)
+    BN, BC, BH, warps, stages = _blocks(N, C, HD, x.dtype, backward=True)
     ncb = triton.cdiv(C, BC)
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
     p = torch.empty((B, N, C), device=dev, dtype=f32)
@@ -321,7 +347,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
         x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
         da, p, s1, s2, dgamma_part, dbeta_part, db2_part,
         N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=ieee, num_warps=warps)
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=ieee, num_warps=warps, num_stages=stages)
 
     # -- finish the layer norm backward once the row sums span all of C --
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -332,8 +358,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
         BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
 
     # -- weight gradients: (hidden block, split) programs, partials summed after --
-    WBH = max(16, min(64 if BN <= 128 else 32 if BN <= 256 else 16, triton.next_power_of_2(HD)))
-    WBC = max(16, min(64 if BN <= 128 else 32, triton.next_power_of_2(C)))
+    WBC, WBH, wwarps = _weight_blocks(BN, C, HD, x.dtype)
     wncb = triton.cdiv(C, WBC)
     units = B * wncb
     nhb = triton.cdiv(HD, WBH)
@@ -347,7 +372,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
         x, dy, da, mean, rstd, ln_weight, ln_bias, w1, b1,
         dw1_part, dw2_part, db1_part,
         N, C, HD, wncb, units, per_prog, *x.stride(), *dy.stride(), *w1.stride(),
-        BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=4 if BN * WBC <= 4096 else 8)
+        BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=stages)
 
     return (dx, dgamma_part.sum(0), dbeta_part.sum(0), dw1_part.sum(0), db1_part.sum(0),
             dw2_part.sum(0), db2_part.sum((0, 1)))
