@@ -259,6 +259,9 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
         state = load_checkpoint(path / LAST if path.is_dir() else path)
     elif resume == "auto" and (run_dir / LAST).exists():
         state = load_checkpoint(run_dir / LAST)
+    elif resume is None and (run_dir / LAST).exists():
+        raise UserError(f"{run_dir} already holds a run ({run_dir / LAST}); continue it with --resume auto, "
+                        f"or train into another directory with --out (nothing was overwritten)")
     if state is not None:
         diffs = model_differences(yaml.safe_load(state["spec_yaml"])["model"], spec.model.model_dump(mode="json"))
         if diffs:

@@ -173,6 +173,10 @@ def test_resume_errors(tmp_path):
     assert not (run / "last.pt").exists()  # never a silent fresh start
 
     assert run_cli("train", spec, "--out", run, "--epochs", "1").returncode == 0
+    before = (run / "last.pt").read_bytes()
+    result = run_cli("train", spec, "--out", run, "--epochs", "1")
+    assert_user_error(result, "already holds a run", "--resume auto")
+    assert (run / "last.pt").read_bytes() == before  # a second plain `train` never overwrites a run
     result = run_cli("train", spec, "--out", run, "--resume", "auto", "--set", "model.stem.dim=32")
     assert_user_error(result, "the checkpoint does not match the spec", "model.stem.dim: checkpoint has 16, spec has 32")
 
