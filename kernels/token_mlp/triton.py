@@ -292,15 +292,19 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype,
 
 
 def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_H, num_warps) for the weight-gradient kernel."""
+    """(BLOCK_C, BLOCK_H, num_warps) for the weight-gradient kernel (sizes from sm_90 compiles)."""
     if dtype == torch.float32:
-        wbh, wbc = (32 if block_n <= 64 else 16), 16
+        # FMA dots: 16 x 16 steps; at N > 128 this still spills on sm_90
+        wbh, wbc = 16, 16
+        num_warps = 8 if block_n >= 64 else 4
     else:
-        wbh = 64 if block_n <= 128 else 32 if block_n <= 256 else 16
+        # dW1 and dW2 tiles of (BLOCK_H, BLOCK_N) stay in registers over all units
+        wbh = 64 if block_n <= 128 else 16
         wbc = 64 if block_n <= 128 else 32
+        num_warps = 4 if block_n * wbc <= 4096 else 8
     wbh = max(16, min(wbh, triton.next_power_of_2(hd)))
     wbc = max(16, min(wbc, triton.next_power_of_2(c)))
-    return wbc, wbh, (4 if block_n * wbc <= 4096 else 8)
+    return wbc, wbh, num_warps
 
 
 def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
