@@ -1,16 +1,34 @@
 """Small shared helpers for tests: running the CLI as a user would."""
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 
 
-def run_cli(*args, cwd=None, env=None, timeout=600):
-    """Run `python -m composer ARGS` in a subprocess; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", "composer", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=timeout)
+def run_cli(*args, env=None, real_process=False, timeout=600):
+    """Run `composer ARGS`; returns an object with returncode, stdout, stderr.
+
+    In-process through click's test runner by default (fast); in a real `python -m composer`
+    subprocess when `env` is given or `real_process` is set. An exception that escapes the
+    CLI shows up as a traceback in stderr, as it would for a user.
+    """
+    args = [str(a) for a in args]
+    if env is not None or real_process:
+        return subprocess.run([sys.executable, "-m", "composer", *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=timeout)
+    from click.testing import CliRunner
+
+    from composer.cli import main
+
+    result = CliRunner().invoke(main, args)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
 
 
 def assert_user_error(result, *fragments, code=2):

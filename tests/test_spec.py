@@ -114,7 +114,9 @@ def test_cli_validate_reports_every_file(tmp_path):
     bad.write_text(GOOD.replace("heads: 4", "heads: 5"))
     garbage = tmp_path / "garbage.yaml"
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
-    result = run_cli("validate", SPECS / "quickstart.yaml", bad, garbage, tmp_path / "missing.yaml")
+    # a real `python -m composer` process: the entry point itself, exit code and stderr as a user sees them
+    result = run_cli("validate", SPECS / "quickstart.yaml", bad, garbage, tmp_path / "missing.yaml",
+                     real_process=True)
     assert "quickstart.yaml: OK" in result.stdout
     assert_user_error(result, f"{bad}:8:14: model.blocks[0].heads: 5 does not divide dim 64",
                       f"{garbage}: is a binary file", f"{tmp_path / 'missing.yaml'}: no such file")
