@@ -86,8 +86,9 @@ def bench_train(spec, steps: int = 30, source: str = "both", echo=print) -> dict
             overrides = [f"train.epochs=1", f"train.max_steps_per_epoch={steps}", f"train.out_dir={out}",
                          "train.checkpoint_every=0"]
             if src == "synthetic":
-                overrides += ["data.kind=synthetic", f"data.num_samples={steps * spec.train.batch_size + 64}",
-                              "data.root=null"]
+                # all of it for training (val_split 0), so the requested number of steps really runs
+                overrides += ["data.kind=synthetic", f"data.num_samples={steps * spec.train.batch_size}",
+                              "data.root=null", "data.val_split=0"]
             run_spec = load_spec_text(spec_yaml(spec), f"{spec.name} (bench)", overrides)
             final = train(run_spec, echo=lambda *a, **k: None)["final"]
         results[src] = final["img_per_s"]

@@ -21,6 +21,11 @@ class Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}" if "\n" not in str(exc) else str(exc), err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:
+            if type(exc).__name__ != "BackendUnavailable":  # kernels is imported lazily: match by name
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=Group)
@@ -54,8 +59,11 @@ def schema(output):
 
     text = json.dumps(Spec.model_json_schema(), indent=2)
     if output:
-        with open(output, "w") as f:
-            f.write(text + "\n")
+        try:
+            with open(output, "w") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write {output}: {exc.strerror}") from None
         click.echo(f"wrote {output}")
     else:
         click.echo(text)
@@ -87,7 +95,7 @@ def summarize(spec_path, batch_size, backend, as_json, overrides):
 
 def _spec_overrides(overrides, **options):
     """CLI options that mirror train.* fields become --set overrides (validated the same way)."""
-    extra = [f"train.{k}={v}" for k, v in options.items() if v is not None]
+    extra = [f"train.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in options.items() if v is not None]
     return list(overrides) + extra
 
 
@@ -119,7 +127,7 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, determi
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.option("--data-root", default=None, help="Evaluate on another folder/archive with the same classes.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(target, data_root, split, batch_size, device, as_json):

@@ -353,19 +353,14 @@ def _make_dir(path: Path) -> None:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: readers never see a half-written cache entry."""
-    _make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
+    """Write a cache entry atomically (readers never see half of one); a full or read-only disk is a user error."""
+    from composer.checkpoint import save_atomic
+
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        save_atomic(obj, path)
     except OSError as e:
         raise UserError(f"cannot write the cache file {path}: {e}; set data.cache_dir or COMPOSER_CACHE "
                         "to a writable folder with space") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -- normalization -----------------------------------------------------------------

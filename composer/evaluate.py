@@ -47,12 +47,13 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
              device: str = "auto") -> dict:
     """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`)."""
-    from composer.checkpoint import load_run
+    from composer.checkpoint import find_checkpoint, load_run
     from composer.data import load_split
-    from composer.train import resolve_device
+    from composer.train import precision, resolve_device
 
     dev = resolve_device(device)
     spec, model, state = load_run(target, device=dev)
+    autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     if split is None:
         split = "test" if (spec.data.kind in ("cifar10", "synthetic") or data_root) else "val"
     data = load_split(spec.data, spec.model, split, data_root=data_root)
@@ -61,10 +62,9 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
         raise UserError(f"the classes of {data_root or spec.data.root} ({', '.join(data.classes[:5])}...) differ "
                         f"from the run's ({', '.join(classes[:5])}...); evaluate on data with the same class folders")
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    autocast = torch.bfloat16 if dev.type == "cuda" else None
     result = evaluate_model(model, data.images.to(dev), data.labels.to(dev), mean, std, batch_size=batch_size,
                             autocast_dtype=autocast, num_classes=spec.model.num_classes)
-    result.update({"spec": spec.name, "split": split, "checkpoint": state.get("path_hint"),
+    result.update({"spec": spec.name, "split": split, "checkpoint": str(find_checkpoint(target)),
                    "epoch": state.get("epoch"), "classes": data.classes or classes})
     return result
 

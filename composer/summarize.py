@@ -16,11 +16,16 @@ from composer.spec import Spec
 FLOP_CONVENTION = "multiply-add = 2 FLOPs; matmuls and convolutions only (as torch.utils.flop_counter)"
 
 
-def training_device_and_dtype() -> tuple[str, torch.dtype]:
-    """Where `composer train --device auto` would run, and its activation dtype."""
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
+def training_device_and_dtype(spec: Spec) -> tuple[str, torch.dtype]:
+    """Where `composer train` would run this spec on this machine, and the dtype its fused ops would see."""
+    from composer.train import precision
+
+    t = spec.train
+    device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if t.precision == "fp16" and device == "cpu":
+        return device, torch.float32  # training would refuse; report the CPU default
+    autocast, _ = precision(spec, torch.device(device))
+    return device, autocast or torch.float32
 
 
 def kernel_path(layer, backend: str, device: str, dtype: torch.dtype) -> tuple[str, list[str]]:
@@ -38,7 +43,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
     if model is None:
         with torch.device("meta"):  # shapes and counts only: no memory, no init time, even for ViT-B
             model = build_model(spec, backend=backend)
-    device, dtype = training_device_and_dtype()
+    device, dtype = training_device_and_dtype(spec)
     act_bytes = torch.finfo(dtype).bits // 8
     rows = []
     for i, layer in enumerate(model.layers):

@@ -34,6 +34,7 @@ METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_ac
 
 
 WARMUP_STEPS = 5
+RESUME_DATA_FIELDS = ("kind", "root", "val_split", "split_seed", "num_samples")
 
 
 class NonFiniteLoss(UserError):
@@ -88,10 +89,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = torch.cuda.is_available() and not deterministic
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -110,7 +109,7 @@ def make_optimizer(spec: Spec, model) -> torch.optim.Optimizer:
     groups = param_groups(model, o.weight_decay)
     fused = next(model.parameters()).is_cuda  # one kernel for the whole update on GPU
     if o.kind == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, fused=fused or None)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0, fused=fused or None)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)
 
 
@@ -230,13 +229,11 @@ def spec_yaml(spec: Spec) -> str:
 
 def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
     """Train `spec`; returns {"run_dir", "final": final metrics}. Raises UserError subclasses for user mistakes."""
-    from composer.data import augment, channel_stats, load_split, mix
-
     t = spec.train
     device = resolve_device(t.device)
     dist = Distributed(device)
     try:
-        return _train(spec, resume, echo, device, dist, augment, channel_stats, load_split, mix)
+        return _train(spec, resume, echo, device, dist)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory at batch size {t.batch_size} (per process {t.batch_size // dist.world}); "
@@ -245,7 +242,9 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
         dist.close()
 
 
-def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split, mix):
+def _train(spec, resume, echo, device, dist):
+    from composer.data import augment, channel_stats, load_split, mix, normalize
+
     t = spec.train
     run_dir = Path(t.out_dir or Path("runs") / spec.name)
     if t.batch_size % dist.world:
@@ -256,20 +255,29 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
     state = None
     if resume and resume != "auto":
         path = Path(resume)
-        state = load_checkpoint(path / LAST if path.is_dir() else path)
+        path = path / LAST if path.is_dir() else path
+        if (run_dir / LAST).exists() and path.resolve().parent != run_dir.resolve():
+            raise UserError(f"{run_dir} already holds another run; resume {path} into its own directory "
+                            f"(--out {path.parent}) or into a new one (nothing was overwritten)")
+        state = load_checkpoint(path)
     elif resume == "auto" and (run_dir / LAST).exists():
         state = load_checkpoint(run_dir / LAST)
     elif resume is None and (run_dir / LAST).exists():
         raise UserError(f"{run_dir} already holds a run ({run_dir / LAST}); continue it with --resume auto, "
                         f"or train into another directory with --out (nothing was overwritten)")
     if state is not None:
-        diffs = model_differences(yaml.safe_load(state["spec_yaml"])["model"], spec.model.model_dump(mode="json"))
+        saved = yaml.safe_load(state["spec_yaml"])
+        now = spec.model_dump(mode="json")
+        diffs = model_differences(saved["model"], now["model"])
+        # The data split and the batch size fix which images are validation and the schedule's length:
+        # changing them mid-run would leak validation images into training or jump the learning rate.
+        diffs += model_differences({k: saved["data"].get(k) for k in RESUME_DATA_FIELDS},
+                                   {k: now["data"].get(k) for k in RESUME_DATA_FIELDS}, "data")
+        diffs += model_differences({"batch_size": saved["train"]["batch_size"]},
+                                   {"batch_size": now["train"]["batch_size"]}, "train")
         if diffs:
             raise UserError("the checkpoint does not match the spec:\n  " + "\n  ".join(diffs)
                             + "\nresume with the spec the run was trained with, or start a new run directory")
-        if state["step_in_epoch"] and state["batch_size"] != t.batch_size:
-            raise UserError(f"the checkpoint stopped mid-epoch at batch size {state['batch_size']}; "
-                            f"resume with train.batch_size={state['batch_size']}")
 
     seed_everything(t.seed, t.deterministic)
 
@@ -282,6 +290,8 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
     else:
         mean, std = channel_stats(train_set.images)
     train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
+    if val_set is not None:
+        val_set = val_set.to(device)
     n = train_images.shape[0]
     steps_per_epoch = min(n // t.batch_size, t.max_steps_per_epoch or n)
     if steps_per_epoch == 0:
@@ -296,23 +306,34 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
     optimizer = make_optimizer(spec, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
     autocast_dtype, use_scaler = precision(spec, device)
+    if t.kernels == "triton":
+        _check_triton(model, device, autocast_dtype or torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = Ema(model, t.ema) if t.ema else None
+    ema_model = build_model(spec, backend=t.kernels).to(device) if ema else None  # evaluated at epoch ends
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(t.seed + 1)
     # Where the run is, including the running sums of the current epoch, so a mid-epoch resume logs the same.
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "nonfinite_total": 0,
+                "consecutive_nonfinite": 0,
                 "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0}
 
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run did not use a GradScaler
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema"):
             ema.state = {k: v.to(device) for k, v in state["ema"].items()}
-        _set_rng(state["rng"], aug_gen)
-        position.update({k: state[k] for k in position})
+        if state.get("device_type", device.type) == device.type:
+            _set_rng(state["rng"], aug_gen)
+        else:  # generator states do not transfer between devices: continue with a fresh, seeded stream
+            torch.manual_seed(t.seed + state["global_step"])
+            aug_gen.manual_seed(t.seed + 1 + state["global_step"])
+            log(f"note: the run moves from {state['device_type']} to {device.type}; augmentation continues with "
+                "a new random stream, so the result will differ from an uninterrupted run")
+        position.update({k: state.get(k, v) for k, v in position.items()})
         log(f"resumed from epoch {position['epoch']} step {position['step_in_epoch']} (global step "
             f"{position['global_step']})")
         if dist.main:
@@ -332,7 +353,7 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
         blob = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "ema": ema.state if ema else None, "rng": _get_rng(aug_gen),
-            **position, "batch_size": t.batch_size, "spec_yaml": spec_yaml(spec),
+            **position, "batch_size": t.batch_size, "device_type": device.type, "spec_yaml": spec_yaml(spec),
             "normalization": {"mean": list(mean), "std": list(std)}, "classes": train_set.classes,
             "versions": library_versions(),
         }
@@ -341,7 +362,6 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
 
     progress = Progress(dist.main, log)
     per_rank = t.batch_size // dist.world
-    consecutive_bad = 0
     final = {}
     with sigint_flag() as interrupt:
         for epoch in range(position["epoch"], t.epochs):
@@ -370,9 +390,10 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                     tic, timed_from = time.perf_counter(), step
                 idx = order[step * t.batch_size:(step + 1) * t.batch_size]
                 # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
-                # random numbers and the gradient are the same for any number of processes.
+                # random numbers match any number of processes; so does the gradient, for models without
+                # BatchNorm (statistics are per process) or dropout/drop-path (drawn per process).
                 images = augment(train_images[idx], spec.data.augment, aug_gen)
-                x, targets = mix(_normalize(images, mean, std), train_labels[idx], spec.model.num_classes,
+                x, targets = mix(normalize(images, mean, std), train_labels[idx], spec.model.num_classes,
                                  spec.data.augment, aug_gen, t.label_smoothing)
                 shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
                 x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
@@ -384,18 +405,22 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                 loss = soft_cross_entropy(logits, targets)
                 scaler.scale(loss).backward()
                 # The finiteness check syncs with the device; after backward is queued, it costs little.
-                if not _all_finite(loss, dist):
+                # One collective per step carries both the finiteness of the loss and a Ctrl-C seen by any
+                # process, so every rank takes the same branch.
+                finite, stop = _step_flags(loss, interrupt["hit"], dist)
+                if not finite:
                     optimizer.zero_grad(set_to_none=True)
-                    consecutive_bad += 1
+                    position["consecutive_nonfinite"] += 1
                     skipped += 1
                     position["nonfinite_total"] += 1
-                    if consecutive_bad >= t.max_nonfinite:
+                    if position["consecutive_nonfinite"] >= t.max_nonfinite:
                         raise NonFiniteLoss(
-                            f"the loss was not finite for {consecutive_bad} steps in a row (epoch {epoch + 1}, "
+                            f"the loss was not finite for {position['consecutive_nonfinite']} steps in a row "
+                            f"(epoch {epoch + 1}, "
                             f"step {step + 1}); stopped. The last good checkpoint is in {run_dir}. Try a lower "
                             f"train.optimizer.lr, train.grad_clip, or precision fp32.")
                 else:
-                    consecutive_bad = 0
+                    position["consecutive_nonfinite"] = 0
                     if t.grad_clip:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -417,7 +442,7 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
                 if t.checkpoint_every and position["global_step"] % t.checkpoint_every == 0:
                     sync()
                     checkpoint([LAST])
-                if interrupt["hit"]:
+                if stop:
                     sync()
                     checkpoint([LAST])
                     raise Interrupted(f"interrupted; saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
@@ -431,9 +456,9 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
             # -- end of epoch: validate, log, checkpoint -------------------------------
             eval_model = model
             if ema:
-                eval_model = build_model(spec, backend=t.kernels).to(device)
-                eval_model.load_state_dict(ema.state)
-            val = evaluate_model(eval_model, val_set.images.to(device), val_set.labels.to(device), mean, std,
+                ema_model.load_state_dict(ema.state)
+                eval_model = ema_model
+            val = evaluate_model(eval_model, val_set.images, val_set.labels, mean, std,
                                  autocast_dtype=autocast_dtype, num_classes=spec.model.num_classes) \
                 if val_set is not None else {"loss": float("nan"), "accuracy": float("nan"), "top5": float("nan")}
             position.update({"epoch": epoch + 1, "step_in_epoch": 0})
@@ -451,7 +476,8 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
             improved = val_set is not None and val["accuracy"] > position["best_acc"]
             if improved:
                 position["best_acc"] = val["accuracy"]
-            checkpoint([LAST, BEST] if improved or val_set is None else [LAST])
+            # best.pt first: a crash between the two writes must not leave last.pt claiming a better best
+            checkpoint([BEST, LAST] if improved or val_set is None else [LAST])
             progress.end_epoch(
                 f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
@@ -461,7 +487,8 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
 
     if not final:  # resumed a finished run
         final = _last_metrics(run_dir / "metrics.csv")
-    final = {**final, "best_val_acc": position["best_acc"], "run_dir": str(run_dir)}
+    best = position["best_acc"] if val_set is not None else None
+    final = {**final, "best_val_acc": best, "run_dir": str(run_dir)}
     if dist.main:
         (run_dir / "final.json").write_text(json.dumps(final, indent=2))
     return {"run_dir": str(run_dir), "final": final}
@@ -469,10 +496,20 @@ def _train(spec, resume, echo, device, dist, augment, channel_stats, load_split,
 
 # -- helpers --------------------------------------------------------------------------------
 
-def _normalize(images, mean, std):
-    from composer.data import normalize
+def _check_triton(model, device: torch.device, dtype: torch.dtype) -> None:
+    """--kernels triton must hold for every block before training starts, not fail at the first step."""
+    import kernels
 
-    return normalize(images, mean, std)
+    problems = []
+    for layer in model.layers:
+        op = getattr(layer.module, "kernel_op", None)
+        if op:
+            choice, reasons = kernels.backend_for(op, "triton", device, dtype, **layer.module.kernel_dims(layer.ctx))
+            if choice != "triton":
+                problems.append(f"{layer.name}: {'; '.join(reasons)}")
+    if problems:
+        raise UserError("train.kernels is triton, but the Triton kernels cannot run:\n  " + "\n  ".join(problems)
+                        + "\nuse --kernels auto (Triton where it can run) or --kernels reference")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -486,11 +523,15 @@ def _grid_model(spec: Spec) -> bool:
     return any(LAYOUTS[b.kind] == "grid" for b in spec.model.blocks)
 
 
-def _all_finite(loss: torch.Tensor, dist: Distributed) -> bool:
-    ok = torch.isfinite(loss.detach()).to(torch.float32)
+def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tuple[bool, bool]:
+    """(loss finite on every process, Ctrl-C seen by any process), agreed by all ranks in one all-reduce."""
+    # MIN of (finite, not interrupted) over ranks: finite everywhere, and 0 in slot 1 if anyone was interrupted.
+    flags = torch.stack([torch.isfinite(loss.detach()).float(), torch.tensor(float(not interrupted),
+                                                                              device=loss.device)])
     if dist.enabled:
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return bool(ok.item())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    finite, go_on = flags.tolist()
+    return finite == 1.0, go_on == 0.0
 
 
 def _get_rng(aug_gen: torch.Generator) -> dict:

@@ -117,18 +117,20 @@ def test_linear_stem_equals_conv_stem_math():
     torch.testing.assert_close(tokens, grid.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_every_registered_block_runs_both_backends_alike():
-    # Each registered kind, built alone, gives the same output on "auto" (reference on CPU) and "reference".
+def test_every_registered_block_runs_on_triton_like_reference():
+    # Each registered kind, built alone, gives the same output on the Triton path (the interpreter on CPU)
+    # as on the reference path.
     for kind, cls in REGISTRY.items():
         extra = {"attention": "heads: 2", "dwconv": "kernel_size: 3"}.get(kind, "")
-        text = f"model: {{image_size: 16, num_classes: 3, stem: {{patch_size: 4, dim: 8}}, " \
+        text = f"model: {{image_size: 16, num_classes: 3, stem: {{patch_size: 4, dim: 32}}, " \
                f"blocks: [{{kind: {kind}{', ' + extra if extra else ''}}}]}}"
         torch.manual_seed(0)
-        model = build_model(load_spec_text(text)).eval()
+        model = build_model(load_spec_text(text), backend="triton").eval()
         x = torch.rand(2, 3, 16, 16)
-        a = model(x)
-        set_backend(model, "reference")
-        torch.testing.assert_close(model(x), a)
+        with torch.no_grad():
+            fast = model(x)
+            set_backend(model, "reference")
+            torch.testing.assert_close(fast, model(x), rtol=1e-4, atol=1e-4)
         assert any(isinstance(layer.module, cls) for layer in model.layers), kind
 
 

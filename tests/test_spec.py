@@ -59,6 +59,13 @@ def test_misplaced_key_names_its_section():
     assert msg.startswith("x.yaml:11:3: train.lr: unknown key 'lr' (it belongs under 'optimizer:')"), msg
 
 
+def test_leading_zeros_and_recursive_aliases():
+    spec = load_spec_text(GOOD.replace("image_size: 32", "image_size: 032"), "x.yaml")
+    assert spec.model.image_size == 32  # YAML 1.2: decimal, not octal
+    (msg,) = problems("model: &a {x: *a}\n")
+    assert "refers to itself" in msg
+
+
 def test_missing_field_and_wrong_type():
     found = problems(GOOD.replace("  num_classes: 10\n", "").replace("heads: 4", "heads: four"))
     assert any("x.yaml:2:1: model.num_classes: required field is missing" == m for m in found), found
@@ -125,6 +132,10 @@ def test_cli_validate_reports_every_file(tmp_path):
 def test_cli_set_errors_exit_2():
     result = run_cli("summarize", SPECS / "quickstart.yaml", "--set", "model.stem.dim=0")
     assert_user_error(result, "--set model.stem.dim=0: model.stem.dim: input should be greater than 0")
+
+
+def test_schema_into_missing_directory_is_a_user_error(tmp_path):
+    assert_user_error(run_cli("schema", "-o", tmp_path / "no" / "such" / "dir.json"), "cannot write")
 
 
 def test_schema_matches_models_and_committed_copy(tmp_path):

@@ -293,3 +293,42 @@ def test_evaluate_folder_run_on_another_folder(tmp_path):
     assert report["images"] == 20 and report["split"] == "test" and report["classes"] == classes
     assert 0 <= report["accuracy"] <= 1
     assert_user_error(run_cli("evaluate", tmp_path / "run", "--data-root", wrong), "differ from the run's")
+
+
+def test_resume_refuses_changed_data_split_and_foreign_run_dirs(tmp_path):
+    spec = write_spec(tmp_path)
+    assert run_cli("train", spec, "--out", tmp_path / "a", "--epochs", "1").returncode == 0
+    assert run_cli("train", spec, "--out", tmp_path / "b", "--epochs", "1").returncode == 0
+    result = run_cli("train", spec, "--out", tmp_path / "a", "--resume", "auto", "--set", "data.split_seed=7")
+    assert_user_error(result, "data.split_seed: checkpoint has 0, spec has 7")
+    result = run_cli("train", spec, "--out", tmp_path / "a", "--resume", "auto", "--set", "train.batch_size=16")
+    assert_user_error(result, "train.batch_size: checkpoint has 32, spec has 16")
+    before = (tmp_path / "a" / "last.pt").read_bytes()
+    result = run_cli("train", spec, "--out", tmp_path / "a", "--resume", tmp_path / "b" / "last.pt")
+    assert_user_error(result, "already holds another run")
+    assert (tmp_path / "a" / "last.pt").read_bytes() == before
+    # resuming a run into its own directory by path works, also given as the directory
+    assert run_cli("train", spec, "--out", tmp_path / "b", "--resume", tmp_path / "b", "--epochs", "2").returncode == 0
+
+
+def test_cli_values_are_taken_literally(tmp_path):
+    out = tmp_path / "exp #2"
+    result = run_cli("train", write_spec(tmp_path), "--out", out, "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert (out / "last.pt").exists()
+
+
+def test_kernels_triton_that_cannot_run_is_refused_before_training(tmp_path):
+    # dim 16 with 2 heads is head_dim 8, which the Triton attention kernel does not take
+    result = run_cli("train", write_spec(tmp_path), "--out", tmp_path / "run", "--kernels", "triton")
+    assert_user_error(result, "train.kernels is triton", "blocks[1].attention", "head_dim 8")
+    assert not (tmp_path / "run").exists()
+
+
+def test_sgd_without_momentum_and_evaluate_batch_size(tmp_path):
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.epochs=1",
+                                              "train.optimizer.kind=sgd", "train.optimizer.momentum=0"])
+    train(spec, echo=lambda *a: None)
+    assert_user_error(run_cli("evaluate", tmp_path / "run", "--batch-size", "0"), "--batch-size")
+    report = json.loads(run_cli("evaluate", tmp_path / "run", "--json", "--split", "val").stdout)
+    assert report["checkpoint"] == str(tmp_path / "run" / "best.pt")

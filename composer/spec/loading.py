@@ -67,7 +67,8 @@ _Loader.add_implicit_resolver(
 
 
 def _construct_int(loader, node):
-    return int(loader.construct_scalar(node), 0)
+    text = loader.construct_scalar(node)
+    return int(text, 16) if text.lower().startswith("0x") else int(text, 10)  # "08" is 8, as YAML 1.2 reads it
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
@@ -118,7 +119,11 @@ def parse_yaml(text: str, source: str) -> tuple[object, dict, dict, list[Problem
             return [build(item, path + (i,)) for i, item in enumerate(node.value)]
         return loader.construct_object(node, deep=True)
 
-    data = None if root is None else build(root, ())
+    try:
+        data = None if root is None else build(root, ())
+    except RecursionError:
+        raise SpecError([Problem(source, "", "an alias refers to itself (or the nesting is too deep); "
+                                             "remove the recursive *alias")]) from None
     return data, values, keys, problems
 
 

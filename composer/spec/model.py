@@ -9,7 +9,6 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-NonNegFloat = Annotated[float, Field(ge=0.0)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 Activation = Literal["gelu", "relu"]
 
@@ -38,9 +37,13 @@ class Stem(Strict):
 
 # -- blocks -------------------------------------------------------------------
 
-class BlockBase(Strict):
+class Repeated(Strict):
     repeat: PositiveInt = Field(1, description="How many copies of this block to stack, each with its own weights.")
-    drop_path: Probability = Field(0.0, description="Stochastic-depth probability of skipping the residual branch.")
+
+
+class BlockBase(Repeated):
+    drop_path: Probability = Field(
+        0.0, description="Stochastic-depth probability of skipping the residual branch (for convmixer: of its dwconv).")
 
 
 class TokenBlock(BlockBase):
@@ -97,7 +100,7 @@ class DwConvBlock(BlockBase, ConvFields):
     kind: Literal["dwconv"]
 
 
-class PointwiseBlock(BlockBase):
+class PointwiseBlock(Repeated):
     """ConvMixer's channel mixing: 1x1 conv -> activation -> BatchNorm, no residual (grid layout)."""
 
     kind: Literal["pointwise"]
