@@ -332,3 +332,27 @@ def test_sgd_without_momentum_and_evaluate_batch_size(tmp_path):
     assert_user_error(run_cli("evaluate", tmp_path / "run", "--batch-size", "0"), "--batch-size")
     report = json.loads(run_cli("evaluate", tmp_path / "run", "--json", "--split", "val").stdout)
     assert report["checkpoint"] == str(tmp_path / "run" / "best.pt")
+
+
+def test_ddp_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path):
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 300").replace("ema: 0.9", "ema: null"))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port=29519", "-m", "composer", "train", str(spec), "--out", str(run)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in agent.stdout:
+            if line.startswith("epoch 1/"):
+                break
+        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGINT)  # only one rank sees Ctrl-C
+        _, err = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert "collective" not in err.lower(), err[-2000:]  # no rank left waiting in a mismatched all-reduce
+    assert "interrupted; saved" in err, err[-2000:]
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["global_step"] > 8 and state["epoch"] < 300
