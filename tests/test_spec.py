@@ -180,3 +180,12 @@ def test_cli_bad_input_exit_2_with_position_and_no_traceback(tmp_path, case):
         assert f"{spec}{position}" in result.stderr and fragment in result.stderr, result.stderr
         assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_readme_spec_example_validates():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.findall(r"```yaml\n(.*?)```", readme, re.S)[0]
+    spec = load_spec_text(example, "README.md")
+    assert spec.name == "seed_mixer_vit" and len(spec.model.blocks) == 2
