@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import signal
@@ -27,6 +26,7 @@ from composer.build import build_model
 from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
 from composer.errors import UserError
 from composer.evaluate import evaluate_model
+from composer.optim import Ema, lr_factor, make_optimizer
 from composer.spec import Spec
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "img_per_s",
@@ -91,61 +91,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = torch.cuda.is_available() and not deterministic
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and conv kernels only: not on norms, biases, embeddings, class tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(".pos") or name.endswith(".token")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(spec: Spec, model) -> torch.optim.Optimizer:
-    o = spec.train.optimizer
-    groups = param_groups(model, o.weight_decay)
-    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on GPU
-    if o.kind == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0, fused=fused or None)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused or None)
-
-
-def lr_factor(spec: Spec, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    s = spec.train.schedule
-    total = max(1, spec.train.epochs * steps_per_epoch)
-    t = min(step, total)
-    if s.kind == "constant":
-        return 1.0
-    if s.kind == "onecycle":
-        peak = max(1, int(s.peak_epoch_fraction * total))
-        return (t + 1) / peak if t < peak else max(0.0, (total - t) / max(1, total - peak))
-    warmup = int(s.warmup_epochs * steps_per_epoch)
-    if t < warmup:
-        return (t + 1) / warmup
-    progress = (t - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class Ema:
-    """Exponential moving average of parameters and buffers (evaluated instead of the raw weights)."""
-
-    def __init__(self, model, decay: float):
-        self.decay = decay
-        # state_dict() tensors alias the live parameters and buffers, so one lookup serves every step.
-        self.sources = model.state_dict()
-        self.state = {k: v.detach().clone() for k, v in self.sources.items()}
-
-    @torch.no_grad()
-    def update(self):
-        floats = [k for k, v in self.sources.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([self.state[k] for k in floats], [self.sources[k] for k in floats], 1.0 - self.decay)
-        for k, v in self.sources.items():
-            if not v.dtype.is_floating_point:
-                self.state[k].copy_(v)
 
 
 def precision(spec: Spec, device: torch.device) -> tuple[torch.dtype | None, bool]:
