@@ -53,11 +53,12 @@ class Ema:
         # state_dict() tensors alias the live parameters and buffers, so one lookup serves every step.
         self.sources = model.state_dict()
         self.state = {k: v.detach().clone() for k, v in self.sources.items()}
+        self.floats = [k for k, v in self.sources.items() if v.dtype.is_floating_point]
+        self.counters = [k for k, v in self.sources.items() if not v.dtype.is_floating_point]  # e.g. BN step counts
 
     @torch.no_grad()
     def update(self):
-        floats = [k for k, v in self.sources.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([self.state[k] for k in floats], [self.sources[k] for k in floats], 1.0 - self.decay)
-        for k, v in self.sources.items():
-            if not v.dtype.is_floating_point:
-                self.state[k].copy_(v)
+        torch._foreach_lerp_([self.state[k] for k in self.floats], [self.sources[k] for k in self.floats],
+                             1.0 - self.decay)
+        for k in self.counters:
+            self.state[k].copy_(self.sources[k])

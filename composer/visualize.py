@@ -16,7 +16,6 @@ import io
 import math
 import re
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from composer.blocks.base import using_backend
 from composer.checkpoint import load_run
 from composer.errors import UserError
 
@@ -39,19 +39,6 @@ MAP_CMAP, WEIGHT_CMAP = "inferno", "RdBu_r"
 
 
 # -- the numbers behind the figures ------------------------------------------------------
-
-@contextmanager
-def _reference_kernels(model: torch.nn.Module):
-    """Run every fused op on its PyTorch reference for the duration, then restore each block's backend."""
-    saved = [(m, m.backend) for m in model.modules() if getattr(m, "kernel_op", None) and hasattr(m, "backend")]
-    try:
-        for module, _ in saved:
-            module.backend = "reference"
-        yield
-    finally:
-        for module, backend in saved:
-            module.backend = backend
-
 
 @torch.no_grad()
 def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -75,7 +62,7 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     was_training = model.training
     model.eval()
     try:
-        with _reference_kernels(model):
+        with using_backend(model, "reference"):
             for layer in model.layers[:attention[-1] + 1] if attention else []:
                 if layer.kind == "attention":
                     maps.append((layer.name, layer.module.attention_probs(x)[0].float().cpu()))

@@ -6,6 +6,7 @@ the summary read these instead of special-casing kinds.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,18 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, Block) and module.kernel_op:
             module.backend = backend
+
+
+@contextmanager
+def using_backend(model: nn.Module, backend: str):
+    """`set_backend` for the duration of a `with` block; each block's own backend comes back afterwards."""
+    saved = [(m, m.backend) for m in model.modules() if isinstance(m, Block) and m.kernel_op]
+    set_backend(model, backend)
+    try:
+        yield model
+    finally:
+        for module, previous in saved:
+            module.backend = previous
 
 
 class DropPath(nn.Module):
