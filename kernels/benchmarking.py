@@ -29,6 +29,9 @@ class BenchCase:
     bytes_fwd: int              # bytes that must move at least once (the memory floor)
     bytes_fwd_bwd: int
     anchor: str                 # candidate the ratio column is measured against
+    # which arithmetic rate bounds the FLOPs: "matmul" (tensor cores, dense bf16)
+    # or "fma" (plain fp32 multiply-adds on CUDA cores, e.g. a depthwise conv)
+    compute: str = "matmul"
     candidates: list[Candidate] = field(default_factory=list)
 
 

@@ -85,6 +85,6 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             op=OP, shape=f"B{B} C{C} {H}x{W} k{k}",
             flops_fwd=flops_fwd, flops_fwd_bwd=flops_fwd_bwd,
             bytes_fwd=bytes_fwd, bytes_fwd_bwd=bytes_fwd_bwd,
-            anchor="cuDNN NCHW", candidates=cands,
+            anchor="cuDNN NCHW", compute="fma", candidates=cands,
         ))
     return out
