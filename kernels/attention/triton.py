@@ -51,6 +51,8 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -110,6 +112,9 @@ def _attn_bwd_whole_kv(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_bh = tl.program_id(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -207,6 +212,9 @@ def _attn_bwd_tiled(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)

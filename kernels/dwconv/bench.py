@@ -78,7 +78,8 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             compiled = torch.compile(conv, backend=compile_backend)
             cands.append(Candidate(f"torch.compile {layout}", *_timed_pair(compiled, xl, dyl)))
             if triton_ok:
-                ours = (lambda t: dwconv2d(t, conv.weight, conv.bias, backend="triton"))
+                # conv=conv binds this shape's layer (a bare closure would see the last shape's)
+                ours = (lambda t, conv=conv: dwconv2d(t, conv.weight, conv.bias, backend="triton"))
                 cands.append(Candidate(f"triton {layout}", *_timed_pair(ours, xl, dyl)))
         flops_fwd, flops_fwd_bwd, bytes_fwd, bytes_fwd_bwd = _counts(B, C, H, W, k, x.element_size())
         out.append(BenchCase(

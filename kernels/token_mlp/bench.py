@@ -84,13 +84,16 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             module.to_tokens.weight, module.to_tokens.bias)]
         reasons = triton_reasons(dtype=dtype, tokens=N, channels=C, hidden=Hd)
         backend, _ = dispatch.explain("token_mlp", "triton", device, reasons)
-        ours = _timed_pair(lambda: token_mlp(x, *params, eps=module.norm.eps, backend=backend),
+        # default arguments bind this iteration's tensors (a bare closure would see the last shape's)
+        ours = _timed_pair(lambda x=x, params=params, eps=module.norm.eps, backend=backend:
+                           token_mlp(x, *params, eps=eps, backend=backend),
                            [x, *params], grad, autocast=False)
 
         base_inputs = [x, *module.parameters()]
-        eager = _timed_pair(lambda: module(x), base_inputs, grad, autocast)
+        eager = _timed_pair(lambda x=x, module=module: module(x), base_inputs, grad, autocast)
         compiled_module = compile_sublayer(module)
-        compiled = _timed_pair(lambda: compiled_module(x), base_inputs, grad, autocast)
+        compiled = _timed_pair(lambda x=x, compiled_module=compiled_module: compiled_module(x),
+                               base_inputs, grad, autocast)
 
         flops = 2 * 2 * B * N * Hd * C             # two matmuls, a multiply-add = 2 FLOPs
         size = torch.tensor([], dtype=dtype).element_size()

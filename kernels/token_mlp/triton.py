@@ -86,7 +86,8 @@ def _ln_stats_kernel(X, MEAN, RSTD, R, N, C, stride_xb, stride_xn, stride_xc, ep
         x = tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - mean[:, None], 0.0)
         acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / C + eps)
+    # eps arrives as fp64 from inductor-generated launchers: keep the math fp32
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / C + tl.cast(eps, tl.float32))
     tl.store(MEAN + rows, mean, mask=r_mask)
     tl.store(RSTD + rows, rstd, mask=r_mask)
 
@@ -307,10 +308,23 @@ def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[i
     return wbc, wbh, num_warps
 
 
+def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    # Compiled bf16 backward gave a wrong dX for inputs whose channel stride is not 1
+    # (tests/kernels/test_token_mlp.py::test_bf16_strided, on sm_90; the interpreter
+    # agrees with the reference), so such views are copied. The Mixer block's
+    # activations are contiguous and never pay for this.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
     """(y, mean, rstd): y like x; mean and rstd (B, N) fp32, saved for the backward."""
     B, N, C = x.shape
     HD = w1.shape[0]
+    x = _unit_channel_stride(x)
+    # the matmuls round the weights to x's dtype anyway; rounding once here halves the
+    # shared memory of their pipelined tiles when parameters are fp32 (autocast): fp32
+    # tiles overflowed sm_90's 227 KiB at N = 256
+    w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
     mean = torch.empty((B, N), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -332,6 +346,8 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
     """Gradients (dx, dln_weight, dln_bias, dw1, db1, dw2, db2): dx like x, the rest fp32."""
     B, N, C = x.shape
     HD = w1.shape[0]
+    x, dy = _unit_channel_stride(x), _unit_channel_stride(dy)
+    w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
     dev = x.device
     f32 = torch.float32
     ieee = x.dtype == torch.float32
