@@ -8,14 +8,17 @@ Softmax runs in base 2: scores are scaled by `scale * log2(e)` so that exp2 can
 be used, and the forward saves the per-row log-sum-exp in that same domain
 (`lse2`, fp32, (B, H, N)). No N x N matrix is ever written to memory.
 
-Two backward kernels, chosen by N (see `_bwd_config`):
-- whole-KV: one program per (batch, head) keeps all of K, V and the dK, dV
-  accumulators on chip and walks over the query blocks. Each query block sees
-  every key, so its dQ is complete and is stored directly: no atomics and no
-  second pass over the scores. This is the vision case (N up to ~256).
-- tiled: one program per (batch, head, key block) accumulates that block's dK,
-  dV over all queries, then computes dQ for the query block of the same index
-  over all keys. Scores are recomputed twice, but there are still no atomics.
+Forward: one program per (batch, head, query block) walks over key tiles with
+an online softmax. Short key tiles behind a 3-stage pipeline are used even when
+all of K, V would fit on chip: measured on an H200 in bf16 they beat one whole-N
+tile by 2-4x (see `_fwd_config`).
+
+Backward: `_attn_bwd_delta` forms rowsum(dO * O); then one program per (batch,
+head, key block) accumulates that block's dK, dV over all queries, and computes
+dQ for the query block of the same index over all keys. Scores are recomputed
+twice, but nothing is accumulated across programs: no atomics, deterministic.
+(A variant that kept a whole (batch, head)'s K, V, dK, dV on chip and walked the
+query blocks was 1.1-6x slower on every benchmark shape, and was removed.)
 """
 from __future__ import annotations
 
@@ -25,13 +28,6 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 LOG2E = 1.4426950408889634
-
-# The whole-KV backward keeps K, V and the fp32 dK, dV of a (batch, head) on
-# chip: at most N_pad * D * itemsize = 16 KiB per input tile (bf16 256 x 32,
-# i.e. 64 KiB of fp32 accumulators). Tune on the GPU.
-WHOLE_KV_MAX_BYTES = 16 * 1024
-WHOLE_KV_MAX_N = 256
-
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32: the tests hold the kernel to
@@ -96,81 +92,6 @@ def _attn_fwd(
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(O.dtype.element_ty), mask=mask_m[:, None])
     tl.store(LSE2 + offs_m, m_i + tl.log2(l_i), mask=mask_m)
-
-
-@triton.jit
-def _attn_bwd_whole_kv(
-    Q, K, V, O, DO, DQ, DK, DV, LSE2,
-    sm_scale, qk_scale,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_gb, stride_gh, stride_gn, stride_gd,   # shared by DQ, DK, DV (same layout)
-    H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    pid_bh = tl.program_id(0)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
-    DO += off_b * stride_dob + off_h * stride_doh
-    g_off = off_b * stride_gb + off_h * stride_gh
-    DQ += g_off
-    DK += g_off
-    DV += g_off
-    LSE2 += pid_bh.to(tl.int64) * N
-
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_n = offs_n < N
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=mask_n[:, None], other=0.0)                            # (BLOCK_N, D)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=mask_n[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        # Padded query rows load q = do = o = 0 and lse = 0: their p is finite
-        # and their ds is 0, so they add nothing to dK or dV.
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=mask_m[:, None], other=0.0)
-        o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                    mask=mask_m[:, None], other=0.0)
-        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)             # rowsum(dO * O)
-
-        # -- recompute the probabilities of this query block --
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)                               # (BLOCK_M, BLOCK_N)
-
-        # -- gradients through softmax --
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
-        tl.store(DQ + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                 dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-
-    tl.store(DK + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(DV + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
 
 
 @triton.jit
@@ -296,9 +217,11 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _fwd_config(n: int, d: int, elem: int) -> dict:
-    """Forward blocks: all of K, V in one tile for short N (no loop, no rescaling).
+    """Forward blocks and launch settings.
 
-    Sizes checked against sm_90 compiles (ptxas register and spill counts).
+    16-bit numbers are CUDA-graph medians of the kernel alone on an H200 (bf16,
+    2026-11-26, `composer bench kernels` shapes); fp32 sizes come from sm_90
+    compiles (register and spill counts).
     """
     n_pad = _pow2(n)
     if elem == 4:
@@ -309,34 +232,33 @@ def _fwd_config(n: int, d: int, elem: int) -> dict:
         block_m = 64 if n >= 128 and d <= 64 else max(16, min(32, n_pad))
         num_warps = 8 if block_m >= 64 or d >= 128 else 4
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
-    if n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= 32 * 1024:
-        # a single trip through the key loop: prefetch stages would only cost shared memory
-        block_n, num_stages = n_pad, 1
+    if d >= 128:
+        # not swept yet: 64-key tiles, as many queries as 8 warps hold without spilling
+        block_m, block_n, num_warps, num_stages = (128 if n >= 512 else 64), 64, 8, 3
+    elif n_pad >= 512:
+        # B32 H16 N1024 D64: 393 us (128 x 32 keys: 431, 64 x 64: 423)
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
+    elif d <= 32:
+        # B256 H4 N144 D16: 23.7 us; one 256-key tile took 38.6-227 us
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
     else:
-        block_n, num_stages = (128 if d <= 32 else 64), (3 if elem == 2 else 2)
-    block_m = 128 if n >= 512 else 64 if n >= 128 else max(16, min(32, n_pad))
-    if block_n >= 256 and d >= 64:
-        # a 64 x 256 score tile next to a 256 x 64 key tile fills all 255 registers
-        block_m = 32
-    num_warps = 8 if block_m * block_n >= 8192 or d >= 128 else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+        # B512 H3 N65 D64: 29.4 us; B256 H6 N197 D64: 92.5 us (one 256-key tile: 160-375)
+        block_m, block_n, num_warps, num_stages = 128, 32, 4, 3
+    return {"BLOCK_M": min(block_m, n_pad), "BLOCK_N": min(block_n, n_pad),
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def _bwd_config(n: int, d: int, elem: int) -> dict:
-    """Backward kernel and blocks: whole-KV when K, V, dK, dV of a (batch, head) fit on chip.
-
-    fp32 (IEEE dots on FMA units, operands in registers) spills in the whole-KV
-    kernel at every useful size on sm_90, so it always takes the tiled path.
-    """
-    n_pad = _pow2(n)
-    if elem != 4 and n_pad <= WHOLE_KV_MAX_N and n_pad * d * elem <= WHOLE_KV_MAX_BYTES:
-        return {"path": "whole_kv", "BLOCK_M": 32 if n_pad <= 128 else 16, "BLOCK_N": n_pad,
-                "num_warps": 4 if n_pad * d <= 2048 else 8, "num_stages": 2}
+    """Backward blocks: BLOCK keys (and queries for dQ) per program, BLOCK_STEP per inner step."""
     if elem == 4:
-        return {"path": "tiled", "BLOCK": 64 if d <= 64 else 32, "BLOCK_STEP": 32 if d <= 64 else 16,
+        # IEEE fp32 dots: smaller tiles keep both operands in registers
+        return {"BLOCK": 64 if d <= 64 else 32, "BLOCK_STEP": 32 if d <= 64 else 16,
                 "num_warps": 8, "num_stages": 2}
-    return {"path": "tiled", "BLOCK": 64, "BLOCK_STEP": 32,
-            "num_warps": 4 if d <= 64 else 8, "num_stages": 2}
+    if d >= 128:
+        return {"BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 8, "num_stages": 2}
+    # H200, bf16: best of 8 tilings on every benchmark shape (B256 H4 N144 D16: 48 us,
+    # B512 H3 N65 D64: 80, B256 H6 N197 D64: 261, B32 H16 N1024 D64: 1,159)
+    return {"BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4, "num_stages": 3}
 
 
 def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
@@ -376,18 +298,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if q.numel() == 0:
         return dq, dk, dv
     prec = _dot_precision(q.dtype)
-    if cfg["path"] == "whole_kv":
-        if cfg["BLOCK_N"] < n:
-            raise ValueError(f"whole-KV backward needs BLOCK_N >= N, got {cfg['BLOCK_N']} < {n}")
-        wrap_triton(_attn_bwd_whole_kv)[(b * h,)](
-            q, k, v, out, do, dq, dk, dv, lse2, scale, scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-            h, n,
-            HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        return dq, dk, dv
-
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     block_m = 64
     wrap_triton(_attn_bwd_delta)[(triton.cdiv(n, block_m), b * h)](

@@ -285,6 +285,10 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype,
         # data backward holds dY and dZ next to Z, so it gets half the slab
         budget, block_h = (8192 if backward else 16384), 64
     block_c = max(16, min(64, budget // block_n, triton.next_power_of_2(c)))
+    if backward and block_n >= 256 and dtype != torch.float32:
+        # two stages of (64, 256) W1 and W2 tiles next to Z and dY needed 233,472 bytes
+        # of shared memory on sm_90 (limit 232,448): halve the hidden block
+        block_h = 32
     block_h = max(16, min(block_h, triton.next_power_of_2(hd)))
     num_warps = 8 if block_n >= 256 or block_n * block_c > 4096 else 4
     # two stages: the hidden loop's W1/W2 tiles are (BLOCK_H, BLOCK_N) each, and
