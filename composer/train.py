@@ -245,7 +245,11 @@ def _train(spec, resume, echo, device, dist):
         f"{tuple(train_images.shape[1:])} on {device} ({time.perf_counter() - started:.1f}s)")
 
     # -- model, optimizer, schedule ------------------------------------------------------
-    model = build_model(spec, backend=t.kernels).to(device)
+    backend = model_backend(t.kernels, t.compile)
+    if backend != t.kernels and device.type == "cuda":
+        log("kernels: compiled model uses the PyTorch blocks (Triton kernels inside a compiled training graph "
+            "hit an illegal memory access on sm_90 in testing); --kernels triton forces them")
+    model = build_model(spec, backend=backend).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last) if _grid_model(spec) else model
     optimizer = make_optimizer(spec, model)
@@ -440,6 +444,14 @@ def _train(spec, resume, echo, device, dist):
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+def model_backend(kernels: str, compile_model: bool) -> str:
+    """The block backend a training run builds: "auto" under torch.compile means the PyTorch
+    reference blocks, which inductor fuses itself. Our Triton ops inside a compiled training
+    graph crashed with an illegal memory access on an H200 (tests/test_gpu_end_to_end.py),
+    while the same kernels run correctly in eager mode and in compiled inference."""
+    return "reference" if compile_model and kernels == "auto" else kernels
+
 
 def _check_triton(model, device: torch.device, dtype: torch.dtype) -> None:
     """--kernels triton must hold for every block before training starts, not fail at the first step."""

@@ -6,6 +6,7 @@ from composer.blocks import set_backend
 from composer.build import build_model
 from composer.spec import load_spec_text
 from composer.train import train
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -38,10 +39,19 @@ def test_triton_model_matches_reference_model(dtype):
     assert (fast - slow).abs().max().item() <= tol * max(scale, 1.0)
 
 
-@pytest.mark.parametrize("compile_model", [False, True])
-def test_train_on_gpu_with_triton_kernels(tmp_path, compile_model):
-    spec = load_spec_text(HYBRID, "hybrid.yaml", [f"train.out_dir={tmp_path / 'run'}",
-                                                 f"train.compile={str(compile_model).lower()}"])
+def test_train_on_gpu_with_triton_kernels(tmp_path):
+    spec = load_spec_text(HYBRID, "hybrid.yaml", [f"train.out_dir={tmp_path / 'run'}"])
     result = train(spec, echo=lambda *a: None)
     assert result["final"]["val_acc"] > 0.5  # learnable synthetic classes
     assert result["final"]["train_loss"] == result["final"]["train_loss"]  # not NaN
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: illegal memory access when the Triton ops run inside a "
+                                       "torch.compile'd training graph (H200, torch 2.11, triton 3.6); "
+                                       "--compile with --kernels auto avoids them")
+def test_train_compiled_with_triton_kernels(tmp_path):
+    # its own process: an illegal memory access poisons the CUDA context of every later test
+    (tmp_path / "hybrid.yaml").write_text(HYBRID)
+    result = run_cli("train", tmp_path / "hybrid.yaml", "--compile", "--kernels", "triton",
+                     "--out", tmp_path / "run", real_process=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -356,3 +356,14 @@ def test_ddp_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path):
     assert "interrupted; saved" in err, err[-2000:]
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["global_step"] > 8 and state["epoch"] < 300
+
+
+def test_compile_with_auto_kernels_builds_the_pytorch_blocks():
+    """--compile with kernels auto keeps the Triton ops out of the compiled training graph;
+    an explicit --kernels triton is honoured."""
+    from composer.train import model_backend
+
+    assert model_backend("auto", compile_model=True) == "reference"
+    assert model_backend("auto", compile_model=False) == "auto"
+    assert model_backend("triton", compile_model=True) == "triton"
+    assert model_backend("reference", compile_model=False) == "reference"
