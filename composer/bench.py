@@ -37,17 +37,23 @@ def measure_ceilings(device) -> tuple[float, float]:
     return 2 * 4 * 256 * 2**20 / (copy_us * 1e-6), 2 * 8192**3 / (mm_us * 1e-6)
 
 
-def _time(fn, device) -> float | str:
+def _time(fn, device, cuda_graph: bool = False) -> float | str:
     from kernels.benchmarking import time_us
 
     try:
-        return time_us(fn, device)
+        return time_us(fn, device, cuda_graph)
     except Exception as exc:  # one failing candidate must not hide the others' numbers
         return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None) -> list:
-    """Print (and return) one row per (op, dtype, shape, candidate)."""
+def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
+                  cuda_graph: bool = False) -> list:
+    """Print (and return) one row per (op, dtype, shape, candidate).
+
+    The main columns time eager calls, as a training loop makes them. With `cuda_graph`,
+    two more columns replay each call from a CUDA graph: GPU time alone, without the
+    host-side cost of Python, dispatch and launches.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else None)
     if device is None:
         raise UserError("composer bench kernels times CUDA kernels and needs a CUDA GPU; none is visible here")
@@ -64,11 +70,15 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
         for dname in (DTYPES if dtype == "all" else (dtype,)):
             echo(f"\n== {name} {dname} ==")
             echo(f"{'shape':<24} {'candidate':<26} {'fwd us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8} "
-                 f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}")
+                 f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}"
+                 + (f" {'graph fwd':>10} {'graph f+b':>10}" if cuda_graph else ""))
             for case in module.cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
                 times = {c.name: (_time(c.forward, device),
                                   _time(c.forward_backward, device) if c.forward_backward else "n/a")
                          for c in case.candidates}
+                graph = {c.name: (_time(c.forward, device, True),
+                                  _time(c.forward_backward, device, True) if c.forward_backward else "n/a")
+                         for c in case.candidates} if cuda_graph else {}
                 anchor = times.get(case.anchor, ("n/a", "n/a"))
                 rate = dense if case.compute == "matmul" else FP32_FMA
                 floor_f = max(case.bytes_fwd / memory_bw, case.flops_fwd / rate) * 1e6
@@ -78,12 +88,19 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                     row = {"op": name, "dtype": dname, "shape": case.shape, "candidate": cand.name,
                            "fwd_us": f, "fwd_bwd_us": b, "anchor": case.anchor,
                            "floor_fwd_us": floor_f, "floor_fwd_bwd_us": floor_b}
+                    if cuda_graph:
+                        row["graph_fwd_us"], row["graph_fwd_bwd_us"] = graph[cand.name]
                     rows.append(row)
                     echo(f"{case.shape:<24} {cand.name:<26} "
                          + _cells(f, case.flops_fwd, case.bytes_fwd, anchor[0]) + " "
-                         + _cells(b, case.flops_fwd_bwd, case.bytes_fwd_bwd, anchor[1], wide=True))
+                         + _cells(b, case.flops_fwd_bwd, case.bytes_fwd_bwd, anchor[1], wide=True)
+                         + ("".join(f" {_us(t):>10}" for t in graph[cand.name]) if cuda_graph else ""))
                 echo(f"{'':<24} {'(floor)':<26} {floor_f:9.1f} {'':>8} {'':>7} {'':>8} {floor_b:11.1f}")
     return rows
+
+
+def _us(t) -> str:
+    return f"{t:.1f}" if isinstance(t, float) else str(t)[:10]
 
 
 def _cells(us, flops, nbytes, anchor, wide=False) -> str:

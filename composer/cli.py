@@ -201,11 +201,13 @@ def bench():
 @bench.command("kernels")
 @click.option("--op", type=click.Choice(["attention", "token_mlp", "dwconv2d", "all"]), default="all")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "all"]), default="all")
-def bench_kernels(op, dtype):
+@click.option("--cuda-graph", is_flag=True,
+              help="Also time each call replayed from a CUDA graph: GPU time without host overhead.")
+def bench_kernels(op, dtype, cuda_graph):
     """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
     from composer.bench import bench_kernels as run
 
-    run(op=op, dtype=dtype, echo=click.echo)
+    run(op=op, dtype=dtype, echo=click.echo, cuda_graph=cuda_graph)
 
 
 @bench.command("train")

@@ -35,11 +35,18 @@ class BenchCase:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def time_us(fn: Callable[[], object], device: torch.device | str) -> float:
-    """Median time of `fn` in µs: CUDA events via triton's do_bench on GPU, wall clock on CPU."""
+def time_us(fn: Callable[[], object], device: torch.device | str, cuda_graph: bool = False) -> float:
+    """Median time of `fn` in µs: CUDA events via triton's do_bench on GPU, wall clock on CPU.
+
+    With `cuda_graph`, fn is captured once and replayed from a CUDA graph
+    (triton's do_bench_cudagraph): host-side cost (Python, dispatch, launches)
+    drops out and what remains is GPU time. The CPU ignores the flag.
+    """
     if torch.device(device).type == "cuda":
         import triton.testing
 
+        if cuda_graph:
+            return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     samples = []

@@ -49,3 +49,13 @@ def test_bench_kernels_runner_prints_every_candidate():
         assert isinstance(r["fwd_us"], float) and r["fwd_us"] > 0 and r["anchor"] == "sdpa", r
         assert isinstance(r["fwd_bwd_us"], float) and r["fwd_bwd_us"] > 0, r
     assert sum("(floor)" in line for line in lines) == 2
+
+
+def test_bench_kernels_cuda_graph_columns():
+    """--cuda-graph adds GPU-time columns to every row (on the CPU they fall back to wall clock)."""
+    lines = []
+    rows = bench_kernels("attention", "fp32", echo=lines.append, device="cpu", cuda_graph=True,
+                         shapes={"attention": [(1, 1, 5, 16)]})
+    assert rows and all(isinstance(r["graph_fwd_us"], float) and r["graph_fwd_us"] > 0 for r in rows)
+    assert all(isinstance(r["graph_fwd_bwd_us"], float) and r["graph_fwd_bwd_us"] > 0 for r in rows)
+    assert "graph fwd" in "\n".join(lines)

@@ -45,6 +45,7 @@ def _setup_context(ctx, inputs, output):
     out, lse2 = output
     ctx.save_for_backward(q, k, v, out, lse2)
     ctx.scale = scale
+    ctx.mark_non_differentiable(lse2)
 
 
 def _backward(ctx, dout, _dlse2):
