@@ -54,15 +54,10 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
     two more columns replay each call from a CUDA graph: GPU time alone, without the
     host-side cost of Python, dispatch and launches.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else None)
-    if device is None:
-        raise UserError("composer bench kernels times CUDA kernels and needs a CUDA GPU; none is visible here")
+    device = _bench_device(device, echo)
     memory_bw, dense = MEMORY_BW, DENSE_BF16
     if device == "cuda":
-        import triton
-
         memory_bw, dense = measure_ceilings(device)
-        echo(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
         echo(f"measured ceilings: copy {memory_bw / 1e9:,.0f} GB/s, bf16 matmul {dense / 1e12:,.0f} TFLOP/s")
     rows = []
     for name in (OPS if op == "all" else (op,)):
@@ -97,6 +92,91 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                          + ("".join(f" {_us(t):>10}" for t in graph[cand.name]) if cuda_graph else ""))
                 echo(f"{'':<24} {'(floor)':<26} {floor_f:9.1f} {'':>8} {'':>7} {'':>8} {floor_b:11.1f}")
     return rows
+
+
+def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None) -> list:
+    """Time every launch configuration of each op's sweep cases (kernel alone, CUDA-graph replay)
+    and check its output against the default's; print one row per configuration."""
+    device = _bench_device(device, echo)
+    rows = []
+    for name in (OPS if op == "all" else (op,)):
+        module = importlib.import_module(BENCH_MODULES[name])
+        for dname in (DTYPES if dtype == "all" else (dtype,)):
+            for case in module.sweep_cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
+                echo(f"\n== sweep {name} {dname} {case.shape} ==")
+                reference = _tensors(case.run(case.default))
+                configs = [case.default] + [c for c in case.configs if c != case.default]
+                results = []
+                for cfg in configs:
+                    try:
+                        err = max(((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
+                                  for o, r in zip(_tensors(case.run(cfg)), reference))
+                        t = _time(lambda cfg=cfg: case.run(cfg), device, cuda_graph=True)
+                    except Exception as exc:  # a configuration that cannot launch must not stop the sweep
+                        err, t = None, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+                    results.append((cfg, err, t))
+                timed = [r for r in results if isinstance(r[2], float)]
+                best = min(timed, key=lambda r: r[2])[0] if timed else None
+                for cfg, err, t in results:
+                    mark = " (default)" if cfg is case.default else ""
+                    mark += " (best)" if cfg is best else ""
+                    err_s = "-" if err is None else f"{err:.1e}"
+                    echo(f"  {_us(t):>10} us  rel.err {err_s:>8}  {cfg}{mark}")
+                    rows.append({"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
+                                 "rel_err": err, "default": cfg is case.default, "best": cfg is best})
+    return rows
+
+
+def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
+                    calls: int = 10) -> None:
+    """torch.profiler over `calls` forward+backward calls of our op on each benchmark case:
+    the top host-side and device-side entries, to see where the time between launches goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = _bench_device(device, echo)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    for name in (OPS if op == "all" else (op,)):
+        module = importlib.import_module(BENCH_MODULES[name])
+        for dname in (DTYPES if dtype == "all" else (dtype,)):
+            for case in module.cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
+                ours = next(c for c in case.candidates if c.name.startswith(("ours", "triton")))
+                fn = ours.forward_backward or ours.forward
+                for _ in range(3):
+                    fn()
+                _sync(device)
+                with profile(activities=activities) as prof:
+                    for _ in range(calls):
+                        fn()
+                    _sync(device)
+                events = prof.key_averages()
+                echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
+                for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
+                    top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
+                    top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
+                    if top:
+                        echo(f"  {label}:")
+                    for e in top:
+                        echo(f"    {getattr(e, key) / calls:9.1f} us  x{e.count // calls:<3} {e.key[:80]}")
+
+
+def _bench_device(device, echo):
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        raise UserError("composer bench kernels times CUDA kernels and needs a CUDA GPU; none is visible here")
+    if device == "cuda":
+        import triton
+
+        echo(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    return device
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _tensors(result) -> list:
+    return [t for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)]
 
 
 def _us(t) -> str:

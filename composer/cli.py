@@ -203,11 +203,22 @@ def bench():
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "all"]), default="all")
 @click.option("--cuda-graph", is_flag=True,
               help="Also time each call replayed from a CUDA graph: GPU time without host overhead.")
-def bench_kernels(op, dtype, cuda_graph):
+@click.option("--sweep", is_flag=True,
+              help="Instead: time every launch configuration of our kernels (kernel alone) and check each output.")
+@click.option("--profile", is_flag=True,
+              help="Instead: torch.profiler's top host and device entries for our forward+backward.")
+def bench_kernels(op, dtype, cuda_graph, sweep, profile):
     """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
-    from composer.bench import bench_kernels as run
+    from composer import bench as b
 
-    run(op=op, dtype=dtype, echo=click.echo, cuda_graph=cuda_graph)
+    if sweep and profile:
+        raise UserError("--sweep and --profile are separate runs; pass one of them")
+    if sweep:
+        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo)
+    elif profile:
+        b.profile_kernels(op=op, dtype=dtype, echo=click.echo)
+    else:
+        b.bench_kernels(op=op, dtype=dtype, echo=click.echo, cuda_graph=cuda_graph)
 
 
 @bench.command("train")

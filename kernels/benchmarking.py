@@ -35,6 +35,20 @@ class BenchCase:
     candidates: list[Candidate] = field(default_factory=list)
 
 
+@dataclass
+class SweepCase:
+    """Launch configurations of one of our kernels on one shape (`composer bench kernels --sweep`).
+
+    Each configuration is checked against the default's output and timed alone
+    (CUDA-graph replay), so the fastest correct one can become the launcher's default.
+    """
+    op: str
+    shape: str                             # e.g. "B256 H4 N144 D16 forward"
+    default: dict                          # what the launcher picks today
+    configs: list[dict]                    # candidates to try besides the default
+    run: Callable[[dict], object]          # launch with a config; returns a tensor or tuple of tensors
+
+
 def time_us(fn: Callable[[], object], device: torch.device | str, cuda_graph: bool = False) -> float:
     """Median time of `fn` in µs: CUDA events via triton's do_bench on GPU, wall clock on CPU.
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from composer.bench import bench_kernels
+from composer.bench import bench_kernels, profile_kernels, sweep_kernels
 from tests.helpers import SPECS, assert_user_error, run_cli
 
 
@@ -59,3 +59,36 @@ def test_bench_kernels_cuda_graph_columns():
     assert rows and all(isinstance(r["graph_fwd_us"], float) and r["graph_fwd_us"] > 0 for r in rows)
     assert all(isinstance(r["graph_fwd_bwd_us"], float) and r["graph_fwd_bwd_us"] > 0 for r in rows)
     assert "graph fwd" in "\n".join(lines)
+
+
+SWEEP_SHAPES = {"attention": [(1, 2, 20, 16)], "token_mlp": [(2, 20, 16, 16)], "dwconv2d": [(1, 3, 6, 6, 3)]}
+
+
+def test_sweep_checks_and_times_every_configuration():
+    """Each op's sweep runs the default and every candidate configuration on the Triton kernels
+    (interpreter here): every correct configuration agrees with the default, one is marked best."""
+    lines = []
+    rows = sweep_kernels("all", "fp32", echo=lines.append, device="cpu", shapes=SWEEP_SHAPES)
+    cases = {(r["op"], r["shape"]) for r in rows}
+    assert len(cases) == 2 + 3 + 4          # attention fwd/bwd; token_mlp fwd/data/weights; dwconv 2 layouts x 2
+    for op, shape in cases:
+        mine = [r for r in rows if (r["op"], r["shape"]) == (op, shape)]
+        assert sum(r["default"] for r in mine) == 1 and sum(r["best"] for r in mine) == 1, (op, shape)
+        ran = [r for r in mine if r["rel_err"] is not None]
+        assert len(ran) >= 2, (op, shape, mine)
+        for r in ran:   # fp32, the same math in another blocking: agreement to a few ulps of the output scale
+            assert r["rel_err"] < 1e-4, r
+            assert isinstance(r["us"], float) and r["us"] > 0, r
+
+
+def test_profile_prints_host_entries():
+    lines = []
+    profile_kernels("attention", "fp32", echo=lines.append, device="cpu", shapes={"attention": [(1, 1, 8, 16)]},
+                    calls=2)
+    text = "\n".join(lines)
+    assert "== profile attention fp32 B1 H1 N8 D16" in text and "host (self CPU)" in text
+    assert any(" us  x" in line for line in lines)
+
+
+def test_sweep_and_profile_are_exclusive():
+    assert_user_error(run_cli("bench", "kernels", "--sweep", "--profile"), "separate runs")

@@ -100,6 +100,33 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
     return out
 
 
+def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
+    """Forward and backward launch configurations of the Triton kernels on each shape."""
+    from kernels.attention import triton as kt
+    from kernels.benchmarking import SweepCase
+
+    device = torch.device(device)
+    out = []
+    for b, h, n, d in shapes or SHAPES:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, do = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(4))
+        scale = d ** -0.5
+        o, lse2 = kt.forward(q, k, v, scale)
+        elem = q.element_size()
+        fwd = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+               for bm, bn, w, st in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3),
+                                     (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2))]
+        bwd = [{"BLOCK": bl, "BLOCK_STEP": st, "num_warps": w, "num_stages": sg}
+               for bl, st, w, sg in ((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 3),
+                                     (128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2))]
+        shape = f"B{b} H{h} N{n} D{d}"
+        out.append(SweepCase("attention", f"{shape} forward", kt._fwd_config(n, d, elem), fwd,
+                             lambda cfg, q=q, k=k, v=v, scale=scale: kt.forward(q, k, v, scale, cfg)[0]))
+        out.append(SweepCase("attention", f"{shape} backward", kt._bwd_config(n, d, elem), bwd,
+                             lambda cfg, a=(do, q, k, v, o, lse2, scale): kt.backward(*a, cfg)))
+    return out
+
+
 def main() -> None:
     """Standalone table (`python -m kernels.attention.bench [bf16|fp16|fp32]`) for a quick GPU check."""
     import sys

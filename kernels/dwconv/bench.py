@@ -89,3 +89,35 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             anchor="cuDNN NCHW", compute="fma", candidates=cands,
         ))
     return out
+
+
+def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
+    """Tile budgets of the forward and weight-gradient kernels, both memory formats, each shape."""
+    from kernels.benchmarking import SweepCase
+    from kernels.dwconv import triton as kt
+
+    device = torch.device(device)
+    out = []
+    for B, C, H, W, k in shapes or SHAPES:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+        dy = torch.randn(B, C, H, W, generator=gen).to(device=device, dtype=dtype)
+        w = (torch.randn(C, 1, k, k, generator=gen) / k).to(device=device, dtype=dtype)
+        bias = torch.randn(C, generator=gen).to(device=device, dtype=dtype)
+        for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            xl, dyl = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+            widths = (64,) if layout == "NCHW" else (32, 64, 128)
+            fwd = [{"elems": e, "c_bytes": cb} for e in (1024, 2048, 4096, 8192) for cb in widths]
+            wgt = [{"elems": e, "c_bytes": cb} for e in (4096, 8192, 16384) for cb in widths]
+
+            def forward(cfg, xl=xl, w=w, bias=bias):
+                y = torch.empty_like(xl)
+                kt.conv_forward(xl, w, bias, y, None, gelu=False, tile=cfg)
+                return y
+
+            shape = f"B{B} C{C} {H}x{W} k{k} {layout}"
+            out.append(SweepCase("dwconv2d", f"{shape} forward", kt.forward_tile(xl), fwd, forward))
+            out.append(SweepCase("dwconv2d", f"{shape} weight grad", kt.weight_grad_tile(xl), wgt,
+                                 lambda cfg, a=(dyl, xl, w, None): kt.conv_backward(
+                                     *a, gelu=False, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:]))
+    return out

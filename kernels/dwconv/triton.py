@@ -176,17 +176,34 @@ def _grid(x: torch.Tensor, block_c: int, bb: int, tile_h: int, tile_w: int):
     return (triton.cdiv(B, bb) * n_th * n_tw, triton.cdiv(C, block_c)), n_th, n_tw
 
 
-def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False) -> None:
-    """y = act(conv(x, weight) + bias); z (pre-activation) is written when given."""
+def forward_tile(x: torch.Tensor) -> dict:
+    """The forward tile budget: `elems` per program, channel runs of `c_bytes` (channels_last).
+
+    The fastest of a sweep on an H200 (bf16, 2026-11-26, the benchmark shapes):
+    channels_last 8192 elements with 128-byte channel runs (1,066 us against 1,295 for
+    4096 / 64 at B256 C256 32x32 k9); NCHW barely cares (2048).
+    """
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1
+    return {"elems": 8192, "c_bytes": 128} if channels_last else {"elems": 2048, "c_bytes": 64}
+
+
+def weight_grad_tile(x: torch.Tensor) -> dict:
+    """The weight-gradient tile budget, same sweep: channels_last 16384 / 64 (2,475 us
+    against 3,061 for 8192 / 32 at B256 C256 32x32 k9); NCHW keeps 8192."""
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1
+    return {"elems": 16384, "c_bytes": 64} if channels_last else {"elems": 8192, "c_bytes": 32}
+
+
+def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile: dict | None = None) -> None:
+    """y = act(conv(x, weight) + bias); z (pre-activation) is written when given.
+
+    `tile` overrides `forward_tile(x)` (benchmark sweeps)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     if y.numel() == 0:  # nothing to compute; Triton rejects an empty grid
         return
-    # tile sizes: the fastest of a sweep on an H200 (bf16, 2026-11-26, the benchmark
-    # shapes): channels_last 8192 elements with 128-byte channel runs (1,066 us against
-    # 1,295 for 4096 / 64 at B256 C256 32x32 k9); NCHW barely cares (2048)
-    channels_last = x.stride(1) == 1 and C > 1
-    block_c, bb, tile_h, tile_w, warps = _tiles(x, K, *((8192, 128) if channels_last else (2048, 64)))
+    tile = tile or forward_tile(x)
+    block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
     grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
     zz = y if z is None else z
     w_taps = weight.reshape(C, K * K).t().contiguous()  # (K*K, C): one tap's weights are contiguous
@@ -199,8 +216,11 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False) -> No
     )
 
 
-def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool):
-    """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None."""
+def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool,
+                  tile: dict | None = None):
+    """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None.
+
+    `tile` overrides `weight_grad_tile(x)` for the weight-gradient kernel (sweeps)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     dx = dw = db = None
@@ -211,10 +231,8 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         return (torch.empty_like(x) if need_dx else None), dw, db
     if gelu or need_dw or has_bias:
         g = torch.empty_like(dy) if gelu else dy
-        # weight-gradient tiles, same sweep: channels_last 16384 / 64 (2,475 us against
-        # 3,061 for 8192 / 32 at B256 C256 32x32 k9); NCHW keeps 8192
-        cl = x.stride(1) == 1 and C > 1
-        block_c, bb, tile_h, tile_w, warps = _tiles(x, K, *((16384, 64) if cl else (8192, 32)))
+        tile = tile or weight_grad_tile(x)
+        block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
         grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
         dw_part = torch.empty((grid[0], K * K, C) if need_dw else (1,), device=x.device, dtype=torch.float32)
         db_part = torch.empty((grid[0], C) if has_bias else (1,), device=x.device, dtype=torch.float32)

@@ -114,3 +114,39 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             ],
         ))
     return cases_
+
+
+def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
+    """Launch configurations of the forward, data-backward and weight-backward kernels on each shape."""
+    import triton
+
+    from kernels.benchmarking import SweepCase
+    from kernels.token_mlp import triton as kt
+
+    device = torch.device(device)
+    out = []
+    for B, N, C, Hd in shapes or SHAPES:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def rnd(*shape, scale=1.0, shift=0.0):
+            return (shift + scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
+
+        x, dy = rnd(B, N, C), rnd(B, N, C)
+        p = (rnd(C, scale=0.1, shift=1.0), rnd(C, scale=0.1), rnd(Hd, N, scale=N ** -0.5), rnd(Hd, scale=0.1),
+             rnd(N, Hd, scale=Hd ** -0.5), rnd(N, scale=0.1))
+        _, mean, rstd = kt.forward(x, *p, 1e-5)
+        bn = max(16, triton.next_power_of_2(N))
+        slab = [{"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_H": bh, "num_warps": w, "num_stages": st}
+                for bc, bh, w, st in ((16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2),
+                                      (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 3))]
+        weight = [{"BLOCK_C": bc, "BLOCK_H": bh, "num_warps": w}
+                  for bc, bh, w in ((16, 16, 4), (32, 16, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 64, 8))]
+        shape = f"B{B} N{N} C{C} Hd{Hd}"
+        bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
+        out.append(SweepCase("token_mlp", f"{shape} forward", kt._blocks(N, C, Hd, dtype), slab,
+                             lambda cfg, x=x, p=p: kt.forward(x, *p, 1e-5, config=cfg)[0]))
+        out.append(SweepCase("token_mlp", f"{shape} backward (data)", kt._blocks(N, C, Hd, dtype, backward=True),
+                             slab, lambda cfg, a=bwd_args: kt.backward(*a, config=cfg)))
+        out.append(SweepCase("token_mlp", f"{shape} backward (weights)", kt._weight_blocks(bn, C, Hd, dtype),
+                             weight, lambda cfg, a=bwd_args: kt.backward(*a, weight_config=cfg)))
+    return out

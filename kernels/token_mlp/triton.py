@@ -267,9 +267,8 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
 _TARGET_PROGRAMS = 264  # ~2 per SM on an H100: enough splits to fill the GPU for dW
 
 
-def _blocks(n: int, c: int, hd: int, dtype: torch.dtype,
-            backward: bool = False) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_C, BLOCK_H, num_warps, num_stages) for the (image, channel block) kernels.
+def _blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    """BLOCK_N, BLOCK_C, BLOCK_H, num_warps, num_stages of the (image, channel block) kernels.
 
     Sizes checked against sm_90 compiles (ptxas register and spill counts, shared
     memory): the whole token axis is one tile, so the slab budget shrinks as N grows.
@@ -293,11 +292,11 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype,
     num_warps = 8 if block_n >= 256 or block_n * block_c > 4096 else 4
     # two stages: the hidden loop's W1/W2 tiles are (BLOCK_H, BLOCK_N) each, and
     # three stages of them overflow the 227 KiB of shared memory at N = 256
-    return block_n, block_c, block_h, num_warps, 2
+    return {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_H": block_h, "num_warps": num_warps, "num_stages": 2}
 
 
-def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_H, num_warps) for the weight-gradient kernel (sizes from sm_90 compiles)."""
+def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> dict:
+    """BLOCK_C, BLOCK_H, num_warps of the weight-gradient kernel (sizes from sm_90 compiles)."""
     if dtype == torch.float32:
         # FMA dots: 16 x 16 steps; at N > 128 this still spills on sm_90
         wbh, wbc = 16, 16
@@ -309,7 +308,13 @@ def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> tuple[i
         num_warps = 4 if block_n * wbc <= 4096 else 8
     wbh = max(16, min(wbh, triton.next_power_of_2(hd)))
     wbc = max(16, min(wbc, triton.next_power_of_2(c)))
-    return wbc, wbh, num_warps
+    return {"BLOCK_C": wbc, "BLOCK_H": wbh, "num_warps": num_warps}
+
+
+def _check_block_n(cfg: dict, n: int) -> None:
+    # the whole token axis is one tile: a smaller BLOCK_N would silently drop tokens
+    if cfg["BLOCK_N"] < n:
+        raise ValueError(f"token_mlp: BLOCK_N {cfg['BLOCK_N']} must cover N = {n}")
 
 
 def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
@@ -323,8 +328,10 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
-    """(y, mean, rstd): y like x; mean and rstd (B, N) fp32, saved for the backward."""
+def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | None = None):
+    """(y, mean, rstd): y like x; mean and rstd (B, N) fp32, saved for the backward.
+
+    `config` overrides `_blocks` (benchmark sweeps); BLOCK_N must cover N."""
     B, N, C = x.shape
     HD = w1.shape[0]
     x = _unit_channel_stride(x)
@@ -340,17 +347,21 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float):
     stats_c = min(512, triton.next_power_of_2(C))
     wrap_triton(_ln_stats_kernel)[(triton.cdiv(R, 8),)](
         x, mean, rstd, R, N, C, *x.stride(), eps, BLOCK_R=8, BLOCK_C=stats_c, num_warps=4)
-    BN, BC, BH, warps, stages = _blocks(N, C, HD, x.dtype)
-    wrap_triton(_fwd_kernel)[(B, triton.cdiv(C, BC))](
+    cfg = config or _blocks(N, C, HD, x.dtype)
+    _check_block_n(cfg, N)
+    wrap_triton(_fwd_kernel)[(B, triton.cdiv(C, cfg["BLOCK_C"]))](
         x, y, mean, rstd, ln_weight, ln_bias, w1, b1, w2, b2, N, C, HD,
         *x.stride(), *y.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=x.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_H=cfg["BLOCK_H"], IEEE=x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y, mean, rstd
 
 
-def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
-    """Gradients (dx, dln_weight, dln_bias, dw1, db1, dw2, db2): dx like x, the rest fp32."""
+def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
+             config: dict | None = None, weight_config: dict | None = None):
+    """Gradients (dx, dln_weight, dln_bias, dw1, db1, dw2, db2): dx like x, the rest fp32.
+
+    `config` overrides `_blocks(backward=True)`, `weight_config` `_weight_blocks` (sweeps)."""
     B, N, C = x.shape
     HD = w1.shape[0]
     x, dy = _unit_channel_stride(x), _unit_channel_stride(dy)
@@ -361,7 +372,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
     ln_weight, ln_bias, b1 = (t.contiguous() for t in (ln_weight, ln_bias, b1))
 
     # -- data gradient: (image, channel block) programs --
-    BN, BC, BH, warps, stages = _blocks(N, C, HD, x.dtype, backward=True)
+    cfg = config or _blocks(N, C, HD, x.dtype, backward=True)
+    _check_block_n(cfg, N)
+    BN, BC, stages = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["num_stages"]
     ncb = triton.cdiv(C, BC)
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
     p = torch.empty((B, N, C), device=dev, dtype=f32)
@@ -374,7 +387,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
         x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
         da, p, s1, s2, dgamma_part, dbeta_part, db2_part,
         N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=BH, IEEE=ieee, num_warps=warps, num_stages=stages)
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, num_warps=cfg["num_warps"], num_stages=stages)
 
     # -- finish the layer norm backward once the row sums span all of C --
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -385,7 +398,8 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd):
         BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
 
     # -- weight gradients: (hidden block, split) programs, partials summed after --
-    WBC, WBH, wwarps = _weight_blocks(BN, C, HD, x.dtype)
+    wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
+    WBC, WBH, wwarps = wcfg["BLOCK_C"], wcfg["BLOCK_H"], wcfg["num_warps"]
     wncb = triton.cdiv(C, WBC)
     units = B * wncb
     nhb = triton.cdiv(HD, WBH)
