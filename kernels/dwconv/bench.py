@@ -108,6 +108,9 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             xl, dyl = x.to(memory_format=fmt), dy.to(memory_format=fmt)
             widths = (64,) if layout == "NCHW" else (32, 64, 128)
             fwd = [{"elems": e, "c_bytes": cb} for e in (1024, 2048, 4096, 8192) for cb in widths]
+            # the tensor-core formulation (banded Toeplitz matrices per kernel row)
+            fwd += [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": th, "num_warps": nw}
+                    for bc, th, nw in ((2, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 32, 8), (16, 16, 8))]
             wgt = [{"elems": e, "c_bytes": cb} for e in (4096, 8192, 16384) for cb in widths]
 
             def forward(cfg, xl=xl, w=w, bias=bias):

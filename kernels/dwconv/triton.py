@@ -90,6 +90,62 @@ def _dwconv_fwd_kernel(
 
 
 @triton.jit
+def _dwconv_fwd_toeplitz_kernel(
+    x_ptr, t_ptr, bias_ptr, y_ptr, z_ptr,
+    C, H, W, n_th, n_tw,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # One program: BLOCK_C channels x a TILE_H x TILE_W output window of one image.
+    # For kernel row i, the window is a matmul per channel: rows of the input
+    # (TILE_H, KP: the TILE_W columns plus the halo) times that channel's banded
+    # Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n]. The K products run
+    # on tensor cores as one batched dot over the channel block.
+    pid = tl.program_id(0)
+    tw = pid % n_tw
+    th = (pid // n_tw) % n_th
+    img = (pid // (n_tw * n_th)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C
+    PAD: tl.constexpr = K // 2
+    h_out = th * TILE_H + tl.arange(0, TILE_H)[None, :, None]                   # (1, TILE_H, 1)
+    j = tl.arange(0, KP)[None, None, :]                                         # (1, 1, KP)
+    col = tw * TILE_W + j - PAD
+    col_ok = (col >= 0) & (col < W) & (j < TILE_W + K - 1)
+    x_base = x_ptr + img * sxb + c3.to(tl.int64) * sxc + col * sxw
+    t_base = (t_ptr + c3.to(tl.int64) * (K * KP * TILE_W)
+              + tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :])
+    acc = tl.zeros((BLOCK_C, TILE_H, TILE_W), dtype=tl.float32)
+    for i in range(K):
+        row = h_out + (i - PAD)
+        xv = tl.load(x_base + row * sxh, mask=c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
+        tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
+        if IEEE:
+            acc = tl.dot(xv, tv, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xv, tv, acc)
+
+    n = tl.arange(0, TILE_W)[None, None, :]
+    w_out = tw * TILE_W + n
+    out_ok = c_ok & (h_out < H) & (w_out < W)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
+    c64 = c3.to(tl.int64)
+    if STORE_PREACT:
+        tl.store(z_ptr + img * szb + c64 * szc + h_out * szh + w_out * szw,
+                 acc.to(z_ptr.dtype.element_ty), mask=out_ok)
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * _SQRT1_2))
+    tl.store(y_ptr + img * syb + c64 * syc + h_out * syh + w_out * syw,
+             acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _dwconv_bwd_w_kernel(
     x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
     B, C, H, W, n_th, n_tw,
@@ -203,6 +259,9 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
     if y.numel() == 0:  # nothing to compute; Triton rejects an empty grid
         return
     tile = tile or forward_tile(x)
+    if tile.get("method") == "toeplitz":
+        _conv_forward_toeplitz(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
+        return
     block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
     grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
     zz = y if z is None else z
@@ -213,6 +272,41 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
         *x.stride(), *y.stride(), *zz.stride(),
         K=K, FLIP=flip, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
         BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
+    )
+
+
+def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(C, K, KP, TILE_W) banded matrices: T[c, i, j, n] = w[c, i, j - n] for 0 <= j - n < K, else 0.
+
+    With `flip` the kernel is rotated by 180 degrees (the input gradient's convolution)."""
+    C, K = weight.shape[0], weight.shape[-1]
+    w = weight.reshape(C, K, K)
+    if flip:
+        w = w.flip(1, 2)
+    d = torch.arange(kp, device=weight.device)[:, None] - torch.arange(tile_w, device=weight.device)[None, :]
+    band = (d >= 0) & (d < K)
+    return (w[:, :, d.clamp(0, K - 1)] * band).to(dtype).contiguous()
+
+
+def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
+    """The tensor-core formulation (not yet measured on a GPU: selectable through `tile`,
+    which `composer bench kernels --sweep` times against the tap kernel)."""
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
+    tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
+    kp = max(16, _pow2(tile_w + K - 1))
+    block_c = tile.get("BLOCK_C", 8)
+    n_th, n_tw = triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+    t = toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
+    zz = y if z is None else z
+    wrap_triton(_dwconv_fwd_toeplitz_kernel)[(B * n_th * n_tw, triton.cdiv(C, block_c))](
+        x, t, x if bias is None else bias, y, zz,
+        C, H, W, n_th, n_tw,
+        *x.stride(), *y.stride(), *zz.stride(),
+        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
+        num_warps=tile.get("num_warps", 4),
     )
 
 

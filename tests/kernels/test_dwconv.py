@@ -219,6 +219,32 @@ def test_compile_reference_cpu():
 # Under TRITON_INTERPRET=1, torch's wrap_triton hands back the raw interpreted
 # kernel, which cannot run on the fake tensors compile traces with: the Triton
 # path is compiled on the GPU only.
+TOEPLITZ = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4}
+
+
+@pytest.mark.parametrize("k,hw,channels_last,dtype", [
+    (3, (8, 8), False, torch.float32), (9, (7, 7), True, torch.float16),
+    (5, (9, 13), False, torch.float16), (7, (14, 14), True, torch.float32)])
+def test_toeplitz_method(k, hw, channels_last, dtype, device, monkeypatch):
+    """The tensor-core formulation of the forward (and of dx, its flipped convolution),
+    selected for every launch: output and all gradients under the tolerance rule."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x: TOEPLITZ)
+    check(2, 3, *hw, k, dtype, device, channels_last=channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("k,hw", [(3, (8, 8)), (9, (32, 32)), (9, (9, 13)), (15, (28, 28))])
+def test_toeplitz_method_bf16(k, hw, channels_last, device, monkeypatch):
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x: {"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32,
+                                                       "num_warps": 8})
+    check(4, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_triton_gpu(compile_backend, device):
