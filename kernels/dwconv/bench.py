@@ -112,6 +112,8 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             fwd += [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": th, "num_warps": nw}
                     for bc, th, nw in ((2, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 32, 8), (16, 16, 8))]
             wgt = [{"elems": e, "c_bytes": cb} for e in (4096, 8192, 16384) for cb in widths]
+            wgt += [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": th, "num_warps": nw}
+                    for bc, th, nw in ((2, 16, 4), (4, 32, 4), (8, 32, 4), (8, 32, 8))]
 
             def forward(cfg, xl=xl, w=w, bias=bias):
                 y = torch.empty_like(xl)

@@ -194,6 +194,55 @@ def _dwconv_bwd_w_kernel(
                 tl.store(dst, tl.sum(g * xv, axis=1), mask=c_ok)
 
 
+@triton.jit
+def _dwconv_bwd_w_toeplitz_kernel(
+    x_ptr, g_ptr, dw_part_ptr,
+    C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
+    sxb, sxc, sxh, sxw,
+    sgb, sgc, sgh, sgw,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Weight gradient on tensor cores. For kernel row i and one window (unit):
+    # P[c, n, j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + i - PAD, w0 + j - PAD], a batched
+    # (TILE_W, TILE_H) @ (TILE_H, KP) product per channel, summed over this program's
+    # units; then dw[c, i, kj] = sum_n P[c, n, n + kj], the kj-th diagonal. Each program
+    # writes one partial per (channel, tap); the launcher sums them in a fixed order.
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C
+    c64 = c3.to(tl.int64)
+    PAD: tl.constexpr = K // 2
+    n_g = tl.arange(0, TILE_W)[None, :, None]        # G^T rows: output columns
+    m_g = tl.arange(0, TILE_H)[None, None, :]        # G^T columns: output rows
+    m_x = tl.arange(0, TILE_H)[None, :, None]
+    j_x = tl.arange(0, KP)[None, None, :]
+    diag = tl.arange(0, KP)[None, None, :] - tl.arange(0, TILE_W)[None, :, None]   # j - n
+    u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
+    for i in range(K):
+        p = tl.zeros((BLOCK_C, TILE_W, KP), dtype=tl.float32)
+        for u in range(split * UNITS_PER_PROG, u_end):
+            tw = u % n_tw
+            th = (u // n_tw) % n_th
+            img = (u // (n_tw * n_th)).to(tl.int64)
+            h0 = th * TILE_H
+            w0 = tw * TILE_W
+            gt = tl.load(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
+                         mask=c_ok & (h0 + m_g < H) & (w0 + n_g < W), other=0.0)
+            row = h0 + m_x + (i - PAD)
+            col = w0 + j_x - PAD
+            ok = c_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W) & (j_x < TILE_W + K - 1)
+            xv = tl.load(x_ptr + img * sxb + c64 * sxc + row * sxh + col * sxw, mask=ok, other=0.0)
+            if IEEE:
+                p = tl.dot(gt, xv, p, input_precision="ieee")
+            else:
+                p = tl.dot(gt, xv, p)
+        base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K) + i * K
+        for kj in tl.static_range(K):
+            tl.store(base + kj, tl.sum(tl.sum(tl.where(diag == kj, p, 0.0), axis=2), axis=1), mask=c < C)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _pow2(n: int) -> int:
@@ -244,7 +293,12 @@ def forward_tile(x: torch.Tensor) -> dict:
 
 
 def weight_grad_tile(x: torch.Tensor) -> dict:
-    """The weight-gradient tile budget, same sweep: channels_last 16384 / 64 (2,475 us
+    """The weight-gradient launch: the tap kernel (see `_tap_weight_grad_tile`)."""
+    return _tap_weight_grad_tile(x)
+
+
+def _tap_weight_grad_tile(x: torch.Tensor) -> dict:
+    """The tap kernel's tile budget, same sweep: channels_last 16384 / 64 (2,475 us
     against 3,061 for 8192 / 32 at B256 C256 32x32 k9); NCHW keeps 8192."""
     channels_last = x.stride(1) == 1 and x.shape[1] > 1
     return {"elems": 16384, "c_bytes": 64} if channels_last else {"elems": 8192, "c_bytes": 32}
@@ -310,6 +364,32 @@ def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, til
     )
 
 
+_TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the GPU
+
+
+def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
+    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (not yet measured on a GPU)."""
+    B, C, H, W = x.shape
+    tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
+    tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
+    kp = max(16, _pow2(tile_w + K - 1))
+    block_c = tile.get("BLOCK_C", 8)
+    n_th, n_tw = triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+    units = B * n_th * n_tw
+    n_cb = triton.cdiv(C, block_c)
+    splits = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, n_cb)))
+    per_prog = triton.cdiv(units, splits)
+    splits = triton.cdiv(units, per_prog)
+    dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
+    wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
+        x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
+        *x.stride(), *g.stride(),
+        K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
+        num_warps=tile.get("num_warps", 4),
+    )
+    return dw_part.sum(0).reshape(C, 1, K, K)
+
+
 def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool,
                   tile: dict | None = None):
     """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None.
@@ -323,23 +403,30 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         dw = torch.zeros((C, 1, K, K), device=x.device, dtype=torch.float32) if need_dw else None
         db = torch.zeros((C,), device=x.device, dtype=torch.float32) if has_bias else None
         return (torch.empty_like(x) if need_dx else None), dw, db
+    tile = tile or weight_grad_tile(x)
+    toeplitz_dw = need_dw and tile.get("method") == "toeplitz"
     if gelu or need_dw or has_bias:
         g = torch.empty_like(dy) if gelu else dy
-        tile = tile or weight_grad_tile(x)
-        block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
+        # the tap kernel forms g = dy * gelu'(z) and the bias partials; with the Toeplitz
+        # method the weight gradient comes from its own kernel below
+        tap_tile = _tap_weight_grad_tile(x) if toeplitz_dw else tile
+        block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tap_tile["elems"], tap_tile["c_bytes"])
         grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
-        dw_part = torch.empty((grid[0], K * K, C) if need_dw else (1,), device=x.device, dtype=torch.float32)
+        tap_dw = need_dw and not toeplitz_dw
+        dw_part = torch.empty((grid[0], K * K, C) if tap_dw else (1,), device=x.device, dtype=torch.float32)
         db_part = torch.empty((grid[0], C) if has_bias else (1,), device=x.device, dtype=torch.float32)
         zz = dy if z is None else z
         wrap_triton(_dwconv_bwd_w_kernel)[grid](
             x, dy, zz, g, dw_part, db_part,
             B, C, H, W, n_th, n_tw,
             *x.stride(), *dy.stride(), *zz.stride(), *g.stride(),
-            K=K, GELU=gelu, HAS_BIAS=has_bias, NEED_DW=need_dw,
+            K=K, GELU=gelu, HAS_BIAS=has_bias, NEED_DW=tap_dw,
             BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
         )
-        dw = dw_part.sum(0).t().reshape(C, 1, K, K) if need_dw else None
+        dw = dw_part.sum(0).t().reshape(C, 1, K, K) if tap_dw else None
         db = db_part.sum(0) if has_bias else None
+    if toeplitz_dw:
+        dw = _weight_grad_toeplitz(g, x, K, tile)
     if need_dx:
         dx = torch.empty_like(x)
         conv_forward(g, weight, None, dx, None, gelu=False, flip=True)

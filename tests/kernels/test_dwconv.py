@@ -226,12 +226,22 @@ TOEPLITZ = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4}
     (3, (8, 8), False, torch.float32), (9, (7, 7), True, torch.float16),
     (5, (9, 13), False, torch.float16), (7, (14, 14), True, torch.float32)])
 def test_toeplitz_method(k, hw, channels_last, dtype, device, monkeypatch):
-    """The tensor-core formulation of the forward (and of dx, its flipped convolution),
+    """The tensor-core formulation of the forward, of dx (its flipped convolution) and of dw,
     selected for every launch: output and all gradients under the tolerance rule."""
     from kernels.dwconv import triton as kt
 
     monkeypatch.setattr(kt, "forward_tile", lambda x: TOEPLITZ)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x: TOEPLITZ)
     check(2, 3, *hw, k, dtype, device, channels_last=channels_last)
+
+
+def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
+    """Several column and row windows per image and several units per program."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x: TOEPLITZ)
+    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 2)
+    check(3, 2, 20, 40, 7, torch.float32, device, channels_last=True)
 
 
 @pytest.mark.gpu
@@ -240,8 +250,9 @@ def test_toeplitz_method(k, hw, channels_last, dtype, device, monkeypatch):
 def test_toeplitz_method_bf16(k, hw, channels_last, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x: {"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32,
-                                                       "num_warps": 8})
+    tile = {"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32, "num_warps": 8}
+    monkeypatch.setattr(kt, "forward_tile", lambda x: tile)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x: tile)
     check(4, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
 
 
