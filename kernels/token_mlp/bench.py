@@ -141,6 +141,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                                       (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 3))]
         weight = [{"BLOCK_C": bc, "BLOCK_H": bh, "num_warps": w}
                   for bc, bh, w in ((16, 16, 4), (32, 16, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 64, 8))]
+        weight.append({"method": "gemm"})   # two cuBLAS GEMMs over (image, channel) instead
         shape = f"B{B} N{N} C{C} Hd{Hd}"
         bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
         out.append(SweepCase("token_mlp", f"{shape} forward", kt._blocks(N, C, Hd, dtype), slab,

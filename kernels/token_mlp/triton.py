@@ -135,12 +135,12 @@ def _fwd_kernel(X, Y, MEAN, RSTD, LNW, LNB, W1, B1, W2, B2,
 
 @triton.jit
 def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
-                     DA, P, S1, S2, DGAMMA, DBETA, DB2,
+                     DA, HBUF, P, S1, S2, DGAMMA, DBETA, DB2,
                      N, C, HD, NUM_CB,
                      stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
                      stride_w1h, stride_w1n, stride_w2n, stride_w2h,
                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     IEEE: tl.constexpr, STORE_H: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
@@ -171,8 +171,10 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
         dh = _mm(w2t, dy_lp, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE)
         da_mask = h_mask[:, None] & c_mask[None, :]
         da = tl.where(da_mask, dh * _gelu_grad(a), 0.0).to(dt)
-        # dA (B, Hd, C) is kept for the weight-gradient kernel instead of recomputing it there
+        # dA (B, Hd, C) is kept for the weight gradients instead of recomputing it there
         tl.store(DA + b * HD * C + hh[:, None] * C + offs_c[None, :], da, mask=da_mask)
+        if STORE_H:  # H = GELU(A) for the GEMM weight gradients (method "gemm")
+            tl.store(HBUF + b * HD * C + hh[:, None] * C + offs_c[None, :], _gelu(a).to(dt), mask=da_mask)
         dz = _mm(tl.trans(w1), da, dz, IEEE)
     # -- layer norm backward, partial over this channel block --
     xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
@@ -377,6 +379,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     BN, BC, stages = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["num_stages"]
     ncb = triton.cdiv(C, BC)
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
+    wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
+    gemm = wcfg.get("method") == "gemm"
+    h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if gemm else da   # H = GELU(A), gemm only
     p = torch.empty((B, N, C), device=dev, dtype=f32)
     s1 = torch.empty((B, ncb, N), device=dev, dtype=f32)
     s2 = torch.empty_like(s1)
@@ -385,9 +390,10 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     dbeta_part = torch.empty_like(dgamma_part)
     wrap_triton(_bwd_data_kernel)[(B, ncb)](
         x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
-        da, p, s1, s2, dgamma_part, dbeta_part, db2_part,
+        da, h, p, s1, s2, dgamma_part, dbeta_part, db2_part,
         N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, num_warps=cfg["num_warps"], num_stages=stages)
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, STORE_H=gemm,
+        num_warps=cfg["num_warps"], num_stages=stages)
 
     # -- finish the layer norm backward once the row sums span all of C --
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -397,8 +403,17 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         p, x, mean, rstd, s1.sum(1), s2.sum(1), dx, R, N, C, *x.stride(), *dx.stride(),
         BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
 
+    dln_weight, dln_bias, db2 = dgamma_part.sum(0), dbeta_part.sum(0), db2_part.sum((0, 1))
+    if gemm:
+        # weight gradients as two GEMMs over the (image, channel) axis, in PyTorch (cuBLAS):
+        # dW1 = sum_b dA_b Z_b^T, dW2 = sum_b dY_b H_b^T. Not yet measured on a GPU: the
+        # default stays the fused kernel below until `bench kernels --sweep` says otherwise.
+        z = ((x.float() - mean[..., None]) * rstd[..., None] * ln_weight.float() + ln_bias.float()).to(x.dtype)
+        dw1 = torch.einsum("bhc,bnc->hn", da, z).float()
+        dw2 = torch.einsum("bnc,bhc->nh", dy, h).float()
+        return dx, dln_weight, dln_bias, dw1, da.float().sum((0, 2)), dw2, db2
+
     # -- weight gradients: (hidden block, split) programs, partials summed after --
-    wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
     WBC, WBH, wwarps = wcfg["BLOCK_C"], wcfg["BLOCK_H"], wcfg["num_warps"]
     wncb = triton.cdiv(C, WBC)
     units = B * wncb
@@ -415,5 +430,4 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         N, C, HD, wncb, units, per_prog, *x.stride(), *dy.stride(), *w1.stride(),
         BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=stages)
 
-    return (dx, dgamma_part.sum(0), dbeta_part.sum(0), dw1_part.sum(0), db1_part.sum(0),
-            dw2_part.sum(0), db2_part.sum((0, 1)))
+    return dx, dln_weight, dln_bias, dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0), db2

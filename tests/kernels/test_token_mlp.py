@@ -108,6 +108,17 @@ def test_matches_fp64(shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 49, 100, 64), (1, 197, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_gemm_weight_gradients(shape, dtype, device, monkeypatch):
+    """The weight gradients as two GEMMs (method "gemm", selectable in sweeps): every output
+    and gradient under the same rule as the fused weight-gradient kernel."""
+    from kernels.token_mlp import triton as kt
+
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "gemm"})
+    check_against_fp64(*shape, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_strided_inputs(dtype, device):
     check_against_fp64(3, 49, 100, 64, dtype, device, strided=True)
 
@@ -220,6 +231,15 @@ def test_matches_fp64_bf16(shape, device):
 @pytest.mark.parametrize("shape", bench.SHAPES, ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
 def test_benchmark_shapes(shape, dtype, device):
     check_against_fp64(*shape, dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", bench.SHAPES, ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_gemm_weight_gradients_bf16(shape, device, monkeypatch):
+    from kernels.token_mlp import triton as kt
+
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "gemm"})
+    check_against_fp64(*shape, torch.bfloat16, device)
 
 
 @pytest.mark.gpu
