@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from composer.build import ComposedModel, build_model, count_params
+from composer.build import ComposedModel, build_model, count_params, model_backend
 from composer.spec import Spec
 
 FLOP_CONVENTION = "multiply-add = 2 FLOPs; matmuls and convolutions only (as torch.utils.flop_counter)"
@@ -39,7 +39,8 @@ def kernel_path(layer, backend: str, device: str, dtype: torch.dtype) -> tuple[s
 
 def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
               model: ComposedModel | None = None) -> dict:
-    backend = backend or spec.train.kernels
+    requested = backend or spec.train.kernels
+    backend = model_backend(requested, spec.train.compile)
     if model is None:
         with torch.device("meta"):  # shapes and counts only: no memory, no init time, even for ViT-B
             model = build_model(spec, backend=backend)
@@ -48,6 +49,9 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
     rows = []
     for i, layer in enumerate(model.layers):
         path, reasons = kernel_path(layer, backend, device, dtype)
+        if backend != requested and path != "pytorch":
+            reasons = ["train.compile is on: the compiled model uses the PyTorch blocks "
+                       "(--kernels triton forces the Triton ones)"]
         rows.append({
             "index": i,
             "name": layer.name,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from composer.build import build_model
+from composer.build import build_model, model_backend
 from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
 from composer.errors import UserError
 from composer.evaluate import evaluate_model
@@ -444,14 +444,6 @@ def _train(spec, resume, echo, device, dist):
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-def model_backend(kernels: str, compile_model: bool) -> str:
-    """The block backend a training run builds: "auto" under torch.compile means the PyTorch
-    reference blocks, which inductor fuses itself. Our Triton ops inside a compiled training
-    graph crashed with an illegal memory access on an H200 (tests/test_gpu_end_to_end.py),
-    while the same kernels run correctly in eager mode and in compiled inference."""
-    return "reference" if compile_model and kernels == "auto" else kernels
-
 
 def _check_triton(model, device: torch.device, dtype: torch.dtype) -> None:
     """--kernels triton must hold for every block before training starts, not fail at the first step."""

@@ -25,6 +25,15 @@ def test_summarize_json_and_table():
         assert fragment in table.stdout, fragment
 
 
+def test_summarize_shows_the_compile_policy():
+    """With train.compile on and kernels auto, training builds the PyTorch blocks: summarize says so."""
+    result = run_cli("summarize", SPECS / "seed_mixer_vit.yaml", "--json", "--set", "train.compile=true")
+    assert result.returncode == 0, result.stderr
+    fused = [r for r in json.loads(result.stdout)["rows"] if r["kernel"] != "pytorch"]
+    assert fused and all(r["kernel"].endswith(": reference") for r in fused)
+    assert all("train.compile is on" in " ".join(r["kernel_reasons"]) for r in fused)
+
+
 def test_summarize_errors_exit_2(tmp_path):
     assert_user_error(run_cli("summarize", tmp_path / "nope.yaml"), "no such file")
     listing = tmp_path / "list.yaml"

@@ -361,7 +361,7 @@ def test_ddp_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path):
 def test_compile_with_auto_kernels_builds_the_pytorch_blocks():
     """--compile with kernels auto keeps the Triton ops out of the compiled training graph;
     an explicit --kernels triton is honoured."""
-    from composer.train import model_backend
+    from composer.build import model_backend
 
     assert model_backend("auto", compile_model=True) == "reference"
     assert model_backend("auto", compile_model=False) == "auto"
