@@ -103,6 +103,39 @@ def precision(spec: Spec, device: torch.device) -> tuple[torch.dtype | None, boo
     return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[p]
 
 
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
+                    "val_acc": "accuracy/val", "val_top5": "accuracy/val_top5", "lr": "lr",
+                    "img_per_s": "throughput/img_per_s"}
+
+
+def _tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(metrics.csv in the run directory has the same numbers)") from None
+    return SummaryWriter
+
+
+@contextmanager
+def tensorboard_scalars(run_dir: Path, enabled: bool):
+    """Yields log(row): the epoch's metrics as TensorBoard scalars at step = epoch (a no-op when disabled)."""
+    if not enabled:
+        yield lambda row: None
+        return
+    writer = _tensorboard_writer_class()(log_dir=str(run_dir / "tensorboard"))
+
+    def log(row: dict) -> None:
+        for key, tag in TENSORBOARD_TAGS.items():
+            writer.add_scalar(tag, row[key], row["epoch"])
+        writer.flush()
+
+    try:
+        yield log
+    finally:
+        writer.close()
+
+
 @contextmanager
 def sigint_flag():
     """Ctrl-C sets a flag that the loop checks between steps, so the state saved is never half-updated."""
@@ -224,6 +257,8 @@ def _train(spec, resume, echo, device, dist):
             raise UserError("the checkpoint does not match the spec:\n  " + "\n  ".join(diffs)
                             + "\nresume with the spec the run was trained with, or start a new run directory")
 
+    if t.tensorboard and dist.main:
+        _tensorboard_writer_class()  # a missing package fails here, before any data is decoded
     seed_everything(t.seed, t.deterministic)
 
     # -- data: one uint8 tensor per split, on the training device ------------------------
@@ -312,7 +347,7 @@ def _train(spec, resume, echo, device, dist):
     progress = Progress(dist.main, log)
     per_rank = t.batch_size // dist.world
     final = {}
-    with sigint_flag() as interrupt:
+    with sigint_flag() as interrupt, tensorboard_scalars(run_dir, t.tensorboard and dist.main) as tensorboard:
         for epoch in range(position["epoch"], t.epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch)).to(device)
             start_step = position["step_in_epoch"]
@@ -422,6 +457,7 @@ def _train(spec, resume, echo, device, dist):
             position.update({"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0})
             if dist.main:
                 _append_metrics(run_dir / "metrics.csv", row)
+                tensorboard(row)
             improved = val_set is not None and val["accuracy"] > position["best_acc"]
             if improved:
                 position["best_acc"] = val["accuracy"]

@@ -367,3 +367,35 @@ def test_compile_with_auto_kernels_builds_the_pytorch_blocks():
     assert model_backend("auto", compile_model=False) == "auto"
     assert model_backend("triton", compile_model=True) == "triton"
     assert model_backend("reference", compile_model=False) == "reference"
+
+
+def test_tensorboard_scalars(tmp_path):
+    """train.tensorboard writes every epoch's metrics as TensorBoard scalars, equal to metrics.csv."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.tensorboard=true"])
+    train(spec, echo=lambda *a, **k: None)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert set(train_module.TENSORBOARD_TAGS.values()) <= set(events.Tags()["scalars"])
+    rows = read_metrics(tmp_path / "run")
+    val_acc = events.Scalars("accuracy/val")
+    assert [e.step for e in val_acc] == [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [e.value for e in val_acc] == pytest.approx([float(r["val_acc"]) for r in rows], rel=1e-6)
+
+
+def test_tensorboard_missing_package_is_a_user_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    result = run_cli("train", write_spec(tmp_path), "--out", tmp_path / "run", "--set", "train.tensorboard=true")
+    assert_user_error(result, "pip install tensorboard")
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -50,6 +50,9 @@ class TrainSpec(Strict):
     seed: int = Field(0, description="Seed of weights, shuffling and augmentation.")
     deterministic: bool = Field(False, description="Deterministic algorithms (bitwise-reproducible on CPU).")
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="Also save last.pt every N steps (0: epoch ends only).")
+    tensorboard: bool = Field(
+        False, description="Also write the per-epoch metrics as TensorBoard scalars in RUN_DIR/tensorboard "
+        "(needs the tensorboard package; metrics.csv is written either way).")
     max_steps_per_epoch: Optional[PositiveInt] = Field(
         None, description="Cap the optimizer steps per epoch (quick runs on a subset, benchmarks); default: all data."
     )
