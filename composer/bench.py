@@ -43,7 +43,23 @@ def _time(fn, device, cuda_graph: bool = False) -> float | str:
     try:
         return time_us(fn, device, cuda_graph)
     except Exception as exc:  # one failing candidate must not hide the others' numbers
-        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        return _error(exc)
+
+
+def _error(exc: Exception) -> str:
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def _each_op_and_dtype(op: str, dtype: str):
+    """(op name, dtype name, its bench module) for every op and dtype asked for."""
+    for name in (OPS if op == "all" else (op,)):
+        module = importlib.import_module(BENCH_MODULES[name])
+        for dname in (DTYPES if dtype == "all" else (dtype,)):
+            yield name, dname, module
+
+
+def _shapes_of(shapes, name: str) -> dict:
+    return {"shapes": shapes[name]} if shapes else {}
 
 
 def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
@@ -60,37 +76,35 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
         memory_bw, dense = measure_ceilings(device)
         echo(f"measured ceilings: copy {memory_bw / 1e9:,.0f} GB/s, bf16 matmul {dense / 1e12:,.0f} TFLOP/s")
     rows = []
-    for name in (OPS if op == "all" else (op,)):
-        module = importlib.import_module(BENCH_MODULES[name])
-        for dname in (DTYPES if dtype == "all" else (dtype,)):
-            echo(f"\n== {name} {dname} ==")
-            echo(f"{'shape':<24} {'candidate':<26} {'fwd us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8} "
-                 f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}"
-                 + (f" {'graph fwd':>10} {'graph f+b':>10}" if cuda_graph else ""))
-            for case in module.cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
-                times = {c.name: (_time(c.forward, device),
-                                  _time(c.forward_backward, device) if c.forward_backward else "n/a")
-                         for c in case.candidates}
-                graph = {c.name: (_time(c.forward, device, True),
-                                  _time(c.forward_backward, device, True) if c.forward_backward else "n/a")
-                         for c in case.candidates} if cuda_graph else {}
-                anchor = times.get(case.anchor, ("n/a", "n/a"))
-                rate = dense if case.compute == "matmul" else FP32_FMA
-                floor_f = max(case.bytes_fwd / memory_bw, case.flops_fwd / rate) * 1e6
-                floor_b = max(case.bytes_fwd_bwd / memory_bw, case.flops_fwd_bwd / rate) * 1e6
-                for cand in case.candidates:
-                    f, b = times[cand.name]
-                    row = {"op": name, "dtype": dname, "shape": case.shape, "candidate": cand.name,
-                           "fwd_us": f, "fwd_bwd_us": b, "anchor": case.anchor,
-                           "floor_fwd_us": floor_f, "floor_fwd_bwd_us": floor_b}
-                    if cuda_graph:
-                        row["graph_fwd_us"], row["graph_fwd_bwd_us"] = graph[cand.name]
-                    rows.append(row)
-                    echo(f"{case.shape:<24} {cand.name:<26} "
-                         + _cells(f, case.flops_fwd, case.bytes_fwd, anchor[0]) + " "
-                         + _cells(b, case.flops_fwd_bwd, case.bytes_fwd_bwd, anchor[1], wide=True)
-                         + ("".join(f" {_us(t):>10}" for t in graph[cand.name]) if cuda_graph else ""))
-                echo(f"{'':<24} {'(floor)':<26} {floor_f:9.1f} {'':>8} {'':>7} {'':>8} {floor_b:11.1f}")
+    for name, dname, module in _each_op_and_dtype(op, dtype):
+        echo(f"\n== {name} {dname} ==")
+        echo(f"{'shape':<24} {'candidate':<26} {'fwd us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8} "
+             f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}"
+             + (f" {'graph fwd':>10} {'graph f+b':>10}" if cuda_graph else ""))
+        for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
+            times = {c.name: (_time(c.forward, device),
+                              _time(c.forward_backward, device) if c.forward_backward else "n/a")
+                     for c in case.candidates}
+            graph = {c.name: (_time(c.forward, device, True),
+                              _time(c.forward_backward, device, True) if c.forward_backward else "n/a")
+                     for c in case.candidates} if cuda_graph else {}
+            anchor = times.get(case.anchor, ("n/a", "n/a"))
+            rate = dense if case.compute == "matmul" else FP32_FMA
+            floor_f = max(case.bytes_fwd / memory_bw, case.flops_fwd / rate) * 1e6
+            floor_b = max(case.bytes_fwd_bwd / memory_bw, case.flops_fwd_bwd / rate) * 1e6
+            for cand in case.candidates:
+                f, b = times[cand.name]
+                row = {"op": name, "dtype": dname, "shape": case.shape, "candidate": cand.name,
+                       "fwd_us": f, "fwd_bwd_us": b, "anchor": case.anchor,
+                       "floor_fwd_us": floor_f, "floor_fwd_bwd_us": floor_b}
+                if cuda_graph:
+                    row["graph_fwd_us"], row["graph_fwd_bwd_us"] = graph[cand.name]
+                rows.append(row)
+                echo(f"{case.shape:<24} {cand.name:<26} "
+                     + _cells(f, case.flops_fwd, case.bytes_fwd, anchor[0]) + " "
+                     + _cells(b, case.flops_fwd_bwd, case.bytes_fwd_bwd, anchor[1], wide=True)
+                     + ("".join(f" {_us(t):>10}" for t in graph[cand.name]) if cuda_graph else ""))
+            echo(f"{'':<24} {'(floor)':<26} {floor_f:9.1f} {'':>8} {'':>7} {'':>8} {floor_b:11.1f}")
     return rows
 
 
@@ -99,31 +113,29 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
     and check its output against the default's; print one row per configuration."""
     device = _bench_device(device, echo)
     rows = []
-    for name in (OPS if op == "all" else (op,)):
-        module = importlib.import_module(BENCH_MODULES[name])
-        for dname in (DTYPES if dtype == "all" else (dtype,)):
-            for case in module.sweep_cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
-                echo(f"\n== sweep {name} {dname} {case.shape} ==")
-                reference = _tensors(case.run(case.default))
-                configs = [case.default] + [c for c in case.configs if c != case.default]
-                results = []
-                for cfg in configs:
-                    try:
-                        err = max(((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
-                                  for o, r in zip(_tensors(case.run(cfg)), reference))
-                        t = _time(lambda cfg=cfg: case.run(cfg), device, cuda_graph=True)
-                    except Exception as exc:  # a configuration that cannot launch must not stop the sweep
-                        err, t = None, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
-                    results.append((cfg, err, t))
-                timed = [r for r in results if isinstance(r[2], float)]
-                best = min(timed, key=lambda r: r[2])[0] if timed else None
-                for cfg, err, t in results:
-                    mark = " (default)" if cfg is case.default else ""
-                    mark += " (best)" if cfg is best else ""
-                    err_s = "-" if err is None else f"{err:.1e}"
-                    echo(f"  {_us(t):>10} us  rel.err {err_s:>8}  {cfg}{mark}")
-                    rows.append({"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
-                                 "rel_err": err, "default": cfg is case.default, "best": cfg is best})
+    for name, dname, module in _each_op_and_dtype(op, dtype):
+        for case in module.sweep_cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
+            echo(f"\n== sweep {name} {dname} {case.shape} ==")
+            reference = _tensors(case.run(case.default))
+            configs = [case.default] + [c for c in case.configs if c != case.default]
+            results = []
+            for cfg in configs:
+                try:
+                    err = max(((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
+                              for o, r in zip(_tensors(case.run(cfg)), reference))
+                    t = _time(lambda cfg=cfg: case.run(cfg), device, cuda_graph=True)
+                except Exception as exc:  # a configuration that cannot launch must not stop the sweep
+                    err, t = None, _error(exc)
+                results.append((cfg, err, t))
+            timed = [r for r in results if isinstance(r[2], float)]
+            best = min(timed, key=lambda r: r[2])[0] if timed else None
+            for cfg, err, t in results:
+                mark = " (default)" if cfg is case.default else ""
+                mark += " (best)" if cfg is best else ""
+                err_s = "-" if err is None else f"{err:.1e}"
+                echo(f"  {_us(t):>10} us  rel.err {err_s:>8}  {cfg}{mark}")
+                rows.append({"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
+                             "rel_err": err, "default": cfg is case.default, "best": cfg is best})
     return rows
 
 
@@ -135,28 +147,26 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
 
     device = _bench_device(device, echo)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-    for name in (OPS if op == "all" else (op,)):
-        module = importlib.import_module(BENCH_MODULES[name])
-        for dname in (DTYPES if dtype == "all" else (dtype,)):
-            for case in module.cases(DTYPES[dname], device, **({"shapes": shapes[name]} if shapes else {})):
-                ours = next(c for c in case.candidates if c.name.startswith(("ours", "triton")))
-                fn = ours.forward_backward or ours.forward
-                for _ in range(3):
+    for name, dname, module in _each_op_and_dtype(op, dtype):
+        for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
+            ours = next(c for c in case.candidates if c.name.startswith(("ours", "triton")))
+            fn = ours.forward_backward or ours.forward
+            for _ in range(3):
+                fn()
+            _sync(device)
+            with profile(activities=activities) as prof:
+                for _ in range(calls):
                     fn()
                 _sync(device)
-                with profile(activities=activities) as prof:
-                    for _ in range(calls):
-                        fn()
-                    _sync(device)
-                events = prof.key_averages()
-                echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
-                for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
-                    top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
-                    top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
-                    if top:
-                        echo(f"  {label}:")
-                    for e in top:
-                        echo(f"    {getattr(e, key) / calls:9.1f} us  x{e.count // calls:<3} {e.key[:80]}")
+            events = prof.key_averages()
+            echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
+            for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
+                top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
+                top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
+                if top:
+                    echo(f"  {label}:")
+                for e in top:
+                    echo(f"    {getattr(e, key) / calls:9.1f} us  x{e.count // calls:<3} {e.key[:80]}")
 
 
 def _bench_device(device, echo):

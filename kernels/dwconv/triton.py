@@ -342,6 +342,16 @@ def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dt
     return (w[:, :, d.clamp(0, K - 1)] * band).to(dtype).contiguous()
 
 
+def _toeplitz_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int, int]:
+    """(TILE_W, TILE_H, KP, BLOCK_C, row tiles, column tiles) of both Toeplitz kernels: windows of
+    at most 32 x 32 outputs (at least 16: the smallest tensor-core dot), KP = TILE_W plus the halo."""
+    H, W = x.shape[-2:]
+    tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
+    tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
+    kp = max(16, _pow2(tile_w + K - 1))
+    return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+
+
 def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
     """The tensor-core formulation (not yet measured on a GPU: selectable through `tile`,
     which `composer bench kernels --sweep` times against the tap kernel). Defaults from
@@ -349,11 +359,7 @@ def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, til
     (4 warps spill)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
-    tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
-    tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
-    kp = max(16, _pow2(tile_w + K - 1))
-    block_c = tile.get("BLOCK_C", 8)
-    n_th, n_tw = triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+    tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     t = toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
     zz = y if z is None else z
     wrap_triton(_dwconv_fwd_toeplitz_kernel)[(B * n_th * n_tw, triton.cdiv(C, block_c))](
@@ -372,11 +378,7 @@ _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the G
 def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
     """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (not yet measured on a GPU)."""
     B, C, H, W = x.shape
-    tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
-    tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
-    kp = max(16, _pow2(tile_w + K - 1))
-    block_c = tile.get("BLOCK_C", 8)
-    n_th, n_tw = triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+    tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     units = B * n_th * n_tw
     n_cb = triton.cdiv(C, block_c)
     splits = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, n_cb)))
