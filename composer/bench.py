@@ -9,7 +9,10 @@ rate, whichever is larger. Both ceilings are measured at the start of the same r
 from __future__ import annotations
 
 import importlib
+import re
+import statistics
 import tempfile
+import time
 
 import torch
 
@@ -139,27 +142,96 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
     return rows
 
 
+def host_us(fn, device, calls: int = 20, repeats: int = 5) -> float:
+    """Host time of one call in µs: how long Python, dispatch, autograd and launches keep
+    the CPU busy, measured without waiting for the GPU (median over `repeats` loops)."""
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    _sync(device)
+    return statistics.median(samples)
+
+
+def _single_threaded(fn):
+    """fn with the autograd engine kept on the calling thread (no hand-off to the device thread)."""
+    def run():
+        with torch.autograd.set_multithreading_enabled(False):
+            return fn()
+    return run
+
+
+PROFILE_COLUMNS = ("eager f+b", "host f+b", "host fwd", "eager f+b 1T", "host f+b 1T", "GPU f+b")
+
+
 def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
-                    calls: int = 10) -> None:
-    """torch.profiler over `calls` forward+backward calls of our op on each benchmark case:
-    the top host-side and device-side entries, to see where the time between launches goes."""
+                    calls: int = 10) -> list:
+    """Where the time of our forward+backward goes, for each benchmark case.
+
+    1. A host/GPU breakdown for our op and the case's anchor: eager time (as benchmarked),
+       host time of forward+backward and of forward alone (CPU busy time, not waiting for
+       the GPU), the same two with the autograd engine on the calling thread ("1T"), and
+       GPU time alone (CUDA-graph replay). Eager far above GPU time with host time close to
+       eager means the call is host-bound; "1T" far below the default means the hand-off
+       to autograd's device thread is the cost.
+    2. cProfile of our forward+backward on the calling thread: the top Python functions.
+    3. torch.profiler's top host-side and device-side entries.
+    """
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     device = _bench_device(device, echo)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
     for name, dname, module in _each_op_and_dtype(op, dtype):
         for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
             ours = next(c for c in case.candidates if c.name.startswith(("ours", "triton")))
             fn = ours.forward_backward or ours.forward
+            echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
+            echo(f"  {'candidate':<26}" + "".join(f" {c:>12}" for c in PROFILE_COLUMNS) + "   (us)")
+            for cand in [ours] + [c for c in case.candidates if c.name == case.anchor and c is not ours]:
+                fb = cand.forward_backward or cand.forward
+                try:
+                    fb()
+                    values = (_time(fb, device), host_us(fb, device), host_us(cand.forward, device),
+                              _time(_single_threaded(fb), device), host_us(_single_threaded(fb), device),
+                              _time(fb, device, cuda_graph=True) if cuda else "n/a")
+                except Exception as exc:  # one failing candidate must not hide the other's numbers
+                    values = (_error(exc),) + ("",) * (len(PROFILE_COLUMNS) - 1)
+                rows.append({"op": name, "dtype": dname, "shape": case.shape, "candidate": cand.name,
+                             **dict(zip(PROFILE_COLUMNS, values))})
+                echo(f"  {cand.name:<26}" + "".join(f" {_us(v):>12}" for v in values))
+
+            single = _single_threaded(fn)
             for _ in range(3):
-                fn()
+                single()
             _sync(device)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                single()
+            profiler.disable()
+            _sync(device)
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(12)
+            echo("  python (cProfile, engine on the calling thread; tottime and cumtime are for "
+                 f"{calls} calls, in s):")
+            for line in text.getvalue().splitlines():
+                if re.match(r"\s*(ncalls|\d)", line):
+                    echo("    " + line.strip()[:150])
+
             with profile(activities=activities) as prof:
                 for _ in range(calls):
                     fn()
                 _sync(device)
             events = prof.key_averages()
-            echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
             for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
                 top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
                 top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
@@ -167,6 +239,7 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
                     echo(f"  {label}:")
                 for e in top:
                     echo(f"    {getattr(e, key) / calls:9.1f} us  x{e.count // calls:<3} {e.key[:80]}")
+    return rows
 
 
 def _bench_device(device, echo):

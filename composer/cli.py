@@ -206,7 +206,7 @@ def bench():
 @click.option("--sweep", is_flag=True,
               help="Instead: time every launch configuration of our kernels (kernel alone) and check each output.")
 @click.option("--profile", is_flag=True,
-              help="Instead: torch.profiler's top host and device entries for our forward+backward.")
+              help="Instead: where our forward+backward spends its time (host vs GPU, Python hot spots, profiler tops).")
 def bench_kernels(op, dtype, cuda_graph, sweep, profile):
     """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
     from composer import bench as b

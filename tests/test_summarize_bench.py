@@ -90,13 +90,23 @@ def test_sweep_checks_and_times_every_configuration():
             assert isinstance(r["us"], float) and r["us"] > 0, r
 
 
-def test_profile_prints_host_entries():
+def test_profile_breaks_down_host_and_python_time():
     lines = []
-    profile_kernels("attention", "fp32", echo=lines.append, device="cpu", shapes={"attention": [(1, 1, 8, 16)]},
-                    calls=2)
+    rows = profile_kernels("attention", "fp32", echo=lines.append, device="cpu",
+                           shapes={"attention": [(1, 1, 8, 16)]}, calls=2)
     text = "\n".join(lines)
     assert "== profile attention fp32 B1 H1 N8 D16" in text and "host (self CPU)" in text
     assert any(" us  x" in line for line in lines)
+    # the breakdown: our op and the anchor, each with measured host and eager times (no GPU column on CPU)
+    assert [r["candidate"] for r in rows] == ["ours", "sdpa"]
+    for r in rows:
+        for column in ("eager f+b", "host f+b", "host fwd", "eager f+b 1T", "host f+b 1T"):
+            assert isinstance(r[column], float) and r[column] > 0, (column, r)
+        assert r["GPU f+b"] == "n/a"
+    # cProfile's table of the Python functions behind our forward+backward
+    start = next(i for i, line in enumerate(lines) if "python (cProfile" in line)
+    assert any("ncalls" in line and "tottime" in line for line in lines[start:start + 3])
+    assert "attention" in "\n".join(lines[start:])
 
 
 def test_sweep_and_profile_are_exclusive():
