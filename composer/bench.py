@@ -171,7 +171,7 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
                     calls: int = 10) -> list:
     """Where the time of our forward+backward goes, for each benchmark case.
 
-    1. A host/GPU breakdown for our op and the case's anchor: eager time (as benchmarked),
+    1. A host/GPU breakdown for each of our candidates and the case's anchor: eager time (as benchmarked),
        host time of forward+backward and of forward alone (CPU busy time, not waiting for
        the GPU), the same two with the autograd engine on the calling thread ("1T"), and
        GPU time alone (CUDA-graph replay). Eager far above GPU time with host time close to
@@ -196,7 +196,8 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
             fn = ours.forward_backward or ours.forward
             echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
             echo(f"  {'candidate':<26}" + "".join(f" {c:>12}" for c in PROFILE_COLUMNS) + "   (us)")
-            for cand in [ours] + [c for c in case.candidates if c.name == case.anchor and c is not ours]:
+            mine = [c for c in case.candidates if c.name.startswith(("ours", "triton"))]
+            for cand in mine + [c for c in case.candidates if c.name == case.anchor and c not in mine]:
                 fb = cand.forward_backward or cand.forward
                 try:
                     fb()

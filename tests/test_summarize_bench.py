@@ -98,7 +98,7 @@ def test_profile_breaks_down_host_and_python_time():
     assert "== profile attention fp32 B1 H1 N8 D16" in text and "host (self CPU)" in text
     assert any(" us  x" in line for line in lines)
     # the breakdown: our op and the anchor, each with measured host and eager times (no GPU column on CPU)
-    assert [r["candidate"] for r in rows] == ["ours", "sdpa"]
+    assert [r["candidate"] for r in rows] == ["ours", "ours-packed", "ours-direct", "sdpa"]
     for r in rows:
         for column in ("eager f+b", "host f+b", "host fwd", "eager f+b 1T", "host f+b 1T"):
             assert isinstance(r[column], float) and r[column] > 0, (column, r)
