@@ -212,9 +212,13 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
     dist = Distributed(device)
     try:
         return _train(spec, resume, echo, device, dist)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError with this phrase
+        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        where = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
         raise UserError(
-            f"out of GPU memory at batch size {t.batch_size} (per process {t.batch_size // dist.world}); "
+            f"out of {where} memory at batch size {t.batch_size} (per process {t.batch_size // dist.world}); "
             f"try --set train.batch_size={max(1, t.batch_size // 2)}, precision bf16, or a smaller model") from None
     finally:
         dist.close()

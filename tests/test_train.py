@@ -253,14 +253,31 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     assert state["epoch"] >= 1 and state["global_step"] > 8
 
 
-def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, where", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
+    # what the CPU allocator raises (a plain RuntimeError)
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                  "you tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)"), "CPU"),
+])
+def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, error, where):
     def oom(logits, targets):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(train_module, "soft_cross_entropy", oom)
     result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
-    assert "out of GPU memory at batch size 32" in result.stderr and "train.batch_size=16" in result.stderr
+    assert f"out of {where} memory at batch size 32" in result.stderr and "train.batch_size=16" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
+    def broken(logits, targets):
+        raise RuntimeError("some bug")
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", broken)
+    result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "out of" not in (result.stderr or "")
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "some bug"
 
 
 def _image_folder(root, classes, per_class=12, seed=0):
