@@ -49,6 +49,19 @@ def test_all_problems_reported_at_their_lines():
     ]
 
 
+def test_rules_still_run_around_an_invalid_block():
+    # block 1 is unknown, so the model section does not validate; the stem and block 0 rules still speak,
+    # and nothing is said about the stand-in that replaced block 1 (nor about cls pooling after it)
+    text = GOOD.replace("heads: 4", "heads: 5\n    - {kind: mixr}").replace("patch_size: 4", "patch_size: 5")
+    text = text.replace("data: {kind: synthetic}", "  head: {pool: cls}\ndata: {kind: synthetic}")
+    found = problems(text)
+    assert found[0].startswith("x.yaml:9:7: model.blocks[1]: unknown block kind 'mixr' (did you mean 'mixer'?)")
+    assert found[1:] == [
+        "x.yaml:5:22: model.stem.patch_size: 5 does not divide the image_size 32 (try 1, 2, 4, 8, 16, 32)",
+        "x.yaml:8:14: model.blocks[0].heads: 5 does not divide dim 64 (try 1, 2, 4, 8, 16, 32)",
+    ]
+
+
 def test_unknown_block_kind_suggests():
     (msg,) = problems(GOOD.replace("kind: vit", "kind: atention"))
     assert msg.startswith("x.yaml:7:7: model.blocks[0]: unknown block kind 'atention' (did you mean 'attention'?)")

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from composer.errors import UserError
 from composer.spec import rules
 from composer.spec.data import DataSpec
-from composer.spec.model import ModelSpec
+from composer.spec.model import Block, ModelSpec
 from composer.spec.spec import Spec
 
 Path_ = tuple  # a path into the YAML data: ("model", "blocks", 2, "heads")
@@ -318,10 +318,13 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
             problems.append(Problem(where(path if found else path[:-1], prefer_key=at_key),
                                     format_path(path), _message(err)))
         # Still check the rules of whichever sections are valid on their own, so every problem shows at once.
-        model, data_spec = _valid_or_none(ModelSpec, data.get("model")), _valid_or_none(DataSpec, data.get("data"))
-        if "data" not in data:
-            data_spec = None
+        model, stand_ins = _model_for_rules(data.get("model"))
+        data_spec = _valid_or_none(DataSpec, data.get("data")) if "data" in data else None
+    else:
+        stand_ins = set()
     for path, message in rules.check(model, data_spec):
+        if _about_stand_in(path, stand_ins):
+            continue
         problems.append(Problem(where(path), format_path(path), message))
     if problems:
         raise SpecError(problems)
@@ -330,9 +333,30 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
     return spec
 
 
-def _valid_or_none(cls: type[BaseModel], value):
+_BLOCK = TypeAdapter(Block)
+# valid with no fields at all; a token block, so the pooling rule cannot fault a stand-in at the end
+_STAND_IN = {"kind": "channel_mlp"}
+
+
+def _model_for_rules(raw) -> tuple[ModelSpec | None, set[int]]:
+    """The model section as the cross-field rules need it, even when some of its blocks are
+    invalid: each invalid block is swapped for a stand-in (so the other blocks keep their
+    indices) and its index returned, so that findings about stand-ins can be dropped."""
+    model = _valid_or_none(ModelSpec, raw)
+    if model is not None or not isinstance(raw, dict) or not isinstance(raw.get("blocks"), list):
+        return model, set()
+    stand_ins = {i for i, block in enumerate(raw["blocks"]) if _valid_or_none(_BLOCK, block) is None}
+    blocks = [_STAND_IN if i in stand_ins else block for i, block in enumerate(raw["blocks"])]
+    return _valid_or_none(ModelSpec, {**raw, "blocks": blocks}), stand_ins
+
+
+def _about_stand_in(path: Path_, stand_ins: set[int]) -> bool:
+    return path[:2] == ("model", "blocks") and len(path) > 2 and path[2] in stand_ins
+
+
+def _valid_or_none(cls, value):
     try:
-        return cls.model_validate(value)
+        return cls.validate_python(value) if isinstance(cls, TypeAdapter) else cls.model_validate(value)
     except ValidationError:
         return None
 
