@@ -62,6 +62,29 @@ def dtype_reasons(dtype: torch.dtype) -> list[str]:
     return [f"dtype {dtype} is not supported (float32, float16, bfloat16 are)"]
 
 
+def plain_eager(*tensors) -> bool:
+    """True when an op may call its Triton launchers directly under a plain autograd.Function.
+
+    That skips the torch.library layer, whose dispatch costs the host about 30 µs per
+    forward+backward. The library op stays in charge whenever something must see it as an
+    operator: torch.compile / export tracing, fake or other tensor subclasses, a dispatch
+    mode (e.g. FlopCounterMode), a functorch transform (vmap, grad).
+    """
+    return (not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and all(t is None or type(t) is torch.Tensor for t in tensors))
+
+
+def direct_launch():
+    """Context in which `wrap_triton(kernel)[grid](...)` launches the kernel directly instead of
+    going through torch's higher-order-op dispatch (what torch.library.triton_op does for plain
+    tensors; the HOP path costs far more on the host)."""
+    from torch._library.triton import set_wrap_triton_enabled  # private, used by triton_op itself
+
+    return set_wrap_triton_enabled(False)
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")

@@ -1,5 +1,6 @@
 """`composer summarize` and `composer bench` as a user runs them."""
 import json
+import re
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_profile_breaks_down_host_and_python_time():
     assert "== profile attention fp32 B1 H1 N8 D16" in text and "host (self CPU)" in text
     assert any(" us  x" in line for line in lines)
     # the breakdown: our op and the anchor, each with measured host and eager times (no GPU column on CPU)
-    assert [r["candidate"] for r in rows] == ["ours", "ours-packed", "ours-direct", "sdpa"]
+    assert [r["candidate"] for r in rows] == ["ours", "ours-packed", "ours-library-op", "sdpa"]
     for r in rows:
         for column in ("eager f+b", "host f+b", "host fwd", "eager f+b 1T", "host f+b 1T"):
             assert isinstance(r[column], float) and r[column] > 0, (column, r)
@@ -106,7 +107,8 @@ def test_profile_breaks_down_host_and_python_time():
     # cProfile's table of the Python functions behind our forward+backward
     start = next(i for i, line in enumerate(lines) if "python (cProfile" in line)
     assert any("ncalls" in line and "tottime" in line for line in lines[start:start + 3])
-    assert "attention" in "\n".join(lines[start:])
+    rows_shown = [line for line in lines[start:] if re.match(r"\s+[\d/]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\S", line)]
+    assert len(rows_shown) >= 5, lines[start:]
 
 
 def test_sweep_and_profile_are_exclusive():

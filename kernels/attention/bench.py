@@ -4,8 +4,8 @@ Candidates, all on the same random (B, H, N, D) inputs:
   ours            kernels.attention (the Triton kernel where it can run)
   ours-packed     the same on q, k, v viewed out of a packed (B, N, 3, H, D) qkv,
                   the layout the attention block really passes (no copies)
-  ours-direct     the same kernels under a plain autograd.Function, without the
-                  torch.library ops (a diagnostic of the custom-op layer's host cost)
+  ours-library-op the same kernels through the torch.library op, the path torch.compile
+                  takes (eager calls skip it): shows what that layer costs on the host
   sdpa            torch.nn.functional.scaled_dot_product_attention, default backend (the anchor)
   eager           matmul -> softmax -> matmul in the input dtype
 """
@@ -46,35 +46,10 @@ def _candidate(name, fn, inputs, grad):
     return Candidate(name, forward, forward_backward)
 
 
-class _DirectAttention(torch.autograd.Function):
-    """The Triton launchers under a plain autograd.Function, without the torch.library
-    ops around them: a diagnostic candidate that shows what the custom-op layer costs
-    on the host (same kernels, same GPU time)."""
+def _library_op(q, k, v):
+    from kernels.attention.op import _attention_fwd
 
-    @staticmethod
-    def forward(ctx, q, k, v):
-        from kernels.attention import triton as kt
-
-        scale = q.shape[-1] ** -0.5
-        with set_wrap_triton_enabled(False):   # plain tensors: launch directly, as triton_op does
-            out, lse2 = kt.forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse2)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        from kernels.attention import triton as kt
-
-        with set_wrap_triton_enabled(False):
-            return kt.backward(dout, *ctx.saved_tensors, ctx.scale)
-
-
-def set_wrap_triton_enabled(enabled: bool):
-    # private torch API (what triton_op uses to launch plain tensors without HOP dispatch)
-    from torch._library.triton import set_wrap_triton_enabled as switch
-
-    return switch(enabled)
+    return _attention_fwd(q, k, v, q.shape[-1] ** -0.5)[0]
 
 
 def _ours_backend(dtype, device, d) -> str:
@@ -126,7 +101,7 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             candidates=[
                 _candidate(f"ours{suffix}", ours, tuple(qkv), grad),
                 _candidate(f"ours-packed{suffix}", ours_packed, (packed,), grad),
-                *([_candidate("ours-direct", _DirectAttention.apply, tuple(qkv), grad)] if backend == "triton" else []),
+                *([_candidate("ours-library-op", _library_op, tuple(qkv), grad)] if backend == "triton" else []),
                 _candidate("sdpa", F.scaled_dot_product_attention, tuple(qkv), grad),
                 _candidate("eager", _eager, tuple(qkv), grad),
             ],

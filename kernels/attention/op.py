@@ -2,8 +2,10 @@
 
 The Triton path is two `torch.library.triton_op`s (forward, backward) tied
 together with `register_autograd`, so torch.compile(fullgraph=True) sees them
-as ordinary graph nodes (and inductor can still see the kernels inside).
-Triton itself is imported only inside the op bodies.
+as ordinary graph nodes (and inductor can still see the kernels inside). Plain
+eager calls skip that layer: `_EagerAttention` runs the same launchers under a
+plain autograd.Function (see `dispatch.plain_eager`). Triton itself is imported
+only inside the op bodies.
 """
 from __future__ import annotations
 
@@ -57,6 +59,28 @@ def _backward(ctx, dout, _dlse2):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The Triton path for plain tensors in eager mode: same launchers, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        from kernels.attention import triton as kt
+
+        with dispatch.direct_launch():
+            out, lse2 = kt.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from kernels.attention import triton as kt
+
+        with dispatch.direct_launch():
+            dq, dk, dv = kt.backward(dout, *ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -87,5 +111,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ba
     reasons = triton_reasons(dtype=q.dtype, head_dim=q.shape[-1])
     if dispatch.select(OP, backend, q.device, reasons) == "reference":
         return reference.attention(q, k, v, scale)
+    if dispatch.plain_eager(q, k, v):
+        return _EagerAttention.apply(q, k, v, scale)
     out, _ = _attention_fwd(q, k, v, scale)
     return out

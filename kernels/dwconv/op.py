@@ -2,8 +2,10 @@
 
 The Triton path is two `torch.library.triton_op`s (forward, backward) tied
 together with `register_autograd`, so torch.compile(fullgraph=True) sees them
-as graph nodes and inductor can still see the kernels inside. Triton itself is
-imported only inside the op bodies.
+as graph nodes and inductor can still see the kernels inside. Plain eager calls
+skip that layer: `_EagerDwConv` runs the same launchers under a plain
+autograd.Function (see `dispatch.plain_eager`). Triton itself is imported only
+inside the op bodies.
 """
 from __future__ import annotations
 
@@ -34,10 +36,8 @@ def triton_reasons(*, dtype: torch.dtype, channels: int, kernel_size: int) -> li
 
 # ----------------------------------------------------------------------------- Triton path
 
-@torch.library.triton_op("kernels::dwconv2d_fwd", mutates_args=())
-def _dwconv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
-                  save_preact: bool) -> tuple[Tensor, Tensor]:
-    """(y, z): z is the pre-activation when GELU is fused and backward will need it, else empty."""
+def _launch_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
+                    save_preact: bool) -> tuple[Tensor, Tensor]:
     from kernels.dwconv import triton as kt
 
     y = torch.empty_like(x)
@@ -47,40 +47,75 @@ def _dwconv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
     return y, z
 
 
-@torch.library.triton_op("kernels::dwconv2d_bwd", mutates_args=())
-def _dwconv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, gelu: bool, has_bias: bool,
-                  need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db); a gradient that is not needed comes back empty."""
+def _launch_backward(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, gelu: bool, has_bias: bool,
+                     need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     from kernels.dwconv import triton as kt
 
     dx, dw, db = kt.conv_backward(dy, x, weight.contiguous(), z if gelu else None, gelu=gelu,
                                   has_bias=has_bias, need_dx=need_dx, need_dw=need_dw)
-    empty = x.new_empty((0,))
-    return (empty if dx is None else dx,
-            empty if dw is None else dw.to(weight.dtype),
-            empty if db is None else db)
+    # a fresh empty tensor for each missing gradient: outputs of a library op must not alias
+    return (x.new_empty((0,)) if dx is None else dx,
+            x.new_empty((0,)) if dw is None else dw.to(weight.dtype),
+            x.new_empty((0,)) if db is None else db)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, gelu, save_preact = inputs
-    _, z = output
+@torch.library.triton_op("kernels::dwconv2d_fwd", mutates_args=())
+def _dwconv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool,
+                  save_preact: bool) -> tuple[Tensor, Tensor]:
+    """(y, z): z is the pre-activation when GELU is fused and backward will need it, else empty."""
+    return _launch_forward(x, weight, bias, gelu, save_preact)
+
+
+@torch.library.triton_op("kernels::dwconv2d_bwd", mutates_args=())
+def _dwconv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, gelu: bool, has_bias: bool,
+                  need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db); a gradient that is not needed comes back empty."""
+    return _launch_backward(dy, x, weight, z, gelu, has_bias, need_dx, need_dw)
+
+
+def _save(ctx, x, weight, bias, z, gelu):
     ctx.save_for_backward(x, weight, z)
     ctx.gelu = gelu
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dz):
+def _backward_with(ctx, dy, launch_backward):
     x, weight, z = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = _dwconv2d_bwd(dy, x, weight, z, ctx.gelu, ctx.has_bias and need_db, need_dx, need_dw)
+    dx, dw, db = launch_backward(dy, x, weight, z, ctx.gelu, ctx.has_bias and need_db, need_dx, need_dw)
     return (dx if need_dx else None,
             dw if need_dw else None,
             db.to(ctx.bias_dtype) if (ctx.has_bias and need_db) else None,
             None, None)
 
 
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gelu, _save_preact = inputs
+    _save(ctx, x, weight, bias, output[1], gelu)
+
+
+def _backward(ctx, dy, _dz):
+    return _backward_with(ctx, dy, _dwconv2d_bwd)
+
+
 _dwconv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerDwConv(torch.autograd.Function):
+    """The Triton path for plain tensors in eager mode: same launchers, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gelu, save_preact):
+        with dispatch.direct_launch():
+            y, z = _launch_forward(x, weight, bias, gelu, save_preact)
+        _save(ctx, x, weight, bias, z, gelu)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        with dispatch.direct_launch():
+            return _backward_with(ctx, dy, _launch_backward)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -121,5 +156,7 @@ def dwconv2d(x, weight, bias=None, *, activation=None, backend="auto"):
     gelu = activation == "gelu"
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
+    if dispatch.plain_eager(x, weight, bias):
+        return _EagerDwConv.apply(x, weight, bias, gelu, gelu and needs_grad)
     y, _ = _dwconv2d_fwd(x, weight, bias, gelu, gelu and needs_grad)
     return y

@@ -2,9 +2,11 @@
 
 The Triton path is a pair of `torch.library.triton_op`s (forward, backward)
 tied together with `register_autograd`, so `torch.compile(fullgraph=True)`
-traces straight through them (Inductor even sees the kernels). The kernels
-module is imported only inside the op bodies: a machine without Triton
-registers the ops, never calls them, and runs the reference.
+traces straight through them (Inductor even sees the kernels). Plain eager
+calls skip that layer: `_EagerTokenMlp` runs the same launchers under a plain
+autograd.Function (see `dispatch.plain_eager`). The kernels module is imported
+only inside the op bodies: a machine without Triton registers the ops, never
+calls them, and runs the reference.
 """
 from __future__ import annotations
 
@@ -46,24 +48,52 @@ def _token_mlp_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1
     return kernels_triton.backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
 
 
-def _setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, w1, b1, w2, b2, _eps = inputs
-    _, mean, rstd = output
+def _save(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd):
     # only the LayerNorm statistics are saved; A and H are recomputed in the backward
     ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
     ctx.b2_dtype = b2.dtype
-    ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, ln_weight, ln_bias, w1, b1, w2, mean, rstd = ctx.saved_tensors
-    dx, dlnw, dlnb, dw1, db1, dw2, db2 = _token_mlp_bwd(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
+def _in_parameter_dtypes(ctx, grads):
     # the kernels accumulate parameter gradients in fp32; hand each back in its parameter's dtype
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = grads
+    _, ln_weight, ln_bias, w1, b1, w2, _, _ = ctx.saved_tensors
     return (dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw1.to(w1.dtype), db1.to(b1.dtype),
             dw2.to(w2.dtype), db2.to(ctx.b2_dtype), None)
 
 
+def _setup_context(ctx, inputs, output):
+    _, mean, rstd = output
+    _save(ctx, *inputs[:7], mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    return _in_parameter_dtypes(ctx, _token_mlp_bwd(dy, *ctx.saved_tensors))
+
+
 _token_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTokenMlp(torch.autograd.Function):
+    """The Triton path for plain tensors in eager mode: same launchers, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, eps):
+        from kernels.token_mlp import triton as kernels_triton
+
+        with dispatch.direct_launch():
+            y, mean, rstd = kernels_triton.forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps)
+        _save(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from kernels.token_mlp import triton as kernels_triton
+
+        with dispatch.direct_launch():
+            grads = kernels_triton.backward(dy, *ctx.saved_tensors)
+        return _in_parameter_dtypes(ctx, grads)
 
 
 def _check_shapes(x, ln_weight, ln_bias, w1, b1, w2, b2) -> None:
@@ -94,5 +124,7 @@ def token_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, *, eps=1e-5, backend="auto"
     _check_shapes(x, ln_weight, ln_bias, w1, b1, w2, b2)
     reasons = triton_reasons(dtype=x.dtype, tokens=x.shape[1], channels=x.shape[2], hidden=w1.shape[0])
     if dispatch.select("token_mlp", backend, x.device, reasons) == "triton":
+        if dispatch.plain_eager(x, ln_weight, ln_bias, w1, b1, w2, b2):
+            return _EagerTokenMlp.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))
         return _token_mlp_fwd(x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))[0]
     return token_mlp_reference(x, ln_weight, ln_bias, w1, b1, w2, b2, eps)

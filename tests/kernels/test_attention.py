@@ -188,8 +188,62 @@ def test_auto_uses_reference_on_cpu(monkeypatch, gen):
         raise AssertionError("auto took the Triton path on CPU")
 
     monkeypatch.setattr(op, "_attention_fwd", no_kernel)
+    monkeypatch.setattr(op._EagerAttention, "apply", no_kernel)
     q, k, v = (_randn(2, 2, 9, 16, dtype=torch.float32, device="cpu", gen=gen) for _ in range(3))
     torch.testing.assert_close(attention(q, k, v), reference.attention(q, k, v))
+
+
+def test_library_op_path_matches_the_eager_path(device, gen):
+    # Plain eager calls launch the kernels under an autograd.Function; torch.compile, dispatch
+    # modes and tensor subclasses go through the torch.library op. Both must give the same numbers.
+    from kernels.attention.op import _attention_fwd
+
+    q, k, v = packed_qkv(3, 2, 37, 32, dtype=torch.float32, device=device, gen=gen)
+    dout = _randn(*q.shape, dtype=q.dtype, device=device, gen=gen)
+    library = check_attention(q, k, v, dout=dout, fn=lambda q, k, v: _attention_fwd(q, k, v, 32 ** -0.5)[0])
+    eager = _run(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v, dout)
+    for a, b in zip(library, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)   # the same kernels on the same inputs
+
+
+def test_dispatch_mode_sees_the_library_op(monkeypatch, device, gen):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.attention import op
+
+    def not_this_path(*args, **kwargs):
+        raise AssertionError("the eager path hid the op from an active dispatch mode")
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(op._EagerAttention, "apply", not_this_path)
+    q, k, v = (_randn(1, 2, 9, 16, dtype=torch.float32, device=device, gen=gen) for _ in range(3))
+    with Seen():
+        out = attention(q, k, v, backend="triton")
+    assert any("kernels.attention_fwd" in name for name in Seen.ops), Seen.ops
+    torch.testing.assert_close(out, reference.attention(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_plain_eager_rules():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kernels.dispatch import plain_eager
+
+    x = torch.ones(2)
+    assert plain_eager(x, None, x)
+    with FlopCounterMode(display=False):
+        assert not plain_eager(x)
+    with FakeTensorMode() as fake:
+        assert not plain_eager(fake.from_tensor(x))
+    seen = []
+    torch.func.vmap(lambda t: seen.append(plain_eager(t)) or t)(torch.ones(3, 2))
+    assert seen == [False]
 
 
 def test_bad_shapes_rejected(gen):
@@ -254,7 +308,7 @@ def test_bench_cases_smoke(gen):
     assert case.flops_fwd > 0 and case.bytes_fwd_bwd > case.bytes_fwd > 0
     names = [c.name for c in case.candidates]
     assert "sdpa" in names and "eager" in names and any(n.startswith("ours") for n in names)
-    assert "ours-direct" in names   # the interpreter runs the kernels here
+    assert "ours-library-op" in names   # the interpreter runs the kernels here
     by_name = {c.name: c for c in case.candidates}
     want_out, want_grads = by_name["sdpa"].forward(), by_name["sdpa"].forward_backward()
     for cand in case.candidates:

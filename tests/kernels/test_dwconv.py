@@ -139,6 +139,30 @@ def test_inference_without_grad(device):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias, needs", [(True, (True, True, True)), (False, (True, False, False)),
+                                         (True, (False, True, True))], ids=["all", "dx-only", "params-only"])
+def test_library_op_path_matches_the_eager_path(bias, needs, device):
+    # Plain eager calls launch the kernels under an autograd.Function; torch.compile, dispatch
+    # modes and tensor subclasses go through the torch.library op. Both must give the same numbers
+    # and the same set of gradients.
+    x, w, b, dy = _inputs(2, 5, 9, 11, 5, device, channels_last=True, bias=bias)
+    results = []
+    for path in ("eager", "library"):
+        leaves = [None if t is None else t.detach().float().requires_grad_(need)
+                  for t, need in zip((x, w, b), needs)]
+        if path == "library":
+            y, _ = dwconv_op._dwconv2d_fwd(*leaves, True, True)
+        else:
+            y = dwconv2d(*leaves, activation="gelu", backend="triton")
+        y.backward(dy.float())
+        results.append([y.detach()] + [None if t is None else t.grad for t in leaves])
+    for eager, library in zip(*results):
+        if eager is None or library is None:
+            assert eager is None and library is None
+        else:
+            torch.testing.assert_close(eager, library, rtol=0, atol=0)   # the same kernels on the same inputs
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def test_triton_refuses_unsupported_inputs(device):

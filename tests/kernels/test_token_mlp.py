@@ -163,6 +163,23 @@ def test_auto_uses_reference_on_cpu():
     assert choice == "reference" and why
 
 
+@pytest.mark.parametrize("param_dtype", [None, torch.float32], ids=["fp16", "fp32-params"])
+def test_library_op_path_matches_the_eager_path(device, param_dtype):
+    # Plain eager calls launch the kernels under an autograd.Function; torch.compile, dispatch
+    # modes and tensor subclasses go through the torch.library op. Both must give the same numbers,
+    # gradients in each parameter's dtype included.
+    from kernels.token_mlp.op import _token_mlp_fwd
+
+    inputs, grad = make_inputs(3, 49, 40, 24, torch.float16, device, strided=True)
+    if param_dtype is not None:
+        inputs = [inputs[0], *(t.to(param_dtype) for t in inputs[1:])]
+    library = run(lambda *a: _token_mlp_fwd(*a, 1e-5)[0], inputs, grad)
+    eager = run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+    for name, a, b in zip(NAMES, library, eager):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)   # the same kernels on the same inputs
+
+
 def test_shape_errors_are_explained():
     inputs, _ = make_inputs(1, 16, 32, 8, torch.float32, "cpu")
     inputs[3] = inputs[3].t()  # w1 given as (N, Hd)
