@@ -181,11 +181,7 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
     2. cProfile of our forward+backward on the calling thread: the top Python functions.
     3. torch.profiler's top host-side and device-side entries.
     """
-    import cProfile
-    import io
-    import pstats
-
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     device = _bench_device(device, echo)
     cuda = torch.device(device).type == "cuda"
@@ -193,55 +189,72 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
     rows = []
     for name, dname, module in _each_op_and_dtype(op, dtype):
         for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
-            ours = next(c for c in case.candidates if c.name.startswith(("ours", "triton")))
-            fn = ours.forward_backward or ours.forward
+            mine = [c for c in case.candidates if c.name.startswith(("ours", "triton"))]
+            ours = mine[0]
             echo(f"\n== profile {name} {dname} {case.shape}: {ours.name}, forward+backward, per call ==")
             echo(f"  {'candidate':<26}" + "".join(f" {c:>12}" for c in PROFILE_COLUMNS) + "   (us)")
-            mine = [c for c in case.candidates if c.name.startswith(("ours", "triton"))]
             for cand in mine + [c for c in case.candidates if c.name == case.anchor and c not in mine]:
-                fb = cand.forward_backward or cand.forward
-                try:
-                    fb()
-                    values = (_time(fb, device), host_us(fb, device), host_us(cand.forward, device),
-                              _time(_single_threaded(fb), device), host_us(_single_threaded(fb), device),
-                              _time(fb, device, cuda_graph=True) if cuda else "n/a")
-                except Exception as exc:  # one failing candidate must not hide the other's numbers
-                    values = (_error(exc),) + ("",) * (len(PROFILE_COLUMNS) - 1)
+                values = _host_and_gpu_times(cand, device, cuda)
                 rows.append({"op": name, "dtype": dname, "shape": case.shape, "candidate": cand.name,
                              **dict(zip(PROFILE_COLUMNS, values))})
                 echo(f"  {cand.name:<26}" + "".join(f" {_us(v):>12}" for v in values))
-
-            single = _single_threaded(fn)
-            for _ in range(3):
-                single()
-            _sync(device)
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(calls):
-                single()
-            profiler.disable()
-            _sync(device)
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(12)
-            echo("  python (cProfile, engine on the calling thread; tottime and cumtime are for "
-                 f"{calls} calls, in s):")
-            for line in text.getvalue().splitlines():
-                if re.match(r"\s*(ncalls|\d)", line):
-                    echo("    " + line.strip()[:150])
-
-            with profile(activities=activities) as prof:
-                for _ in range(calls):
-                    fn()
-                _sync(device)
-            events = prof.key_averages()
-            for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
-                top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
-                top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
-                if top:
-                    echo(f"  {label}:")
-                for e in top:
-                    echo(f"    {getattr(e, key) / calls:9.1f} us  x{e.count // calls:<3} {e.key[:80]}")
+            fn = ours.forward_backward or ours.forward
+            _python_hot_spots(_single_threaded(fn), device, calls, echo)
+            _profiler_tops(fn, device, calls, activities, echo)
     return rows
+
+
+def _host_and_gpu_times(cand, device, cuda: bool) -> tuple:
+    """One candidate's PROFILE_COLUMNS."""
+    fb = cand.forward_backward or cand.forward
+    try:
+        fb()
+        return (_time(fb, device), host_us(fb, device), host_us(cand.forward, device),
+                _time(_single_threaded(fb), device), host_us(_single_threaded(fb), device),
+                _time(fb, device, cuda_graph=True) if cuda else "n/a")
+    except Exception as exc:  # one failing candidate must not hide the other's numbers
+        return (_error(exc),) + ("",) * (len(PROFILE_COLUMNS) - 1)
+
+
+def _python_hot_spots(fn, device, calls: int, echo) -> None:
+    """cProfile's top Python functions (by own time) over `calls` calls of fn."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(3):
+        fn()
+    _sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    _sync(device)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(12)
+    echo(f"  python (cProfile, engine on the calling thread; tottime and cumtime are for {calls} calls, in s):")
+    for line in text.getvalue().splitlines():
+        if re.match(r"\s*(ncalls|\d)", line):
+            echo("    " + line.strip()[:150])
+
+
+def _profiler_tops(fn, device, calls: int, activities, echo) -> None:
+    """torch.profiler's top host-side and device-side entries, per call of fn."""
+    from torch.profiler import profile
+
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    events = prof.key_averages()
+    for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
+        top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
+        top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
+        if top:
+            echo(f"  {label}:")
+        for e in top:
+            echo(f"    {getattr(e, key) / calls:9.1f} us  x{e.count // calls:<3} {e.key[:80]}")
 
 
 def _bench_device(device, echo):

@@ -42,18 +42,23 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     return kt.backward(do, q, k, v, out, lse2, scale)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse2 = output
+def _save(ctx, q, k, v, scale, out, lse2):
     ctx.save_for_backward(q, k, v, out, lse2)
     ctx.scale = scale
-    ctx.mark_non_differentiable(lse2)
+
+
+def _backward_with(ctx, dout, launch_backward):
+    dq, dk, dv = launch_backward(dout, *ctx.saved_tensors, ctx.scale)
+    return dq, dk, dv, None
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, *inputs, *output)
+    ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dout, _dlse2):
-    q, k, v, out, lse2 = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse2, ctx.scale)
-    return dq, dk, dv, None
+    return _backward_with(ctx, dout, _attention_bwd)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -68,8 +73,7 @@ class _EagerAttention(torch.autograd.Function):
 
         with dispatch.direct_launch():
             out, lse2 = kt.forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse2)
-        ctx.scale = scale
+        _save(ctx, q, k, v, scale, out, lse2)
         return out
 
     @staticmethod
@@ -77,8 +81,7 @@ class _EagerAttention(torch.autograd.Function):
         from kernels.attention import triton as kt
 
         with dispatch.direct_launch():
-            dq, dk, dv = kt.backward(dout, *ctx.saved_tensors, ctx.scale)
-        return dq, dk, dv, None
+            return _backward_with(ctx, dout, kt.backward)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:

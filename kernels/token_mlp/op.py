@@ -54,10 +54,11 @@ def _save(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd):
     ctx.b2_dtype = b2.dtype
 
 
-def _in_parameter_dtypes(ctx, grads):
+def _backward_with(ctx, dy, launch_backward):
+    saved = ctx.saved_tensors   # unpacked once: each unpack re-checks every tensor's version
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = launch_backward(dy, *saved)
     # the kernels accumulate parameter gradients in fp32; hand each back in its parameter's dtype
-    dx, dlnw, dlnb, dw1, db1, dw2, db2 = grads
-    _, ln_weight, ln_bias, w1, b1, w2, _, _ = ctx.saved_tensors
+    _, ln_weight, ln_bias, w1, b1, w2, _, _ = saved
     return (dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw1.to(w1.dtype), db1.to(b1.dtype),
             dw2.to(w2.dtype), db2.to(ctx.b2_dtype), None)
 
@@ -69,7 +70,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    return _in_parameter_dtypes(ctx, _token_mlp_bwd(dy, *ctx.saved_tensors))
+    return _backward_with(ctx, dy, _token_mlp_bwd)
 
 
 _token_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -92,8 +93,7 @@ class _EagerTokenMlp(torch.autograd.Function):
         from kernels.token_mlp import triton as kernels_triton
 
         with dispatch.direct_launch():
-            grads = kernels_triton.backward(dy, *ctx.saved_tensors)
-        return _in_parameter_dtypes(ctx, grads)
+            return _backward_with(ctx, dy, kernels_triton.backward)
 
 
 def _check_shapes(x, ln_weight, ln_bias, w1, b1, w2, b2) -> None:
