@@ -3,6 +3,8 @@
 Shapes are (B, H, N, D) with arbitrary strides: the attention block passes q,
 k, v as views of its packed (B, N, 3, H, D) projection, so every kernel takes
 the four strides of every tensor and never asks for a contiguous copy.
+D is 8, 16, 32, 64 or 128; D = 8 runs in 16-wide tiles padded with zeros in
+registers (tl.dot needs every dimension >= 16), so memory traffic stays D-wide.
 
 Softmax runs in base 2: scores are scaled by `scale * log2(e)` so that exp2 can
 be used, and the forward saves the per-row log-sum-exp in that same domain
@@ -37,6 +39,25 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _rows(mask_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # mask of a (rows, BLOCK_D) tile; the head-dim test exists only when D is padded
+    # (D = 8 runs in 16-wide tiles, since tl.dot needs every dimension >= 16)
+    if BLOCK_D == HEAD_DIM:
+        return mask_rows[:, None]
+    else:
+        return mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _cols(mask_cols, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the same for a transposed (BLOCK_D, cols) tile
+    if BLOCK_D == HEAD_DIM:
+        return mask_cols[None, :]
+    else:
+        return (offs_d < HEAD_DIM)[:, None] & mask_cols[None, :]
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE2,
     qk_scale,
@@ -45,7 +66,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
@@ -62,20 +83,20 @@ def _attn_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None], other=0.0)
+                mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
 
     # -- online softmax over key tiles (a single tile when BLOCK_N >= N) --
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
         kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=mask_n[None, :], other=0.0)                       # (D, BLOCK_N)
+                     mask=_cols(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # the first tile always holds key 0, so m_new is finite from then on
@@ -84,14 +105,14 @@ def _attn_fwd(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None], other=0.0)                        # (BLOCK_N, D)
+                    mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # -- epilogue: normalise, store O and the row statistics --
     acc = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+             acc.to(O.dtype.element_ty), mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(LSE2 + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -101,7 +122,7 @@ def _attn_bwd_delta(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # rowsum(dO * O), read once here instead of once per key block later
     pid_m = tl.program_id(0)
@@ -111,12 +132,12 @@ def _attn_bwd_delta(
     O += off_b * stride_ob + off_h * stride_oh
     DO += off_b * stride_dob + off_h * stride_doh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=mask_m[:, None], other=0.0)
+                mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=mask_m[:, None], other=0.0)
+                 mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
 
@@ -131,7 +152,7 @@ def _attn_bwd_tiled(
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_gb, stride_gh, stride_gn, stride_gd,
     H, N,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
@@ -152,25 +173,25 @@ def _attn_bwd_tiled(
     LSE2 += pid_bh.to(tl.int64) * N
     DELTA += pid_bh.to(tl.int64) * N
 
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_blk = pid * BLOCK + tl.arange(0, BLOCK)
     mask_blk = offs_blk < N
     offs_step = tl.arange(0, BLOCK_STEP)
 
     # -- dK, dV of key block `pid`, over all query blocks --
     k = tl.load(K + offs_blk[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=mask_blk[:, None], other=0.0)                          # (BLOCK, D)
+                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK, D)
     v = tl.load(V + offs_blk[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=mask_blk[:, None], other=0.0)
-    dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_STEP):
         offs_m = start_m + offs_step
         mask_m = offs_m < N
         q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None], other=0.0)
+                    mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=mask_m[:, None], other=0.0)
+                     mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
         # transposed scores (keys x queries) so dK, dV need no transposed P;
@@ -182,25 +203,25 @@ def _attn_bwd_tiled(
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
     tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_blk[:, None])
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             dv.to(DV.dtype.element_ty), mask=mask_blk[:, None])
+             dv.to(DV.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
 
     # -- dQ of query block `pid`, over all key blocks --
     q = tl.load(Q + offs_blk[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_blk[:, None], other=0.0)
+                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     do = tl.load(DO + offs_blk[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=mask_blk[:, None], other=0.0)
+                 mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
     delta = tl.load(DELTA + offs_blk, mask=mask_blk, other=0.0)
-    dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_STEP):
         offs_n = start_n + offs_step
         mask_n = offs_n < N
         kb = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                     mask=mask_n[:, None], other=0.0)                       # (BLOCK_STEP, D)
+                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK_STEP, D)
         vb = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=mask_n[:, None], other=0.0)
+                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
@@ -208,13 +229,18 @@ def _attn_bwd_tiled(
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq += tl.dot(ds, kb, input_precision=DOT_PRECISION)
     tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_blk[:, None])
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
 
 
 # ---------------------------------------------------------------- launchers --
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
+
+
+def _block_d(d: int) -> int:
+    # tile width along the head dim: D itself, or 16 for D = 8 (zero-padded in registers)
+    return max(16, d)
 
 
 def _fwd_config(n: int, d: int, elem: int) -> dict:
@@ -273,7 +299,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
     b, h, n, d = q.shape
-    cfg = dict(config or _fwd_config(n, d, q.element_size()))
+    cfg = dict(config or _fwd_config(n, _block_d(d), q.element_size()))
     out = _bhnd_like(q)
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
@@ -283,7 +309,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         q, k, v, out, lse2, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, n,
-        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse2
@@ -294,7 +320,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     b, h, n, d = q.shape
-    cfg = dict(config or _bwd_config(n, d, q.element_size()))
+    cfg = dict(config or _bwd_config(n, _block_d(d), q.element_size()))
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
     if q.numel() == 0:
         return dq, dk, dv
@@ -303,13 +329,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     block_m = 64
     wrap_triton(_attn_bwd_delta)[(triton.cdiv(n, block_m), b * h)](
         out, do, delta, *out.stride(), *do.stride(), h, n,
-        HEAD_DIM=d, BLOCK_M=block_m,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m,
     )
     wrap_triton(_attn_bwd_tiled)[(triton.cdiv(n, cfg["BLOCK"]), b * h)](
         q, k, v, do, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, n,
-        HEAD_DIM=d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
         DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv
