@@ -16,7 +16,7 @@ from kernels import dispatch
 from kernels.attention import reference
 
 OP = "attention"
-HEAD_DIMS = (8, 16, 32, 64, 128)
+HEAD_DIMS = (4, 8, 16, 32, 64, 128)
 
 
 def triton_reasons(*, dtype: torch.dtype, head_dim: int) -> list[str]:

@@ -3,8 +3,10 @@
 Shapes are (B, H, N, D) with arbitrary strides: the attention block passes q,
 k, v as views of its packed (B, N, 3, H, D) projection, so every kernel takes
 the four strides of every tensor and never asks for a contiguous copy.
-D is 8, 16, 32, 64 or 128; D = 8 runs in 16-wide tiles padded with zeros in
-registers (tl.dot needs every dimension >= 16), so memory traffic stays D-wide.
+D is 4, 8, 16, 32, 64 or 128; D = 4 and 8 run in 16-wide tiles padded with
+zeros in registers (tl.dot needs every dimension >= 16), so memory traffic stays
+D-wide. (Small heads are not exotic: a one-layer ViT on CIFAR-10 gains several
+points going from 4 heads of 16 to 16 heads of 4, see BENCHMARKS.md.)
 
 Softmax runs in base 2: scores are scaled by `scale * log2(e)` so that exp2 can
 be used, and the forward saves the per-row log-sum-exp in that same domain
@@ -41,7 +43,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _rows(mask_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # mask of a (rows, BLOCK_D) tile; the head-dim test exists only when D is padded
-    # (D = 8 runs in 16-wide tiles, since tl.dot needs every dimension >= 16)
+    # (D = 4 and 8 run in 16-wide tiles, since tl.dot needs every dimension >= 16)
     if BLOCK_D == HEAD_DIM:
         return mask_rows[:, None]
     else:
@@ -239,7 +241,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _block_d(d: int) -> int:
-    # tile width along the head dim: D itself, or 16 for D = 8 (zero-padded in registers)
+    # tile width along the head dim: D itself, or 16 for D = 4 and 8 (zero-padded in registers)
     return max(16, d)
 
 

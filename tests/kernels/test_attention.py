@@ -90,7 +90,7 @@ def gen():
 # --------------------------------------------------------------- accuracy --
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("d", [8, 16, 32, 64])
+@pytest.mark.parametrize("d", [4, 8, 16, 32, 64])
 @pytest.mark.parametrize("n", N_ALL)
 def test_matches_fp64(n, d, dtype, device, gen):
     # B * H = 3 (odd); test_block_layout_in_place exercises B > 1 with H > 1
@@ -325,7 +325,7 @@ def test_bench_cases_smoke(gen):
 # -------------------------------------------------------------------- gpu --
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("d", [4, 8, 16, 32, 64, 128])
 @pytest.mark.parametrize("n", N_ALL)
 def test_gpu_bf16_every_size(n, d, gen):
     q, k, v = packed_qkv(3, 5, n, d, dtype=torch.bfloat16, device="cuda", gen=gen)
@@ -334,7 +334,7 @@ def test_gpu_bf16_every_size(n, d, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [8, 16, 64, 128])
+@pytest.mark.parametrize("d", [4, 8, 16, 64, 128])
 @pytest.mark.parametrize("n", [7, 145, 257])
 def test_gpu_compiled_fp16_fp32(n, d, dtype, gen):
     # the interpreter already covers these dtypes; this checks the compiled code
