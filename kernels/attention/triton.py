@@ -240,11 +240,6 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _block_d(d: int) -> int:
-    # tile width along the head dim: D itself, or 16 for D = 4 and 8 (zero-padded in registers)
-    return max(16, d)
-
-
 def _fwd_config(n: int, d: int, elem: int) -> dict:
     """Forward blocks and launch settings.
 
@@ -301,7 +296,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
     b, h, n, d = q.shape
-    cfg = dict(config or _fwd_config(n, _block_d(d), q.element_size()))
+    block_d = _pow2(d)  # D, or 16 for D = 4 and 8 (zero-padded in registers)
+    cfg = dict(config or _fwd_config(n, block_d, q.element_size()))
     out = _bhnd_like(q)
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
@@ -311,7 +307,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         q, k, v, out, lse2, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, n,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse2
@@ -322,7 +318,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     b, h, n, d = q.shape
-    cfg = dict(config or _bwd_config(n, _block_d(d), q.element_size()))
+    block_d = _pow2(d)  # D, or 16 for D = 4 and 8 (zero-padded in registers)
+    cfg = dict(config or _bwd_config(n, block_d, q.element_size()))
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
     if q.numel() == 0:
         return dq, dk, dv
@@ -331,13 +328,13 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     block_m = 64
     wrap_triton(_attn_bwd_delta)[(triton.cdiv(n, block_m), b * h)](
         out, do, delta, *out.stride(), *do.stride(), h, n,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
     )
     wrap_triton(_attn_bwd_tiled)[(triton.cdiv(n, cfg["BLOCK"]), b * h)](
         q, k, v, do, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, n,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
         DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv
