@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kernels.grid import cdiv, next_pow2
+
 LOG2E = 1.4426950408889634
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -237,7 +239,7 @@ def _attn_bwd_tiled(
 # ---------------------------------------------------------------- launchers --
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_pow2(n))
 
 
 def _fwd_config(n: int, d: int, elem: int) -> dict:
@@ -302,7 +304,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse2
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
+    grid = (cdiv(n, cfg["BLOCK_M"]), b * h)
     wrap_triton(_attn_fwd)[grid](
         q, k, v, out, lse2, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -326,11 +328,11 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     prec = _dot_precision(q.dtype)
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     block_m = 64
-    wrap_triton(_attn_bwd_delta)[(triton.cdiv(n, block_m), b * h)](
+    wrap_triton(_attn_bwd_delta)[(cdiv(n, block_m), b * h)](
         out, do, delta, *out.stride(), *do.stride(), h, n,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
     )
-    wrap_triton(_attn_bwd_tiled)[(triton.cdiv(n, cfg["BLOCK"]), b * h)](
+    wrap_triton(_attn_bwd_tiled)[(cdiv(n, cfg["BLOCK"]), b * h)](
         q, k, v, do, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, n,

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kernels.grid import cdiv, next_pow2
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -246,7 +248,7 @@ def _dwconv_bwd_w_toeplitz_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(int(n))
 
 
 def _tiles(x: torch.Tensor, k: int, elems: int, c_bytes: int) -> tuple[int, int, int, int, int]:
@@ -277,8 +279,8 @@ def _tiles(x: torch.Tensor, k: int, elems: int, c_bytes: int) -> tuple[int, int,
 
 def _grid(x: torch.Tensor, block_c: int, bb: int, tile_h: int, tile_w: int):
     B, C, H, W = x.shape
-    n_th, n_tw = triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
-    return (triton.cdiv(B, bb) * n_th * n_tw, triton.cdiv(C, block_c)), n_th, n_tw
+    n_th, n_tw = cdiv(H, tile_h), cdiv(W, tile_w)
+    return (cdiv(B, bb) * n_th * n_tw, cdiv(C, block_c)), n_th, n_tw
 
 
 def forward_tile(x: torch.Tensor) -> dict:
@@ -349,7 +351,7 @@ def _toeplitz_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int,
     tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
     tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
     kp = max(16, _pow2(tile_w + K - 1))
-    return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), triton.cdiv(H, tile_h), triton.cdiv(W, tile_w)
+    return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), cdiv(H, tile_h), cdiv(W, tile_w)
 
 
 def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
@@ -362,7 +364,7 @@ def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, til
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     t = toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
     zz = y if z is None else z
-    wrap_triton(_dwconv_fwd_toeplitz_kernel)[(B * n_th * n_tw, triton.cdiv(C, block_c))](
+    wrap_triton(_dwconv_fwd_toeplitz_kernel)[(B * n_th * n_tw, cdiv(C, block_c))](
         x, t, x if bias is None else bias, y, zz,
         C, H, W, n_th, n_tw,
         *x.stride(), *y.stride(), *zz.stride(),
@@ -380,10 +382,10 @@ def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) 
     B, C, H, W = x.shape
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     units = B * n_th * n_tw
-    n_cb = triton.cdiv(C, block_c)
-    splits = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, n_cb)))
-    per_prog = triton.cdiv(units, splits)
-    splits = triton.cdiv(units, per_prog)
+    n_cb = cdiv(C, block_c)
+    splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, n_cb)))
+    per_prog = cdiv(units, splits)
+    splits = cdiv(units, per_prog)
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,

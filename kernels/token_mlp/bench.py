@@ -118,9 +118,8 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
 
 def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
     """Launch configurations of the forward, data-backward and weight-backward kernels on each shape."""
-    import triton
-
     from kernels.benchmarking import SweepCase
+    from kernels.grid import next_pow2
     from kernels.token_mlp import triton as kt
 
     device = torch.device(device)
@@ -135,7 +134,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         p = (rnd(C, scale=0.1, shift=1.0), rnd(C, scale=0.1), rnd(Hd, N, scale=N ** -0.5), rnd(Hd, scale=0.1),
              rnd(N, Hd, scale=Hd ** -0.5), rnd(N, scale=0.1))
         _, mean, rstd = kt.forward(x, *p, 1e-5)
-        bn = max(16, triton.next_power_of_2(N))
+        bn = max(16, next_pow2(N))
         slab = [{"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_H": bh, "num_warps": w, "num_stages": st}
                 for bc, bh, w, st in ((16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2),
                                       (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 3))]

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from kernels.grid import cdiv, next_pow2
+
 
 @triton.jit
 def _mm(a, b, acc, IEEE: tl.constexpr):
@@ -275,7 +277,7 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = False)
     Sizes checked against sm_90 compiles (ptxas register and spill counts, shared
     memory): the whole token axis is one tile, so the slab budget shrinks as N grows.
     """
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = max(16, next_pow2(n))
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units with both operands in registers: a
         # quarter of the 16-bit slab and 16 hidden units a step keep them in
@@ -285,12 +287,12 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = False)
         # the fp32 (BLOCK_N, BLOCK_C) accumulator near 64 registers a thread; the
         # data backward holds dY and dZ next to Z, so it gets half the slab
         budget, block_h = (8192 if backward else 16384), 64
-    block_c = max(16, min(64, budget // block_n, triton.next_power_of_2(c)))
+    block_c = max(16, min(64, budget // block_n, next_pow2(c)))
     if backward and block_n >= 256 and dtype != torch.float32:
         # two stages of (64, 256) W1 and W2 tiles next to Z and dY needed 233,472 bytes
         # of shared memory on sm_90 (limit 232,448): halve the hidden block
         block_h = 32
-    block_h = max(16, min(block_h, triton.next_power_of_2(hd)))
+    block_h = max(16, min(block_h, next_pow2(hd)))
     num_warps = 8 if block_n >= 256 or block_n * block_c > 4096 else 4
     # two stages: the hidden loop's W1/W2 tiles are (BLOCK_H, BLOCK_N) each, and
     # three stages of them overflow the 227 KiB of shared memory at N = 256
@@ -308,8 +310,8 @@ def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> dict:
         wbh = 64 if block_n <= 128 else 16
         wbc = 64 if block_n <= 128 else 32
         num_warps = 4 if block_n * wbc <= 4096 else 8
-    wbh = max(16, min(wbh, triton.next_power_of_2(hd)))
-    wbc = max(16, min(wbc, triton.next_power_of_2(c)))
+    wbh = max(16, min(wbh, next_pow2(hd)))
+    wbc = max(16, min(wbc, next_pow2(c)))
     return {"BLOCK_C": wbc, "BLOCK_H": wbh, "num_warps": num_warps}
 
 
@@ -346,12 +348,12 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | No
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     ln_weight, ln_bias, b1, b2 = (t.contiguous() for t in (ln_weight, ln_bias, b1, b2))
     R = B * N
-    stats_c = min(512, triton.next_power_of_2(C))
-    wrap_triton(_ln_stats_kernel)[(triton.cdiv(R, 8),)](
+    stats_c = min(512, next_pow2(C))
+    wrap_triton(_ln_stats_kernel)[(cdiv(R, 8),)](
         x, mean, rstd, R, N, C, *x.stride(), eps, BLOCK_R=8, BLOCK_C=stats_c, num_warps=4)
     cfg = config or _blocks(N, C, HD, x.dtype)
     _check_block_n(cfg, N)
-    wrap_triton(_fwd_kernel)[(B, triton.cdiv(C, cfg["BLOCK_C"]))](
+    wrap_triton(_fwd_kernel)[(B, cdiv(C, cfg["BLOCK_C"]))](
         x, y, mean, rstd, ln_weight, ln_bias, w1, b1, w2, b2, N, C, HD,
         *x.stride(), *y.stride(), *w1.stride(), *w2.stride(),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_H=cfg["BLOCK_H"], IEEE=x.dtype == torch.float32,
@@ -377,7 +379,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     cfg = config or _blocks(N, C, HD, x.dtype, backward=True)
     _check_block_n(cfg, N)
     BN, BC, stages = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["num_stages"]
-    ncb = triton.cdiv(C, BC)
+    ncb = cdiv(C, BC)
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
     wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
     gemm = wcfg.get("method") == "gemm"
@@ -398,8 +400,8 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     # -- finish the layer norm backward once the row sums span all of C --
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     R = B * N
-    fin_c = min(256, triton.next_power_of_2(C))
-    wrap_triton(_ln_finish_kernel)[(triton.cdiv(R, 16), triton.cdiv(C, fin_c))](
+    fin_c = min(256, next_pow2(C))
+    wrap_triton(_ln_finish_kernel)[(cdiv(R, 16), cdiv(C, fin_c))](
         p, x, mean, rstd, s1.sum(1), s2.sum(1), dx, R, N, C, *x.stride(), *dx.stride(),
         BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
 
@@ -415,12 +417,12 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
 
     # -- weight gradients: (hidden block, split) programs, partials summed after --
     WBC, WBH, wwarps = wcfg["BLOCK_C"], wcfg["BLOCK_H"], wcfg["num_warps"]
-    wncb = triton.cdiv(C, WBC)
+    wncb = cdiv(C, WBC)
     units = B * wncb
-    nhb = triton.cdiv(HD, WBH)
-    splits = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, nhb)))
-    per_prog = triton.cdiv(units, splits)
-    splits = triton.cdiv(units, per_prog)
+    nhb = cdiv(HD, WBH)
+    splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, nhb)))
+    per_prog = cdiv(units, splits)
+    splits = cdiv(units, per_prog)
     dw1_part = torch.empty((splits, HD, N), device=dev, dtype=f32)
     dw2_part = torch.empty((splits, N, HD), device=dev, dtype=f32)
     db1_part = torch.empty((splits, HD), device=dev, dtype=f32)

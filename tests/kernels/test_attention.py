@@ -246,6 +246,18 @@ def test_plain_eager_rules():
     assert seen == [False]
 
 
+def test_launch_grid_helpers_match_triton():
+    # the launchers use plain-int versions of triton.cdiv / next_power_of_2 (cheaper on the host)
+    import triton
+
+    from kernels.grid import cdiv, next_pow2
+
+    for n in range(1, 2050):
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for block in (1, 7, 16, 64, 128):
+            assert cdiv(n, block) == triton.cdiv(n, block), (n, block)
+
+
 def test_bad_shapes_rejected(gen):
     q = _randn(1, 2, 5, 16, dtype=torch.float32, device="cpu", gen=gen)
     with pytest.raises(ValueError):
