@@ -336,10 +336,10 @@ def test_cli_values_are_taken_literally(tmp_path):
 
 
 def test_kernels_triton_that_cannot_run_is_refused_before_training(tmp_path):
-    # dim 16 with 8 heads is head_dim 2, which the Triton attention kernel does not take
+    # dim 288 with 2 heads is head_dim 144, more than the Triton attention kernel takes
     result = run_cli("train", write_spec(tmp_path), "--out", tmp_path / "run", "--kernels", "triton",
-                     "--set", "model.blocks.1.heads=8")
-    assert_user_error(result, "train.kernels is triton", "blocks[1].attention", "head_dim 2")
+                     "--set", "model.stem.dim=288")
+    assert_user_error(result, "train.kernels is triton", "blocks[1].attention", "head_dim 144")
     assert not (tmp_path / "run").exists()
 
 

@@ -16,14 +16,14 @@ from kernels import dispatch
 from kernels.attention import reference
 
 OP = "attention"
-HEAD_DIMS = (4, 8, 16, 32, 64, 128)
+MAX_HEAD_DIM = 128  # any D up to this: tiles are max(16, next power of two) wide, padded in registers
 
 
 def triton_reasons(*, dtype: torch.dtype, head_dim: int) -> list[str]:
     """Why the Triton kernel cannot take inputs of this dtype and head dim (empty when it can)."""
     reasons = dispatch.dtype_reasons(dtype)
-    if head_dim not in HEAD_DIMS:
-        reasons.append(f"head_dim {head_dim} is not supported (the kernel takes {', '.join(map(str, HEAD_DIMS))})")
+    if head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head_dim {head_dim} is not supported (the kernel takes 1 to {MAX_HEAD_DIM}; use more heads)")
     return reasons
 
 

@@ -3,10 +3,12 @@
 Shapes are (B, H, N, D) with arbitrary strides: the attention block passes q,
 k, v as views of its packed (B, N, 3, H, D) projection, so every kernel takes
 the four strides of every tensor and never asks for a contiguous copy.
-D is 4, 8, 16, 32, 64 or 128; D = 4 and 8 run in 16-wide tiles padded with
-zeros in registers (tl.dot needs every dimension >= 16), so memory traffic stays
-D-wide. (Small heads are not exotic: a one-layer ViT on CIFAR-10 gains several
-points going from 4 heads of 16 to 16 heads of 4, see BENCHMARKS.md.)
+D is any size from 1 to 128. Tiles are BLOCK_D = max(16, next power of two)
+wide (tl.dot needs every dimension >= 16 and powers of two); the extra columns
+are masked to zero in registers, so memory traffic stays D-wide, and D = 16,
+32, 64, 128 compile without the mask. (Small heads are not exotic: a one-layer
+ViT on CIFAR-10 gains about two points each time it halves its head dim from 16
+to 2 at the same width, see BENCHMARKS.md.)
 
 Softmax runs in base 2: scores are scaled by `scale * log2(e)` so that exp2 can
 be used, and the forward saves the per-row log-sum-exp in that same domain
@@ -45,7 +47,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _rows(mask_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # mask of a (rows, BLOCK_D) tile; the head-dim test exists only when D is padded
-    # (D = 4 and 8 run in 16-wide tiles, since tl.dot needs every dimension >= 16)
+    # (tiles are a power of two >= 16 wide, since tl.dot needs that)
     if BLOCK_D == HEAD_DIM:
         return mask_rows[:, None]
     else:
@@ -298,7 +300,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
     b, h, n, d = q.shape
-    block_d = _pow2(d)  # D, or 16 for D = 4 and 8 (zero-padded in registers)
+    block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
     cfg = dict(config or _fwd_config(n, block_d, q.element_size()))
     out = _bhnd_like(q)
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
@@ -320,7 +322,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     b, h, n, d = q.shape
-    block_d = _pow2(d)  # D, or 16 for D = 4 and 8 (zero-padded in registers)
+    block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
     cfg = dict(config or _bwd_config(n, block_d, q.element_size()))
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
     if q.numel() == 0:

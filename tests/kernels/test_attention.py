@@ -90,7 +90,7 @@ def gen():
 # --------------------------------------------------------------- accuracy --
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("d", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("d", [2, 4, 8, 16, 32, 48, 64])
 @pytest.mark.parametrize("n", N_ALL)
 def test_matches_fp64(n, d, dtype, device, gen):
     # B * H = 3 (odd); test_block_layout_in_place exercises B > 1 with H > 1
@@ -166,16 +166,17 @@ def test_custom_scale(device, gen):
 # --------------------------------------------------------- dispatch and API --
 
 def test_triton_reasons():
-    assert triton_reasons(dtype=torch.float16, head_dim=64) == []
-    assert any("head_dim 48" in r for r in triton_reasons(dtype=torch.float16, head_dim=48))
+    for d in (1, 2, 48, 64, 128):
+        assert triton_reasons(dtype=torch.float16, head_dim=d) == [], d
+    assert any("head_dim 192" in r for r in triton_reasons(dtype=torch.float16, head_dim=192))
     assert any("float64" in r for r in triton_reasons(dtype=torch.float64, head_dim=64))
 
 
 def test_explicit_triton_raises_with_reasons(device, gen):
-    q = _randn(1, 2, 5, 48, dtype=torch.float32, device=device, gen=gen)
+    q = _randn(1, 2, 5, 192, dtype=torch.float32, device=device, gen=gen)
     with pytest.raises(BackendUnavailable) as info:
         attention(q, q, q, backend="triton")
-    assert any("head_dim 48" in r for r in info.value.reasons)
+    assert any("head_dim 192" in r for r in info.value.reasons)
     # the reference still takes it
     out = attention(q, q, q, backend="auto")
     torch.testing.assert_close(out, reference.attention(q, q, q))
@@ -337,7 +338,7 @@ def test_bench_cases_smoke(gen):
 # -------------------------------------------------------------------- gpu --
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [4, 8, 16, 32, 64, 128])
+@pytest.mark.parametrize("d", [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 128])
 @pytest.mark.parametrize("n", N_ALL)
 def test_gpu_bf16_every_size(n, d, gen):
     q, k, v = packed_qkv(3, 5, n, d, dtype=torch.bfloat16, device="cuda", gen=gen)
@@ -346,7 +347,7 @@ def test_gpu_bf16_every_size(n, d, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [4, 8, 16, 64, 128])
+@pytest.mark.parametrize("d", [2, 4, 8, 16, 48, 64, 128])
 @pytest.mark.parametrize("n", [7, 145, 257])
 def test_gpu_compiled_fp16_fp32(n, d, dtype, gen):
     # the interpreter already covers these dtypes; this checks the compiled code
