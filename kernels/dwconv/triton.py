@@ -247,10 +247,6 @@ def _dwconv_bwd_w_toeplitz_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _pow2(n: int) -> int:
-    return next_pow2(int(n))
-
-
 def _tiles(x: torch.Tensor, k: int, elems: int, c_bytes: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_C, BB, TILE_H, TILE_W, num_warps) for a tile of about `elems` elements.
 
@@ -263,16 +259,16 @@ def _tiles(x: torch.Tensor, k: int, elems: int, c_bytes: int) -> tuple[int, int,
     if k > 9:  # K loads of a kernel row are in flight at once: keep them in registers
         elems //= 2
     if x.stride(1) == 1 and C > 1:
-        block_c = min(_pow2(C), max(1, c_bytes // x.element_size()))
-        tile_w = min(_pow2(W), 16)
-        tile_h = min(_pow2(H), max(1, elems // (block_c * tile_w)))
+        block_c = min(next_pow2(C), max(1, c_bytes // x.element_size()))
+        tile_w = min(next_pow2(W), 16)
+        tile_h = min(next_pow2(H), max(1, elems // (block_c * tile_w)))
     else:
         block_c = 1
-        tile_w = min(_pow2(W), 64)
-        tile_h = min(_pow2(H), max(1, elems // tile_w))
-    bb = min(_pow2(B), max(1, elems // (block_c * tile_h * tile_w)))
+        tile_w = min(next_pow2(W), 64)
+        tile_h = min(next_pow2(H), max(1, elems // tile_w))
+    bb = min(next_pow2(B), max(1, elems // (block_c * tile_h * tile_w)))
     if block_c == 1:  # small NCHW planes: fill the tile with channels after images
-        block_c = min(_pow2(C), max(1, elems // (bb * tile_h * tile_w)))
+        block_c = min(next_pow2(C), max(1, elems // (bb * tile_h * tile_w)))
     n = block_c * bb * tile_h * tile_w
     return block_c, bb, tile_h, tile_w, (8 if n >= 2048 else 4)
 
@@ -348,9 +344,9 @@ def _toeplitz_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int,
     """(TILE_W, TILE_H, KP, BLOCK_C, row tiles, column tiles) of both Toeplitz kernels: windows of
     at most 32 x 32 outputs (at least 16: the smallest tensor-core dot), KP = TILE_W plus the halo."""
     H, W = x.shape[-2:]
-    tile_w = max(16, min(_pow2(W), tile.get("TILE_W", 32)))
-    tile_h = max(16, min(_pow2(H), tile.get("TILE_H", 32)))
-    kp = max(16, _pow2(tile_w + K - 1))
+    tile_w = max(16, min(next_pow2(W), tile.get("TILE_W", 32)))
+    tile_h = max(16, min(next_pow2(H), tile.get("TILE_H", 32)))
+    kp = max(16, next_pow2(tile_w + K - 1))
     return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), cdiv(H, tile_h), cdiv(W, tile_w)
 
 
