@@ -62,6 +62,31 @@ def test_rules_still_run_around_an_invalid_block():
     ]
 
 
+def test_rules_still_run_around_invalid_fields():
+    # an invalid stem activation and an invalid field inside block 1 leave the model section invalid;
+    # the rules that do not rest on those values still report, in the same run
+    text = GOOD.replace("dim: 64}", "dim: 64, activation: gelux}").replace("patch_size: 4", "patch_size: 5")
+    text = text.replace("heads: 4", "heads: 7\n    - {kind: mixer, token_hidden: -1}")
+    found = problems(text)
+    assert found == [
+        "x.yaml:5:46: model.stem.activation: input should be 'gelu' or 'relu'",
+        "x.yaml:9:35: model.blocks[1].token_hidden: input should be greater than 0",
+        "x.yaml:5:22: model.stem.patch_size: 5 does not divide the image_size 32 (try 1, 2, 4, 8, 16, 32)",
+        "x.yaml:8:14: model.blocks[0].heads: 7 does not divide dim 64 (try 1, 2, 4, 8, 16, 32)",
+    ], found
+
+
+def test_no_rule_finding_rests_on_an_invalid_value():
+    # resize is invalid, so whether patch 6 divides the input size cannot be known: only the resize
+    # error is reported, not a guess made with resize left out (6 does not divide 32)
+    text = GOOD.replace("image_size: 32", "image_size: 32\n  resize: big").replace("patch_size: 4", "patch_size: 6")
+    (msg,) = problems(text)
+    assert msg.startswith("x.yaml:4:11: model.resize: input should be a valid integer"), msg
+    # an unknown dataset kind: nothing is said about num_classes against a dataset that was not named
+    (msg,) = problems(GOOD.replace("num_classes: 10", "num_classes: 7").replace("kind: synthetic", "kind: cifar11"))
+    assert msg.startswith("x.yaml:9:14: data.kind: input should be"), msg
+
+
 def test_unknown_block_kind_suggests():
     (msg,) = problems(GOOD.replace("kind: vit", "kind: atention"))
     assert msg.startswith("x.yaml:7:7: model.blocks[0]: unknown block kind 'atention' (did you mean 'attention'?)")

@@ -7,6 +7,7 @@ locations and the cross-field rules can point at the line that is wrong.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import typing
@@ -308,24 +309,26 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
         return source
 
     spec = None
+    invalid: list[Path_] = []
     try:
         spec = Spec.model_validate(data)
-        model, data_spec = spec.model, spec.data
     except ValidationError as exc:
         for err in exc.errors():
             path, found = _data_path(data, err["loc"])
             at_key = err["type"] in ("extra_forbidden", "missing")  # point at the key, not its contents
             problems.append(Problem(where(path if found else path[:-1], prefer_key=at_key),
                                     format_path(path), _message(err)))
-        # Still check the rules of whichever sections are valid on their own, so every problem shows at once.
-        model, stand_ins = _model_for_rules(data.get("model"))
-        data_spec = _valid_or_none(DataSpec, data.get("data")) if "data" in data else None
+            if found:
+                invalid.append(path)
+    # Check the cross-field rules even around invalid values, so that every problem shows at once;
+    # a finding that rests on a value that had to be replaced is left out rather than guessed at.
+    if spec is not None:
+        model, data_spec, replaced = spec.model, spec.data, set()
     else:
-        stand_ins = set()
-    for path, message in rules.check(model, data_spec):
-        if _about_stand_in(path, stand_ins):
-            continue
-        problems.append(Problem(where(path), format_path(path), message))
+        model, data_spec, replaced = _sections_for_rules(data, invalid)
+    for path, message, inputs in rules.check(model, data_spec):
+        if not any(_overlap(used, gone) for used in inputs for gone in replaced):
+            problems.append(Problem(where(path), format_path(path), message))
     if problems:
         raise SpecError(problems)
     if spec.name is None:
@@ -334,24 +337,52 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
 
 
 _BLOCK = TypeAdapter(Block)
-# valid with no fields at all; a token block, so the pooling rule cannot fault a stand-in at the end
+# valid with no fields at all
 _STAND_IN = {"kind": "channel_mlp"}
 
 
-def _model_for_rules(raw) -> tuple[ModelSpec | None, set[int]]:
-    """The model section as the cross-field rules need it, even when some of its blocks are
-    invalid: each invalid block is swapped for a stand-in (so the other blocks keep their
-    indices) and its index returned, so that findings about stand-ins can be dropped."""
-    model = _valid_or_none(ModelSpec, raw)
-    if model is not None or not isinstance(raw, dict) or not isinstance(raw.get("blocks"), list):
-        return model, set()
-    stand_ins = {i for i, block in enumerate(raw["blocks"]) if _valid_or_none(_BLOCK, block) is None}
-    blocks = [_STAND_IN if i in stand_ins else block for i, block in enumerate(raw["blocks"])]
-    return _valid_or_none(ModelSpec, {**raw, "blocks": blocks}), stand_ins
+def _sections_for_rules(data: dict, invalid: list[Path_]) -> tuple[ModelSpec | None, DataSpec | None, set]:
+    """The model and data sections as the cross-field rules need them, even when some values are
+    invalid: each invalid value is removed so that its default applies, and each block that is
+    still invalid is swapped for a stand-in (so the other blocks keep their indices). Returns the
+    sections (None where one still does not validate) and the paths of everything replaced."""
+    fixed = copy.deepcopy(data)
+    replaced = {_remove(fixed, path) for path in invalid}
+    model_raw = fixed.get("model")
+    blocks = model_raw.get("blocks") if isinstance(model_raw, dict) else None
+    for i, block in enumerate(blocks if isinstance(blocks, list) else []):
+        if _valid_or_none(_BLOCK, block) is None:
+            blocks[i] = _STAND_IN
+            replaced.add(("model", "blocks", i))
+    model = _valid_or_none(ModelSpec, model_raw)
+    data_spec = _valid_or_none(DataSpec, fixed["data"]) if "data" in fixed else None
+    return model, data_spec, replaced
 
 
-def _about_stand_in(path: Path_, stand_ins: set[int]) -> bool:
-    return path[:2] == ("model", "blocks") and len(path) > 2 and path[2] in stand_ins
+def _remove(data: dict, path: Path_) -> Path_:
+    """Delete the value at `path` so that its default applies; returns what was removed. A list
+    item goes with its whole list (deleting it would renumber the rest), except a block, which
+    the caller swaps for a stand-in."""
+    parent = data
+    for part in path[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return path  # already removed with an enclosing value
+    if not path:
+        return path
+    if isinstance(parent, dict):
+        parent.pop(path[-1], None)
+        return path
+    if path[:2] == ("model", "blocks") and len(path) == 3:
+        return path
+    return _remove(data, path[:-1])
+
+
+def _overlap(a: Path_, b: Path_) -> bool:
+    """One path lies inside the other (or they are equal)."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
 
 
 def _valid_or_none(cls, value):

@@ -1,7 +1,9 @@
 """Cross-field rules, checked when a spec loads, before any tensor exists.
 
-Each rule returns problems as (path, message) where the path is a tuple into
-the YAML data, so the loader can point at the line. Messages say what to change.
+Each finding is (path, message, inputs): the path is a tuple into the YAML data,
+so the loader can point at the line; the inputs are the paths of every value the
+rule read, so that a finding resting on a value the loader had to replace (an
+invalid one) can be dropped instead of reported. Messages say what to change.
 """
 from __future__ import annotations
 
@@ -22,50 +24,60 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
     return [d for d in found if limit is None or d <= limit]
 
 
-def check(m: ModelSpec | None, d: DataSpec | None) -> list[tuple[tuple, str]]:
+Finding = tuple[tuple, str, tuple[tuple, ...]]
+
+
+def check(m: ModelSpec | None, d: DataSpec | None) -> list[Finding]:
     """Problems of the model section alone, and of model and data together when both are valid."""
-    problems: list[tuple[tuple, str]] = []
+    problems: list[Finding] = []
     if m is None:
         return problems
     size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim
     size_field = "resize" if m.resize else "image_size"
+    patch_path, dim_path = ("model", "stem", "patch_size"), ("model", "stem", "dim")
+    size_paths = (("model", "image_size"), ("model", "resize"))  # either decides the size
 
     if size % patch:
-        problems.append((("model", "stem", "patch_size"),
-                         f"{patch} does not divide the {size_field} {size} (try {_list(divisors(size, 32))})"))
+        problems.append((patch_path, f"{patch} does not divide the {size_field} {size} "
+                                     f"(try {_list(divisors(size, 32))})", (patch_path,) + size_paths))
 
     for i, block in enumerate(m.blocks):
         where = ("model", "blocks", i)
         heads = getattr(block, "heads", None)
         if heads is not None and dim % heads:
-            problems.append((where + ("heads",),
-                             f"{heads} does not divide dim {dim} (try {_list(divisors(dim, 32))})"))
+            problems.append((where + ("heads",), f"{heads} does not divide dim {dim} "
+                                                 f"(try {_list(divisors(dim, 32))})", (where + ("heads",), dim_path)))
         k = getattr(block, "kernel_size", None)
         if k is not None and k % 2 == 0:
-            problems.append((where + ("kernel_size",),
-                             f"{k} is even; 'same' padding needs an odd kernel size (try {k - 1} or {k + 1})"))
+            problems.append((where + ("kernel_size",), f"{k} is even; 'same' padding needs an odd kernel size "
+                                                       f"(try {k - 1} or {k + 1})", (where + ("kernel_size",),)))
 
     last_layout = LAYOUTS[m.blocks[-1].kind]
+    pool_path, last_block = ("model", "head", "pool"), ("model", "blocks", len(m.blocks) - 1)
     if m.head.pool == "cls" and last_layout != "tokens":
-        problems.append((("model", "head", "pool"),
-                         f"cls pooling needs token layout at the end, but the last block ({m.blocks[-1].kind}) "
-                         "works on the grid; use pool: mean or end with a token block"))
+        problems.append((pool_path, f"cls pooling needs token layout at the end, but the last block "
+                                    f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
+                         (pool_path, last_block)))
 
     if d is None:
         return problems
+    kind = ("data", "kind")
     if d.kind in ("cifar10", "folder") and not d.root:
         problems.append((("data", "root"), f"the {d.kind} dataset needs a root (a directory"
-                         + (" or archive" if d.kind == "folder" else "") + ")"))
+                         + (" or archive" if d.kind == "folder" else "") + ")", (kind, ("data", "root"))))
     expected = DATASET_CLASSES.get(d.kind)
     if expected is not None and m.num_classes != expected:
-        problems.append((("model", "num_classes"), f"{m.num_classes} does not match {d.kind}, which has {expected} classes"))
+        problems.append((("model", "num_classes"), f"{m.num_classes} does not match {d.kind}, "
+                                                   f"which has {expected} classes", (kind, ("model", "num_classes"))))
     native = DATASET_SIZES.get(d.kind)
     if native is not None and m.image_size != native:
         problems.append((("model", "image_size"),
                          f"{d.kind} images are {native}x{native}; set image_size: {native} "
-                         f"(and resize: {m.image_size} to feed the network larger images)"))
+                         f"(and resize: {m.image_size} to feed the network larger images)",
+                         (kind, ("model", "image_size"))))
     if d.kind == "cifar10" and m.in_channels != 3:
-        problems.append((("model", "in_channels"), "cifar10 images have 3 channels; set in_channels: 3"))
+        problems.append((("model", "in_channels"), "cifar10 images have 3 channels; set in_channels: 3",
+                         (kind, ("model", "in_channels"))))
     return problems
 
 
