@@ -44,7 +44,8 @@ def validate(specs, overrides):
     for path in specs:
         try:
             spec = load_spec(path, overrides)
-            click.echo(f"{path}: OK ({spec.name}: {len(spec.model.blocks)} block entries)")
+            layers = ", ".join(b.kind if b.repeat == 1 else f"{b.kind} x{b.repeat}" for b in spec.model.blocks)
+            click.echo(f"{path}: OK ({spec.name}: {layers})")
         except SpecError as exc:
             problems.extend(exc.problems)
     if problems:

@@ -162,7 +162,7 @@ def test_cli_validate_reports_every_file(tmp_path):
     # a real `python -m composer` process: the entry point itself, exit code and stderr as a user sees them
     result = run_cli("validate", SPECS / "quickstart.yaml", bad, garbage, tmp_path / "missing.yaml",
                      real_process=True)
-    assert "quickstart.yaml: OK" in result.stdout
+    assert "quickstart.yaml: OK (quickstart: mixer x2)" in result.stdout
     assert_user_error(result, f"{bad}:8:14: model.blocks[0].heads: 5 does not divide dim 64",
                       f"{garbage}: is a binary file", f"{tmp_path / 'missing.yaml'}: no such file")
 
