@@ -363,14 +363,14 @@ def _remove(data: dict, path: Path_) -> Path_:
     """Delete the value at `path` so that its default applies; returns what was removed. A list
     item goes with its whole list (deleting it would renumber the rest), except a block, which
     the caller swaps for a stand-in."""
+    if not path:
+        return path
     parent = data
     for part in path[:-1]:
         try:
             parent = parent[part]
         except (KeyError, IndexError, TypeError):
             return path  # already removed with an enclosing value
-    if not path:
-        return path
     if isinstance(parent, dict):
         parent.pop(path[-1], None)
         return path

@@ -61,23 +61,23 @@ def check(m: ModelSpec | None, d: DataSpec | None) -> list[Finding]:
 
     if d is None:
         return problems
-    kind = ("data", "kind")
+    kind_path = ("data", "kind")
     if d.kind in ("cifar10", "folder") and not d.root:
         problems.append((("data", "root"), f"the {d.kind} dataset needs a root (a directory"
-                         + (" or archive" if d.kind == "folder" else "") + ")", (kind, ("data", "root"))))
+                         + (" or archive" if d.kind == "folder" else "") + ")", (kind_path, ("data", "root"))))
     expected = DATASET_CLASSES.get(d.kind)
     if expected is not None and m.num_classes != expected:
         problems.append((("model", "num_classes"), f"{m.num_classes} does not match {d.kind}, "
-                                                   f"which has {expected} classes", (kind, ("model", "num_classes"))))
+                                                   f"which has {expected} classes", (kind_path, ("model", "num_classes"))))
     native = DATASET_SIZES.get(d.kind)
     if native is not None and m.image_size != native:
         problems.append((("model", "image_size"),
                          f"{d.kind} images are {native}x{native}; set image_size: {native} "
                          f"(and resize: {m.image_size} to feed the network larger images)",
-                         (kind, ("model", "image_size"))))
+                         (kind_path, ("model", "image_size"))))
     if d.kind == "cifar10" and m.in_channels != 3:
         problems.append((("model", "in_channels"), "cifar10 images have 3 channels; set in_channels: 3",
-                         (kind, ("model", "in_channels"))))
+                         (kind_path, ("model", "in_channels"))))
     return problems
 
 
