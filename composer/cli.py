@@ -105,10 +105,13 @@ def _spec_overrides(overrides, **options):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
 @click.option("--resume", default=None, help="'auto' (newest checkpoint in the run dir) or a checkpoint path.")
 @click.option("--epochs", type=int, default=None, help="Shortcut for --set train.epochs=N.")
-@click.option("--kernels", type=click.Choice(["auto", "triton", "reference"]), default=None)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--kernels", type=click.Choice(["auto", "triton", "reference"]), default=None,
+              help="Shortcut for --set train.kernels=... (auto: Triton where it can run; triton: an error where it cannot).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Shortcut for --set train.device=... (auto: CUDA when available).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
-@click.option("--deterministic/--no-deterministic", default=None)
+@click.option("--deterministic/--no-deterministic", default=None,
+              help="Deterministic algorithms (exact resumes on CPU; slower on CUDA).")
 @set_option
 def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, deterministic, overrides):
     """Train the model of SPEC, with checkpoints and resume."""
@@ -129,7 +132,7 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, determi
 @click.option("--data-root", default=None, help="Evaluate on another folder/archive with the same classes.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(target, data_root, split, batch_size, device, as_json):
     """Accuracy (top-1, top-5), loss and per-class accuracy of a trained run."""
@@ -139,6 +142,9 @@ def evaluate(target, data_root, split, batch_size, device, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
+OUT_HELP = "Folder for the PNG files (default: figures/ in the run directory, the first one for curves)."
+
+
 @main.group(cls=Group)
 def visualize():
     """Figures of what each mixer learned (PNG files)."""
@@ -146,11 +152,11 @@ def visualize():
 
 @visualize.command("attention")
 @click.argument("run_dir")
-@click.option("--image", "image_index", type=int, default=0, show_default=True)
+@click.option("--image", "image_index", type=int, default=0, show_default=True, help="Index of the image in the split.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
 @click.option("--layer", type=int, default=None, help="Attention layer (0-based); default: all.")
 @click.option("--head", type=int, default=None, help="Head (0-based); default: all.")
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
 def visualize_attention(run_dir, image_index, split, layer, head, out):
     """Attention matrices, per-query overlays and rollout for one image."""
     from composer.visualize import attention
@@ -162,7 +168,7 @@ def visualize_attention(run_dir, image_index, split, layer, head, out):
 @visualize.command("token-mlp")
 @click.argument("run_dir")
 @click.option("--block", type=int, default=None, help="Token-MLP block (0-based); default: all.")
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
 def visualize_token_mlp(run_dir, block, out):
     """First-layer token-MLP weights as patch-grid images, one per hidden unit."""
     from composer.visualize import token_mlp
@@ -174,7 +180,7 @@ def visualize_token_mlp(run_dir, block, out):
 @visualize.command("dwconv")
 @click.argument("run_dir")
 @click.option("--block", type=int, default=None, help="Depthwise-conv block (0-based); default: all.")
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
 def visualize_dwconv(run_dir, block, out):
     """Learned depthwise kernels, one tile per channel."""
     from composer.visualize import dwconv
@@ -185,7 +191,7 @@ def visualize_dwconv(run_dir, block, out):
 
 @visualize.command("curves")
 @click.argument("run_dirs", nargs=-1, required=True)
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
 def visualize_curves(run_dirs, out):
     """Loss and accuracy per epoch of one or more runs."""
     from composer.visualize import curves
@@ -200,8 +206,9 @@ def bench():
 
 
 @bench.command("kernels")
-@click.option("--op", type=click.Choice(["attention", "token_mlp", "dwconv2d", "all"]), default="all")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32", "all"]), default="all")
+@click.option("--op", type=click.Choice(["attention", "token_mlp", "dwconv2d", "all"]), default="all",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "all"]), default="all", show_default=True)
 @click.option("--cuda-graph", is_flag=True,
               help="Also time each call replayed from a CUDA graph: GPU time without host overhead.")
 @click.option("--sweep", is_flag=True,
@@ -224,8 +231,10 @@ def bench_kernels(op, dtype, cuda_graph, sweep, profile):
 
 @bench.command("train")
 @click.argument("spec_path", metavar="SPEC")
-@click.option("--steps", type=int, default=30, show_default=True)
-@click.option("--data", "source", type=click.Choice(["real", "synthetic", "both"]), default="both")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Training steps per data source (the first few warm up untimed, so very small values are raised).")
+@click.option("--data", "source", type=click.Choice(["real", "synthetic", "both"]), default="both",
+              show_default=True, help="Time the spec's own data, same-shaped synthetic data, or both.")
 @set_option
 def bench_train(spec_path, steps, source, overrides):
     """Training throughput (img/s) on real and synthetic data."""
