@@ -76,6 +76,18 @@ def plain_eager(*tensors) -> bool:
             and all(t is None or type(t) is torch.Tensor for t in tensors))
 
 
+def wrap_triton(kernel):
+    """`torch.library.wrap_triton(kernel)`, which lets torch.compile trace a launch inside a
+    triton_op, except that an interpreted kernel (TRITON_INTERPRET=1) comes back as it is:
+    nothing can trace an interpreted launch, and PyTorch before 2.12 refuses to wrap one
+    where later versions pass it through the same way."""
+    if type(kernel).__name__ == "InterpretedFunction":
+        return kernel
+    from torch.library import wrap_triton as wrap
+
+    return wrap(kernel)
+
+
 def direct_launch():
     """Context in which `wrap_triton(kernel)[grid](...)` launches the kernel directly instead of
     going through torch's higher-order-op dispatch (what torch.library.triton_op does for plain

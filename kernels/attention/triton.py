@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
+from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
+from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)

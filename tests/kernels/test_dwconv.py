@@ -242,7 +242,7 @@ def test_compile_reference_cpu():
     _compile_check("cpu", "reference", "aot_eager")
 
 
-# Under TRITON_INTERPRET=1, torch's wrap_triton hands back the raw interpreted
+# Under TRITON_INTERPRET=1, kernels.dispatch.wrap_triton hands back the raw interpreted
 # kernel, which cannot run on the fake tensors compile traces with: the Triton
 # path is compiled on the GPU only.
 TOEPLITZ = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4}
