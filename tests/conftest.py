@@ -14,6 +14,46 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels here (None when it can).
+
+    Triton 3.6 and earlier turn a loop bound into a Python int with `int(array)`, which
+    NumPy 2.4 refuses for 1-element arrays: every kernel with a runtime loop would fail
+    with an opaque TypeError. One tiny kernel with such a loop finds out up front.
+    """
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None  # the kernel tests say why they cannot run, one by one
+
+    @triton.jit
+    def _double(X, Y, n, BLOCK: tl.constexpr):
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * 2, mask=offs < n)
+
+    x = torch.arange(5.0)
+    y = torch.zeros_like(x)
+    try:
+        _double[(1,)](x, y, 5, BLOCK=4)
+    except Exception as exc:
+        import numpy
+
+        return (f"Triton {triton.__version__}'s CPU interpreter fails with NumPy {numpy.__version__} "
+                f"({type(exc).__name__}: {exc}). Install 'numpy<2.4' or a newer Triton, then rerun.")
+    if not torch.equal(y, x * 2):
+        return f"Triton {triton.__version__}'s CPU interpreter computed a wrong result on a tiny kernel."
+    return None
+
+
+def pytest_sessionstart(session):
+    if not HAS_CUDA:
+        problem = _interpreter_problem()
+        if problem:
+            pytest.exit(problem, returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
