@@ -79,8 +79,8 @@ def plain_eager(*tensors) -> bool:
 def wrap_triton(kernel):
     """`torch.library.wrap_triton(kernel)`, which lets torch.compile trace a launch inside a
     triton_op, except that an interpreted kernel (TRITON_INTERPRET=1) comes back as it is:
-    nothing can trace an interpreted launch, and PyTorch before 2.12 refuses to wrap one
-    where later versions pass it through the same way."""
+    nothing can trace an interpreted launch, and PyTorch 2.11 and earlier refuse to wrap one
+    (2.14 passes it through the same way)."""
     if type(kernel).__name__ == "InterpretedFunction":
         return kernel
     from torch.library import wrap_triton as wrap
