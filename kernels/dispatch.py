@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.library import wrap_triton as _torch_wrap_triton  # imports Triton only when called
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -83,9 +84,7 @@ def wrap_triton(kernel):
     (2.14 passes it through the same way)."""
     if type(kernel).__name__ == "InterpretedFunction":
         return kernel
-    from torch.library import wrap_triton as wrap
-
-    return wrap(kernel)
+    return _torch_wrap_triton(kernel)
 
 
 def direct_launch():
