@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import BackendUnavailable
+from kernels import BackendUnavailable, dispatch
 from kernels.attention import bench, reference
 from kernels.attention.op import attention, triton_reasons
 
@@ -338,7 +338,9 @@ def test_bench_cases_smoke(gen):
     assert case.flops_fwd > 0 and case.bytes_fwd_bwd > case.bytes_fwd > 0
     names = [c.name for c in case.candidates]
     assert "sdpa" in names and "eager" in names and any(n.startswith("ours") for n in names)
-    assert "ours-library-op" in names   # the interpreter runs the kernels here
+    # CPU tensors reach the kernels only in Triton's interpreter (set on machines without CUDA);
+    # elsewhere "ours" is the reference path and the library-op row is left out
+    assert ("ours-library-op" in names) == dispatch.interpreter_mode()
     by_name = {c.name: c for c in case.candidates}
     want_out, want_grads = by_name["sdpa"].forward(), by_name["sdpa"].forward_backward()
     for cand in case.candidates:
@@ -346,7 +348,7 @@ def test_bench_cases_smoke(gen):
         assert torch.isfinite(out).all(), cand.name
         grads = cand.forward_backward()
         assert all(torch.isfinite(g).all() for g in grads), cand.name
-        if cand.name != "ours-packed":  # the others share q, k, v and the output gradient: same numbers (fp32)
+        if not cand.name.startswith("ours-packed"):  # the others share q, k, v and the output gradient: same numbers (fp32)
             torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5, msg=cand.name)
             for g, w in zip(grads, want_grads):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=cand.name)
