@@ -130,17 +130,45 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                     t = _time(lambda cfg=cfg: run(cfg), device, cuda_graph=True)
                 except Exception as exc:  # a configuration that cannot launch must not stop the sweep
                     err, t = None, _error(exc)
+                    if _context_lost(exc):
+                        # ... unless it broke the CUDA context: every later launch in this
+                        # process would fail too, so report what was measured and stop
+                        results.append((cfg, err, t))
+                        _echo_sweep_rows(echo, rows, name, dname, case, results)
+                        raise SweepAborted(
+                            f"{name} {case.shape}: configuration {cfg} broke the CUDA context ({t}). "
+                            f"Nothing else can run in this process; remove that configuration from "
+                            f"{BENCH_MODULES[name]}.sweep_cases and rerun.") from exc
                 results.append((cfg, err, t))
-            timed = [r for r in results if isinstance(r[2], float)]
-            best = min(timed, key=lambda r: r[2])[0] if timed else None
-            for cfg, err, t in results:
-                mark = " (default)" if cfg is case.default else ""
-                mark += " (best)" if cfg is best else ""
-                err_s = "-" if err is None else f"{err:.1e}"
-                echo(f"  {_us(t):>10} us  rel.err {err_s:>8}  {cfg}{mark}")
-                rows.append({"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
-                             "rel_err": err, "default": cfg is case.default, "best": cfg is best})
+            _echo_sweep_rows(echo, rows, name, dname, case, results)
     return rows
+
+
+class SweepAborted(UserError):
+    """A swept configuration left the CUDA context unusable (e.g. an illegal memory access)."""
+
+    exit_code = 1
+
+
+def _context_lost(exc: Exception) -> bool:
+    # CUDA errors such as an illegal address are sticky: the context refuses all later work
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "illegal memory access" in str(exc)
+
+
+def _echo_sweep_rows(echo, rows, name, dname, case, results) -> None:
+    """Print one sweep case's configurations (errors in full, under their row) and add them to rows."""
+    timed = [r for r in results if isinstance(r[2], float)]
+    best = min(timed, key=lambda r: r[2])[0] if timed else None
+    for cfg, err, t in results:
+        mark = " (default)" if cfg is case.default else ""
+        mark += " (best)" if cfg is best else ""
+        err_s = "-" if err is None else f"{err:.1e}"
+        timing = f"{t:10.1f} us" if isinstance(t, float) else f"{'failed':>13}"
+        echo(f"  {timing}  rel.err {err_s:>8}  {cfg}{mark}")
+        if not isinstance(t, float):
+            echo(f"                {t}")
+        rows.append({"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
+                     "rel_err": err, "default": cfg is case.default, "best": cfg is best})
 
 
 def host_us(fn, device, calls: int = 20, repeats: int = 5) -> float:

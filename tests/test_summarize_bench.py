@@ -113,3 +113,47 @@ def test_profile_breaks_down_host_and_python_time():
 
 def test_sweep_and_profile_are_exclusive():
     assert_user_error(run_cli("bench", "kernels", "--sweep", "--profile"), "separate runs")
+
+
+def _fake_sweep(monkeypatch, failure):
+    """Make sweep_kernels see one op whose second configuration raises `failure`."""
+    from types import SimpleNamespace
+
+    import composer.bench as bench_module
+    from kernels.benchmarking import SweepCase
+
+    def run(cfg):
+        if cfg["k"] == 2:
+            raise failure
+        return torch.full((3,), 1.0 + 1e-7 * cfg["k"])
+
+    module = SimpleNamespace(sweep_cases=lambda dtype, device, **_: [
+        SweepCase("attention", "S1", {"k": 0}, [{"k": 1}, {"k": 2}, {"k": 3}], run),
+        SweepCase("attention", "S2", {"k": 0}, [{"k": 1}], run)])
+    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype: [("attention", "fp32", module)])
+
+
+def test_sweep_reports_a_failing_configuration_in_full_and_goes_on(monkeypatch):
+    _fake_sweep(monkeypatch, RuntimeError("out of resources: shared memory, required 300000, limit 232448"))
+    lines = []
+    rows = sweep_kernels("attention", "fp32", echo=lines.append, device="cpu")
+    assert [(r["shape"], r["config"]["k"]) for r in rows] == [("S1", 0), ("S1", 1), ("S1", 2), ("S1", 3),
+                                                               ("S2", 0), ("S2", 1)]
+    failed = next(r for r in rows if r["config"]["k"] == 2)
+    assert failed["rel_err"] is None and "required 300000, limit 232448" in failed["us"]
+    text = "\n".join(lines)
+    assert "failed" in text and "RuntimeError: out of resources: shared memory, required 300000, limit 232448" in text
+
+
+def test_sweep_stops_with_a_message_when_a_configuration_breaks_the_cuda_context(monkeypatch):
+    from composer.bench import SweepAborted
+
+    _fake_sweep(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    lines = []
+    with pytest.raises(SweepAborted) as info:
+        sweep_kernels("attention", "fp32", echo=lines.append, device="cpu")
+    message = str(info.value)
+    assert "{'k': 2}" in message and "illegal memory access" in message and "remove that configuration" in message
+    assert info.value.exit_code != 0
+    text = "\n".join(lines)   # what ran before the failure is still printed; nothing after it ran
+    assert "{'k': 0} (default)" in text and "{'k': 1}" in text and "{'k': 3}" not in text and "S2" not in text
