@@ -1,6 +1,11 @@
 """Triton kernels for the depthwise "same" convolution, and their launchers.
 
-Both kernels work on one tile of shape (BLOCK_C, BLOCK_P): BLOCK_C channels by
+Two formulations. The tensor-core (Toeplitz) kernels, the default for NCHW inputs at
+K >= 9 (see TOEPLITZ_MIN_K), turn each kernel row into a batched matmul of input rows
+by a banded matrix. The tap kernels, the default elsewhere, add K * K shifted loads
+times one weight each.
+
+Both tap kernels work on one tile of shape (BLOCK_C, BLOCK_P): BLOCK_C channels by
 BLOCK_P = BB * TILE_H * TILE_W pixels (BB images, a TILE_H x TILE_W window of
 each). Every tensor is addressed through its own strides, so NCHW and
 channels_last (and strided views) run through the same code; Triton
@@ -279,20 +284,44 @@ def _grid(x: torch.Tensor, block_c: int, bb: int, tile_h: int, tile_w: int):
     return (cdiv(B, bb) * n_th * n_tw, cdiv(C, block_c)), n_th, n_tw
 
 
-def forward_tile(x: torch.Tensor) -> dict:
-    """The forward tile budget: `elems` per program, channel runs of `c_bytes` (channels_last).
+# The tensor-core (banded Toeplitz) kernels' launches where they are the default: NCHW
+# with K >= 9. Their cost per output barely depends on K while the tap kernel's grows
+# as K^2. Kernel alone on an H100 (bf16, CUDA-graph medians, 2026-11-27, B256 C256
+# 32x32 k9 NCHW): forward 560 us against 1,688 for the tap kernel (this config; 8
+# channels x 32 rows on 8 warps: 728), weight gradient 917 us against 2,143. On
+# channels_last the same forward took 2,187 us against the tap kernel's 1,070 (its
+# loads run along channels, 8 to 16 at a time), so that layout keeps the tap kernel.
+# Smaller K and the other shapes are not measured yet: they keep the tap kernel too.
+TOEPLITZ_MIN_K = 9
+TOEPLITZ_FORWARD = {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4}
+TOEPLITZ_WEIGHT_GRAD = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4}
 
-    The fastest of a sweep on an H200 (bf16, 2026-11-26, the benchmark shapes):
-    channels_last 8192 elements with 128-byte channel runs (1,066 us against 1,295 for
-    4096 / 64 at B256 C256 32x32 k9); NCHW barely cares (2048).
+
+def _toeplitz_default(x: torch.Tensor, k: int) -> bool:
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1
+    return not channels_last and k >= TOEPLITZ_MIN_K
+
+
+def forward_tile(x: torch.Tensor, k: int) -> dict:
+    """The forward launch for input x and kernel size k (also the input gradient's, which is
+    the flipped convolution of the output gradient): the Toeplitz kernel where it is the
+    default (see TOEPLITZ_MIN_K), else the tap kernel's tile budget, `elems` per program and
+    channel runs of `c_bytes` (channels_last).
+
+    The tap kernel's budgets are the fastest of a sweep on an H200 (bf16, 2026-11-26, the
+    benchmark shapes): channels_last 8192 elements with 128-byte channel runs (1,066 us
+    against 1,295 for 4096 / 64 at B256 C256 32x32 k9); NCHW barely cares (2048).
     """
+    if _toeplitz_default(x, k):
+        return TOEPLITZ_FORWARD
     channels_last = x.stride(1) == 1 and x.shape[1] > 1
     return {"elems": 8192, "c_bytes": 128} if channels_last else {"elems": 2048, "c_bytes": 64}
 
 
-def weight_grad_tile(x: torch.Tensor) -> dict:
-    """The weight-gradient launch: the tap kernel (see `_tap_weight_grad_tile`)."""
-    return _tap_weight_grad_tile(x)
+def weight_grad_tile(x: torch.Tensor, k: int) -> dict:
+    """The weight-gradient launch: the Toeplitz kernel where it is the default, else the tap
+    kernel (see `_tap_weight_grad_tile`)."""
+    return TOEPLITZ_WEIGHT_GRAD if _toeplitz_default(x, k) else _tap_weight_grad_tile(x)
 
 
 def _tap_weight_grad_tile(x: torch.Tensor) -> dict:
@@ -305,12 +334,12 @@ def _tap_weight_grad_tile(x: torch.Tensor) -> dict:
 def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile: dict | None = None) -> None:
     """y = act(conv(x, weight) + bias); z (pre-activation) is written when given.
 
-    `tile` overrides `forward_tile(x)` (benchmark sweeps)."""
+    `tile` overrides `forward_tile(x, K)` (benchmark sweeps)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     if y.numel() == 0:  # nothing to compute; Triton rejects an empty grid
         return
-    tile = tile or forward_tile(x)
+    tile = tile or forward_tile(x, K)
     if tile.get("method") == "toeplitz":
         _conv_forward_toeplitz(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
         return
@@ -351,10 +380,9 @@ def _toeplitz_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int,
 
 
 def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
-    """The tensor-core formulation (not yet measured on a GPU: selectable through `tile`,
-    which `composer bench kernels --sweep` times against the tap kernel). Defaults from
-    sm_90 compiles: 8 channels x 32 x 32 outputs with 8 warps use 238 registers, no spills
-    (4 warps spill)."""
+    """The tensor-core formulation: the default for NCHW at K >= 9 (TOEPLITZ_FORWARD), else
+    selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
+    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
@@ -374,7 +402,7 @@ _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the G
 
 
 def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
-    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (not yet measured on a GPU)."""
+    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel."""
     B, C, H, W = x.shape
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     units = B * n_th * n_tw
@@ -396,7 +424,7 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
                   tile: dict | None = None):
     """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None.
 
-    `tile` overrides `weight_grad_tile(x)` for the weight-gradient kernel (sweeps)."""
+    `tile` overrides `weight_grad_tile(x, K)` for the weight-gradient kernel (sweeps)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     dx = dw = db = None
@@ -405,7 +433,7 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         dw = torch.zeros((C, 1, K, K), device=x.device, dtype=torch.float32) if need_dw else None
         db = torch.zeros((C,), device=x.device, dtype=torch.float32) if has_bias else None
         return (torch.empty_like(x) if need_dx else None), dw, db
-    tile = tile or weight_grad_tile(x)
+    tile = tile or weight_grad_tile(x, K)
     toeplitz_dw = need_dw and tile.get("method") == "toeplitz"
     if gelu or need_dw or has_bias:
         g = torch.empty_like(dy) if gelu else dy

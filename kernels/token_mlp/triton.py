@@ -408,8 +408,8 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     dln_weight, dln_bias, db2 = dgamma_part.sum(0), dbeta_part.sum(0), db2_part.sum((0, 1))
     if gemm:
         # weight gradients as two GEMMs over the (image, channel) axis, in PyTorch (cuBLAS):
-        # dW1 = sum_b dA_b Z_b^T, dW2 = sum_b dY_b H_b^T. Not yet measured on a GPU: the
-        # default stays the fused kernel below until `bench kernels --sweep` says otherwise.
+        # dW1 = sum_b dA_b Z_b^T, dW2 = sum_b dY_b H_b^T. Selectable only: on an H100 (bf16,
+        # B256 N64 C256 Hd128) the whole backward took 386 us with it, 168 with the fused kernel.
         z = ((x.float() - mean[..., None]) * rstd[..., None] * ln_weight.float() + ln_bias.float()).to(x.dtype)
         dw1 = torch.einsum("bhc,bnc->hn", da, z).float()
         dw2 = torch.einsum("bnc,bhc->nh", dy, h).float()

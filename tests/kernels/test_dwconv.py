@@ -256,8 +256,8 @@ def test_toeplitz_method(k, hw, channels_last, dtype, device, monkeypatch):
     selected for every launch: output and all gradients under the tolerance rule."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x: TOEPLITZ)
-    monkeypatch.setattr(kt, "weight_grad_tile", lambda x: TOEPLITZ)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: TOEPLITZ)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: TOEPLITZ)
     check(2, 3, *hw, k, dtype, device, channels_last=channels_last)
 
 
@@ -265,9 +265,37 @@ def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
     """Several column and row windows per image and several units per program."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "weight_grad_tile", lambda x: TOEPLITZ)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: TOEPLITZ)
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 2)
     check(3, 2, 20, 40, 7, torch.float32, device, channels_last=True)
+
+
+def test_default_method_by_layout_and_kernel_size():
+    """The Toeplitz kernels are the default for NCHW at K >= 9 only (where they were measured faster)."""
+    from kernels.dwconv import triton as kt
+
+    nchw = torch.empty(2, 8, 16, 16)
+    channels_last = nchw.to(memory_format=torch.channels_last)
+    assert kt.forward_tile(nchw, 9)["method"] == kt.weight_grad_tile(nchw, 9)["method"] == "toeplitz"
+    assert kt.forward_tile(nchw, 15)["method"] == "toeplitz"
+    for x, k in ((nchw, 7), (channels_last, 9), (channels_last, 3)):
+        assert "method" not in kt.forward_tile(x, k) and "method" not in kt.weight_grad_tile(x, k), (x.stride(), k)
+
+
+@pytest.mark.parametrize("bias,activation", [(False, None), (True, None), (False, "gelu"), (True, "gelu")])
+def test_toeplitz_default_epilogues(bias, activation, device):
+    """NCHW at k9 takes the Toeplitz kernels by default: every bias / activation combination."""
+    check(2, 3, 10, 11, 9, torch.float16, device, bias=bias, activation=activation)
+
+
+def test_tap_kernel_at_k9_nchw(device, monkeypatch):
+    """The tap kernel stays correct where it is no longer the default (sweeps still time it)."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "TOEPLITZ_MIN_K", 99)
+    assert "method" not in kt.forward_tile(torch.empty(1, 3, 9, 13), 9)
+    check(2, 3, 9, 13, 9, torch.float32, device)
+    check(2, 3, 10, 11, 9, torch.float16, device, bias=False, activation=None)
 
 
 @pytest.mark.gpu
@@ -277,8 +305,8 @@ def test_toeplitz_method_bf16(k, hw, channels_last, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     tile = {"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32, "num_warps": 8}
-    monkeypatch.setattr(kt, "forward_tile", lambda x: tile)
-    monkeypatch.setattr(kt, "weight_grad_tile", lambda x: tile)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     check(4, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
 
 
