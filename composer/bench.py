@@ -211,6 +211,8 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
     """
     from torch.profiler import ProfilerActivity
 
+    from kernels.benchmarking import hop_launches
+
     device = _bench_device(device, echo)
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -227,6 +229,8 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
                              **dict(zip(PROFILE_COLUMNS, values))})
                 echo(f"  {cand.name:<26}" + "".join(f" {_us(v):>12}" for v in values))
             fn = ours.forward_backward or ours.forward
+            echo(f"  Triton launches through torch's higher-order-op dispatch per call: {hop_launches(fn)}"
+                 " (0 when every launch is direct)")
             _python_hot_spots(_single_threaded(fn), device, calls, echo)
             _profiler_tops(fn, device, calls, activities, echo)
     return rows

@@ -69,3 +69,17 @@ def time_us(fn: Callable[[], object], device: torch.device | str, cuda_graph: bo
         fn()
         samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples)
+
+
+def hop_launches(fn) -> int | str:
+    """How many Triton launches in one call of fn went through torch's higher-order-op
+    dispatch (what `torch.library.wrap_triton` does unless launches are direct): each adds
+    an entry to torch's kernel side table and costs the host far more than a direct launch."""
+    try:
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        table = kernel_side_table.constant_args   # private: a diagnostic only
+    except (ImportError, AttributeError):
+        return "n/a"
+    before = len(table)
+    fn()
+    return len(table) - before

@@ -145,6 +145,10 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         weight = [{"BLOCK_C": bc, "BLOCK_H": bh, "num_warps": w}
                   for bc, bh, w in ((16, 16, 4), (32, 16, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 64, 8))]
         weight.append({"method": "gemm"})   # two cuBLAS GEMMs over (image, channel) instead
+        # two split-K Triton GEMMs over (image, channel), H stored by the data kernel
+        weight += [{"method": "splitk", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+                   for bi, bj, bk, w, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                             (128, 256, 32, 8, 3), (64, 64, 64, 4, 4))]
         shape = f"B{B} N{N} C{C} Hd{Hd}"
         bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
         out.append(SweepCase("token_mlp", f"{shape} forward", kt._blocks(N, C, Hd, dtype), slab,

@@ -16,6 +16,10 @@ Backward (dY given), per image:
   - `_bwd_weight_kernel` (hidden block, split of the (image, channel block)
     units): keeps its dW1/dW2 tiles in registers over many units and writes one
     partial per split; the partials are summed afterwards (deterministic, no atomics).
+    It re-reads Z and dY once per hidden block. Selectable instead (weight config
+    "method", timed by `composer bench kernels --sweep`): "splitk", two split-K GEMMs
+    over the (image, channel) axis (`_contract_bc_kernel`) with large output tiles, the
+    data kernel then also storing H; or "gemm", the same two products in PyTorch.
 Only mean/rstd are saved from the forward; A and H are recomputed.
 """
 from __future__ import annotations
@@ -266,6 +270,50 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
     tl.store(DB1 + split * HD + offs_h, db1, mask=h_mask)
 
 
+@triton.jit
+def _contract_bc_kernel(P, Q, X, MEAN, RSTD, LNW, LNB, OUT, ROWSUM,
+                        I, J, N, C, NUM_CB, UNITS, UNITS_PER_PROG,
+                        stride_pb, stride_pi, stride_pc, stride_qb, stride_qj, stride_qc,
+                        stride_xb, stride_xn, stride_xc,
+                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                        Q_IS_LN: tl.constexpr, WITH_ROWSUM: tl.constexpr, IEEE: tl.constexpr):
+    # OUT[split, i, j] = sum over this split's (image, channel block) units of P[b, i, c] * Q[b, j, c]:
+    # one weight gradient as a split-K GEMM whose reduction axis is (image, channel). With
+    # Q_IS_LN, Q is LN(X) recomputed from the saved mean / rstd (j runs over tokens).
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_mask = offs_i < I
+    j_mask = offs_j < J
+    dt = P.dtype.element_ty
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
+    for u in range(split * UNITS_PER_PROG, u_end):
+        b = (u // NUM_CB).to(tl.int64)
+        offs_c = (u % NUM_CB) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < C
+        p = tl.load(P + b * stride_pb + offs_i[:, None] * stride_pi + offs_c[None, :] * stride_pc,
+                    mask=i_mask[:, None] & c_mask[None, :], other=0.0)                   # (BI, BK)
+        if Q_IS_LN:
+            _, q = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_j, offs_c,
+                           stride_xb, stride_xn, stride_xc)                               # (BJ, BK)
+            q = q.to(dt)
+        else:
+            q = tl.load(Q + b * stride_qb + offs_j[:, None] * stride_qj + offs_c[None, :] * stride_qc,
+                        mask=j_mask[:, None] & c_mask[None, :], other=0.0).to(dt)
+        acc = _mm(p.to(dt), tl.trans(q), acc, IEEE)
+        if WITH_ROWSUM:
+            rowsum += tl.sum(p.to(tl.float32), axis=1)
+    base = split.to(tl.int64) * I * J
+    tl.store(OUT + base + offs_i[:, None] * J + offs_j[None, :], acc, mask=i_mask[:, None] & j_mask[None, :])
+    if WITH_ROWSUM:
+        if pid_j == 0:  # one column of programs is enough for the row sums
+            tl.store(ROWSUM + split.to(tl.int64) * I + offs_i, rowsum, mask=i_mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 _TARGET_PROGRAMS = 264  # ~2 per SM on an H100: enough splits to fill the GPU for dW
@@ -382,8 +430,10 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     ncb = cdiv(C, BC)
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
     wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
-    gemm = wcfg.get("method") == "gemm"
-    h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if gemm else da   # H = GELU(A), gemm only
+    method = wcfg.get("method", "fused")
+    gemm = method == "gemm"
+    store_h = method in ("gemm", "splitk")   # the fused weight kernel recomputes H instead
+    h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if store_h else da   # H = GELU(A)
     p = torch.empty((B, N, C), device=dev, dtype=f32)
     s1 = torch.empty((B, ncb, N), device=dev, dtype=f32)
     s2 = torch.empty_like(s1)
@@ -394,7 +444,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
         da, h, p, s1, s2, dgamma_part, dbeta_part, db2_part,
         N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, STORE_H=gemm,
+        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, STORE_H=store_h,
         num_warps=cfg["num_warps"], num_stages=stages)
 
     # -- finish the layer norm backward once the row sums span all of C --
@@ -415,6 +465,13 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         dw2 = torch.einsum("bnc,bhc->nh", dy, h).float()
         return dx, dln_weight, dln_bias, dw1, da.float().sum((0, 2)), dw2, db2
 
+    if method == "splitk":
+        # dW1 = sum over (image, channel) of dA Z^T, dW2 = the same of dY H^T: two split-K GEMMs
+        # with large output tiles, so that each input is read a few times, not once per hidden block
+        dw1, db1 = _contract_bc(da, None, x, mean, rstd, ln_weight, ln_bias, wcfg, with_rowsum=True)
+        dw2, _ = _contract_bc(dy, h, x, mean, rstd, ln_weight, ln_bias, wcfg)
+        return dx, dln_weight, dln_bias, dw1, db1, dw2, db2
+
     # -- weight gradients: (hidden block, split) programs, partials summed after --
     WBC, WBH, wwarps = wcfg["BLOCK_C"], wcfg["BLOCK_H"], wcfg["num_warps"]
     wncb = cdiv(C, WBC)
@@ -433,3 +490,41 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=stages)
 
     return dx, dln_weight, dln_bias, dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0), db2
+
+
+def _splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:
+    """Tiles of the split-K weight-gradient GEMMs (method "splitk"); keys in `wcfg` win."""
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units with both operands in registers: small tiles
+        base = {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    else:
+        base = {"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {**base, **{k: v for k, v in wcfg.items() if k != "method"}}
+
+
+def _contract_bc(p, q, x, mean, rstd, ln_weight, ln_bias, wcfg: dict, with_rowsum: bool = False):
+    """(sum over b, c of p[b, i, c] * q[b, j, c] as an (I, J) fp32 tensor, the row sums of p or None).
+
+    p is (B, I, C); q is (B, J, C), or None for LN(x) (J = N tokens) recomputed in the kernel."""
+    B, rows, C = p.shape
+    cols = x.shape[1] if q is None else q.shape[1]
+    cfg = _splitk_blocks(wcfg, p.dtype)
+    bi = max(16, min(cfg["BLOCK_I"], next_pow2(rows)))
+    bj = max(16, min(cfg["BLOCK_J"], next_pow2(cols)))
+    bk = max(16, min(cfg["BLOCK_K"], next_pow2(C)))
+    ncb = cdiv(C, bk)
+    units = B * ncb
+    tiles = cdiv(rows, bi) * cdiv(cols, bj)
+    splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, tiles)))
+    per_prog = cdiv(units, splits)
+    splits = cdiv(units, per_prog)
+    out = torch.empty((splits, rows, cols), device=p.device, dtype=torch.float32)
+    rowsum = torch.empty((splits, rows), device=p.device, dtype=torch.float32) if with_rowsum else out
+    q_or_x = x if q is None else q
+    wrap_triton(_contract_bc_kernel)[(cdiv(rows, bi), cdiv(cols, bj), splits)](
+        p, q_or_x, x, mean, rstd, ln_weight, ln_bias, out, rowsum,
+        rows, cols, x.shape[1], C, ncb, units, per_prog,
+        *p.stride(), *q_or_x.stride(), *x.stride(),
+        BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk, Q_IS_LN=q is None, WITH_ROWSUM=with_rowsum,
+        IEEE=p.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.sum(0), (rowsum.sum(0) if with_rowsum else None)
