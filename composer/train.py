@@ -289,8 +289,9 @@ def _train(spec, resume, echo, device, dist):
         log("kernels: compiled model uses the PyTorch blocks (Triton kernels inside a compiled training graph "
             "hit an illegal memory access on sm_90 in testing); --kernels triton forces them")
     model = build_model(spec, backend=backend).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last) if _grid_model(spec) else model
+    memory_format = _memory_format(spec, device)
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(spec, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
     autocast_dtype, use_scaler = precision(spec, device)
@@ -385,8 +386,8 @@ def _train(spec, resume, echo, device, dist):
                                  spec.data.augment, aug_gen, t.label_smoothing)
                 shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
                 x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
-                if device.type == "cuda" and _grid_model(spec):
-                    x = x.contiguous(memory_format=torch.channels_last)
+                if memory_format is not None:
+                    x = x.contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                     enabled=autocast_dtype is not None):
                     logits = forward_model(x)
@@ -510,6 +511,20 @@ def _grid_model(spec: Spec) -> bool:
     from composer.spec import LAYOUTS
 
     return any(LAYOUTS[b.kind] == "grid" for b in spec.model.blocks)
+
+
+def _memory_format(spec: Spec, device: torch.device) -> torch.memory_format | None:
+    """The layout training converts the model and each batch to (None: leave them as built).
+
+    Only on CUDA: cuDNN's convolutions prefer channels_last there, so `auto` picks it for
+    models with grid blocks; `contiguous` keeps NCHW, where the depthwise kernel's
+    tensor-core path applies (kernel size 9 and up)."""
+    choice = spec.train.memory_format
+    if device.type != "cuda" or choice == "contiguous":
+        return None
+    if choice == "auto" and not _grid_model(spec):
+        return None
+    return torch.channels_last
 
 
 def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tuple[bool, bool]:

@@ -417,3 +417,17 @@ def test_tensorboard_missing_package_is_a_user_error(tmp_path, monkeypatch):
     result = run_cli("train", write_spec(tmp_path), "--out", tmp_path / "run", "--set", "train.tensorboard=true")
     assert_user_error(result, "pip install tensorboard")
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_memory_format_choice():
+    """train.memory_format: auto is channels_last for models with convolution blocks, on CUDA only."""
+    conv = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}", "- {kind: convmixer, kernel_size: 3}")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def choice(text, *overrides, device=cuda):
+        return train_module._memory_format(load_spec_text(text, "tiny.yaml", list(overrides)), device)
+
+    assert choice(conv) is torch.channels_last and choice(TINY) is None
+    assert choice(conv, "train.memory_format=contiguous") is None
+    assert choice(TINY, "train.memory_format=channels_last") is torch.channels_last
+    assert choice(conv, device=cpu) is None and choice(conv, "train.memory_format=channels_last", device=cpu) is None
