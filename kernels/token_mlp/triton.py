@@ -394,6 +394,8 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | No
     mean = torch.empty((B, N), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:  # no tokens to mix: nothing to launch (an empty grid is no launch)
+        return y, mean, rstd
     ln_weight, ln_bias, b1, b2 = (t.contiguous() for t in (ln_weight, ln_bias, b1, b2))
     R = B * N
     stats_c = min(512, next_pow2(C))
@@ -421,6 +423,11 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     dev = x.device
     f32 = torch.float32
     ieee = x.dtype == torch.float32
+    if x.numel() == 0:  # an empty batch: every parameter gradient is an empty sum
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.zeros(C, device=dev, dtype=f32), torch.zeros(C, device=dev, dtype=f32),
+                torch.zeros(HD, N, device=dev, dtype=f32), torch.zeros(HD, device=dev, dtype=f32),
+                torch.zeros(N, HD, device=dev, dtype=f32), torch.zeros(N, device=dev, dtype=f32))
     ln_weight, ln_bias, b1 = (t.contiguous() for t in (ln_weight, ln_bias, b1))
 
     # -- data gradient: (image, channel block) programs --

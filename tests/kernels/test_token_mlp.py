@@ -132,6 +132,16 @@ def test_splitk_weight_gradients_span_tiles_and_splits(dtype, device, monkeypatc
     check_against_fp64(5, 37, 50, 40, dtype, device)
 
 
+def test_empty_batch(device):
+    """No images: an empty output, an empty input gradient and all-zero parameter gradients."""
+    inputs, grad = make_inputs(0, 16, 32, 16, torch.float32, device)
+    ours = run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+    ref = run(token_mlp_reference, inputs, grad)
+    for name, o, r in zip(NAMES, ours, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype, name
+        assert torch.equal(o, torch.zeros_like(r)), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_strided_inputs(dtype, device):
     check_against_fp64(3, 49, 100, 64, dtype, device, strided=True)
