@@ -119,6 +119,9 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 fwd = [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]
                 wgt = [{"elems": e, "c_bytes": cb} for e, cb in ((16384, 64), (16384, 32), (8192, 64))]
+                # the NCHW winners on a contiguous copy of the inputs, the output kept channels_last
+                fwd.append({**kt.TOEPLITZ_FORWARD, "copy_to_nchw": True})
+                wgt.append({**kt.TOEPLITZ_WEIGHT_GRAD, "copy_to_nchw": True})
 
             def forward(cfg, xl=xl, w=w, bias=bias):
                 y = torch.empty_like(xl)

@@ -382,9 +382,13 @@ def _toeplitz_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int,
 def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
     """The tensor-core formulation: the default for NCHW at K >= 9 (TOEPLITZ_FORWARD), else
     selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
-    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills)."""
+    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "copy_to_nchw",
+    a channels_last x is read from a contiguous copy (the kernel's loads run along W) and
+    y, z keep their own strides."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
+    if tile.get("copy_to_nchw"):
+        x = x.contiguous()
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     t = toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
     zz = y if z is None else z
@@ -402,8 +406,11 @@ _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the G
 
 
 def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
-    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel."""
+    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
+    g and x with "copy_to_nchw")."""
     B, C, H, W = x.shape
+    if tile.get("copy_to_nchw"):
+        g, x = g.contiguous(), x.contiguous()
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     units = B * n_th * n_tw
     n_cb = cdiv(C, block_c)

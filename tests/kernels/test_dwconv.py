@@ -261,6 +261,18 @@ def test_toeplitz_method(k, hw, channels_last, dtype, device, monkeypatch):
     check(2, 3, *hw, k, dtype, device, channels_last=channels_last)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_toeplitz_from_an_nchw_copy(dtype, device, monkeypatch):
+    """channels_last inputs through the Toeplitz kernels via contiguous copies: every output and
+    gradient, and the output stays channels_last."""
+    from kernels.dwconv import triton as kt
+
+    tile = {**TOEPLITZ, "copy_to_nchw": True}
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
+    check(2, 3, 9, 13, 9, dtype, device, channels_last=True)
+
+
 def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
     """Several column and row windows per image and several units per program."""
     from kernels.dwconv import triton as kt
