@@ -45,7 +45,12 @@ def _token_mlp_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from kernels.token_mlp import triton as kernels_triton
 
-    return kernels_triton.backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
+    dx, dlnw, dlnb, dw1, db1, dw2, db2 = kernels_triton.backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd)
+    # The launcher finishes several gradients with one reduction and returns views of its
+    # result (dlnw and dlnb; dw1, dw2 and db1 of the fused weight kernel); an operator's
+    # outputs must not alias each other, so the library op hands back copies of the later
+    # ones. Plain eager calls (_EagerTokenMlp) keep the views.
+    return dx, dlnw, dlnb.clone(), dw1, db1.clone(), dw2.clone(), db2
 
 
 def _save(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd):

@@ -200,10 +200,11 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
 
 
 @triton.jit
-def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C,
+def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
                       stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C)
+    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C); the two sums
+    # over C arrive as one partial per channel block of the data kernel, (B, NUM_CB, N)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     r_mask = rows < R
@@ -214,8 +215,12 @@ def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C,
                 mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
     rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-    s1 = tl.load(S1 + rows, mask=r_mask, other=0.0)
-    s2 = tl.load(S2 + rows, mask=r_mask, other=0.0)
+    s1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    part = bi * NUM_CB * N + ni
+    for cb in range(NUM_CB):
+        s1 += tl.load(S1 + part + cb * N, mask=r_mask, other=0.0)
+        s2 += tl.load(S2 + part + cb * N, mask=r_mask, other=0.0)
     p = tl.load(P + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
     xhat = (x - mean[:, None]) * rstd[:, None]
     dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
@@ -225,7 +230,7 @@ def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C,
 
 @triton.jit
 def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
-                       DW1, DW2, DB1,
+                       PART,
                        N, C, HD, NUM_CB, UNITS, UNITS_PER_PROG,
                        stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
                        stride_w1h, stride_w1n,
@@ -262,12 +267,13 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
         dw1 = _mm(da, tl.trans(z), dw1, IEEE)
         dw2 = _mm(dy, tl.trans(h), dw2, IEEE)
         db1 += tl.sum(da.to(tl.float32), axis=1)
-    base = split.to(tl.int64) * HD * N
-    tl.store(DW1 + base + offs_h[:, None] * N + offs_n[None, :], dw1,
+    # one row of the partials per split: dW1 (HD, N), then dW2 (N, HD), then dB1 (HD)
+    part = PART + split.to(tl.int64) * (2 * HD * N + HD)
+    tl.store(part + offs_h[:, None] * N + offs_n[None, :], dw1,
              mask=h_mask[:, None] & n_mask[None, :])
-    tl.store(DW2 + base + offs_n[:, None] * HD + offs_h[None, :], dw2,
+    tl.store(part + HD * N + offs_n[:, None] * HD + offs_h[None, :], dw2,
              mask=n_mask[:, None] & h_mask[None, :])
-    tl.store(DB1 + split * HD + offs_h, db1, mask=h_mask)
+    tl.store(part + 2 * HD * N + offs_h, db1, mask=h_mask)
 
 
 @triton.jit
@@ -442,11 +448,11 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     store_h = method in ("gemm", "splitk")   # the fused weight kernel recomputes H instead
     h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if store_h else da   # H = GELU(A)
     p = torch.empty((B, N, C), device=dev, dtype=f32)
-    s1 = torch.empty((B, ncb, N), device=dev, dtype=f32)
-    s2 = torch.empty_like(s1)
-    db2_part = torch.empty_like(s1)
-    dgamma_part = torch.empty((B, C), device=dev, dtype=f32)
-    dbeta_part = torch.empty_like(dgamma_part)
+    # partial sums: per (image, channel block, token) s1, s2 (summed in _ln_finish_kernel) and
+    # dB2; per (image, channel) dgamma and dbeta, in one buffer that one reduction finishes
+    s1, s2, db2_part = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(3))
+    ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
+    dgamma_part, dbeta_part = ln_part.unbind(0)
     wrap_triton(_bwd_data_kernel)[(B, ncb)](
         x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
         da, h, p, s1, s2, dgamma_part, dbeta_part, db2_part,
@@ -459,10 +465,11 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     R = B * N
     fin_c = min(256, next_pow2(C))
     wrap_triton(_ln_finish_kernel)[(cdiv(R, 16), cdiv(C, fin_c))](
-        p, x, mean, rstd, s1.sum(1), s2.sum(1), dx, R, N, C, *x.stride(), *dx.stride(),
+        p, x, mean, rstd, s1, s2, dx, R, N, C, ncb, *x.stride(), *dx.stride(),
         BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
 
-    dln_weight, dln_bias, db2 = dgamma_part.sum(0), dbeta_part.sum(0), db2_part.sum((0, 1))
+    dln_weight, dln_bias = ln_part.sum(1).unbind(0)
+    db2 = db2_part.sum((0, 1))
     if gemm:
         # weight gradients as two GEMMs over the (image, channel) axis, in PyTorch (cuBLAS):
         # dW1 = sum_b dA_b Z_b^T, dW2 = sum_b dY_b H_b^T. Selectable only: on an H100 (bf16,
@@ -487,16 +494,13 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, nhb)))
     per_prog = cdiv(units, splits)
     splits = cdiv(units, per_prog)
-    dw1_part = torch.empty((splits, HD, N), device=dev, dtype=f32)
-    dw2_part = torch.empty((splits, N, HD), device=dev, dtype=f32)
-    db1_part = torch.empty((splits, HD), device=dev, dtype=f32)
+    part = torch.empty((splits, 2 * HD * N + HD), device=dev, dtype=f32)   # [dW1 | dW2 | dB1] per split
     wrap_triton(_bwd_weight_kernel)[(nhb, splits)](
-        x, dy, da, mean, rstd, ln_weight, ln_bias, w1, b1,
-        dw1_part, dw2_part, db1_part,
+        x, dy, da, mean, rstd, ln_weight, ln_bias, w1, b1, part,
         N, C, HD, wncb, units, per_prog, *x.stride(), *dy.stride(), *w1.stride(),
         BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=stages)
-
-    return dx, dln_weight, dln_bias, dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0), db2
+    dw1, dw2, db1 = part.sum(0).split([HD * N, HD * N, HD])
+    return dx, dln_weight, dln_bias, dw1.view(HD, N), db1, dw2.view(N, HD), db2
 
 
 def _splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:
