@@ -112,15 +112,17 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # 2x slower on channels_last; a full sweep of one shape took about three minutes.
             toeplitz = [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": th, "num_warps": nw}
                         for bc, th, nw in ((2, 16, 4), (4, 16, 4), (4, 32, 4), (8, 32, 4), (8, 32, 8))]
+            # the banded matrices' entries gathered from the weights instead of read from memory
+            gathered = [{**kt.TOEPLITZ_FORWARD, "gather": True}, {**toeplitz[4], "gather": True}]
             if layout == "NCHW":
-                fwd = [{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] + toeplitz
+                fwd = [{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] + toeplitz + gathered
                 wgt = [{"elems": 8192, "c_bytes": 32}] + toeplitz[:1] + toeplitz[2:4]
             else:
                 fwd = [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]
                 wgt = [{"elems": e, "c_bytes": cb} for e, cb in ((16384, 64), (16384, 32), (8192, 64))]
                 # the NCHW winners on a contiguous copy of the inputs, the output kept channels_last
-                fwd.append({**kt.TOEPLITZ_FORWARD, "copy_to_nchw": True})
+                fwd += [{**kt.TOEPLITZ_FORWARD, "copy_to_nchw": True}, {**gathered[0], "copy_to_nchw": True}]
                 wgt.append({**kt.TOEPLITZ_WEIGHT_GRAD, "copy_to_nchw": True})
 
             def forward(cfg, xl=xl, w=w, bias=bias):

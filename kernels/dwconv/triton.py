@@ -105,13 +105,16 @@ def _dwconv_fwd_toeplitz_kernel(
     szb, szc, szh, szw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
 ):
     # One program: BLOCK_C channels x a TILE_H x TILE_W output window of one image.
     # For kernel row i, the window is a matmul per channel: rows of the input
     # (TILE_H, KP: the TILE_W columns plus the halo) times that channel's banded
     # Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n]. The K products run
-    # on tensor cores as one batched dot over the channel block.
+    # on tensor cores as one batched dot over the channel block. T comes from memory
+    # (t_ptr: the (C, K, KP, TILE_W) matrices), or with GATHER is gathered from the
+    # (C, K, K) weights themselves at t_ptr (flipped by 180 degrees with FLIP): K * K
+    # values a channel that stay in L1 instead of K * KP * TILE_W read through L2.
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -128,10 +131,23 @@ def _dwconv_fwd_toeplitz_kernel(
     t_base = (t_ptr + c3.to(tl.int64) * (K * KP * TILE_W)
               + tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :])
     acc = tl.zeros((BLOCK_C, TILE_H, TILE_W), dtype=tl.float32)
+    if GATHER:
+        tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
+        band = c_ok & (tap >= 0) & (tap < K)
+        if FLIP:
+            tap = K - 1 - tap
+        w_base = t_ptr + c3.to(tl.int64) * (K * K) + tap
     for i in range(K):
         row = h_out + (i - PAD)
         xv = tl.load(x_base + row * sxh, mask=c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
-        tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
+        if GATHER:
+            if FLIP:
+                tv = tl.load(w_base + (K - 1 - i) * K, mask=band, other=0.0)
+            else:
+                tv = tl.load(w_base + i * K, mask=band, other=0.0)
+            tv = tv.to(x_ptr.dtype.element_ty)
+        else:
+            tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
         if IEEE:
             acc = tl.dot(xv, tv, acc, input_precision="ieee")
         else:
@@ -390,7 +406,9 @@ def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, til
     if tile.get("copy_to_nchw"):
         x = x.contiguous()
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
-    t = toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
+    gather = tile.get("gather", False)
+    # with "gather" the kernel reads the banded matrices' entries from the weights directly
+    t = weight.reshape(C, K * K).contiguous() if gather else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
     zz = y if z is None else z
     wrap_triton(_dwconv_fwd_toeplitz_kernel)[(B * n_th * n_tw, cdiv(C, block_c))](
         x, t, x if bias is None else bias, y, zz,
@@ -398,7 +416,7 @@ def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, til
         *x.stride(), *y.stride(), *zz.stride(),
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
         BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
-        num_warps=tile.get("num_warps", 8),
+        GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
     )
 
 

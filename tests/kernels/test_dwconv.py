@@ -273,6 +273,17 @@ def test_toeplitz_from_an_nchw_copy(dtype, device, monkeypatch):
     check(2, 3, 9, 13, 9, dtype, device, channels_last=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,hw", [(9, (10, 11)), (5, (9, 13))])
+def test_toeplitz_gathering_the_weights(k, hw, dtype, device, monkeypatch):
+    """The Toeplitz forward and input gradient reading the banded matrices' entries straight
+    from the weights ("gather"): every output and gradient."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**TOEPLITZ, "gather": True})
+    check(2, 3, *hw, k, dtype, device)
+
+
 def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
     """Several column and row windows per image and several units per program."""
     from kernels.dwconv import triton as kt
