@@ -1,0 +1,226 @@
+"""Shared memory, registers and spills of every Triton launch, compiled for a GPU that is not here.
+
+    python -m kernels.compile_report [--op attention|token_mlp|dwconv2d|all] [--dtype bf16|fp16|fp32]
+                                     [--arch 90] [--first]
+
+Runs each op's forward and backward launchers at its benchmark shapes on meta tensors (no
+memory, no GPU) with the launches intercepted, compiles every intercepted kernel with the
+installed Triton for sm_<arch>, and reads the binary's registers per thread, stack
+(local memory: spilled registers) and shared memory with cuobjdump (shipped with Triton).
+Spills and shared memory past the card's limit are worth knowing before a GPU run; only a
+GPU says how fast anything is. Needs the compiled kernels, so it refuses to run under
+TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                 torch.int64: "i64", torch.int32: "i32"}
+_SHOWN = ("BLOCK", "TILE", "KP", "BB", "GATHER", "Q_IS_LN", "STORE_H", "num_warps", "num_stages")
+
+
+@dataclass
+class Launch:
+    label: str          # op, shape and pass, e.g. "attention B256 H4 N144 D16 backward"
+    kernel: object      # the JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Report:
+    label: str
+    kernel: str
+    config: dict
+    shared: int | None = None       # bytes of shared memory a block needs
+    registers: int | None = None    # per thread
+    stack: int | None = None        # bytes of local memory a thread needs: spilled registers
+    error: str | None = None
+
+
+class _Recorder:
+    """Stands in for `wrap_triton(kernel)`: `[grid](...)` records the launch instead of running it."""
+
+    def __init__(self, sink: list, label: str, kernel):
+        self.sink, self.label, self.kernel = sink, label, kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(Launch(self.label, self.kernel, args, kwargs))
+
+
+def _record(label: str, call, modules) -> list[Launch]:
+    launches: list[Launch] = []
+    saved = [(m, m.wrap_triton) for m in modules]
+    for m in modules:
+        m.wrap_triton = lambda kernel, m=m: _Recorder(launches, label, kernel)
+    try:
+        call()
+    finally:
+        for m, original in saved:
+            m.wrap_triton = original
+    return launches
+
+
+def _attention_launches(dtype, first: bool) -> list[Launch]:
+    from kernels.attention import bench
+    from kernels.attention import triton as kt
+
+    out = []
+    for b, h, n, d in bench.SHAPES[:1] if first else bench.SHAPES:
+        q, k, v, do = (torch.empty(b, h, n, d, device="meta", dtype=dtype) for _ in range(4))
+        o, lse2 = kt._bhnd_like(q), torch.empty(b, h, n, device="meta")   # what the forward saves
+        shape = f"attention B{b} H{h} N{n} D{d}"
+        out += _record(f"{shape} forward", lambda: kt.forward(q, k, v, d ** -0.5), [kt])
+        out += _record(f"{shape} backward", lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5), [kt])
+    return out
+
+
+def _token_mlp_launches(dtype, first: bool) -> list[Launch]:
+    from kernels.token_mlp import bench
+    from kernels.token_mlp import triton as kt
+
+    out = []
+    for B, N, C, Hd in bench.SHAPES[:1] if first else bench.SHAPES:
+        x, dy = (torch.empty(B, N, C, device="meta", dtype=dtype) for _ in range(2))
+        p = [torch.empty(*s, device="meta", dtype=dtype) for s in ((C,), (C,), (Hd, N), (Hd,), (N, Hd), (N,))]
+        mean, rstd = (torch.empty(B, N, device="meta") for _ in range(2))
+        shape = f"token_mlp B{B} N{N} C{C} Hd{Hd}"
+        out += _record(f"{shape} forward", lambda: kt.forward(x, *p, 1e-5), [kt])
+        out += _record(f"{shape} backward",
+                       lambda: kt.backward(dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd), [kt])
+    return out
+
+
+def _dwconv_launches(dtype, first: bool) -> list[Launch]:
+    from kernels.dwconv import bench
+    from kernels.dwconv import triton as kt
+
+    out = []
+    for B, C, H, W, k in bench.SHAPES[:1] if first else bench.SHAPES:
+        w = torch.empty(C, 1, k, k, device="meta", dtype=dtype)
+        bias = torch.empty(C, device="meta", dtype=dtype)
+        for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            x, dy = (torch.empty(B, C, H, W, device="meta", dtype=dtype).contiguous(memory_format=fmt)
+                     for _ in range(2))
+            y = torch.empty_like(x)
+            shape = f"dwconv2d B{B} C{C} {H}x{W} k{k} {layout}"
+            out += _record(f"{shape} forward",
+                           lambda: kt.conv_forward(x, w, bias, y, y, gelu=True), [kt])
+            out += _record(f"{shape} backward", lambda: kt.conv_backward(
+                dy, x, w, y, gelu=True, has_bias=True, need_dx=True, need_dw=True), [kt])
+    return out
+
+
+LAUNCHES = {"attention": _attention_launches, "token_mlp": _token_mlp_launches, "dwconv2d": _dwconv_launches}
+
+
+def _signature(launch: Launch) -> tuple[dict, dict, dict]:
+    """(Triton signature, constexpr values, compile options) of one recorded launch."""
+    kwargs = dict(launch.kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    constexprs = set(launch.kernel.constexprs)
+    signature, constants = {}, {}
+    for i, name in enumerate(launch.kernel.arg_names):
+        value = launch.args[i] if i < len(launch.args) else kwargs[name]
+        if i in constexprs:
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"argument {name} of type {type(value).__name__}")
+    return signature, constants, options
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cuobjdump not found at {path} (it ships with Triton's NVIDIA backend)")
+    return path
+
+
+def compile_launch(launch: Launch, arch: int) -> Report:
+    """Compile one recorded launch for sm_<arch> and read the resources of the binary Triton built."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constants, options = _signature(launch)
+    shown = {k: v for k, v in {**constants, **options}.items() if k.startswith(_SHOWN)}
+    report = Report(launch.label, launch.kernel.__name__, shown)
+    try:
+        compiled = triton.compile(ASTSource(launch.kernel, signature, constants),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        report.shared = int(compiled.metadata.shared)
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "kernel.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([_cuobjdump(), "-res-usage", cubin], capture_output=True, text=True).stdout
+        registers = re.search(r"REG:(\d+)", usage)
+        stack = re.search(r"STACK:(\d+)", usage)
+        report.registers = int(registers.group(1)) if registers else None
+        report.stack = int(stack.group(1)) if stack else None
+    except Exception as exc:  # one kernel that cannot compile must not hide the others
+        report.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
+    return report
+
+
+def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, first: bool = False,
+        echo=print) -> list[Report]:
+    from kernels import dispatch
+
+    if dispatch.interpreter_mode():
+        raise RuntimeError("the compile report needs compiled kernels: unset TRITON_INTERPRET")
+    limit = SMEM_LIMIT.get(arch)
+    reports = []
+    for name in (LAUNCHES if op == "all" else (op,)):
+        echo(f"\n== {name} ({str(dtype).removeprefix('torch.')}, sm_{arch}: shared memory limit "
+             f"{limit or 'unknown'} bytes) ==")
+        for launch in LAUNCHES[name](dtype, first):
+            r = compile_launch(launch, arch)
+            reports.append(r)
+            if r.error:
+                echo(f"  {r.label:<52} {r.kernel:<30} FAILED {r.error}")
+                continue
+            flags = ("  SPILLS" if r.stack else "") + ("  OVER SHARED MEMORY" if limit and r.shared > limit else "")
+            echo(f"  {r.label:<52} {r.kernel:<30} smem {r.shared:>7}  regs {r.registers!s:>3}  "
+                 f"stack {r.stack!s:>5}  {r.config}{flags}")
+    return reports
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=["all", *LAUNCHES], default="all")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--first", action="store_true", help="only the first benchmark shape of each op")
+    args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        reports = run(args.op, dtype, args.arch, args.first)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if any(r.error for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

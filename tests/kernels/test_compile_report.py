@@ -1,0 +1,30 @@
+"""`python -m kernels.compile_report`: every launch of an op compiled for sm_90 without a GPU."""
+import os
+import re
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def _report(*args, interpret="0"):
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    return subprocess.run([sys.executable, "-m", "kernels.compile_report", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_attention_launches_compile_for_sm90_with_their_resources():
+    result = _report("--op", "attention", "--first")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if "B256 H4 N144 D16" in line]
+    kernels = [re.search(r"(_attn_\w+)", line).group(1) for line in rows]
+    assert kernels == ["_attn_fwd", "_attn_bwd_delta", "_attn_bwd_tiled"], result.stdout
+    for line in rows:   # each with a positive register count, a stack size and its launch configuration
+        regs = int(re.search(r"regs\s+(\d+)", line).group(1))
+        assert 0 < regs <= 255 and re.search(r"stack\s+\d+", line) and "BLOCK_D" in line, line
+
+
+def test_refuses_the_interpreter():
+    result = _report("--op", "attention", "--first", interpret="1")
+    assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr
+    assert "Traceback" not in result.stderr
