@@ -28,3 +28,16 @@ def test_refuses_the_interpreter():
     result = _report("--op", "attention", "--first", interpret="1")
     assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_no_default_launch_keeps_its_registers_in_local_memory():
+    """Every op's default launches at the first benchmark shape, on the installed Triton: some
+    spill a few hundred bytes, but none may land in the regime where ptxas keeps most of a
+    thread's values on the stack (Triton 3.8 built one tile with 32 registers and 6 KB)."""
+    result = _report("--first")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if " regs " in line]
+    assert len(rows) >= 10, result.stdout
+    for line in rows:
+        stack = int(re.search(r"stack\s+(\d+)", line).group(1))
+        assert stack < 2048, line
