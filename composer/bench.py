@@ -45,7 +45,9 @@ def _time(fn, device, cuda_graph: bool = False) -> float | str:
 
     try:
         return time_us(fn, device, cuda_graph)
-    except Exception as exc:  # one failing candidate must not hide the others' numbers
+    except Exception as exc:  # one failing candidate must not hide the others' numbers...
+        if _context_lost(exc):
+            raise             # ...unless nothing can run after it (see CudaContextLost)
         return _error(exc)
 
 
@@ -85,12 +87,18 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
              f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}"
              + (f" {'graph fwd':>10} {'graph f+b':>10}" if cuda_graph else ""))
         for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
-            times = {c.name: (_time(c.forward, device),
-                              _time(c.forward_backward, device) if c.forward_backward else "n/a")
-                     for c in case.candidates}
-            graph = {c.name: (_time(c.forward, device, True),
-                              _time(c.forward_backward, device, True) if c.forward_backward else "n/a")
-                     for c in case.candidates} if cuda_graph else {}
+            times, graph = {}, {}
+            for c in case.candidates:
+                try:
+                    times[c.name] = (_time(c.forward, device),
+                                     _time(c.forward_backward, device) if c.forward_backward else "n/a")
+                    if cuda_graph:
+                        graph[c.name] = (_time(c.forward, device, True),
+                                         _time(c.forward_backward, device, True) if c.forward_backward else "n/a")
+                except Exception as exc:   # only a lost CUDA context gets here (see _time)
+                    raise CudaContextLost(f"{name} {case.shape}: candidate {c.name} broke the CUDA context "
+                                          f"({_error(exc)}). Nothing else can run in this process; the "
+                                          f"rows above were measured before it.") from exc
             anchor = times.get(case.anchor, ("n/a", "n/a"))
             rate = dense if case.compute == "matmul" else FP32_FMA
             floor_f = max(case.bytes_fwd / memory_bw, case.flops_fwd / rate) * 1e6
@@ -135,7 +143,7 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                         # process would fail too, so report what was measured and stop
                         results.append((cfg, err, t))
                         _echo_sweep_rows(echo, rows, name, dname, case, results)
-                        raise SweepAborted(
+                        raise CudaContextLost(
                             f"{name} {case.shape}: configuration {cfg} broke the CUDA context ({t}). "
                             f"Nothing else can run in this process; remove that configuration from "
                             f"{BENCH_MODULES[name]}.sweep_cases and rerun.") from exc
@@ -144,15 +152,16 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
     return rows
 
 
-class SweepAborted(UserError):
-    """A swept configuration left the CUDA context unusable (e.g. an illegal memory access)."""
+class CudaContextLost(UserError):
+    """A launch left the CUDA context unusable (e.g. an illegal memory access): the benchmark stops."""
 
     exit_code = 1
 
 
 def _context_lost(exc: Exception) -> bool:
     # CUDA errors such as an illegal address are sticky: the context refuses all later work
-    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "illegal memory access" in str(exc)
+    return (isinstance(exc, (CudaContextLost, getattr(torch, "AcceleratorError", ())))
+            or "illegal memory access" in str(exc))
 
 
 def _echo_sweep_rows(echo, rows, name, dname, case, results) -> None:

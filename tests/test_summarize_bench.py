@@ -146,14 +146,54 @@ def test_sweep_reports_a_failing_configuration_in_full_and_goes_on(monkeypatch):
 
 
 def test_sweep_stops_with_a_message_when_a_configuration_breaks_the_cuda_context(monkeypatch):
-    from composer.bench import SweepAborted
+    from composer.bench import CudaContextLost
 
     _fake_sweep(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
     lines = []
-    with pytest.raises(SweepAborted) as info:
+    with pytest.raises(CudaContextLost) as info:
         sweep_kernels("attention", "fp32", echo=lines.append, device="cpu")
     message = str(info.value)
     assert "{'k': 2}" in message and "illegal memory access" in message and "remove that configuration" in message
     assert info.value.exit_code != 0
     text = "\n".join(lines)   # what ran before the failure is still printed; nothing after it ran
     assert "{'k': 0} (default)" in text and "{'k': 1}" in text and "{'k': 3}" not in text and "S2" not in text
+
+
+def test_bench_stops_with_a_message_when_a_candidate_breaks_the_cuda_context(monkeypatch):
+    from types import SimpleNamespace
+
+    import composer.bench as bench_module
+    from composer.bench import CudaContextLost
+    from kernels.benchmarking import BenchCase, Candidate
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    case = BenchCase("attention", "S1", 1, 3, 1, 3, "good", candidates=[
+        Candidate("good", lambda: torch.ones(1), lambda: torch.ones(1)), Candidate("broken", broken, broken),
+        Candidate("after", lambda: torch.ones(1), lambda: torch.ones(1))])
+    module = SimpleNamespace(cases=lambda dtype, device, **_: [case])
+    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype: [("attention", "fp32", module)])
+    with pytest.raises(CudaContextLost) as info:
+        bench_kernels("attention", "fp32", echo=lambda line: None, device="cpu")
+    assert "candidate broken broke the CUDA context" in str(info.value) and "illegal memory access" in str(info.value)
+
+
+def test_bench_reports_an_ordinary_failure_in_its_row(monkeypatch):
+    from types import SimpleNamespace
+
+    import composer.bench as bench_module
+    from kernels.benchmarking import BenchCase, Candidate
+
+    def failing():
+        raise ValueError("shape not supported")
+
+    case = BenchCase("attention", "S1", 1, 3, 1, 3, "good", candidates=[
+        Candidate("good", lambda: torch.ones(1), lambda: torch.ones(1)), Candidate("failing", failing, failing)])
+    module = SimpleNamespace(cases=lambda dtype, device, **_: [case])
+    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype: [("attention", "fp32", module)])
+    lines = []
+    rows = bench_kernels("attention", "fp32", echo=lines.append, device="cpu")
+    failed = next(r for r in rows if r["candidate"] == "failing")
+    assert "ValueError: shape not supported" in failed["fwd_us"]
+    assert isinstance(next(r for r in rows if r["candidate"] == "good")["fwd_us"], float)
