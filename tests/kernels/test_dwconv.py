@@ -334,6 +334,18 @@ def test_toeplitz_method_bf16(k, hw, channels_last, device, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["gather", "copy_to_nchw"])
+@pytest.mark.parametrize("k,hw", [(9, (32, 32)), (9, (9, 13)), (15, (28, 28))])
+def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
+    from kernels.dwconv import triton as kt
+
+    tile = {**kt.TOEPLITZ_FORWARD, variant: True}
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**kt.TOEPLITZ_WEIGHT_GRAD, variant: True})
+    check(4, 19, *hw, k, torch.bfloat16, device, channels_last=variant == "copy_to_nchw")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_triton_gpu(compile_backend, device):
     _compile_check(device, "triton", compile_backend)
