@@ -354,9 +354,16 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = False)
 
 
 def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> dict:
-    """BLOCK_C, BLOCK_H, num_warps of the weight-gradient kernel (sizes from sm_90 compiles)."""
+    """BLOCK_C, BLOCK_H, num_warps of the weight-gradient kernel (sizes from sm_90 compiles), or
+    the split-K method where the fused kernel cannot keep its tiles in registers."""
+    if dtype == torch.float32 and block_n > 128:
+        # The fused kernel's fp32 (16, 256) dW tiles: ptxas (Triton 3.6 and 3.8) builds them
+        # with 32 registers and 2.4-2.7 KB of stack a thread at every tiling tried (compile
+        # report), while the split-K GEMMs compile without spills. Chosen on that, not on a
+        # timing: the fp32 path has not been timed on a GPU.
+        return {"method": "splitk"}
     if dtype == torch.float32:
-        # FMA dots: 16 x 16 steps; at N > 128 this still spills on sm_90
+        # FMA dots: 16 x 16 steps
         wbh, wbc = 16, 16
         num_warps = 8 if block_n >= 64 else 4
     else:
@@ -506,8 +513,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
 def _splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:
     """Tiles of the split-K weight-gradient GEMMs (method "splitk"); keys in `wcfg` win."""
     if dtype == torch.float32:
-        # IEEE fp32 dots run on FMA units with both operands in registers: small tiles
-        base = {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+        # IEEE fp32 dots run on FMA units with both operands in registers: small tiles (16
+        # channels a step: 32 spilled 504 bytes a thread at N = 196 with the LayerNorm recompute)
+        base = {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
     else:
         base = {"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     return {**base, **{k: v for k, v in wcfg.items() if k != "method"}}
