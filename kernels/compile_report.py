@@ -208,8 +208,9 @@ def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, fi
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=["all", *LAUNCHES], default="all")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--op", choices=["all", *LAUNCHES], default="all", help="which op's launches (default: all)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                        help="dtype of the activations (default: bf16)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--first", action="store_true", help="only the first benchmark shape of each op")
     args = parser.parse_args(argv)
