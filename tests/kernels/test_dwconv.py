@@ -284,6 +284,17 @@ def test_toeplitz_gathering_the_weights(k, hw, dtype, device, monkeypatch):
     check(2, 3, *hw, k, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_toeplitz_narrow_windows(dtype, device, monkeypatch):
+    """16-wide output windows over a 40-wide image: several windows a row, a ragged last one."""
+    from kernels.dwconv import triton as kt
+
+    tile = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "TILE_W": 16, "num_warps": 4}
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
+    check(2, 3, 20, 40, 9, dtype, device)
+
+
 def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
     """Several column and row windows per image and several units per program."""
     from kernels.dwconv import triton as kt
