@@ -15,3 +15,12 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def split_units(units: int, programs_per_split: int, target_programs: int) -> tuple[int, int]:
+    """(splits, units per split) for a reduction over `units` work units cut into splits, each
+    split run by `programs_per_split` programs, about `target_programs` in all: every split
+    gets at least one unit, the last may get fewer. Needs units >= 1."""
+    splits = max(1, min(units, cdiv(target_programs, programs_per_split)))
+    per_split = cdiv(units, splits)
+    return cdiv(units, per_split), per_split

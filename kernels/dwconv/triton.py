@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import wrap_triton
-from kernels.grid import cdiv, next_pow2
+from kernels.grid import cdiv, next_pow2, split_units
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -442,9 +442,7 @@ def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) 
     tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
     units = B * n_th * n_tw
     n_cb = cdiv(C, block_c)
-    splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, n_cb)))
-    per_prog = cdiv(units, splits)
-    splits = cdiv(units, per_prog)
+    splits, per_prog = split_units(units, n_cb, _TARGET_PROGRAMS)
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,

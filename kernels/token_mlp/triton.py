@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import wrap_triton
-from kernels.grid import cdiv, next_pow2
+from kernels.grid import cdiv, next_pow2, split_units
 
 
 @triton.jit
@@ -69,6 +69,13 @@ def _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_
     # padded tokens must be exact zeros: they are summed over in W1 @ Z and dA @ Z^T
     z = tl.where(mask, xhat * gamma[None, :] + beta[None, :], 0.0)
     return xhat, z
+
+
+@triton.jit
+def _unit(u, NUM_CB, C, BLOCK_C: tl.constexpr):
+    """Work unit u of the weight-gradient reductions -> (image, its block of channels, their mask)."""
+    offs_c = (u % NUM_CB) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return (u // NUM_CB).to(tl.int64), offs_c, offs_c < C
 
 
 @triton.jit
@@ -252,9 +259,7 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
     # -- reduce over this split's (image, channel block) units --
     u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
     for u in range(split * UNITS_PER_PROG, u_end):
-        b = (u // NUM_CB).to(tl.int64)
-        offs_c = (u % NUM_CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
+        b, offs_c, c_mask = _unit(u, NUM_CB, C, BLOCK_C)
         _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
         z = z.to(dt)
         dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
@@ -298,9 +303,7 @@ def _contract_bc_kernel(P, Q, X, MEAN, RSTD, LNW, LNB, OUT, ROWSUM,
     rowsum = tl.zeros((BLOCK_I,), dtype=tl.float32)
     u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
     for u in range(split * UNITS_PER_PROG, u_end):
-        b = (u // NUM_CB).to(tl.int64)
-        offs_c = (u % NUM_CB) * BLOCK_K + tl.arange(0, BLOCK_K)
-        c_mask = offs_c < C
+        b, offs_c, c_mask = _unit(u, NUM_CB, C, BLOCK_K)
         p = tl.load(P + b * stride_pb + offs_i[:, None] * stride_pi + offs_c[None, :] * stride_pc,
                     mask=i_mask[:, None] & c_mask[None, :], other=0.0)                   # (BI, BK)
         if Q_IS_LN:
@@ -498,9 +501,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     wncb = cdiv(C, WBC)
     units = B * wncb
     nhb = cdiv(HD, WBH)
-    splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, nhb)))
-    per_prog = cdiv(units, splits)
-    splits = cdiv(units, per_prog)
+    splits, per_prog = split_units(units, nhb, _TARGET_PROGRAMS)
     part = torch.empty((splits, 2 * HD * N + HD), device=dev, dtype=f32)   # [dW1 | dW2 | dB1] per split
     wrap_triton(_bwd_weight_kernel)[(nhb, splits)](
         x, dy, da, mean, rstd, ln_weight, ln_bias, w1, b1, part,
@@ -534,9 +535,7 @@ def _contract_bc(p, q, x, mean, rstd, ln_weight, ln_bias, wcfg: dict, with_rowsu
     ncb = cdiv(C, bk)
     units = B * ncb
     tiles = cdiv(rows, bi) * cdiv(cols, bj)
-    splits = max(1, min(units, cdiv(_TARGET_PROGRAMS, tiles)))
-    per_prog = cdiv(units, splits)
-    splits = cdiv(units, per_prog)
+    splits, per_prog = split_units(units, tiles, _TARGET_PROGRAMS)
     out = torch.empty((splits, rows, cols), device=p.device, dtype=torch.float32)
     rowsum = torch.empty((splits, rows), device=p.device, dtype=torch.float32) if with_rowsum else out
     q_or_x = x if q is None else q
