@@ -268,6 +268,11 @@ def _dwconv_bwd_w_toeplitz_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
+def _channels_last(x: torch.Tensor) -> bool:
+    # channels contiguous (a single channel is contiguous either way: counted as NCHW)
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
 def _tiles(x: torch.Tensor, k: int, elems: int, c_bytes: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_C, BB, TILE_H, TILE_W, num_warps) for a tile of about `elems` elements.
 
@@ -279,7 +284,7 @@ def _tiles(x: torch.Tensor, k: int, elems: int, c_bytes: int) -> tuple[int, int,
     B, C, H, W = x.shape
     if k > 9:  # K loads of a kernel row are in flight at once: keep them in registers
         elems //= 2
-    if x.stride(1) == 1 and C > 1:
+    if _channels_last(x):
         block_c = min(next_pow2(C), max(1, c_bytes // x.element_size()))
         tile_w = min(next_pow2(W), 16)
         tile_h = min(next_pow2(H), max(1, elems // (block_c * tile_w)))
@@ -314,8 +319,7 @@ TOEPLITZ_WEIGHT_GRAD = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_w
 
 
 def _toeplitz_default(x: torch.Tensor, k: int) -> bool:
-    channels_last = x.stride(1) == 1 and x.shape[1] > 1
-    return not channels_last and k >= TOEPLITZ_MIN_K
+    return not _channels_last(x) and k >= TOEPLITZ_MIN_K
 
 
 def forward_tile(x: torch.Tensor, k: int) -> dict:
@@ -330,8 +334,7 @@ def forward_tile(x: torch.Tensor, k: int) -> dict:
     """
     if _toeplitz_default(x, k):
         return TOEPLITZ_FORWARD
-    channels_last = x.stride(1) == 1 and x.shape[1] > 1
-    return _CHANNELS_LAST_FORWARD_TILE if channels_last else {"elems": 2048, "c_bytes": 64}
+    return _CHANNELS_LAST_FORWARD_TILE if _channels_last(x) else {"elems": 2048, "c_bytes": 64}
 
 
 # Triton 3.8's ptxas builds the 8192-element channels_last tile with 32 registers and about
@@ -353,8 +356,7 @@ def weight_grad_tile(x: torch.Tensor, k: int) -> dict:
 def _tap_weight_grad_tile(x: torch.Tensor) -> dict:
     """The tap kernel's tile budget, same sweep: channels_last 16384 / 64 (2,475 us
     against 3,061 for 8192 / 32 at B256 C256 32x32 k9); NCHW keeps 8192."""
-    channels_last = x.stride(1) == 1 and x.shape[1] > 1
-    return {"elems": 16384, "c_bytes": 64} if channels_last else {"elems": 8192, "c_bytes": 32}
+    return {"elems": 16384, "c_bytes": 64} if _channels_last(x) else {"elems": 8192, "c_bytes": 32}
 
 
 def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile: dict | None = None) -> None:
