@@ -130,7 +130,7 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
             run = _launching_directly(case.run)
             reference = _tensors(run(case.default))
             configs = [case.default] + [c for c in case.configs if c != case.default]
-            results = []
+            case_rows = []
             for cfg in configs:
                 try:
                     err = max(((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
@@ -141,15 +141,33 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                     if _context_lost(exc):
                         # ... unless it broke the CUDA context: every later launch in this
                         # process would fail too, so report what was measured and stop
-                        results.append((cfg, err, t))
-                        _echo_sweep_rows(echo, rows, name, dname, case, results)
+                        case_rows.append(_echo_sweep_row(echo, name, dname, case, cfg, err, t))
+                        rows += case_rows
                         raise CudaContextLost(
                             f"{name} {case.shape}: configuration {cfg} broke the CUDA context ({t}). "
                             f"Nothing else can run in this process; remove that configuration from "
                             f"{BENCH_MODULES[name]}.sweep_cases and rerun.") from exc
-                results.append((cfg, err, t))
-            _echo_sweep_rows(echo, rows, name, dname, case, results)
+                # each row as soon as it is measured: a sweep stopped by a time limit keeps what it timed
+                case_rows.append(_echo_sweep_row(echo, name, dname, case, cfg, err, t))
+            timed = [r for r in case_rows if isinstance(r["us"], float)]
+            if timed:
+                best = min(timed, key=lambda r: r["us"])
+                best["best"] = True
+                echo(f"  best: {best['us']:.1f} us  {best['config']}" + (" (the default)" if best["default"] else ""))
+            rows += case_rows
     return rows
+
+
+def _echo_sweep_row(echo, name, dname, case, cfg, err, t) -> dict:
+    """Print one configuration's row (an error in full, under it) and return it as a dict."""
+    default = cfg is case.default
+    err_s = "-" if err is None else f"{err:.1e}"
+    timing = f"{t:10.1f} us" if isinstance(t, float) else f"{'failed':>13}"
+    echo(f"  {timing}  rel.err {err_s:>8}  {cfg}" + (" (default)" if default else ""))
+    if not isinstance(t, float):
+        echo(f"                {t}")
+    return {"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
+            "rel_err": err, "default": default, "best": False}
 
 
 class CudaContextLost(UserError):
@@ -161,22 +179,6 @@ class CudaContextLost(UserError):
 def _context_lost(exc: Exception) -> bool:
     # CUDA errors such as an illegal address are sticky: the context refuses all later work
     return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "illegal memory access" in str(exc)
-
-
-def _echo_sweep_rows(echo, rows, name, dname, case, results) -> None:
-    """Print one sweep case's configurations (errors in full, under their row) and add them to rows."""
-    timed = [r for r in results if isinstance(r[2], float)]
-    best = min(timed, key=lambda r: r[2])[0] if timed else None
-    for cfg, err, t in results:
-        mark = " (default)" if cfg is case.default else ""
-        mark += " (best)" if cfg is best else ""
-        err_s = "-" if err is None else f"{err:.1e}"
-        timing = f"{t:10.1f} us" if isinstance(t, float) else f"{'failed':>13}"
-        echo(f"  {timing}  rel.err {err_s:>8}  {cfg}{mark}")
-        if not isinstance(t, float):
-            echo(f"                {t}")
-        rows.append({"op": name, "dtype": dname, "shape": case.shape, "config": cfg, "us": t,
-                     "rel_err": err, "default": cfg is case.default, "best": cfg is best})
 
 
 def host_us(fn, device, calls: int = 20, repeats: int = 5) -> float:

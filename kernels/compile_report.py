@@ -26,7 +26,7 @@ import torch
 SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                  torch.int64: "i64", torch.int32: "i32"}
-_SHOWN = ("BLOCK", "TILE", "KP", "BB", "GATHER", "Q_IS_LN", "STORE_H", "num_warps", "num_stages")
+_SHOWN = ("BLOCK", "TILE", "KP", "BB", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "num_warps", "num_stages")
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _attention_launches(dtype, first: bool) -> list[Launch]:
 
 
 def _token_mlp_launches(dtype, first: bool) -> list[Launch]:
-    from kernels.token_mlp import bench
+    from kernels.token_mlp import bench, gemms
     from kernels.token_mlp import triton as kt
 
     out = []
@@ -95,9 +95,14 @@ def _token_mlp_launches(dtype, first: bool) -> list[Launch]:
         p = [torch.empty(*s, device="meta", dtype=dtype) for s in ((C,), (C,), (Hd, N), (Hd,), (N, Hd), (N,))]
         mean, rstd = (torch.empty(B, N, device="meta") for _ in range(2))
         shape = f"token_mlp B{B} N{N} C{C} Hd{Hd}"
-        out += _record(f"{shape} forward", lambda: kt.forward(x, *p, 1e-5), [kt])
-        out += _record(f"{shape} backward",
-                       lambda: kt.backward(dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd), [kt])
+        bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
+        out += _record(f"{shape} forward", lambda: kt.forward(x, *p, 1e-5), [kt, gemms])
+        out += _record(f"{shape} backward", lambda: kt.backward(*bwd_args), [kt, gemms])
+        # the per-image GEMM candidates (method "split", with the split-K weight gradients)
+        split_fwd, split_bwd = (gemms.split_blocks(N, C, Hd, dtype, backward) for backward in (False, True))
+        out += _record(f"{shape} forward split", lambda: kt.forward(x, *p, 1e-5, config=split_fwd), [kt, gemms])
+        out += _record(f"{shape} backward split", lambda: kt.backward(
+            *bwd_args, config=split_bwd, weight_config={"method": "splitk"}), [kt, gemms])
     return out
 
 

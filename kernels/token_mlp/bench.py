@@ -116,15 +116,25 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
     return cases_
 
 
+SWEEP_ORDER = SHAPES[1:] + SHAPES[:1]
+
+
+def _with(cfg: dict, part: str, **tiles) -> dict:
+    """A copy of a split configuration with some tiles of one of its kernels ("hidden", "tokens") changed."""
+    return {**cfg, part: {**cfg[part], **tiles}}
+
+
 def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
     """Launch configurations of the forward, data-backward and weight-backward kernels on each shape."""
     from kernels.benchmarking import SweepCase
     from kernels.grid import next_pow2
+    from kernels.token_mlp import gemms
     from kernels.token_mlp import triton as kt
 
     device = torch.device(device)
     out = []
-    for B, N, C, Hd in shapes or SHAPES:
+    # the Mixer-S/B shapes first: the largest gap, and the small shape was swept before
+    for B, N, C, Hd in shapes or SWEEP_ORDER:
         gen = torch.Generator(device="cpu").manual_seed(0)
 
         def rnd(*shape, scale=1.0, shift=0.0):
@@ -148,15 +158,32 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                   for bc, bh, w in ((16, 16, 4), (32, 16, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 64, 8))]
         weight.append({"method": "gemm"})   # two cuBLAS GEMMs over (image, channel) instead
         # two split-K Triton GEMMs over (image, channel), H stored by the data kernel
-        weight += [{"method": "splitk", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
-                   for bi, bj, bk, w, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                                             (128, 256, 32, 8, 3), (64, 64, 64, 4, 4))]
+        splitk = [{"method": "splitk", "BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+                  for bi, bj, bk, w, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                            (128, 256, 32, 8, 3), (64, 64, 64, 4, 4))]
+        # the per-image GEMMs (gemms.py), never timed yet: first in each list, so that a sweep cut
+        # short by its time limit still measures them
+        split_fwd, split_bwd = (gemms.split_blocks(N, C, Hd, dtype, backward) for backward in (False, True))
+        fwd_split = [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
+            ("hidden", {"BLOCK_C": 64}), ("hidden", {"BLOCK_K": 64}), ("hidden", {"num_warps": 4, "BLOCK_M": 64}),
+            ("tokens", {"BLOCK_C": 32}), ("tokens", {"BLOCK_K": 32}))]
+        # the data backward's configurations may name the weight method too ("weights"): split data
+        # with split-K weights is the all-GEMM backward
+        bwd_split = [{**split_bwd, "weights": {"method": "splitk"}}, split_bwd] + [
+            {**_with(split_bwd, part, **tiles), "weights": {"method": "splitk"}} for part, tiles in (
+                ("hidden", {"BLOCK_C": 128}), ("hidden", {"BLOCK_C": 32}), ("hidden", {"BLOCK_K": 64}),
+                ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))]
         shape = f"B{B} N{N} C{C} Hd{Hd}"
         bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
-        out.append(SweepCase("token_mlp", f"{shape} forward", kt._blocks(N, C, Hd, dtype), slab,
+
+        def run_backward(cfg, a=bwd_args):
+            data = {k: v for k, v in cfg.items() if k != "weights"}
+            return kt.backward(*a, config=data, weight_config=cfg.get("weights"))
+
+        out.append(SweepCase("token_mlp", f"{shape} forward", kt._blocks(N, C, Hd, dtype), fwd_split + slab,
                              lambda cfg, x=x, p=p: kt.forward(x, *p, 1e-5, config=cfg)[0]))
         out.append(SweepCase("token_mlp", f"{shape} backward (data)", kt._blocks(N, C, Hd, dtype, backward=True),
-                             slab, lambda cfg, a=bwd_args: kt.backward(*a, config=cfg)))
+                             bwd_split + slab, run_backward))
         out.append(SweepCase("token_mlp", f"{shape} backward (weights)", kt._weight_blocks(bn, C, Hd, dtype),
-                             weight, lambda cfg, a=bwd_args: kt.backward(*a, weight_config=cfg)))
+                             splitk + weight, lambda cfg, a=bwd_args: kt.backward(*a, weight_config=cfg)))
     return out

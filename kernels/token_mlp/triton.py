@@ -16,11 +16,14 @@ Backward (dY given), per image:
   - `_bwd_weight_kernel` (hidden block, split of the (image, channel block)
     units): keeps its dW1/dW2 tiles in registers over many units and writes one
     partial per split; the partials are summed afterwards (deterministic, no atomics).
-    It re-reads Z and dY once per hidden block. Selectable instead (weight config
-    "method", timed by `composer bench kernels --sweep`): "splitk", two split-K GEMMs
-    over the (image, channel) axis (`_contract_bc_kernel`) with large output tiles, the
-    data kernel then also storing H; or "gemm", the same two products in PyTorch.
+    It re-reads Z and dY once per hidden block.
 Only mean/rstd are saved from the forward; A and H are recomputed.
+
+Selectable instead, per launch configuration ("method", timed by `composer bench kernels
+--sweep`): "split", the forward or the data backward as per-image GEMMs with large tiles
+(gemms.py); for the weights "splitk", two split-K GEMMs over the (image, channel) axis
+(gemms.py, H then stored by the data pass), or "gemm", the same two products in PyTorch.
+The jit helpers both files use are in common.py.
 """
 from __future__ import annotations
 
@@ -30,52 +33,8 @@ import triton.language as tl
 
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2, split_units
-
-
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    # fp32 inputs: full-precision products, matching PyTorch's default fp32
-    # matmul (no TF32); fp16/bf16 inputs use the tensor cores as they are.
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _gelu(a):
-    # exact GELU: a * Phi(a), 0.70710678 = 1/sqrt(2)
-    return 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(a):
-    # d/da a*Phi(a) = Phi(a) + a*phi(a), 0.39894228 = 1/sqrt(2*pi)
-    cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
-    return cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
-
-
-@triton.jit
-def _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc):
-    """LayerNorm of one (BLOCK_N, BLOCK_C) slab of image b: (xhat, z) in fp32, zero outside."""
-    mask = (offs_n < N)[:, None] & (offs_c < C)[None, :]
-    x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + b * N + offs_n, mask=offs_n < N, other=0.0)
-    rstd = tl.load(RSTD + b * N + offs_n, mask=offs_n < N, other=0.0)
-    gamma = tl.load(LNW + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    # padded tokens must be exact zeros: they are summed over in W1 @ Z and dA @ Z^T
-    z = tl.where(mask, xhat * gamma[None, :] + beta[None, :], 0.0)
-    return xhat, z
-
-
-@triton.jit
-def _unit(u, NUM_CB, C, BLOCK_C: tl.constexpr):
-    """Work unit u of the weight-gradient reductions -> (image, its block of channels, their mask)."""
-    offs_c = (u % NUM_CB) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return (u // NUM_CB).to(tl.int64), offs_c, offs_c < C
+from kernels.token_mlp import gemms
+from kernels.token_mlp.common import _gelu, _gelu_grad, _ln_backward_partials, _load_z, _mm, _unit
 
 
 @triton.jit
@@ -164,8 +123,7 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
     mask = n_mask[:, None] & c_mask[None, :]
     dt = X.dtype.element_ty
     dy_ptrs = DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc
-    # only the matmul operands stay live across the hidden loop; the fp32 xhat and
-    # dY needed afterwards are re-read (from L2) rather than held in registers
+    # only the matmul operands stay live across the hidden loop
     _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
     z = z.to(dt)
     dy_lp = tl.load(dy_ptrs, mask=mask, other=0.0).to(dt)
@@ -189,21 +147,8 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
         if STORE_H:  # H = GELU(A) for the GEMM weight gradients (method "gemm")
             tl.store(HBUF + b * HD * C + hh[:, None] * C + offs_c[None, :], _gelu(a).to(dt), mask=da_mask)
         dz = _mm(tl.trans(w1), da, dz, IEEE)
-    # -- layer norm backward, partial over this channel block --
-    xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
-    dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-    gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
-    tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
-    tl.store(DBETA + b * C + offs_c, tl.sum(dz, axis=0), mask=c_mask)
-    dxhat = dz * gamma[None, :]
-    row = (b * NUM_CB + cb) * N + offs_n
-    tl.store(S1 + row, tl.sum(dxhat, axis=1), mask=n_mask)
-    tl.store(S2 + row, tl.sum(dxhat * xhat, axis=1), mask=n_mask)
-    tl.store(DB2 + row, tl.sum(dy, axis=1), mask=n_mask)
-    # residual gradient plus the row-local part of dX; the row sums come in _ln_finish_kernel
-    p = dy + rstd[:, None] * dxhat
-    tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], p, mask=mask)
+    _ln_backward_partials(dz, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
+                          offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc)
 
 
 @triton.jit
@@ -279,48 +224,6 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
     tl.store(part + HD * N + offs_n[:, None] * HD + offs_h[None, :], dw2,
              mask=n_mask[:, None] & h_mask[None, :])
     tl.store(part + 2 * HD * N + offs_h, db1, mask=h_mask)
-
-
-@triton.jit
-def _contract_bc_kernel(P, Q, X, MEAN, RSTD, LNW, LNB, OUT, ROWSUM,
-                        I, J, N, C, NUM_CB, UNITS, UNITS_PER_PROG,
-                        stride_pb, stride_pi, stride_pc, stride_qb, stride_qj, stride_qc,
-                        stride_xb, stride_xn, stride_xc,
-                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-                        Q_IS_LN: tl.constexpr, WITH_ROWSUM: tl.constexpr, IEEE: tl.constexpr):
-    # OUT[split, i, j] = sum over this split's (image, channel block) units of P[b, i, c] * Q[b, j, c]:
-    # one weight gradient as a split-K GEMM whose reduction axis is (image, channel). With
-    # Q_IS_LN, Q is LN(X) recomputed from the saved mean / rstd (j runs over tokens).
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    split = tl.program_id(2)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    i_mask = offs_i < I
-    j_mask = offs_j < J
-    dt = P.dtype.element_ty
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
-    for u in range(split * UNITS_PER_PROG, u_end):
-        b, offs_c, c_mask = _unit(u, NUM_CB, C, BLOCK_K)
-        p = tl.load(P + b * stride_pb + offs_i[:, None] * stride_pi + offs_c[None, :] * stride_pc,
-                    mask=i_mask[:, None] & c_mask[None, :], other=0.0)                   # (BI, BK)
-        if Q_IS_LN:
-            _, q = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_j, offs_c,
-                           stride_xb, stride_xn, stride_xc)                               # (BJ, BK)
-            q = q.to(dt)
-        else:
-            q = tl.load(Q + b * stride_qb + offs_j[:, None] * stride_qj + offs_c[None, :] * stride_qc,
-                        mask=j_mask[:, None] & c_mask[None, :], other=0.0).to(dt)
-        acc = _mm(p.to(dt), tl.trans(q), acc, IEEE)
-        if WITH_ROWSUM:
-            rowsum += tl.sum(p.to(tl.float32), axis=1)
-    base = split.to(tl.int64) * I * J
-    tl.store(OUT + base + offs_i[:, None] * J + offs_j[None, :], acc, mask=i_mask[:, None] & j_mask[None, :])
-    if WITH_ROWSUM:
-        if pid_j == 0:  # one column of programs is enough for the row sums
-            tl.store(ROWSUM + split.to(tl.int64) * I + offs_i, rowsum, mask=i_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -418,6 +321,11 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | No
     wrap_triton(_ln_stats_kernel)[(cdiv(R, 8),)](
         x, mean, rstd, R, N, C, *x.stride(), eps, BLOCK_R=8, BLOCK_C=stats_c, num_warps=4)
     cfg = config or _blocks(N, C, HD, x.dtype)
+    if cfg.get("method") == "split":
+        h = torch.empty((B, HD, C), device=x.device, dtype=x.dtype)   # GELU(A), through memory once
+        gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h)
+        gemms.tokens(h, x, cfg["tokens"], w2=w2, b2=b2, y=y)
+        return y, mean, rstd
     _check_block_n(cfg, N)
     wrap_triton(_fwd_kernel)[(B, cdiv(C, cfg["BLOCK_C"]))](
         x, y, mean, rstd, ln_weight, ln_bias, w1, b1, w2, b2, N, C, HD,
@@ -446,29 +354,36 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
                 torch.zeros(N, HD, device=dev, dtype=f32), torch.zeros(N, device=dev, dtype=f32))
     ln_weight, ln_bias, b1 = (t.contiguous() for t in (ln_weight, ln_bias, b1))
 
-    # -- data gradient: (image, channel block) programs --
+    # -- data gradient: dA, and dZ through the LayerNorm backward up to its row sums --
     cfg = config or _blocks(N, C, HD, x.dtype, backward=True)
-    _check_block_n(cfg, N)
-    BN, BC, stages = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["num_stages"]
-    ncb = cdiv(C, BC)
+    split = cfg.get("method") == "split"
+    BN = max(16, next_pow2(N))
+    if not split:
+        _check_block_n(cfg, N)
+        BN = cfg["BLOCK_N"]
+    ncb = cdiv(C, cfg["tokens"]["BLOCK_C"] if split else cfg["BLOCK_C"])
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
     wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
     method = wcfg.get("method", "fused")
-    gemm = method == "gemm"
     store_h = method in ("gemm", "splitk")   # the fused weight kernel recomputes H instead
-    h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if store_h else da   # H = GELU(A)
+    h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if store_h else None   # H = GELU(A)
     p = torch.empty((B, N, C), device=dev, dtype=f32)
     # partial sums: per (image, channel block, token) s1, s2 (summed in _ln_finish_kernel) and
     # dB2; per (image, channel) dgamma and dbeta, in one buffer that one reduction finishes
     s1, s2, db2_part = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(3))
     ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
     dgamma_part, dbeta_part = ln_part.unbind(0)
-    wrap_triton(_bwd_data_kernel)[(B, ncb)](
-        x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
-        da, h, p, s1, s2, dgamma_part, dbeta_part, db2_part,
-        N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
-        BLOCK_N=BN, BLOCK_C=BC, BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, STORE_H=store_h,
-        num_warps=cfg["num_warps"], num_stages=stages)
+    if split:
+        gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h, w2=w2, dy=dy, da=da)
+        gemms.tokens(da, x, cfg["tokens"], w1=w1, dy=dy, mean=mean, rstd=rstd, ln_weight=ln_weight,
+                     ln_bias=ln_bias, partials=(p, s1, s2, dgamma_part, dbeta_part, db2_part))
+    else:   # (image, channel block) programs
+        wrap_triton(_bwd_data_kernel)[(B, ncb)](
+            x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
+            da, da if h is None else h, p, s1, s2, dgamma_part, dbeta_part, db2_part,
+            N, C, HD, ncb, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
+            BLOCK_N=BN, BLOCK_C=cfg["BLOCK_C"], BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, STORE_H=store_h,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # -- finish the layer norm backward once the row sums span all of C --
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -480,7 +395,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
 
     dln_weight, dln_bias = ln_part.sum(1).unbind(0)
     db2 = db2_part.sum((0, 1))
-    if gemm:
+    if method == "gemm":
         # weight gradients as two GEMMs over the (image, channel) axis, in PyTorch (cuBLAS):
         # dW1 = sum_b dA_b Z_b^T, dW2 = sum_b dY_b H_b^T. Selectable only: on an H100 (bf16,
         # B256 N64 C256 Hd128) the whole backward took 386 us with it, 168 with the fused kernel.
@@ -492,8 +407,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     if method == "splitk":
         # dW1 = sum over (image, channel) of dA Z^T, dW2 = the same of dY H^T: two split-K GEMMs
         # with large output tiles, so that each input is read a few times, not once per hidden block
-        dw1, db1 = _contract_bc(da, None, x, mean, rstd, ln_weight, ln_bias, wcfg, with_rowsum=True)
-        dw2, _ = _contract_bc(dy, h, x, mean, rstd, ln_weight, ln_bias, wcfg)
+        dw1, db1 = gemms.contract_bc(da, None, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
+                                     with_rowsum=True)
+        dw2, _ = gemms.contract_bc(dy, h, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS)
         return dx, dln_weight, dln_bias, dw1, db1, dw2, db2
 
     # -- weight gradients: (hidden block, split) programs, partials summed after --
@@ -506,43 +422,6 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     wrap_triton(_bwd_weight_kernel)[(nhb, splits)](
         x, dy, da, mean, rstd, ln_weight, ln_bias, w1, b1, part,
         N, C, HD, wncb, units, per_prog, *x.stride(), *dy.stride(), *w1.stride(),
-        BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=stages)
+        BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=wcfg.get("num_stages", 2))
     dw1, dw2, db1 = part.sum(0).split([HD * N, HD * N, HD])
     return dx, dln_weight, dln_bias, dw1.view(HD, N), db1, dw2.view(N, HD), db2
-
-
-def _splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:
-    """Tiles of the split-K weight-gradient GEMMs (method "splitk"); keys in `wcfg` win."""
-    if dtype == torch.float32:
-        # IEEE fp32 dots run on FMA units with both operands in registers: small tiles (16
-        # channels a step: 32 spilled 504 bytes a thread at N = 196 with the LayerNorm recompute)
-        base = {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
-    else:
-        base = {"BLOCK_I": 128, "BLOCK_J": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-    return {**base, **{k: v for k, v in wcfg.items() if k != "method"}}
-
-
-def _contract_bc(p, q, x, mean, rstd, ln_weight, ln_bias, wcfg: dict, with_rowsum: bool = False):
-    """(sum over b, c of p[b, i, c] * q[b, j, c] as an (I, J) fp32 tensor, the row sums of p or None).
-
-    p is (B, I, C); q is (B, J, C), or None for LN(x) (J = N tokens) recomputed in the kernel."""
-    B, rows, C = p.shape
-    cols = x.shape[1] if q is None else q.shape[1]
-    cfg = _splitk_blocks(wcfg, p.dtype)
-    bi = max(16, min(cfg["BLOCK_I"], next_pow2(rows)))
-    bj = max(16, min(cfg["BLOCK_J"], next_pow2(cols)))
-    bk = max(16, min(cfg["BLOCK_K"], next_pow2(C)))
-    ncb = cdiv(C, bk)
-    units = B * ncb
-    tiles = cdiv(rows, bi) * cdiv(cols, bj)
-    splits, per_prog = split_units(units, tiles, _TARGET_PROGRAMS)
-    out = torch.empty((splits, rows, cols), device=p.device, dtype=torch.float32)
-    rowsum = torch.empty((splits, rows), device=p.device, dtype=torch.float32) if with_rowsum else out
-    q_or_x = x if q is None else q
-    wrap_triton(_contract_bc_kernel)[(cdiv(rows, bi), cdiv(cols, bj), splits)](
-        p, q_or_x, x, mean, rstd, ln_weight, ln_bias, out, rowsum,
-        rows, cols, x.shape[1], C, ncb, units, per_prog,
-        *p.stride(), *q_or_x.stride(), *x.stride(),
-        BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk, Q_IS_LN=q is None, WITH_ROWSUM=with_rowsum,
-        IEEE=p.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out.sum(0), (rowsum.sum(0) if with_rowsum else None)

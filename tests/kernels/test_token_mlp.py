@@ -132,6 +132,41 @@ def test_splitk_weight_gradients_span_tiles_and_splits(dtype, device, monkeypatc
     check_against_fp64(5, 37, 50, 40, dtype, device)
 
 
+def _split_everywhere(monkeypatch, tiles=None):
+    """Route the forward and the data backward through the per-image GEMMs (method "split")."""
+    from kernels.token_mlp import gemms
+    from kernels.token_mlp import triton as kt
+
+    def blocks(n, c, hd, dtype, backward=False):
+        cfg = gemms.split_blocks(n, c, hd, dtype, backward)
+        return {**cfg, **(tiles or {})}
+
+    monkeypatch.setattr(kt, "_blocks", blocks)
+    return kt
+
+
+@pytest.mark.parametrize("weights", ["fused", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 49, 100, 64), (1, 197, 40, 24), (2, 1, 8, 3)],
+                         ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_split_method(shape, dtype, weights, device, monkeypatch):
+    """The forward and the data backward as per-image GEMMs (method "split", gemms.py), with the
+    fused or the split-K weight gradients: every output and gradient under the same rule."""
+    kt = _split_everywhere(monkeypatch)
+    if weights == "splitk":
+        monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    check_against_fp64(*shape, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_method_spans_tiles(dtype, device, monkeypatch):
+    """Several hidden tiles, channel tiles and steps over tokens and hidden units, each with a
+    ragged last one."""
+    small = {"BLOCK_M": 16, "BLOCK_C": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    _split_everywhere(monkeypatch, {"hidden": small, "tokens": small})
+    check_against_fp64(3, 37, 50, 40, dtype, device)
+
+
 def test_empty_batch(device):
     """No images: an empty output, an empty input gradient and all-zero parameter gradients."""
     inputs, grad = make_inputs(0, 16, 32, 16, torch.float32, device)
