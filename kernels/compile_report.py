@@ -26,7 +26,7 @@ import torch
 SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                  torch.int64: "i64", torch.int32: "i32"}
-_SHOWN = ("BLOCK", "TILE", "KP", "BB", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "num_warps", "num_stages")
+_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "num_warps", "num_stages")
 
 
 @dataclass
@@ -108,6 +108,7 @@ def _token_mlp_launches(dtype, first: bool) -> list[Launch]:
 
 def _dwconv_launches(dtype, first: bool) -> list[Launch]:
     from kernels.dwconv import bench
+    from kernels.dwconv import toeplitz
     from kernels.dwconv import triton as kt
 
     out = []
@@ -120,9 +121,9 @@ def _dwconv_launches(dtype, first: bool) -> list[Launch]:
             y = torch.empty_like(x)
             shape = f"dwconv2d B{B} C{C} {H}x{W} k{k} {layout}"
             out += _record(f"{shape} forward",
-                           lambda: kt.conv_forward(x, w, bias, y, y, gelu=True), [kt])
+                           lambda: kt.conv_forward(x, w, bias, y, y, gelu=True), [kt, toeplitz])
             out += _record(f"{shape} backward", lambda: kt.conv_backward(
-                dy, x, w, y, gelu=True, has_bias=True, need_dx=True, need_dw=True), [kt])
+                dy, x, w, y, gelu=True, has_bias=True, need_dx=True, need_dw=True), [kt, toeplitz])
     return out
 
 

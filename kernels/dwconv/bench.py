@@ -118,17 +118,27 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # 40 to 64, half the tensor-core work per output and a quarter of each banded matrix
             narrow = [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": th, "TILE_W": 16, "num_warps": 4}
                       for bc, th in ((2, 16), (4, 32), (8, 32))]
+            # never timed yet, so first: the forward walking several images a program (its banded
+            # matrices then come from L2 once per group, not once per image: at B256 C256 k9 they
+            # are ~2.4 GB of L2 reads against 0.4 GB of x, y and z), and the weight gradient on a
+            # few windows a program (by default each program's K passes over ~250 windows re-read
+            # g and x from memory: ~9x the bytes, about what its 917 us on the H100 moves)
+            images = [{**kt.TOEPLITZ_FORWARD, "IMAGES": n} for n in (4, 16)] + [
+                {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 32, "num_warps": 4, "IMAGES": 8}]
+            units = [{**kt.TOEPLITZ_WEIGHT_GRAD, "UNITS": n} for n in (2, 8)] + [
+                {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "UNITS": 4}]
             if layout == "NCHW":
-                fwd = ([{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] + toeplitz + gathered
+                fwd = (images + [{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] + toeplitz + gathered
                        + narrow[1:] + [{**narrow[2], "gather": True}])
-                wgt = [{"elems": 8192, "c_bytes": 32}] + toeplitz[:1] + toeplitz[2:4] + narrow[:2]
+                wgt = units + [{"elems": 8192, "c_bytes": 32}] + toeplitz[:1] + toeplitz[2:4] + narrow[:2]
             else:
                 fwd = [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]
                 wgt = [{"elems": e, "c_bytes": cb} for e, cb in ((16384, 64), (16384, 32), (8192, 64))]
                 # the NCHW winners on a contiguous copy of the inputs, the output kept channels_last
-                fwd += [{**kt.TOEPLITZ_FORWARD, "copy_to_nchw": True}, {**gathered[0], "copy_to_nchw": True}]
-                wgt.append({**kt.TOEPLITZ_WEIGHT_GRAD, "copy_to_nchw": True})
+                fwd += [{**kt.TOEPLITZ_FORWARD, "copy_to_nchw": True}, {**gathered[0], "copy_to_nchw": True},
+                        {**images[0], "copy_to_nchw": True}]
+                wgt += [{**kt.TOEPLITZ_WEIGHT_GRAD, "copy_to_nchw": True}, {**units[0], "copy_to_nchw": True}]
 
             def forward(cfg, xl=xl, w=w, bias=bias):
                 y = torch.empty_like(xl)

@@ -1,9 +1,9 @@
 """Triton kernels for the depthwise "same" convolution, and their launchers.
 
-Two formulations. The tensor-core (Toeplitz) kernels, the default for NCHW inputs at
-K >= 9 (see TOEPLITZ_MIN_K), turn each kernel row into a batched matmul of input rows
-by a banded matrix. The tap kernels, the default elsewhere, add K * K shifted loads
-times one weight each.
+Two formulations. The tensor-core (Toeplitz) kernels in toeplitz.py, the default for
+NCHW inputs at K >= 9 (see TOEPLITZ_MIN_K), turn each kernel row into a batched matmul
+of input rows by a banded matrix. The tap kernels here, the default elsewhere, add
+K * K shifted loads times one weight each; `forward_tile` and `weight_grad_tile` choose.
 
 Both tap kernels work on one tile of shape (BLOCK_C, BLOCK_P): BLOCK_C channels by
 BLOCK_P = BB * TILE_H * TILE_W pixels (BB images, a TILE_H x TILE_W window of
@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import wrap_triton
-from kernels.grid import cdiv, next_pow2, split_units
+from kernels.gelu import gelu, gelu_grad
+from kernels.dwconv import toeplitz
+from kernels.grid import cdiv, next_pow2
 
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -91,81 +91,9 @@ def _dwconv_fwd_kernel(
         z_off = c64[:, None] * szc + (b64 * szb + h * szh + w * szw)[None, :]
         tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=tile_ok)
     if GELU:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * _SQRT1_2))
+        acc = gelu(acc)
     y_off = c64[:, None] * syc + (b64 * syb + h * syh + w * syw)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
-
-
-@triton.jit
-def _dwconv_fwd_toeplitz_kernel(
-    x_ptr, t_ptr, bias_ptr, y_ptr, z_ptr,
-    C, H, W, n_th, n_tw,
-    sxb, sxc, sxh, sxw,
-    syb, syc, syh, syw,
-    szb, szc, szh, szw,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
-):
-    # One program: BLOCK_C channels x a TILE_H x TILE_W output window of one image.
-    # For kernel row i, the window is a matmul per channel: rows of the input
-    # (TILE_H, KP: the TILE_W columns plus the halo) times that channel's banded
-    # Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n]. The K products run
-    # on tensor cores as one batched dot over the channel block. T comes from memory
-    # (t_ptr: the (C, K, KP, TILE_W) matrices), or with GATHER is gathered from the
-    # (C, K, K) weights themselves at t_ptr (flipped by 180 degrees with FLIP): K * K
-    # values a channel that stay in L1 instead of K * KP * TILE_W read through L2.
-    pid = tl.program_id(0)
-    tw = pid % n_tw
-    th = (pid // n_tw) % n_th
-    img = (pid // (n_tw * n_th)).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c3 = c[:, None, None]
-    c_ok = c3 < C
-    PAD: tl.constexpr = K // 2
-    h_out = th * TILE_H + tl.arange(0, TILE_H)[None, :, None]                   # (1, TILE_H, 1)
-    j = tl.arange(0, KP)[None, None, :]                                         # (1, 1, KP)
-    col = tw * TILE_W + j - PAD
-    col_ok = (col >= 0) & (col < W) & (j < TILE_W + K - 1)
-    x_base = x_ptr + img * sxb + c3.to(tl.int64) * sxc + col * sxw
-    t_base = (t_ptr + c3.to(tl.int64) * (K * KP * TILE_W)
-              + tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :])
-    acc = tl.zeros((BLOCK_C, TILE_H, TILE_W), dtype=tl.float32)
-    if GATHER:
-        tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
-        band = c_ok & (tap >= 0) & (tap < K)
-        if FLIP:
-            tap = K - 1 - tap
-        w_base = t_ptr + c3.to(tl.int64) * (K * K) + tap
-    for i in range(K):
-        row = h_out + (i - PAD)
-        xv = tl.load(x_base + row * sxh, mask=c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
-        if GATHER:
-            if FLIP:
-                tv = tl.load(w_base + (K - 1 - i) * K, mask=band, other=0.0)
-            else:
-                tv = tl.load(w_base + i * K, mask=band, other=0.0)
-            tv = tv.to(x_ptr.dtype.element_ty)
-        else:
-            tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
-        if IEEE:
-            acc = tl.dot(xv, tv, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xv, tv, acc)
-
-    n = tl.arange(0, TILE_W)[None, None, :]
-    w_out = tw * TILE_W + n
-    out_ok = c_ok & (h_out < H) & (w_out < W)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
-    c64 = c3.to(tl.int64)
-    if STORE_PREACT:
-        tl.store(z_ptr + img * szb + c64 * szc + h_out * szh + w_out * szw,
-                 acc.to(z_ptr.dtype.element_ty), mask=out_ok)
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * _SQRT1_2))
-    tl.store(y_ptr + img * syb + c64 * syc + h_out * syh + w_out * syw,
-             acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -193,9 +121,7 @@ def _dwconv_bwd_w_kernel(
     if GELU:
         z_off = c64[:, None] * szc + (b64 * szb + h * szh + w * szw)[None, :]
         z = tl.load(z_ptr + z_off, mask=tile_ok, other=0.0).to(tl.float32)
-        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
-        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        g = g * (cdf + z * pdf)
+        g = g * gelu_grad(z)
         g_off = c64[:, None] * sgc + (b64 * sgb + h * sgh + w * sgw)[None, :]
         tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -215,55 +141,6 @@ def _dwconv_bwd_w_kernel(
                 xv = tl.load(x_row + (wj * sxw)[None, :], mask=ok, other=0.0).to(tl.float32)
                 dst = dw_part_ptr + (pid.to(tl.int64) * (K * K) + (i * K + j)) * C + c
                 tl.store(dst, tl.sum(g * xv, axis=1), mask=c_ok)
-
-
-@triton.jit
-def _dwconv_bwd_w_toeplitz_kernel(
-    x_ptr, g_ptr, dw_part_ptr,
-    C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
-    sxb, sxc, sxh, sxw,
-    sgb, sgc, sgh, sgw,
-    K: tl.constexpr, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    # Weight gradient on tensor cores. For kernel row i and one window (unit):
-    # P[c, n, j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + i - PAD, w0 + j - PAD], a batched
-    # (TILE_W, TILE_H) @ (TILE_H, KP) product per channel, summed over this program's
-    # units; then dw[c, i, kj] = sum_n P[c, n, n + kj], the kj-th diagonal. Each program
-    # writes one partial per (channel, tap); the launcher sums them in a fixed order.
-    split = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c3 = c[:, None, None]
-    c_ok = c3 < C
-    c64 = c3.to(tl.int64)
-    PAD: tl.constexpr = K // 2
-    n_g = tl.arange(0, TILE_W)[None, :, None]        # G^T rows: output columns
-    m_g = tl.arange(0, TILE_H)[None, None, :]        # G^T columns: output rows
-    m_x = tl.arange(0, TILE_H)[None, :, None]
-    j_x = tl.arange(0, KP)[None, None, :]
-    diag = tl.arange(0, KP)[None, None, :] - tl.arange(0, TILE_W)[None, :, None]   # j - n
-    u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
-    for i in range(K):
-        p = tl.zeros((BLOCK_C, TILE_W, KP), dtype=tl.float32)
-        for u in range(split * UNITS_PER_PROG, u_end):
-            tw = u % n_tw
-            th = (u // n_tw) % n_th
-            img = (u // (n_tw * n_th)).to(tl.int64)
-            h0 = th * TILE_H
-            w0 = tw * TILE_W
-            gt = tl.load(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
-                         mask=c_ok & (h0 + m_g < H) & (w0 + n_g < W), other=0.0)
-            row = h0 + m_x + (i - PAD)
-            col = w0 + j_x - PAD
-            ok = c_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W) & (j_x < TILE_W + K - 1)
-            xv = tl.load(x_ptr + img * sxb + c64 * sxc + row * sxh + col * sxw, mask=ok, other=0.0)
-            if IEEE:
-                p = tl.dot(gt, xv, p, input_precision="ieee")
-            else:
-                p = tl.dot(gt, xv, p)
-        base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K) + i * K
-        for kj in tl.static_range(K):
-            tl.store(base + kj, tl.sum(tl.sum(tl.where(diag == kj, p, 0.0), axis=2), axis=1), mask=c < C)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -369,7 +246,7 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
         return
     tile = tile or forward_tile(x, K)
     if tile.get("method") == "toeplitz":
-        _conv_forward_toeplitz(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
+        toeplitz.conv_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
         return
     block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
     grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
@@ -382,77 +259,6 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
         K=K, FLIP=flip, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
         BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
     )
-
-
-def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype) -> torch.Tensor:
-    """(C, K, KP, TILE_W) banded matrices: T[c, i, j, n] = w[c, i, j - n] for 0 <= j - n < K, else 0.
-
-    With `flip` the kernel is rotated by 180 degrees (the input gradient's convolution)."""
-    C, K = weight.shape[0], weight.shape[-1]
-    w = weight.reshape(C, K, K)
-    if flip:
-        w = w.flip(1, 2)
-    d = torch.arange(kp, device=weight.device)[:, None] - torch.arange(tile_w, device=weight.device)[None, :]
-    band = (d >= 0) & (d < K)
-    return (w[:, :, d.clamp(0, K - 1)] * band).to(dtype).contiguous()
-
-
-def _toeplitz_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int, int]:
-    """(TILE_W, TILE_H, KP, BLOCK_C, row tiles, column tiles) of both Toeplitz kernels: windows of
-    at most 32 x 32 outputs (at least 16: the smallest tensor-core dot), KP = TILE_W plus the halo."""
-    H, W = x.shape[-2:]
-    tile_w = max(16, min(next_pow2(W), tile.get("TILE_W", 32)))
-    tile_h = max(16, min(next_pow2(H), tile.get("TILE_H", 32)))
-    kp = max(16, next_pow2(tile_w + K - 1))
-    return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), cdiv(H, tile_h), cdiv(W, tile_w)
-
-
-def _conv_forward_toeplitz(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
-    """The tensor-core formulation: the default for NCHW at K >= 9 (TOEPLITZ_FORWARD), else
-    selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
-    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "copy_to_nchw",
-    a channels_last x is read from a contiguous copy (the kernel's loads run along W) and
-    y, z keep their own strides."""
-    B, C, H, W = x.shape
-    K = weight.shape[-1]
-    if tile.get("copy_to_nchw"):
-        x = x.contiguous()
-    tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
-    gather = tile.get("gather", False)
-    # with "gather" the kernel reads the banded matrices' entries from the weights directly
-    t = weight.reshape(C, K * K).contiguous() if gather else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
-    zz = y if z is None else z
-    wrap_triton(_dwconv_fwd_toeplitz_kernel)[(B * n_th * n_tw, cdiv(C, block_c))](
-        x, t, x if bias is None else bias, y, zz,
-        C, H, W, n_th, n_tw,
-        *x.stride(), *y.stride(), *zz.stride(),
-        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
-        GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
-    )
-
-
-_TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the GPU
-
-
-def _weight_grad_toeplitz(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
-    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
-    g and x with "copy_to_nchw")."""
-    B, C, H, W = x.shape
-    if tile.get("copy_to_nchw"):
-        g, x = g.contiguous(), x.contiguous()
-    tile_w, tile_h, kp, block_c, n_th, n_tw = _toeplitz_tiles(x, K, tile)
-    units = B * n_th * n_tw
-    n_cb = cdiv(C, block_c)
-    splits, per_prog = split_units(units, n_cb, _TARGET_PROGRAMS)
-    dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
-    wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
-        x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
-        *x.stride(), *g.stride(),
-        K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
-        num_warps=tile.get("num_warps", 8),
-    )
-    return dw_part.sum(0).reshape(C, 1, K, K)
 
 
 def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool,
@@ -491,7 +297,7 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         dw = dw_part.sum(0).t().reshape(C, 1, K, K) if tap_dw else None
         db = db_part.sum(0) if has_bias else None
     if toeplitz_dw:
-        dw = _weight_grad_toeplitz(g, x, K, tile)
+        dw = toeplitz.weight_grad(g, x, K, tile)
     if need_dx:
         dx = torch.empty_like(x)
         conv_forward(g, weight, None, dx, None, gelu=False, flip=True)

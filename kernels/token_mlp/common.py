@@ -16,19 +16,6 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gelu(a):
-    # exact GELU: a * Phi(a), 0.70710678 = 1/sqrt(2)
-    return 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(a):
-    # d/da a*Phi(a) = Phi(a) + a*phi(a), 0.39894228 = 1/sqrt(2*pi)
-    cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
-    return cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
-
-
-@triton.jit
 def _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc):
     """LayerNorm of one (BLOCK_N, BLOCK_C) slab of image b: (xhat, z) in fp32, zero outside."""
     mask = (offs_n < N)[:, None] & (offs_c < C)[None, :]

@@ -25,7 +25,8 @@ import triton.language as tl
 
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2, split_units
-from kernels.token_mlp.common import _gelu, _gelu_grad, _ln_backward_partials, _load_z, _mm, _unit
+from kernels.gelu import gelu, gelu_grad
+from kernels.token_mlp.common import _ln_backward_partials, _load_z, _mm, _unit
 
 
 @triton.jit
@@ -71,9 +72,9 @@ def _hidden_kernel(X, MEAN, RSTD, LNW, LNB, W1, B1, W2, DY, H, DA,
     mask = m_mask[:, None] & c_mask[None, :]
     out = b * HD * C + offs_m[:, None] * C + offs_c[None, :]                             # (B, Hd, C)
     if BACKWARD:
-        tl.store(DA + out, (dh * _gelu_grad(a)).to(dt), mask=mask)
+        tl.store(DA + out, (dh * gelu_grad(a)).to(dt), mask=mask)
     if STORE_H:
-        tl.store(H + out, _gelu(a).to(dt), mask=mask)
+        tl.store(H + out, gelu(a).to(dt), mask=mask)
 
 
 @triton.jit

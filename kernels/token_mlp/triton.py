@@ -34,7 +34,8 @@ import triton.language as tl
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2, split_units
 from kernels.token_mlp import gemms
-from kernels.token_mlp.common import _gelu, _gelu_grad, _ln_backward_partials, _load_z, _mm, _unit
+from kernels.gelu import gelu, gelu_grad
+from kernels.token_mlp.common import _ln_backward_partials, _load_z, _mm, _unit
 
 
 @triton.jit
@@ -91,7 +92,7 @@ def _fwd_kernel(X, Y, MEAN, RSTD, LNW, LNB, W1, B1, W2, B2,
         b1 = tl.load(B1 + hh, mask=h_mask, other=0.0).to(tl.float32)
         a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
         # padded hidden rows meet the zero columns of W2 below
-        h = _gelu(a).to(dt)
+        h = gelu(a).to(dt)
         w2 = tl.load(W2 + offs_n[:, None] * stride_w2n + hh[None, :] * stride_w2h,
                      mask=n_mask[:, None] & h_mask[None, :], other=0.0).to(dt)          # (BN, BH)
         acc = _mm(w2, h, acc, IEEE)
@@ -141,11 +142,11 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
                       mask=w_mask, other=0.0).to(dt)                                    # (BH, BN)
         dh = _mm(w2t, dy_lp, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE)
         da_mask = h_mask[:, None] & c_mask[None, :]
-        da = tl.where(da_mask, dh * _gelu_grad(a), 0.0).to(dt)
+        da = tl.where(da_mask, dh * gelu_grad(a), 0.0).to(dt)
         # dA (B, Hd, C) is kept for the weight gradients instead of recomputing it there
         tl.store(DA + b * HD * C + hh[:, None] * C + offs_c[None, :], da, mask=da_mask)
         if STORE_H:  # H = GELU(A) for the GEMM weight gradients (method "gemm")
-            tl.store(HBUF + b * HD * C + hh[:, None] * C + offs_c[None, :], _gelu(a).to(dt), mask=da_mask)
+            tl.store(HBUF + b * HD * C + hh[:, None] * C + offs_c[None, :], gelu(a).to(dt), mask=da_mask)
         dz = _mm(tl.trans(w1), da, dz, IEEE)
     _ln_backward_partials(dz, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
                           offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc)
@@ -213,7 +214,7 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
                      mask=h_mask[:, None] & c_mask[None, :], other=0.0)
         # H is recomputed; its padded channels meet dY's zero columns
         a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
-        h = _gelu(a).to(dt)
+        h = gelu(a).to(dt)
         dw1 = _mm(da, tl.trans(z), dw1, IEEE)
         dw2 = _mm(dy, tl.trans(h), dw2, IEEE)
         db1 += tl.sum(da.to(tl.float32), axis=1)

@@ -299,9 +299,22 @@ def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
     """Several column and row windows per image and several units per program."""
     from kernels.dwconv import triton as kt
 
+    from kernels.dwconv import toeplitz
+
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: TOEPLITZ)
-    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 2)
+    monkeypatch.setattr(toeplitz, "_TARGET_PROGRAMS", 2)
     check(3, 2, 20, 40, 7, torch.float32, device, channels_last=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_toeplitz_images_and_units_per_program(dtype, device, monkeypatch):
+    """The forward (and input gradient) walking two images a program, over an odd batch, and
+    the weight gradient summing three windows a program: every output and gradient."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**TOEPLITZ, "IMAGES": 2})
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**TOEPLITZ, "UNITS": 3})
+    check(5, 3, 20, 40, 9, dtype, device)
 
 
 def test_default_method_by_layout_and_kernel_size():

@@ -1,0 +1,226 @@
+"""The depthwise convolution on tensor cores: each kernel row as a batched matmul of input rows
+by a banded (Toeplitz) matrix. The default for NCHW inputs at K >= 9 (see
+triton.TOEPLITZ_MIN_K); triton.py holds the tap kernels and picks between them.
+
+  _dwconv_fwd_toeplitz_kernel    y = act(bias + conv(x, w)); with FLIP the input gradient
+  _dwconv_bwd_w_toeplitz_kernel  the weight gradient, as diagonals of per-window products
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import wrap_triton
+from kernels.gelu import gelu
+from kernels.grid import cdiv, next_pow2, split_units
+
+
+@triton.jit
+def _dwconv_fwd_toeplitz_kernel(
+    x_ptr, t_ptr, bias_ptr, y_ptr, z_ptr,
+    B, C, H, W, n_th, n_tw,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
+):
+    # One program: BLOCK_C channels x a TILE_H x TILE_W output window of one image.
+    # For kernel row i, the window is a matmul per channel: rows of the input
+    # (TILE_H, KP: the TILE_W columns plus the halo) times that channel's banded
+    # Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n]. The K products run
+    # on tensor cores as one batched dot over the channel block. T comes from memory
+    # (t_ptr: the (C, K, KP, TILE_W) matrices), or with GATHER is gathered from the
+    # (C, K, K) weights themselves at t_ptr (flipped by 180 degrees with FLIP): K * K
+    # values a channel that stay in L1 instead of K * KP * TILE_W read through L2.
+    # With IMAGES > 1 the program walks that many images of the same window and channels in
+    # turn: their K banded matrices are read from L2 once and then from L1, instead of once per
+    # image (at B256 C256 32x32 k9 the matrices, not x, are most of the forward's reads).
+    pid = tl.program_id(0)
+    tw = pid % n_tw
+    th = (pid // n_tw) % n_th
+    img0 = (pid // (n_tw * n_th) * IMAGES).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C
+    c64 = c3.to(tl.int64)
+    PAD: tl.constexpr = K // 2
+    h_out = th * TILE_H + tl.arange(0, TILE_H)[None, :, None]                   # (1, TILE_H, 1)
+    j = tl.arange(0, KP)[None, None, :]                                         # (1, 1, KP)
+    col = tw * TILE_W + j - PAD
+    col_ok = (col >= 0) & (col < W) & (j < TILE_W + K - 1)
+    n = tl.arange(0, TILE_W)[None, None, :]
+    w_out = tw * TILE_W + n
+    out_ok = c_ok & (h_out < H) & (w_out < W)
+    t_base = (t_ptr + c64 * (K * KP * TILE_W)
+              + tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :])
+    if GATHER:
+        tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
+        band = c_ok & (tap >= 0) & (tap < K)
+        if FLIP:
+            tap = K - 1 - tap
+        w_base = t_ptr + c64 * (K * K) + tap
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
+    for di in range(IMAGES):
+        img = img0 + di
+        img_ok = img < B     # the last program's group may run past the batch
+        x_base = x_ptr + img * sxb + c64 * sxc + col * sxw
+        acc = tl.zeros((BLOCK_C, TILE_H, TILE_W), dtype=tl.float32)
+        for i in range(K):
+            row = h_out + (i - PAD)
+            xv = tl.load(x_base + row * sxh, mask=img_ok & c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
+            if GATHER:
+                if FLIP:
+                    tv = tl.load(w_base + (K - 1 - i) * K, mask=band, other=0.0)
+                else:
+                    tv = tl.load(w_base + i * K, mask=band, other=0.0)
+                tv = tv.to(x_ptr.dtype.element_ty)
+            else:
+                tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
+            if IEEE:
+                acc = tl.dot(xv, tv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, tv, acc)
+        if HAS_BIAS:
+            acc += bias
+        if STORE_PREACT:
+            tl.store(z_ptr + img * szb + c64 * szc + h_out * szh + w_out * szw,
+                     acc.to(z_ptr.dtype.element_ty), mask=img_ok & out_ok)
+        if GELU:
+            acc = gelu(acc)
+        tl.store(y_ptr + img * syb + c64 * syc + h_out * syh + w_out * syw,
+                 acc.to(y_ptr.dtype.element_ty), mask=img_ok & out_ok)
+
+
+@triton.jit
+def _dwconv_bwd_w_toeplitz_kernel(
+    x_ptr, g_ptr, dw_part_ptr,
+    C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
+    sxb, sxc, sxh, sxw,
+    sgb, sgc, sgh, sgw,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Weight gradient on tensor cores. For kernel row i and one window (unit):
+    # P[c, n, j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + i - PAD, w0 + j - PAD], a batched
+    # (TILE_W, TILE_H) @ (TILE_H, KP) product per channel, summed over this program's
+    # units; then dw[c, i, kj] = sum_n P[c, n, n + kj], the kj-th diagonal. Each program
+    # writes one partial per (channel, tap); the launcher sums them in a fixed order.
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C
+    c64 = c3.to(tl.int64)
+    PAD: tl.constexpr = K // 2
+    n_g = tl.arange(0, TILE_W)[None, :, None]        # G^T rows: output columns
+    m_g = tl.arange(0, TILE_H)[None, None, :]        # G^T columns: output rows
+    m_x = tl.arange(0, TILE_H)[None, :, None]
+    j_x = tl.arange(0, KP)[None, None, :]
+    diag = tl.arange(0, KP)[None, None, :] - tl.arange(0, TILE_W)[None, :, None]   # j - n
+    u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
+    for i in range(K):
+        p = tl.zeros((BLOCK_C, TILE_W, KP), dtype=tl.float32)
+        for u in range(split * UNITS_PER_PROG, u_end):
+            tw = u % n_tw
+            th = (u // n_tw) % n_th
+            img = (u // (n_tw * n_th)).to(tl.int64)
+            h0 = th * TILE_H
+            w0 = tw * TILE_W
+            gt = tl.load(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
+                         mask=c_ok & (h0 + m_g < H) & (w0 + n_g < W), other=0.0)
+            row = h0 + m_x + (i - PAD)
+            col = w0 + j_x - PAD
+            ok = c_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W) & (j_x < TILE_W + K - 1)
+            xv = tl.load(x_ptr + img * sxb + c64 * sxc + row * sxh + col * sxw, mask=ok, other=0.0)
+            if IEEE:
+                p = tl.dot(gt, xv, p, input_precision="ieee")
+            else:
+                p = tl.dot(gt, xv, p)
+        base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K) + i * K
+        for kj in tl.static_range(K):
+            tl.store(base + kj, tl.sum(tl.sum(tl.where(diag == kj, p, 0.0), axis=2), axis=1), mask=c < C)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(C, K, KP, TILE_W) banded matrices: T[c, i, j, n] = w[c, i, j - n] for 0 <= j - n < K, else 0.
+
+    With `flip` the kernel is rotated by 180 degrees (the input gradient's convolution)."""
+    C, K = weight.shape[0], weight.shape[-1]
+    w = weight.reshape(C, K, K)
+    if flip:
+        w = w.flip(1, 2)
+    d = torch.arange(kp, device=weight.device)[:, None] - torch.arange(tile_w, device=weight.device)[None, :]
+    band = (d >= 0) & (d < K)
+    return (w[:, :, d.clamp(0, K - 1)] * band).to(dtype).contiguous()
+
+
+def _tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int, int]:
+    """(TILE_W, TILE_H, KP, BLOCK_C, row tiles, column tiles) of both Toeplitz kernels: windows of
+    at most 32 x 32 outputs (at least 16: the smallest tensor-core dot), KP = TILE_W plus the halo."""
+    H, W = x.shape[-2:]
+    tile_w = max(16, min(next_pow2(W), tile.get("TILE_W", 32)))
+    tile_h = max(16, min(next_pow2(H), tile.get("TILE_H", 32)))
+    kp = max(16, next_pow2(tile_w + K - 1))
+    return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), cdiv(H, tile_h), cdiv(W, tile_w)
+
+
+def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
+    """The tensor-core formulation: the default for NCHW at K >= 9 (TOEPLITZ_FORWARD), else
+    selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
+    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "IMAGES", each
+    program walks that many images of its window (one by default). With "copy_to_nchw", a
+    channels_last x is read from a contiguous copy (the kernel's loads run along W) and y, z
+    keep their own strides."""
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    if tile.get("copy_to_nchw"):
+        x = x.contiguous()
+    tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
+    gather = tile.get("gather", False)
+    # with "gather" the kernel reads the banded matrices' entries from the weights directly
+    t = weight.reshape(C, K * K).contiguous() if gather else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
+    zz = y if z is None else z
+    images = min(tile.get("IMAGES", 1), B)
+    wrap_triton(_dwconv_fwd_toeplitz_kernel)[(cdiv(B, images) * n_th * n_tw, cdiv(C, block_c))](
+        x, t, x if bias is None else bias, y, zz,
+        B, C, H, W, n_th, n_tw,
+        *x.stride(), *y.stride(), *zz.stride(),
+        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IMAGES=images, IEEE=x.dtype == torch.float32,
+        GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
+    )
+
+
+_TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the GPU
+
+
+def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
+    """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
+    g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
+    the windows are split over about _TARGET_PROGRAMS programs."""
+    B, C, H, W = x.shape
+    if tile.get("copy_to_nchw"):
+        g, x = g.contiguous(), x.contiguous()
+    tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
+    units = B * n_th * n_tw
+    n_cb = cdiv(C, block_c)
+    if "UNITS" in tile:
+        # a few windows a program: the K passes over them (one per kernel row) re-read g and x
+        # from L1/L2; spread over ~2 programs an SM, each pass re-reads them from memory
+        per_prog = min(tile["UNITS"], units)
+        splits = cdiv(units, per_prog)
+    else:
+        splits, per_prog = split_units(units, n_cb, _TARGET_PROGRAMS)
+    dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
+    wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
+        x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
+        *x.stride(), *g.stride(),
+        K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
+        num_warps=tile.get("num_warps", 8),
+    )
+    return dw_part.sum(0).reshape(C, 1, K, K)
