@@ -17,7 +17,9 @@ be used, and the forward saves the per-row log-sum-exp in that same domain
 Forward: one program per (batch, head, query block) walks over key tiles with
 an online softmax. Short key tiles behind a 3-stage pipeline are used even when
 all of K, V would fit on chip: measured on an H200 in bf16, the best whole-N
-tile was 1.2-1.7x slower than the best short tiling (see `_fwd_config`).
+tile was 1.2-1.7x slower than the best short tiling (see `_fwd_config`). With a
+TAIL size in the launch configuration, every loop over keys or queries takes whole
+tiles without a mask and the rest in TAIL-wide steps, so less padding is computed.
 
 Backward: `_attn_bwd_delta` forms rowsum(dO * O); then one program per (batch,
 head, key block) accumulates that block's dK, dV over all queries, and computes
@@ -64,6 +66,34 @@ def _cols(mask_cols, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _fwd_keys(q, K, V, start, end, N, offs_d, m_i, l_i, acc, qk_scale,
+              stride_kn, stride_kd, stride_vn, stride_vd,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # keys [start, end) in BLOCK_N tiles into the running (max, sum, output) of the online softmax;
+    # without MASK_KEYS every key of every tile must exist
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N
+        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=_cols(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if MASK_KEYS:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        # the first tile always holds key 0, so m_new is finite from then on
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK_N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE2,
     qk_scale,
@@ -73,7 +103,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_on, stride_od,
     H, N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -88,7 +118,6 @@ def _attn_fwd(
     LSE2 += pid_bh.to(tl.int64) * N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
@@ -98,22 +127,20 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < N
-        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=_cols(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # the first tile always holds key 0, so m_new is finite from then on
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK_N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if TAIL == 0:
+        m_i, l_i, acc = _fwd_keys(q, K, V, 0, N, N, offs_d, m_i, l_i, acc, qk_scale,
+                                  stride_kn, stride_kd, stride_vn, stride_vd,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
+    else:
+        # whole BLOCK_N tiles without a key mask, then the rest in TAIL-key tiles: less padding
+        # (N = 144: 144 keys of work instead of 192 with 64-key tiles)
+        n_main = (N // BLOCK_N) * BLOCK_N
+        m_i, l_i, acc = _fwd_keys(q, K, V, 0, n_main, N, offs_d, m_i, l_i, acc, qk_scale,
+                                  stride_kn, stride_kd, stride_vn, stride_vd,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
+        m_i, l_i, acc = _fwd_keys(q, K, V, n_main, N, N, offs_d, m_i, l_i, acc, qk_scale,
+                                  stride_kn, stride_kd, stride_vn, stride_vd,
+                                  HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
 
     # -- epilogue: normalise, store O and the row statistics --
     acc = acc / l_i[:, None]
@@ -149,6 +176,58 @@ def _attn_bwd_delta(
 
 
 @triton.jit
+def _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, start, end, N, offs_d, qk_scale,
+                  stride_qn, stride_qd, stride_don, stride_dod,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    # dK, dV of one key block from queries [start, end) in STEP-row steps. Transposed scores
+    # (keys x queries), so dK, dV need no transposed P; padded query rows have do = 0 and
+    # delta = 0, so they add nothing.
+    offs_step = tl.arange(0, STEP)
+    for start_m in range(start, end, STEP):
+        offs_m = start_m + offs_step
+        mask_m = offs_m < N
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, STEP)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_q_steps(q, do, lse2, delta, dq, K, V, start, end, N, offs_d, qk_scale,
+                 stride_kn, stride_kd, stride_vn, stride_vd,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
+                 MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dQ of one query block from keys [start, end) in STEP-key steps; without MASK_KEYS every
+    # key of every step must exist
+    offs_step = tl.arange(0, STEP)
+    for start_n in range(start, end, STEP):
+        offs_n = start_n + offs_step
+        mask_n = offs_n < N
+        kb = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (STEP, D)
+        vb = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASK_KEYS:
+            p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq += tl.dot(ds, kb, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_tiled(
     Q, K, V, DO, DQ, DK, DV, LSE2, DELTA,
     sm_scale, qk_scale,
@@ -159,7 +238,7 @@ def _attn_bwd_tiled(
     stride_gb, stride_gh, stride_gn, stride_gd,
     H, N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -182,7 +261,6 @@ def _attn_bwd_tiled(
     offs_d = tl.arange(0, BLOCK_D)
     offs_blk = pid * BLOCK + tl.arange(0, BLOCK)
     mask_blk = offs_blk < N
-    offs_step = tl.arange(0, BLOCK_STEP)
 
     # -- dK, dV of key block `pid`, over all query blocks --
     k = tl.load(K + offs_blk[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -191,23 +269,15 @@ def _attn_bwd_tiled(
                 mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_STEP):
-        offs_m = start_m + offs_step
-        mask_m = offs_m < N
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
-        # transposed scores (keys x queries) so dK, dV need no transposed P;
-        # padded query rows have do = 0 and delta = 0, so they add nothing
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, BLOCK_STEP)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
+    # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
+    n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
+    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, 0, n_main, N, offs_d, qk_scale,
+                           stride_qn, stride_qd, stride_don, stride_dod,
+                           HEAD_DIM, BLOCK_D, BLOCK_STEP, DOT_PRECISION)
+    if TAIL > 0:
+        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, n_main, N, N, offs_d, qk_scale,
+                               stride_qn, stride_qd, stride_don, stride_dod,
+                               HEAD_DIM, BLOCK_D, TAIL, DOT_PRECISION)
     tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
@@ -221,19 +291,13 @@ def _attn_bwd_tiled(
     lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
     delta = tl.load(DELTA + offs_blk, mask=mask_blk, other=0.0)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_STEP):
-        offs_n = start_n + offs_step
-        mask_n = offs_n < N
-        kb = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK_STEP, D)
-        vb = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq += tl.dot(ds, kb, input_precision=DOT_PRECISION)
+    dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
+                      stride_kn, stride_kd, stride_vn, stride_vd,
+                      HEAD_DIM, BLOCK_D, BLOCK_STEP, TAIL == 0, DOT_PRECISION)
+    if TAIL > 0:
+        dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
+                          stride_kn, stride_kd, stride_vn, stride_vd,
+                          HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
     tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
 
@@ -311,7 +375,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         q, k, v, out, lse2, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         h, n,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse2
@@ -338,7 +402,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         q, k, v, do, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, n,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"],
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
         DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv

@@ -144,13 +144,23 @@ def test_strided_inputs(device, gen):
     check_attention(q, k, v, dout=dout)
 
 
-def test_small_tiles(device, gen):
-    """Force small forward and backward tiles: several key tiles, the last one partial."""
+SMALL_TILES = ({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},   # 5 key tiles, last one partial
+               {"BLOCK": 32, "BLOCK_STEP": 16, "num_warps": 4, "num_stages": 2})
+# whole 32-key (query) steps without a mask, then the rest in 16-wide steps
+TAIL_TILES = ({"BLOCK_M": 16, "BLOCK_N": 32, "TAIL": 16, "num_warps": 4, "num_stages": 2},
+              {"BLOCK": 32, "BLOCK_STEP": 32, "TAIL": 16, "num_warps": 4, "num_stages": 2})
+
+
+@pytest.mark.parametrize("n,tiles", [(65, SMALL_TILES), (65, TAIL_TILES), (7, TAIL_TILES), (96, TAIL_TILES)],
+                         ids=["small", "tail", "tail-only", "no-tail"])
+def test_small_tiles(n, tiles, device, gen):
+    """Force small forward and backward tiles: several key tiles, the last one partial; with
+    TAIL, unmasked whole tiles then a tail of narrower ones (N = 7: only the tail; N = 96:
+    no tail at all)."""
     from kernels.attention import triton as kt
 
-    n, d = 65, 16
-    fwd_cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}     # 5 key tiles, last one partial
-    bwd_cfg = {"BLOCK": 32, "BLOCK_STEP": 16, "num_warps": 4, "num_stages": 2}
+    d = 16
+    fwd_cfg, bwd_cfg = tiles
 
     class Fn(torch.autograd.Function):
         @staticmethod
