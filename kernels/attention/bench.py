@@ -130,6 +130,8 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                     for bm, bn, w, st in ((64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3))]
         tail_bwd = [{"BLOCK": bl, "BLOCK_STEP": st, "TAIL": 16, "num_warps": w, "num_stages": sg}
                     for bl, st, w, sg in ((64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2))]
+        # and rowsum(dO * O) formed in the main kernel: one launch and one pass over O, dO fewer
+        tail_bwd += [{**kt._bwd_config(n, d, elem), "FUSED_DELTA": True}, {**tail_bwd[0], "FUSED_DELTA": True}]
         fwd = tail_fwd + [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                           for bm, bn, w, st in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3),
                                                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2))]

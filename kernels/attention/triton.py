@@ -21,7 +21,8 @@ tile was 1.2-1.7x slower than the best short tiling (see `_fwd_config`). With a
 TAIL size in the launch configuration, every loop over keys or queries takes whole
 tiles without a mask and the rest in TAIL-wide steps, so less padding is computed.
 
-Backward: `_attn_bwd_delta` forms rowsum(dO * O); then one program per (batch,
+Backward: `_attn_bwd_delta` forms rowsum(dO * O) (or, with FUSED_DELTA in the launch
+configuration, the main kernel does, one O tile per step); then one program per (batch,
 head, key block) accumulates that block's dK, dV over all queries, and computes
 dQ for the query block of the same index over all keys. Scores are recomputed
 twice, but nothing is accumulated across programs: no atomics, deterministic.
@@ -176,10 +177,23 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, start, end, N, offs_d, qk_scale,
-                  stride_qn, stride_qd, stride_don, stride_dod,
+def _delta(O, DELTA, do, offs, mask, offs_d, stride_on, stride_od,
+           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DELTA: tl.constexpr):
+    # rowsum(dO * O) of some query rows: from the delta kernel's output, or with FUSED_DELTA
+    # formed here from O (one more tile load a step instead of one more launch)
+    if FUSED_DELTA:
+        o = tl.load(O + offs[:, None] * stride_on + offs_d[None, :] * stride_od,
+                    mask=_rows(mask, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        return tl.load(DELTA + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, start, end, N, offs_d, qk_scale,
+                  stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # dK, dV of one key block from queries [start, end) in STEP-row steps. Transposed scores
     # (keys x queries), so dK, dV need no transposed P; padded query rows have do = 0 and
     # delta = 0, so they add nothing.
@@ -192,7 +206,7 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, start, end, N, offs_d, qk_sc
         do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
                      mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
+        delta = _delta(O, DELTA, do, offs_m, mask_m, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, STEP)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -229,16 +243,17 @@ def _bwd_q_steps(q, do, lse2, delta, dq, K, V, start, end, N, offs_d, qk_scale,
 
 @triton.jit
 def _attn_bwd_tiled(
-    Q, K, V, DO, DQ, DK, DV, LSE2, DELTA,
+    Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA,
     sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     H, N,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
-    TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -251,6 +266,7 @@ def _attn_bwd_tiled(
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     DO += off_b * stride_dob + off_h * stride_doh
+    O += off_b * stride_ob + off_h * stride_oh
     g_off = off_b * stride_gb + off_h * stride_gh
     DQ += g_off
     DK += g_off
@@ -271,13 +287,13 @@ def _attn_bwd_tiled(
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
     n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
-    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, 0, n_main, N, offs_d, qk_scale,
-                           stride_qn, stride_qd, stride_don, stride_dod,
-                           HEAD_DIM, BLOCK_D, BLOCK_STEP, DOT_PRECISION)
+    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, 0, n_main, N, offs_d, qk_scale,
+                           stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                           HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DOT_PRECISION)
     if TAIL > 0:
-        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, LSE2, DELTA, n_main, N, N, offs_d, qk_scale,
-                               stride_qn, stride_qd, stride_don, stride_dod,
-                               HEAD_DIM, BLOCK_D, TAIL, DOT_PRECISION)
+        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, n_main, N, N, offs_d, qk_scale,
+                               stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                               HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DOT_PRECISION)
     tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
@@ -289,7 +305,7 @@ def _attn_bwd_tiled(
     do = tl.load(DO + offs_blk[:, None] * stride_don + offs_d[None, :] * stride_dod,
                  mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
-    delta = tl.load(DELTA + offs_blk, mask=mask_blk, other=0.0)
+    delta = _delta(O, DELTA, do, offs_blk, mask_blk, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
                       stride_kn, stride_kd, stride_vn, stride_vd,
@@ -392,17 +408,21 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if q.numel() == 0:
         return dq, dk, dv
     prec = _dot_precision(q.dtype)
-    delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    block_m = 64
-    wrap_triton(_attn_bwd_delta)[(cdiv(n, block_m), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, n,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
-    )
+    fused_delta = cfg.get("FUSED_DELTA", False)
+    if fused_delta:   # the main kernel forms rowsum(dO * O) itself
+        delta = lse2  # never read
+    else:
+        delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+        block_m = 64
+        wrap_triton(_attn_bwd_delta)[(cdiv(n, block_m), b * h)](
+            out, do, delta, *out.stride(), *do.stride(), h, n,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
+        )
     wrap_triton(_attn_bwd_tiled)[(cdiv(n, cfg["BLOCK"]), b * h)](
-        q, k, v, do, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q, k, v, do, out, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(),
         h, n,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
-        DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        FUSED_DELTA=fused_delta, DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv

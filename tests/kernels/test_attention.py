@@ -151,12 +151,17 @@ TAIL_TILES = ({"BLOCK_M": 16, "BLOCK_N": 32, "TAIL": 16, "num_warps": 4, "num_st
               {"BLOCK": 32, "BLOCK_STEP": 32, "TAIL": 16, "num_warps": 4, "num_stages": 2})
 
 
-@pytest.mark.parametrize("n,tiles", [(65, SMALL_TILES), (65, TAIL_TILES), (7, TAIL_TILES), (96, TAIL_TILES)],
-                         ids=["small", "tail", "tail-only", "no-tail"])
+# the backward forming rowsum(dO * O) in its main kernel instead of a launch of its own
+FUSED_DELTA_TILES = (TAIL_TILES[0], {**TAIL_TILES[1], "FUSED_DELTA": True})
+
+
+@pytest.mark.parametrize("n,tiles", [(65, SMALL_TILES), (65, TAIL_TILES), (7, TAIL_TILES), (96, TAIL_TILES),
+                                     (65, FUSED_DELTA_TILES)],
+                         ids=["small", "tail", "tail-only", "no-tail", "fused-delta"])
 def test_small_tiles(n, tiles, device, gen):
     """Force small forward and backward tiles: several key tiles, the last one partial; with
     TAIL, unmasked whole tiles then a tail of narrower ones (N = 7: only the tail; N = 96:
-    no tail at all)."""
+    no tail at all); with FUSED_DELTA, no delta kernel."""
     from kernels.attention import triton as kt
 
     d = 16
