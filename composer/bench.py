@@ -119,9 +119,23 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
     return rows
 
 
-def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None) -> list:
+# how far a configuration's output may be from the default's (relative to the output's largest
+# value) and still count as correct when saving: the same math summed in another order
+SAVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# a saved configuration must beat the default by this fraction: less is timing noise
+SAVE_MIN_GAIN = 0.03
+
+
+def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
+                  save: bool = False, save_path: str | None = None) -> list:
     """Time every launch configuration of each op's sweep cases (kernel alone, CUDA-graph replay)
-    and check its output against the default's; print one row per configuration."""
+    and check its output against the default's; print one row per configuration.
+
+    With `save`, each case's fastest configuration that is correct and at least SAVE_MIN_GAIN
+    faster than the default goes into the tuning file (kernels.tuning; `save_path` or the user's
+    file) after each case, so a sweep cut short keeps what it found."""
+    from kernels import tuning
+
     device = _bench_device(device, echo)
     rows = []
     for name, dname, module in _each_op_and_dtype(op, dtype):
@@ -155,7 +169,27 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                 best["best"] = True
                 echo(f"  best: {best['us']:.1f} us  {best['config']}" + (" (the default)" if best["default"] else ""))
             rows += case_rows
+            if save and case.tune:
+                winner = _winner(case_rows, DTYPES[dname])
+                if winner:
+                    role, shape = case.tune
+                    path = tuning.save({tuning.key(name, role, device, DTYPES[dname], shape): winner["config"]},
+                                       save_path)
+                    echo(f"  saved to {path}")
     return rows
+
+
+def _winner(case_rows: list, dtype: torch.dtype) -> dict | None:
+    """The row worth saving: the fastest correct one, if it beats the default by SAVE_MIN_GAIN."""
+    default = next((r for r in case_rows if r["default"]), None)
+    if default is None or not isinstance(default["us"], float):
+        return None
+    correct = [r for r in case_rows if isinstance(r["us"], float) and r["rel_err"] is not None
+               and r["rel_err"] <= SAVE_TOLERANCE[dtype]]
+    best = min(correct, key=lambda r: r["us"], default=None)
+    if best is None or best["default"] or best["us"] > (1 - SAVE_MIN_GAIN) * default["us"]:
+        return None
+    return best
 
 
 def _echo_sweep_row(echo, name, dname, case, cfg, err, t) -> dict:

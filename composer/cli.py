@@ -213,16 +213,21 @@ def bench():
               help="Also time each call replayed from a CUDA graph: GPU time without host overhead.")
 @click.option("--sweep", is_flag=True,
               help="Instead: time every launch configuration of our kernels (kernel alone) and check each output.")
+@click.option("--save", is_flag=True,
+              help="With --sweep: keep each shape's fastest correct configuration for this card "
+                   "($COMPOSER_TUNED, default ~/.cache/composer/tuned.json); the kernels use it from then on.")
 @click.option("--profile", is_flag=True,
               help="Instead: where our forward+backward spends its time (host vs GPU, Python hot spots, profiler tops).")
-def bench_kernels(op, dtype, cuda_graph, sweep, profile):
+def bench_kernels(op, dtype, cuda_graph, sweep, save, profile):
     """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
     from composer import bench as b
 
     if sweep and profile:
         raise UserError("--sweep and --profile are separate runs; pass one of them")
+    if save and not sweep:
+        raise UserError("--save keeps what a sweep measured: pass it with --sweep")
     if sweep:
-        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo)
+        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo, save=save)
     elif profile:
         b.profile_kernels(op=op, dtype=dtype, echo=click.echo)
     else:

@@ -47,6 +47,9 @@ class SweepCase:
     default: dict                          # what the launcher picks today
     configs: list[dict]                    # candidates to try besides the default
     run: Callable[[dict], object]          # launch with a config; returns a tensor or tuple of tensors
+    # where `--save` stores the winner (kernels.tuning): the launcher's role and shape key, e.g.
+    # ("forward", "N144 D16"); None: not saved
+    tune: tuple[str, str] | None = None
 
 
 def time_us(fn: Callable[[], object], device: torch.device | str, cuda_graph: bool = False) -> float:

@@ -5,6 +5,7 @@ must be set before any module decorates a function with @triton.jit, which is
 why it is set here, before the test modules are imported.
 """
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Saved launch configurations (kernels.tuning): never the user's own file. A run that wants
+# to test a particular file (a GPU run testing what its sweep saved) sets COMPOSER_TUNED.
+os.environ.setdefault("COMPOSER_TUNED", os.path.join(tempfile.gettempdir(), f"composer-tests-{os.getpid()}",
+                                                     "tuned.json"))
 
 
 def _interpreter_problem() -> str | None:

@@ -123,7 +123,6 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         q, k, v, do = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(4))
         scale = d ** -0.5
         o, lse2 = kt.forward(q, k, v, scale)
-        elem = q.element_size()
         # never timed yet, so first: whole tiles without a mask, then a tail of 16-wide steps
         # (N = 144 with 64-key tiles: 144 keys of work per query instead of 192)
         tail_fwd = [{"BLOCK_M": bm, "BLOCK_N": bn, "TAIL": 16, "num_warps": w, "num_stages": st}
@@ -131,7 +130,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         tail_bwd = [{"BLOCK": bl, "BLOCK_STEP": st, "TAIL": 16, "num_warps": w, "num_stages": sg}
                     for bl, st, w, sg in ((64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2))]
         # and rowsum(dO * O) formed in the main kernel: one launch and one pass over O, dO fewer
-        tail_bwd += [{**kt._bwd_config(n, d, elem), "FUSED_DELTA": True}, {**tail_bwd[0], "FUSED_DELTA": True}]
+        tail_bwd += [{**kt.backward_config(q), "FUSED_DELTA": True}, {**tail_bwd[0], "FUSED_DELTA": True}]
         fwd = tail_fwd + [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                           for bm, bn, w, st in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3),
                                                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2))]
@@ -139,10 +138,12 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                           for bl, st, w, sg in ((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3),
                                                 (64, 16, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2))]
         shape = f"B{b} H{h} N{n} D{d}"
-        out.append(SweepCase("attention", f"{shape} forward", kt._fwd_config(n, d, elem), fwd,
-                             lambda cfg, q=q, k=k, v=v, scale=scale: kt.forward(q, k, v, scale, cfg)[0]))
-        out.append(SweepCase("attention", f"{shape} backward", kt._bwd_config(n, d, elem), bwd,
-                             lambda cfg, a=(do, q, k, v, o, lse2, scale): kt.backward(*a, cfg)))
+        out.append(SweepCase("attention", f"{shape} forward", kt.forward_config(q), fwd,
+                             lambda cfg, q=q, k=k, v=v, scale=scale: kt.forward(q, k, v, scale, cfg)[0],
+                             tune=("forward", f"N{n} D{d}")))
+        out.append(SweepCase("attention", f"{shape} backward", kt.backward_config(q), bwd,
+                             lambda cfg, a=(do, q, k, v, o, lse2, scale): kt.backward(*a, cfg),
+                             tune=("backward", f"N{n} D{d}")))
     return out
 
 

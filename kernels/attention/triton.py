@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2
 
@@ -369,6 +370,21 @@ def _bwd_config(n: int, d: int, elem: int) -> dict:
     return {"BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4, "num_stages": 3}
 
 
+def forward_config(q: torch.Tensor) -> dict:
+    """The forward's launch configuration for q: one saved for this card and shape
+    (kernels.tuning), else `_fwd_config`."""
+    n, d = q.shape[-2:]
+    return (tuning.lookup("attention", "forward", q.device, q.dtype, f"N{n} D{d}")
+            or _fwd_config(n, _pow2(d), q.element_size()))
+
+
+def backward_config(q: torch.Tensor) -> dict:
+    """The backward's launch configuration for q: saved (kernels.tuning), else `_bwd_config`."""
+    n, d = q.shape[-2:]
+    return (tuning.lookup("attention", "backward", q.device, q.dtype, f"N{n} D{d}")
+            or _bwd_config(n, _pow2(d), q.element_size()))
+
+
 def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
     # (B, H, N, D) view of a (B, N, H, D) buffer: the block's out-projection
     # reads out.transpose(1, 2).reshape(B, N, H * D) without a copy.
@@ -381,7 +397,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
     b, h, n, d = q.shape
     block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
-    cfg = dict(config or _fwd_config(n, block_d, q.element_size()))
+    cfg = dict(config or forward_config(q))
     out = _bhnd_like(q)
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
@@ -403,7 +419,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
     b, h, n, d = q.shape
     block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
-    cfg = dict(config or _bwd_config(n, block_d, q.element_size()))
+    cfg = dict(config or backward_config(q))
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
     if q.numel() == 0:
         return dq, dk, dv

@@ -155,8 +155,11 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 return y
 
             shape = f"B{B} C{C} {H}x{W} k{k} {layout}"
-            out.append(SweepCase("dwconv2d", f"{shape} forward", kt.forward_tile(xl, k), fwd, forward))
+            key = kt._shape_key(xl, k)
+            out.append(SweepCase("dwconv2d", f"{shape} forward", kt.forward_tile(xl, k), fwd, forward,
+                                 tune=("forward", key)))
             out.append(SweepCase("dwconv2d", f"{shape} weight grad", kt.weight_grad_tile(xl, k), wgt,
                                  lambda cfg, a=(dyl, xl, w, None): kt.conv_backward(
-                                     *a, gelu=False, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:]))
+                                     *a, gelu=False, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:],
+                                 tune=("weight grad", key)))
     return out

@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels.dispatch import wrap_triton
-from kernels.gelu import gelu, gelu_grad
 from kernels.dwconv import toeplitz
+from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2
 
 
@@ -199,16 +200,25 @@ def _toeplitz_default(x: torch.Tensor, k: int) -> bool:
     return not _channels_last(x) and k >= TOEPLITZ_MIN_K
 
 
+def _shape_key(x: torch.Tensor, k: int) -> str:
+    """How saved launch configurations name a dwconv2d input (kernels.tuning)."""
+    return f"C{x.shape[1]} {x.shape[2]}x{x.shape[3]} k{k} {'channels_last' if _channels_last(x) else 'NCHW'}"
+
+
 def forward_tile(x: torch.Tensor, k: int) -> dict:
     """The forward launch for input x and kernel size k (also the input gradient's, which is
-    the flipped convolution of the output gradient): the Toeplitz kernel where it is the
-    default (see TOEPLITZ_MIN_K), else the tap kernel's tile budget, `elems` per program and
-    channel runs of `c_bytes` (channels_last).
+    the flipped convolution of the output gradient): a saved configuration for this card and
+    shape (kernels.tuning) if there is one, else the Toeplitz kernel where it is the default
+    (see TOEPLITZ_MIN_K), else the tap kernel's tile budget, `elems` per program and channel
+    runs of `c_bytes` (channels_last).
 
     The tap kernel's budgets are the fastest of a sweep on an H200 (bf16, 2026-11-26, the
     benchmark shapes): channels_last 8192 elements with 128-byte channel runs (1,066 us
     against 1,295 for 4096 / 64 at B256 C256 32x32 k9); NCHW barely cares (2048).
     """
+    tuned = tuning.lookup("dwconv2d", "forward", x.device, x.dtype, _shape_key(x, k))
+    if tuned:
+        return tuned
     if _toeplitz_default(x, k):
         return TOEPLITZ_FORWARD
     return _CHANNELS_LAST_FORWARD_TILE if _channels_last(x) else {"elems": 2048, "c_bytes": 64}
@@ -225,8 +235,11 @@ _CHANNELS_LAST_FORWARD_TILE = ({"elems": 8192, "c_bytes": 128}
 
 
 def weight_grad_tile(x: torch.Tensor, k: int) -> dict:
-    """The weight-gradient launch: the Toeplitz kernel where it is the default, else the tap
-    kernel (see `_tap_weight_grad_tile`)."""
+    """The weight-gradient launch: a saved configuration (kernels.tuning), else the Toeplitz
+    kernel where it is the default, else the tap kernel (see `_tap_weight_grad_tile`)."""
+    tuned = tuning.lookup("dwconv2d", "weight grad", x.device, x.dtype, _shape_key(x, k))
+    if tuned:
+        return tuned
     return TOEPLITZ_WEIGHT_GRAD if _toeplitz_default(x, k) else _tap_weight_grad_tile(x)
 
 

@@ -128,7 +128,7 @@ def _with(cfg: dict, part: str, **tiles) -> dict:
 
 
 def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
-    """Launch configurations of the forward, data-backward and weight-backward kernels on each shape."""
+    """Launch configurations of the forward and of the backward (its data and weight kernels) on each shape."""
     from kernels.benchmarking import SweepCase
     from kernels.grid import next_pow2
     from kernels.token_mlp import gemms
@@ -170,25 +170,29 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         fwd_split = [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
             ("hidden", {"BLOCK_C": 64}), ("hidden", {"BLOCK_K": 64}), ("hidden", {"num_warps": 4, "BLOCK_M": 64}),
             ("tokens", {"BLOCK_C": 32}), ("tokens", {"BLOCK_K": 32}))]
-        # the data backward's configurations may name the weight method too ("weights"): split data
-        # with split-K weights is the all-GEMM backward
-        bwd_split = [{**split_bwd, "weights": {"method": "splitk"}}, split_bwd] + [
-            {**_with(split_bwd, part, **tiles), "weights": {"method": "splitk"}} for part, tiles in (
+        # the backward's configurations are {"data": ..., "weights": ...}, timed together (and
+        # saved together): split data with split-K weights is the all-GEMM backward
+        default_bwd = kt.backward_config(x, Hd)
+
+        def both(data=None, weights=None):
+            return {"data": data or default_bwd["data"], "weights": weights or default_bwd["weights"]}
+
+        splitk_weights = {"method": "splitk"}
+        bwd_split = [both(split_bwd, splitk_weights), both(split_bwd)] + [
+            both(_with(split_bwd, part, **tiles), splitk_weights) for part, tiles in (
                 ("hidden", {"BLOCK_C": 128}), ("hidden", {"BLOCK_C": 32}), ("hidden", {"BLOCK_K": 64}),
                 ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))]
-        shape = f"B{B} N{N} C{C} Hd{Hd}"
-        bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
-
-        def run_backward(cfg, a=bwd_args):
-            data = {k: v for k, v in cfg.items() if k != "weights"}
-            return kt.backward(*a, config=data, weight_config=cfg.get("weights"))
-
         if (B, N, C, Hd) in SLABS_SWEPT:
             slab, weight = [], []
-        out.append(SweepCase("token_mlp", f"{shape} forward", kt._blocks(N, C, Hd, dtype), fwd_split + slab,
-                             lambda cfg, x=x, p=p: kt.forward(x, *p, 1e-5, config=cfg)[0]))
-        out.append(SweepCase("token_mlp", f"{shape} backward (data)", kt._blocks(N, C, Hd, dtype, backward=True),
-                             bwd_split + slab, run_backward))
-        out.append(SweepCase("token_mlp", f"{shape} backward (weights)", kt._weight_blocks(bn, C, Hd, dtype),
-                             splitk + weight, lambda cfg, a=bwd_args: kt.backward(*a, weight_config=cfg)))
+        bwd = (bwd_split + [both(weights=w) for w in splitk] + [both(data=d) for d in slab]
+               + [both(weights=w) for w in weight])
+        shape = f"B{B} N{N} C{C} Hd{Hd}"
+        key = f"N{N} C{C} Hd{Hd}"
+        bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
+        out.append(SweepCase("token_mlp", f"{shape} forward", kt.forward_config(x, Hd), fwd_split + slab,
+                             lambda cfg, x=x, p=p: kt.forward(x, *p, 1e-5, config=cfg)[0], tune=("forward", key)))
+        out.append(SweepCase("token_mlp", f"{shape} backward", default_bwd, bwd,
+                             lambda cfg, a=bwd_args: kt.backward(*a, config=cfg.get("data"),
+                                                                 weight_config=cfg.get("weights")),
+                             tune=("backward", key)))
     return out

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import wrap_triton
-from kernels.grid import cdiv, next_pow2, split_units
 from kernels.gelu import gelu, gelu_grad
+from kernels.grid import cdiv, next_pow2, split_units
 from kernels.token_mlp.common import _ln_backward_partials, _load_z, _mm, _unit
 
 

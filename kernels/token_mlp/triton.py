@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels.dispatch import wrap_triton
+from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
 from kernels.token_mlp import gemms
-from kernels.gelu import gelu, gelu_grad
 from kernels.token_mlp.common import _ln_backward_partials, _load_z, _mm, _unit
 
 
@@ -283,6 +284,23 @@ def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_C": wbc, "BLOCK_H": wbh, "num_warps": num_warps}
 
 
+def forward_config(x: torch.Tensor, hd: int) -> dict:
+    """The forward's launch configuration for x (B, N, C) and hd hidden units: one saved for
+    this card and shape (kernels.tuning), else `_blocks`."""
+    _, n, c = x.shape
+    return (tuning.lookup("token_mlp", "forward", x.device, x.dtype, f"N{n} C{c} Hd{hd}")
+            or _blocks(n, c, hd, x.dtype))
+
+
+def backward_config(x: torch.Tensor, hd: int) -> dict:
+    """{"data": ..., "weights": ...}: the backward's two launch configurations, saved
+    together (kernels.tuning: they were timed together), else `_blocks` and `_weight_blocks`."""
+    _, n, c = x.shape
+    tuned = tuning.lookup("token_mlp", "backward", x.device, x.dtype, f"N{n} C{c} Hd{hd}") or {}
+    return {"data": tuned.get("data") or _blocks(n, c, hd, x.dtype, backward=True),
+            "weights": tuned.get("weights") or _weight_blocks(max(16, next_pow2(n)), c, hd, x.dtype)}
+
+
 def _check_block_n(cfg: dict, n: int) -> None:
     # the whole token axis is one tile: a smaller BLOCK_N would silently drop tokens
     if cfg["BLOCK_N"] < n:
@@ -303,7 +321,7 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
 def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | None = None):
     """(y, mean, rstd): y like x; mean and rstd (B, N) fp32, saved for the backward.
 
-    `config` overrides `_blocks` (benchmark sweeps); BLOCK_N must cover N."""
+    `config` overrides `forward_config` (benchmark sweeps); BLOCK_N must cover N."""
     B, N, C = x.shape
     HD = w1.shape[0]
     x = _unit_channel_stride(x)
@@ -321,7 +339,7 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | No
     stats_c = min(512, next_pow2(C))
     wrap_triton(_ln_stats_kernel)[(cdiv(R, 8),)](
         x, mean, rstd, R, N, C, *x.stride(), eps, BLOCK_R=8, BLOCK_C=stats_c, num_warps=4)
-    cfg = config or _blocks(N, C, HD, x.dtype)
+    cfg = config or forward_config(x, HD)
     if cfg.get("method") == "split":
         h = torch.empty((B, HD, C), device=x.device, dtype=x.dtype)   # GELU(A), through memory once
         gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h)
@@ -340,7 +358,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
              config: dict | None = None, weight_config: dict | None = None):
     """Gradients (dx, dln_weight, dln_bias, dw1, db1, dw2, db2): dx like x, the rest fp32.
 
-    `config` overrides `_blocks(backward=True)`, `weight_config` `_weight_blocks` (sweeps)."""
+    `config` and `weight_config` override the data and weight halves of `backward_config` (sweeps)."""
     B, N, C = x.shape
     HD = w1.shape[0]
     x, dy = _unit_channel_stride(x), _unit_channel_stride(dy)
@@ -355,6 +373,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
                 torch.zeros(N, HD, device=dev, dtype=f32), torch.zeros(N, device=dev, dtype=f32))
     ln_weight, ln_bias, b1 = (t.contiguous() for t in (ln_weight, ln_bias, b1))
 
+    if config is None and weight_config is None:
+        both = backward_config(x, HD)
+        config, weight_config = both["data"], both["weights"]
     # -- data gradient: dA, and dZ through the LayerNorm backward up to its row sums --
     cfg = config or _blocks(N, C, HD, x.dtype, backward=True)
     split = cfg.get("method") == "split"
