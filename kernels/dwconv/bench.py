@@ -127,6 +127,11 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 32, "num_warps": 4, "IMAGES": 8}]
             units = [{**kt.TOEPLITZ_WEIGHT_GRAD, "UNITS": n} for n in (2, 8)] + [
                 {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "UNITS": 4}]
+            # both with 16-wide windows: half the tensor-core work per output (a k9 row's 24 inputs
+            # pad to 32 columns, not 40 to 64)
+            images += [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": 32, "TILE_W": 16, "num_warps": w,
+                        "IMAGES": 4} for bc, w in ((4, 4), (8, 8))]
+            units.append({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4})
             if layout == "NCHW":
                 # the tap kernel's budgets only where it is still the default (K < 9 on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
