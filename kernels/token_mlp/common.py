@@ -1,4 +1,5 @@
-"""@triton.jit helpers shared by the fused kernels (triton.py) and the per-image GEMMs (gemms.py)."""
+"""What the fused kernels (triton.py) and the per-image GEMMs (gemms.py) share: the LayerNorm
+statistics and finishing kernels, and @triton.jit helpers."""
 from __future__ import annotations
 
 import triton
@@ -64,3 +65,59 @@ def _ln_backward_partials(dz, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DB
     # residual gradient plus the row-local part of dX; the row sums come in _ln_finish_kernel
     p = dy + rstd[:, None] * dxhat
     tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], p, mask=mask)
+
+
+@triton.jit
+def _ln_stats_kernel(X, MEAN, RSTD, R, N, C, stride_xb, stride_xn, stride_xc, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
+    r_mask = rows < R
+    base = X + (rows // N).to(tl.int64) * stride_xb + (rows % N) * stride_xn
+    # -- mean --
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = r_mask[:, None] & (cols < C)[None, :]
+        acc += tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / C
+    # -- variance, second pass: exact even when |mean| >> std --
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = r_mask[:, None] & (cols < C)[None, :]
+        x = tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        acc += d * d
+    # eps arrives as fp64 from inductor-generated launchers: keep the math fp32
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / C + tl.cast(eps, tl.float32))
+    tl.store(MEAN + rows, mean, mask=r_mask)
+    tl.store(RSTD + rows, rstd, mask=r_mask)
+
+
+@triton.jit
+def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
+                      stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C); the two sums
+    # over C arrive as one partial per channel block of the data kernel, (B, NUM_CB, N)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_mask = rows < R
+    mask = r_mask[:, None] & (cols < C)[None, :]
+    bi = (rows // N).to(tl.int64)
+    ni = rows % N
+    x = tl.load(X + (bi * stride_xb + ni * stride_xn)[:, None] + cols[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
+    s1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    part = bi * NUM_CB * N + ni
+    for cb in range(NUM_CB):
+        s1 += tl.load(S1 + part + cb * N, mask=r_mask, other=0.0)
+        s2 += tl.load(S2 + part + cb * N, mask=r_mask, other=0.0)
+    p = tl.load(P + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
+    tl.store(DX + (bi * stride_db + ni * stride_dn)[:, None] + cols[None, :] * stride_dc,
+             dx.to(DX.dtype.element_ty), mask=mask)

@@ -12,7 +12,7 @@ Backward (dY given), per image:
     dW2 = sum dY @ H^T     dW1 = sum dA @ Z^T     (summed over batch and channels)
   - `_bwd_data_kernel` (image, channel block): recomputes A, stores dA, forms dZ
     and the LayerNorm backward up to the per-token row sums, which span every
-    channel block; `_ln_finish_kernel` applies them.
+    channel block; `_ln_finish_kernel` (common.py) applies them.
   - `_bwd_weight_kernel` (hidden block, split of the (image, channel block)
     units): keeps its dW1/dW2 tiles in registers over many units and writes one
     partial per split; the partials are summed afterwards (deterministic, no atomics).
@@ -36,34 +36,7 @@ from kernels.dispatch import wrap_triton
 from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
 from kernels.token_mlp import gemms
-from kernels.token_mlp.common import _ln_backward_partials, _load_z, _mm, _unit
-
-
-@triton.jit
-def _ln_stats_kernel(X, MEAN, RSTD, R, N, C, stride_xb, stride_xn, stride_xc, eps,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
-    r_mask = rows < R
-    base = X + (rows // N).to(tl.int64) * stride_xb + (rows % N) * stride_xn
-    # -- mean --
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = r_mask[:, None] & (cols < C)[None, :]
-        acc += tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=1) / C
-    # -- variance, second pass: exact even when |mean| >> std --
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = r_mask[:, None] & (cols < C)[None, :]
-        x = tl.load(base[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - mean[:, None], 0.0)
-        acc += d * d
-    # eps arrives as fp64 from inductor-generated launchers: keep the math fp32
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / C + tl.cast(eps, tl.float32))
-    tl.store(MEAN + rows, mean, mask=r_mask)
-    tl.store(RSTD + rows, rstd, mask=r_mask)
+from kernels.token_mlp.common import _ln_backward_partials, _ln_finish_kernel, _ln_stats_kernel, _load_z, _mm, _unit
 
 
 @triton.jit
@@ -151,35 +124,6 @@ def _bwd_data_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
         dz = _mm(tl.trans(w1), da, dz, IEEE)
     _ln_backward_partials(dz, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
                           offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc)
-
-
-@triton.jit
-def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
-                      stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C); the two sums
-    # over C arrive as one partial per channel block of the data kernel, (B, NUM_CB, N)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_mask = rows < R
-    mask = r_mask[:, None] & (cols < C)[None, :]
-    bi = (rows // N).to(tl.int64)
-    ni = rows % N
-    x = tl.load(X + (bi * stride_xb + ni * stride_xn)[:, None] + cols[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-    s1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    part = bi * NUM_CB * N + ni
-    for cb in range(NUM_CB):
-        s1 += tl.load(S1 + part + cb * N, mask=r_mask, other=0.0)
-        s2 += tl.load(S2 + part + cb * N, mask=r_mask, other=0.0)
-    p = tl.load(P + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
-    tl.store(DX + (bi * stride_db + ni * stride_dn)[:, None] + cols[None, :] * stride_dc,
-             dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
