@@ -131,6 +131,10 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                     for bl, st, w, sg in ((64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2))]
         # and rowsum(dO * O) formed in the main kernel: one launch and one pass over O, dO fewer
         tail_bwd += [{**kt.backward_config(q), "FUSED_DELTA": True}, {**tail_bwd[0], "FUSED_DELTA": True}]
+        # the programs' own rows past the last whole block in 16-row programs (a second launch):
+        # N = 197 with 64-row blocks then does 208 rows of work, not 256
+        tail_fwd = [{**cfg, "ROW_TAIL": 16} for cfg in tail_fwd[:2]] + tail_fwd
+        tail_bwd = [{**tail_bwd[0], "ROW_TAIL": 16}, {**tail_bwd[-1], "ROW_TAIL": 16}] + tail_bwd
         fwd = tail_fwd + [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                           for bm, bn, w, st in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3),
                                                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2))]

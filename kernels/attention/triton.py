@@ -19,7 +19,8 @@ an online softmax. Short key tiles behind a 3-stage pipeline are used even when
 all of K, V would fit on chip: measured on an H200 in bf16, the best whole-N
 tile was 1.2-1.7x slower than the best short tiling (see `_fwd_config`). With a
 TAIL size in the launch configuration, every loop over keys or queries takes whole
-tiles without a mask and the rest in TAIL-wide steps, so less padding is computed.
+tiles without a mask and the rest in TAIL-wide steps; with ROW_TAIL, the programs'
+own rows are cut the same way (a second launch of ROW_TAIL-row programs): less padding.
 
 Backward: `_attn_bwd_delta` forms rowsum(dO * O) (or, with FUSED_DELTA in the launch
 configuration, the main kernel does, one O tile per step); then one program per (batch,
@@ -103,7 +104,7 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N,
+    H, N, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -119,7 +120,7 @@ def _attn_fwd(
     O += off_b * stride_ob + off_h * stride_oh
     LSE2 += pid_bh.to(tl.int64) * N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # this launch's query rows start at ROW0
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
@@ -252,7 +253,7 @@ def _attn_bwd_tiled(
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    H, N,
+    H, N, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
     TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -276,7 +277,7 @@ def _attn_bwd_tiled(
     DELTA += pid_bh.to(tl.int64) * N
 
     offs_d = tl.arange(0, BLOCK_D)
-    offs_blk = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_blk = ROW0 + pid * BLOCK + tl.arange(0, BLOCK)   # this launch's blocks start at row ROW0
     mask_blk = offs_blk < N
 
     # -- dK, dV of key block `pid`, over all query blocks --
@@ -385,6 +386,17 @@ def backward_config(q: torch.Tensor) -> dict:
             or _bwd_config(n, _pow2(d), q.element_size()))
 
 
+def _row_launches(n: int, block: int, row_tail: int, num_warps: int) -> list[tuple[int, int, int, int]]:
+    """(first row, rows, block, warps) of each launch over the N rows of a (batch, head): one
+    launch of `block`-row programs, or with `row_tail`, the whole blocks in one launch and the
+    rest in `row_tail`-row programs on at most 4 warps in a second (N = 197 with 64-row blocks:
+    192 + 16 rows of work instead of 256)."""
+    if not row_tail or n % block == 0:
+        return [(0, n, block, num_warps)]
+    full = n // block * block
+    return ([(0, full, block, num_warps)] if full else []) + [(full, n - full, row_tail, min(num_warps, 4))]
+
+
 def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
     # (B, H, N, D) view of a (B, N, H, D) buffer: the block's out-projection
     # reads out.transpose(1, 2).reshape(B, N, H * D) without a copy.
@@ -402,14 +414,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse2
-    grid = (cdiv(n, cfg["BLOCK_M"]), b * h)
-    wrap_triton(_attn_fwd)[grid](
-        q, k, v, out, lse2, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, n,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    for row0, rows, block_m, warps in _row_launches(n, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
+        wrap_triton(_attn_fwd)[(cdiv(rows, block_m), b * h)](
+            q, k, v, out, lse2, scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            h, n, row0,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=cfg["num_stages"],
+        )
     return out, lse2
 
 
@@ -434,11 +446,12 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             out, do, delta, *out.stride(), *do.stride(), h, n,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
         )
-    wrap_triton(_attn_bwd_tiled)[(cdiv(n, cfg["BLOCK"]), b * h)](
-        q, k, v, do, out, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(),
-        h, n,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK=cfg["BLOCK"], BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
-        FUSED_DELTA=fused_delta, DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    for row0, rows, block, warps in _row_launches(n, cfg["BLOCK"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
+        wrap_triton(_attn_bwd_tiled)[(cdiv(rows, block), b * h)](
+            q, k, v, do, out, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(),
+            h, n, row0,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
+            FUSED_DELTA=fused_delta, DOT_PRECISION=prec, num_warps=warps, num_stages=cfg["num_stages"],
+        )
     return dq, dk, dv

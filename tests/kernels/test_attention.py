@@ -153,15 +153,20 @@ TAIL_TILES = ({"BLOCK_M": 16, "BLOCK_N": 32, "TAIL": 16, "num_warps": 4, "num_st
 
 # the backward forming rowsum(dO * O) in its main kernel instead of a launch of its own
 FUSED_DELTA_TILES = (TAIL_TILES[0], {**TAIL_TILES[1], "FUSED_DELTA": True})
+# the programs' own rows too: whole 32-row blocks, then 16-row programs in a second launch
+ROW_TAIL_TILES = ({**TAIL_TILES[0], "BLOCK_M": 32, "ROW_TAIL": 16}, {**TAIL_TILES[1], "ROW_TAIL": 16})
 
 
 @pytest.mark.parametrize("n,tiles", [(65, SMALL_TILES), (65, TAIL_TILES), (7, TAIL_TILES), (96, TAIL_TILES),
-                                     (65, FUSED_DELTA_TILES)],
-                         ids=["small", "tail", "tail-only", "no-tail", "fused-delta"])
+                                     (65, FUSED_DELTA_TILES), (65, ROW_TAIL_TILES), (50, ROW_TAIL_TILES),
+                                     (7, ROW_TAIL_TILES), (96, ROW_TAIL_TILES)],
+                         ids=["small", "tail", "tail-only", "no-tail", "fused-delta", "row-tail",
+                              "row-tail-two-programs", "row-tail-only", "no-row-tail"])
 def test_small_tiles(n, tiles, device, gen):
     """Force small forward and backward tiles: several key tiles, the last one partial; with
     TAIL, unmasked whole tiles then a tail of narrower ones (N = 7: only the tail; N = 96:
-    no tail at all); with FUSED_DELTA, no delta kernel."""
+    no tail at all); with FUSED_DELTA, no delta kernel; with ROW_TAIL, the rows past the last
+    whole block in a second launch of narrower programs."""
     from kernels.attention import triton as kt
 
     d = 16
@@ -180,6 +185,16 @@ def test_small_tiles(n, tiles, device, gen):
 
     q, k, v = packed_qkv(1, 3, n, d, dtype=torch.float16, device=device, gen=gen)
     check_attention(q, k, v, fn=Fn.apply, gen=gen)
+
+
+def test_row_launches():
+    from kernels.attention.triton import _row_launches
+
+    assert _row_launches(197, 64, 0, 8) == [(0, 197, 64, 8)]
+    assert _row_launches(197, 64, 16, 8) == [(0, 192, 64, 8), (192, 5, 16, 4)]
+    assert _row_launches(144, 64, 16, 4) == [(0, 128, 64, 4), (128, 16, 16, 4)]
+    assert _row_launches(128, 64, 16, 4) == [(0, 128, 64, 4)]
+    assert _row_launches(7, 64, 16, 4) == [(0, 7, 16, 4)]
 
 
 def test_empty_batch(device):
