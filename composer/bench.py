@@ -133,7 +133,7 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
 
     With `save`, each case's fastest configuration that is correct and at least SAVE_MIN_GAIN
     faster than the default goes into the tuning file (kernels.tuning; `save_path` or the user's
-    file) after each case, so a sweep cut short keeps what it found."""
+    file), written whenever a new one is found, so a sweep cut short keeps what it found."""
     from kernels import tuning
 
     device = _bench_device(device, echo)
@@ -145,6 +145,7 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
             reference = _tensors(run(case.default))
             configs = [case.default] + [c for c in case.configs if c != case.default]
             case_rows = []
+            saved = None   # the row last written to the tuning file
             for cfg in configs:
                 try:
                     err = max(((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
@@ -161,21 +162,23 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                             f"{name} {case.shape}: configuration {cfg} broke the CUDA context ({t}). "
                             f"Nothing else can run in this process; remove that configuration from "
                             f"{BENCH_MODULES[name]}.sweep_cases and rerun.") from exc
-                # each row as soon as it is measured: a sweep stopped by a time limit keeps what it timed
+                # each row as soon as it is measured, and with `save` the best so far: a sweep
+                # stopped by a time limit keeps what it timed and found
                 case_rows.append(_echo_sweep_row(echo, name, dname, case, cfg, err, t))
+                if save and case.tune:
+                    winner = _winner(case_rows, DTYPES[dname])
+                    if winner is not None and winner is not saved:
+                        role, shape = case.tune
+                        path = tuning.save({tuning.key(name, role, device, DTYPES[dname], shape): winner["config"]},
+                                           save_path)
+                        echo(f"    (the fastest so far: saved to {path})")
+                        saved = winner
             timed = [r for r in case_rows if isinstance(r["us"], float)]
             if timed:
                 best = min(timed, key=lambda r: r["us"])
                 best["best"] = True
                 echo(f"  best: {best['us']:.1f} us  {best['config']}" + (" (the default)" if best["default"] else ""))
             rows += case_rows
-            if save and case.tune:
-                winner = _winner(case_rows, DTYPES[dname])
-                if winner:
-                    role, shape = case.tune
-                    path = tuning.save({tuning.key(name, role, device, DTYPES[dname], shape): winner["config"]},
-                                       save_path)
-                    echo(f"  saved to {path}")
     return rows
 
 
