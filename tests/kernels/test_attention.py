@@ -414,6 +414,24 @@ def test_gpu_benchmark_shapes(shape, dtype, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16}, {"FUSED_DELTA": True},
+                                     {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True}], ids=str)
+@pytest.mark.parametrize("n,d", [(7, 16), (65, 64), (144, 16), (197, 64), (257, 32)])
+def test_gpu_launch_options_bf16(n, d, options, gen, monkeypatch):
+    """The TAIL, ROW_TAIL and FUSED_DELTA launch options (sweep candidates), compiled, in bf16,
+    on each configuration the sweep tries them with."""
+    from kernels.attention import triton as kt
+
+    fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    bwd = {"BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4, "num_stages": 3}
+    fwd_options = {k: v for k, v in options.items() if k != "FUSED_DELTA"}
+    monkeypatch.setattr(kt, "forward_config", lambda q: {**fwd, **fwd_options})
+    monkeypatch.setattr(kt, "backward_config", lambda q: {**bwd, **options})
+    q, k, v = packed_qkv(3, 5, n, d, dtype=torch.bfloat16, device="cuda", gen=gen)
+    check_attention(q, k, v, gen=gen)
+
+
+@pytest.mark.gpu
 def test_gpu_no_n_by_n_buffer(gen):
     b, h, n, d = 8, 16, 1024, 64
     q, k, v = (t.requires_grad_() for t in packed_qkv(b, h, n, d, dtype=torch.bfloat16, device="cuda", gen=gen))

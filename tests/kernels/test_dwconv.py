@@ -370,6 +370,25 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("forward,weight_grad,channels_last", [
+    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "IMAGES": 4}, {**TOEPLITZ, "UNITS": 4}, False),
+    ({"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32, "TILE_W": 16, "num_warps": 8, "IMAGES": 4},
+     {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4}, False),
+    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "IMAGES": 4},
+     {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}, True),
+    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "IMAGES": 4, "gather": True},
+     {**TOEPLITZ, "UNITS": 2}, True)], ids=["images-units", "narrow", "wide-channels_last", "gather"])
+@pytest.mark.parametrize("k,hw", [(9, (32, 32)), (9, (9, 13)), (7, (28, 28))])
+def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
+    """The Toeplitz configurations the sweep tries first, compiled, in bf16, odd batch and channels."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: forward)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: weight_grad)
+    check(5, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_triton_gpu(compile_backend, device):
     _compile_check(device, "triton", compile_backend)
