@@ -135,6 +135,10 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # N = 197 with 64-row blocks then does 208 rows of work, not 256
         tail_fwd = [{**cfg, "ROW_TAIL": 16} for cfg in tail_fwd[:2]] + tail_fwd
         tail_bwd = [{**tail_bwd[0], "ROW_TAIL": 16}, {**tail_bwd[-1], "ROW_TAIL": 16}] + tail_bwd
+        if d <= 32:
+            # small heads: a 64-row tile's scores on 2 warps (more programs an SM, less to sync)
+            tail_fwd.append({**tail_fwd[0], "num_warps": 2})
+            tail_bwd.append({**tail_bwd[1], "num_warps": 2})
         fwd = tail_fwd + [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                           for bm, bn, w, st in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3),
                                                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2))]
