@@ -1,4 +1,5 @@
-"""Fused non-causal attention in Triton: forward, backward and their launchers.
+"""Fused non-causal attention in Triton: the forward kernel, and the launchers of both passes
+(the backward's kernels are in backward.py, the helpers both use in common.py).
 
 Shapes are (B, H, N, D) with arbitrary strides: the attention block passes q,
 k, v as views of its packed (B, N, 3, H, D) projection, so every kernel takes
@@ -22,8 +23,8 @@ TAIL size in the launch configuration, every loop over keys or queries takes who
 tiles without a mask and the rest in TAIL-wide steps; with ROW_TAIL, the programs'
 own rows are cut the same way (a second launch of ROW_TAIL-row programs): less padding.
 
-Backward: `_attn_bwd_delta` forms rowsum(dO * O) (or, with FUSED_DELTA in the launch
-configuration, the main kernel does, one O tile per step); then one program per (batch,
+Backward (backward.py): `_attn_bwd_delta` forms rowsum(dO * O) (or, with FUSED_DELTA in
+the launch configuration, the main kernel does, one O tile per step); then one program per (batch,
 head, key block) accumulates that block's dK, dV over all queries, and computes
 dQ for the query block of the same index over all keys. Scores are recomputed
 twice, but nothing is accumulated across programs: no atomics, deterministic.
@@ -38,6 +39,8 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
+from kernels.attention.backward import _attn_bwd_delta, _attn_bwd_tiled
+from kernels.attention.common import _cols, _rows
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2
 
@@ -47,25 +50,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32: the tests hold the kernel to
     # fp32 accuracy. For fp16/bf16 the option is ignored by tl.dot.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@triton.jit
-def _rows(mask_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # mask of a (rows, BLOCK_D) tile; the head-dim test exists only when D is padded
-    # (tiles are a power of two >= 16 wide, since tl.dot needs that)
-    if BLOCK_D == HEAD_DIM:
-        return mask_rows[:, None]
-    else:
-        return mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
-
-
-@triton.jit
-def _cols(mask_cols, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # the same for a transposed (BLOCK_D, cols) tile
-    if BLOCK_D == HEAD_DIM:
-        return mask_cols[None, :]
-    else:
-        return (offs_d < HEAD_DIM)[:, None] & mask_cols[None, :]
 
 
 @triton.jit
@@ -150,174 +134,6 @@ def _attn_fwd(
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(O.dtype.element_ty), mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(LSE2 + offs_m, m_i + tl.log2(l_i), mask=mask_m)
-
-
-@triton.jit
-def _attn_bwd_delta(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # rowsum(dO * O), read once here instead of once per key block later
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    O += off_b * stride_ob + off_h * stride_oh
-    DO += off_b * stride_dob + off_h * stride_doh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < N
-    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
-
-
-@triton.jit
-def _delta(O, DELTA, do, offs, mask, offs_d, stride_on, stride_od,
-           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DELTA: tl.constexpr):
-    # rowsum(dO * O) of some query rows: from the delta kernel's output, or with FUSED_DELTA
-    # formed here from O (one more tile load a step instead of one more launch)
-    if FUSED_DELTA:
-        o = tl.load(O + offs[:, None] * stride_on + offs_d[None, :] * stride_od,
-                    mask=_rows(mask, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    else:
-        return tl.load(DELTA + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, start, end, N, offs_d, qk_scale,
-                  stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
-                  FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # dK, dV of one key block from queries [start, end) in STEP-row steps. Transposed scores
-    # (keys x queries), so dK, dV need no transposed P; padded query rows have do = 0 and
-    # delta = 0, so they add nothing.
-    offs_step = tl.arange(0, STEP)
-    for start_m in range(start, end, STEP):
-        offs_m = start_m + offs_step
-        mask_m = offs_m < N
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
-        delta = _delta(O, DELTA, do, offs_m, mask_m, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, STEP)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_q_steps(q, do, lse2, delta, dq, K, V, start, end, N, offs_d, qk_scale,
-                 stride_kn, stride_kd, stride_vn, stride_vd,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
-                 MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # dQ of one query block from keys [start, end) in STEP-key steps; without MASK_KEYS every
-    # key of every step must exist
-    offs_step = tl.arange(0, STEP)
-    for start_n in range(start, end, STEP):
-        offs_n = start_n + offs_step
-        mask_n = offs_n < N
-        kb = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (STEP, D)
-        vb = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        if MASK_KEYS:
-            p = tl.where(mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq += tl.dot(ds, kb, input_precision=DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_tiled(
-    Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA,
-    sm_scale, qk_scale,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    H, N, ROW0,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
-    TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    DO += off_b * stride_dob + off_h * stride_doh
-    O += off_b * stride_ob + off_h * stride_oh
-    g_off = off_b * stride_gb + off_h * stride_gh
-    DQ += g_off
-    DK += g_off
-    DV += g_off
-    LSE2 += pid_bh.to(tl.int64) * N
-    DELTA += pid_bh.to(tl.int64) * N
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_blk = ROW0 + pid * BLOCK + tl.arange(0, BLOCK)   # this launch's blocks start at row ROW0
-    mask_blk = offs_blk < N
-
-    # -- dK, dV of key block `pid`, over all query blocks --
-    k = tl.load(K + offs_blk[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK, D)
-    v = tl.load(V + offs_blk[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
-    n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
-    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, 0, n_main, N, offs_d, qk_scale,
-                           stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                           HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DOT_PRECISION)
-    if TAIL > 0:
-        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, n_main, N, N, offs_d, qk_scale,
-                               stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                               HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DOT_PRECISION)
-    tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
-    tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             dv.to(DV.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
-
-    # -- dQ of query block `pid`, over all key blocks --
-    q = tl.load(Q + offs_blk[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    do = tl.load(DO + offs_blk[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
-    delta = _delta(O, DELTA, do, offs_blk, mask_blk, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
-                      stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM, BLOCK_D, BLOCK_STEP, TAIL == 0, DOT_PRECISION)
-    if TAIL > 0:
-        dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
-                          stride_kn, stride_kd, stride_vn, stride_vd,
-                          HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
-    tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
 
 
 # ---------------------------------------------------------------- launchers --

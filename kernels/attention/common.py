@@ -1,0 +1,24 @@
+"""@triton.jit helpers of both attention passes (triton.py: forward; backward.py)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows(mask_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # mask of a (rows, BLOCK_D) tile; the head-dim test exists only when D is padded
+    # (tiles are a power of two >= 16 wide, since tl.dot needs that)
+    if BLOCK_D == HEAD_DIM:
+        return mask_rows[:, None]
+    else:
+        return mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _cols(mask_cols, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the same for a transposed (BLOCK_D, cols) tile
+    if BLOCK_D == HEAD_DIM:
+        return mask_cols[None, :]
+    else:
+        return (offs_d < HEAD_DIM)[:, None] & mask_cols[None, :]
