@@ -414,9 +414,8 @@ def test_gpu_benchmark_shapes(shape, dtype, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16}, {"FUSED_DELTA": True},
-                                     {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True}], ids=str)
-@pytest.mark.parametrize("n,d", [(7, 16), (65, 64), (144, 16), (197, 64), (257, 32)])
+@pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True}], ids=str)
+@pytest.mark.parametrize("n,d", [(7, 16), (144, 16), (197, 64)])
 def test_gpu_launch_options_bf16(n, d, options, gen, monkeypatch):
     """The TAIL, ROW_TAIL and FUSED_DELTA launch options (sweep candidates), compiled, in bf16,
     on each configuration the sweep tries them with."""

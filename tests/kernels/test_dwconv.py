@@ -378,7 +378,7 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
      {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}, True),
     ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "IMAGES": 4, "gather": True},
      {**TOEPLITZ, "UNITS": 2}, True)], ids=["images-units", "narrow", "wide-channels_last", "gather"])
-@pytest.mark.parametrize("k,hw", [(9, (32, 32)), (9, (9, 13)), (7, (28, 28))])
+@pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13))])
 def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
     """The Toeplitz configurations the sweep tries first, compiled, in bf16, odd batch and channels."""
     from kernels.dwconv import triton as kt

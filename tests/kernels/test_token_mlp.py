@@ -320,13 +320,12 @@ def test_other_weight_gradient_methods_bf16(shape, method, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("weights", ["fused", "splitk"])
 @pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
-def test_split_method_bf16(shape, weights, device, monkeypatch):
-    """The per-image GEMMs (method "split") compiled, in bf16, on the benchmark shapes."""
+def test_split_method_bf16(shape, device, monkeypatch):
+    """The per-image GEMMs (method "split") with the split-K weight gradients, compiled, in
+    bf16, on the benchmark shapes (the fused weight kernel after split data: test_split_method)."""
     kt = _split_everywhere(monkeypatch)
-    if weights == "splitk":
-        monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, torch.bfloat16, device)
 
 
