@@ -107,35 +107,29 @@ def test_matches_fp64(shape, dtype, device):
     check_against_fp64(*shape, dtype, device)
 
 
-@pytest.mark.parametrize("method", ["gemm", "splitk"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape", [(3, 49, 100, 64), (1, 197, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
-def test_other_weight_gradient_methods(shape, dtype, method, device, monkeypatch):
-    """The weight gradients as two cuBLAS GEMMs (method "gemm") or two split-K Triton GEMMs over
-    (image, channel) ("splitk"), selectable in sweeps: every output and gradient under the
-    same rule as the fused weight-gradient kernel."""
+def _built_in_rules(monkeypatch):
+    """The token_mlp launchers with saved configurations (kernels.tuning) out of the way: a test
+    that forces a method through `_blocks` / `_weight_blocks` must get it even where a sweep
+    saved a winner for its shape (a GPU run testing its saved file)."""
+    from kernels import tuning
     from kernels.token_mlp import triton as kt
 
-    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": method})
-    check_against_fp64(*shape, dtype, device)
+    monkeypatch.setattr(tuning, "lookup", lambda *args, **kwargs: None)
+    return kt
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_splitk_weight_gradients_span_tiles_and_splits(dtype, device, monkeypatch):
-    """Several output tiles each way, ragged last tiles, several units per program and a
-    ragged last split."""
-    from kernels.token_mlp import triton as kt
-
-    tiles = {"method": "splitk", "BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
-    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: tiles)
-    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 20)
-    check_against_fp64(5, 37, 50, 40, dtype, device)
+def _weights_method(monkeypatch, cfg):
+    """Force the weight-gradient configuration of every backward."""
+    kt = _built_in_rules(monkeypatch)
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: cfg)
+    return kt
 
 
 def _split_everywhere(monkeypatch, tiles=None):
     """Route the forward and the data backward through the per-image GEMMs (method "split")."""
     from kernels.token_mlp import gemms
-    from kernels.token_mlp import triton as kt
+
+    kt = _built_in_rules(monkeypatch)
 
     def blocks(n, c, hd, dtype, backward=False):
         cfg = gemms.split_blocks(n, c, hd, dtype, backward)
@@ -143,6 +137,27 @@ def _split_everywhere(monkeypatch, tiles=None):
 
     monkeypatch.setattr(kt, "_blocks", blocks)
     return kt
+
+
+@pytest.mark.parametrize("method", ["gemm", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 49, 100, 64), (1, 197, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_other_weight_gradient_methods(shape, dtype, method, device, monkeypatch):
+    """The weight gradients as two cuBLAS GEMMs (method "gemm") or two split-K Triton GEMMs over
+    (image, channel) ("splitk"), selectable in sweeps: every output and gradient under the
+    same rule as the fused weight-gradient kernel."""
+    _weights_method(monkeypatch, {"method": method})
+    check_against_fp64(*shape, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_splitk_weight_gradients_span_tiles_and_splits(dtype, device, monkeypatch):
+    """Several output tiles each way, ragged last tiles, several units per program and a
+    ragged last split."""
+    tiles = {"method": "splitk", "BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    kt = _weights_method(monkeypatch, tiles)
+    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 20)
+    check_against_fp64(5, 37, 50, 40, dtype, device)
 
 
 @pytest.mark.parametrize("weights", ["fused", "splitk"])
@@ -313,9 +328,7 @@ def test_benchmark_shapes(shape, dtype, device):
 @pytest.mark.parametrize("method", ["gemm", "splitk"])
 @pytest.mark.parametrize("shape", bench.SHAPES, ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
 def test_other_weight_gradient_methods_bf16(shape, method, device, monkeypatch):
-    from kernels.token_mlp import triton as kt
-
-    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": method})
+    _weights_method(monkeypatch, {"method": method})
     check_against_fp64(*shape, torch.bfloat16, device)
 
 
