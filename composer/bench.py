@@ -55,9 +55,12 @@ def _error(exc: Exception) -> str:
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def _each_op_and_dtype(op: str, dtype: str):
-    """(op name, dtype name, its bench module) for every op and dtype asked for."""
+def _each_op_and_dtype(op: str, dtype: str, shapes: dict | None = None):
+    """(op name, dtype name, its bench module) for every op and dtype asked for (with `shapes`,
+    only the ops it names)."""
     for name in (OPS if op == "all" else (op,)):
+        if shapes is not None and name not in shapes:
+            continue
         module = importlib.import_module(BENCH_MODULES[name])
         for dname in (DTYPES if dtype == "all" else (dtype,)):
             yield name, dname, module
@@ -65,6 +68,32 @@ def _each_op_and_dtype(op: str, dtype: str):
 
 def _shapes_of(shapes, name: str) -> dict:
     return {"shapes": shapes[name]} if shapes else {}
+
+
+def spec_shapes(spec, batch_size: int | None = None) -> dict[str, list[tuple]]:
+    """The fused ops' input shapes in the model a spec builds, at its training batch size (or
+    `batch_size`), in the form `bench_kernels` / `sweep_kernels` take: attention (B, H, N, D),
+    token_mlp (B, N, C, Hd), dwconv2d (B, C, H, W, k); each distinct shape once."""
+    from composer.build import build_model
+
+    batch = batch_size or spec.train.batch_size
+    with torch.device("meta"):   # shapes only
+        model = build_model(spec, backend="reference")
+    shapes: dict[str, list[tuple]] = {}
+    for layer in model.layers:
+        op = getattr(layer.module, "kernel_op", None)
+        if not op:
+            continue
+        dims, ctx = layer.module.kernel_dims(layer.ctx), layer.ctx
+        if op == "attention":
+            shape = (batch, ctx.dim // dims["head_dim"], ctx.tokens, dims["head_dim"])
+        elif op == "token_mlp":
+            shape = (batch, ctx.tokens, ctx.dim, dims["hidden"])
+        else:
+            shape = (batch, ctx.dim, *ctx.grid, dims["kernel_size"])
+        if shape not in shapes.setdefault(op, []):
+            shapes[op].append(shape)
+    return shapes
 
 
 def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
@@ -81,7 +110,7 @@ def bench_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
         memory_bw, dense = measure_ceilings(device)
         echo(f"measured ceilings: copy {memory_bw / 1e9:,.0f} GB/s, bf16 matmul {dense / 1e12:,.0f} TFLOP/s")
     rows = []
-    for name, dname, module in _each_op_and_dtype(op, dtype):
+    for name, dname, module in _each_op_and_dtype(op, dtype, shapes):
         echo(f"\n== {name} {dname} ==")
         echo(f"{'shape':<24} {'candidate':<26} {'fwd us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8} "
              f"{'fwd+bwd us':>11} {'TFLOP/s':>8} {'GB/s':>7} {'x anchor':>8}"
@@ -138,7 +167,7 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
 
     device = _bench_device(device, echo)
     rows = []
-    for name, dname, module in _each_op_and_dtype(op, dtype):
+    for name, dname, module in _each_op_and_dtype(op, dtype, shapes):
         for case in module.sweep_cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
             echo(f"\n== sweep {name} {dname} {case.shape} ==")
             run = _launching_directly(case.run)
@@ -264,7 +293,7 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     rows = []
-    for name, dname, module in _each_op_and_dtype(op, dtype):
+    for name, dname, module in _each_op_and_dtype(op, dtype, shapes):
         for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
             mine = [c for c in case.candidates if c.name.startswith(("ours", "triton"))]
             ours = mine[0]

@@ -218,7 +218,12 @@ def bench():
                    "($COMPOSER_TUNED, default ~/.cache/composer/tuned.json); the kernels use it from then on.")
 @click.option("--profile", is_flag=True,
               help="Instead: where our forward+backward spends its time (host vs GPU, Python hot spots, profiler tops).")
-def bench_kernels(op, dtype, cuda_graph, sweep, save, profile):
+@click.option("--spec", "spec_path", metavar="SPEC",
+              help="Use the shapes of this spec's model (at its batch size, or --batch-size) instead of the "
+                   "built-in vision shapes: e.g. --sweep --save --spec my.yaml tunes the kernels for your model.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="With --spec: the batch size (default: the spec's).")
+@set_option
+def bench_kernels(op, dtype, cuda_graph, sweep, save, profile, spec_path, batch_size, overrides):
     """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
     from composer import bench as b
 
@@ -226,12 +231,23 @@ def bench_kernels(op, dtype, cuda_graph, sweep, save, profile):
         raise UserError("--sweep and --profile are separate runs; pass one of them")
     if save and not sweep:
         raise UserError("--save keeps what a sweep measured: pass it with --sweep")
+    if (batch_size or overrides) and not spec_path:
+        raise UserError("--batch-size and --set describe a spec's model: pass them with --spec")
+    shapes = None
+    if spec_path:
+        from composer.spec import load_spec
+
+        shapes = b.spec_shapes(load_spec(spec_path, overrides), batch_size)
+        if not any(name in shapes for name in (b.OPS if op == "all" else (op,))):
+            raise UserError(f"{spec_path}: its model runs none of the fused ops asked for "
+                            f"({op}); it has {', '.join(shapes) or 'no attention, token_mlp or dwconv blocks'}")
+        click.echo("shapes of " + spec_path + ": " + "; ".join(f"{k} {v}" for k, v in shapes.items()))
     if sweep:
-        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo, save=save)
+        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo, save=save, shapes=shapes)
     elif profile:
-        b.profile_kernels(op=op, dtype=dtype, echo=click.echo)
+        b.profile_kernels(op=op, dtype=dtype, echo=click.echo, shapes=shapes)
     else:
-        b.bench_kernels(op=op, dtype=dtype, echo=click.echo, cuda_graph=cuda_graph)
+        b.bench_kernels(op=op, dtype=dtype, echo=click.echo, cuda_graph=cuda_graph, shapes=shapes)
 
 
 @bench.command("train")

@@ -241,3 +241,22 @@ def test_sweep_save_writes_what_the_launchers_then_use(tmp_path, monkeypatch):
 
 def test_save_needs_sweep():
     assert_user_error(run_cli("bench", "kernels", "--save"), "--sweep")
+
+
+def test_spec_shapes_are_the_fused_ops_inputs_of_its_model():
+    """--spec: each fused op's input shape as the spec's model runs it, at its batch size."""
+    from composer.bench import spec_shapes
+    from composer.spec import load_spec
+
+    hybrid = load_spec(SPECS / "hybrid_mixer_vit_cifar.yaml")
+    assert spec_shapes(hybrid) == {"token_mlp": [(512, 64, 256, 128)], "attention": [(512, 4, 64, 64)]}
+    assert spec_shapes(hybrid, batch_size=8)["attention"] == [(8, 4, 64, 64)]
+    conv = load_spec(SPECS / "convmixer_cifar.yaml", ["train.batch_size=16"])
+    assert spec_shapes(conv) == {"dwconv2d": [(16, 256, 32, 32, 9)]}   # 8 layers, one shape
+
+
+def test_bench_spec_options_are_checked():
+    assert_user_error(run_cli("bench", "kernels", "--batch-size", "8"), "--spec")
+    assert_user_error(run_cli("bench", "kernels", "--spec", SPECS / "convmixer_cifar.yaml", "--op", "attention"),
+                      "none of the fused ops")
+    assert_user_error(run_cli("bench", "kernels", "--spec", SPECS / "no_such_spec.yaml"), "no_such_spec.yaml")
