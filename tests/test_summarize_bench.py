@@ -130,7 +130,7 @@ def _fake_sweep(monkeypatch, failure):
     module = SimpleNamespace(sweep_cases=lambda dtype, device, **_: [
         SweepCase("attention", "S1", {"k": 0}, [{"k": 1}, {"k": 2}, {"k": 3}], run),
         SweepCase("attention", "S2", {"k": 0}, [{"k": 1}], run)])
-    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype: [("attention", "fp32", module)])
+    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype, shapes=None: [("attention", "fp32", module)])
 
 
 def test_sweep_reports_a_failing_configuration_in_full_and_goes_on(monkeypatch):
@@ -173,7 +173,7 @@ def test_bench_stops_with_a_message_when_a_candidate_breaks_the_cuda_context(mon
         Candidate("good", lambda: torch.ones(1), lambda: torch.ones(1)), Candidate("broken", broken, broken),
         Candidate("after", lambda: torch.ones(1), lambda: torch.ones(1))])
     module = SimpleNamespace(cases=lambda dtype, device, **_: [case])
-    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype: [("attention", "fp32", module)])
+    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype, shapes=None: [("attention", "fp32", module)])
     with pytest.raises(CudaContextLost) as info:
         bench_kernels("attention", "fp32", echo=lambda line: None, device="cpu")
     assert "candidate broken broke the CUDA context" in str(info.value) and "illegal memory access" in str(info.value)
@@ -191,7 +191,7 @@ def test_bench_reports_an_ordinary_failure_in_its_row(monkeypatch):
     case = BenchCase("attention", "S1", 1, 3, 1, 3, "good", candidates=[
         Candidate("good", lambda: torch.ones(1), lambda: torch.ones(1)), Candidate("failing", failing, failing)])
     module = SimpleNamespace(cases=lambda dtype, device, **_: [case])
-    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype: [("attention", "fp32", module)])
+    monkeypatch.setattr(bench_module, "_each_op_and_dtype", lambda op, dtype, shapes=None: [("attention", "fp32", module)])
     lines = []
     rows = bench_kernels("attention", "fp32", echo=lines.append, device="cpu")
     failed = next(r for r in rows if r["candidate"] == "failing")
