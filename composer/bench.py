@@ -418,7 +418,7 @@ def bench_train(spec, steps: int = 30, source: str = "both", echo=print) -> dict
     sources = ("real", "synthetic") if source == "both" else (source,)
     for src in sources:
         with tempfile.TemporaryDirectory() as out:
-            overrides = [f"train.epochs=1", f"train.max_steps_per_epoch={steps}", f"train.out_dir={out}",
+            overrides = ["train.epochs=1", f"train.max_steps_per_epoch={steps}", f"train.out_dir={out}",
                          "train.checkpoint_every=0"]
             if src == "synthetic":
                 # all of it for training (val_split 0), so the requested number of steps really runs

@@ -6,7 +6,6 @@ layer came from in the spec and what shapes it sees.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -33,7 +33,6 @@ from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2
 
 
-
 @triton.jit
 def _tile_coords(pid, n_th, n_tw, BB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     # program -> (batch group, tile row, tile col); pixel p -> (b, h, w)

@@ -159,8 +159,6 @@ def _contract_bc_kernel(P, Q, X, MEAN, RSTD, LNW, LNB, OUT, ROWSUM,
             tl.store(ROWSUM + split.to(tl.int64) * I + offs_i, rowsum, mask=i_mask)
 
 
-
-
 # ----------------------------------------------------------------------------- launchers
 
 def split_blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = False) -> dict:
