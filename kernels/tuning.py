@@ -5,7 +5,9 @@ replaces the rule for that (card, dtype, shape). Entries come from two files, th
 winning: `kernels/tuned.json` (shipped with the project: what its own sweeps measured) and
 the user's file, `$COMPOSER_TUNED` or else `~/.cache/composer/tuned.json`, which `--save`
 writes. Keys name the card by compute capability ("sm90"): a configuration measured on one
-kind of GPU is never used on another. Batch size is not in the key.
+kind of GPU is never used on another. Batch size is not in the key, and neither is the
+Triton version: a winner stays correct under another Triton but may not stay fastest
+(rerun the sweep after upgrading; `python -m kernels.compile_report` shows spills).
 
     {"configs": {"attention/forward/sm90/bfloat16/N144 D16": {"BLOCK_M": 64, ...}, ...}}
 """
