@@ -156,13 +156,15 @@ SAVE_MIN_GAIN = 0.03
 
 
 def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
-                  save: bool = False, save_path: str | None = None) -> list:
+                  save: bool = False, save_path: str | None = None, limit: int | None = None) -> list:
     """Time every launch configuration of each op's sweep cases (kernel alone, CUDA-graph replay)
     and check its output against the default's; print one row per configuration.
 
     With `save`, each case's fastest configuration that is correct and at least SAVE_MIN_GAIN
     faster than the default goes into the tuning file (kernels.tuning; `save_path` or the user's
-    file), written whenever a new one is found, so a sweep cut short keeps what it found."""
+    file), written whenever a new one is found, so a sweep cut short keeps what it found.
+    With `limit`, each case times the default and its first `limit` candidates only (each op's
+    sweep lists its never-timed candidates first)."""
     from kernels import tuning
 
     device = _bench_device(device, echo)
@@ -172,7 +174,7 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
             echo(f"\n== sweep {name} {dname} {case.shape} ==")
             run = _launching_directly(case.run)
             reference = _tensors(run(case.default))
-            configs = [case.default] + [c for c in case.configs if c != case.default]
+            configs = [case.default] + [c for c in case.configs if c != case.default][:limit]
             case_rows = []
             saved = None   # the row last written to the tuning file
             for cfg in configs:

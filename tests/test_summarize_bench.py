@@ -239,8 +239,17 @@ def test_sweep_save_writes_what_the_launchers_then_use(tmp_path, monkeypatch):
         tuning.reload()
 
 
-def test_save_needs_sweep():
+def test_save_and_limit_need_sweep():
     assert_user_error(run_cli("bench", "kernels", "--save"), "--sweep")
+    assert_user_error(run_cli("bench", "kernels", "--limit", "3"), "--sweep")
+
+
+def test_sweep_limit_times_the_first_candidates_only():
+    lines = []
+    rows = sweep_kernels("attention", "fp32", echo=lines.append, device="cpu", shapes={"attention": [(1, 2, 20, 16)]},
+                         limit=2)
+    for case in {r["shape"] for r in rows}:
+        assert len([r for r in rows if r["shape"] == case]) == 3, case     # the default and two candidates
 
 
 def test_spec_shapes_are_the_fused_ops_inputs_of_its_model():
