@@ -9,7 +9,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention.common import _rows
+from kernels.attention.common import _load_rows, _rows
+
+
+@triton.jit
+def _delta(O, DELTA, do, offs, mask, offs_d, stride_on, stride_od,
+           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DELTA: tl.constexpr):
+    # rowsum(dO * O) of some query rows: from the delta kernel's output, or with FUSED_DELTA
+    # formed here from O (one more tile load a step instead of one more launch)
+    if FUSED_DELTA:
+        o = _load_rows(O, offs, mask, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D)
+        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        return tl.load(DELTA + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -30,25 +42,9 @@ def _attn_bwd_delta(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    do = _load_rows(DO, offs_m, mask_m, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
+    delta = _delta(O, DELTA, do, offs_m, mask_m, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, True)
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
-
-
-@triton.jit
-def _delta(O, DELTA, do, offs, mask, offs_d, stride_on, stride_od,
-           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DELTA: tl.constexpr):
-    # rowsum(dO * O) of some query rows: from the delta kernel's output, or with FUSED_DELTA
-    # formed here from O (one more tile load a step instead of one more launch)
-    if FUSED_DELTA:
-        o = tl.load(O + offs[:, None] * stride_on + offs_d[None, :] * stride_od,
-                    mask=_rows(mask, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    else:
-        return tl.load(DELTA + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -63,10 +59,8 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, start, end, N, offs_d, qk
     for start_m in range(start, end, STEP):
         offs_m = start_m + offs_step
         mask_m = offs_m < N
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        q = _load_rows(Q, offs_m, mask_m, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO, offs_m, mask_m, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
         lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
         delta = _delta(O, DELTA, do, offs_m, mask_m, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -89,10 +83,8 @@ def _bwd_q_steps(q, do, lse2, delta, dq, K, V, start, end, N, offs_d, qk_scale,
     for start_n in range(start, end, STEP):
         offs_n = start_n + offs_step
         mask_n = offs_n < N
-        kb = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (STEP, D)
-        vb = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        kb = _load_rows(K, offs_n, mask_n, offs_d, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)  # (STEP, D)
+        vb = _load_rows(V, offs_n, mask_n, offs_d, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASK_KEYS:
@@ -141,10 +133,8 @@ def _attn_bwd_tiled(
     mask_blk = offs_blk < N
 
     # -- dK, dV of key block `pid`, over all query blocks --
-    k = tl.load(K + offs_blk[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK, D)
-    v = tl.load(V + offs_blk[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    k = _load_rows(K, offs_blk, mask_blk, offs_d, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)  # (BLOCK, D)
+    v = _load_rows(V, offs_blk, mask_blk, offs_d, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
@@ -162,10 +152,8 @@ def _attn_bwd_tiled(
              dv.to(DV.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
 
     # -- dQ of query block `pid`, over all key blocks --
-    q = tl.load(Q + offs_blk[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    do = tl.load(DO + offs_blk[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
     lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
     delta = _delta(O, DELTA, do, offs_blk, mask_blk, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)

@@ -22,3 +22,10 @@ def _cols(mask_cols, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         return mask_cols[None, :]
     else:
         return (offs_d < HEAD_DIM)[:, None] & mask_cols[None, :]
+
+
+@triton.jit
+def _load_rows(ptr, rows, mask_rows, offs_d, stride_row, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # a (rows, BLOCK_D) tile of one (batch, head): zero past the sequence and the head dim
+    return tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=_rows(mask_rows, offs_d, HEAD_DIM, BLOCK_D), other=0.0)

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from kernels import tuning
 from kernels.attention.backward import _attn_bwd_delta, _attn_bwd_tiled
-from kernels.attention.common import _cols, _rows
+from kernels.attention.common import _cols, _load_rows, _rows
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2
 
@@ -73,8 +73,7 @@ def _fwd_keys(q, K, V, start, end, N, offs_d, m_i, l_i, acc, qk_scale,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=_rows(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (BLOCK_N, D)
+        v = _load_rows(V, cols, mask_n, offs_d, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
@@ -107,8 +106,7 @@ def _attn_fwd(
     offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # this launch's query rows start at ROW0
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    q = _load_rows(Q, offs_m, mask_m, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
 
     # -- online softmax over key tiles (a single tile when BLOCK_N >= N) --
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
