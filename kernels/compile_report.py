@@ -26,7 +26,8 @@ import torch
 SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                  torch.int64: "i64", torch.int32: "i32"}
-_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "num_warps", "num_stages")
+_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "DQ_ATOMIC",
+          "FUSED_DELTA", "num_warps", "num_stages")
 
 
 @dataclass
@@ -82,6 +83,10 @@ def _attention_launches(dtype, first: bool) -> list[Launch]:
         shape = f"attention B{b} H{h} N{n} D{d}"
         out += _record(f"{shape} forward", lambda: kt.forward(q, k, v, d ** -0.5), [kt])
         out += _record(f"{shape} backward", lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5), [kt])
+        # the candidate that adds dQ up with atomics in the dK, dV pass (no dQ pass, no delta launch)
+        atomic = {**kt.backward_config(q), "DQ_ATOMIC": True, "FUSED_DELTA": True}
+        out += _record(f"{shape} backward dq-atomic",
+                       lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5, atomic), [kt])
     return out
 
 

@@ -2,7 +2,8 @@
 
 `_attn_bwd_delta` forms rowsum(dO * O) (unless FUSED_DELTA, when the main kernel does);
 `_attn_bwd_tiled`, one program per (batch, head, block of rows), accumulates dK, dV of its
-key block over all queries, then dQ of its query block over all keys.
+key block over all queries, then dQ of its query block over all keys (or, with DQ_ATOMIC,
+adds each step's share of dQ to an fp32 buffer as it goes).
 """
 from __future__ import annotations
 
@@ -48,13 +49,16 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, start, end, N, offs_d, qk_scale,
-                  stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, offs_d, qk_scale, sm_scale,
+                  stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_gn, stride_gd,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
-                  FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # dK, dV of one key block from queries [start, end) in STEP-row steps. Transposed scores
     # (keys x queries), so dK, dV need no transposed P; padded query rows have do = 0 and
-    # delta = 0, so they add nothing.
+    # delta = 0, so they add nothing. With DQ_ATOMIC, each step also adds its share of dQ,
+    # dS^T K, to the fp32 buffer DQ with atomic adds: the scores and exponentials are then
+    # formed once instead of twice (dQ's own pass over the keys is skipped), at the price of
+    # a summation order that varies from run to run.
     offs_step = tl.arange(0, STEP)
     for start_m in range(start, end, STEP):
         offs_m = start_m + offs_step
@@ -69,6 +73,10 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, start, end, N, offs_d, qk
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * sm_scale   # (STEP, D)
+            tl.atomic_add(DQ + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, dq,
+                          mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
     return dk, dv
 
 
@@ -107,8 +115,9 @@ def _attn_bwd_tiled(
     stride_gb, stride_gh, stride_gn, stride_gd,
     H, N, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
-    TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # With DQ_ATOMIC, DQ is a zeroed fp32 buffer that the dK, dV pass adds to (see _bwd_kv_steps)
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
     sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -139,30 +148,33 @@ def _attn_bwd_tiled(
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
     n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
-    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, 0, n_main, N, offs_d, qk_scale,
+    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, 0, n_main, N, offs_d, qk_scale, sm_scale,
                            stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                           HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DOT_PRECISION)
+                           stride_gn, stride_gd, HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DQ_ATOMIC,
+                           DOT_PRECISION)
     if TAIL > 0:
-        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, n_main, N, N, offs_d, qk_scale,
-                               stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                               HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DOT_PRECISION)
+        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, n_main, N, N, offs_d, qk_scale,
+                               sm_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                               stride_gn, stride_gd, HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DQ_ATOMIC,
+                               DOT_PRECISION)
     tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              dv.to(DV.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
 
-    # -- dQ of query block `pid`, over all key blocks --
-    q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-    lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
-    delta = _delta(O, DELTA, do, offs_blk, mask_blk, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
-                      stride_kn, stride_kd, stride_vn, stride_vd,
-                      HEAD_DIM, BLOCK_D, BLOCK_STEP, TAIL == 0, DOT_PRECISION)
-    if TAIL > 0:
-        dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
+    if not DQ_ATOMIC:   # else the dK, dV pass has added dQ up already
+        # -- dQ of query block `pid`, over all key blocks --
+        q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
+        lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
+        delta = _delta(O, DELTA, do, offs_blk, mask_blk, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
+        dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
                           stride_kn, stride_kd, stride_vn, stride_vd,
-                          HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
-    tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
+                          HEAD_DIM, BLOCK_D, BLOCK_STEP, TAIL == 0, DOT_PRECISION)
+        if TAIL > 0:
+            dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
+                              stride_kn, stride_kd, stride_vn, stride_vd,
+                              HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
+        tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))

@@ -28,9 +28,10 @@ SHAPES: list[tuple[int, int, int, int]] = [
     (128, 12, 197, 64),  # ViT-B/16
     (32, 16, 1024, 64),  # a long sequence, for the tiled path
 ]
-# the sweep's order: the issue's shapes first (seed ViT, ViT-S/B, CIFAR ViT, long sequence),
-# the seed spec's 2-wide heads (no target of their own) last
-SWEEP_ORDER = [SHAPES[0], SHAPES[3], SHAPES[4], SHAPES[2], SHAPES[5], SHAPES[1]]
+# the sweep's order: the issue's shapes first (seed ViT, ViT-S, CIFAR ViT, long sequence), the
+# seed spec's 2-wide heads (no target of their own) last. ViT-B/16 is left out: saved
+# configurations are keyed by N and D, so its sweep would redo ViT-S/16's (N 197, D 64).
+SWEEP_ORDER = [SHAPES[0], SHAPES[3], SHAPES[2], SHAPES[5], SHAPES[1]]
 
 
 def _eager(q, k, v):
@@ -138,6 +139,13 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # N = 197 with 64-row blocks then does 208 rows of work, not 256
         tail_fwd = [{**cfg, "ROW_TAIL": 16} for cfg in tail_fwd[:2]] + tail_fwd
         tail_bwd = [{**tail_bwd[0], "ROW_TAIL": 16}, {**tail_bwd[-1], "ROW_TAIL": 16}] + tail_bwd
+        # dQ added up by the dK, dV pass with atomics: scores and exponentials formed once, not
+        # twice (sm_90 SASS at N = 144: 17 instead of 33 MUFU ops in the kernel); 128-key blocks
+        # halve the atomic traffic
+        tail_bwd = [{**kt.backward_config(q), "DQ_ATOMIC": True},
+                    {"BLOCK": 128, "BLOCK_STEP": 32, "num_warps": 8, "num_stages": 2, "DQ_ATOMIC": True},
+                    {**tail_bwd[0], "DQ_ATOMIC": True},
+                    {**tail_bwd[-1], "DQ_ATOMIC": True}] + tail_bwd
         if d <= 32:
             # small heads: a 64-row tile's scores on 2 warps (more programs an SM, less to sync)
             tail_fwd.append({**tail_fwd[0], "num_warps": 2})

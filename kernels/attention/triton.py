@@ -27,7 +27,10 @@ Backward (backward.py): `_attn_bwd_delta` forms rowsum(dO * O) (or, with FUSED_D
 the launch configuration, the main kernel does, one O tile per step); then one program per (batch,
 head, key block) accumulates that block's dK, dV over all queries, and computes
 dQ for the query block of the same index over all keys. Scores are recomputed
-twice, but nothing is accumulated across programs: no atomics, deterministic.
+twice, but nothing is accumulated across programs: no atomics, deterministic. With
+DQ_ATOMIC in the launch configuration, the dK, dV pass instead adds each step's dQ share
+to an fp32 buffer with atomics (scores and exponentials formed once; summation order varies
+between runs, so `torch.use_deterministic_algorithms(True)` turns it off).
 (A variant that kept a whole (batch, head)'s K, V, dK, dV on chip and walked the
 query blocks was 1.07-1.8x slower than this one on every benchmark shape, best
 configuration against best, and was removed.)
@@ -56,7 +59,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _fwd_keys(q, K, V, start, end, N, offs_d, m_i, l_i, acc, qk_scale,
               stride_kn, stride_kd, stride_vn, stride_vd,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASK_KEYS: tl.constexpr, NEG_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # keys [start, end) in BLOCK_N tiles into the running (max, sum, output) of the online softmax;
     # without MASK_KEYS every key of every tile must exist
     offs_n = tl.arange(0, BLOCK_N)
@@ -65,13 +68,17 @@ def _fwd_keys(q, K, V, start, end, N, offs_d, m_i, l_i, acc, qk_scale,
         mask_n = cols < N
         kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=_cols(mask_n, offs_d, HEAD_DIM, BLOCK_D), other=0.0)  # (D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        # raw scores: the row max is taken before scaling (qk_scale >= 0, see NEG_SCALE), so that
+        # scaling and subtracting the max are one FMA a score
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if NEG_SCALE:
+            s = -s
         if MASK_KEYS:
             s = tl.where(mask_n[None, :], s, float("-inf"))
         # the first tile always holds key 0, so m_new is finite from then on
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(V, cols, mask_n, offs_d, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -89,9 +96,10 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_on, stride_od,
     H, N, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr, NEG_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
+    # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32.
+    # qk_scale is |scale| * log2(e); with NEG_SCALE (a negative scale) the scores are negated.
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -115,17 +123,17 @@ def _attn_fwd(
     if TAIL == 0:
         m_i, l_i, acc = _fwd_keys(q, K, V, 0, N, N, offs_d, m_i, l_i, acc, qk_scale,
                                   stride_kn, stride_kd, stride_vn, stride_vd,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, True, NEG_SCALE, DOT_PRECISION)
     else:
         # whole BLOCK_N tiles without a key mask, then the rest in TAIL-key tiles: less padding
         # (N = 144: 144 keys of work instead of 192 with 64-key tiles)
         n_main = (N // BLOCK_N) * BLOCK_N
         m_i, l_i, acc = _fwd_keys(q, K, V, 0, n_main, N, offs_d, m_i, l_i, acc, qk_scale,
                                   stride_kn, stride_kd, stride_vn, stride_vd,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, False, NEG_SCALE, DOT_PRECISION)
         m_i, l_i, acc = _fwd_keys(q, K, V, n_main, N, N, offs_d, m_i, l_i, acc, qk_scale,
                                   stride_kn, stride_kd, stride_vn, stride_vd,
-                                  HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
+                                  HEAD_DIM, BLOCK_D, TAIL, True, NEG_SCALE, DOT_PRECISION)
 
     # -- epilogue: normalise, store O and the row statistics --
     acc = acc / l_i[:, None]
@@ -211,6 +219,14 @@ def _row_launches(n: int, block: int, row_tail: int, num_warps: int) -> list[tup
     return ([(0, full, block, num_warps)] if full else []) + [(full, n - full, row_tail, min(num_warps, 4))]
 
 
+def _forward_qk_scale(scale: float) -> float:
+    """The forward kernel's qk_scale: |scale| * log2(e), at least 1e-30 so that a masked key's
+    -inf score times it stays -inf (0 * -inf would be NaN). At scale 0 the scores times 1e-30
+    round to 0 in fp32 (exp2 of them is exactly 1 for any score below 1e20): uniform weights, as
+    softmax(0 * s) gives."""
+    return max(abs(scale), 1e-30) * LOG2E
+
+
 def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
     # (B, H, N, D) view of a (B, N, H, D) buffer: the block's out-projection
     # reads out.transpose(1, 2).reshape(B, N, H * D) without a copy.
@@ -230,11 +246,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         return out, lse2
     for row0, rows, block_m, warps in _row_launches(n, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
         wrap_triton(_attn_fwd)[(cdiv(rows, block_m), b * h)](
-            q, k, v, out, lse2, scale * LOG2E,
+            q, k, v, out, lse2, _forward_qk_scale(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             h, n, row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=cfg["num_stages"],
+            NEG_SCALE=scale < 0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=cfg["num_stages"],
         )
     return out, lse2
 
@@ -249,6 +265,10 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
     if q.numel() == 0:
         return dq, dk, dv
+    # atomic dQ sums in a run-dependent order: not when PyTorch is asked for deterministic results
+    dq_atomic = cfg.get("DQ_ATOMIC", False) and not torch.are_deterministic_algorithms_enabled()
+    if dq_atomic:   # an fp32 buffer of dQ's layout that the kernel adds to
+        dq = q.new_zeros((b, n, h, d), dtype=torch.float32).transpose(1, 2)
     prec = _dot_precision(q.dtype)
     fused_delta = cfg.get("FUSED_DELTA", False)
     if fused_delta:   # the main kernel forms rowsum(dO * O) itself
@@ -266,6 +286,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(),
             h, n, row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
-            FUSED_DELTA=fused_delta, DOT_PRECISION=prec, num_warps=warps, num_stages=cfg["num_stages"],
+            FUSED_DELTA=fused_delta, DQ_ATOMIC=dq_atomic, DOT_PRECISION=prec, num_warps=warps,
+            num_stages=cfg["num_stages"],
         )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk, dv   # (.to keeps the strides; no copy for fp32)

@@ -155,18 +155,24 @@ TAIL_TILES = ({"BLOCK_M": 16, "BLOCK_N": 32, "TAIL": 16, "num_warps": 4, "num_st
 FUSED_DELTA_TILES = (TAIL_TILES[0], {**TAIL_TILES[1], "FUSED_DELTA": True})
 # the programs' own rows too: whole 32-row blocks, then 16-row programs in a second launch
 ROW_TAIL_TILES = ({**TAIL_TILES[0], "BLOCK_M": 32, "ROW_TAIL": 16}, {**TAIL_TILES[1], "ROW_TAIL": 16})
+# dQ added up with atomics by the dK, dV pass (several key blocks add to each query row)
+DQ_ATOMIC_TILES = (SMALL_TILES[0], {**SMALL_TILES[1], "DQ_ATOMIC": True})
+DQ_ATOMIC_ROW_TAIL_TILES = (ROW_TAIL_TILES[0], {**ROW_TAIL_TILES[1], "DQ_ATOMIC": True, "FUSED_DELTA": True})
 
 
 @pytest.mark.parametrize("n,tiles", [(65, SMALL_TILES), (65, TAIL_TILES), (7, TAIL_TILES), (96, TAIL_TILES),
                                      (65, FUSED_DELTA_TILES), (65, ROW_TAIL_TILES), (50, ROW_TAIL_TILES),
-                                     (7, ROW_TAIL_TILES), (96, ROW_TAIL_TILES)],
+                                     (7, ROW_TAIL_TILES), (96, ROW_TAIL_TILES), (65, DQ_ATOMIC_TILES),
+                                     (65, DQ_ATOMIC_ROW_TAIL_TILES)],
                          ids=["small", "tail", "tail-only", "no-tail", "fused-delta", "row-tail",
-                              "row-tail-two-programs", "row-tail-only", "no-row-tail"])
+                              "row-tail-two-programs", "row-tail-only", "no-row-tail", "dq-atomic",
+                              "dq-atomic-row-tail"])
 def test_small_tiles(n, tiles, device, gen):
     """Force small forward and backward tiles: several key tiles, the last one partial; with
     TAIL, unmasked whole tiles then a tail of narrower ones (N = 7: only the tail; N = 96:
     no tail at all); with FUSED_DELTA, no delta kernel; with ROW_TAIL, the rows past the last
-    whole block in a second launch of narrower programs."""
+    whole block in a second launch of narrower programs; with DQ_ATOMIC, dQ summed by atomic
+    adds from every key block."""
     from kernels.attention import triton as kt
 
     d = 16
@@ -187,6 +193,40 @@ def test_small_tiles(n, tiles, device, gen):
     check_attention(q, k, v, fn=Fn.apply, gen=gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dq_atomic_and_deterministic_mode(dtype, device, gen, monkeypatch):
+    """DQ_ATOMIC in fp32 adds straight into dQ, in fp16 into an fp32 buffer converted once;
+    both match the two-pass dQ. Under torch.use_deterministic_algorithms the launcher takes
+    the two-pass path (no atomics): checked by the kernel's DQ_ATOMIC flag at launch."""
+    from kernels.attention import triton as kt
+
+    b, h, n, d = 2, 3, 65, 16
+    q, k, v, do = (_randn(b, h, n, d, dtype=dtype, device=device, gen=gen) for _ in range(4))
+    out, lse2 = kt.forward(q, k, v, d ** -0.5, SMALL_TILES[0])
+    two_pass = kt.backward(do, q, k, v, out, lse2, d ** -0.5, SMALL_TILES[1])
+    atomic = kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, a, ref in zip(("dq", "dk", "dv"), atomic, two_pass):
+        assert a.dtype == dtype and a.stride() == ref.stride(), name
+        assert torch.allclose(a.float(), ref.float(), atol=tol, rtol=tol), name
+
+    launch, original, flags = kt.wrap_triton, kt._attn_bwd_tiled, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                flags.append(kwargs["DQ_ATOMIC"])
+                return launch(original)[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(kt, "wrap_triton", lambda kernel: Spy() if kernel is original else launch(kernel))
+    kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    deterministic = kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
+    assert flags == [True, False]
+    assert torch.equal(deterministic[0], two_pass[0])
+
+
 def test_row_launches():
     from kernels.attention.triton import _row_launches
 
@@ -205,9 +245,12 @@ def test_empty_batch(device):
     assert q.grad.shape == q.shape
 
 
-def test_custom_scale(device, gen):
+@pytest.mark.parametrize("scale", [0.9, -0.7, 0.0])
+def test_custom_scale(device, gen, scale):
+    # N = 20 leaves masked keys in every tile: a negative scale flips which score is the row
+    # maximum, and at scale 0 a masked key's -inf score must not become NaN (uniform weights)
     q, k, v = (_randn(1, 1, 20, 32, dtype=torch.float32, device=device, gen=gen) for _ in range(3))
-    check_attention(q, k, v, scale=0.9, gen=gen)
+    check_attention(q, k, v, scale=scale, gen=gen)
 
 
 # --------------------------------------------------------- dispatch and API --
@@ -414,16 +457,17 @@ def test_gpu_benchmark_shapes(shape, dtype, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True}], ids=str)
+@pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True},
+                                     {"DQ_ATOMIC": True}, {"TAIL": 16, "DQ_ATOMIC": True}], ids=str)
 @pytest.mark.parametrize("n,d", [(7, 16), (144, 16), (197, 64)])
 def test_gpu_launch_options_bf16(n, d, options, gen, monkeypatch):
-    """The TAIL, ROW_TAIL and FUSED_DELTA launch options (sweep candidates), compiled, in bf16,
+    """The TAIL, ROW_TAIL, FUSED_DELTA and DQ_ATOMIC launch options (sweep candidates), compiled, in bf16,
     on each configuration the sweep tries them with."""
     from kernels.attention import triton as kt
 
     fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     bwd = {"BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4, "num_stages": 3}
-    fwd_options = {k: v for k, v in options.items() if k != "FUSED_DELTA"}
+    fwd_options = {k: v for k, v in options.items() if k not in ("FUSED_DELTA", "DQ_ATOMIC")}
     monkeypatch.setattr(kt, "forward_config", lambda q: {**fwd, **fwd_options})
     monkeypatch.setattr(kt, "backward_config", lambda q: {**bwd, **options})
     q, k, v = packed_qkv(3, 5, n, d, dtype=torch.bfloat16, device="cuda", gen=gen)
