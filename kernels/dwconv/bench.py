@@ -118,20 +118,20 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # 40 to 64, half the tensor-core work per output and a quarter of each banded matrix
             narrow = [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": th, "TILE_W": 16, "num_warps": 4}
                       for bc, th in ((2, 16), (4, 32), (8, 32))]
-            # never timed yet, so first: the forward walking several images a program (its banded
-            # matrices then come from L2 once per group, not once per image: at B256 C256 k9 they
-            # are ~2.4 GB of L2 reads against 0.4 GB of x, y and z), and the weight gradient on a
-            # few windows a program (by default each program's K passes over ~250 windows re-read
-            # g and x from memory: ~9x the bytes, about what its 917 us on the H100 moves)
-            images = [{**kt.TOEPLITZ_FORWARD, "IMAGES": n} for n in (4, 16)] + [
-                {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 32, "num_warps": 4, "IMAGES": 8}]
+            # never timed yet, so first: the forward stacking the window's rows of several images
+            # into each matmul (its banded matrices then serve IMAGES times the outputs: with one
+            # image a program, at B256 C256 k9 they are ~2.4 GB of L2 reads against 0.4 GB of x,
+            # y and z), and the weight gradient on a few windows a program (by default each
+            # program's K passes over ~250 windows re-read g and x from memory: ~9x the bytes,
+            # about what its 917 us on the H100 moves). Stacked tiles that build without spills
+            # on sm_90 (python -m kernels.compile_report); 16-wide windows halve the tensor-core
+            # work per output (a k9 row's 24 inputs pad to 32 columns, not 40 to 64)
+            images = [{**kt.TOEPLITZ_FORWARD, "IMAGES": 2}] + [
+                {"method": "toeplitz", "BLOCK_C": bc, "TILE_H": 32, "TILE_W": 16, "num_warps": w, "IMAGES": n}
+                for bc, w, n in ((4, 4, 2), (2, 4, 4), (8, 8, 2), (4, 8, 4))]
             units = [{**kt.TOEPLITZ_WEIGHT_GRAD, "UNITS": n} for n in (2, 8)] + [
-                {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "UNITS": 4}]
-            # both with 16-wide windows: half the tensor-core work per output (a k9 row's 24 inputs
-            # pad to 32 columns, not 40 to 64)
-            images += [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": 32, "TILE_W": 16, "num_warps": w,
-                        "IMAGES": 4} for bc, w in ((4, 4), (8, 8))]
-            units.append({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4})
+                {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "UNITS": 4},
+                {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4}]
             if layout == "NCHW":
                 # the tap kernel's budgets only where it is still the default (K < 9 on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
@@ -143,8 +143,9 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 # Toeplitz tiles 16 channels wide: a load then fills a whole 32-byte sector of a
                 # channels_last row in bf16 (the 2-8 channel tiles above lost 2x to the tap kernel
                 # there, their loads using 4-16 bytes of each sector); no spills to speak of on sm_90
-                wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "IMAGES": 4}
-                fwd = [wide, {**wide, "gather": True}, {**wide, "TILE_W": 16, "num_warps": 4}]
+                wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8}
+                fwd = [wide, {**wide, "gather": True}, {**wide, "TILE_W": 16, "IMAGES": 2},
+                       {**wide, "TILE_W": 16, "num_warps": 4}]
                 wgt = [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}]
                 fwd += [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]

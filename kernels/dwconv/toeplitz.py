@@ -27,33 +27,36 @@ def _dwconv_fwd_toeplitz_kernel(
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
     IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
 ):
-    # One program: BLOCK_C channels x a TILE_H x TILE_W output window of one image.
+    # One program: BLOCK_C channels x a TILE_H x TILE_W output window of IMAGES images.
     # For kernel row i, the window is a matmul per channel: rows of the input
-    # (TILE_H, KP: the TILE_W columns plus the halo) times that channel's banded
-    # Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n]. The K products run
-    # on tensor cores as one batched dot over the channel block. T comes from memory
-    # (t_ptr: the (C, K, KP, TILE_W) matrices), or with GATHER is gathered from the
-    # (C, K, K) weights themselves at t_ptr (flipped by 180 degrees with FLIP): K * K
-    # values a channel that stay in L1 instead of K * KP * TILE_W read through L2.
-    # With IMAGES > 1 the program walks that many images of the same window and channels in
-    # turn: their K banded matrices are read from L2 once and then from L1, instead of once per
-    # image (at B256 C256 32x32 k9 the matrices, not x, are most of the forward's reads).
+    # (M = IMAGES * TILE_H rows: the window's rows of each image, stacked; KP: the TILE_W
+    # columns plus the halo) times that channel's banded Toeplitz matrix T_i (KP, TILE_W),
+    # T_i[j, n] = w[i, j - n]. The K products run on tensor cores as one batched dot over the
+    # channel block. T comes from memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with
+    # GATHER is gathered from the (C, K, K) weights themselves at t_ptr (flipped by 180 degrees
+    # with FLIP): K * K values a channel that stay in L1 instead of K * KP * TILE_W read
+    # through L2. Stacking images makes each T_i load serve IMAGES times the outputs: at B256
+    # C256 32x32 k9 with one image a program, the banded matrices, not x, are most of the
+    # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z).
+    M: tl.constexpr = IMAGES * TILE_H
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
-    img0 = (pid // (n_tw * n_th) * IMAGES).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c3 = c[:, None, None]
     c_ok = c3 < C
     c64 = c3.to(tl.int64)
     PAD: tl.constexpr = K // 2
-    h_out = th * TILE_H + tl.arange(0, TILE_H)[None, :, None]                   # (1, TILE_H, 1)
+    r = tl.arange(0, M)[None, :, None]                                          # (1, M, 1)
+    img = (pid // (n_tw * n_th) * IMAGES + r // TILE_H).to(tl.int64)
+    h_out = th * TILE_H + r % TILE_H
+    img_ok = img < B     # the last program's images may run past the batch
     j = tl.arange(0, KP)[None, None, :]                                         # (1, 1, KP)
     col = tw * TILE_W + j - PAD
     col_ok = (col >= 0) & (col < W) & (j < TILE_W + K - 1)
     n = tl.arange(0, TILE_W)[None, None, :]
     w_out = tw * TILE_W + n
-    out_ok = c_ok & (h_out < H) & (w_out < W)
+    out_ok = c_ok & img_ok & (h_out < H) & (w_out < W)
     t_base = (t_ptr + c64 * (K * KP * TILE_W)
               + tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :])
     if GATHER:
@@ -62,37 +65,32 @@ def _dwconv_fwd_toeplitz_kernel(
         if FLIP:
             tap = K - 1 - tap
         w_base = t_ptr + c64 * (K * K) + tap
+    x_base = x_ptr + img * sxb + c64 * sxc + col * sxw
+    acc = tl.zeros((BLOCK_C, M, TILE_W), dtype=tl.float32)
+    for i in range(K):
+        row = h_out + (i - PAD)
+        xv = tl.load(x_base + row * sxh, mask=img_ok & c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
+        if GATHER:
+            if FLIP:
+                tv = tl.load(w_base + (K - 1 - i) * K, mask=band, other=0.0)
+            else:
+                tv = tl.load(w_base + i * K, mask=band, other=0.0)
+            tv = tv.to(x_ptr.dtype.element_ty)
+        else:
+            tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
+        if IEEE:
+            acc = tl.dot(xv, tv, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xv, tv, acc)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
-    for di in range(IMAGES):
-        img = img0 + di
-        img_ok = img < B     # the last program's group may run past the batch
-        x_base = x_ptr + img * sxb + c64 * sxc + col * sxw
-        acc = tl.zeros((BLOCK_C, TILE_H, TILE_W), dtype=tl.float32)
-        for i in range(K):
-            row = h_out + (i - PAD)
-            xv = tl.load(x_base + row * sxh, mask=img_ok & c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
-            if GATHER:
-                if FLIP:
-                    tv = tl.load(w_base + (K - 1 - i) * K, mask=band, other=0.0)
-                else:
-                    tv = tl.load(w_base + i * K, mask=band, other=0.0)
-                tv = tv.to(x_ptr.dtype.element_ty)
-            else:
-                tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
-            if IEEE:
-                acc = tl.dot(xv, tv, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv, tv, acc)
-        if HAS_BIAS:
-            acc += bias
-        if STORE_PREACT:
-            tl.store(z_ptr + img * szb + c64 * szc + h_out * szh + w_out * szw,
-                     acc.to(z_ptr.dtype.element_ty), mask=img_ok & out_ok)
-        if GELU:
-            acc = gelu(acc)
-        tl.store(y_ptr + img * syb + c64 * syc + h_out * syh + w_out * syw,
-                 acc.to(y_ptr.dtype.element_ty), mask=img_ok & out_ok)
+        acc += tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
+    if STORE_PREACT:
+        tl.store(z_ptr + img * szb + c64 * szc + h_out * szh + w_out * szw,
+                 acc.to(z_ptr.dtype.element_ty), mask=out_ok)
+    if GELU:
+        acc = gelu(acc)
+    tl.store(y_ptr + img * syb + c64 * syc + h_out * syh + w_out * syw,
+             acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -172,8 +170,9 @@ def _tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int
 def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
     """The tensor-core formulation: the default for NCHW at K >= 9 (TOEPLITZ_FORWARD), else
     selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
-    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "IMAGES", each
-    program walks that many images of its window (one by default). With "copy_to_nchw", a
+    x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "IMAGES" (a power
+    of two), each program stacks the rows of its window in that many images into one matmul
+    (one image by default). With "copy_to_nchw", a
     channels_last x is read from a contiguous copy (the kernel's loads run along W) and y, z
     keep their own strides."""
     B, C, H, W = x.shape
@@ -185,7 +184,7 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
     # with "gather" the kernel reads the banded matrices' entries from the weights directly
     t = weight.reshape(C, K * K).contiguous() if gather else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
     zz = y if z is None else z
-    images = min(tile.get("IMAGES", 1), B)
+    images = min(next_pow2(tile.get("IMAGES", 1)), next_pow2(B))   # M = IMAGES * TILE_H: a power of two
     wrap_triton(_dwconv_fwd_toeplitz_kernel)[(cdiv(B, images) * n_th * n_tw, cdiv(C, block_c))](
         x, t, x if bias is None else bias, y, zz,
         B, C, H, W, n_th, n_tw,

@@ -306,13 +306,15 @@ def test_toeplitz_weight_grad_spans_tiles(device, monkeypatch):
     check(3, 2, 20, 40, 7, torch.float32, device, channels_last=True)
 
 
+@pytest.mark.parametrize("images", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_toeplitz_images_and_units_per_program(dtype, device, monkeypatch):
-    """The forward (and input gradient) walking two images a program, over an odd batch, and
-    the weight gradient summing three windows a program: every output and gradient."""
+def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatch):
+    """The forward (and input gradient) stacking two or four images a program, over an odd batch
+    (the last program's stack runs past it), and the weight gradient summing three windows a
+    program: every output and gradient."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**TOEPLITZ, "IMAGES": 2})
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**TOEPLITZ, "IMAGES": images})
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**TOEPLITZ, "UNITS": 3})
     check(5, 3, 20, 40, 9, dtype, device)
 
@@ -371,12 +373,12 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("forward,weight_grad,channels_last", [
-    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "IMAGES": 4}, {**TOEPLITZ, "UNITS": 4}, False),
-    ({"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32, "TILE_W": 16, "num_warps": 8, "IMAGES": 4},
+    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "IMAGES": 2}, {**TOEPLITZ, "UNITS": 4}, False),
+    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 8, "IMAGES": 4},
      {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4}, False),
-    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "IMAGES": 4},
+    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8, "IMAGES": 2},
      {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}, True),
-    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "IMAGES": 4, "gather": True},
+    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "gather": True},
      {**TOEPLITZ, "UNITS": 2}, True)], ids=["images-units", "narrow", "wide-channels_last", "gather"])
 @pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13))])
 def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
