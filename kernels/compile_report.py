@@ -129,6 +129,11 @@ def _dwconv_launches(dtype, first: bool) -> list[Launch]:
                            lambda: kt.conv_forward(x, w, bias, y, y, gelu=True), [kt, toeplitz])
             out += _record(f"{shape} backward", lambda: kt.conv_backward(
                 dy, x, w, y, gelu=True, has_bias=True, need_dx=True, need_dw=True), [kt, toeplitz])
+        # the candidate weight gradient with every kernel row in one matmul (NCHW)
+        all_rows = {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}
+        x = torch.empty(B, C, H, W, device="meta", dtype=dtype)
+        out += _record(f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW weight grad all-rows", lambda: toeplitz.weight_grad(
+            x, x, k, all_rows), [toeplitz])
     return out
 
 

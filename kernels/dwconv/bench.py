@@ -132,13 +132,17 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             units = [{**kt.TOEPLITZ_WEIGHT_GRAD, "UNITS": n} for n in (2, 8)] + [
                 {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "UNITS": 4},
                 {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4}]
+            # the weight gradient with all K kernel rows in one matmul a window: g and x read once
+            # a window instead of once a kernel row, the diagonals taken once a program
+            all_rows = [{"method": "toeplitz", "all_rows": True, "TILE_H": th, "TILE_W": tw, "num_warps": w}
+                        for th, tw, w in ((32, 16, 8), (16, 16, 4), (32, 32, 8))]
             if layout == "NCHW":
                 # the tap kernel's budgets only where it is still the default (K < 9 on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
                 fwd = (images + ([{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] if taps else [])
                        + toeplitz + gathered + narrow[1:] + [{**narrow[2], "gather": True}])
-                wgt = (units + ([{"elems": 8192, "c_bytes": 32}] if taps else []) + toeplitz[:1] + toeplitz[2:4]
-                       + narrow[:2])
+                wgt = (all_rows + units + ([{"elems": 8192, "c_bytes": 32}] if taps else [])
+                       + toeplitz[:1] + toeplitz[2:4] + narrow[:2])
             else:
                 # Toeplitz tiles 16 channels wide: a load then fills a whole 32-byte sector of a
                 # channels_last row in bf16 (the 2-8 channel tiles above lost 2x to the tap kernel
@@ -146,7 +150,8 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8}
                 fwd = [wide, {**wide, "gather": True}, {**wide, "TILE_W": 16, "IMAGES": 2},
                        {**wide, "TILE_W": 16, "num_warps": 4}]
-                wgt = [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}]
+                wgt = [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
+                       {**all_rows[0], "copy_to_nchw": True}]
                 fwd += [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]
                 wgt += [{"elems": e, "c_bytes": cb} for e, cb in ((16384, 64), (16384, 32), (8192, 64))]

@@ -142,6 +142,62 @@ def _dwconv_bwd_w_toeplitz_kernel(
             tl.store(base + kj, tl.sum(tl.sum(tl.where(diag == kj, p, 0.0), axis=2), axis=1), mask=c < C)
 
 
+@triton.jit
+def _dwconv_bwd_w_rows_kernel(
+    x_ptr, g_ptr, dw_part_ptr,
+    C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
+    sxb, sxc, sxh, sxw,
+    sgb, sgc, sgh, sgw,
+    K: tl.constexpr, KB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # The weight gradient with every kernel row in one matmul: one program, one channel and a
+    # run of windows (units). For a window, G^T (TILE_W, TILE_H) times X (TILE_H, KB * KP),
+    # X[m, b * KP + j] = x[h0 + m + b - PAD, w0 + j - PAD] (kernel row b < K, zero past it),
+    # gives P[n, b * KP + j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + b - PAD, w0 + j - PAD];
+    # summed over the program's windows, dw[b, kj] is the kj-th diagonal of P's b-th block,
+    # sum_n P[n, b * KP + n + kj]. Unlike _dwconv_bwd_w_toeplitz_kernel (one pass over the
+    # windows per kernel row), g and x are read once a window, and the diagonals are taken
+    # once a program instead of once a kernel row.
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    PAD: tl.constexpr = K // 2
+    n_g = tl.arange(0, TILE_W)[:, None]                  # G^T rows: output columns
+    m_g = tl.arange(0, TILE_H)[None, :]                  # G^T columns: output rows
+    m_x = tl.arange(0, TILE_H)[:, None]
+    kb = tl.arange(0, KB * KP)[None, :]
+    b_x = kb // KP                                       # kernel row of each column of X
+    j_x = kb % KP
+    x_chan = x_ptr + c.to(tl.int64) * sxc
+    g_chan = g_ptr + c.to(tl.int64) * sgc
+    p = tl.zeros((TILE_W, KB * KP), dtype=tl.float32)
+    for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
+        tw = u % n_tw
+        th = (u // n_tw) % n_th
+        img = (u // (n_tw * n_th)).to(tl.int64)
+        h0 = th * TILE_H
+        w0 = tw * TILE_W
+        gt = tl.load(g_chan + img * sgb + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
+                     mask=(h0 + m_g < H) & (w0 + n_g < W), other=0.0)
+        row = h0 + m_x + b_x - PAD
+        col = w0 + j_x - PAD
+        ok = (b_x < K) & (j_x < TILE_W + K - 1) & (row >= 0) & (row < H) & (col >= 0) & (col < W)
+        xv = tl.load(x_chan + img * sxb + row * sxh + col * sxw, mask=ok, other=0.0)
+        if IEEE:
+            p = tl.dot(gt, xv, p, input_precision="ieee")
+        else:
+            p = tl.dot(gt, xv, p)
+    # the diagonals: column b * KP + j of row n holds tap (b, j - n)
+    n_p = tl.arange(0, TILE_W)[:, None]
+    tap = j_x - n_p
+    base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K)
+    b_out = tl.arange(0, KB)
+    for kj in tl.static_range(K):
+        per_col = tl.sum(tl.where(tap == kj, p, 0.0), axis=0)                  # (KB * KP,)
+        per_row = tl.sum(tl.reshape(per_col, (KB, KP)), axis=1)                 # (KB,)
+        tl.store(base + b_out * K + kj, per_row, mask=b_out < K)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -201,13 +257,15 @@ _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the G
 def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
     """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
     g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
-    the windows are split over about _TARGET_PROGRAMS programs."""
+    the windows are split over about _TARGET_PROGRAMS programs. With "all_rows", every kernel
+    row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply)."""
     B, C, H, W = x.shape
     if tile.get("copy_to_nchw"):
         g, x = g.contiguous(), x.contiguous()
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     units = B * n_th * n_tw
-    n_cb = cdiv(C, block_c)
+    all_rows = tile.get("all_rows", False)   # _dwconv_bwd_w_rows_kernel: one channel a program
+    n_cb = C if all_rows else cdiv(C, block_c)
     if "UNITS" in tile:
         # a few windows a program: the K passes over them (one per kernel row) re-read g and x
         # from L1/L2; spread over ~2 programs an SM, each pass re-reads them from memory
@@ -216,6 +274,14 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.T
     else:
         splits, per_prog = split_units(units, n_cb, _TARGET_PROGRAMS)
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
+    if all_rows:
+        wrap_triton(_dwconv_bwd_w_rows_kernel)[(splits, C)](
+            x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
+            *x.stride(), *g.stride(),
+            K=K, KB=next_pow2(K), TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
+            num_warps=tile.get("num_warps", 4),
+        )
+        return dw_part.sum(0).reshape(C, 1, K, K)
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
         *x.stride(), *g.stride(),

@@ -288,7 +288,7 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         return (torch.empty_like(x) if need_dx else None), dw, db
     tile = tile or weight_grad_tile(x, K)
     toeplitz_dw = need_dw and tile.get("method") == "toeplitz"
-    if gelu or need_dw or has_bias:
+    if gelu or has_bias or (need_dw and not toeplitz_dw):   # else the tap pass would have nothing to do
         g = torch.empty_like(dy) if gelu else dy
         # the tap kernel forms g = dy * gelu'(z) and the bias partials; with the Toeplitz
         # method the weight gradient comes from its own kernel below

@@ -319,6 +319,22 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
     check(5, 3, 20, 40, 9, dtype, device)
 
 
+@pytest.mark.parametrize("k,hw,tile", [
+    (9, (20, 40), {"TILE_H": 16, "TILE_W": 16}),                 # several row and column windows
+    (7, (9, 13), {"TILE_H": 16, "TILE_W": 16, "UNITS": 3}),      # three windows a program, odd sizes
+    (5, (32, 32), {"TILE_H": 32, "TILE_W": 32}),
+    (3, (7, 8), {})], ids=["k9", "k7-units", "k5", "k3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
+    """The weight gradient with every kernel row in one matmul ("all_rows"), NCHW and
+    channels_last (its strided loads), with bias and GELU: every output and gradient."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {"method": "toeplitz", "all_rows": True, **tile})
+    check(3, 5, *hw, k, dtype, device, bias=True, activation="gelu")
+    check(2, 3, *hw, k, dtype, device, channels_last=True)
+
+
 def test_default_method_by_layout_and_kernel_size():
     """The Toeplitz kernels are the default for NCHW at K >= 9 only (where they were measured faster)."""
     from kernels.dwconv import triton as kt
@@ -379,7 +395,10 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
     ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8, "IMAGES": 2},
      {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}, True),
     ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "gather": True},
-     {**TOEPLITZ, "UNITS": 2}, True)], ids=["images-units", "narrow", "wide-channels_last", "gather"])
+     {**TOEPLITZ, "UNITS": 2}, True),
+    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "IMAGES": 2},
+     {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}, False)],
+    ids=["images-units", "narrow", "wide-channels_last", "gather", "all-rows"])
 @pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13))])
 def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
     """The Toeplitz configurations the sweep tries first, compiled, in bf16, odd batch and channels."""
