@@ -133,7 +133,7 @@ def _dwconv_launches(dtype, first: bool) -> list[Launch]:
         all_rows = {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}
         x = torch.empty(B, C, H, W, device="meta", dtype=dtype)
         out += _record(f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW weight grad all-rows", lambda: toeplitz.weight_grad(
-            x, x, k, all_rows), [toeplitz])
+            x, x, k, all_rows, z=x, g_out=torch.empty_like(x), has_bias=True), [toeplitz])
     return out
 
 

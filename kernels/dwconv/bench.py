@@ -135,7 +135,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # the weight gradient with all K kernel rows in one matmul a window: g and x read once
             # a window instead of once a kernel row, the diagonals taken once a program
             all_rows = [{"method": "toeplitz", "all_rows": True, "TILE_H": th, "TILE_W": tw, "num_warps": w}
-                        for th, tw, w in ((32, 16, 8), (16, 16, 4), (32, 32, 8))]
+                        for th, tw, w in ((32, 16, 8), (16, 16, 4), (16, 16, 8))]
             if layout == "NCHW":
                 # the tap kernel's budgets only where it is still the default (K < 9 on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
@@ -169,8 +169,10 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             key = kt._shape_key(xl, k)
             out.append(SweepCase("dwconv2d", f"{shape} forward", kt.forward_tile(xl, k), fwd, forward,
                                  tune=("forward", key)))
+            # as the ConvMixer block runs it: GELU and bias fused, so g = dy * gelu'(z) and the
+            # bias gradient are part of the work (the all_rows kernel forms them itself)
             out.append(SweepCase("dwconv2d", f"{shape} weight grad", kt.weight_grad_tile(xl, k), wgt,
-                                 lambda cfg, a=(dyl, xl, w, None): kt.conv_backward(
-                                     *a, gelu=False, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:],
+                                 lambda cfg, a=(dyl, xl, w, xl): kt.conv_backward(
+                                     *a, gelu=True, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:],
                                  tune=("weight grad", key)))
     return out

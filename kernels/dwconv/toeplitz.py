@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import wrap_triton
-from kernels.gelu import gelu
+from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
 
 
@@ -144,12 +144,14 @@ def _dwconv_bwd_w_toeplitz_kernel(
 
 @triton.jit
 def _dwconv_bwd_w_rows_kernel(
-    x_ptr, g_ptr, dw_part_ptr,
+    x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
     C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
     sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
     sgb, sgc, sgh, sgw,
     K: tl.constexpr, KB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    IEEE: tl.constexpr,
+    GELU: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
     # The weight gradient with every kernel row in one matmul: one program, one channel and a
     # run of windows (units). For a window, G^T (TILE_W, TILE_H) times X (TILE_H, KB * KP),
@@ -158,7 +160,9 @@ def _dwconv_bwd_w_rows_kernel(
     # summed over the program's windows, dw[b, kj] is the kj-th diagonal of P's b-th block,
     # sum_n P[n, b * KP + n + kj]. Unlike _dwconv_bwd_w_toeplitz_kernel (one pass over the
     # windows per kernel row), g and x are read once a window, and the diagonals are taken
-    # once a program instead of once a kernel row.
+    # once a program instead of once a kernel row. It also forms the output gradient g itself:
+    # g = dy * gelu'(z) with GELU (stored for the input gradient's pass), else dy; with HAS_BIAS
+    # the program's sum of g is its bias-gradient partial. No separate pass over dy is needed.
     split = tl.program_id(0)
     c = tl.program_id(1)
     PAD: tl.constexpr = K // 2
@@ -168,17 +172,27 @@ def _dwconv_bwd_w_rows_kernel(
     kb = tl.arange(0, KB * KP)[None, :]
     b_x = kb // KP                                       # kernel row of each column of X
     j_x = kb % KP
-    x_chan = x_ptr + c.to(tl.int64) * sxc
-    g_chan = g_ptr + c.to(tl.int64) * sgc
+    c64 = c.to(tl.int64)
+    x_chan = x_ptr + c64 * sxc
     p = tl.zeros((TILE_W, KB * KP), dtype=tl.float32)
+    db = tl.zeros((TILE_W, TILE_H), dtype=tl.float32)
     for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
         tw = u % n_tw
         th = (u // n_tw) % n_th
         img = (u // (n_tw * n_th)).to(tl.int64)
         h0 = th * TILE_H
         w0 = tw * TILE_W
-        gt = tl.load(g_chan + img * sgb + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
-                     mask=(h0 + m_g < H) & (w0 + n_g < W), other=0.0)
+        g_ok = (h0 + m_g < H) & (w0 + n_g < W)
+        gt = tl.load(dy_ptr + img * syb + c64 * syc + (h0 + m_g) * syh + (w0 + n_g) * syw, mask=g_ok, other=0.0)
+        if GELU:
+            zt = tl.load(z_ptr + img * szb + c64 * szc + (h0 + m_g) * szh + (w0 + n_g) * szw, mask=g_ok, other=0.0)
+            g32 = gt.to(tl.float32) * gelu_grad(zt.to(tl.float32))
+            gt = g32.to(g_ptr.dtype.element_ty)
+            tl.store(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw, gt, mask=g_ok)
+        else:
+            g32 = gt.to(tl.float32)
+        if HAS_BIAS:
+            db += g32   # before rounding, as the tap kernel sums it
         row = h0 + m_x + b_x - PAD
         col = w0 + j_x - PAD
         ok = (b_x < K) & (j_x < TILE_W + K - 1) & (row >= 0) & (row < H) & (col >= 0) & (col < W)
@@ -190,6 +204,8 @@ def _dwconv_bwd_w_rows_kernel(
     # the diagonals: column b * KP + j of row n holds tap (b, j - n)
     n_p = tl.arange(0, TILE_W)[:, None]
     tap = j_x - n_p
+    if HAS_BIAS:
+        tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
     base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K)
     b_out = tl.arange(0, KB)
     for kj in tl.static_range(K):
@@ -254,17 +270,31 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
 _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the GPU
 
 
-def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.Tensor:
+def forms_output_grad(tile: dict) -> bool:
+    """True when `weight_grad` with this tile forms g = dy * gelu'(z) and the bias gradient itself
+    (the "all_rows" kernel), so the tap kernel's pass over dy is not needed."""
+    return bool(tile.get("all_rows"))
+
+
+def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torch.Tensor | None = None,
+                g_out: torch.Tensor | None = None, has_bias: bool = False):
     """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
     g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
     the windows are split over about _TARGET_PROGRAMS programs. With "all_rows", every kernel
-    row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply)."""
+    row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply), which alone
+    also takes the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
+    g = dy * gelu'(z) into `g_out`) and `has_bias` (see `forms_output_grad`).
+
+    Returns (dw, db): db (C,) fp32 when has_bias, else None."""
+    if (z is not None or has_bias) and not forms_output_grad(tile):
+        raise ValueError("only the all_rows weight-gradient kernel forms g and the bias gradient")
     B, C, H, W = x.shape
     if tile.get("copy_to_nchw"):
         g, x = g.contiguous(), x.contiguous()
+        z = None if z is None else z.contiguous()
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     units = B * n_th * n_tw
-    all_rows = tile.get("all_rows", False)   # _dwconv_bwd_w_rows_kernel: one channel a program
+    all_rows = forms_output_grad(tile)   # _dwconv_bwd_w_rows_kernel: one channel a program
     n_cb = C if all_rows else cdiv(C, block_c)
     if "UNITS" in tile:
         # a few windows a program: the K passes over them (one per kernel row) re-read g and x
@@ -275,17 +305,22 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict) -> torch.T
         splits, per_prog = split_units(units, n_cb, _TARGET_PROGRAMS)
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
     if all_rows:
+        gelu = z is not None
+        # a channels_last g_out keeps its strides: the kernel writes it through them
+        g_store = g_out if gelu else g
+        db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
+        zz = z if gelu else g
         wrap_triton(_dwconv_bwd_w_rows_kernel)[(splits, C)](
-            x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
-            *x.stride(), *g.stride(),
-            K=K, KB=next_pow2(K), TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
-            num_warps=tile.get("num_warps", 4),
+            x, g, zz, g_store, dw_part, db_part, C, H, W, n_th, n_tw, units, per_prog,
+            *x.stride(), *g.stride(), *zz.stride(), *g_store.stride(),
+            K=K, KB=next_pow2(K), TILE_H=tile_h, TILE_W=tile_w, KP=kp, GELU=gelu, HAS_BIAS=has_bias,
+            IEEE=x.dtype == torch.float32, num_warps=tile.get("num_warps", 4),
         )
-        return dw_part.sum(0).reshape(C, 1, K, K)
+        return dw_part.sum(0).reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
         *x.stride(), *g.stride(),
         K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
         num_warps=tile.get("num_warps", 8),
     )
-    return dw_part.sum(0).reshape(C, 1, K, K)
+    return dw_part.sum(0).reshape(C, 1, K, K), None

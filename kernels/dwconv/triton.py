@@ -288,7 +288,9 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         return (torch.empty_like(x) if need_dx else None), dw, db
     tile = tile or weight_grad_tile(x, K)
     toeplitz_dw = need_dw and tile.get("method") == "toeplitz"
-    if gelu or has_bias or (need_dw and not toeplitz_dw):   # else the tap pass would have nothing to do
+    # the all_rows Toeplitz kernel forms g = dy * gelu'(z) and the bias gradient itself
+    fused_g = toeplitz_dw and toeplitz.forms_output_grad(tile)
+    if not fused_g and (gelu or has_bias or (need_dw and not toeplitz_dw)):   # else nothing to do here
         g = torch.empty_like(dy) if gelu else dy
         # the tap kernel forms g = dy * gelu'(z) and the bias partials; with the Toeplitz
         # method the weight gradient comes from its own kernel below
@@ -308,8 +310,11 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         )
         dw = dw_part.sum(0).t().reshape(C, 1, K, K) if tap_dw else None
         db = db_part.sum(0) if has_bias else None
-    if toeplitz_dw:
-        dw = toeplitz.weight_grad(g, x, K, tile)
+    if fused_g:
+        g = torch.empty_like(dy) if gelu else dy
+        dw, db = toeplitz.weight_grad(dy, x, K, tile, z=z if gelu else None, g_out=g, has_bias=has_bias)
+    elif toeplitz_dw:
+        dw, _ = toeplitz.weight_grad(g, x, K, tile)
     if need_dx:
         dx = torch.empty_like(x)
         conv_forward(g, weight, None, dx, None, gelu=False, flip=True)

@@ -326,12 +326,14 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
     (3, (7, 8), {})], ids=["k9", "k7-units", "k5", "k3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
-    """The weight gradient with every kernel row in one matmul ("all_rows"), NCHW and
-    channels_last (its strided loads), with bias and GELU: every output and gradient."""
+    """The weight gradient with every kernel row in one matmul ("all_rows"), which also forms
+    g = dy * gelu'(z) and the bias gradient itself: with and without bias and GELU, NCHW and
+    channels_last (its strided loads), every output and gradient."""
     from kernels.dwconv import triton as kt
 
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {"method": "toeplitz", "all_rows": True, **tile})
     check(3, 5, *hw, k, dtype, device, bias=True, activation="gelu")
+    check(3, 5, *hw, k, dtype, device, bias=False, activation=None)
     check(2, 3, *hw, k, dtype, device, channels_last=True)
 
 
