@@ -124,9 +124,11 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # y and z), and the weight gradient on a few windows a program (by default each
             # program's K passes over ~250 windows re-read g and x from memory: ~9x the bytes,
             # about what its 917 us on the H100 moves). Stacked tiles that build without spills
-            # on sm_90 (python -m kernels.compile_report); 16-wide windows halve the tensor-core
-            # work per output (a k9 row's 24 inputs pad to 32 columns, not 40 to 64)
-            images = [{**kt.TOEPLITZ_FORWARD, "IMAGES": 2}] + [
+            # for sm_90 under Triton 3.6 and 3.8 (python -m kernels.compile_report); 16-wide
+            # windows halve the tensor-core work per output (a k9 row's 24 inputs pad to 32
+            # columns, not 40 to 64)
+            images = [{"method": "toeplitz", "BLOCK_C": bc, "TILE_H": 32, "num_warps": w, "IMAGES": 2}
+                      for bc, w in ((4, 8), (2, 4))] + [
                 {"method": "toeplitz", "BLOCK_C": bc, "TILE_H": 32, "TILE_W": 16, "num_warps": w, "IMAGES": n}
                 for bc, w, n in ((4, 4, 2), (2, 4, 4), (8, 8, 2), (4, 8, 4))]
             units = [{**kt.TOEPLITZ_WEIGHT_GRAD, "UNITS": n} for n in (2, 8)] + [
@@ -146,10 +148,10 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             else:
                 # Toeplitz tiles 16 channels wide: a load then fills a whole 32-byte sector of a
                 # channels_last row in bf16 (the 2-8 channel tiles above lost 2x to the tap kernel
-                # there, their loads using 4-16 bytes of each sector); no spills to speak of on sm_90
-                wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8}
-                fwd = [wide, {**wide, "gather": True}, {**wide, "TILE_W": 16, "IMAGES": 2},
-                       {**wide, "TILE_W": 16, "num_warps": 4}]
+                # there, their loads using 4-16 bytes of each sector); 16-wide windows, which build
+                # without spills for sm_90 under Triton 3.6 and 3.8 (32-wide ones spill on 3.6)
+                wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8}
+                fwd = [wide, {**wide, "gather": True}, {**wide, "IMAGES": 2}, {**wide, "TILE_H": 32}]
                 wgt = [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
                        {**all_rows[0], "copy_to_nchw": True}]
                 fwd += [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]

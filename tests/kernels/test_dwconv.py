@@ -391,12 +391,12 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("forward,weight_grad,channels_last", [
-    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "IMAGES": 2}, {**TOEPLITZ, "UNITS": 4}, False),
+    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 8, "IMAGES": 2}, {**TOEPLITZ, "UNITS": 4}, False),
     ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 8, "IMAGES": 4},
      {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4}, False),
     ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8, "IMAGES": 2},
      {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}, True),
-    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 8, "gather": True},
+    ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8, "gather": True},
      {**TOEPLITZ, "UNITS": 2}, True),
     ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "IMAGES": 2},
      {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}, False)],
