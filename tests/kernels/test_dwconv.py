@@ -337,6 +337,23 @@ def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
     check(2, 3, *hw, k, dtype, device, channels_last=True)
 
 
+@pytest.mark.parametrize("k,tile_w,kp", [(9, 32, 64), (9, 16, 32), (3, 16, 32), (15, 32, 64), (1, 16, 16)])
+def test_banded_matrices(k, tile_w, kp, device):
+    """The Toeplitz kernels' banded matrices, T[c, i, j, n] = w[c, i, j - n] inside the band (and
+    the 180-degree rotated kernel's), exactly as indexing the weights gives them."""
+    from kernels.dwconv import toeplitz
+
+    w = torch.randn(5, 1, k, k, device=device)
+    d = torch.arange(kp, device=device)[:, None] - torch.arange(tile_w, device=device)[None, :]
+    band = (d >= 0) & (d < k)
+    for flip in (False, True):
+        taps = w.reshape(5, k, k).flip(1, 2) if flip else w.reshape(5, k, k)
+        expected = torch.where(band, taps[:, :, d.clamp(0, k - 1)], 0.0)
+        for dtype in (torch.float32, torch.float16):
+            got = toeplitz.toeplitz_matrices(w, tile_w, kp, flip, dtype)
+            assert got.dtype == dtype and torch.equal(got, expected.to(dtype)), (flip, dtype)
+
+
 def test_default_method_by_layout_and_kernel_size():
     """The Toeplitz kernels are the default for NCHW at K >= 9 only (where they were measured faster)."""
     from kernels.dwconv import triton as kt
