@@ -458,7 +458,9 @@ def test_gpu_benchmark_shapes(shape, dtype, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True},
-                                     {"DQ_ATOMIC": True}, {"TAIL": 16, "DQ_ATOMIC": True}], ids=str)
+                                     {"DQ_ATOMIC": True}, {"TAIL": 16, "DQ_ATOMIC": True},
+                                     {"DQ_ATOMIC": True, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2}],
+                         ids=str)
 @pytest.mark.parametrize("n,d", [(7, 16), (144, 16), (197, 64)])
 def test_gpu_launch_options_bf16(n, d, options, gen, monkeypatch):
     """The TAIL, ROW_TAIL, FUSED_DELTA and DQ_ATOMIC launch options (sweep candidates), compiled, in bf16,
