@@ -323,7 +323,9 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
     (9, (20, 40), {"TILE_H": 16, "TILE_W": 16}),                 # several row and column windows
     (7, (9, 13), {"TILE_H": 16, "TILE_W": 16, "UNITS": 3}),      # three windows a program, odd sizes
     (5, (32, 32), {"TILE_H": 32, "TILE_W": 32}),
-    (3, (7, 8), {})], ids=["k9", "k7-units", "k5", "k3"])
+    (3, (7, 8), {}),
+    (9, (20, 40), {"TILE_H": 16, "TILE_W": 16, "copy_to_nchw": True})],   # g written back channels_last
+    ids=["k9", "k7-units", "k5", "k3", "copy-to-nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
     """The weight gradient with every kernel row in one matmul ("all_rows"), which also forms
