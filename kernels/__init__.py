@@ -2,18 +2,19 @@
 
 Public ops (each takes backend="auto" | "triton" | "reference"):
   attention(q, k, v)                          multi-head self-attention, (B, H, N, D)
+  attention_packed(qkv, heads)                the same on a packed (B, N, 3 * H * D) projection
   token_mlp(x, ln_w, ln_b, w1, b1, w2, b2)    x + token-mixing MLP(LayerNorm(x)), (B, N, C)
   dwconv2d(x, weight, bias, activation)       depthwise "same" conv, (B, C, H, W)
 
 This package never imports `composer`; Triton is imported lazily so that a
 machine without it still runs every op on the reference path.
 """
-from kernels.attention.op import attention
+from kernels.attention.op import attention, attention_packed
 from kernels.dispatch import BACKENDS, BackendUnavailable
 from kernels.dwconv.op import dwconv2d
 from kernels.token_mlp.op import token_mlp
 
-__all__ = ["attention", "token_mlp", "dwconv2d", "backend_for", "BACKENDS", "BackendUnavailable"]
+__all__ = ["attention", "attention_packed", "token_mlp", "dwconv2d", "backend_for", "BACKENDS", "BackendUnavailable"]
 
 
 def backend_for(op: str, backend: str, device, dtype, **dims) -> tuple[str, list[str]]:

@@ -41,12 +41,14 @@ class Attention(Block):
         return rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x)
         if self.training and self.attn_dropout > 0:
+            q, k, v = self.qkv(x)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout)
+            out = rearrange(out, "b h n d -> b n (h d)")
         else:
-            out = kernels.attention(q, k, v, backend=self.backend)            # (B, H, N, D)
-        out = rearrange(out, "b h n d -> b n (h d)")  # a view when the kernel wrote (B, N, H, D)
+            # the packed op reads q, k, v in place, writes the out-projection's layout and hands
+            # the gradient back in the projection's layout: no copy either way
+            out = kernels.attention_packed(self.to_qkv(self.norm(x)), self.heads, backend=self.backend)
         return x + self.drop_path(self.proj_dropout(self.to_out(out)))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:

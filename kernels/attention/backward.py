@@ -50,7 +50,7 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, offs_d, qk_scale, sm_scale,
-                  stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_gn, stride_gd,
+                  stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
                   FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # dK, dV of one key block from queries [start, end) in STEP-row steps. Transposed scores
@@ -75,7 +75,7 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, offs_d
         dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * sm_scale   # (STEP, D)
-            tl.atomic_add(DQ + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, dq,
+            tl.atomic_add(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd, dq,
                           mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
     return dk, dv
 
@@ -112,12 +112,14 @@ def _attn_bwd_tiled(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_ob, stride_oh, stride_on, stride_od,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_gb, stride_gh, stride_gn, stride_gd,
     H, N, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
     TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # With DQ_ATOMIC, DQ is a zeroed fp32 buffer that the dK, dV pass adds to (see _bwd_kv_steps)
+    # DK and DV share the strides stride_g*, DQ has its own (with DQ_ATOMIC it is a zeroed fp32
+    # buffer that the dK, dV pass adds to, see _bwd_kv_steps)
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
     sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -131,7 +133,7 @@ def _attn_bwd_tiled(
     DO += off_b * stride_dob + off_h * stride_doh
     O += off_b * stride_ob + off_h * stride_oh
     g_off = off_b * stride_gb + off_h * stride_gh
-    DQ += g_off
+    DQ += off_b * stride_dqb + off_h * stride_dqh
     DK += g_off
     DV += g_off
     LSE2 += pid_bh.to(tl.int64) * N
@@ -150,12 +152,12 @@ def _attn_bwd_tiled(
     n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
     dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, 0, n_main, N, offs_d, qk_scale, sm_scale,
                            stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                           stride_gn, stride_gd, HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DQ_ATOMIC,
+                           stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DQ_ATOMIC,
                            DOT_PRECISION)
     if TAIL > 0:
         dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, n_main, N, N, offs_d, qk_scale,
                                sm_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                               stride_gn, stride_gd, HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DQ_ATOMIC,
+                               stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DQ_ATOMIC,
                                DOT_PRECISION)
     tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
@@ -176,5 +178,5 @@ def _attn_bwd_tiled(
             dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd,
                               HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
-        tl.store(DQ + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+        tl.store(DQ + offs_blk[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))

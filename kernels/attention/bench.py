@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import dispatch
-from kernels.attention.op import attention, triton_reasons
+from kernels.attention.op import attention, attention_packed, triton_reasons
 from kernels.benchmarking import BenchCase, Candidate
 
 # (B, H, N, D): the issue's shapes (anchors in GPU.md) and the shipped seed_vit spec's; SDPA is timed
@@ -77,7 +77,7 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
         qkv = [rand(b, h, n, d).requires_grad_() for _ in range(3)]
-        packed = rand(b, n, 3, h, d).requires_grad_()
+        packed = rand(b, n, 3 * h * d).requires_grad_()   # the block's qkv projection
         grad = rand(b, h, n, d)
         backend = _ours_backend(dtype, device, d)
         suffix = "" if backend == "triton" else " (reference path)"
@@ -85,10 +85,10 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
         def ours(q, k, v, backend=backend):
             return attention(q, k, v, backend=backend)
 
-        def ours_packed(packed, backend=backend):
-            # the block's layout: (B, H, N, D) views of (B, N, 3, H, D), read in place
-            q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
-            return attention(q, k, v, backend=backend)
+        def ours_packed(packed, backend=backend, heads=h):
+            # the block's path: q, k, v read in place from the projection, the (B, N, H * D)
+            # output and the packed gradient in the projections' layouts
+            return attention_packed(packed, heads, backend=backend)
 
         elem = torch.finfo(dtype).bits // 8
         tensor_bytes = b * h * n * d * elem
@@ -106,7 +106,8 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
             anchor="sdpa",
             candidates=[
                 _candidate(f"ours{suffix}", ours, tuple(qkv), grad),
-                _candidate(f"ours-packed{suffix}", ours_packed, (packed,), grad),
+                _candidate(f"ours-packed{suffix}", ours_packed, (packed,),
+                           grad.transpose(1, 2).reshape(b, n, h * d)),
                 *([_candidate("ours-library-op", _library_op, tuple(qkv), grad)] if backend == "triton" else []),
                 _candidate("sdpa", F.scaled_dot_product_attention, tuple(qkv), grad),
                 _candidate("eager", _eager, tuple(qkv), grad),

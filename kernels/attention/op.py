@@ -84,6 +84,111 @@ class _EagerAttention(torch.autograd.Function):
             return _backward_with(ctx, dout, kt.backward)
 
 
+# ----------------------------------------------------------------------------- packed q, k, v
+
+def _split(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, H, N, D) views q, k, v of a packed (B, N, 3 * H * D) projection: no copy."""
+    b, n, c3 = qkv.shape
+    return qkv.unflatten(-1, (3, heads, c3 // (3 * heads))).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _launch_packed_forward(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from kernels.attention import triton as kt
+
+    out, lse2 = kt.forward(*_split(qkv, heads), scale)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d), lse2   # a view: out's memory is (B, N, H, D)
+
+
+def _launch_packed_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
+                            scale: float) -> Tensor:
+    from kernels.attention import triton as kt
+
+    # dq, dk, dv written straight into one gradient laid out like qkv: autograd hands it to the
+    # projection's backward as it is (per-tensor gradients would be stacked and then copied
+    # back into the projection's layout, two passes over three activations' worth of memory)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    q, k, v = _split(qkv, heads)
+    as_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)   # (B, N, H*D) -> (B, H, N, D)
+    kt.backward(as_heads(dout), q, k, v, as_heads(out), lse2, scale, grads=_split(dqkv, heads))
+    return dqkv
+
+
+@torch.library.triton_op("kernels::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    return _launch_packed_forward(qkv, heads, scale)
+
+
+@torch.library.triton_op("kernels::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
+                          scale: float) -> Tensor:
+    return _launch_packed_backward(dout, qkv, out, lse2, heads, scale)
+
+
+def _save_packed(ctx, qkv, heads, scale, out, lse2):
+    ctx.save_for_backward(qkv, out, lse2)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _setup_packed_context(ctx, inputs, output):
+    _save_packed(ctx, *inputs, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _packed_backward(ctx, dout, _dlse2):
+    return _attention_packed_bwd(dout, *ctx.saved_tensors, ctx.heads, ctx.scale), None, None
+
+
+_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_setup_packed_context)
+
+
+class _EagerAttentionPacked(torch.autograd.Function):
+    """The packed Triton path for plain tensors in eager mode (see _EagerAttention)."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads, scale):
+        with dispatch.direct_launch():
+            out, lse2 = _launch_packed_forward(qkv, heads, scale)
+        _save_packed(ctx, qkv, heads, scale, out, lse2)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        with dispatch.direct_launch():
+            return _launch_packed_backward(dout, *ctx.saved_tensors, ctx.heads, ctx.scale), None, None
+
+
+def attention_packed(qkv: Tensor, heads: int, *, scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Attention on a packed projection, as a ViT block computes it: qkv (B, N, 3 * H * D), the
+    output of one Linear(C, 3 * C), holds q, k, v side by side (each H heads of D). Returns the
+    (B, N, H * D) input of the out-projection.
+
+    Same math, dtypes and backends as `attention`. On the Triton path nothing is copied either
+    way: q, k, v are read in place, the output is written in the out-projection's layout, and
+    the gradient comes back as one (B, N, 3 * H * D) tensor in the projection's layout (with
+    `attention` on views of qkv, autograd stacks dq, dk, dv and copies the result back into
+    that layout: two passes over three activations' worth of memory in every backward).
+    """
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads) != 0:
+        raise ValueError(f"attention_packed expects qkv of shape (B, N, 3 * heads * D) with heads={heads}; "
+                         f"got {tuple(qkv.shape)}")
+    if qkv.shape[1] < 1:
+        raise ValueError("attention needs at least one token (N >= 1)")
+    b, n, c3 = qkv.shape
+    d = c3 // (3 * heads)
+    scale = d ** -0.5 if scale is None else float(scale)
+    reasons = triton_reasons(dtype=qkv.dtype, head_dim=d)
+    if dispatch.select(OP, backend, qkv.device, reasons) == "reference":
+        out = reference.attention(*_split(qkv, heads), scale)
+        return out.transpose(1, 2).reshape(b, n, heads * d)
+    if dispatch.plain_eager(qkv):
+        return _EagerAttentionPacked.apply(qkv, heads, scale)
+    out, _ = _attention_packed_fwd(qkv, heads, scale)
+    return out
+
+
+# ----------------------------------------------------------------------------- public op
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(

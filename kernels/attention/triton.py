@@ -257,17 +257,24 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              out: torch.Tensor, lse2: torch.Tensor, scale: float,
-             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D)."""
+             config: dict | None = None,
+             grads: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D), or written into `grads` (three
+    (B, H, N, D) tensors of any strides, e.g. views of a packed (B, N, 3, H, D) gradient)."""
     b, h, n, d = q.shape
     block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
     cfg = dict(config or backward_config(q))
-    dq, dk, dv = _bhnd_like(q), _bhnd_like(q), _bhnd_like(q)
+    dq_out, dk, dv = grads if grads is not None else (_bhnd_like(q), _bhnd_like(q), _bhnd_like(q))
+    if dk.stride() != dv.stride():
+        raise ValueError("backward: dk and dv must share their strides (the kernel addresses both with one set)")
+    dq = dq_out
     if q.numel() == 0:
         return dq, dk, dv
     # atomic dQ sums in a run-dependent order: not when PyTorch is asked for deterministic results
     dq_atomic = cfg.get("DQ_ATOMIC", False) and not torch.are_deterministic_algorithms_enabled()
-    if dq_atomic:   # an fp32 buffer of dQ's layout that the kernel adds to
+    if dq_atomic and q.dtype == torch.float32:   # the kernel adds straight into dQ
+        dq.zero_()
+    elif dq_atomic:   # an fp32 buffer of dQ's layout that the kernel adds to, converted once after
         dq = q.new_zeros((b, n, h, d), dtype=torch.float32).transpose(1, 2)
     prec = _dot_precision(q.dtype)
     fused_delta = cfg.get("FUSED_DELTA", False)
@@ -283,10 +290,12 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for row0, rows, block, warps in _row_launches(n, cfg["BLOCK"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
         wrap_triton(_attn_bwd_tiled)[(cdiv(rows, block), b * h)](
             q, k, v, do, out, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *dk.stride(),
             h, n, row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
             FUSED_DELTA=fused_delta, DQ_ATOMIC=dq_atomic, DOT_PRECISION=prec, num_warps=warps,
             num_stages=cfg["num_stages"],
         )
-    return dq.to(q.dtype), dk, dv   # (.to keeps the strides; no copy for fp32)
+    if dq is not dq_out:
+        dq_out.copy_(dq)
+    return dq_out, dk, dv

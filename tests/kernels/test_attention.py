@@ -13,7 +13,7 @@ import torch
 
 from kernels import BackendUnavailable, dispatch
 from kernels.attention import bench, reference
-from kernels.attention.op import attention, triton_reasons
+from kernels.attention.op import attention, attention_packed, triton_reasons
 
 # Floor, in ulps of the dtype at the tensor's largest magnitude. Low precision:
 # the kernel rounds P and dS to the input dtype before the tensor-core matmuls
@@ -227,6 +227,85 @@ def test_dq_atomic_and_deterministic_mode(dtype, device, gen, monkeypatch):
     assert torch.equal(deterministic[0], two_pass[0])
 
 
+def _through_packed(heads, **kwargs):
+    """fn(q, k, v) for check_attention that runs attention_packed: q, k, v packed into one
+    (B, N, 3 * H * D) tensor, the (B, N, H * D) output viewed back as (B, H, N, D); autograd
+    splits the packed gradient back into dq, dk, dv."""
+    def fn(q, k, v):
+        b, h, n, d = q.shape
+        qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).reshape(b, n, 3 * h * d)
+        return attention_packed(qkv, heads, backend="triton", **kwargs).view(b, n, h, d).transpose(1, 2)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,d", [(7, 16), (65, 32), (145, 2)])
+def test_packed_matches_fp64(n, d, dtype, device, gen):
+    """attention_packed: output and the packed gradient (split into dq, dk, dv) against fp64."""
+    q, k, v = packed_qkv(3, 3, n, d, dtype=dtype, device=device, gen=gen)
+    check_attention(q, k, v, fn=_through_packed(3), gen=gen)
+    check_attention(q, k, v, scale=-0.5, fn=_through_packed(3, scale=-0.5), gen=gen)
+
+
+@pytest.mark.parametrize("tiles", [DQ_ATOMIC_TILES, DQ_ATOMIC_ROW_TAIL_TILES], ids=["dq-atomic", "dq-atomic-row-tail"])
+def test_packed_with_dq_atomic(tiles, device, gen, monkeypatch):
+    """In fp16 DQ_ATOMIC sums dQ in an fp32 buffer of its own layout while dK, dV go straight
+    into the packed gradient: the kernel's separate dQ strides."""
+    from kernels.attention import triton as kt
+
+    monkeypatch.setattr(kt, "forward_config", lambda q: tiles[0])
+    monkeypatch.setattr(kt, "backward_config", lambda q: tiles[1])
+    q, k, v = packed_qkv(2, 3, 65, 16, dtype=torch.float16, device=device, gen=gen)
+    check_attention(q, k, v, fn=_through_packed(3), gen=gen)
+
+
+def test_packed_reference_path_and_errors(gen):
+    qkv = _randn(2, 9, 3 * 4 * 8, dtype=torch.float32, device="cpu", gen=gen)
+    q, k, v = (t.transpose(1, 2) for t in qkv.view(2, 9, 3, 4, 8).unbind(2))
+    expected = attention(q, k, v, backend="reference").transpose(1, 2).reshape(2, 9, 32)
+    assert torch.equal(attention_packed(qkv, 4, backend="reference"), expected)
+    with pytest.raises(ValueError, match=r"3 \* heads \* D"):
+        attention_packed(qkv, 5)
+    with pytest.raises(ValueError, match="at least one token"):
+        attention_packed(qkv[:, :0], 4)
+
+
+def test_block_backward_copies_nothing_around_the_kernel():
+    """The attention block's backward, launches stubbed: the packed gradient reaches the qkv
+    projection as it is. With per-tensor q, k, v it was stacked (UnbindBackward) and then
+    copied into the projection's layout (ViewBackward's reshape)."""
+    import collections
+
+    from composer.blocks.attention import Attention
+    from kernels import host_cost
+
+    counts = collections.Counter()
+    saved = [(m, m.wrap_triton) for m in host_cost._modules()]
+    try:
+        for m, _ in saved:
+            m.wrap_triton = lambda kernel: host_cost._StubLaunch(counts, kernel)
+        block = Attention(64, 4, backend="triton")
+        x = torch.randn(2, 16, 64, requires_grad=True)
+        with torch.profiler.profile() as prof:
+            block(x).sum().backward()
+    finally:
+        for m, original in saved:
+            m.wrap_triton = original
+    assert counts["_attn_fwd"] == 1 and counts["_attn_bwd_tiled"] == 1, counts
+
+    def ancestors(event):
+        names, p = [], event.cpu_parent
+        while p is not None:
+            names.append(p.name)
+            p = p.cpu_parent
+        return names
+
+    copies = [(e.name, ancestors(e)[:3]) for e in prof.events()
+              if e.name in ("aten::stack", "aten::cat", "aten::clone", "aten::copy_")
+              and any("Unbind" in a or "View" in a or "Permute" in a or "Attention" in a for a in ancestors(e))]
+    assert not copies, copies
+
+
 def test_row_launches():
     from kernels.attention.triton import _row_launches
 
@@ -295,6 +374,25 @@ def test_library_op_path_matches_the_eager_path(device, gen):
     eager = _run(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v, dout)
     for a, b in zip(library, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)   # the same kernels on the same inputs
+
+
+def test_packed_library_op_path_matches_the_eager_path(device, gen):
+    """The packed op through its torch.library ops (what torch.compile traces) against its
+    eager autograd.Function: the same kernels, the same numbers."""
+    from kernels.attention.op import _attention_packed_fwd
+
+    q, k, v = packed_qkv(3, 2, 37, 32, dtype=torch.float32, device=device, gen=gen)
+    dout = _randn(*q.shape, dtype=q.dtype, device=device, gen=gen)
+
+    def library(q, k, v):
+        b, h, n, d = q.shape
+        qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).reshape(b, n, 3 * h * d)
+        return _attention_packed_fwd(qkv, h, d ** -0.5)[0].view(b, n, h, d).transpose(1, 2)
+
+    through_library = check_attention(q, k, v, dout=dout, fn=library)
+    eager = _run(_through_packed(2), q, k, v, dout)
+    for a, b in zip(through_library, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_dispatch_mode_sees_the_library_op(monkeypatch, device, gen):
@@ -454,6 +552,15 @@ def test_gpu_benchmark_shapes(shape, dtype, gen):
     b, h, n, d = shape
     q, k, v = packed_qkv(b, h, n, d, dtype=dtype, device="cuda", gen=gen)
     check_attention(q, k, v, gen=gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", bench.SHAPES[:4], ids=lambda s: "B{} H{} N{} D{}".format(*s))
+def test_gpu_packed_benchmark_shapes_bf16(shape, gen):
+    """attention_packed (the block's path) in bf16, with whatever launch configuration is saved."""
+    b, h, n, d = shape
+    q, k, v = packed_qkv(b, h, n, d, dtype=torch.bfloat16, device="cuda", gen=gen)
+    check_attention(q, k, v, fn=_through_packed(h), gen=gen)
 
 
 @pytest.mark.gpu
