@@ -151,7 +151,7 @@ def _dwconv_bwd_w_rows_kernel(
     szb, szc, szh, szw,
     sgb, sgc, sgh, sgw,
     K: tl.constexpr, KB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    GELU: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    GELU: tl.constexpr, STORE_G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
     # The weight gradient with every kernel row in one matmul: one program, one channel and a
     # run of windows (units). For a window, G^T (TILE_W, TILE_H) times X (TILE_H, KB * KP),
@@ -161,7 +161,7 @@ def _dwconv_bwd_w_rows_kernel(
     # sum_n P[n, b * KP + n + kj]. Unlike _dwconv_bwd_w_toeplitz_kernel (one pass over the
     # windows per kernel row), g and x are read once a window, and the diagonals are taken
     # once a program instead of once a kernel row. It also forms the output gradient g itself:
-    # g = dy * gelu'(z) with GELU (stored for the input gradient's pass), else dy; with HAS_BIAS
+    # g = dy * gelu'(z) with GELU (stored for the input gradient's pass if STORE_G), else dy; with HAS_BIAS
     # the program's sum of g is its bias-gradient partial. No separate pass over dy is needed.
     split = tl.program_id(0)
     c = tl.program_id(1)
@@ -188,7 +188,8 @@ def _dwconv_bwd_w_rows_kernel(
             zt = tl.load(z_ptr + img * szb + c64 * szc + (h0 + m_g) * szh + (w0 + n_g) * szw, mask=g_ok, other=0.0)
             g32 = gt.to(tl.float32) * gelu_grad(zt.to(tl.float32))
             gt = g32.to(g_ptr.dtype.element_ty)
-            tl.store(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw, gt, mask=g_ok)
+            if STORE_G:
+                tl.store(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw, gt, mask=g_ok)
         else:
             g32 = gt.to(tl.float32)
         if HAS_BIAS:
@@ -301,7 +302,7 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     the windows are split over about _TARGET_PROGRAMS programs. With "all_rows", every kernel
     row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply), which alone
     also takes the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
-    g = dy * gelu'(z) into `g_out`) and `has_bias` (see `forms_output_grad`).
+    g = dy * gelu'(z) into `g_out` unless that is None) and `has_bias` (see `forms_output_grad`).
 
     Returns (dw, db): db (C,) fp32 when has_bias, else None."""
     if (z is not None or has_bias) and not forms_output_grad(tile):
@@ -325,14 +326,15 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     if all_rows:
         gelu = z is not None
         # a channels_last g_out keeps its strides: the kernel writes it through them
-        g_store = g_out if gelu else g
+        g_store = g if g_out is None or not gelu else g_out   # g_out None: g is not needed after
         db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
         zz = z if gelu else g
         wrap_triton(_dwconv_bwd_w_rows_kernel)[(splits, C)](
             x, g, zz, g_store, dw_part, db_part, C, H, W, n_th, n_tw, units, per_prog,
             *x.stride(), *g.stride(), *zz.stride(), *g_store.stride(),
-            K=K, KB=next_pow2(K), TILE_H=tile_h, TILE_W=tile_w, KP=kp, GELU=gelu, HAS_BIAS=has_bias,
-            IEEE=x.dtype == torch.float32, num_warps=tile.get("num_warps", 4),
+            K=K, KB=next_pow2(K), TILE_H=tile_h, TILE_W=tile_w, KP=kp, GELU=gelu,
+            STORE_G=gelu and g_out is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
+            num_warps=tile.get("num_warps", 4),
         )
         return dw_part.sum(0).reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](

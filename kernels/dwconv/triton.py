@@ -311,8 +311,9 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         dw = dw_part.sum(0).t().reshape(C, 1, K, K) if tap_dw else None
         db = db_part.sum(0) if has_bias else None
     if fused_g:
-        g = torch.empty_like(dy) if gelu else dy
-        dw, db = toeplitz.weight_grad(dy, x, K, tile, z=z if gelu else None, g_out=g, has_bias=has_bias)
+        g = torch.empty_like(dy) if (gelu and need_dx) else dy   # g itself only for the input gradient
+        dw, db = toeplitz.weight_grad(dy, x, K, tile, z=z if gelu else None, g_out=g if need_dx else None,
+                                      has_bias=has_bias)
     elif toeplitz_dw:
         dw, _ = toeplitz.weight_grad(g, x, K, tile)
     if need_dx:

@@ -339,6 +339,22 @@ def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
     check(2, 3, *hw, k, dtype, device, channels_last=True)
 
 
+def test_all_rows_without_input_gradient(device):
+    """A layer whose input needs no gradient (a frozen first layer): the all_rows kernel then
+    keeps g to itself; the weight and bias gradients are the same as with the input gradient."""
+    from kernels.dwconv import triton as kt
+
+    gen = torch.Generator().manual_seed(0)
+    x, dy, z = (torch.randn(2, 3, 12, 12, generator=gen).to(device) for _ in range(3))
+    w = torch.randn(3, 1, 9, 9, generator=gen).to(device)
+    tile = {"method": "toeplitz", "all_rows": True, "TILE_H": 16, "TILE_W": 16}
+    dx, dw, db = kt.conv_backward(dy, x, w, z, gelu=True, has_bias=True, need_dx=True, need_dw=True, tile=tile)
+    no_dx, dw2, db2 = kt.conv_backward(dy, x, w, z, gelu=True, has_bias=True, need_dx=False, need_dw=True,
+                                      tile=tile)
+    assert dx is not None and no_dx is None
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)
+
+
 @pytest.mark.parametrize("k,tile_w,kp", [(9, 32, 64), (9, 16, 32), (3, 16, 32), (15, 32, 64), (1, 16, 16)])
 def test_banded_matrices(k, tile_w, kp, device):
     """The Toeplitz kernels' banded matrices, T[c, i, j, n] = w[c, i, j - n] inside the band (and
