@@ -63,18 +63,23 @@ def dtype_reasons(dtype: torch.dtype) -> list[str]:
     return [f"dtype {dtype} is not supported (float32, float16, bfloat16 are)"]
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)   # Parameter opts out of __torch_function__
+
+
 def plain_eager(*tensors) -> bool:
     """True when an op may call its Triton launchers directly under a plain autograd.Function.
 
-    That skips the torch.library layer, whose dispatch costs the host about 30 µs per
-    forward+backward. The library op stays in charge whenever something must see it as an
-    operator: torch.compile / export tracing, fake or other tensor subclasses, a dispatch
-    mode (e.g. FlopCounterMode), a functorch transform (vmap, grad).
+    That skips the torch.library layer, whose dispatch cost the host ~100 µs per
+    forward+backward of token_mlp or dwconv2d (`python -m kernels.host_cost`, development CPU).
+    The library op stays in charge whenever something must see it as an operator:
+    torch.compile / export tracing, fake or other tensor subclasses, a dispatch mode (e.g.
+    FlopCounterMode), a functorch transform (vmap, grad). A module's nn.Parameter weights are
+    plain tensors here (its exact type, not subclasses that wrap other tensors).
     """
     return (not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
             and torch._C._len_torch_dispatch_stack() == 0
-            and all(t is None or type(t) is torch.Tensor for t in tensors))
+            and all(t is None or type(t) in _PLAIN_TYPES for t in tensors))
 
 
 def wrap_triton(kernel):

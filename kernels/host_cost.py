@@ -48,23 +48,24 @@ def _cases() -> dict:
     negligible next to the per-call cost being measured."""
     import kernels
 
-    def attention_inputs():
-        return [torch.randn(2, 2, 16, 16, requires_grad=True) for _ in range(3)]
+    def attention_inputs():   # the block's packed qkv projection, (B, N, 3 * H * D)
+        return [torch.randn(2, 16, 3 * 2 * 16, requires_grad=True)]
 
+    # weights as a model holds them: nn.Parameter (activations are plain tensors)
     def token_mlp_inputs(b=2, n=16, c=32, hd=16):
-        shapes = ((b, n, c), (c,), (c,), (hd, n), (hd,), (n, hd), (n,))
-        return [torch.randn(*s, requires_grad=True) for s in shapes]
+        weights = ((c,), (c,), (hd, n), (hd,), (n, hd), (n,))
+        return [torch.randn(b, n, c, requires_grad=True)] + [torch.nn.Parameter(torch.randn(*s)) for s in weights]
 
     def dwconv_inputs(k):
-        return lambda: [torch.randn(2, 8, 16, 16, requires_grad=True), torch.randn(8, 1, k, k, requires_grad=True),
-                        torch.randn(8, requires_grad=True)]
+        return lambda: [torch.randn(2, 8, 16, 16, requires_grad=True), torch.nn.Parameter(torch.randn(8, 1, k, k)),
+                        torch.nn.Parameter(torch.randn(8))]
 
     def dwconv(x, w, b):
         return kernels.dwconv2d(x, w, b, activation="gelu", backend="triton")
 
     return {
-        "attention": [("attention B2 H2 N16 D16", attention_inputs,
-                       lambda q, k, v: kernels.attention(q, k, v, backend="triton"))],
+        "attention": [("attention_packed B2 H2 N16 D16", attention_inputs,
+                       lambda qkv: kernels.attention_packed(qkv, 2, backend="triton"))],
         "token_mlp": [("token_mlp B2 N16 C32 Hd16", token_mlp_inputs,
                        lambda *a: kernels.token_mlp(*a, backend="triton"))],
         "dwconv2d": [(f"dwconv2d B2 C8 16x16 k{k} NCHW, bias, GELU", dwconv_inputs(k), dwconv) for k in (7, 9)],

@@ -426,6 +426,7 @@ def test_plain_eager_rules():
 
     x = torch.ones(2)
     assert plain_eager(x, None, x)
+    assert plain_eager(x, torch.nn.Parameter(torch.ones(2)))   # a module's weights
     with FlopCounterMode(display=False):
         assert not plain_eager(x)
     with FakeTensorMode() as fake:

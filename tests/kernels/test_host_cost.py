@@ -21,4 +21,4 @@ def test_every_op_is_measured_with_its_launches_counted():
 def test_cli_runs_one_op(capsys):
     assert host_cost.main(["--op", "attention", "--reps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "attention B2 H2 N16 D16" in out and "Triton launches 3" in out and "token_mlp" not in out
+    assert "attention_packed B2 H2 N16 D16" in out and "Triton launches 3" in out and "token_mlp" not in out
