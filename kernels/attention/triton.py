@@ -250,7 +250,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             h, n, row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
-            NEG_SCALE=scale < 0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=cfg["num_stages"],
+            NEG_SCALE=scale < 0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps,
+            num_stages=cfg["num_stages"],
         )
     return out, lse2
 
