@@ -101,15 +101,22 @@ def _launch_packed_forward(qkv: Tensor, heads: int, scale: float) -> tuple[Tenso
 
 
 def _launch_packed_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
-                            scale: float) -> Tensor:
+                            scale: float, *, in_place: bool) -> Tensor:
+    """The packed gradient (B, N, 3 * H * D). With `in_place` (eager calls) the kernel writes dq,
+    dk, dv straight into it, and autograd hands it to the projection's backward as it is
+    (per-tensor gradients would be stacked and then copied back into the projection's layout:
+    two passes over three activations' worth of memory). Inside the torch.library op (what
+    torch.compile traces) the three are written apart and stacked: three mutated views of one
+    buffer in a traced kernel launch would each be cloned by functionalization, and that
+    path has not been checked on a GPU."""
     from kernels.attention import triton as kt
 
-    # dq, dk, dv written straight into one gradient laid out like qkv: autograd hands it to the
-    # projection's backward as it is (per-tensor gradients would be stacked and then copied
-    # back into the projection's layout, two passes over three activations' worth of memory)
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     q, k, v = _split(qkv, heads)
     as_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)   # (B, N, H*D) -> (B, H, N, D)
+    if not in_place:
+        grads = kt.backward(as_heads(dout), q, k, v, as_heads(out), lse2, scale)
+        return torch.stack([g.transpose(1, 2) for g in grads], dim=2).flatten(2)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     kt.backward(as_heads(dout), q, k, v, as_heads(out), lse2, scale, grads=_split(dqkv, heads))
     return dqkv
 
@@ -122,7 +129,7 @@ def _attention_packed_fwd(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor
 @torch.library.triton_op("kernels::attention_packed_bwd", mutates_args=())
 def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
                           scale: float) -> Tensor:
-    return _launch_packed_backward(dout, qkv, out, lse2, heads, scale)
+    return _launch_packed_backward(dout, qkv, out, lse2, heads, scale, in_place=False)
 
 
 def _save_packed(ctx, qkv, heads, scale, out, lse2):
@@ -155,7 +162,8 @@ class _EagerAttentionPacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         with dispatch.direct_launch():
-            return _launch_packed_backward(dout, *ctx.saved_tensors, ctx.heads, ctx.scale), None, None
+            dqkv = _launch_packed_backward(dout, *ctx.saved_tensors, ctx.heads, ctx.scale, in_place=True)
+        return dqkv, None, None
 
 
 def attention_packed(qkv: Tensor, heads: int, *, scale: float | None = None, backend: str = "auto") -> Tensor:
@@ -163,11 +171,13 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: float | None = None, bac
     output of one Linear(C, 3 * C), holds q, k, v side by side (each H heads of D). Returns the
     (B, N, H * D) input of the out-projection.
 
-    Same math, dtypes and backends as `attention`. On the Triton path nothing is copied either
-    way: q, k, v are read in place, the output is written in the out-projection's layout, and
-    the gradient comes back as one (B, N, 3 * H * D) tensor in the projection's layout (with
-    `attention` on views of qkv, autograd stacks dq, dk, dv and copies the result back into
-    that layout: two passes over three activations' worth of memory in every backward).
+    Same math, dtypes and backends as `attention`. On the Triton path called eagerly nothing is
+    copied either way: q, k, v are read in place, the output is written in the out-projection's
+    layout, and the gradient comes back as one (B, N, 3 * H * D) tensor in the projection's
+    layout (with `attention` on views of qkv, autograd stacks dq, dk, dv and copies the result
+    back into that layout: two passes over three activations' worth of memory in every
+    backward). Under torch.compile the gradient is assembled with one stack (see
+    `_launch_packed_backward`).
     """
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads) != 0:
         raise ValueError(f"attention_packed expects qkv of shape (B, N, 3 * heads * D) with heads={heads}; "
