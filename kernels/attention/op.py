@@ -92,6 +92,17 @@ def _split(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.unflatten(-1, (3, heads, c3 // (3 * heads))).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _head_views(t: Tensor, heads: int, parts: int) -> list[Tensor]:
+    """The `parts` (B, H, N, D) views of a (B, N, parts * H * D) tensor, one as_strided each: what
+    `_split` gives, in fewer host operations, for the eager launches (autograd never sees them)."""
+    b, n, c = t.shape
+    d = c // (parts * heads)
+    sb, sn, sc = t.stride()
+    offset = t.storage_offset()
+    return [t.as_strided((b, heads, n, d), (sb, d * sc, sn, sc), offset + i * heads * d * sc)
+            for i in range(parts)]
+
+
 def _launch_packed_forward(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
     from kernels.attention import triton as kt
 
@@ -101,24 +112,17 @@ def _launch_packed_forward(qkv: Tensor, heads: int, scale: float) -> tuple[Tenso
 
 
 def _launch_packed_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
-                            scale: float, *, in_place: bool) -> Tensor:
-    """The packed gradient (B, N, 3 * H * D). With `in_place` (eager calls) the kernel writes dq,
-    dk, dv straight into it, and autograd hands it to the projection's backward as it is
-    (per-tensor gradients would be stacked and then copied back into the projection's layout:
-    two passes over three activations' worth of memory). Inside the torch.library op (what
-    torch.compile traces) the three are written apart and stacked: three mutated views of one
-    buffer in a traced kernel launch would each be cloned by functionalization, and that
-    path has not been checked on a GPU."""
+                            scale: float) -> Tensor:
+    """The packed gradient (B, N, 3 * H * D) inside the torch.library op (what torch.compile
+    traces): dq, dk, dv written apart, then stacked. Eager calls (_EagerAttentionPacked) have the
+    kernel write them straight into the packed gradient instead, so that autograd hands it to
+    the projection's backward as it is; in a traced launch those three mutated views of one
+    buffer would each be cloned by functionalization, a path not yet checked on a GPU."""
     from kernels.attention import triton as kt
 
-    q, k, v = _split(qkv, heads)
     as_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)   # (B, N, H*D) -> (B, H, N, D)
-    if not in_place:
-        grads = kt.backward(as_heads(dout), q, k, v, as_heads(out), lse2, scale)
-        return torch.stack([g.transpose(1, 2) for g in grads], dim=2).flatten(2)
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    kt.backward(as_heads(dout), q, k, v, as_heads(out), lse2, scale, grads=_split(dqkv, heads))
-    return dqkv
+    grads = kt.backward(as_heads(dout), *_split(qkv, heads), as_heads(out), lse2, scale)
+    return torch.stack([g.transpose(1, 2) for g in grads], dim=2).flatten(2)
 
 
 @torch.library.triton_op("kernels::attention_packed_fwd", mutates_args=())
@@ -129,7 +133,7 @@ def _attention_packed_fwd(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor
 @torch.library.triton_op("kernels::attention_packed_bwd", mutates_args=())
 def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
                           scale: float) -> Tensor:
-    return _launch_packed_backward(dout, qkv, out, lse2, heads, scale, in_place=False)
+    return _launch_packed_backward(dout, qkv, out, lse2, heads, scale)
 
 
 def _save_packed(ctx, qkv, heads, scale, out, lse2):
@@ -152,17 +156,31 @@ _attention_packed_fwd.register_autograd(_packed_backward, setup_context=_setup_p
 class _EagerAttentionPacked(torch.autograd.Function):
     """The packed Triton path for plain tensors in eager mode (see _EagerAttention)."""
 
+    # Same kernels as the library op, with its views made once and kept (host time: every view
+    # op is a dispatcher call, and small ViTs train host-bound).
+
     @staticmethod
     def forward(ctx, qkv, heads, scale):
+        from kernels.attention import triton as kt
+
+        q, k, v = _head_views(qkv, heads, 3)
         with dispatch.direct_launch():
-            out, lse2 = _launch_packed_forward(qkv, heads, scale)
-        _save_packed(ctx, qkv, heads, scale, out, lse2)
-        return out
+            out, lse2 = kt.forward(q, k, v, scale)                       # out: (B, H, N, D) view
+        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.heads, ctx.scale, ctx.packed_shape = heads, scale, qkv.shape
+        b, h, n, d = out.shape
+        return out.as_strided((b, n, h * d), (n * h * d, h * d, 1))   # its (B, N, H, D) memory
 
     @staticmethod
     def backward(ctx, dout):
+        from kernels.attention import triton as kt
+
+        q, k, v, out, lse2 = ctx.saved_tensors
+        # dq, dk, dv written straight into one gradient laid out like qkv (see _launch_packed_backward)
+        dqkv = q.new_empty(ctx.packed_shape)
         with dispatch.direct_launch():
-            dqkv = _launch_packed_backward(dout, *ctx.saved_tensors, ctx.heads, ctx.scale, in_place=True)
+            kt.backward(_head_views(dout, ctx.heads, 1)[0], q, k, v, out, lse2, ctx.scale,
+                        grads=_head_views(dqkv, ctx.heads, 3))
         return dqkv, None, None
 
 
