@@ -197,6 +197,8 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: float | None = None, bac
     backward). Under torch.compile the gradient is assembled with one stack (see
     `_launch_packed_backward`).
     """
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"attention_packed: heads must be a positive int; got {heads!r}")
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads) != 0:
         raise ValueError(f"attention_packed expects qkv of shape (B, N, 3 * heads * D) with heads={heads}; "
                          f"got {tuple(qkv.shape)}")

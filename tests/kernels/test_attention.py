@@ -268,6 +268,8 @@ def test_packed_reference_path_and_errors(gen):
         attention_packed(qkv, 5)
     with pytest.raises(ValueError, match="at least one token"):
         attention_packed(qkv[:, :0], 4)
+    with pytest.raises(ValueError, match="positive int"):
+        attention_packed(qkv, 0)
 
 
 def test_block_backward_copies_nothing_around_the_kernel():
