@@ -433,3 +433,73 @@ def bench_train(spec, steps: int = 30, source: str = "both", echo=print) -> dict
     if len(results) == 2:
         echo(f"real / synthetic: {results['real'] / results['synthetic']:.3f}")
     return results
+
+
+def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict]:
+    """Where one training step's time goes: the spec's model, optimizer, precision and memory
+    format as `composer train` sets them up, on a synthetic batch of its batch size (no data
+    pipeline), profiled over `steps` steps after a warm-up. Prints the wall time a step and
+    the `top` operations by device time a step (CPU time where there is no GPU), and returns
+    those rows."""
+    from composer.build import build_model, model_backend
+    from composer.optim import make_optimizer
+    from composer.train import _memory_format, precision, resolve_device, soft_cross_entropy
+
+    t, m = spec.train, spec.model
+    device = resolve_device(t.device)
+    cuda = device.type == "cuda"
+    model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    memory_format = _memory_format(spec, device)
+    x = torch.randn(t.batch_size, m.in_channels, m.image_size, m.image_size, device=device)
+    if memory_format is not None:
+        model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
+    forward = torch.compile(model) if t.compile else model
+    targets = torch.nn.functional.one_hot(torch.randint(0, m.num_classes, (t.batch_size,), device=device),
+                                          m.num_classes).float()
+    optimizer = make_optimizer(spec, model)
+    autocast_dtype, use_scaler = precision(spec, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = soft_cross_entropy(forward(x), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):   # allocation, autotuning, compilation
+        step()
+    synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3   # with the profiler's own overhead
+    events = prof.key_averages()
+    if cuda:
+        key = "self_device_time_total"
+        events = [e for e in events if getattr(e, key, 0) > 0]
+    else:
+        key = "self_cpu_time_total"
+    events = sorted(events, key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) / steps
+    dtype = str(autocast_dtype or torch.float32).removeprefix("torch.")
+    layout = str(memory_format or torch.contiguous_format).removeprefix("torch.")
+    echo(f"{spec.name}: batch {t.batch_size} on {device} ({dtype}, {layout}): {wall_ms:.2f} ms a step under "
+         f"the profiler, {total / 1e3:.2f} ms of {'device' if cuda else 'CPU'} time "
+         f"({t.batch_size / wall_ms * 1e3:,.0f} img/s)")
+    echo(f"  {'us/step':>10} {'share':>6} {'calls/step':>10}  operation")
+    rows = []
+    for e in events[:top]:
+        us = getattr(e, key) / steps
+        rows.append({"name": e.key, "us_per_step": us, "share": us / total if total else 0.0,
+                     "calls_per_step": e.count / steps})
+        echo(f"  {us:10.1f} {us / total if total else 0:6.1%} {e.count / steps:10.1f}  {e.key[:110]}")
+    return rows

@@ -258,13 +258,20 @@ def bench_kernels(op, dtype, cuda_graph, sweep, limit, save, profile, spec_path,
               help="Training steps per data source (the first few warm up untimed, so very small values are raised).")
 @click.option("--data", "source", type=click.Choice(["real", "synthetic", "both"]), default="both",
               show_default=True, help="Time the spec's own data, same-shaped synthetic data, or both.")
+@click.option("--profile", is_flag=True,
+              help="Instead: profile the model's training step (synthetic batch) and list the operations "
+                   "that take the most device time a step.")
 @set_option
-def bench_train(spec_path, steps, source, overrides):
+def bench_train(spec_path, steps, source, profile, overrides):
     """Training throughput (img/s) on real and synthetic data."""
-    from composer.bench import bench_train as run
+    from composer import bench as b
     from composer.spec import load_spec
 
-    run(load_spec(spec_path, overrides), steps=steps, source=source, echo=click.echo)
+    spec = load_spec(spec_path, overrides)
+    if profile:
+        b.profile_train(spec, steps=min(steps, 10), echo=click.echo)
+    else:
+        b.bench_train(spec, steps=steps, source=source, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -269,3 +269,24 @@ def test_bench_spec_options_are_checked():
     assert_user_error(run_cli("bench", "kernels", "--spec", SPECS / "convmixer_cifar.yaml", "--op", "attention"),
                       "none of the fused ops")
     assert_user_error(run_cli("bench", "kernels", "--spec", SPECS / "no_such_spec.yaml"), "no_such_spec.yaml")
+
+
+def test_bench_train_profile_lists_where_a_step_goes(tmp_path):
+    """`composer bench train SPEC --profile`: the model's training step profiled (CPU here), the
+    operations that take the most time a step, with their share and calls a step."""
+    from composer.bench import profile_train
+    from composer.spec import load_spec
+
+    lines = []
+    rows = profile_train(load_spec(SPECS / "quickstart.yaml"), steps=2, top=5, echo=lines.append)
+    assert "quickstart: batch 64 on cpu (float32, contiguous_format)" in lines[0] and "ms a step" in lines[0]
+    assert len(rows) == 5 and len(lines) == 2 + 5
+    assert all(r["us_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
+    assert [r["us_per_step"] for r in rows] == sorted((r["us_per_step"] for r in rows), reverse=True)
+    assert 0 < sum(r["share"] for r in rows) <= 1.0 + 1e-9
+    # the backward of the model's layers is part of the step
+    assert any("backward" in r["name"].lower() for r in rows), rows
+
+    result = run_cli("bench", "train", SPECS / "quickstart.yaml", "--profile", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "ms a step under the profiler" in result.stdout and "calls/step" in result.stdout
