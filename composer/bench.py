@@ -443,7 +443,7 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     those rows."""
     from composer.build import build_model, model_backend
     from composer.optim import make_optimizer
-    from composer.train import _memory_format, precision, resolve_device, soft_cross_entropy
+    from composer.train import _check_triton, _memory_format, precision, resolve_device, soft_cross_entropy
 
     t, m = spec.train, spec.model
     device = resolve_device(t.device)
@@ -458,6 +458,8 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
                                           m.num_classes).float()
     optimizer = make_optimizer(spec, model)
     autocast_dtype, use_scaler = precision(spec, device)
+    if t.kernels == "triton":   # the same check and message as `composer train`
+        _check_triton(model, device, autocast_dtype or torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     def step():

@@ -290,3 +290,12 @@ def test_bench_train_profile_lists_where_a_step_goes(tmp_path):
     result = run_cli("bench", "train", SPECS / "quickstart.yaml", "--profile", "--steps", "2")
     assert result.returncode == 0, result.stderr
     assert "ms a step under the profiler" in result.stdout and "calls/step" in result.stdout
+
+
+def test_bench_train_profile_refuses_kernels_that_cannot_run():
+    import os
+
+    # without the interpreter, as on a user's machine without a GPU (the tests run with it)
+    result = run_cli("bench", "train", SPECS / "quickstart.yaml", "--profile", "--set", "train.kernels=triton",
+                     env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert_user_error(result, "token_mlp", "Triton kernels need CUDA", "--kernels auto")
