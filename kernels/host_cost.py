@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 import time
@@ -72,54 +73,65 @@ def _cases() -> dict:
     }
 
 
+@contextlib.contextmanager
+def stubbed_launches():
+    """Within it every op's kernel launches are counted instead of run; yields the Counter
+    (kernel name -> launches). Tests use it too, to see what a call launches without a GPU."""
+    counts: collections.Counter = collections.Counter()
+    saved = [(m, m.wrap_triton) for m in _modules()]
+    try:
+        for m, _ in saved:
+            m.wrap_triton = lambda kernel: _StubLaunch(counts, kernel)
+        yield counts
+    finally:
+        for m, original in saved:
+            m.wrap_triton = original
+
+
 def measure(op: str = "all", reps: int = 200, echo=print) -> list[dict]:
     """One row per case: host µs per forward+backward, Triton launches and PyTorch ops per call."""
     # backend="triton" on CPU tensors needs the interpreter's permission; nothing is interpreted
     interpret = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    counts: collections.Counter = collections.Counter()
-    modules = _modules()
-    saved = [(m, m.wrap_triton) for m in modules]
     rows = []
     try:
-        for m in modules:
-            m.wrap_triton = lambda kernel: _StubLaunch(counts, kernel)
-        for name, cases in _cases().items():
-            if op not in ("all", name):
-                continue
-            for label, make, call in cases:
-                inputs = make()
-
-                def step():
-                    out = call(*inputs)
-                    out.backward(torch.ones_like(out))
-
-                for _ in range(10):
-                    step()
-                counts.clear()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    step()
-                launches = sum(counts.values())
-                # PyTorch ops called from Python or autograd (not the ones inside other ops)
-                ops = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::")
-                                          and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
-                start = time.perf_counter()
-                for _ in range(reps):
-                    step()
-                us = (time.perf_counter() - start) / reps * 1e6
-                rows.append({"case": label, "host_us": us, "launches": launches, "torch_ops": sum(ops.values()),
-                             "top_ops": dict(ops.most_common(6))})
-                most = ", ".join(f"{aten.removeprefix('aten::')} {n}" for aten, n in ops.most_common(4))
-                echo(f"  {label:<40} {us:7.1f} us  Triton launches {launches}  PyTorch ops "
-                     f"{sum(ops.values())}  (most: {most})")
+        with stubbed_launches() as counts:
+            for name, cases in _cases().items():
+                if op not in ("all", name):
+                    continue
+                for label, make, call in cases:
+                    rows.append(_measure_case(label, make(), call, counts, reps, echo))
     finally:
-        for m, original in saved:
-            m.wrap_triton = original
         if interpret is None:
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = interpret
     return rows
+
+
+def _measure_case(label: str, inputs, call, counts: collections.Counter, reps: int, echo) -> dict:
+    def step():
+        out = call(*inputs)
+        out.backward(torch.ones_like(out))
+
+    for _ in range(10):
+        step()
+    counts.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    launches = sum(counts.values())
+    # PyTorch ops called from Python or autograd (not the ones inside other ops)
+    ops = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::")
+                              and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    us = (time.perf_counter() - start) / reps * 1e6
+    most = ", ".join(f"{aten.removeprefix('aten::')} {n}" for aten, n in ops.most_common(4))
+    echo(f"  {label:<40} {us:7.1f} us  Triton launches {launches}  PyTorch ops "
+         f"{sum(ops.values())}  (most: {most})")
+    return {"case": label, "host_us": us, "launches": launches, "torch_ops": sum(ops.values()),
+            "top_ops": dict(ops.most_common(6))}
 
 
 def main(argv=None) -> int:

@@ -103,7 +103,8 @@ def _head_views(t: Tensor, heads: int, parts: int) -> list[Tensor]:
             for i in range(parts)]
 
 
-def _launch_packed_forward(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
+@torch.library.triton_op("kernels::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
     from kernels.attention import triton as kt
 
     out, lse2 = kt.forward(*_split(qkv, heads), scale)
@@ -111,8 +112,9 @@ def _launch_packed_forward(qkv: Tensor, heads: int, scale: float) -> tuple[Tenso
     return out.transpose(1, 2).reshape(b, n, h * d), lse2   # a view: out's memory is (B, N, H, D)
 
 
-def _launch_packed_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
-                            scale: float) -> Tensor:
+@torch.library.triton_op("kernels::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
+                          scale: float) -> Tensor:
     """The packed gradient (B, N, 3 * H * D) inside the torch.library op (what torch.compile
     traces): dq, dk, dv written apart, then stacked. Eager calls (_EagerAttentionPacked) have the
     kernel write them straight into the packed gradient instead, so that autograd hands it to
@@ -125,25 +127,12 @@ def _launch_packed_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor
     return torch.stack([g.transpose(1, 2) for g in grads], dim=2).flatten(2)
 
 
-@torch.library.triton_op("kernels::attention_packed_fwd", mutates_args=())
-def _attention_packed_fwd(qkv: Tensor, heads: int, scale: float) -> tuple[Tensor, Tensor]:
-    return _launch_packed_forward(qkv, heads, scale)
-
-
-@torch.library.triton_op("kernels::attention_packed_bwd", mutates_args=())
-def _attention_packed_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse2: Tensor, heads: int,
-                          scale: float) -> Tensor:
-    return _launch_packed_backward(dout, qkv, out, lse2, heads, scale)
-
-
-def _save_packed(ctx, qkv, heads, scale, out, lse2):
+def _setup_packed_context(ctx, inputs, output):
+    qkv, heads, scale = inputs
+    out, lse2 = output
     ctx.save_for_backward(qkv, out, lse2)
     ctx.heads, ctx.scale = heads, scale
-
-
-def _setup_packed_context(ctx, inputs, output):
-    _save_packed(ctx, *inputs, *output)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(lse2)
 
 
 def _packed_backward(ctx, dout, _dlse2):
@@ -176,7 +165,7 @@ class _EagerAttentionPacked(torch.autograd.Function):
         from kernels.attention import triton as kt
 
         q, k, v, out, lse2 = ctx.saved_tensors
-        # dq, dk, dv written straight into one gradient laid out like qkv (see _launch_packed_backward)
+        # dq, dk, dv written straight into one gradient laid out like qkv (see _attention_packed_bwd)
         dqkv = q.new_empty(ctx.packed_shape)
         with dispatch.direct_launch():
             kt.backward(_head_views(dout, ctx.heads, 1)[0], q, k, v, out, lse2, ctx.scale,
@@ -195,7 +184,7 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: float | None = None, bac
     layout (with `attention` on views of qkv, autograd stacks dq, dk, dv and copies the result
     back into that layout: two passes over three activations' worth of memory in every
     backward). Under torch.compile the gradient is assembled with one stack (see
-    `_launch_packed_backward`).
+    `_attention_packed_bwd`).
     """
     if not isinstance(heads, int) or heads < 1:
         raise ValueError(f"attention_packed: heads must be a positive int; got {heads!r}")

@@ -276,23 +276,13 @@ def test_block_backward_copies_nothing_around_the_kernel():
     """The attention block's backward, launches stubbed: the packed gradient reaches the qkv
     projection as it is. With per-tensor q, k, v it was stacked (UnbindBackward) and then
     copied into the projection's layout (ViewBackward's reshape)."""
-    import collections
-
     from composer.blocks.attention import Attention
     from kernels import host_cost
 
-    counts = collections.Counter()
-    saved = [(m, m.wrap_triton) for m in host_cost._modules()]
-    try:
-        for m, _ in saved:
-            m.wrap_triton = lambda kernel: host_cost._StubLaunch(counts, kernel)
-        block = Attention(64, 4, backend="triton")
-        x = torch.randn(2, 16, 64, requires_grad=True)
-        with torch.profiler.profile() as prof:
-            block(x).sum().backward()
-    finally:
-        for m, original in saved:
-            m.wrap_triton = original
+    block = Attention(64, 4, backend="triton")
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    with host_cost.stubbed_launches() as counts, torch.profiler.profile() as prof:
+        block(x).sum().backward()
     assert counts["_attn_fwd"] == 1 and counts["_attn_bwd_tiled"] == 1, counts
 
     def ancestors(event):
