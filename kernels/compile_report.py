@@ -1,11 +1,12 @@
 """Shared memory, registers and spills of every Triton launch, compiled for a GPU that is not here.
 
     python -m kernels.compile_report [--op attention|token_mlp|dwconv2d|all] [--dtype bf16|fp16|fp32]
-                                     [--arch 90] [--first]
+                                     [--arch 90] [--first] [--shape SIZES ...]
 
-Runs each op's forward and backward launchers at its benchmark shapes on meta tensors (no
+Runs each op's forward and backward launchers at its benchmark shapes (or at --shape) on meta tensors (no
 memory, no GPU) with the launches intercepted, compiles every intercepted kernel with the
-installed Triton for sm_<arch>, and reads the binary's registers per thread, stack
+installed Triton for sm_<arch>, specialized as a real launch is (alignment marks included),
+and reads the binary's registers per thread, stack
 (local memory: spilled registers) and shared memory with cuobjdump (shipped with Triton).
 Spills and shared memory past the card's limit are worth knowing before a GPU run; only a
 GPU says how fast anything is. Needs the compiled kernels, so it refuses to run under
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 import torch
 
 SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
-_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                 torch.int64: "i64", torch.int32: "i32"}
 _SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "DQ_ATOMIC",
           "FUSED_DELTA", "num_warps", "num_stages")
 
@@ -72,12 +71,11 @@ def _record(label: str, call, modules) -> list[Launch]:
     return launches
 
 
-def _attention_launches(dtype, first: bool) -> list[Launch]:
-    from kernels.attention import bench
+def _attention_launches(dtype, shapes) -> list[Launch]:
     from kernels.attention import triton as kt
 
     out = []
-    for b, h, n, d in bench.SHAPES[:1] if first else bench.SHAPES:
+    for b, h, n, d in shapes:
         q, k, v, do = (torch.empty(b, h, n, d, device="meta", dtype=dtype) for _ in range(4))
         o, lse2 = kt._bhnd_like(q), torch.empty(b, h, n, device="meta")   # what the forward saves
         shape = f"attention B{b} H{h} N{n} D{d}"
@@ -90,12 +88,12 @@ def _attention_launches(dtype, first: bool) -> list[Launch]:
     return out
 
 
-def _token_mlp_launches(dtype, first: bool) -> list[Launch]:
-    from kernels.token_mlp import bench, gemms
+def _token_mlp_launches(dtype, shapes) -> list[Launch]:
+    from kernels.token_mlp import gemms
     from kernels.token_mlp import triton as kt
 
     out = []
-    for B, N, C, Hd in bench.SHAPES[:1] if first else bench.SHAPES:
+    for B, N, C, Hd in shapes:
         x, dy = (torch.empty(B, N, C, device="meta", dtype=dtype) for _ in range(2))
         p = [torch.empty(*s, device="meta", dtype=dtype) for s in ((C,), (C,), (Hd, N), (Hd,), (N, Hd), (N,))]
         mean, rstd = (torch.empty(B, N, device="meta") for _ in range(2))
@@ -111,13 +109,12 @@ def _token_mlp_launches(dtype, first: bool) -> list[Launch]:
     return out
 
 
-def _dwconv_launches(dtype, first: bool) -> list[Launch]:
-    from kernels.dwconv import bench
+def _dwconv_launches(dtype, shapes) -> list[Launch]:
     from kernels.dwconv import toeplitz
     from kernels.dwconv import triton as kt
 
     out = []
-    for B, C, H, W, k in bench.SHAPES[:1] if first else bench.SHAPES:
+    for B, C, H, W, k in shapes:
         w = torch.empty(C, 1, k, k, device="meta", dtype=dtype)
         bias = torch.empty(C, device="meta", dtype=dtype)
         for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
@@ -138,29 +135,43 @@ def _dwconv_launches(dtype, first: bool) -> list[Launch]:
 
 
 LAUNCHES = {"attention": _attention_launches, "token_mlp": _token_mlp_launches, "dwconv2d": _dwconv_launches}
+# what --shape takes for each op, in the order of its benchmark shapes (kernels/<op>/bench.py)
+SHAPE_FIELDS = {"attention": "B,H,N,D", "token_mlp": "B,N,C,Hd", "dwconv2d": "B,C,H,W,k"}
 
 
-def _signature(launch: Launch) -> tuple[dict, dict, dict]:
-    """(Triton signature, constexpr values, compile options) of one recorded launch."""
-    kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    constexprs = set(launch.kernel.constexprs)
-    signature, constants = {}, {}
-    for i, name in enumerate(launch.kernel.arg_names):
-        value = launch.args[i] if i < len(launch.args) else kwargs[name]
-        if i in constexprs:
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"argument {name} of type {type(value).__name__}")
-    return signature, constants, options
+def benchmark_shapes(op: str) -> list[tuple]:
+    import importlib
+
+    package = {"dwconv2d": "dwconv"}.get(op, op)
+    return list(importlib.import_module(f"kernels.{package}.bench").SHAPES)
+
+
+def _specialized_source(launch: Launch, target):
+    """(Triton source, compile options) of one recorded launch, specialized as a real launch is:
+    besides constexprs, Triton marks each pointer and integer argument divisible by 16 (and
+    integers equal to 1), which decides vector widths, async copies and so shared memory:
+    without those marks a kernel can compile to under half the shared memory it takes on
+    the GPU. Uses the launcher's own binder, as `JITFunction.run` does (Triton 3.6 to 3.8).
+    Meta tensors stand in for CUDA ones: their address (0) is 16-byte aligned, as the
+    allocator's always are."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound, specialization,
+                                                              options)
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
+
+
+def _shown_config(launch: Launch) -> dict:
+    """The launch's tile sizes, switches, num_warps and num_stages (the constexprs worth showing)."""
+    kernel = launch.kernel
+    values = {**dict(zip(kernel.arg_names, launch.args)), **launch.kwargs}
+    constexprs = {kernel.arg_names[i] for i in kernel.constexprs} | {"num_warps", "num_stages"}
+    return {k: v for k, v in values.items() if k in constexprs and k.startswith(_SHOWN)}
 
 
 def _cuobjdump() -> str:
@@ -176,14 +187,12 @@ def compile_launch(launch: Launch, arch: int) -> Report:
     """Compile one recorded launch for sm_<arch> and read the resources of the binary Triton built."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    signature, constants, options = _signature(launch)
-    shown = {k: v for k, v in {**constants, **options}.items() if k.startswith(_SHOWN)}
-    report = Report(launch.label, launch.kernel.__name__, shown)
+    report = Report(launch.label, launch.kernel.__name__, _shown_config(launch))
     try:
-        compiled = triton.compile(ASTSource(launch.kernel, signature, constants),
-                                  target=GPUTarget("cuda", arch, 32), options=options)
+        target = GPUTarget("cuda", arch, 32)
+        source, options = _specialized_source(launch, target)
+        compiled = triton.compile(source, target=target, options=options)
         report.shared = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "kernel.cubin")
@@ -200,7 +209,9 @@ def compile_launch(launch: Launch, arch: int) -> Report:
 
 
 def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, first: bool = False,
-        echo=print) -> list[Report]:
+        shapes: list[tuple] | None = None, echo=print) -> list[Report]:
+    """Compile and report each launch of `op` (or every op) at its benchmark shapes (`first`: the
+    first one only), or at `shapes` (one op only)."""
     from kernels import dispatch
 
     if dispatch.interpreter_mode():
@@ -210,7 +221,8 @@ def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, fi
     for name in (LAUNCHES if op == "all" else (op,)):
         echo(f"\n== {name} ({str(dtype).removeprefix('torch.')}, sm_{arch}: shared memory limit "
              f"{limit or 'unknown'} bytes) ==")
-        for launch in LAUNCHES[name](dtype, first):
+        op_shapes = shapes or benchmark_shapes(name)[:1 if first else None]
+        for launch in LAUNCHES[name](dtype, op_shapes):
             r = compile_launch(launch, arch)
             reports.append(r)
             if r.error:
@@ -229,10 +241,25 @@ def main(argv=None) -> int:
                         help="dtype of the activations (default: bf16)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--first", action="store_true", help="only the first benchmark shape of each op")
+    parser.add_argument("--shape", action="append", default=[], metavar="SIZES",
+                        help="a shape instead of the benchmark ones, with --op: "
+                             + "; ".join(f"{op} {fields}" for op, fields in SHAPE_FIELDS.items())
+                             + " (e.g. --op token_mlp --shape 8,257,64,128); repeatable")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    shapes = None
+    if args.shape:
+        fields = SHAPE_FIELDS.get(args.op)
+        try:
+            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+        except ValueError:
+            shapes = []
+        if fields is None or not shapes or any(len(s) != fields.count(",") + 1 or min(s) < 1 for s in shapes):
+            need = f"{fields} for --op {args.op}" if fields else "one --op (not all)"
+            print(f"error: --shape takes positive integers {need}; got {' '.join(args.shape)}", file=sys.stderr)
+            return 2
     try:
-        reports = run(args.op, dtype, args.arch, args.first)
+        reports = run(args.op, dtype, args.arch, args.first, shapes)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -198,6 +198,11 @@ def _blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = False)
         # two stages of (64, 256) W1 and W2 tiles next to Z and dY needed 233,472 bytes
         # of shared memory on sm_90 (limit 232,448): halve the hidden block
         block_h = 32
+    if block_n >= 512 and dtype != torch.float32:
+        # 257 to 512 tokens: two stages of (64, 512) W1 and W2 tiles took 224 KiB of shared
+        # memory (299 KiB at C >= 256) and the forward hit an illegal memory access on an H100
+        # (N = 257, C 64, Hd 128); (32, 512) tiles take 130 KiB, as much as N = 196 does
+        block_h = 32
     block_h = max(16, min(block_h, next_pow2(hd)))
     num_warps = 8 if block_n >= 256 or block_n * block_c > 4096 else 4
     # two stages: the hidden loop's W1/W2 tiles are (BLOCK_H, BLOCK_N) each, and

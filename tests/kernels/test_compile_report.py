@@ -48,3 +48,49 @@ def test_no_default_launch_keeps_its_registers_in_local_memory(args):
     for line in rows:
         stack = int(re.search(r"stack\s+(\d+)", line).group(1))
         assert stack < 2048, line
+
+
+def test_token_mlp_launches_past_256_tokens_keep_shared_memory_headroom():
+    """257 to 512 tokens make the fused kernels' token tile 512 wide. With (64, 512) weight
+    tiles the forward took 224 KiB of shared memory (near sm_90's 227) and hit an illegal
+    memory access on an H100; every default launch there must now stay well below the limit,
+    as the benchmark shapes do (at most 154 KiB under Triton 3.6 and 3.8)."""
+    result = _report("--op", "token_mlp", "--shape", "8,257,64,128", "--shape", "2,512,768,384")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if " smem " in line and " split " not in line]
+    assert {re.search(r"(_\w+_kernel)", line).group(1) for line in rows} >= {"_fwd_kernel", "_bwd_data_kernel"}
+    for line in rows:
+        assert int(re.search(r"smem\s+(\d+)", line).group(1)) <= 160 * 1024, line
+
+
+def test_bad_shape_is_refused_with_the_fields_it_takes():
+    result = _report("--op", "dwconv2d", "--shape", "2,8,16")
+    assert result.returncode == 2 and "B,C,H,W,k for --op dwconv2d" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_launches_compile_with_the_alignment_marks_of_a_real_launch():
+    """Triton marks aligned pointers and integers divisible by 16 at launch, which changes the
+    code (vector widths, async copies) and its shared memory: the report must compile what the
+    GPU runs, not the unmarked kernel (under half the shared memory in one case)."""
+    code = """
+import torch
+from triton.backends.compiler import GPUTarget
+from kernels import compile_report as cr
+from kernels.token_mlp import gemms, triton as kt
+x = torch.empty(2, 64, 40, device="meta", dtype=torch.bfloat16)
+p = [torch.empty(*s, device="meta") for s in ((40,), (40,), (32, 64), (32,), (64, 32), (64,))]
+launch = [l for l in cr._record("fwd", lambda: kt.forward(x, *p, 1e-5), [kt, gemms])
+          if l.kernel.__name__ == "_fwd_kernel"][0]
+source, options = cr._specialized_source(launch, GPUTarget("cuda", 90, 32))
+names = launch.kernel.arg_names
+marked = {names[path[0]] for path, marks in source.attrs.items() if ["tt.divisibility", 16] in marks}
+print(sorted(marked))
+assert {"X", "Y", "W1", "W2", "N", "HD"} <= marked, marked   # aligned pointers, N 64, Hd 32
+assert not {"C", "stride_xn"} & marked, marked                 # 40 channels, 40 elements a row
+assert options["num_warps"] == launch.kwargs["num_warps"]
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

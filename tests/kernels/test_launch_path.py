@@ -61,7 +61,7 @@ def test_hop_launches_counts_side_table_entries():
 
 
 @pytest.mark.parametrize("kind", ["attention", "token_mlp", "dwconv"])
-def test_blocks_with_parameter_weights_take_the_eager_path(kind, monkeypatch):
+def test_blocks_with_parameter_weights_take_the_eager_path(kind, monkeypatch, device):
     """Inside a model the weights are nn.Parameters: the blocks must still take the plain
     autograd.Function path (launches stubbed; the library ops are made to fail)."""
     from composer.blocks.attention import Attention
@@ -81,6 +81,7 @@ def test_blocks_with_parameter_weights_take_the_eager_path(kind, monkeypatch):
     block, x = {"attention": (Attention(32, 2, backend="triton"), torch.randn(2, 16, 32)),
                 "token_mlp": (TokenMlp(32, 16, 16, backend="triton"), torch.randn(2, 16, 32)),
                 "dwconv": (DwConv(8, 9, backend="triton"), torch.randn(2, 8, 16, 16))}[kind]
+    block, x = block.to(device), x.to(device)
     assert all(type(p) is torch.nn.Parameter for p in block.parameters())
     with host_cost.stubbed_launches() as counts:
         block(x.requires_grad_()).sum().backward()
