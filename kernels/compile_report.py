@@ -89,6 +89,7 @@ def _attention_launches(dtype, shapes) -> list[Launch]:
 
 
 def _token_mlp_launches(dtype, shapes) -> list[Launch]:
+    from kernels.grid import next_pow2
     from kernels.token_mlp import gemms
     from kernels.token_mlp import triton as kt
 
@@ -99,13 +100,18 @@ def _token_mlp_launches(dtype, shapes) -> list[Launch]:
         mean, rstd = (torch.empty(B, N, device="meta") for _ in range(2))
         shape = f"token_mlp B{B} N{N} C{C} Hd{Hd}"
         bwd_args = (dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
-        out += _record(f"{shape} forward", lambda: kt.forward(x, *p, 1e-5), [kt, gemms])
-        out += _record(f"{shape} backward", lambda: kt.backward(*bwd_args), [kt, gemms])
-        # the per-image GEMM candidates (method "split", with the split-K weight gradients)
+        # both methods, whichever is the default for this shape and dtype: the fused kernels
+        # (`_blocks`, `_weight_blocks`) and the per-image GEMMs with split-K weight gradients
+        fused_fwd, fused_bwd = (kt._blocks(N, C, Hd, dtype, backward) for backward in (False, True))
+        fused_w = kt._weight_blocks(max(16, next_pow2(N)), C, Hd, dtype)
         split_fwd, split_bwd = (gemms.split_blocks(N, C, Hd, dtype, backward) for backward in (False, True))
-        out += _record(f"{shape} forward split", lambda: kt.forward(x, *p, 1e-5, config=split_fwd), [kt, gemms])
-        out += _record(f"{shape} backward split", lambda: kt.backward(
-            *bwd_args, config=split_bwd, weight_config={"method": "splitk"}), [kt, gemms])
+        default = "split" if kt.forward_config(x, Hd).get("method") == "split" else "fused"
+        for method, fwd, bwd, weights in (("fused", fused_fwd, fused_bwd, fused_w),
+                                          ("split", split_fwd, split_bwd, {"method": "splitk"})):
+            tag = method + (" (default)" if method == default else "")
+            out += _record(f"{shape} forward {tag}", lambda: kt.forward(x, *p, 1e-5, config=fwd), [kt, gemms])
+            out += _record(f"{shape} backward {tag}", lambda: kt.backward(
+                *bwd_args, config=bwd, weight_config=weights), [kt, gemms])
     return out
 
 

@@ -53,9 +53,10 @@ def _cases() -> dict:
         return [torch.randn(2, 16, 3 * 2 * 16, requires_grad=True)]
 
     # weights as a model holds them: nn.Parameter (activations are plain tensors)
-    def token_mlp_inputs(b=2, n=16, c=32, hd=16):
+    def token_mlp_inputs(b=2, n=16, c=32, hd=16, dtype=torch.float32):
         weights = ((c,), (c,), (hd, n), (hd,), (n, hd), (n,))
-        return [torch.randn(b, n, c, requires_grad=True)] + [torch.nn.Parameter(torch.randn(*s)) for s in weights]
+        return ([torch.randn(b, n, c, dtype=dtype, requires_grad=True)]
+                + [torch.nn.Parameter(torch.randn(*s)) for s in weights])
 
     def dwconv_inputs(k):
         return lambda: [torch.randn(2, 8, 16, 16, requires_grad=True), torch.nn.Parameter(torch.randn(8, 1, k, k)),
@@ -68,6 +69,10 @@ def _cases() -> dict:
         "attention": [("attention_packed B2 H2 N16 D16", attention_inputs,
                        lambda qkv: kernels.attention_packed(qkv, 2, backend="triton"))],
         "token_mlp": [("token_mlp B2 N16 C32 Hd16", token_mlp_inputs,
+                       lambda *a: kernels.token_mlp(*a, backend="triton")),
+                      # past 128 tokens, 16-bit inputs take the per-image GEMMs (more launches)
+                      ("token_mlp B2 N144 C32 Hd16 fp16 (GEMMs)",
+                       lambda: token_mlp_inputs(n=144, dtype=torch.float16),
                        lambda *a: kernels.token_mlp(*a, backend="triton"))],
         "dwconv2d": [(f"dwconv2d B2 C8 16x16 k{k} NCHW, bias, GELU", dwconv_inputs(k), dwconv) for k in (7, 9)],
     }

@@ -420,8 +420,11 @@ def test_tensorboard_missing_package_is_a_user_error(tmp_path, monkeypatch):
 
 
 def test_memory_format_choice():
-    """train.memory_format: auto is channels_last for models with convolution blocks, on CUDA only."""
+    """train.memory_format: auto is channels_last for models with convolution blocks, on CUDA only,
+    and NCHW for those with a depthwise kernel of 9 or more."""
     conv = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}", "- {kind: convmixer, kernel_size: 3}")
+    wide = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}",
+                        "- {kind: convmixer, kernel_size: 3}\n    - {kind: convmixer, kernel_size: 9}")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 
     def choice(text, *overrides, device=cuda):
@@ -429,5 +432,6 @@ def test_memory_format_choice():
 
     assert choice(conv) is torch.channels_last and choice(TINY) is None
     assert choice(conv, "train.memory_format=contiguous") is None
+    assert choice(wide) is None and choice(wide, "train.memory_format=channels_last") is torch.channels_last
     assert choice(TINY, "train.memory_format=channels_last") is torch.channels_last
     assert choice(conv, device=cpu) is None and choice(conv, "train.memory_format=channels_last", device=cpu) is None

@@ -48,8 +48,9 @@ class TrainSpec(Strict):
     kernels: Literal["auto", "triton", "reference"] = Field("auto", description="Backend of the fused ops.")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="Layout of images, activations and convolution weights on CUDA. auto: "
-        "channels_last when the model has convolution (grid) blocks, else contiguous. The depthwise "
-        "kernel's tensor-core path runs on contiguous (NCHW) tensors at kernel sizes 9 and up.")
+        "channels_last when the model has convolution (grid) blocks, except contiguous (NCHW) when a "
+        "depthwise kernel is 9 or wider, where the depthwise convolutions run faster in NCHW; "
+        "else contiguous.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     seed: int = Field(0, description="Seed of weights, shuffling and augmentation.")
     deterministic: bool = Field(False, description="Deterministic algorithms (bitwise-reproducible on CPU).")

@@ -233,21 +233,39 @@ def _weight_blocks(block_n: int, c: int, hd: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_C": wbc, "BLOCK_H": wbh, "num_warps": num_warps}
 
 
+# Above this many tokens, 16-bit inputs go through the per-image GEMMs (method "split", with
+# split-K weight gradients) by default. On an H100 in bf16 at N 196 (C 512 / 768) they took the
+# backward from 3,314 / 2,999 µs (fused kernels) to 934 / 947 and the forward from 376 / 395 to
+# 299 / 320; at N 64 the fused kernels were fastest (BENCHMARKS.md). fp32 keeps the fused
+# data kernels: it has not been timed.
+SPLIT_ABOVE_TOKENS = 128
+
+
+def _splits(n: int, dtype: torch.dtype) -> bool:
+    return n > SPLIT_ABOVE_TOKENS and dtype != torch.float32
+
+
 def forward_config(x: torch.Tensor, hd: int) -> dict:
     """The forward's launch configuration for x (B, N, C) and hd hidden units: one saved for
-    this card and shape (kernels.tuning), else `_blocks`."""
+    this card and shape (kernels.tuning), else the built-in rule."""
     _, n, c = x.shape
-    return (tuning.lookup("token_mlp", "forward", x.device, x.dtype, f"N{n} C{c} Hd{hd}")
-            or _blocks(n, c, hd, x.dtype))
+    tuned = tuning.lookup("token_mlp", "forward", x.device, x.dtype, f"N{n} C{c} Hd{hd}")
+    if tuned:
+        return tuned
+    return gemms.split_blocks(n, c, hd, x.dtype) if _splits(n, x.dtype) else _blocks(n, c, hd, x.dtype)
 
 
 def backward_config(x: torch.Tensor, hd: int) -> dict:
     """{"data": ..., "weights": ...}: the backward's two launch configurations, saved
-    together (kernels.tuning: they were timed together), else `_blocks` and `_weight_blocks`."""
+    together (kernels.tuning: they were timed together), else the built-in rule."""
     _, n, c = x.shape
     tuned = tuning.lookup("token_mlp", "backward", x.device, x.dtype, f"N{n} C{c} Hd{hd}") or {}
-    return {"data": tuned.get("data") or _blocks(n, c, hd, x.dtype, backward=True),
-            "weights": tuned.get("weights") or _weight_blocks(max(16, next_pow2(n)), c, hd, x.dtype)}
+    if _splits(n, x.dtype):
+        data, weights = gemms.split_blocks(n, c, hd, x.dtype, backward=True), {"method": "splitk"}
+    else:
+        data, weights = _blocks(n, c, hd, x.dtype, backward=True), _weight_blocks(max(16, next_pow2(n)), c, hd,
+                                                                                  x.dtype)
+    return {"data": tuned.get("data") or data, "weights": tuned.get("weights") or weights}
 
 
 def _check_block_n(cfg: dict, n: int) -> None:

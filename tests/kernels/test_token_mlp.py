@@ -116,6 +116,8 @@ def _built_in_rules(monkeypatch):
     from kernels.token_mlp import triton as kt
 
     monkeypatch.setattr(tuning, "lookup", lambda *args, **kwargs: None)
+    # and no switch to the per-image GEMMs past 128 tokens: the forced rule applies at every N
+    monkeypatch.setattr(kt, "SPLIT_ABOVE_TOKENS", 1 << 30)
     return kt
 
 
@@ -172,6 +174,30 @@ def test_split_method(shape, dtype, weights, device, monkeypatch):
     if weights == "splitk":
         monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, dtype, device)
+
+
+def test_default_method_by_token_count():
+    """16-bit inputs past 128 tokens take the per-image GEMMs with split-K weight gradients (faster
+    on an H100 at N 196); fewer tokens, and fp32, the fused kernels."""
+    from kernels.token_mlp import triton as kt
+
+    def methods(n, dtype):
+        x = torch.empty(2, n, 64, dtype=dtype)
+        bwd = kt.backward_config(x, 32)
+        return (kt.forward_config(x, 32).get("method", "fused"), bwd["data"].get("method", "fused"),
+                bwd["weights"].get("method", "fused"))
+
+    assert methods(196, torch.bfloat16) == methods(129, torch.float16) == ("split", "split", "splitk")
+    assert methods(128, torch.bfloat16) == methods(64, torch.float16) == ("fused", "fused", "fused")
+    assert methods(196, torch.float32)[:2] == ("fused", "fused")
+
+
+@pytest.mark.parametrize("shape", [(3, 196, 100, 64), (1, 257, 24, 72)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_fused_kernels_past_128_tokens_fp16(shape, device, monkeypatch):
+    """The fused kernels where 16-bit inputs default to the per-image GEMMs (still reachable
+    through saved configurations and sweeps)."""
+    _built_in_rules(monkeypatch)
+    check_against_fp64(*shape, torch.float16, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
