@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
-_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "DQ_ATOMIC",
+_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "UNITS", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "DQ_ATOMIC",
           "FUSED_DELTA", "num_warps", "num_stages")
 
 

@@ -139,7 +139,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             all_rows = [{"method": "toeplitz", "all_rows": True, "TILE_H": th, "TILE_W": tw, "num_warps": w}
                         for th, tw, w in ((32, 16, 8), (16, 16, 4), (16, 16, 8))]
             if layout == "NCHW":
-                # the tap kernel's budgets only where it is still the default (K < 9 on NCHW)
+                # the tap kernel's budgets only where it is still the default (K < TOEPLITZ_MIN_K on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
                 fwd = (images + ([{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] if taps else [])
                        + toeplitz + gathered + narrow[1:] + [{**narrow[2], "gather": True}])

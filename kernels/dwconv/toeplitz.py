@@ -1,5 +1,5 @@
 """The depthwise convolution on tensor cores: each kernel row as a batched matmul of input rows
-by a banded (Toeplitz) matrix. The default for NCHW inputs at K >= 9 (see
+by a banded (Toeplitz) matrix. The default for NCHW inputs at K >= 7 (see
 triton.TOEPLITZ_MIN_K); triton.py holds the tap kernels and picks between them.
 
   _dwconv_fwd_toeplitz_kernel    y = act(bias + conv(x, w)); with FLIP the input gradient
@@ -259,7 +259,7 @@ def _tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int
 
 
 def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
-    """The tensor-core formulation: the default for NCHW at K >= 9 (TOEPLITZ_FORWARD), else
+    """The tensor-core formulation: the default for NCHW at K >= 7 (TOEPLITZ_FORWARD), else
     selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
     x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "IMAGES" (a power
     of two), each program stacks the rows of its window in that many images into one matmul

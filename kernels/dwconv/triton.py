@@ -1,7 +1,7 @@
 """Triton kernels for the depthwise "same" convolution, and their launchers.
 
 Two formulations. The tensor-core (Toeplitz) kernels in toeplitz.py, the default for
-NCHW inputs at K >= 9 (see TOEPLITZ_MIN_K), turn each kernel row into a batched matmul
+NCHW inputs at K >= 7 (see TOEPLITZ_MIN_K), turn each kernel row into a batched matmul
 of input rows by a banded matrix. The tap kernels here, the default elsewhere, add
 K * K shifted loads times one weight each; `forward_tile` and `weight_grad_tile` choose.
 
@@ -183,16 +183,17 @@ def _grid(x: torch.Tensor, block_c: int, bb: int, tile_h: int, tile_w: int):
 
 
 # The tensor-core (banded Toeplitz) kernels' launches where they are the default: NCHW
-# with K >= 9. Their cost per output barely depends on K while the tap kernel's grows
-# as K^2. Kernel alone on an H100 (bf16, CUDA-graph medians, 2026-11-27, B256 C256
-# 32x32 k9 NCHW): forward 560 us against 1,688 for the tap kernel (this config; 8
-# channels x 32 rows on 8 warps: 728), weight gradient 917 us against 2,143. On
-# channels_last the same forward took 2,187 us against the tap kernel's 1,070 (its
-# loads run along channels, 8 to 16 at a time), so that layout keeps the tap kernel.
-# Smaller K and the other shapes are not measured yet: they keep the tap kernel too.
-TOEPLITZ_MIN_K = 9
-TOEPLITZ_FORWARD = {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4}
-TOEPLITZ_WEIGHT_GRAD = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4}
+# with K >= 7. Their cost per output barely depends on K while the tap kernel's grows
+# as K^2. Kernel alone on an H100 (bf16, CUDA-graph medians, 2026-11-27, second sweep), this
+# forward against the tap kernel: 499 against 1,688 us (B256 C256 32x32 k9), 1,054 against
+# 1,798 (B128 C768 32x32 k7), 1,251 against ~2,300 (B64 C1536 28x28 k9), within 10% of each
+# shape's best; this weight gradient: 1,071 against 2,143, 1,734 against 2,474, 3,288 (the
+# best) against ~4,000. On channels_last the Toeplitz forward lost to the tap kernel (2,187
+# against 1,070 us: its loads run along channels, 8 to 16 at a time), so that layout keeps
+# the tap kernel. K below 7 is not measured: it keeps the tap kernel too.
+TOEPLITZ_MIN_K = 7
+TOEPLITZ_FORWARD = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "IMAGES": 4}
+TOEPLITZ_WEIGHT_GRAD = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4, "UNITS": 8}
 
 
 def _toeplitz_default(x: torch.Tensor, k: int) -> bool:
