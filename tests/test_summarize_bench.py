@@ -292,6 +292,25 @@ def test_bench_train_profile_lists_where_a_step_goes(tmp_path):
     assert "ms a step under the profiler" in result.stdout and "calls/step" in result.stdout
 
 
+def test_train_profile_counts_each_kernel_once():
+    """On a GPU the operator that launches a kernel reports the kernel's time as its own device
+    time: only the device-side events count (an H100 profile listed BatchNorm's backward twice),
+    and the host's wait on a full launch queue is no device work."""
+    from types import SimpleNamespace
+
+    from composer.bench import device_work
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, device_type, us):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=us)
+
+    events = [event("aten::native_batch_norm_backward", cpu, 19.0), event("batch_norm_backward_kernel", cuda, 19.0),
+              event("_EagerDwConvBackward", cpu, 20.7), event("_dwconv_bwd_w_toeplitz_kernel", cuda, 10.0),
+              event("Command Buffer Full", cuda, 17.5), event("aten::empty", cpu, 0.0), event("idle", cuda, 0.0)]
+    assert [e.key for e in device_work(events)] == ["batch_norm_backward_kernel", "_dwconv_bwd_w_toeplitz_kernel"]
+
+
 def test_bench_train_profile_refuses_kernels_that_cannot_run():
     import os
 
