@@ -454,7 +454,7 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     pipeline), profiled over `steps` steps after a warm-up. Prints the wall time a step and
     the `top` operations by device time a step (CPU time where there is no GPU), and returns
     those rows."""
-    from composer.build import build_model, model_backend
+    from composer.build import build_model, model_backend, prepare_for_compile
     from composer.optim import make_optimizer
     from composer.train import _check_triton, _memory_format, precision, resolve_device, soft_cross_entropy
 
@@ -462,6 +462,8 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     device = resolve_device(t.device)
     cuda = device.type == "cuda"
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    if t.compile:   # as `composer train` sets it up
+        prepare_for_compile(model, t.kernels, device)
     memory_format = _memory_format(spec, device)
     x = torch.randn(t.batch_size, m.in_channels, m.image_size, m.image_size, device=device)
     if memory_format is not None:

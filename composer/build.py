@@ -243,7 +243,32 @@ def count_params(module: nn.Module) -> int:
 
 def model_backend(kernels: str, compile_model: bool) -> str:
     """The block backend a training run builds: "auto" under torch.compile means the PyTorch
-    reference blocks, which inductor fuses itself. Our Triton ops inside a compiled training
-    graph crashed with an illegal memory access on an H200 (tests/test_gpu_end_to_end.py),
-    while the same kernels run correctly in eager mode and in compiled inference."""
+    reference blocks, which inductor fuses itself (`prepare_for_compile` then hands the
+    depthwise convolutions back to the Triton kernels on CUDA)."""
     return "reference" if compile_model and kernels == "auto" else kernels
+
+
+def prepare_for_compile(model: nn.Module, kernels: str, device: torch.device) -> list[str]:
+    """Before torch.compile of a training model: which blocks run their fused op as Triton
+    kernels, each eagerly between compiled regions (a graph break on either side). Returns
+    the ops so run.
+
+    Our Triton ops inside a compiled training graph crashed with an illegal memory access on
+    sm_90 (tests/test_gpu_end_to_end.py), while the same kernels run correctly in eager mode
+    and in compiled inference; outside the graph they run as in eager mode, and inductor
+    still fuses everything around them (normalization, activations, residual adds).
+    - kernels "triton": every block's op.
+    - kernels "auto", on CUDA: the depthwise convolution only. cuDNN's, which the compiled
+      reference block would use, was 4-9x slower than the Triton kernels at kernel sizes 7 and
+      9 (H100, BENCHMARKS.md) and inductor has nothing faster; attention and token mixing stay
+      in the graph as PyTorch blocks (SDPA and inductor's own fusion).
+    """
+    chosen = []
+    for module in model.modules():
+        if not (isinstance(module, Block) and module.kernel_op):
+            continue
+        if kernels == "triton" or (kernels == "auto" and device.type == "cuda" and module.kernel_op == "dwconv2d"):
+            module.backend = kernels
+            module.kernel_outside_graph = True
+            chosen.append(module.kernel_op)
+    return sorted(set(chosen))

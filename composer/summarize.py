@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from composer.build import ComposedModel, build_model, count_params, model_backend
+from composer.build import ComposedModel, build_model, count_params, model_backend, prepare_for_compile
 from composer.spec import Spec
 
 FLOP_CONVENTION = "multiply-add = 2 FLOPs; matmuls and convolutions only (as torch.utils.flop_counter)"
@@ -41,17 +41,23 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
               model: ComposedModel | None = None) -> dict:
     requested = backend or spec.train.kernels
     backend = model_backend(requested, spec.train.compile)
+    device, dtype = training_device_and_dtype(spec)
     if model is None:
         with torch.device("meta"):  # shapes and counts only: no memory, no init time, even for ViT-B
             model = build_model(spec, backend=backend)
-    device, dtype = training_device_and_dtype(spec)
+        if spec.train.compile:   # as training sets it up
+            prepare_for_compile(model, requested, torch.device(device))
     act_bytes = torch.finfo(dtype).bits // 8
     rows = []
     for i, layer in enumerate(model.layers):
-        path, reasons = kernel_path(layer, backend, device, dtype)
-        if backend != requested and path != "pytorch":
-            reasons = ["train.compile is on: the compiled model uses the PyTorch blocks "
-                       "(--kernels triton forces the Triton ones)"]
+        block_backend = getattr(layer.module, "backend", backend)
+        path, reasons = kernel_path(layer, block_backend, device, dtype)
+        if spec.train.compile and path != "pytorch":
+            if getattr(layer.module, "kernel_outside_graph", False):
+                reasons = reasons + ["train.compile is on: runs between the compiled regions"]
+            elif block_backend != requested:
+                reasons = ["train.compile is on: the compiled model uses the PyTorch block "
+                           "(--kernels triton runs the Triton kernel between the compiled regions)"]
         rows.append({
             "index": i,
             "name": layer.name,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from composer.build import build_model, model_backend
+from composer.build import build_model, model_backend, prepare_for_compile
 from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
 from composer.errors import UserError
 from composer.evaluate import evaluate_model
@@ -284,11 +284,16 @@ def _train(spec, resume, echo, device, dist):
         f"{tuple(train_images.shape[1:])} on {device} ({time.perf_counter() - started:.1f}s)")
 
     # -- model, optimizer, schedule ------------------------------------------------------
-    backend = model_backend(t.kernels, t.compile)
-    if backend != t.kernels and device.type == "cuda":
-        log("kernels: compiled model uses the PyTorch blocks (Triton kernels inside a compiled training graph "
-            "hit an illegal memory access on sm_90 in testing); --kernels triton forces them")
-    model = build_model(spec, backend=backend).to(device)
+    model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    if t.compile:
+        outside = prepare_for_compile(model, t.kernels, device)
+        if outside:
+            log(f"kernels: under torch.compile, {', '.join(outside)} run as Triton kernels between the compiled "
+                "regions" + ("" if t.kernels == "triton" else "; other blocks are PyTorch, fused by inductor "
+                             "(--kernels triton runs their Triton kernels too)"))
+        elif device.type == "cuda" and t.kernels == "auto":
+            log("kernels: under torch.compile the blocks are PyTorch, fused by inductor (--kernels triton runs "
+                "the Triton kernels between the compiled regions)")
     memory_format = _memory_format(spec, device)
     if memory_format is not None:
         model = model.to(memory_format=memory_format)

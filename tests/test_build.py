@@ -148,3 +148,59 @@ def test_blocks_compile_fullgraph(kind):
     x = torch.randn(2, 16, 8) if REGISTRY[kind].layout == "tokens" else torch.randn(2, 8, 4, 4)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), block(x))
+
+
+def _fused_op_model(backend):
+    text = ("model: {image_size: 16, num_classes: 3, stem: {patch_size: 4, dim: 16}, blocks: "
+            "[{kind: convmixer, kernel_size: 3}, {kind: mixer, token_hidden: 8}, {kind: vit, heads: 2}]}")
+    return build_model(load_spec_text(text), backend=backend)
+
+
+def test_prepare_for_compile_policy():
+    """Under torch.compile: kernels auto on CUDA runs the depthwise convolution as Triton kernels
+    outside the graph and keeps the other blocks PyTorch; kernels triton runs every fused op
+    outside the graph; on CPU auto leaves everything in the graph."""
+    from composer.blocks import Block
+    from composer.build import model_backend, prepare_for_compile
+
+    def fused_blocks(model):
+        return {m.kernel_op: m for m in model.modules() if isinstance(m, Block) and m.kernel_op}
+
+    with torch.device("meta"):
+        auto = _fused_op_model(model_backend("auto", compile_model=True))
+        auto_cpu = _fused_op_model(model_backend("auto", compile_model=True))
+        triton = _fused_op_model(model_backend("triton", compile_model=True))
+    assert prepare_for_compile(auto, "auto", torch.device("cuda")) == ["dwconv2d"]
+    blocks = fused_blocks(auto)
+    assert blocks["dwconv2d"].backend == "auto" and blocks["dwconv2d"].kernel_outside_graph
+    assert all(blocks[op].backend == "reference" and not blocks[op].kernel_outside_graph
+               for op in ("attention", "token_mlp"))
+    assert prepare_for_compile(auto_cpu, "auto", torch.device("cpu")) == []
+    assert not any(b.kernel_outside_graph for b in fused_blocks(auto_cpu).values())
+    assert prepare_for_compile(triton, "triton", torch.device("cpu")) == ["attention", "dwconv2d", "token_mlp"]
+    assert all(b.backend == "triton" and b.kernel_outside_graph for b in fused_blocks(triton).values())
+
+
+def test_kernels_outside_the_graph_run_between_compiled_regions():
+    """A compiled model whose fused ops are marked to run outside the graph: each op is a graph
+    break (the Triton kernels, interpreted here, run eagerly), and output and gradients equal
+    the eager model's."""
+    from composer.blocks import Block
+
+    torch.manual_seed(0)
+    model = _fused_op_model("triton").train()
+    for module in model.modules():
+        if isinstance(module, Block) and module.kernel_op:
+            module.kernel_outside_graph = True
+    x = torch.rand(2, 3, 16, 16)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count >= 3, explanation.break_reasons   # one per fused op
+    torch._dynamo.reset()
+
+    def loss_and_grads(m):
+        loss = m(x).square().sum()
+        return [loss] + list(torch.autograd.grad(loss, list(model.parameters())))
+
+    compiled = torch.compile(model, backend="aot_eager")
+    for got, want in zip(loss_and_grads(compiled), loss_and_grads(model)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

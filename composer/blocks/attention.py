@@ -48,7 +48,7 @@ class Attention(Block):
         else:
             # the packed op reads q, k, v in place, writes the out-projection's layout and hands
             # the gradient back in the projection's layout: no copy either way
-            out = kernels.attention_packed(self.to_qkv(self.norm(x)), self.heads, backend=self.backend)
+            out = self.fused(kernels.attention_packed, self.to_qkv(self.norm(x)), self.heads, backend=self.backend)
         return x + self.drop_path(self.proj_dropout(self.to_out(out)))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,27 @@ class Cost:
     activations: int  # elements the block keeps for backward (an estimate, see each block)
 
 
+@torch.compiler.disable
+def _outside_compiled_graph(op, *args, **kwargs):
+    # torch.compile breaks its graph before and after this call and runs it eagerly
+    return op(*args, **kwargs)
+
+
 class Block(nn.Module):
     """Base of registered blocks."""
 
     kind: str = ""
     layout: str = ""            # "tokens" or "grid"
     kernel_op: str | None = None  # the public op of `kernels` this block runs, if any
+    # set by `composer.build.prepare_for_compile`: run the fused op outside torch.compile's graph
+    kernel_outside_graph: bool = False
+
+    def fused(self, op, *args, **kwargs):
+        """Call the block's fused op (one of `kernels`), eagerly between compiled regions when
+        `kernel_outside_graph` is set (see `composer.build.prepare_for_compile`)."""
+        if self.kernel_outside_graph:
+            return _outside_compiled_graph(op, *args, **kwargs)
+        return op(*args, **kwargs)
 
     def cost(self, ctx: Context) -> Cost:
         raise NotImplementedError

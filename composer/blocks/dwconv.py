@@ -33,9 +33,9 @@ class DwConv(Block):
         return cls(ctx.dim, spec.kernel_size, spec.activation, spec.drop_path, ctx.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = "gelu" if self.activation == "gelu" else None
+        gelu = "gelu" if self.activation == "gelu" else None
         x = autocast_input(x)
-        y = kernels.dwconv2d(x, self.conv.weight, self.conv.bias, activation=fused, backend=self.backend)
+        y = self.fused(kernels.dwconv2d, x, self.conv.weight, self.conv.bias, activation=gelu, backend=self.backend)
         if self.activation == "relu":
             y = torch.relu(y)
         return x + self.drop_path(self.norm(y))

@@ -36,8 +36,9 @@ class TokenMlp(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = autocast_input(x)
-        y = kernels.token_mlp(x, self.norm.weight, self.norm.bias, self.mix_in.weight, self.mix_in.bias,
-                              self.mix_out.weight, self.mix_out.bias, eps=self.norm.eps, backend=self.backend)
+        y = self.fused(kernels.token_mlp, x, self.norm.weight, self.norm.bias, self.mix_in.weight,
+                       self.mix_in.bias, self.mix_out.weight, self.mix_out.bias, eps=self.norm.eps,
+                       backend=self.backend)
         if self.drop_path.p and self.training:
             return x + self.drop_path(y - x)   # the op returns x + mix(x)
         return y
