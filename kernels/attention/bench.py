@@ -144,12 +144,14 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # twice (sm_90 SASS at N = 144: 17 instead of 33 MUFU ops in the kernel). 64-query steps
         # put dQ's product dS^T K on wgmma too (32-row steps leave it on mma.sync); 128-key
         # blocks halve the atomic traffic. All build without spills for sm_90 (Triton 3.6).
-        tail_bwd = [{**kt.backward_config(q), "DQ_ATOMIC": True},
+        # Timed on an H100 (2026-11-27): slower than the default at N 144, 197 and 1024 (59.1
+        # against 49.3 us at the seed shape), faster only at D 2; so after the others.
+        tail_bwd = tail_bwd + [{**kt.backward_config(q), "DQ_ATOMIC": True},
                     {"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "DQ_ATOMIC": True},
                     {"BLOCK": 128, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "DQ_ATOMIC": True},
                     {**tail_bwd[0], "DQ_ATOMIC": True},
                     {"BLOCK": 128, "BLOCK_STEP": 32, "num_warps": 8, "num_stages": 2, "DQ_ATOMIC": True},
-                    {**tail_bwd[-1], "DQ_ATOMIC": True}] + tail_bwd
+                    {**tail_bwd[-1], "DQ_ATOMIC": True}]
         if d <= 32:
             # small heads: a 64-row tile's scores on 2 warps (more programs an SM, less to sync)
             tail_fwd.append({**tail_fwd[0], "num_warps": 2})
