@@ -18,9 +18,9 @@ import torch
 
 from composer.errors import UserError
 
-OPS = ("attention", "token_mlp", "dwconv2d")
+OPS = ("attention", "token_mlp", "dwconv2d", "batch_norm")
 BENCH_MODULES = {"attention": "kernels.attention.bench", "token_mlp": "kernels.token_mlp.bench",
-                 "dwconv2d": "kernels.dwconv.bench"}
+                 "dwconv2d": "kernels.dwconv.bench", "batch_norm": "kernels.batch_norm.bench"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MEMORY_BW = 3.0e12       # bytes/s, fallback: measured device-to-device copy on an H100 (2,962 GB/s)
 DENSE_BF16 = 680e12      # FLOP/s, fallback: measured 8192^3 bf16 matmul on an H100 (lower end)

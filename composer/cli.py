@@ -206,7 +206,7 @@ def bench():
 
 
 @bench.command("kernels")
-@click.option("--op", type=click.Choice(["attention", "token_mlp", "dwconv2d", "all"]), default="all",
+@click.option("--op", type=click.Choice(["attention", "token_mlp", "dwconv2d", "batch_norm", "all"]), default="all",
               show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "all"]), default="all", show_default=True)
 @click.option("--cuda-graph", is_flag=True,

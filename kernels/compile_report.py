@@ -140,9 +140,24 @@ def _dwconv_launches(dtype, shapes) -> list[Launch]:
     return out
 
 
-LAUNCHES = {"attention": _attention_launches, "token_mlp": _token_mlp_launches, "dwconv2d": _dwconv_launches}
+def _batch_norm_launches(dtype, shapes) -> list[Launch]:
+    from kernels.batch_norm import triton as kt
+
+    out = []
+    for B, C, H, W in shapes:
+        x, res, dy = (torch.empty(B, C, H, W, device="meta", dtype=dtype) for _ in range(3))
+        w, b, mean, rstd = (torch.empty(C, device="meta") for _ in range(4))
+        for gelu in (False, True):
+            label = f"batch_norm B{B} C{C} {H}x{W}" + (" gelu" if gelu else " +residual")
+            out += _record(f"{label} forward", lambda: kt.forward(x, w, b, None if gelu else res, 1e-5, gelu), [kt])
+            out += _record(f"{label} backward", lambda: kt.backward(dy, x, w, mean, rstd, gelu), [kt])
+    return out
+
+
+LAUNCHES = {"attention": _attention_launches, "token_mlp": _token_mlp_launches, "dwconv2d": _dwconv_launches,
+            "batch_norm": _batch_norm_launches}
 # what --shape takes for each op, in the order of its benchmark shapes (kernels/<op>/bench.py)
-SHAPE_FIELDS = {"attention": "B,H,N,D", "token_mlp": "B,N,C,Hd", "dwconv2d": "B,C,H,W,k"}
+SHAPE_FIELDS = {"attention": "B,H,N,D", "token_mlp": "B,N,C,Hd", "dwconv2d": "B,C,H,W,k", "batch_norm": "B,C,H,W"}
 
 
 def benchmark_shapes(op: str) -> list[tuple]:

@@ -1,0 +1,234 @@
+"""Triton kernels for training-mode BatchNorm over NCHW, with an optional fused activation
+(before the normalization) and residual (after it), and their launchers.
+
+    y = residual + (act(x) - mean) * rstd * weight + bias,   mean, var over (B, H, W) per channel
+
+Forward: `_stats_kernel` (channel, split of the images) sums act(x) - shift and its square,
+shift being each channel's first value, so that the variance is not the difference of two
+large sums; `_finalize_kernel` turns the partial sums into mean, variance, rstd and the
+per-channel scale and shift; `_apply_kernel` (a few (image, channel) planes, a block of H*W)
+writes y.
+Backward (dy given; the residual's gradient is dy itself):
+    da = k1 * dy + k2 * a + k0,   a = act(x),  dx = da * act'(x)
+with per-channel k1 = w * rstd, k2 = -w * rstd^3 * sum(dy * (a - mean)) / n and
+k0 = -w * rstd * sum(dy) / n - k2 * mean: `_bwd_stats_kernel` forms the two sums,
+`_bwd_finalize_kernel` the constants and the weight and bias gradients, `_bwd_apply_kernel` dx.
+Each pass streams x (and dy, residual, y) once; only per-channel statistics are saved.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import wrap_triton
+from kernels.gelu import gelu, gelu_grad
+from kernels.grid import cdiv, next_pow2
+
+_TARGET_PROGRAMS = 528   # ~4 per SM on an H100: enough (channel, split) programs to fill it
+
+
+@triton.jit
+def _act(v, GELU: tl.constexpr):
+    if GELU:
+        return gelu(v)
+    return v
+
+
+@triton.jit
+def _stats_kernel(X, PART, B, C, HW, IMAGES_PER_PROG, NS,
+                  GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # ROWS images x BLOCK pixels of channel c a step: several loads in flight per thread
+    c = tl.program_id(0)
+    s = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)[None, :]
+    rows = tl.arange(0, ROWS)[:, None]
+    shift = _act(tl.load(X + c * HW).to(tl.float32), GELU)   # x[0, c, 0]
+    acc1 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    acc2 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    b_end = tl.minimum(s * IMAGES_PER_PROG + IMAGES_PER_PROG, B)
+    for b0 in range(s * IMAGES_PER_PROG, b_end, ROWS):
+        b = b0 + rows
+        base = X + (b * C + c).to(tl.int64) * HW
+        for h0 in range(0, HW, BLOCK):
+            m = (b < b_end) & (h0 + offs < HW)
+            v = tl.load(base + h0 + offs, mask=m, other=0.0).to(tl.float32)
+            d = tl.where(m, _act(v, GELU) - shift, 0.0)
+            acc1 += d
+            acc2 += d * d
+    tl.store(PART + s * C + c, tl.sum(tl.sum(acc1, axis=1), axis=0))
+    tl.store(PART + (NS + s) * C + c, tl.sum(tl.sum(acc2, axis=1), axis=0))
+
+
+@triton.jit
+def _finalize_kernel(PART, X, W, BIAS, MEAN, VAR, RSTD, SCALE, SHIFT, C, HW, NS, n, eps,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in range(0, NS):   # in split order: the same sums on every run
+        s1 += tl.load(PART + s * C + c, mask=cm, other=0.0)
+        s2 += tl.load(PART + (NS + s) * C + c, mask=cm, other=0.0)
+    shift = _act(tl.load(X + c * HW, mask=cm, other=0.0).to(tl.float32), GELU)
+    d = s1 / n
+    var = tl.maximum(s2 / n - d * d, 0.0)
+    mean = shift + d
+    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))
+    w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(W + c, mask=cm, other=1.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_B:
+        bias = tl.load(BIAS + c, mask=cm, other=0.0).to(tl.float32)
+    scale = w * rstd
+    tl.store(MEAN + c, mean, mask=cm)
+    tl.store(VAR + c, var, mask=cm)
+    tl.store(RSTD + c, rstd, mask=cm)
+    tl.store(SCALE + c, scale, mask=cm)
+    tl.store(SHIFT + c, bias - mean * scale, mask=cm)
+
+
+@triton.jit
+def _apply_kernel(X, RES, Y, SCALE, SHIFT, R, C, HW,
+                  GELU: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]     # (image, channel) planes
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    rm = row < R
+    m = rm & (offs < HW)
+    c = row % C
+    at = row.to(tl.int64) * HW + offs
+    scale = tl.load(SCALE + c, mask=rm, other=0.0)
+    shift = tl.load(SHIFT + c, mask=rm, other=0.0)
+    y = _act(tl.load(X + at, mask=m, other=0.0).to(tl.float32), GELU) * scale + shift
+    if HAS_RES:
+        y += tl.load(RES + at, mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + at, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_stats_kernel(DY, X, MEAN, PART, B, C, HW, IMAGES_PER_PROG, NS,
+                      GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    s = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)[None, :]
+    rows = tl.arange(0, ROWS)[:, None]
+    mean = tl.load(MEAN + c)
+    acc1 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    acc2 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    b_end = tl.minimum(s * IMAGES_PER_PROG + IMAGES_PER_PROG, B)
+    for b0 in range(s * IMAGES_PER_PROG, b_end, ROWS):
+        b = b0 + rows
+        base = (b * C + c).to(tl.int64) * HW
+        for h0 in range(0, HW, BLOCK):
+            m = (b < b_end) & (h0 + offs < HW)
+            dy = tl.load(DY + base + h0 + offs, mask=m, other=0.0).to(tl.float32)
+            a = _act(tl.load(X + base + h0 + offs, mask=m, other=0.0).to(tl.float32), GELU)
+            acc1 += dy
+            acc2 += tl.where(m, dy * (a - mean), 0.0)
+    tl.store(PART + s * C + c, tl.sum(tl.sum(acc1, axis=1), axis=0))
+    tl.store(PART + (NS + s) * C + c, tl.sum(tl.sum(acc2, axis=1), axis=0))
+
+
+@triton.jit
+def _bwd_finalize_kernel(PART, W, MEAN, RSTD, DW, DB, K1, K2, K0, C, NS, n,
+                         HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dy_amu = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in range(0, NS):
+        sum_dy += tl.load(PART + s * C + c, mask=cm, other=0.0)
+        sum_dy_amu += tl.load(PART + (NS + s) * C + c, mask=cm, other=0.0)
+    mean = tl.load(MEAN + c, mask=cm, other=0.0)
+    rstd = tl.load(RSTD + c, mask=cm, other=0.0)
+    w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(W + c, mask=cm, other=1.0).to(tl.float32)
+    k1 = w * rstd
+    k2 = -k1 * rstd * rstd * sum_dy_amu / n
+    tl.store(DW + c, sum_dy_amu * rstd, mask=cm)
+    tl.store(DB + c, sum_dy, mask=cm)
+    tl.store(K1 + c, k1, mask=cm)
+    tl.store(K2 + c, k2, mask=cm)
+    tl.store(K0 + c, -k1 * sum_dy / n - k2 * mean, mask=cm)
+
+
+@triton.jit
+def _bwd_apply_kernel(DY, X, DX, K1, K2, K0, R, C, HW,
+                      GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    rm = row < R
+    m = rm & (offs < HW)
+    c = row % C
+    at = row.to(tl.int64) * HW + offs
+    dy = tl.load(DY + at, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(X + at, mask=m, other=0.0).to(tl.float32)
+    k1 = tl.load(K1 + c, mask=rm, other=0.0)
+    k2 = tl.load(K2 + c, mask=rm, other=0.0)
+    k0 = tl.load(K0 + c, mask=rm, other=0.0)
+    da = k1 * dy + k2 * _act(x, GELU) + k0
+    if GELU:
+        da = da * gelu_grad(x)
+    tl.store(DX + at, da.to(DX.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _splits(B: int, C: int) -> tuple[int, int]:
+    """(splits of the images, images per split) for the statistics passes."""
+    per = cdiv(B, max(1, min(B, cdiv(_TARGET_PROGRAMS, C))))
+    return cdiv(B, per), per
+
+
+def _tile(hw: int) -> tuple[int, int]:
+    """(ROWS, BLOCK): planes and pixels a program step, ~4096 elements (8 KiB in 16 bits: several
+    loads in flight per thread, which a memory-bound kernel needs to approach the bandwidth)."""
+    block = min(2048, max(16, next_pow2(hw)))
+    return max(1, 4096 // block), block
+
+
+def forward(x: torch.Tensor, weight, bias, residual, eps: float, gelu_input: bool):
+    """(y, mean, var, rstd): y like x (NCHW, contiguous); mean, biased var and rstd (C,) fp32."""
+    B, C, H, W = x.shape
+    HW = H * W
+    f32 = torch.float32
+    mean, var, rstd, scale, shift = (torch.empty(C, device=x.device, dtype=f32) for _ in range(5))
+    y = torch.empty_like(x)
+    ns, per = _splits(B, C)
+    part = torch.empty((2, ns, C), device=x.device, dtype=f32)
+    rows, block = _tile(HW)
+    wrap_triton(_stats_kernel)[(C, ns)](x, part, B, C, HW, per, ns, GELU=gelu_input, ROWS=rows, BLOCK=block,
+                                        num_warps=4)
+    block_c = min(1024, next_pow2(C))
+    wrap_triton(_finalize_kernel)[(cdiv(C, block_c),)](
+        part, x, weight if weight is not None else x, bias if bias is not None else x,
+        mean, var, rstd, scale, shift, C, HW, ns, float(B * HW), eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu_input, BLOCK_C=block_c, num_warps=4)
+    wrap_triton(_apply_kernel)[(cdiv(B * C, rows), cdiv(HW, block))](
+        x, residual if residual is not None else x, y, scale, shift, B * C, C, HW,
+        GELU=gelu_input, HAS_RES=residual is not None, ROWS=rows, BLOCK=block, num_warps=4)
+    return y, mean, var, rstd
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: bool):
+    """(dx, dweight, dbias): dx like x, the others (C,) fp32."""
+    B, C, H, W = x.shape
+    HW = H * W
+    f32 = torch.float32
+    dy = dy.contiguous()
+    ns, per = _splits(B, C)
+    part = torch.empty((2, ns, C), device=x.device, dtype=f32)
+    rows, block = _tile(HW)
+    wrap_triton(_bwd_stats_kernel)[(C, ns)](dy, x, mean, part, B, C, HW, per, ns,
+                                            GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
+    dw, db, k1, k2, k0 = (torch.empty(C, device=x.device, dtype=f32) for _ in range(5))
+    block_c = min(1024, next_pow2(C))
+    wrap_triton(_bwd_finalize_kernel)[(cdiv(C, block_c),)](
+        part, weight if weight is not None else x, mean, rstd, dw, db, k1, k2, k0, C, ns, float(B * HW),
+        HAS_W=weight is not None, BLOCK_C=block_c, num_warps=4)
+    dx = torch.empty_like(x)
+    wrap_triton(_bwd_apply_kernel)[(cdiv(B * C, rows), cdiv(HW, block))](
+        dy, x, dx, k1, k2, k0, B * C, C, HW, GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
+    return dx, dw, db
