@@ -36,12 +36,13 @@ class _StubLaunch:
 
 def _modules():
     from kernels.attention import triton as attention_triton
+    from kernels.batch_norm import triton as batch_norm_triton
     from kernels.dwconv import toeplitz
     from kernels.dwconv import triton as dwconv_triton
     from kernels.token_mlp import gemms
     from kernels.token_mlp import triton as token_mlp_triton
 
-    return (attention_triton, token_mlp_triton, gemms, dwconv_triton, toeplitz)
+    return (attention_triton, token_mlp_triton, gemms, dwconv_triton, toeplitz, batch_norm_triton)
 
 
 def _cases() -> dict:
@@ -62,6 +63,12 @@ def _cases() -> dict:
         return lambda: [torch.randn(2, 8, 16, 16, requires_grad=True), torch.nn.Parameter(torch.randn(8, 1, k, k)),
                         torch.nn.Parameter(torch.randn(8))]
 
+    def batch_norm_inputs():   # the ConvMixer block's: its BatchNorm's Parameters, the residual stream
+        return [torch.randn(2, 8, 16, 16, requires_grad=True), torch.nn.Parameter(torch.ones(8)),
+                torch.nn.Parameter(torch.zeros(8)), torch.randn(2, 8, 16, 16, requires_grad=True)]
+
+    batch_norm_buffers = (torch.zeros(8), torch.ones(8))   # running mean and variance
+
     def dwconv(x, w, b):
         return kernels.dwconv2d(x, w, b, activation="gelu", backend="triton")
 
@@ -75,6 +82,9 @@ def _cases() -> dict:
                        lambda: token_mlp_inputs(n=144, dtype=torch.float16),
                        lambda *a: kernels.token_mlp(*a, backend="triton"))],
         "dwconv2d": [(f"dwconv2d B2 C8 16x16 k{k} NCHW, bias, GELU", dwconv_inputs(k), dwconv) for k in (7, 9)],
+        "batch_norm": [("batch_norm B2 C8 16x16 +residual", batch_norm_inputs,
+                        lambda x, w, b, r: kernels.batch_norm(x, w, b, *batch_norm_buffers, residual=r,
+                                                              backend="triton"))],
     }
 
 
@@ -141,7 +151,7 @@ def _measure_case(label: str, inputs, call, counts: collections.Counter, reps: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=["all", "attention", "token_mlp", "dwconv2d"], default="all")
+    parser.add_argument("--op", choices=["all", "attention", "token_mlp", "dwconv2d", "batch_norm"], default="all")
     parser.add_argument("--reps", type=int, default=200, help="forward+backward calls timed per case")
     args = parser.parse_args(argv)
     print(f"host cost of forward+backward, launches stubbed ({torch.get_num_threads()} threads, torch "
