@@ -54,7 +54,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         path, reasons = kernel_path(layer, block_backend, device, dtype)
         if spec.train.compile and path != "pytorch":
             if getattr(layer.module, "kernel_outside_graph", False):
-                reasons = reasons + ["train.compile is on: runs between the compiled regions"]
+                path += " (between compiled regions)"
             elif block_backend != requested:
                 reasons = ["train.compile is on: the compiled model uses the PyTorch block "
                            "(--kernels triton runs the Triton kernel between the compiled regions)"]

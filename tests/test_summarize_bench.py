@@ -35,6 +35,18 @@ def test_summarize_shows_the_compile_policy():
     assert all("train.compile is on" in " ".join(r["kernel_reasons"]) for r in fused)
 
 
+def test_summarize_shows_kernels_run_between_compiled_regions():
+    """With train.compile on and kernels triton, training runs the Triton ops between the
+    compiled regions: summarize says so in the kernel column (no "not on Triton" reason)."""
+    result = run_cli("summarize", SPECS / "seed_convmixer_mixer.yaml", "--json", "--set", "train.compile=true",
+                     "--kernels", "triton")
+    assert result.returncode == 0, result.stderr
+    fused = [r for r in json.loads(result.stdout)["rows"] if r["kernel"] != "pytorch"]
+    assert [r["kernel"] for r in fused] == ["dwconv2d: triton (between compiled regions)",
+                                            "token_mlp: triton (between compiled regions)"]
+    assert not any(r["kernel_reasons"] for r in fused)
+
+
 def test_summarize_errors_exit_2(tmp_path):
     assert_user_error(run_cli("summarize", tmp_path / "nope.yaml"), "no such file")
     listing = tmp_path / "list.yaml"
