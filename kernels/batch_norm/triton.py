@@ -11,7 +11,7 @@ writes y.
 Backward (dy given; the residual's gradient is dy itself):
     da = k1 * dy + k2 * a + k0,   a = act(x),  dx = da * act'(x)
 with per-channel k1 = w * rstd, k2 = -w * rstd^3 * sum(dy * (a - mean)) / n and
-k0 = -w * rstd * sum(dy) / n - k2 * mean: `_bwd_stats_kernel` forms the two sums,
+k0 = -w * rstd * sum(dy) / n - k2 * mean: `_stats_kernel` (BACKWARD) forms the two sums,
 `_bwd_finalize_kernel` the constants and the weight and bias gradients, `_bwd_apply_kernel` dx.
 Each pass streams x (and dy, residual, y) once; only per-channel statistics are saved.
 """
@@ -36,28 +36,57 @@ def _act(v, GELU: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(X, PART, B, C, HW, IMAGES_PER_PROG, NS,
-                  GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # ROWS images x BLOCK pixels of channel c a step: several loads in flight per thread
+def _stats_kernel(X, DY, CENTER, PART, B, C, HW, IMAGES_PER_PROG, NS,
+                  BACKWARD: tl.constexpr, GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Channel c's partial sums over a split of the images, ROWS images x BLOCK pixels a step
+    # (several loads in flight per thread): with a = act(x) and d = a - center,
+    #   forward:  sum d, sum d * d      center: the channel's first value (not the mean, unknown yet)
+    #   backward: sum dy, sum dy * d    center: the mean
     c = tl.program_id(0)
     s = tl.program_id(1)
     offs = tl.arange(0, BLOCK)[None, :]
     rows = tl.arange(0, ROWS)[:, None]
-    shift = _act(tl.load(X + c * HW).to(tl.float32), GELU)   # x[0, c, 0]
+    if BACKWARD:
+        center = tl.load(CENTER + c)
+    else:
+        center = _act(tl.load(X + c * HW).to(tl.float32), GELU)   # x[0, c, 0]
     acc1 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     acc2 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     b_end = tl.minimum(s * IMAGES_PER_PROG + IMAGES_PER_PROG, B)
     for b0 in range(s * IMAGES_PER_PROG, b_end, ROWS):
         b = b0 + rows
-        base = X + (b * C + c).to(tl.int64) * HW
+        base = (b * C + c).to(tl.int64) * HW
         for h0 in range(0, HW, BLOCK):
             m = (b < b_end) & (h0 + offs < HW)
-            v = tl.load(base + h0 + offs, mask=m, other=0.0).to(tl.float32)
-            d = tl.where(m, _act(v, GELU) - shift, 0.0)
-            acc1 += d
-            acc2 += d * d
+            d = tl.where(m, _act(tl.load(X + base + h0 + offs, mask=m, other=0.0).to(tl.float32), GELU) - center,
+                         0.0)
+            p = d
+            if BACKWARD:
+                p = tl.load(DY + base + h0 + offs, mask=m, other=0.0).to(tl.float32)
+            acc1 += p
+            acc2 += p * d
     tl.store(PART + s * C + c, tl.sum(tl.sum(acc1, axis=1), axis=0))
     tl.store(PART + (NS + s) * C + c, tl.sum(tl.sum(acc2, axis=1), axis=0))
+
+
+@triton.jit
+def _channel_sums(PART, c, cm, C, NS, BLOCK_C: tl.constexpr):
+    # the statistics kernel's two partial sums of channels c, added in split order (the same
+    # sums on every run)
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s in range(0, NS):
+        s1 += tl.load(PART + s * C + c, mask=cm, other=0.0)
+        s2 += tl.load(PART + (NS + s) * C + c, mask=cm, other=0.0)
+    return s1, s2
+
+
+@triton.jit
+def _load_or(P, c, cm, HAS: tl.constexpr, value: tl.constexpr, BLOCK_C: tl.constexpr):
+    # an affine parameter of channels c in fp32, or `value` where there is none
+    if HAS:
+        return tl.load(P + c, mask=cm, other=value).to(tl.float32)
+    return tl.full((BLOCK_C,), value, tl.float32)
 
 
 @triton.jit
@@ -65,22 +94,14 @@ def _finalize_kernel(PART, X, W, BIAS, MEAN, VAR, RSTD, SCALE, SHIFT, C, HW, NS,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s in range(0, NS):   # in split order: the same sums on every run
-        s1 += tl.load(PART + s * C + c, mask=cm, other=0.0)
-        s2 += tl.load(PART + (NS + s) * C + c, mask=cm, other=0.0)
+    s1, s2 = _channel_sums(PART, c, cm, C, NS, BLOCK_C)
     shift = _act(tl.load(X + c * HW, mask=cm, other=0.0).to(tl.float32), GELU)
     d = s1 / n
     var = tl.maximum(s2 / n - d * d, 0.0)
     mean = shift + d
     rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))
-    w = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(W + c, mask=cm, other=1.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_B:
-        bias = tl.load(BIAS + c, mask=cm, other=0.0).to(tl.float32)
+    w = _load_or(W, c, cm, HAS_W, 1.0, BLOCK_C)
+    bias = _load_or(BIAS, c, cm, HAS_B, 0.0, BLOCK_C)
     scale = w * rstd
     tl.store(MEAN + c, mean, mask=cm)
     tl.store(VAR + c, var, mask=cm)
@@ -107,44 +128,14 @@ def _apply_kernel(X, RES, Y, SCALE, SHIFT, R, C, HW,
 
 
 @triton.jit
-def _bwd_stats_kernel(DY, X, MEAN, PART, B, C, HW, IMAGES_PER_PROG, NS,
-                      GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    s = tl.program_id(1)
-    offs = tl.arange(0, BLOCK)[None, :]
-    rows = tl.arange(0, ROWS)[:, None]
-    mean = tl.load(MEAN + c)
-    acc1 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    acc2 = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    b_end = tl.minimum(s * IMAGES_PER_PROG + IMAGES_PER_PROG, B)
-    for b0 in range(s * IMAGES_PER_PROG, b_end, ROWS):
-        b = b0 + rows
-        base = (b * C + c).to(tl.int64) * HW
-        for h0 in range(0, HW, BLOCK):
-            m = (b < b_end) & (h0 + offs < HW)
-            dy = tl.load(DY + base + h0 + offs, mask=m, other=0.0).to(tl.float32)
-            a = _act(tl.load(X + base + h0 + offs, mask=m, other=0.0).to(tl.float32), GELU)
-            acc1 += dy
-            acc2 += tl.where(m, dy * (a - mean), 0.0)
-    tl.store(PART + s * C + c, tl.sum(tl.sum(acc1, axis=1), axis=0))
-    tl.store(PART + (NS + s) * C + c, tl.sum(tl.sum(acc2, axis=1), axis=0))
-
-
-@triton.jit
 def _bwd_finalize_kernel(PART, W, MEAN, RSTD, DW, DB, K1, K2, K0, C, NS, n,
                          HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sum_dy_amu = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for s in range(0, NS):
-        sum_dy += tl.load(PART + s * C + c, mask=cm, other=0.0)
-        sum_dy_amu += tl.load(PART + (NS + s) * C + c, mask=cm, other=0.0)
+    sum_dy, sum_dy_amu = _channel_sums(PART, c, cm, C, NS, BLOCK_C)
     mean = tl.load(MEAN + c, mask=cm, other=0.0)
     rstd = tl.load(RSTD + c, mask=cm, other=0.0)
-    w = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(W + c, mask=cm, other=1.0).to(tl.float32)
+    w = _load_or(W, c, cm, HAS_W, 1.0, BLOCK_C)
     k1 = w * rstd
     k2 = -k1 * rstd * rstd * sum_dy_amu / n
     tl.store(DW + c, sum_dy_amu * rstd, mask=cm)
@@ -199,8 +190,8 @@ def forward(x: torch.Tensor, weight, bias, residual, eps: float, gelu_input: boo
     ns, per = _splits(B, C)
     part = torch.empty((2, ns, C), device=x.device, dtype=f32)
     rows, block = _tile(HW)
-    wrap_triton(_stats_kernel)[(C, ns)](x, part, B, C, HW, per, ns, GELU=gelu_input, ROWS=rows, BLOCK=block,
-                                        num_warps=4)
+    wrap_triton(_stats_kernel)[(C, ns)](x, x, x, part, B, C, HW, per, ns,
+                                        BACKWARD=False, GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
     block_c = min(1024, next_pow2(C))
     wrap_triton(_finalize_kernel)[(cdiv(C, block_c),)](
         part, x, weight if weight is not None else x, bias if bias is not None else x,
@@ -221,8 +212,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: 
     ns, per = _splits(B, C)
     part = torch.empty((2, ns, C), device=x.device, dtype=f32)
     rows, block = _tile(HW)
-    wrap_triton(_bwd_stats_kernel)[(C, ns)](dy, x, mean, part, B, C, HW, per, ns,
-                                            GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
+    wrap_triton(_stats_kernel)[(C, ns)](x, dy, mean, part, B, C, HW, per, ns,
+                                        BACKWARD=True, GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
     dw, db, k1, k2, k0 = (torch.empty(C, device=x.device, dtype=f32) for _ in range(5))
     block_c = min(1024, next_pow2(C))
     wrap_triton(_bwd_finalize_kernel)[(cdiv(C, block_c),)](

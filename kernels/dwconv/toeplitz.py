@@ -94,6 +94,12 @@ def _dwconv_fwd_toeplitz_kernel(
 
 
 @triton.jit
+def _window(u, n_th, n_tw, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    # (image, first row, first column) of work unit u: windows row-major, image by image
+    return (u // (n_tw * n_th)).to(tl.int64), ((u // n_tw) % n_th) * TILE_H, (u % n_tw) * TILE_W
+
+
+@triton.jit
 def _dwconv_bwd_w_toeplitz_kernel(
     x_ptr, g_ptr, dw_part_ptr,
     C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
@@ -122,11 +128,7 @@ def _dwconv_bwd_w_toeplitz_kernel(
     for i in range(K):
         p = tl.zeros((BLOCK_C, TILE_W, KP), dtype=tl.float32)
         for u in range(split * UNITS_PER_PROG, u_end):
-            tw = u % n_tw
-            th = (u // n_tw) % n_th
-            img = (u // (n_tw * n_th)).to(tl.int64)
-            h0 = th * TILE_H
-            w0 = tw * TILE_W
+            img, h0, w0 = _window(u, n_th, n_tw, TILE_H, TILE_W)
             gt = tl.load(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
                          mask=c_ok & (h0 + m_g < H) & (w0 + n_g < W), other=0.0)
             row = h0 + m_x + (i - PAD)
@@ -177,11 +179,7 @@ def _dwconv_bwd_w_rows_kernel(
     p = tl.zeros((TILE_W, KB * KP), dtype=tl.float32)
     db = tl.zeros((TILE_W, TILE_H), dtype=tl.float32)
     for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
-        tw = u % n_tw
-        th = (u // n_tw) % n_th
-        img = (u // (n_tw * n_th)).to(tl.int64)
-        h0 = th * TILE_H
-        w0 = tw * TILE_W
+        img, h0, w0 = _window(u, n_th, n_tw, TILE_H, TILE_W)
         g_ok = (h0 + m_g < H) & (w0 + n_g < W)
         gt = tl.load(dy_ptr + img * syb + c64 * syc + (h0 + m_g) * syh + (w0 + n_g) * syw, mask=g_ok, other=0.0)
         if GELU:
