@@ -132,11 +132,18 @@ def _dwconv_launches(dtype, shapes) -> list[Launch]:
                            lambda: kt.conv_forward(x, w, bias, y, y, gelu=True), [kt, toeplitz])
             out += _record(f"{shape} backward", lambda: kt.conv_backward(
                 dy, x, w, y, gelu=True, has_bias=True, need_dx=True, need_dw=True), [kt, toeplitz])
-        # the candidate weight gradient with every kernel row in one matmul (NCHW)
+        # candidates (NCHW): the weight gradient with every kernel row in one matmul, and the
+        # streaming kernels (forward, then the backward's weight gradient and input gradient)
         all_rows = {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}
         x = torch.empty(B, C, H, W, device="meta", dtype=dtype)
-        out += _record(f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW weight grad all-rows", lambda: toeplitz.weight_grad(
+        shape = f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW"
+        out += _record(f"{shape} weight grad all-rows", lambda: toeplitz.weight_grad(
             x, x, k, all_rows, z=x, g_out=torch.empty_like(x), has_bias=True), [toeplitz])
+        stream = {"method": "toeplitz", "stream": True}
+        out += _record(f"{shape} forward stream", lambda: kt.conv_forward(x, w, bias, y, y, gelu=True, tile=stream),
+                       [kt, toeplitz])
+        out += _record(f"{shape} backward stream", lambda: kt.conv_backward(
+            x, x, w, x, gelu=True, has_bias=True, need_dx=True, need_dw=True, tile=stream), [kt, toeplitz])
     return out
 
 

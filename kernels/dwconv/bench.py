@@ -140,12 +140,17 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # at B256 C256 k9), so after them
             all_rows = [{"method": "toeplitz", "all_rows": True, "TILE_H": th, "TILE_W": tw, "num_warps": w}
                         for th, tw, w in ((32, 16, 8), (16, 16, 4), (16, 16, 8))]
+            # never timed yet, so first: the streaming kernels (each input row loaded and
+            # converted for the tensor cores once, not K times; the K rows in flight in registers)
+            stream = {"method": "toeplitz", "stream": True}
+            stream_fwd = [stream, {**stream, "BLOCK_C": 2}, {**stream, "BLOCK_C": 8}, {**stream, "ROWS": 16}]
+            stream_wgt = [stream, {**stream, "num_warps": 2}, {**stream, "UNITS": 4}, {**stream, "UNITS": 16}]
             if layout == "NCHW":
                 # the tap kernel's budgets only where it is still the default (K < TOEPLITZ_MIN_K on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
-                fwd = (images + ([{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] if taps else [])
+                fwd = stream_fwd + (images + ([{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] if taps else [])
                        + toeplitz + gathered + narrow[1:] + [{**narrow[2], "gather": True}])
-                wgt = (units + ([{"elems": 8192, "c_bytes": 32}] if taps else [])
+                wgt = stream_wgt + (units + ([{"elems": 8192, "c_bytes": 32}] if taps else [])
                        + toeplitz[:1] + toeplitz[2:4] + narrow[:2] + all_rows)
             else:
                 # Toeplitz tiles 16 channels wide: a load then fills a whole 32-byte sector of a
@@ -153,8 +158,11 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 # there, their loads using 4-16 bytes of each sector); 16-wide windows, which build
                 # without spills for sm_90 under Triton 3.6 and 3.8 (32-wide ones spill on 3.6)
                 wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8}
-                fwd = [wide, {**wide, "gather": True}, {**wide, "IMAGES": 2}, {**wide, "TILE_H": 32}]
-                wgt = [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
+                # (first, never timed: the streaming kernels on NCHW copies)
+                fwd = [{**stream, "copy_to_nchw": True},
+                       wide, {**wide, "gather": True}, {**wide, "IMAGES": 2}, {**wide, "TILE_H": 32}]
+                wgt = [{**stream, "copy_to_nchw": True},
+                       {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
                        {**all_rows[0], "copy_to_nchw": True}]
                 fwd += [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]

@@ -4,6 +4,10 @@ triton.TOEPLITZ_MIN_K); triton.py holds the tap kernels and picks between them.
 
   _dwconv_fwd_toeplitz_kernel    y = act(bias + conv(x, w)); with FLIP the input gradient
   _dwconv_bwd_w_toeplitz_kernel  the weight gradient, as diagonals of per-window products
+  _dwconv_bwd_w_rows_kernel      the same with all K kernel rows in one matmul ("all_rows")
+  _dwconv_fwd_stream_kernel      the forward streaming down the image with the K input rows in
+                                 use held in registers: x read once, not K times ("stream")
+  _dwconv_bwd_w_stream_kernel    the weight gradient streaming likewise, forming g itself
 """
 from __future__ import annotations
 
@@ -213,6 +217,195 @@ def _dwconv_bwd_w_rows_kernel(
         tl.store(base + b_out * K + kj, per_row, mask=b_out < K)
 
 
+@triton.jit
+def _banded_rows(w_ptr, c64, c_ok, dtype, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
+                 FLIP: tl.constexpr):
+    # the K banded matrices of a channel block, T_i[j, n] = w[c, i, j - n] inside the band
+    # 0 <= j - n < K, else 0 (rotated by 180 degrees with FLIP), as a tuple of (BLOCK_C, KP,
+    # TILE_W) tensors gathered from the (C, K, K) weights
+    tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
+    band = c_ok & (tap >= 0) & (tap < K)
+    if FLIP:
+        tap = K - 1 - tap
+    w_base = w_ptr + c64 * (K * K) + tap
+    ts = ()
+    for i in tl.static_range(K):
+        row = K - 1 - i if FLIP else i
+        ts = ts + (tl.load(w_base + row * K, mask=band, other=0.0).to(dtype),)
+    return ts
+
+
+@triton.jit
+def _add_input_row(accs, xr, ts, K: tl.constexpr, IEEE: tl.constexpr):
+    # input row r's share of output rows r - PAD .. r + PAD (accs[m] is row r - PAD + m, which
+    # takes r through kernel row K - 1 - m): K products of the same operand
+    new = ()
+    for m in tl.static_range(K):
+        if IEEE:
+            new = new + (tl.dot(xr, ts[K - 1 - m], accs[m], input_precision="ieee"),)
+        else:
+            new = new + (tl.dot(xr, ts[K - 1 - m], accs[m]),)
+    return new
+
+
+@triton.jit
+def _dwconv_fwd_stream_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
+    B, C, H, W, n_th, n_tw, ROWS,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    IMAGES: tl.constexpr, IEEE: tl.constexpr, FLIP: tl.constexpr,
+):
+    # The Toeplitz forward streaming down the image: one program, BLOCK_C channels x IMAGES
+    # images x a TILE_W-wide column window x ROWS output rows. Output row h of every image at
+    # once is sum_i X_{h+i-PAD} @ T_i, X_r the (IMAGES, KP) block of input row r (the window's
+    # columns plus the halo) and T_i channel c's banded matrix of kernel row i. The program
+    # walks the input rows, each loaded once and multiplied into the K output rows it feeds,
+    # whose accumulators stay in registers (a tuple, oldest first); the oldest is then complete
+    # and stored. _dwconv_fwd_toeplitz_kernel instead reads each input row once per kernel row
+    # (K times) and converts it for the tensor cores each time. The banded matrices are built
+    # once a program. With FLIP (kernel rotated by 180 degrees) it is the input gradient.
+    pid = tl.program_id(0)
+    tw = pid % n_tw
+    th = (pid // n_tw) % n_th
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C
+    c64 = c3.to(tl.int64)
+    PAD: tl.constexpr = K // 2
+    img = (pid // (n_tw * n_th) * IMAGES + tl.arange(0, IMAGES))[None, :, None].to(tl.int64)
+    j = tl.arange(0, KP)[None, None, :]
+    col = tw * TILE_W + j - PAD
+    x_ok = c_ok & (img < B) & (col >= 0) & (col < W) & (j < TILE_W + K - 1)
+    x_base = x_ptr + img * sxb + c64 * sxc + col * sxw
+    w_out = tw * TILE_W + tl.arange(0, TILE_W)[None, None, :]
+    out_ok = c_ok & (img < B) & (w_out < W)
+    y_base = y_ptr + img * syb + c64 * syc + w_out * syw
+    z_base = z_ptr + img * szb + c64 * szc + w_out * szw
+    ts = _banded_rows(w_ptr, c64, c_ok, x_ptr.dtype.element_ty, K, KP, TILE_W, FLIP)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
+    h0 = th * ROWS
+    h1 = tl.minimum(h0 + ROWS, H)
+    zero = tl.zeros((BLOCK_C, IMAGES, TILE_W), dtype=tl.float32)
+    accs = ()
+    for m in tl.static_range(K):
+        accs = accs + (zero,)
+    # the first 2 * PAD input rows complete no output row of this program
+    for r in range(h0 - PAD, h0 + PAD):
+        xr = tl.load(x_base + r * sxh, mask=x_ok & (r >= 0) & (r < H), other=0.0)
+        accs = _add_input_row(accs, xr, ts, K, IEEE)[1:] + (zero,)
+    for r in range(h0 + PAD, h1 + PAD):
+        xr = tl.load(x_base + r * sxh, mask=x_ok & (r < H), other=0.0)
+        accs = _add_input_row(accs, xr, ts, K, IEEE)
+        acc = accs[0]    # output row r - PAD: complete
+        accs = accs[1:] + (zero,)
+        if HAS_BIAS:
+            acc += bias
+        if STORE_PREACT:
+            tl.store(z_base + (r - PAD) * szh, acc.to(z_ptr.dtype.element_ty), mask=out_ok)
+        if GELU:
+            acc = gelu(acc)
+        tl.store(y_base + (r - PAD) * syh, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _output_grad_row(dy_base, z_base, g_base, h, syh, szh, sgh, ok, GELU: tl.constexpr, STORE_G: tl.constexpr):
+    # row h of the output gradient g (IMAGES, TILE_W): dy * gelu'(z) with GELU (written to g
+    # if STORE_G), else dy; in the input's dtype for the tensor cores and in fp32 for the bias
+    # gradient (summed before rounding, as the tap kernel sums it)
+    gr = tl.load(dy_base + h * syh, mask=ok, other=0.0)
+    g32 = gr.to(tl.float32)
+    if GELU:
+        zr = tl.load(z_base + h * szh, mask=ok, other=0.0)
+        g32 = g32 * gelu_grad(zr.to(tl.float32))
+        gr = g32.to(g_base.dtype.element_ty)
+        if STORE_G:
+            tl.store(g_base + h * sgh, gr, mask=ok)
+    return gr, g32
+
+
+@triton.jit
+def _dwconv_bwd_w_stream_kernel(
+    x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
+    B, C, H, W, n_tw, UNITS, UNITS_PER_PROG,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    szb, szc, szh, szw,
+    sgb, sgc, sgh, sgw,
+    K: tl.constexpr, KB: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, IMAGES: tl.constexpr,
+    GELU: tl.constexpr, STORE_G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    # The weight gradient streaming down the image, one channel a program. A unit is IMAGES
+    # images x a TILE_W-wide column window, all rows. For kernel row i,
+    # Q_i[j, n] = sum_{img, h} x[img, h + i - PAD, w0 + j - PAD] * g[img, h, w0 + n]; walking
+    # the input rows r, Q_i += X_r^T @ G_{r-i+PAD}, a (KP, IMAGES) @ (IMAGES, TILE_W) product.
+    # Each input row is loaded (and converted for the tensor cores) once for its K products;
+    # the K output-gradient rows it meets, G_{r-PAD} .. G_{r+PAD}, the smaller operands, stay
+    # in registers (a tuple, oldest first), each formed once: g = dy * gelu'(z) with GELU
+    # (stored for the input gradient's pass if STORE_G), else dy; with HAS_BIAS their sum is
+    # the bias partial. After the program's units, dw[i, kj] = sum_n Q_i[n + kj, n], the
+    # kj-th diagonal.
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    c64 = c.to(tl.int64)
+    PAD: tl.constexpr = K // 2
+    i_g = tl.arange(0, IMAGES)[:, None]          # G rows: images
+    n_g = tl.arange(0, TILE_W)[None, :]          # G columns: output columns
+    j_x = tl.arange(0, KP)[:, None]              # X^T rows: input columns of the window
+    i_x = tl.arange(0, IMAGES)[None, :]          # X^T columns: images
+    qs = ()
+    for i in tl.static_range(K):
+        qs = qs + (tl.zeros((KP, TILE_W), dtype=tl.float32),)
+    db = tl.zeros((IMAGES, TILE_W), dtype=tl.float32)
+    for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
+        w0 = (u % n_tw) * TILE_W
+        img_g = ((u // n_tw) * IMAGES + i_g).to(tl.int64)
+        img_x = ((u // n_tw) * IMAGES + i_x).to(tl.int64)
+        g_ok = (img_g < B) & (w0 + n_g < W)
+        dy_base = dy_ptr + img_g * syb + c64 * syc + (w0 + n_g) * syw
+        z_base = z_ptr + img_g * szb + c64 * szc + (w0 + n_g) * szw
+        g_base = g_ptr + img_g * sgb + c64 * sgc + (w0 + n_g) * sgw
+        col = w0 + j_x - PAD
+        x_ok = (img_x < B) & (col >= 0) & (col < W) & (j_x < TILE_W + K - 1)
+        x_base = x_ptr + img_x * sxb + c64 * sxc + col * sxw
+        gs = ()    # output-gradient rows r - PAD .. r + PAD - 1 on entry to step r
+        for m in tl.static_range(K - 1):
+            gs = gs + (tl.zeros((IMAGES, TILE_W), dtype=g_ptr.dtype.element_ty),)
+        for h in range(0, PAD):
+            gr, g32 = _output_grad_row(dy_base, z_base, g_base, h, syh, szh, sgh, g_ok & (h < H), GELU, STORE_G)
+            if HAS_BIAS:
+                db += g32
+            gs = gs[1:] + (gr,)
+        for r in range(0, H):
+            h = r + PAD
+            gr, g32 = _output_grad_row(dy_base, z_base, g_base, h, syh, szh, sgh, g_ok & (h < H), GELU, STORE_G)
+            if HAS_BIAS:
+                db += g32
+            gs = gs + (gr,)
+            xt = tl.load(x_base + r * sxh, mask=x_ok, other=0.0)
+            new = ()
+            for i in tl.static_range(K):
+                if IEEE:
+                    new = new + (tl.dot(xt, gs[K - 1 - i], qs[i], input_precision="ieee"),)
+                else:
+                    new = new + (tl.dot(xt, gs[K - 1 - i], qs[i]),)
+            qs = new
+            gs = gs[1:]
+    if HAS_BIAS:
+        tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
+    # all K diagonals of a Q_i in one reduction (K reductions, not K * K)
+    kj = tl.arange(0, KB)
+    on_diag = (j_x - n_g)[None, :, :] == kj[:, None, None]          # (KB, KP, TILE_W): j - n == kj
+    base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K) + kj
+    for i in tl.static_range(K):
+        dw_row = tl.sum(tl.sum(tl.where(on_diag, qs[i][None, :, :], 0.0), axis=2), axis=1)
+        tl.store(base + i * K, dw_row, mask=kj < K)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 @triton.jit
@@ -268,6 +461,9 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
     K = weight.shape[-1]
     if tile.get("copy_to_nchw"):
         x = x.contiguous()
+    if tile.get("stream"):
+        _stream_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
+        return
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     gather = tile.get("gather", False)
     # with "gather" the kernel reads the banded matrices' entries from the weights directly
@@ -284,13 +480,44 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
     )
 
 
+def _stream_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int]:
+    """(TILE_W, KP, IMAGES) of both streaming kernels: 16-wide column windows by default (a k9
+    row's 24 inputs pad to 32 columns; 32-wide ones pad 40 to 64, twice the tensor-core work an
+    output), IMAGES >= 16 (the smallest tensor-core dot; its M, or its K for the weight gradient)."""
+    tile_w = max(16, min(next_pow2(x.shape[-1]), tile.get("TILE_W", 16)))
+    return tile_w, max(16, next_pow2(tile_w + K - 1)), max(16, next_pow2(tile.get("IMAGES", 16)))
+
+
+def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
+    """_dwconv_fwd_stream_kernel: BLOCK_C channels x IMAGES images x one column window a
+    program, down ROWS rows (all by default; fewer give more programs, each re-reading K - 1
+    rows of halo). By default 4 channels on 4 warps: Triton lays the warps of the batched dot
+    along its channel axis (at M = IMAGES = 16 nothing else is left to split), so fewer
+    channels than warps would have warps computing the same products (sm_90, Triton 3.6)."""
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    tile_w, kp, images = _stream_tiles(x, K, tile)
+    block_c = tile.get("BLOCK_C", 4)
+    rows = min(H, tile.get("ROWS", H))
+    n_th, n_tw = cdiv(H, rows), cdiv(W, tile_w)
+    zz = y if z is None else z
+    wrap_triton(_dwconv_fwd_stream_kernel)[(cdiv(B, images) * n_th * n_tw, cdiv(C, block_c))](
+        x, weight.reshape(C, K * K).contiguous(), x if bias is None else bias, y, zz,
+        B, C, H, W, n_th, n_tw, rows,
+        *x.stride(), *y.stride(), *zz.stride(),
+        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
+        BLOCK_C=block_c, TILE_W=tile_w, KP=kp, IMAGES=images, IEEE=x.dtype == torch.float32, FLIP=flip,
+        num_warps=tile.get("num_warps", block_c), num_stages=tile.get("num_stages", 2),
+    )
+
+
 _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the GPU
 
 
 def forms_output_grad(tile: dict) -> bool:
     """True when `weight_grad` with this tile forms g = dy * gelu'(z) and the bias gradient itself
     (the "all_rows" kernel), so the tap kernel's pass over dy is not needed."""
-    return bool(tile.get("all_rows"))
+    return bool(tile.get("all_rows") or tile.get("stream"))
 
 
 def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torch.Tensor | None = None,
@@ -298,20 +525,23 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
     g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
     the windows are split over about _TARGET_PROGRAMS programs. With "all_rows", every kernel
-    row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply), which alone
-    also takes the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
+    row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply); with
+    "stream", _dwconv_bwd_w_stream_kernel (see `_stream_weight_grad`). These two alone
+    also take the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
     g = dy * gelu'(z) into `g_out` unless that is None) and `has_bias` (see `forms_output_grad`).
 
     Returns (dw, db): db (C,) fp32 when has_bias, else None."""
     if (z is not None or has_bias) and not forms_output_grad(tile):
-        raise ValueError("only the all_rows weight-gradient kernel forms g and the bias gradient")
+        raise ValueError("only the all_rows and stream weight-gradient kernels form g and the bias gradient")
     B, C, H, W = x.shape
     if tile.get("copy_to_nchw"):
         g, x = g.contiguous(), x.contiguous()
         z = None if z is None else z.contiguous()
+    if tile.get("stream"):
+        return _stream_weight_grad(g, x, K, tile, z=z, g_out=g_out, has_bias=has_bias)
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     units = B * n_th * n_tw
-    all_rows = forms_output_grad(tile)   # _dwconv_bwd_w_rows_kernel: one channel a program
+    all_rows = bool(tile.get("all_rows"))   # _dwconv_bwd_w_rows_kernel: one channel a program
     n_cb = C if all_rows else cdiv(C, block_c)
     if "UNITS" in tile:
         # a few windows a program: the K passes over them (one per kernel row) re-read g and x
@@ -342,3 +572,32 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
         num_warps=tile.get("num_warps", 8),
     )
     return dw_part.sum(0).reshape(C, 1, K, K), None
+
+
+def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
+    """_dwconv_bwd_w_stream_kernel: one channel a program, UNITS units (IMAGES images x one
+    column window, all rows) each; by default the units are split over about
+    2 * _TARGET_PROGRAMS programs (the diagonals at a program's end cost about one unit).
+    Takes the raw output gradient and forms g itself (see `weight_grad`)."""
+    B, C, H, W = x.shape
+    tile_w, kp, images = _stream_tiles(x, K, tile)
+    n_tw = cdiv(W, tile_w)
+    units = cdiv(B, images) * n_tw
+    if "UNITS" in tile:
+        per_prog = min(tile["UNITS"], units)
+        splits = cdiv(units, per_prog)
+    else:
+        splits, per_prog = split_units(units, C, 2 * _TARGET_PROGRAMS)
+    gelu = z is not None
+    g_store = dy if g_out is None or not gelu else g_out
+    zz = z if gelu else dy
+    dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
+    wrap_triton(_dwconv_bwd_w_stream_kernel)[(splits, C)](
+        x, dy, zz, g_store, dw_part, db_part, B, C, H, W, n_tw, units, per_prog,
+        *x.stride(), *dy.stride(), *zz.stride(), *g_store.stride(),
+        K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, IMAGES=images, GELU=gelu, STORE_G=gelu and g_out is not None,
+        HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
+        num_warps=tile.get("num_warps", 4), num_stages=tile.get("num_stages", 2),
+    )
+    return dw_part.sum(0).reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)

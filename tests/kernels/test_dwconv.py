@@ -355,6 +355,46 @@ def test_all_rows_without_input_gradient(device):
     assert torch.equal(dw, dw2) and torch.equal(db, db2)
 
 
+STREAM = {"method": "toeplitz", "stream": True}
+
+
+@pytest.mark.parametrize("k,hw,tile,batch", [
+    (9, (20, 40), {"TILE_W": 16}, 3),                    # several column windows, a ragged last one
+    (7, (9, 13), {"ROWS": 4, "UNITS": 1}, 17),           # row chunks, two image groups, a unit a program
+    (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2),      # 32-wide windows, two channels a program
+    (3, (7, 8), {}, 3),
+    (9, (20, 40), {"copy_to_nchw": True}, 2)],           # g written back channels_last
+    ids=["k9", "k7-rows-units", "k5-wide", "k3", "copy-to-nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
+    """The forward, input gradient and weight gradient streaming down the image with the K input
+    rows in use in registers ("stream"; the weight gradient forms g and the bias gradient
+    itself): with and without bias and GELU, NCHW and channels_last (strided loads), every
+    output and gradient."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**STREAM, **tile})
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**STREAM, **tile})
+    check(batch, 5, *hw, k, dtype, device, bias=True, activation="gelu")
+    check(batch, 5, *hw, k, dtype, device, bias=False, activation=None)
+    check(2, 3, *hw, k, dtype, device, channels_last=True)
+
+
+def test_stream_without_input_gradient(device):
+    """A layer whose input needs no gradient: the streaming weight gradient then keeps g to
+    itself; the weight and bias gradients are the same as with the input gradient."""
+    from kernels.dwconv import triton as kt
+
+    gen = torch.Generator().manual_seed(0)
+    x, dy, z = (torch.randn(2, 3, 12, 12, generator=gen).to(device) for _ in range(3))
+    w = torch.randn(3, 1, 9, 9, generator=gen).to(device)
+    dx, dw, db = kt.conv_backward(dy, x, w, z, gelu=True, has_bias=True, need_dx=True, need_dw=True, tile=STREAM)
+    no_dx, dw2, db2 = kt.conv_backward(dy, x, w, z, gelu=True, has_bias=True, need_dx=False, need_dw=True,
+                                      tile=STREAM)
+    assert dx is not None and no_dx is None
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)
+
+
 @pytest.mark.parametrize("k,tile_w,kp", [(9, 32, 64), (9, 16, 32), (3, 16, 32), (15, 32, 64), (1, 16, 16)])
 def test_banded_matrices(k, tile_w, kp, device):
     """The Toeplitz kernels' banded matrices, T[c, i, j, n] = w[c, i, j - n] inside the band (and
@@ -445,6 +485,24 @@ def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_la
     monkeypatch.setattr(kt, "forward_tile", lambda x, k: forward)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: weight_grad)
     check(5, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forward,weight_grad,channels_last", [
+    (STREAM, STREAM, False),
+    ({**STREAM, "BLOCK_C": 2}, {**STREAM, "num_warps": 2}, False),
+    ({**STREAM, "BLOCK_C": 8, "ROWS": 16}, {**STREAM, "UNITS": 4}, False),
+    ({**STREAM, "copy_to_nchw": True}, {**STREAM, "copy_to_nchw": True}, True)],
+    ids=["default", "two-channels", "eight-channels-rows", "nchw-copy"])
+@pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13)), (15, (28, 28)), (3, (14, 14))])
+def test_toeplitz_streaming_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
+    """The streaming kernels (and the sweep's variants of them), compiled, in bf16: two image
+    groups (batch 17), odd channels, with bias and GELU."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: forward)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: weight_grad)
+    check(17, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
 
 
 @pytest.mark.gpu
