@@ -37,6 +37,19 @@ def kernel_path(layer, backend: str, device: str, dtype: torch.dtype) -> tuple[s
     return f"{op}: {choice}", reasons
 
 
+def norm_path(layer, backend: str, device: str, dtype: torch.dtype, compiled: bool) -> str | None:
+    """"batch_norm: triton" where training runs the block's BatchNorm as kernels.batch_norm
+    (see Block.uses_fused_norm; contiguous NCHW assumed), else None (nn.BatchNorm2d)."""
+    from composer.blocks import base
+
+    op = getattr(layer.module, "norm_op", None)
+    wanted = backend == "triton" or (backend == "auto" and base.FUSED_BATCH_NORM_IN_AUTO and device == "cuda")
+    if not op or compiled or not wanted:
+        return None
+    choice, _ = kernels.backend_for(op, backend, device, dtype)
+    return f"{op}: {choice}"
+
+
 def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
               model: ComposedModel | None = None) -> dict:
     requested = backend or spec.train.kernels
@@ -58,6 +71,9 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             elif block_backend != requested:
                 reasons = ["train.compile is on: the compiled model uses the PyTorch block "
                            "(--kernels triton runs the Triton kernel between the compiled regions)"]
+        norm = norm_path(layer, block_backend, device, dtype, spec.train.compile)
+        if norm:
+            path = norm if path == "pytorch" else f"{path}, {norm}"
         rows.append({
             "index": i,
             "name": layer.name,

@@ -502,6 +502,11 @@ def _check_triton(model, device: torch.device, dtype: torch.dtype) -> None:
             choice, reasons = kernels.backend_for(op, "triton", device, dtype, **layer.module.kernel_dims(layer.ctx))
             if choice != "triton":
                 problems.append(f"{layer.name}: {'; '.join(reasons)}")
+        norm_op = getattr(layer.module, "norm_op", None)
+        if norm_op and not op:   # a block with both reports its kernel op's reasons (the same device and dtype)
+            choice, reasons = kernels.backend_for(norm_op, "triton", device, dtype)
+            if choice != "triton":
+                problems.append(f"{layer.name}: {'; '.join(reasons)}")
     if problems:
         raise UserError("train.kernels is triton, but the Triton kernels cannot run:\n  " + "\n  ".join(problems)
                         + "\nuse --kernels auto (Triton where it can run) or --kernels reference")

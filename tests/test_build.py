@@ -204,3 +204,68 @@ def test_kernels_outside_the_graph_run_between_compiled_regions():
     compiled = torch.compile(model, backend="aot_eager")
     for got, want in zip(loss_and_grads(compiled), loss_and_grads(model)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _convmixer_pair(drop_path=0.0, activation="gelu"):
+    text = ("model: {image_size: 16, num_classes: 3, stem: {patch_size: 2, dim: 16}, blocks: "
+            f"[{{kind: convmixer, kernel_size: 3, repeat: 2, drop_path: {drop_path}, activation: {activation}}}]}}")
+    torch.manual_seed(0)
+    fused = build_model(load_spec_text(text), backend="triton").train()
+    plain = build_model(load_spec_text(text), backend="reference").train()
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_convmixer_blocks_fused_batch_norm(activation, monkeypatch):
+    """Training with kernels triton runs each ConvMixer BatchNorm (GELU before it, the residual
+    after it) as kernels.batch_norm: output, input gradient, every parameter gradient and the
+    running statistics (and batch count) equal nn.BatchNorm2d's."""
+    import kernels
+    from composer.blocks import base
+
+    calls = []
+    real = kernels.batch_norm
+    monkeypatch.setattr(base.kernels, "batch_norm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fused, plain = _convmixer_pair(activation=activation)
+    x = torch.rand(3, 3, 16, 16)
+    results = []
+    for model in (fused, plain):
+        xi = x.clone().requires_grad_()
+        loss = model(xi).square().sum()
+        loss.backward()
+        results.append([loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    # GELU pointwise blocks fuse their activation; ReLU ones keep nn.Sequential
+    assert len(calls) == (4 if activation == "gelu" else 2)
+    assert sum(k["residual"] is not None for k in calls) == 2
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(int(b) == 1 for name, b in fused.named_buffers() if name.endswith("num_batches_tracked"))
+
+
+def test_convmixer_blocks_fused_batch_norm_falls_back(monkeypatch):
+    """Where kernels.batch_norm does not apply the blocks keep nn.BatchNorm2d: eval mode,
+    channels_last input, and drop-path (the branch is dropped before the residual add, which
+    then stays apart) gives the same as the PyTorch model."""
+    import kernels
+    from composer.blocks import base
+
+    calls = []
+    real = kernels.batch_norm
+    monkeypatch.setattr(base.kernels, "batch_norm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fused, plain = _convmixer_pair()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), plain.eval()(x))
+        assert not calls
+        fused.train(), plain.train()
+        cl = x.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(fused(cl), plain(cl), rtol=1e-4, atol=1e-5)
+        assert not calls   # the stem keeps channels_last, and so does every block after it
+    calls.clear()
+    fused, plain = _convmixer_pair(drop_path=0.5)
+    torch.manual_seed(1)
+    got = fused(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, plain(x), rtol=1e-4, atol=1e-5)
+    assert calls and all(k["residual"] is None for k in calls)

@@ -47,6 +47,22 @@ def test_summarize_shows_kernels_run_between_compiled_regions():
     assert not any(r["kernel_reasons"] for r in fused)
 
 
+def test_summarize_shows_the_fused_batch_norm():
+    """With kernels triton a ConvMixer's BatchNorms train as kernels.batch_norm: the kernel column
+    names it next to the depthwise op (pointwise blocks: alone); kernels auto keeps nn.BatchNorm2d
+    until the fused op is measured faster (composer.blocks.base.FUSED_BATCH_NORM_IN_AUTO)."""
+    from composer.blocks import base
+
+    result = run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json", "--kernels", "triton")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    kinds = {r["kind"]: r["kernel"] for r in rows}
+    assert re.fullmatch(r"dwconv2d: \w+, batch_norm: \w+", kinds["dwconv"]), kinds
+    assert re.fullmatch(r"batch_norm: \w+", kinds["pointwise"]), kinds
+    auto = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json").stdout)["rows"]
+    assert base.FUSED_BATCH_NORM_IN_AUTO or not any("batch_norm" in r["kernel"] for r in auto)
+
+
 def test_summarize_errors_exit_2(tmp_path):
     assert_user_error(run_cli("summarize", tmp_path / "nope.yaml"), "no such file")
     listing = tmp_path / "list.yaml"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import kernels
+
 REGISTRY: dict[str, type["Block"]] = {}
 
 
@@ -33,6 +35,14 @@ class Cost:
     activations: int  # elements the block keeps for backward (an estimate, see each block)
 
 
+# The ConvMixer blocks' BatchNorm runs as kernels.batch_norm (fused with the activation
+# before it and the residual add after it) while training eagerly with kernels "triton", and
+# with kernels "auto" when this is True; otherwise as nn.BatchNorm2d. False until the fused op
+# is measured faster on a GPU (`composer bench kernels --op batch_norm`, then `composer bench
+# train specs/convmixer_cifar.yaml --set train.kernels=triton` against the default).
+FUSED_BATCH_NORM_IN_AUTO = False
+
+
 @torch.compiler.disable
 def _outside_compiled_graph(op, *args, **kwargs):
     # torch.compile breaks its graph before and after this call and runs it eagerly
@@ -45,6 +55,7 @@ class Block(nn.Module):
     kind: str = ""
     layout: str = ""            # "tokens" or "grid"
     kernel_op: str | None = None  # the public op of `kernels` this block runs, if any
+    norm_op: str | None = None    # "batch_norm" when its BatchNorm can run as kernels.batch_norm (`normalize`)
     # set by `composer.build.prepare_for_compile`: run the fused op outside torch.compile's graph
     kernel_outside_graph: bool = False
 
@@ -54,6 +65,32 @@ class Block(nn.Module):
         if self.kernel_outside_graph:
             return _outside_compiled_graph(op, *args, **kwargs)
         return op(*args, **kwargs)
+
+    def normalize(self, norm: nn.BatchNorm2d, y: torch.Tensor, *, gelu: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + norm(GELU(y) if gelu else y), through kernels.batch_norm when
+        `uses_fused_norm` says so (one pass each way instead of three ops), else nn.BatchNorm2d."""
+        if self.uses_fused_norm(norm, y):
+            out = kernels.batch_norm(y, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                     training=True, momentum=norm.momentum, eps=norm.eps,
+                                     activation="gelu" if gelu else None, residual=residual,
+                                     backend="triton" if self.backend == "triton" else "auto")
+            norm.num_batches_tracked.add_(1)   # as nn.BatchNorm2d counts its training calls
+            return out
+        y = norm(nn.functional.gelu(y) if gelu else y)
+        return y if residual is None else residual + y
+
+    def uses_fused_norm(self, norm: nn.BatchNorm2d, y: torch.Tensor) -> bool:
+        """Whether `normalize` runs kernels.batch_norm: eager training with batch statistics
+        kept in running buffers (the kernels compute batch statistics only), on contiguous NCHW
+        (channels_last stays with cuDNN), with backend "triton", or "auto" and
+        FUSED_BATCH_NORM_IN_AUTO on CUDA. Under torch.compile inductor fuses nn.BatchNorm2d
+        with its neighbours itself, so it stays in the graph."""
+        if not (norm.training and norm.track_running_stats and norm.momentum is not None
+                and y.is_contiguous() and not torch.compiler.is_compiling()):
+            return False
+        backend = getattr(self, "backend", "auto")
+        return backend == "triton" or (backend == "auto" and FUSED_BATCH_NORM_IN_AUTO and y.is_cuda)
 
     def cost(self, ctx: Context) -> Cost:
         raise NotImplementedError
@@ -73,14 +110,14 @@ def register(cls: type[Block]) -> type[Block]:
 def set_backend(model: nn.Module, backend: str) -> None:
     """Point every block of `model` at one kernel backend ("auto" | "triton" | "reference")."""
     for module in model.modules():
-        if isinstance(module, Block) and module.kernel_op:
+        if isinstance(module, Block) and (module.kernel_op or module.norm_op):
             module.backend = backend
 
 
 @contextmanager
 def using_backend(model: nn.Module, backend: str):
     """`set_backend` for the duration of a `with` block; each block's own backend comes back afterwards."""
-    saved = [(m, m.backend) for m in model.modules() if isinstance(m, Block) and m.kernel_op]
+    saved = [(m, m.backend) for m in model.modules() if isinstance(m, Block) and (m.kernel_op or m.norm_op)]
     set_backend(model, backend)
     try:
         yield model

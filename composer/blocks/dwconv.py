@@ -1,6 +1,7 @@
 """ConvMixer's spatial mixing: depthwise conv -> activation -> BatchNorm, plus a residual.
 
-Grid (B, C, H, W) -> (B, C, H, W). The conv and a GELU run as one fused op.
+Grid (B, C, H, W) -> (B, C, H, W). The conv and a GELU run as one fused op; BatchNorm and
+the residual add as another when `Block.uses_fused_norm` says so.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class DwConv(Block):
         drop_path: stochastic depth.
     """
 
-    kind, layout, kernel_op = "dwconv", "grid", "dwconv2d"
+    kind, layout, kernel_op, norm_op = "dwconv", "grid", "dwconv2d", "batch_norm"
 
     def __init__(self, dim, kernel_size=9, activation="gelu", drop_path=0.0, backend="auto"):
         super().__init__()
@@ -38,7 +39,9 @@ class DwConv(Block):
         y = self.fused(kernels.dwconv2d, x, self.conv.weight, self.conv.bias, activation=gelu, backend=self.backend)
         if self.activation == "relu":
             y = torch.relu(y)
-        return x + self.drop_path(self.norm(y))
+        if self.drop_path.p > 0.0 and self.training:   # the branch is dropped per image before the add
+            return x + self.drop_path(self.normalize(self.norm, y))
+        return self.normalize(self.norm, y, residual=x)
 
     def cost(self, ctx: Context) -> Cost:
         (h, w), c, k = ctx.grid, ctx.dim, self.conv.kernel_size[0]
