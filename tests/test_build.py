@@ -235,9 +235,11 @@ def test_convmixer_blocks_fused_batch_norm(activation, monkeypatch):
         loss = model(xi).square().sum()
         loss.backward()
         results.append([loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers()))
-    # GELU pointwise blocks fuse their activation; ReLU ones keep nn.Sequential
+    # GELU pointwise blocks fuse their activation; ReLU ones keep nn.Sequential. The depthwise
+    # blocks' GELU moves from the convolution into the BatchNorm op.
     assert len(calls) == (4 if activation == "gelu" else 2)
     assert sum(k["residual"] is not None for k in calls) == 2
+    assert all(k["activation"] == ("gelu" if activation == "gelu" else None) for k in calls)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(int(b) == 1 for name, b in fused.named_buffers() if name.endswith("num_batches_tracked"))

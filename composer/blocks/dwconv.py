@@ -34,14 +34,19 @@ class DwConv(Block):
         return cls(ctx.dim, spec.kernel_size, spec.activation, spec.drop_path, ctx.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gelu = "gelu" if self.activation == "gelu" else None
         x = autocast_input(x)
+        dropping = self.drop_path.p > 0.0 and self.training   # the branch is dropped per image before the add
+        # With the fused BatchNorm, GELU moves into it: the convolution then writes only its
+        # output (not also the pre-activation its own backward would need), and its backward
+        # receives the gradient past GELU, so it neither reads the pre-activation nor writes g.
+        gelu_in_norm = self.activation == "gelu" and not dropping and self.uses_fused_norm(self.norm, x)
+        gelu = "gelu" if self.activation == "gelu" and not gelu_in_norm else None
         y = self.fused(kernels.dwconv2d, x, self.conv.weight, self.conv.bias, activation=gelu, backend=self.backend)
         if self.activation == "relu":
             y = torch.relu(y)
-        if self.drop_path.p > 0.0 and self.training:   # the branch is dropped per image before the add
+        if dropping:
             return x + self.drop_path(self.normalize(self.norm, y))
-        return self.normalize(self.norm, y, residual=x)
+        return self.normalize(self.norm, y, gelu=gelu_in_norm, residual=x)
 
     def cost(self, ctx: Context) -> Cost:
         (h, w), c, k = ctx.grid, ctx.dim, self.conv.kernel_size[0]
