@@ -480,6 +480,20 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
     )
 
 
+def stream_supported() -> bool:
+    """The streaming kernels keep their rows in flight in tuples, which Triton compiles from
+    3.3 on (3.2 rejects them; its interpreter runs them)."""
+    from kernels.dispatch import interpreter_mode
+
+    return interpreter_mode() or tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
+
+
+def _check_stream_supported() -> None:
+    if not stream_supported():
+        raise RuntimeError(f"the streaming dwconv2d kernels need Triton 3.3 or newer (installed: "
+                           f"{triton.__version__}); use another launch configuration")
+
+
 def _stream_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int]:
     """(TILE_W, KP, IMAGES) of both streaming kernels: 16-wide column windows by default (a k9
     row's 24 inputs pad to 32 columns; 32-wide ones pad 40 to 64, twice the tensor-core work an
@@ -494,6 +508,7 @@ def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict
     rows of halo). By default 4 channels on 4 warps: Triton lays the warps of the batched dot
     along its channel axis (at M = IMAGES = 16 nothing else is left to split), so fewer
     channels than warps would have warps computing the same products (sm_90, Triton 3.6)."""
+    _check_stream_supported()
     B, C, H, W = x.shape
     K = weight.shape[-1]
     tile_w, kp, images = _stream_tiles(x, K, tile)
@@ -579,6 +594,7 @@ def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
     column window, all rows) each; by default the units are split over about
     2 * _TARGET_PROGRAMS programs (the diagonals at a program's end cost about one unit).
     Takes the raw output gradient and forms g itself (see `weight_grad`)."""
+    _check_stream_supported()
     B, C, H, W = x.shape
     tile_w, kp, images = _stream_tiles(x, K, tile)
     n_tw = cdiv(W, tile_w)

@@ -380,6 +380,28 @@ def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
     check(2, 3, *hw, k, dtype, device, channels_last=True)
 
 
+def test_stream_needs_triton_3_3(monkeypatch):
+    """Triton 3.2 cannot compile the streaming kernels' tuples: selecting them says so, and the
+    sweep leaves them out (its interpreter runs them, so the tests above still do)."""
+    import triton
+
+    from kernels import dispatch
+    from kernels.dwconv import bench, toeplitz
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(dispatch, "interpreter_mode", lambda: False)
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert not toeplitz.stream_supported()
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(RuntimeError, match="Triton 3.3 or newer"):
+        kt.conv_forward(x, torch.randn(2, 1, 3, 3), None, torch.empty_like(x), None, gelu=False, tile=STREAM)
+    configs = [c for case in bench.sweep_cases(torch.float32, "cpu", [(1, 2, 8, 8, 9)]) for c in case.configs]
+    assert configs and not any(c.get("stream") for c in configs)
+    monkeypatch.setattr(triton, "__version__", "3.3.0")
+    configs = [c for case in bench.sweep_cases(torch.float32, "cpu", [(1, 2, 8, 8, 9)]) for c in case.configs]
+    assert sum(bool(c.get("stream")) for c in configs) == 10   # 4 + 4 on NCHW, 1 + 1 on NCHW copies
+
+
 def test_stream_without_input_gradient(device):
     """A layer whose input needs no gradient: the streaming weight gradient then keeps g to
     itself; the weight and bias gradients are the same as with the input gradient."""
