@@ -26,16 +26,17 @@ import triton.language as tl
 from kernels.dispatch import wrap_triton
 from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
-from kernels.token_mlp.common import _ln_backward_partials, _load_z, _mm, _unit
+from kernels.token_mlp.common import _ln_apply_kernel, _ln_backward_partials, _load_z, _mm, _unit
 
 
 @triton.jit
-def _hidden_kernel(X, MEAN, RSTD, LNW, LNB, W1, B1, W2, DY, H, DA,
+def _hidden_kernel(X, MEAN, RSTD, LNW, LNB, ZP, W1, B1, W2, DY, H, DA,
                    N, C, HD,
                    stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
                    stride_w1h, stride_w1n, stride_w2n, stride_w2h,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BACKWARD: tl.constexpr, STORE_H: tl.constexpr, IEEE: tl.constexpr):
+                   BACKWARD: tl.constexpr, STORE_H: tl.constexpr, Z_IN_MEMORY: tl.constexpr,
+                   IEEE: tl.constexpr):
     # one (BLOCK_M hidden units, BLOCK_C channels) tile of image b, reducing over tokens. One grid
     # axis, hidden tiles fastest: the programs that read the same LN(X) slab run side by side
     # (and a batch past 65,535 images still fits, which a second or third axis would not).
@@ -59,7 +60,11 @@ def _hidden_kernel(X, MEAN, RSTD, LNW, LNB, W1, B1, W2, DY, H, DA,
         w1 = tl.load(W1 + offs_m[:, None] * stride_w1h + kk[None, :] * stride_w1n,
                      mask=w_mask, other=0.0).to(dt)                                     # (BM, BK)
         # padded tokens of Z are exact zeros (and W1's padded columns too)
-        _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, kk, offs_c, stride_xb, stride_xn, stride_xc)
+        if Z_IN_MEMORY:   # LN(X) written by _ln_apply_kernel, contiguous (B, N, C)
+            z = tl.load(ZP + b * N * C + kk[:, None] * C + offs_c[None, :],
+                        mask=(kk < N)[:, None] & c_mask[None, :], other=0.0)
+        else:
+            _, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, kk, offs_c, stride_xb, stride_xn, stride_xc)
         acc = _mm(w1, z.to(dt), acc, IEEE)
         if BACKWARD:
             w2t = tl.load(W2 + offs_m[:, None] * stride_w2h + kk[None, :] * stride_w2n,
@@ -186,9 +191,11 @@ def split_blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = F
     return {"method": "split", "hidden": hidden, "tokens": tokens}
 
 
-def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None, dy=None, da=None) -> None:
+def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None, dy=None, da=None,
+           z=None) -> None:
     """Forward (dy None): H = GELU(W1 @ LN(x) + b1) into h. Backward: dA into da, and H into h
-    unless h is None. h and da are (B, Hd, C) buffers in x's dtype."""
+    unless h is None. h and da are (B, Hd, C) buffers in x's dtype. With z (LN(x) from
+    `layer_norm`), the kernel reads it instead of normalizing x itself."""
     B, N, C = x.shape
     HD = w1.shape[0]
     backward = dy is not None
@@ -197,10 +204,23 @@ def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None
     w2, dy = (w2, dy) if backward else (w1, x)
     h_ptr, da_ptr = (h if h is not None else da), (da if da is not None else h)
     wrap_triton(_hidden_kernel)[(cdiv(HD, bm) * cdiv(C, bc) * B,)](
-        x, mean, rstd, ln_weight, ln_bias, w1, b1, w2, dy, h_ptr, da_ptr,
+        x, mean, rstd, ln_weight, ln_bias, x if z is None else z, w1, b1, w2, dy, h_ptr, da_ptr,
         N, C, HD, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward, STORE_H=h is not None,
-        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        Z_IN_MEMORY=z is not None, IEEE=x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def layer_norm(x, mean, rstd, ln_weight, ln_bias) -> torch.Tensor:
+    """LN(x) as a contiguous (B, N, C) tensor in x's dtype, from the saved statistics: for
+    configurations with "Z" (one pass writing it, so that the GEMMs' tiles load it with
+    pipelined plain loads instead of normalizing x in their prologues)."""
+    B, N, C = x.shape
+    z = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    block_c = min(128, next_pow2(C))
+    wrap_triton(_ln_apply_kernel)[(cdiv(B * N, 16), cdiv(C, block_c))](
+        x, mean, rstd, ln_weight, ln_bias, z, B * N, N, C, *x.stride(), BLOCK_R=16, BLOCK_C=block_c, num_warps=4)
+    return z
 
 
 def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=None, rstd=None,

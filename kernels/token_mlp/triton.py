@@ -21,8 +21,9 @@ Only mean/rstd are saved from the forward; A and H are recomputed.
 
 Selectable instead, per launch configuration ("method", timed by `composer bench kernels
 --sweep`): "split", the forward or the data backward as per-image GEMMs with large tiles
-(gemms.py); for the weights "splitk", two split-K GEMMs over the (image, channel) axis
-(gemms.py, H then stored by the data pass), or "gemm", the same two products in PyTorch.
+(gemms.py; with "Z", LayerNorm(X) is written once and the GEMMs read it instead of normalizing
+X in their prologues); for the weights "splitk", two split-K GEMMs over the (image, channel)
+axis (gemms.py, H then stored by the data pass), or "gemm", the same two products in PyTorch.
 The jit helpers both files use are in common.py.
 """
 from __future__ import annotations
@@ -309,7 +310,8 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | No
     cfg = config or forward_config(x, HD)
     if cfg.get("method") == "split":
         h = torch.empty((B, HD, C), device=x.device, dtype=x.dtype)   # GELU(A), through memory once
-        gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h)
+        z = gemms.layer_norm(x, mean, rstd, ln_weight, ln_bias) if cfg.get("Z") else None
+        gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h, z=z)
         gemms.tokens(h, x, cfg["tokens"], w2=w2, b2=b2, y=y)
         return y, mean, rstd
     _check_block_n(cfg, N)
@@ -362,8 +364,10 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     s1, s2, db2_part = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(3))
     ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
     dgamma_part, dbeta_part = ln_part.unbind(0)
+    # with "Z": LN(x) written once, read by the GEMMs (and the split-K weight gradient) as is
+    z = gemms.layer_norm(x, mean, rstd, ln_weight, ln_bias) if split and cfg.get("Z") else None
     if split:
-        gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h, w2=w2, dy=dy, da=da)
+        gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg["hidden"], h=h, w2=w2, dy=dy, da=da, z=z)
         gemms.tokens(da, x, cfg["tokens"], w1=w1, dy=dy, mean=mean, rstd=rstd, ln_weight=ln_weight,
                      ln_bias=ln_bias, partials=(p, s1, s2, dgamma_part, dbeta_part, db2_part))
     else:   # (image, channel block) programs
@@ -396,7 +400,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     if method == "splitk":
         # dW1 = sum over (image, channel) of dA Z^T, dW2 = the same of dY H^T: two split-K GEMMs
         # with large output tiles, so that each input is read a few times, not once per hidden block
-        dw1, db1 = gemms.contract_bc(da, None, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
+        dw1, db1 = gemms.contract_bc(da, z, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
                                      with_rowsum=True)
         dw2, _ = gemms.contract_bc(dy, h, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS)
         return dx, dln_weight, dln_bias, dw1, db1, dw2, db2

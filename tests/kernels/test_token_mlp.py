@@ -176,6 +176,24 @@ def test_split_method(shape, dtype, weights, device, monkeypatch):
     check_against_fp64(*shape, dtype, device)
 
 
+@pytest.mark.parametrize("weights,shape", [("splitk", (3, 49, 100, 64)), ("fused", (1, 197, 40, 24))],
+                         ids=["splitk", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_method_layer_norm_in_memory(shape, dtype, weights, device, monkeypatch):
+    """The per-image GEMMs reading LayerNorm(X) written once by its own pass ("Z"), in the
+    forward, the data backward and the split-K weight gradients: every output and gradient."""
+    kt = _split_everywhere(monkeypatch, {"Z": True})
+    if weights == "splitk":
+        monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    from kernels.token_mlp import gemms
+
+    calls = []
+    real = gemms.layer_norm
+    monkeypatch.setattr(gemms, "layer_norm", lambda *a: calls.append(1) or real(*a))
+    check_against_fp64(*shape, dtype, device)
+    assert len(calls) >= 2   # the forward's and the backward's
+
+
 def test_default_method_by_token_count():
     """16-bit inputs past 128 tokens take the per-image GEMMs with split-K weight gradients (faster
     on an H100 at N 196); fewer tokens, and fp32, the fused kernels."""
@@ -368,6 +386,14 @@ def test_split_method_bf16(shape, device, monkeypatch):
     """The per-image GEMMs (method "split") with the split-K weight gradients, compiled, in
     bf16, on the benchmark shapes (the fused weight kernel after split data: test_split_method)."""
     kt = _split_everywhere(monkeypatch)
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    check_against_fp64(*shape, torch.bfloat16, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_split_method_layer_norm_in_memory_bf16(shape, device, monkeypatch):
+    kt = _split_everywhere(monkeypatch, {"Z": True})
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, torch.bfloat16, device)
 
