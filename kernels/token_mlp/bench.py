@@ -188,7 +188,14 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))]
         if (B, N, C, Hd) in SLABS_SWEPT:
             slab, weight = [], []
-        bwd = (bwd_split + [both(weights=w) for w in splitk] + [both(data=d) for d in slab]
+        # never timed yet, first where it fits (N <= 64, Hd <= 128): the whole backward of an
+        # image in one program ("image"), nothing through memory but dX and the partials (the
+        # default there, the fused data and weight kernels, moves ~160 MB at B256 N64 C256 Hd128:
+        # dA, an fp32 dX partial and its finishing pass, Z and dY read once per hidden block)
+        image = ([both(data={"method": "image", **tiles}) for tiles in
+                  ({"BLOCK_C": 16}, {"BLOCK_C": 16, "IMAGES": 2}, {"BLOCK_C": 32})]
+                 if kt.image_method_fits(N, Hd) and dtype != torch.float32 else [])   # fp32 spills it
+        bwd = (image + bwd_split + [both(weights=w) for w in splitk] + [both(data=d) for d in slab]
                + [both(weights=w) for w in weight])
         shape = f"B{B} N{N} C{C} Hd{Hd}"
         key = f"N{N} C{C} Hd{Hd}"

@@ -24,6 +24,9 @@ Selectable instead, per launch configuration ("method", timed by `composer bench
 (gemms.py; with "Z", LayerNorm(X) is written once and the GEMMs read it instead of normalizing
 X in their prologues); for the weights "splitk", two split-K GEMMs over the (image, channel)
 axis (gemms.py, H then stored by the data pass), or "gemm", the same two products in PyTorch.
+Or, where all tokens and hidden units of a channel chunk fit a program (N <= 64, Hd <= 128),
+"image" for the whole backward: `_bwd_image_kernel`, one program per image (or a few), dX and
+every parameter gradient with no intermediate through memory but an L2-resident dX partial.
 The jit helpers both files use are in common.py.
 """
 from __future__ import annotations
@@ -171,6 +174,93 @@ def _bwd_weight_kernel(X, DY, DA, MEAN, RSTD, LNW, LNB, W1, B1,
     tl.store(part + HD * N + offs_n[:, None] * HD + offs_h[None, :], dw2,
              mask=n_mask[:, None] & h_mask[None, :])
     tl.store(part + 2 * HD * N + offs_h, db1, mask=h_mask)
+
+
+@triton.jit
+def _bwd_image_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
+                      P, DX, PART, DGAMMA, DBETA,
+                      B, N, C, HD, IMAGES_PER_PROG,
+                      stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
+                      stride_db, stride_dn, stride_dc,
+                      stride_w1h, stride_w1n, stride_w2n, stride_w2h,
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                      IEEE: tl.constexpr):
+    # The whole backward of a few images in one program (method "image", small N and Hd): all
+    # tokens, all hidden units (BLOCK_H >= Hd) and, chunk by chunk, all channels of an image,
+    # so that nothing leaves the program but dX and one set of weight-gradient partials: the
+    # LayerNorm's row sums over C are complete inside it (no finishing kernel), and dA never
+    # goes through memory (the weight gradients are accumulated here). Per channel chunk:
+    # A = W1 @ Z + b1, dA = (W2^T @ dY) * GELU'(A), dZ = W1^T @ dA, dW1 += dA @ Z^T,
+    # dW2 += dY @ GELU(A)^T; the row-local part of dX goes to P (fp32, read back from L2 by the
+    # second loop once the row sums are known).
+    pid = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_C)
+    n_mask = offs_n < N
+    h_mask = offs_h < HD
+    w_mask = h_mask[:, None] & n_mask[None, :]
+    dt = X.dtype.element_ty
+    w1 = tl.load(W1 + offs_h[:, None] * stride_w1h + offs_n[None, :] * stride_w1n,
+                 mask=w_mask, other=0.0).to(dt)                                         # (BH, BN)
+    w2t = tl.load(W2 + offs_h[:, None] * stride_w2h + offs_n[None, :] * stride_w2n,
+                  mask=w_mask, other=0.0).to(dt)                                        # (BH, BN): W2^T
+    b1 = tl.load(B1 + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    dw1 = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    db2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for image in range(pid * IMAGES_PER_PROG, tl.minimum(pid * IMAGES_PER_PROG + IMAGES_PER_PROG, B)):
+        b = tl.cast(image, tl.int64)
+        rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
+        s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + offs_k
+            c_mask = offs_c < C
+            mask = n_mask[:, None] & c_mask[None, :]
+            xhat, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+            z = z.to(dt)
+            dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                         mask=mask, other=0.0)
+            dy32 = dy.to(tl.float32)
+            dy = dy.to(dt)
+            a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
+            dh = _mm(w2t, dy, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE)
+            da_mask = h_mask[:, None] & c_mask[None, :]
+            da = tl.where(da_mask, dh * gelu_grad(a), 0.0).to(dt)
+            # padded hidden rows meet zero columns of W2^T's product: H there does not matter
+            h = tl.where(da_mask, gelu(a), 0.0).to(dt)
+            dz = _mm(tl.trans(w1), da, tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32), IEEE)
+            dw1 = _mm(da, tl.trans(z), dw1, IEEE)
+            dw2 = _mm(dy, tl.trans(h), dw2, IEEE)
+            db1 += tl.sum(da.to(tl.float32), axis=1)
+            db2 += tl.sum(dy32, axis=1)
+            # the LayerNorm backward of this chunk: per-channel sums (over tokens) now, the
+            # row-local part of dX to P, the row sums over channels accumulated
+            tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
+            tl.store(DBETA + b * C + offs_c, tl.sum(dz, axis=0), mask=c_mask)
+            gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            dxhat = dz * gamma[None, :]
+            s1 += tl.sum(dxhat, axis=1)
+            s2 += tl.sum(dxhat * xhat, axis=1)
+            tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], dy32 + rstd[:, None] * dxhat,
+                     mask=mask)
+        # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat * xhat) / C)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + offs_k
+            mask = n_mask[:, None] & (offs_c < C)[None, :]
+            xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+            p = tl.load(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
+            tl.store(DX + b * stride_db + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dc,
+                     dx.to(DX.dtype.element_ty), mask=mask)
+    # one row of the partials per program: dW1 (HD, N), dW2 (N, HD), dB1 (HD), dB2 (N)
+    part = PART + pid.to(tl.int64) * (2 * HD * N + HD + N)
+    tl.store(part + offs_h[:, None] * N + offs_n[None, :], dw1, mask=w_mask)
+    tl.store(part + HD * N + offs_n[:, None] * HD + offs_h[None, :], dw2, mask=n_mask[:, None] & h_mask[None, :])
+    tl.store(part + 2 * HD * N + offs_h, db1, mask=h_mask)
+    tl.store(part + 2 * HD * N + HD + offs_n, db2, mask=n_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -345,6 +435,8 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     if config is None and weight_config is None:
         both = backward_config(x, HD)
         config, weight_config = both["data"], both["weights"]
+    if config is not None and config.get("method") == "image":
+        return _backward_by_image(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd, config)
     # -- data gradient: dA, and dZ through the LayerNorm backward up to its row sums --
     cfg = config or _blocks(N, C, HD, x.dtype, backward=True)
     split = cfg.get("method") == "split"
@@ -417,4 +509,38 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         N, C, HD, wncb, units, per_prog, *x.stride(), *dy.stride(), *w1.stride(),
         BLOCK_N=BN, BLOCK_C=WBC, BLOCK_H=WBH, IEEE=ieee, num_warps=wwarps, num_stages=wcfg.get("num_stages", 2))
     dw1, dw2, db1 = part.sum(0).split([HD * N, HD * N, HD])
+    return dx, dln_weight, dln_bias, dw1.view(HD, N), db1, dw2.view(N, HD), db2
+
+
+# Past these sizes the "image" backward's tiles (all tokens and all hidden units of a channel
+# chunk, and the (Hd, N) weight-gradient accumulators) no longer fit a program's registers.
+IMAGE_METHOD_MAX = {"N": 64, "Hd": 128}
+
+
+def image_method_fits(n: int, hd: int) -> bool:
+    return max(16, next_pow2(n)) <= IMAGE_METHOD_MAX["N"] and max(16, next_pow2(hd)) <= IMAGE_METHOD_MAX["Hd"]
+
+
+def _backward_by_image(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd, cfg: dict):
+    """The backward as _bwd_image_kernel: IMAGES images a program (by default about
+    _TARGET_PROGRAMS programs), then the partials summed in a fixed order."""
+    B, N, C = x.shape
+    HD = w1.shape[0]
+    if not image_method_fits(N, HD):
+        raise ValueError(f"token_mlp: the image backward holds at most {IMAGE_METHOD_MAX['N']} tokens and "
+                         f"{IMAGE_METHOD_MAX['Hd']} hidden units; got N = {N}, Hd = {HD}")
+    dev, f32 = x.device, torch.float32
+    per_prog = cfg.get("IMAGES") or split_units(B, 1, _TARGET_PROGRAMS)[1]
+    progs = cdiv(B, per_prog)
+    p = torch.empty((B, N, C), device=dev, dtype=f32)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    part = torch.empty((progs, 2 * HD * N + HD + N), device=dev, dtype=f32)   # [dW1 | dW2 | dB1 | dB2]
+    ln_part = torch.empty((2, B, C), device=dev, dtype=f32)                    # dgamma, dbeta per image
+    wrap_triton(_bwd_image_kernel)[(progs,)](
+        x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2, p, dx, part, ln_part[0], ln_part[1],
+        B, N, C, HD, per_prog, *x.stride(), *dy.stride(), *dx.stride(), *w1.stride(), *w2.stride(),
+        BLOCK_N=max(16, next_pow2(N)), BLOCK_C=cfg.get("BLOCK_C", 16), BLOCK_H=max(16, next_pow2(HD)),
+        IEEE=x.dtype == torch.float32, num_warps=cfg.get("num_warps", 8), num_stages=cfg.get("num_stages", 2))
+    dw1, dw2, db1, db2 = part.sum(0).split([HD * N, HD * N, HD, N])
+    dln_weight, dln_bias = ln_part.sum(1).unbind(0)
     return dx, dln_weight, dln_bias, dw1.view(HD, N), db1, dw2.view(N, HD), db2

@@ -194,6 +194,36 @@ def test_split_method_layer_norm_in_memory(shape, dtype, weights, device, monkey
     assert len(calls) >= 2   # the forward's and the backward's
 
 
+def _image_backward(monkeypatch, tiles):
+    kt = _built_in_rules(monkeypatch)
+    real = kt.backward_config
+    monkeypatch.setattr(kt, "backward_config", lambda x, hd: {**real(x, hd), "data": {"method": "image", **tiles}})
+    return kt
+
+
+@pytest.mark.parametrize("tiles", [{"BLOCK_C": 16}, {"BLOCK_C": 32, "IMAGES": 2}], ids=["default", "two-images"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 49, 100, 64), (1, 64, 32, 128), (5, 16, 40, 16), (2, 1, 8, 3)],
+                         ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_image_backward(shape, dtype, tiles, device, monkeypatch):
+    """The whole backward of an image in one program (method "image": dX, the LayerNorm and
+    MLP weight gradients, no intermediate through memory but an L2-resident dX partial):
+    every output and gradient under the same rule, ragged channel chunks, an odd batch over
+    two-image programs."""
+    _image_backward(monkeypatch, tiles)
+    check_against_fp64(*shape, dtype, device)
+
+
+def test_image_backward_refuses_what_does_not_fit(device, monkeypatch):
+    """Past 64 tokens or 128 hidden units its tiles do not fit a program: a clear error (the
+    sweep does not offer it there)."""
+    kt = _image_backward(monkeypatch, {})
+    assert kt.image_method_fits(64, 128) and not kt.image_method_fits(65, 16) and not kt.image_method_fits(16, 129)
+    inputs, grad = make_inputs(1, 65, 8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+
+
 def test_default_method_by_token_count():
     """16-bit inputs past 128 tokens take the per-image GEMMs with split-K weight gradients (faster
     on an H100 at N 196); fewer tokens, and fp32, the fused kernels."""
@@ -396,6 +426,14 @@ def test_split_method_layer_norm_in_memory_bf16(shape, device, monkeypatch):
     kt = _split_everywhere(monkeypatch, {"Z": True})
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, torch.bfloat16, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [{"BLOCK_C": 16}, {"BLOCK_C": 16, "IMAGES": 2}, {"BLOCK_C": 32}])
+def test_image_backward_bf16(tiles, device, monkeypatch):
+    _image_backward(monkeypatch, tiles)
+    check_against_fp64(*bench.SHAPES[0], torch.bfloat16, device)
+    check_against_fp64(5, 49, 100, 128, torch.bfloat16, device)
 
 
 @pytest.mark.gpu
