@@ -95,33 +95,11 @@ def _ln_stats_kernel(X, MEAN, RSTD, R, N, C, stride_xb, stride_xn, stride_xc, ep
 
 
 @triton.jit
-def _ln_apply_kernel(X, MEAN, RSTD, LNW, LNB, Z, R, N, C, stride_xb, stride_xn, stride_xc,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Z = LN(X) from the saved statistics, into a contiguous (B, N, C) buffer in X's dtype: the
-    # per-image GEMMs then read Z tiles with plain (pipelined) loads instead of normalizing
-    # each tile in their prologue
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_mask = rows < R
-    mask = r_mask[:, None] & (cols < C)[None, :]
-    bi = (rows // N).to(tl.int64)
-    x = tl.load(X + (bi * stride_xb + (rows % N) * stride_xn)[:, None] + cols[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
-    gamma = tl.load(LNW + cols, mask=cols < C, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + cols, mask=cols < C, other=0.0).to(tl.float32)
-    z = (x - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-    tl.store(Z + rows.to(tl.int64)[:, None] * C + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
-                      stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C); the two sums
-    # over C arrive as one partial per channel block of the data kernel, (B, NUM_CB, N)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)   # flattened (b, n)
+def _xhat_tile(X, MEAN, RSTD, R, N, stride_xb, stride_xn, stride_xc, C,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's (BLOCK_R flattened (b, n) rows, BLOCK_C channels) tile of the normalized
+    input, from the saved statistics: (rows, cols, row mask, tile mask, b, n, xhat, rstd)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     r_mask = rows < R
     mask = r_mask[:, None] & (cols < C)[None, :]
@@ -131,6 +109,31 @@ def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
                 mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(MEAN + rows, mask=r_mask, other=0.0)
     rstd = tl.load(RSTD + rows, mask=r_mask, other=0.0)
+    return rows, cols, r_mask, mask, bi, ni, (x - mean[:, None]) * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_apply_kernel(X, MEAN, RSTD, LNW, LNB, Z, R, N, C, stride_xb, stride_xn, stride_xc,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Z = LN(X) from the saved statistics, into a contiguous (B, N, C) buffer in X's dtype: the
+    # per-image GEMMs then read Z tiles with plain (pipelined) loads instead of normalizing
+    # each tile in their prologue
+    rows, cols, _, mask, _, _, xhat, _ = _xhat_tile(X, MEAN, RSTD, R, N, stride_xb, stride_xn, stride_xc, C,
+                                                    BLOCK_R, BLOCK_C)
+    gamma = tl.load(LNW + cols, mask=cols < C, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + cols, mask=cols < C, other=0.0).to(tl.float32)
+    z = xhat * gamma[None, :] + beta[None, :]
+    tl.store(Z + rows.to(tl.int64)[:, None] * C + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
+                      stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat*xhat) / C); the two sums
+    # over C arrive as one partial per channel block of the data kernel, (B, NUM_CB, N)
+    rows, cols, r_mask, mask, bi, ni, xhat, rstd = _xhat_tile(X, MEAN, RSTD, R, N, stride_xb, stride_xn,
+                                                              stride_xc, C, BLOCK_R, BLOCK_C)
     s1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     part = bi * NUM_CB * N + ni
@@ -138,7 +141,6 @@ def _ln_finish_kernel(P, X, MEAN, RSTD, S1, S2, DX, R, N, C, NUM_CB,
         s1 += tl.load(S1 + part + cb * N, mask=r_mask, other=0.0)
         s2 += tl.load(S2 + part + cb * N, mask=r_mask, other=0.0)
     p = tl.load(P + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    xhat = (x - mean[:, None]) * rstd[:, None]
     dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
     tl.store(DX + (bi * stride_db + ni * stride_dn)[:, None] + cols[None, :] * stride_dc,
              dx.to(DX.dtype.element_ty), mask=mask)
