@@ -456,7 +456,7 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     those rows."""
     from composer.build import build_model, model_backend, prepare_for_compile
     from composer.optim import make_optimizer
-    from composer.train import _check_triton, _memory_format, precision, resolve_device, soft_cross_entropy
+    from composer.train import _check_triton, precision, resolve_device, soft_cross_entropy, training_memory_format
 
     t, m = spec.train, spec.model
     device = resolve_device(t.device)
@@ -464,7 +464,7 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
     if t.compile:   # as `composer train` sets it up
         prepare_for_compile(model, t.kernels, device)
-    memory_format = _memory_format(spec, device)
+    memory_format = training_memory_format(spec, device)
     x = torch.randn(t.batch_size, m.in_channels, m.image_size, m.image_size, device=device)
     if memory_format is not None:
         model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)

@@ -37,14 +37,15 @@ def kernel_path(layer, backend: str, device: str, dtype: torch.dtype) -> tuple[s
     return f"{op}: {choice}", reasons
 
 
-def norm_path(layer, backend: str, device: str, dtype: torch.dtype, compiled: bool) -> str | None:
+def norm_path(layer, backend: str, device: str, dtype: torch.dtype, compiled: bool,
+              channels_last: bool) -> str | None:
     """"batch_norm: triton" where training runs the block's BatchNorm as kernels.batch_norm
-    (see Block.uses_fused_norm; contiguous NCHW assumed), else None (nn.BatchNorm2d)."""
+    (see Block.uses_fused_norm: eager, NCHW), else None (nn.BatchNorm2d)."""
     from composer.blocks import base
 
     op = getattr(layer.module, "norm_op", None)
     wanted = backend == "triton" or (backend == "auto" and base.FUSED_BATCH_NORM_IN_AUTO and device == "cuda")
-    if not op or compiled or not wanted:
+    if not op or compiled or channels_last or not wanted:
         return None
     choice, _ = kernels.backend_for(op, backend, device, dtype)
     return f"{op}: {choice}"
@@ -60,7 +61,10 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             model = build_model(spec, backend=backend)
         if spec.train.compile:   # as training sets it up
             prepare_for_compile(model, requested, torch.device(device))
+    from composer.train import training_memory_format
+
     act_bytes = torch.finfo(dtype).bits // 8
+    channels_last = training_memory_format(spec, torch.device(device)) == torch.channels_last
     rows = []
     for i, layer in enumerate(model.layers):
         block_backend = getattr(layer.module, "backend", backend)
@@ -71,7 +75,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             elif block_backend != requested:
                 reasons = ["train.compile is on: the compiled model uses the PyTorch block "
                            "(--kernels triton runs the Triton kernel between the compiled regions)"]
-        norm = norm_path(layer, block_backend, device, dtype, spec.train.compile)
+        norm = norm_path(layer, block_backend, device, dtype, spec.train.compile, channels_last)
         if norm:
             path = norm if path == "pytorch" else f"{path}, {norm}"
         rows.append({

@@ -294,7 +294,7 @@ def _train(spec, resume, echo, device, dist):
         elif device.type == "cuda" and t.kernels == "auto":
             log("kernels: under torch.compile the blocks are PyTorch, fused by inductor (--kernels triton runs "
                 "the Triton kernels between the compiled regions)")
-    memory_format = _memory_format(spec, device)
+    memory_format = training_memory_format(spec, device)
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(spec, model)
@@ -523,7 +523,7 @@ def _grid_model(spec: Spec) -> bool:
     return any(LAYOUTS[b.kind] == "grid" for b in spec.model.blocks)
 
 
-def _memory_format(spec: Spec, device: torch.device) -> torch.memory_format | None:
+def training_memory_format(spec: Spec, device: torch.device) -> torch.memory_format | None:
     """The layout training converts the model and each batch to (None: leave them as built).
 
     Only on CUDA. `auto` picks channels_last for models with grid blocks (cuDNN's convolutions

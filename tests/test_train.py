@@ -428,7 +428,7 @@ def test_memory_format_choice():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 
     def choice(text, *overrides, device=cuda):
-        return train_module._memory_format(load_spec_text(text, "tiny.yaml", list(overrides)), device)
+        return train_module.training_memory_format(load_spec_text(text, "tiny.yaml", list(overrides)), device)
 
     assert choice(conv) is torch.channels_last and choice(TINY) is None
     assert choice(conv, "train.memory_format=contiguous") is None
