@@ -61,6 +61,11 @@ def test_summarize_shows_the_fused_batch_norm():
     assert re.fullmatch(r"batch_norm: \w+", kinds["pointwise"]), kinds
     auto = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json").stdout)["rows"]
     assert base.FUSED_BATCH_NORM_IN_AUTO or not any("batch_norm" in r["kernel"] for r in auto)
+    # on CUDA a kernel of 7 trains channels_last (memory_format auto), where nn.BatchNorm2d stays
+    for k, fused in ((7, False), (9, True)):
+        rows = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json", "--kernels", "triton",
+                                  "--set", "train.device=cuda", "--set", f"model.blocks.0.kernel_size={k}").stdout)["rows"]
+        assert any("batch_norm" in r["kernel"] for r in rows) == fused, (k, rows)
 
 
 def test_summarize_errors_exit_2(tmp_path):
