@@ -69,7 +69,7 @@ class Block(nn.Module):
     def normalize(self, norm: nn.BatchNorm2d, y: torch.Tensor, *, gelu: bool = False,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual + norm(GELU(y) if gelu else y), through kernels.batch_norm when
-        `uses_fused_norm` says so (one pass each way instead of three ops), else nn.BatchNorm2d."""
+        `uses_fused_norm` says so (one op instead of GELU, BatchNorm and the add), else nn.BatchNorm2d."""
         if self.uses_fused_norm(norm, y):
             out = kernels.batch_norm(y, norm.weight, norm.bias, norm.running_mean, norm.running_var,
                                      training=True, momentum=norm.momentum, eps=norm.eps,
