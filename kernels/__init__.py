@@ -7,6 +7,8 @@ Public ops (each takes backend="auto" | "triton" | "reference"):
   dwconv2d(x, weight, bias, activation)       depthwise "same" conv, (B, C, H, W)
   batch_norm(x, weight, bias, running_mean,   residual + BatchNorm(act(x)), training mode on
              running_var, ...)                the Triton path, (B, C, H, W)
+  dwconv_batch_norm_residual(x, ...)          x + BatchNorm(GELU(dwconv2d(x))), training mode:
+                                              ConvMixer's spatial mixing as one op
 
 This package never imports `composer`; Triton is imported lazily so that a
 machine without it still runs every op on the reference path.
@@ -14,11 +16,12 @@ machine without it still runs every op on the reference path.
 from kernels.attention.op import attention, attention_packed
 from kernels.batch_norm.op import batch_norm
 from kernels.dispatch import BACKENDS, BackendUnavailable
+from kernels.dwconv.block import dwconv_batch_norm_residual
 from kernels.dwconv.op import dwconv2d
 from kernels.token_mlp.op import token_mlp
 
-__all__ = ["attention", "attention_packed", "token_mlp", "dwconv2d", "batch_norm", "backend_for", "BACKENDS",
-           "BackendUnavailable"]
+__all__ = ["attention", "attention_packed", "token_mlp", "dwconv2d", "batch_norm", "dwconv_batch_norm_residual",
+           "backend_for", "BACKENDS", "BackendUnavailable"]
 
 
 def backend_for(op: str, backend: str, device, dtype, **dims) -> tuple[str, list[str]]:

@@ -224,9 +224,11 @@ def test_convmixer_blocks_fused_batch_norm(activation, monkeypatch):
     import kernels
     from composer.blocks import base
 
-    calls = []
-    real = kernels.batch_norm
+    calls, blocks = [], []
+    real, real_block = kernels.batch_norm, kernels.dwconv_batch_norm_residual
     monkeypatch.setattr(base.kernels, "batch_norm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(base.kernels, "dwconv_batch_norm_residual",
+                        lambda *a, **k: blocks.append(k) or real_block(*a, **k))
     fused, plain = _convmixer_pair(activation=activation)
     x = torch.rand(3, 3, 16, 16)
     results = []
@@ -235,11 +237,13 @@ def test_convmixer_blocks_fused_batch_norm(activation, monkeypatch):
         loss = model(xi).square().sum()
         loss.backward()
         results.append([loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers()))
-    # GELU pointwise blocks fuse their activation; ReLU ones keep nn.Sequential. The depthwise
-    # blocks' GELU moves from the convolution into the BatchNorm op.
-    assert len(calls) == (4 if activation == "gelu" else 2)
-    assert sum(k["residual"] is not None for k in calls) == 2
-    assert all(k["activation"] == ("gelu" if activation == "gelu" else None) for k in calls)
+    # GELU: the depthwise blocks run as one op each, the pointwise blocks' GELU and BatchNorm as
+    # another. ReLU: the depthwise blocks' BatchNorm and residual add fused, the pointwise
+    # blocks keep nn.Sequential.
+    assert len(blocks) == (2 if activation == "gelu" else 0)
+    assert len(calls) == 2
+    assert all((k["activation"] == "gelu") == (activation == "gelu") for k in calls)
+    assert all((k["residual"] is None) == (activation == "gelu") for k in calls)
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(int(b) == 1 for name, b in fused.named_buffers() if name.endswith("num_batches_tracked"))

@@ -74,11 +74,15 @@ class Block(nn.Module):
             out = kernels.batch_norm(y, norm.weight, norm.bias, norm.running_mean, norm.running_var,
                                      training=True, momentum=norm.momentum, eps=norm.eps,
                                      activation="gelu" if gelu else None, residual=residual,
-                                     backend="triton" if self.backend == "triton" else "auto")
+                                     backend=self.fused_norm_backend())
             norm.num_batches_tracked.add_(1)   # as nn.BatchNorm2d counts its training calls
             return out
         y = norm(nn.functional.gelu(y) if gelu else y)
         return y if residual is None else residual + y
+
+    def fused_norm_backend(self) -> str:
+        """The backend of the fused BatchNorm ops where `uses_fused_norm` holds."""
+        return "triton" if self.backend == "triton" else "auto"
 
     def uses_fused_norm(self, norm: nn.BatchNorm2d, y: torch.Tensor) -> bool:
         """Whether `normalize` runs kernels.batch_norm: eager training with batch statistics

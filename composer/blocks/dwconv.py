@@ -1,7 +1,7 @@
 """ConvMixer's spatial mixing: depthwise conv -> activation -> BatchNorm, plus a residual.
 
-Grid (B, C, H, W) -> (B, C, H, W). The conv and a GELU run as one fused op; BatchNorm and
-the residual add as another when `Block.uses_fused_norm` says so.
+Grid (B, C, H, W) -> (B, C, H, W). The conv and a GELU run as one fused op; when
+`Block.uses_fused_norm` says so, the whole block does (kernels.dwconv_batch_norm_residual).
 """
 from __future__ import annotations
 
@@ -36,17 +36,23 @@ class DwConv(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = autocast_input(x)
         dropping = self.drop_path.p > 0.0 and self.training   # the branch is dropped per image before the add
-        # With the fused BatchNorm, GELU moves into it: the convolution then writes only its
-        # output (not also the pre-activation its own backward would need), and its backward
-        # receives the gradient past GELU, so it neither reads the pre-activation nor writes g.
-        gelu_in_norm = self.activation == "gelu" and not dropping and self.uses_fused_norm(self.norm, x)
-        gelu = "gelu" if self.activation == "gelu" and not gelu_in_norm else None
+        if self.activation == "gelu" and not dropping and self.uses_fused_norm(self.norm, x):
+            # the whole block as one op: GELU moves into the BatchNorm (the convolution writes
+            # only its output and its backward receives the gradient past GELU), and the
+            # residual's gradient is added as the convolution's backward writes dx
+            norm = self.norm
+            out = kernels.dwconv_batch_norm_residual(
+                x, self.conv.weight, self.conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                momentum=norm.momentum, eps=norm.eps, backend=self.fused_norm_backend())
+            norm.num_batches_tracked.add_(1)   # as nn.BatchNorm2d counts its training calls
+            return out
+        gelu = "gelu" if self.activation == "gelu" else None
         y = self.fused(kernels.dwconv2d, x, self.conv.weight, self.conv.bias, activation=gelu, backend=self.backend)
         if self.activation == "relu":
             y = torch.relu(y)
         if dropping:
             return x + self.drop_path(self.normalize(self.norm, y))
-        return self.normalize(self.norm, y, gelu=gelu_in_norm, residual=x)
+        return self.normalize(self.norm, y, residual=x)
 
     def cost(self, ctx: Context) -> Cost:
         (h, w), c, k = ctx.grid, ctx.dim, self.conv.kernel_size[0]

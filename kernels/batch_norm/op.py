@@ -160,9 +160,15 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
         y, mean, var = _EagerBatchNorm.apply(x, weight, bias, residual, float(eps), gelu)
     else:
         y, mean, var, _ = _batch_norm_fwd(x, weight, bias, residual, float(eps), gelu)
-    if running_mean is not None:
-        n = x.numel() // x.shape[1]
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
+    update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return y
+
+
+def update_running_stats(running_mean, running_var, mean: Tensor, var: Tensor, n: int, momentum: float) -> None:
+    """As nn.BatchNorm2d does in training: lerp toward the batch mean and the unbiased batch
+    variance (var is the biased one, over n values a channel); nothing when the buffers are None."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)

@@ -250,13 +250,14 @@ def _add_input_row(accs, xr, ts, K: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _dwconv_fwd_stream_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr, add_ptr,
     B, C, H, W, n_th, n_tw, ROWS,
     sxb, sxc, sxh, sxw,
     syb, syc, syh, syw,
     szb, szc, szh, szw,
+    sab, sac, sah, saw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
     IMAGES: tl.constexpr, IEEE: tl.constexpr, FLIP: tl.constexpr,
 ):
     # The Toeplitz forward streaming down the image: one program, BLOCK_C channels x IMAGES
@@ -267,7 +268,8 @@ def _dwconv_fwd_stream_kernel(
     # whose accumulators stay in registers (a tuple, oldest first); the oldest is then complete
     # and stored. _dwconv_fwd_toeplitz_kernel instead reads each input row once per kernel row
     # (K times) and converts it for the tensor cores each time. The banded matrices are built
-    # once a program. With FLIP (kernel rotated by 180 degrees) it is the input gradient.
+    # once a program. With FLIP (kernel rotated by 180 degrees) it is the input gradient; with
+    # HAS_ADD a tensor like y is added last (a residual's gradient into the input gradient).
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -285,6 +287,7 @@ def _dwconv_fwd_stream_kernel(
     out_ok = c_ok & (img < B) & (w_out < W)
     y_base = y_ptr + img * syb + c64 * syc + w_out * syw
     z_base = z_ptr + img * szb + c64 * szc + w_out * szw
+    add_base = add_ptr + img * sab + c64 * sac + w_out * saw
     ts = _banded_rows(w_ptr, c64, c_ok, x_ptr.dtype.element_ty, K, KP, TILE_W, FLIP)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
@@ -309,6 +312,8 @@ def _dwconv_fwd_stream_kernel(
             tl.store(z_base + (r - PAD) * szh, acc.to(z_ptr.dtype.element_ty), mask=out_ok)
         if GELU:
             acc = gelu(acc)
+        if HAS_ADD:
+            acc += tl.load(add_base + (r - PAD) * sah, mask=out_ok, other=0.0).to(tl.float32)
         tl.store(y_base + (r - PAD) * syh, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -449,7 +454,7 @@ def _tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int
     return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), cdiv(H, tile_h), cdiv(W, tile_w)
 
 
-def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
+def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, add=None) -> None:
     """The tensor-core formulation: the default for NCHW at K >= 7 (TOEPLITZ_FORWARD), else
     selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
     x 32 x 32 outputs on 8 warps (238 registers on sm_90, no spills). With "IMAGES" (a power
@@ -461,8 +466,8 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
     K = weight.shape[-1]
     if tile.get("copy_to_nchw"):
         x = x.contiguous()
-    if tile.get("stream"):
-        _stream_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
+    if tile.get("stream"):   # adds `add` in its epilogue; the others after the launch
+        _stream_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile, add=add)
         return
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     gather = tile.get("gather", False)
@@ -478,6 +483,8 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -
         BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IMAGES=images, IEEE=x.dtype == torch.float32,
         GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
     )
+    if add is not None:
+        y.add_(add)
 
 
 def stream_supported() -> bool:
@@ -502,7 +509,7 @@ def _stream_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int]:
     return tile_w, max(16, next_pow2(tile_w + K - 1)), max(16, next_pow2(tile.get("IMAGES", 16)))
 
 
-def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict) -> None:
+def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, add=None) -> None:
     """_dwconv_fwd_stream_kernel: BLOCK_C channels x IMAGES images x one column window a
     program, down ROWS rows (all by default; fewer give more programs, each re-reading K - 1
     rows of halo). By default 4 channels on 4 warps: Triton lays the warps of the batched dot
@@ -516,11 +523,12 @@ def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict
     rows = min(H, tile.get("ROWS", H))
     n_th, n_tw = cdiv(H, rows), cdiv(W, tile_w)
     zz = y if z is None else z
+    aa = y if add is None else add
     wrap_triton(_dwconv_fwd_stream_kernel)[(cdiv(B, images) * n_th * n_tw, cdiv(C, block_c))](
-        x, weight.reshape(C, K * K).contiguous(), x if bias is None else bias, y, zz,
+        x, weight.reshape(C, K * K).contiguous(), x if bias is None else bias, y, zz, aa,
         B, C, H, W, n_th, n_tw, rows,
-        *x.stride(), *y.stride(), *zz.stride(),
-        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
+        *x.stride(), *y.stride(), *zz.stride(), *aa.stride(),
+        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
         BLOCK_C=block_c, TILE_W=tile_w, KP=kp, IMAGES=images, IEEE=x.dtype == torch.float32, FLIP=flip,
         num_warps=tile.get("num_warps", block_c), num_stages=tile.get("num_stages", 2),
     )

@@ -249,8 +249,10 @@ def _tap_weight_grad_tile(x: torch.Tensor) -> dict:
     return {"elems": 16384, "c_bytes": 64} if _channels_last(x) else {"elems": 8192, "c_bytes": 32}
 
 
-def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile: dict | None = None) -> None:
-    """y = act(conv(x, weight) + bias); z (pre-activation) is written when given.
+def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile: dict | None = None,
+                 add=None) -> None:
+    """y = act(conv(x, weight) + bias) (+ add, a tensor like y, when given); z (pre-activation)
+    is written when given.
 
     `tile` overrides `forward_tile(x, K)` (benchmark sweeps)."""
     B, C, H, W = x.shape
@@ -259,7 +261,7 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
         return
     tile = tile or forward_tile(x, K)
     if tile.get("method") == "toeplitz":
-        toeplitz.conv_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile)
+        toeplitz.conv_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile, add=add)
         return
     block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
     grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
@@ -272,11 +274,14 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
         K=K, FLIP=flip, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
         BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
     )
+    if add is not None:
+        y.add_(add)
 
 
 def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool,
-                  tile: dict | None = None):
-    """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None.
+                  tile: dict | None = None, add_to_dx=None):
+    """(dx, dw, db) with dw shaped like weight (fp32) and db (C,) fp32 or None. With
+    `add_to_dx` (a tensor like x: another path's gradient of x, e.g. a residual's) dx includes it.
 
     `tile` overrides `weight_grad_tile(x, K)` for the weight-gradient kernel (sweeps)."""
     B, C, H, W = x.shape
@@ -319,5 +324,5 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         dw, _ = toeplitz.weight_grad(g, x, K, tile)
     if need_dx:
         dx = torch.empty_like(x)
-        conv_forward(g, weight, None, dx, None, gelu=False, flip=True)
+        conv_forward(g, weight, None, dx, None, gelu=False, flip=True, add=add_to_dx)
     return dx, dw, db

@@ -418,6 +418,62 @@ def test_stream_without_input_gradient(device):
     assert torch.equal(dw, dw2) and torch.equal(db, db2)
 
 
+def _block_run(x, w, b, dy, dtype, backend, fused):
+    """ConvMixer's spatial mixing, x + BatchNorm(GELU(dwconv(x))), in training mode: as the fused
+    op or composed of the public ops; outputs, gradients and the running statistics."""
+    from kernels import batch_norm, dwconv_batch_norm_residual
+
+    C = x.shape[1]
+    g = torch.Generator().manual_seed(1)
+    gamma, beta = (1.0 + 0.1 * torch.randn(C, generator=g, dtype=torch.float64)), 0.1 * torch.randn(
+        C, generator=g, dtype=torch.float64)
+    leaves = [t.detach().to(x.device, dtype).requires_grad_() for t in (x, w, b, gamma, beta)]
+    stats = [torch.zeros(C, device=x.device, dtype=dtype), torch.ones(C, device=x.device, dtype=dtype)]
+    if fused:
+        y = dwconv_batch_norm_residual(*leaves, *stats, momentum=0.1, eps=1e-5, backend=backend)
+    else:
+        z = dwconv2d(*leaves[:3], backend=backend)
+        y = batch_norm(z, leaves[3], leaves[4], *stats, training=True, activation="gelu", residual=leaves[0],
+                       backend=backend)
+    y.backward(dy.to(dtype))
+    names = ("dx", "dw", "db", "dgamma", "dbeta")
+    return {"y": y.detach(), **{n: t.grad for n, t in zip(names, leaves)},
+            "running_mean": stats[0], "running_var": stats[1]}
+
+
+@pytest.mark.parametrize("tile,k", [(STREAM, 9), (None, 9), (None, 5)], ids=["stream", "toeplitz", "taps"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
+    """ConvMixer's spatial mixing as one op (the residual's gradient added as the input
+    gradient is written: in the streaming kernel's epilogue, after the launch otherwise):
+    every output, gradient and running statistic against fp64 under the tolerance rule."""
+    from kernels.dwconv import triton as kt
+
+    if tile is not None:
+        monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+        monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
+    calls = []
+    real = kt.conv_backward
+    monkeypatch.setattr(kt, "conv_backward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, w, b, dy = _inputs(3, 5, 9, 13, k, device)
+    got = _block_run(x, w, b, dy, dtype, "triton", fused=True)
+    assert calls and all(k["add_to_dx"] is not None for k in calls)   # the fused backward ran
+    low = _block_run(x, w, b, dy, dtype, "reference", fused=False)
+    ref = _block_run(x, w, b, dy, torch.float64, "reference", fused=False)
+    problems = [p for name in ref if (p := _compare(name, got[name], low[name], ref[name], dtype))]
+    assert not problems, "\n  ".join(problems)
+
+
+def test_dwconv_batch_norm_residual_composes_elsewhere(device):
+    """Where the fused op does not run (the reference backend, eval-free composition) it gives
+    the composition's result exactly."""
+    x, w, b, dy = _inputs(2, 3, 8, 8, 5, device)
+    fused = _block_run(x, w, b, dy, torch.float64, "reference", fused=True)
+    composed = _block_run(x, w, b, dy, torch.float64, "reference", fused=False)
+    for name in composed:
+        assert torch.equal(fused[name], composed[name]), name
+
+
 @pytest.mark.parametrize("k,tile_w,kp", [(9, 32, 64), (9, 16, 32), (3, 16, 32), (15, 32, 64), (1, 16, 16)])
 def test_banded_matrices(k, tile_w, kp, device):
     """The Toeplitz kernels' banded matrices, T[c, i, j, n] = w[c, i, j - n] inside the band (and
