@@ -84,7 +84,12 @@ def _cases() -> dict:
         "dwconv2d": [(f"dwconv2d B2 C8 16x16 k{k} NCHW, bias, GELU", dwconv_inputs(k), dwconv) for k in (7, 9)],
         "batch_norm": [("batch_norm B2 C8 16x16 +residual", batch_norm_inputs,
                         lambda x, w, b, r: kernels.batch_norm(x, w, b, *batch_norm_buffers, residual=r,
-                                                              backend="triton"))],
+                                                              backend="triton")),
+                       # the ConvMixer depthwise block as one op (dwconv2d, then this BatchNorm)
+                       ("dwconv_batch_norm_residual B2 C8 16x16 k9",
+                        lambda: dwconv_inputs(9)() + batch_norm_inputs()[1:3],
+                        lambda x, w, b, g, beta: kernels.dwconv_batch_norm_residual(
+                            x, w, b, g, beta, *batch_norm_buffers, backend="triton"))],
     }
 
 

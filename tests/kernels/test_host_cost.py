@@ -5,9 +5,10 @@ from kernels import host_cost
 def test_every_op_is_measured_with_its_launches_counted():
     measured = host_cost.measure(reps=3, echo=lambda *_: None)
     names = {"attention": "attention", "token_mlp": "token_mlp", "token_mlp GEMMs": "(GEMMs)",
-             "dwconv2d k7": "dwconv2d", "dwconv2d k9": "k9", "batch_norm": "batch_norm"}
+             "dwconv2d k7": "dwconv2d", "dwconv2d k9": "k9", "batch_norm": "batch_norm",
+             "convmixer block": "dwconv_batch_norm_residual"}
     rows = {name: next(r for r in measured if key in r["case"]) for name, key in names.items()}
-    assert len(measured) == 6 and "k7" in rows["dwconv2d k7"]["case"]
+    assert len(measured) == 7 and "k7" in rows["dwconv2d k7"]["case"]
     for r in rows.values():
         assert r["host_us"] > 0 and r["launches"] >= 2 and r["torch_ops"] > 0, r
     # attention: forward, delta, backward; dwconv k9 (Toeplitz): banded matrices and forward, then
@@ -17,8 +18,9 @@ def test_every_op_is_measured_with_its_launches_counted():
     # token_mlp: LayerNorm statistics, forward, data backward, LayerNorm finish, weights (fused
     # kernels); the GEMM path forms H and Y apart and the weight gradients as two GEMMs
     assert rows["token_mlp"]["launches"] == 5 and rows["token_mlp GEMMs"]["launches"] == 8
-    # batch_norm: statistics, finalize and apply, each way
-    assert rows["batch_norm"]["launches"] == 6
+    # batch_norm: statistics, finalize and apply, each way; the block op: the convolution's and
+    # BatchNorm's launches (the k9 convolution without GELU still has its bias pass)
+    assert rows["batch_norm"]["launches"] == 6 and rows["convmixer block"]["launches"] == 12
     # the banded matrices are one launch each, not a dozen PyTorch ops: the Toeplitz path calls
     # no more PyTorch ops than the tap path
     assert rows["dwconv2d k9"]["torch_ops"] <= rows["dwconv2d k7"]["torch_ops"], rows
