@@ -464,6 +464,22 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     assert not problems, "\n  ".join(problems)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [STREAM, None], ids=["stream", "default"])
+def test_dwconv_batch_norm_residual_bf16(tile, device, monkeypatch):
+    from kernels.dwconv import triton as kt
+
+    if tile is not None:
+        monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+        monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
+    x, w, b, dy = _inputs(17, 19, 32, 32, 9, device)
+    got = _block_run(x, w, b, dy, torch.bfloat16, "triton", fused=True)
+    low = _block_run(x, w, b, dy, torch.bfloat16, "reference", fused=False)
+    ref = _block_run(x, w, b, dy, torch.float64, "reference", fused=False)
+    problems = [p for name in ref if (p := _compare(name, got[name], low[name], ref[name], torch.bfloat16))]
+    assert not problems, "\n  ".join(problems)
+
+
 def test_dwconv_batch_norm_residual_composes_elsewhere(device):
     """Where the fused op does not run (the reference backend, eval-free composition) it gives
     the composition's result exactly."""
