@@ -480,6 +480,21 @@ def test_dwconv_batch_norm_residual_bf16(tile, device, monkeypatch):
     assert not problems, "\n  ".join(problems)
 
 
+def test_dwconv_batch_norm_residual_compiles_fullgraph(device):
+    """Under torch.compile the block op is the composition of the two ops: one graph (their
+    library ops on CUDA, their reference paths on CPU, where the interpreter cannot be traced)."""
+    from kernels import dwconv_batch_norm_residual
+
+    x, w, b, _ = (t.float() for t in _inputs(2, 3, 8, 8, 5, device))
+    gamma, beta = torch.ones(3, device=device), torch.zeros(3, device=device)
+
+    def block(x):
+        return dwconv_batch_norm_residual(x, w, b, gamma, beta, None, None, backend="auto")
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
 def test_dwconv_batch_norm_residual_composes_elsewhere(device):
     """Where the fused op does not run (the reference backend, eval-free composition) it gives
     the composition's result exactly."""
