@@ -143,12 +143,13 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                         for th, tw, w in ((32, 16, 8), (16, 16, 4), (16, 16, 8))]
             # never timed yet, so first: the streaming kernels (each input row loaded and
             # converted for the tensor cores once, not K times; the K rows in flight in registers)
-            # (Triton 3.3 and newer)
+            # (Triton 3.3 and newer: none before)
             stream = {"method": "toeplitz", "stream": True}
             stream_fwd = [stream, {**stream, "BLOCK_C": 2}, {**stream, "BLOCK_C": 8}, {**stream, "ROWS": 16}]
             stream_wgt = [stream, {**stream, "num_warps": 2}, {**stream, "UNITS": 4}, {**stream, "UNITS": 16}]
+            stream_copy = [{**stream, "copy_to_nchw": True}]   # channels_last, on NCHW copies
             if not toeplitz_kernels.stream_supported():
-                stream_fwd, stream_wgt, stream = [], [], None
+                stream_fwd = stream_wgt = stream_copy = []
             if layout == "NCHW":
                 # the tap kernel's budgets only where it is still the default (K < TOEPLITZ_MIN_K on NCHW)
                 taps = k < kt.TOEPLITZ_MIN_K
@@ -163,11 +164,9 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 # without spills for sm_90 under Triton 3.6 and 3.8 (32-wide ones spill on 3.6)
                 wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8}
                 # (first, never timed: the streaming kernels on NCHW copies)
-                fwd = ([{**stream, "copy_to_nchw": True}] if stream else []) + [
-                    wide, {**wide, "gather": True}, {**wide, "IMAGES": 2}, {**wide, "TILE_H": 32}]
-                wgt = ([{**stream, "copy_to_nchw": True}] if stream else []) + [
-                    {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
-                    {**all_rows[0], "copy_to_nchw": True}]
+                fwd = stream_copy + [wide, {**wide, "gather": True}, {**wide, "IMAGES": 2}, {**wide, "TILE_H": 32}]
+                wgt = stream_copy + [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
+                                     {**all_rows[0], "copy_to_nchw": True}]
                 fwd += [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]
                 wgt += [{"elems": e, "c_bytes": cb} for e, cb in ((16384, 64), (16384, 32), (8192, 64))]

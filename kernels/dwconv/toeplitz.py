@@ -63,23 +63,13 @@ def _dwconv_fwd_toeplitz_kernel(
     out_ok = c_ok & img_ok & (h_out < H) & (w_out < W)
     t_base = (t_ptr + c64 * (K * KP * TILE_W)
               + tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :])
-    if GATHER:
-        tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
-        band = c_ok & (tap >= 0) & (tap < K)
-        if FLIP:
-            tap = K - 1 - tap
-        w_base = t_ptr + c64 * (K * K) + tap
     x_base = x_ptr + img * sxb + c64 * sxc + col * sxw
     acc = tl.zeros((BLOCK_C, M, TILE_W), dtype=tl.float32)
     for i in range(K):
         row = h_out + (i - PAD)
         xv = tl.load(x_base + row * sxh, mask=img_ok & c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
         if GATHER:
-            if FLIP:
-                tv = tl.load(w_base + (K - 1 - i) * K, mask=band, other=0.0)
-            else:
-                tv = tl.load(w_base + i * K, mask=band, other=0.0)
-            tv = tv.to(x_ptr.dtype.element_ty)
+            tv = _banded_row(t_ptr, c64, c_ok, i, K, KP, TILE_W, FLIP).to(x_ptr.dtype.element_ty)
         else:
             tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
         if IEEE:
@@ -149,6 +139,22 @@ def _dwconv_bwd_w_toeplitz_kernel(
 
 
 @triton.jit
+def _output_grad(dy_ptrs, z_ptrs, g_ptrs, ok, GELU: tl.constexpr, STORE_G: tl.constexpr):
+    # a tile of the output gradient g: dy * gelu'(z) with GELU (written to g if STORE_G), else
+    # dy; in the input's dtype for the tensor cores and in fp32 for the bias gradient (summed
+    # before rounding, as the tap kernel sums it)
+    g = tl.load(dy_ptrs, mask=ok, other=0.0)
+    g32 = g.to(tl.float32)
+    if GELU:
+        z = tl.load(z_ptrs, mask=ok, other=0.0)
+        g32 = g32 * gelu_grad(z.to(tl.float32))
+        g = g32.to(g_ptrs.dtype.element_ty)
+        if STORE_G:
+            tl.store(g_ptrs, g, mask=ok)
+    return g, g32
+
+
+@triton.jit
 def _dwconv_bwd_w_rows_kernel(
     x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
     C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
@@ -185,15 +191,10 @@ def _dwconv_bwd_w_rows_kernel(
     for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
         img, h0, w0 = _window(u, n_th, n_tw, TILE_H, TILE_W)
         g_ok = (h0 + m_g < H) & (w0 + n_g < W)
-        gt = tl.load(dy_ptr + img * syb + c64 * syc + (h0 + m_g) * syh + (w0 + n_g) * syw, mask=g_ok, other=0.0)
-        if GELU:
-            zt = tl.load(z_ptr + img * szb + c64 * szc + (h0 + m_g) * szh + (w0 + n_g) * szw, mask=g_ok, other=0.0)
-            g32 = gt.to(tl.float32) * gelu_grad(zt.to(tl.float32))
-            gt = g32.to(g_ptr.dtype.element_ty)
-            if STORE_G:
-                tl.store(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw, gt, mask=g_ok)
-        else:
-            g32 = gt.to(tl.float32)
+        gt, g32 = _output_grad(dy_ptr + img * syb + c64 * syc + (h0 + m_g) * syh + (w0 + n_g) * syw,
+                               z_ptr + img * szb + c64 * szc + (h0 + m_g) * szh + (w0 + n_g) * szw,
+                               g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
+                               g_ok, GELU, STORE_G)
         if HAS_BIAS:
             db += g32   # before rounding, as the tap kernel sums it
         row = h0 + m_x + b_x - PAD
@@ -218,20 +219,25 @@ def _dwconv_bwd_w_rows_kernel(
 
 
 @triton.jit
-def _banded_rows(w_ptr, c64, c_ok, dtype, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
-                 FLIP: tl.constexpr):
-    # the K banded matrices of a channel block, T_i[j, n] = w[c, i, j - n] inside the band
-    # 0 <= j - n < K, else 0 (rotated by 180 degrees with FLIP), as a tuple of (BLOCK_C, KP,
-    # TILE_W) tensors gathered from the (C, K, K) weights
+def _banded_row(w_ptr, c64, c_ok, i, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
+                FLIP: tl.constexpr):
+    # kernel row i's banded matrix of a channel block, T_i[j, n] = w[c, i, j - n] inside the
+    # band 0 <= j - n < K, else 0 (rotated by 180 degrees with FLIP), gathered from the
+    # (C, K, K) weights as a (BLOCK_C, KP, TILE_W) tensor
     tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
     band = c_ok & (tap >= 0) & (tap < K)
     if FLIP:
-        tap = K - 1 - tap
-    w_base = w_ptr + c64 * (K * K) + tap
+        return tl.load(w_ptr + c64 * (K * K) + (K - 1 - i) * K + (K - 1 - tap), mask=band, other=0.0)
+    return tl.load(w_ptr + c64 * (K * K) + i * K + tap, mask=band, other=0.0)
+
+
+@triton.jit
+def _banded_rows(w_ptr, c64, c_ok, dtype, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
+                 FLIP: tl.constexpr):
+    # all K of them (`_banded_row`), as a tuple, in the activations' dtype
     ts = ()
     for i in tl.static_range(K):
-        row = K - 1 - i if FLIP else i
-        ts = ts + (tl.load(w_base + row * K, mask=band, other=0.0).to(dtype),)
+        ts = ts + (_banded_row(w_ptr, c64, c_ok, i, K, KP, TILE_W, FLIP).to(dtype),)
     return ts
 
 
@@ -318,22 +324,6 @@ def _dwconv_fwd_stream_kernel(
 
 
 @triton.jit
-def _output_grad_row(dy_base, z_base, g_base, h, syh, szh, sgh, ok, GELU: tl.constexpr, STORE_G: tl.constexpr):
-    # row h of the output gradient g (IMAGES, TILE_W): dy * gelu'(z) with GELU (written to g
-    # if STORE_G), else dy; in the input's dtype for the tensor cores and in fp32 for the bias
-    # gradient (summed before rounding, as the tap kernel sums it)
-    gr = tl.load(dy_base + h * syh, mask=ok, other=0.0)
-    g32 = gr.to(tl.float32)
-    if GELU:
-        zr = tl.load(z_base + h * szh, mask=ok, other=0.0)
-        g32 = g32 * gelu_grad(zr.to(tl.float32))
-        gr = g32.to(g_base.dtype.element_ty)
-        if STORE_G:
-            tl.store(g_base + h * sgh, gr, mask=ok)
-    return gr, g32
-
-
-@triton.jit
 def _dwconv_bwd_w_stream_kernel(
     x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
     B, C, H, W, n_tw, UNITS, UNITS_PER_PROG,
@@ -381,13 +371,15 @@ def _dwconv_bwd_w_stream_kernel(
         for m in tl.static_range(K - 1):
             gs = gs + (tl.zeros((IMAGES, TILE_W), dtype=g_ptr.dtype.element_ty),)
         for h in range(0, PAD):
-            gr, g32 = _output_grad_row(dy_base, z_base, g_base, h, syh, szh, sgh, g_ok & (h < H), GELU, STORE_G)
+            gr, g32 = _output_grad(dy_base + h * syh, z_base + h * szh, g_base + h * sgh, g_ok & (h < H),
+                                   GELU, STORE_G)
             if HAS_BIAS:
                 db += g32
             gs = gs[1:] + (gr,)
         for r in range(0, H):
             h = r + PAD
-            gr, g32 = _output_grad_row(dy_base, z_base, g_base, h, syh, szh, sgh, g_ok & (h < H), GELU, STORE_G)
+            gr, g32 = _output_grad(dy_base + h * syh, z_base + h * szh, g_base + h * sgh, g_ok & (h < H),
+                                   GELU, STORE_G)
             if HAS_BIAS:
                 db += g32
             gs = gs + (gr,)
