@@ -62,30 +62,20 @@ def _sweep_launches(op: str, dtype: torch.dtype, limit: int | None, shapes: list
     `shapes`."""
     import importlib
 
-    from kernels.compile_report import Launch, _Recorder
+    from kernels.compile_report import _record
 
-    launches: list = []
     module = importlib.import_module(BENCH_MODULES[op])
-    if not hasattr(module, "sweep_cases"):
-        return launches
     modules = _kernel_modules()
-    label = [op]
-    saved = [(m, m.wrap_triton) for m in modules]
-    for m in modules:
-        m.wrap_triton = lambda kernel: _Recorder(launches, label[0], kernel)
-    try:
-        for case in module.sweep_cases(dtype, "cpu", shapes=shapes):
-            configs = [case.default] + [c for c in case.configs if c != case.default][:limit]
-            for cfg in configs:
-                label[0] = f"{op} {case.shape} {cfg}"
-                try:
-                    case.run(cfg)
-                except Exception as exc:   # a configuration the launcher refuses is not compiled
-                    print(f"  skipped {label[0]}: {type(exc).__name__}: {exc}"[:200])
-    finally:
-        for m, original in saved:
-            m.wrap_triton = original
-    return [x for x in launches if isinstance(x, Launch)]
+    cases: list = []
+    # building the cases may launch kernels too (a reference output for the checks)
+    launches = _record(op, lambda: cases.extend(module.sweep_cases(dtype, "cpu", shapes=shapes)), modules)
+    for case in cases:
+        for cfg in [case.default] + [c for c in case.configs if c != case.default][:limit]:
+            try:
+                launches += _record(f"{op} {case.shape} {cfg}", lambda: case.run(cfg), modules)
+            except Exception as exc:   # a configuration the launcher refuses is not compiled
+                print(f"  skipped {op} {case.shape} {cfg}: {type(exc).__name__}: {exc}"[:200])
+    return launches
 
 
 def _compile(launch, arch: int) -> float:
