@@ -36,7 +36,7 @@ def _hidden_kernel(X, MEAN, RSTD, LNW, LNB, ZP, W1, B1, W2, DY, H, DA,
                    stride_w1h, stride_w1n, stride_w2n, stride_w2h,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                    BACKWARD: tl.constexpr, STORE_H: tl.constexpr, Z_IN_MEMORY: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   W1_PADDED: tl.constexpr, IEEE: tl.constexpr):
     # one (BLOCK_M hidden units, BLOCK_C channels) tile of image b, reducing over tokens. One grid
     # axis, hidden tiles fastest: the programs that read the same LN(X) slab run side by side
     # (and a batch past 65,535 images still fits, which a second or third axis would not).
@@ -57,8 +57,10 @@ def _hidden_kernel(X, MEAN, RSTD, LNW, LNB, ZP, W1, B1, W2, DY, H, DA,
     for k0 in range(0, N, BLOCK_K):
         kk = k0 + offs_k
         w_mask = m_mask[:, None] & (kk < N)[None, :]
+        # W1_PADDED: W1's rows hold zeros past N up to a whole step (`pad_token_axis`), so its
+        # tiles load without a mask along the row: vectorized and through the async-copy pipeline
         w1 = tl.load(W1 + offs_m[:, None] * stride_w1h + kk[None, :] * stride_w1n,
-                     mask=w_mask, other=0.0).to(dt)                                     # (BM, BK)
+                     mask=m_mask[:, None] if W1_PADDED else w_mask, other=0.0).to(dt)  # (BM, BK)
         # padded tokens of Z are exact zeros (and W1's padded columns too)
         if Z_IN_MEMORY:   # LN(X) written by _ln_apply_kernel, contiguous (B, N, C)
             z = tl.load(ZP + b * N * C + kk[:, None] * C + offs_c[None, :],
@@ -88,10 +90,11 @@ def _tokens_kernel(W, T, X, DY, MEAN, RSTD, LNW, LNB, B2, Y, P, S1, S2, DGAMMA, 
                    stride_wn, stride_wh, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
                    stride_yb, stride_yn, stride_yc,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BACKWARD: tl.constexpr, IEEE: tl.constexpr):
+                   BACKWARD: tl.constexpr, W_PADDED: tl.constexpr, IEEE: tl.constexpr):
     # one (all tokens, BLOCK_C channels) slab of image b: W (N, Hd) @ T_b (Hd, C) over the hidden
     # units, T a (B, Hd, C) buffer. Forward: W = W2, T = H, out Y = X + . + b2. Backward: W = W1^T
     # (a strided view), T = dA, and the product is dZ, which the LayerNorm backward takes over.
+    # W_PADDED: W's rows past N exist and are zeros (W1^T of `pad_token_axis`): no row mask.
     b = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
@@ -105,7 +108,8 @@ def _tokens_kernel(W, T, X, DY, MEAN, RSTD, LNW, LNB, B2, Y, P, S1, S2, DGAMMA, 
         kk = k0 + offs_k
         k_mask = kk < HD
         w = tl.load(W + offs_n[:, None] * stride_wn + kk[None, :] * stride_wh,
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(dt)            # (BN, BK)
+                    mask=k_mask[None, :] if W_PADDED else n_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(dt)                                                     # (BN, BK)
         t = tl.load(T + b * HD * C + kk[:, None] * C + offs_c[None, :],
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0).to(dt)            # (BK, BC)
         acc = _mm(w, t, acc, IEEE)
@@ -191,11 +195,32 @@ def split_blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = F
     return {"method": "split", "hidden": hidden, "tokens": tokens}
 
 
+def pad_token_axis(w1: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(W1 (Hd, N) as the first N columns of a zeroed (Hd, max(16, next_pow2(N))) buffer, True)
+    when N is not a multiple of 16, else (W1, False); pass both to `hidden` and `tokens`. Why: at N = 196 the rows start at addresses Triton
+    cannot prove 16-byte aligned and every tile is masked along them, so W1's tiles loaded one
+    element a lane, outside the async-copy pipeline (sm_90 TTGIR: a synchronous load of 128 x 32
+    scalars a step in the hidden kernel, and of 256 x 64 in the backward's token kernel). Padded,
+    the kernels drop that mask and the tiles load 16 bytes a lane, pipelined. One small copy a
+    pass (Hd x 256 elements at N = 196)."""
+    n = w1.shape[1]
+    if n % 16 == 0:
+        return w1, False
+    return torch.nn.functional.pad(w1, (0, max(16, next_pow2(n)) - n))[:, :n], True
+
+
+def _padded_past(w1: torch.Tensor, w1_padded: bool, rows: int) -> bool:
+    """Whether tiles may read W1's rows unmasked up to `rows` columns: padded by `pad_token_axis`
+    at least that far."""
+    return w1_padded and w1.stride(1) == 1 and w1.stride(0) >= rows
+
+
 def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None, dy=None, da=None,
-           z=None) -> None:
+           z=None, w1_padded: bool = False) -> None:
     """Forward (dy None): H = GELU(W1 @ LN(x) + b1) into h. Backward: dA into da, and H into h
     unless h is None. h and da are (B, Hd, C) buffers in x's dtype. With z (LN(x) from
-    `layer_norm`), the kernel reads it instead of normalizing x itself."""
+    `layer_norm`), the kernel reads it instead of normalizing x itself. w1, w1_padded: as
+    `pad_token_axis` returns them."""
     B, N, C = x.shape
     HD = w1.shape[0]
     backward = dy is not None
@@ -207,7 +232,8 @@ def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None
         x, mean, rstd, ln_weight, ln_bias, x if z is None else z, w1, b1, w2, dy, h_ptr, da_ptr,
         N, C, HD, *x.stride(), *dy.stride(), *w1.stride(), *w2.stride(),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward, STORE_H=h is not None,
-        Z_IN_MEMORY=z is not None, IEEE=x.dtype == torch.float32,
+        Z_IN_MEMORY=z is not None, W1_PADDED=_padded_past(w1, w1_padded, cdiv(N, cfg["BLOCK_K"]) * cfg["BLOCK_K"]),
+        IEEE=x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -224,10 +250,11 @@ def layer_norm(x, mean, rstd, ln_weight, ln_bias) -> torch.Tensor:
 
 
 def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=None, rstd=None,
-           ln_weight=None, ln_bias=None, partials=None) -> None:
+           ln_weight=None, ln_bias=None, partials=None, w1_padded: bool = False) -> None:
     """Forward (w2, b2, y given): y = x + W2 @ t + b2 with t = H. Backward (w1, dy, the LayerNorm
     tensors and `partials` = (p, s1, s2, dgamma, dbeta, db2) given): dZ = W1^T @ t with t = dA,
-    into the LayerNorm backward partials, one per block of cfg["BLOCK_C"] channels."""
+    into the LayerNorm backward partials, one per block of cfg["BLOCK_C"] channels. w1, w1_padded:
+    as `pad_token_axis` returns them."""
     B, N, C = x.shape
     HD = t.shape[1]
     backward = w1 is not None
@@ -244,7 +271,7 @@ def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=
         w, t, x, dy, mean, rstd, ln_weight, ln_bias, b2, y, p, s1, s2, dgamma, dbeta, db2,
         N, C, HD, cdiv(C, bc), stride_wn, stride_wh, *x.stride(), *dy.stride(), *y.stride(),
         BLOCK_N=max(16, next_pow2(N)), BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward,
-        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        W_PADDED=backward and _padded_past(w1, w1_padded, max(16, next_pow2(N))), IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:

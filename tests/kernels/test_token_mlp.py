@@ -194,6 +194,59 @@ def test_split_method_layer_norm_in_memory(shape, dtype, weights, device, monkey
     assert len(calls) >= 2   # the forward's and the backward's
 
 
+def _padding_flags(monkeypatch) -> list:
+    """The W1_PADDED / W_PADDED switch of every per-image GEMM launch that reads W1."""
+    from kernels.token_mlp import gemms
+
+    flags, real = [], gemms.wrap_triton
+
+    class Spy:
+        def __init__(self, kernel):
+            self.launcher = real(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                # the hidden kernel's W1 tiles; the token kernel's only in the backward (W1^T there,
+                # W2 in the forward)
+                if "W1_PADDED" in kwargs or kwargs.get("BACKWARD") and "W_PADDED" in kwargs:
+                    flags.append(kwargs.get("W1_PADDED", kwargs.get("W_PADDED")))
+                return self.launcher[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gemms, "wrap_triton", Spy)
+    return flags
+
+
+@pytest.mark.parametrize("pad_w1", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_method_w1_rows_padded_or_not(pad_w1, dtype, device, monkeypatch):
+    """At N = 197 (not a multiple of 16) the per-image GEMMs get W1 in zero-padded rows and load its
+    tiles unmasked along them (the forward's and backward's hidden kernels, the backward's token
+    kernel), or, with "pad_w1": False, W1 as it is with masked tiles: every output and gradient."""
+    kt = _split_everywhere(monkeypatch, {"pad_w1": pad_w1})
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    flags = _padding_flags(monkeypatch)
+    check_against_fp64(2, 197, 40, 24, dtype, device)
+    # the hidden kernel's forward and backward, the token kernel's backward
+    assert len(flags) == 3 and all(f is pad_w1 for f in flags), flags
+
+
+def test_pad_token_axis():
+    """W1's rows padded with zeros to a power of two (N not a multiple of 16), as a view of the
+    first N columns; W1 itself otherwise; the kernels drop the mask only as far as it reaches."""
+    from kernels.token_mlp import gemms
+
+    w1 = torch.randn(24, 197)
+    padded, flag = gemms.pad_token_axis(w1)
+    assert flag and padded.shape == (24, 197) and padded.stride() == (256, 1)
+    assert torch.equal(padded, w1)
+    assert torch.equal(padded.as_strided((24, 256), (256, 1))[:, 197:], torch.zeros(24, 59))
+    assert gemms._padded_past(padded, flag, 224) and gemms._padded_past(padded, flag, 256)
+    assert not gemms._padded_past(padded, flag, 512) and not gemms._padded_past(padded, False, 224)
+    square = torch.randn(24, 64)
+    assert gemms.pad_token_axis(square) == (square, False)
+
+
 def _image_backward(monkeypatch, tiles):
     kt = _built_in_rules(monkeypatch)
     real = kt.backward_config
