@@ -28,14 +28,14 @@ def _dwconv_fwd_toeplitz_kernel(
     syb, syc, syh, syw,
     szb, szc, szh, szw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
     IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
 ):
     # One program: BLOCK_C channels x a TILE_H x TILE_W output window of IMAGES images.
     # For kernel row i, the window is a matmul per channel: rows of the input
-    # (M = IMAGES * TILE_H rows: the window's rows of each image, stacked; KP: the TILE_W
-    # columns plus the halo) times that channel's banded Toeplitz matrix T_i (KP, TILE_W),
-    # T_i[j, n] = w[i, j - n]. The K products run on tensor cores as one batched dot over the
+    # (M = IMAGES * TILE_H rows: the window's rows of each image, stacked; KP columns from LEAD
+    # before the window: its TILE_W columns and the halo, see `_lead`) times that channel's
+    # banded Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n - (LEAD - PAD)]. The K products run on tensor cores as one batched dot over the
     # channel block. T comes from memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with
     # GATHER is gathered from the (C, K, K) weights themselves at t_ptr (flipped by 180 degrees
     # with FLIP): K * K values a channel that stay in L1 instead of K * KP * TILE_W read
@@ -56,8 +56,8 @@ def _dwconv_fwd_toeplitz_kernel(
     h_out = th * TILE_H + r % TILE_H
     img_ok = img < B     # the last program's images may run past the batch
     j = tl.arange(0, KP)[None, None, :]                                         # (1, 1, KP)
-    col = tw * TILE_W + j - PAD
-    col_ok = (col >= 0) & (col < W) & (j < TILE_W + K - 1)
+    col = tw * TILE_W + j - LEAD
+    col_ok = (col >= 0) & (col < W)
     n = tl.arange(0, TILE_W)[None, None, :]
     w_out = tw * TILE_W + n
     out_ok = c_ok & img_ok & (h_out < H) & (w_out < W)
@@ -69,7 +69,7 @@ def _dwconv_fwd_toeplitz_kernel(
         row = h_out + (i - PAD)
         xv = tl.load(x_base + row * sxh, mask=img_ok & c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
         if GATHER:
-            tv = _banded_row(t_ptr, c64, c_ok, i, K, KP, TILE_W, FLIP).to(x_ptr.dtype.element_ty)
+            tv = _banded_row(t_ptr, c64, c_ok, i, K, KP, TILE_W, LEAD, FLIP).to(x_ptr.dtype.element_ty)
         else:
             tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
         if IEEE:
@@ -100,12 +100,12 @@ def _dwconv_bwd_w_toeplitz_kernel(
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     K: tl.constexpr, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    IEEE: tl.constexpr,
+    LEAD: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Weight gradient on tensor cores. For kernel row i and one window (unit):
-    # P[c, n, j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + i - PAD, w0 + j - PAD], a batched
+    # P[c, n, j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + i - PAD, w0 + j - LEAD], a batched
     # (TILE_W, TILE_H) @ (TILE_H, KP) product per channel, summed over this program's
-    # units; then dw[c, i, kj] = sum_n P[c, n, n + kj], the kj-th diagonal. Each program
+    # units; then dw[c, i, kj] = sum_n P[c, n, n + kj + LEAD - PAD], the kj-th diagonal. Each program
     # writes one partial per (channel, tap); the launcher sums them in a fixed order.
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -117,7 +117,7 @@ def _dwconv_bwd_w_toeplitz_kernel(
     m_g = tl.arange(0, TILE_H)[None, None, :]        # G^T columns: output rows
     m_x = tl.arange(0, TILE_H)[None, :, None]
     j_x = tl.arange(0, KP)[None, None, :]
-    diag = tl.arange(0, KP)[None, None, :] - tl.arange(0, TILE_W)[None, :, None]   # j - n
+    diag = tl.arange(0, KP)[None, None, :] - tl.arange(0, TILE_W)[None, :, None] - (LEAD - PAD)   # tap
     u_end = tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)
     for i in range(K):
         p = tl.zeros((BLOCK_C, TILE_W, KP), dtype=tl.float32)
@@ -126,8 +126,8 @@ def _dwconv_bwd_w_toeplitz_kernel(
             gt = tl.load(g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
                          mask=c_ok & (h0 + m_g < H) & (w0 + n_g < W), other=0.0)
             row = h0 + m_x + (i - PAD)
-            col = w0 + j_x - PAD
-            ok = c_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W) & (j_x < TILE_W + K - 1)
+            col = w0 + j_x - LEAD
+            ok = c_ok & (row >= 0) & (row < H) & (col >= 0) & (col < W)
             xv = tl.load(x_ptr + img * sxb + c64 * sxc + row * sxh + col * sxw, mask=ok, other=0.0)
             if IEEE:
                 p = tl.dot(gt, xv, p, input_precision="ieee")
@@ -220,11 +220,11 @@ def _dwconv_bwd_w_rows_kernel(
 
 @triton.jit
 def _banded_row(w_ptr, c64, c_ok, i, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
-                FLIP: tl.constexpr):
-    # kernel row i's banded matrix of a channel block, T_i[j, n] = w[c, i, j - n] inside the
-    # band 0 <= j - n < K, else 0 (rotated by 180 degrees with FLIP), gathered from the
-    # (C, K, K) weights as a (BLOCK_C, KP, TILE_W) tensor
-    tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :]   # j - n
+                LEAD: tl.constexpr, FLIP: tl.constexpr):
+    # kernel row i's banded matrix of a channel block, T_i[j, n] = w[c, i, tap], tap = j - n -
+    # (LEAD - K // 2), inside the band 0 <= tap < K, else 0 (rotated by 180 degrees with FLIP),
+    # gathered from the (C, K, K) weights as a (BLOCK_C, KP, TILE_W) tensor
+    tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :] - (LEAD - K // 2)
     band = c_ok & (tap >= 0) & (tap < K)
     if FLIP:
         return tl.load(w_ptr + c64 * (K * K) + (K - 1 - i) * K + (K - 1 - tap), mask=band, other=0.0)
@@ -233,11 +233,11 @@ def _banded_row(w_ptr, c64, c_ok, i, K: tl.constexpr, KP: tl.constexpr, TILE_W: 
 
 @triton.jit
 def _banded_rows(w_ptr, c64, c_ok, dtype, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
-                 FLIP: tl.constexpr):
+                 LEAD: tl.constexpr, FLIP: tl.constexpr):
     # all K of them (`_banded_row`), as a tuple, in the activations' dtype
     ts = ()
     for i in tl.static_range(K):
-        ts = ts + (_banded_row(w_ptr, c64, c_ok, i, K, KP, TILE_W, FLIP).to(dtype),)
+        ts = ts + (_banded_row(w_ptr, c64, c_ok, i, K, KP, TILE_W, LEAD, FLIP).to(dtype),)
     return ts
 
 
@@ -263,7 +263,7 @@ def _dwconv_fwd_stream_kernel(
     szb, szc, szh, szw,
     sab, sac, sah, saw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
-    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
     IMAGES: tl.constexpr, IEEE: tl.constexpr, FLIP: tl.constexpr,
 ):
     # The Toeplitz forward streaming down the image: one program, BLOCK_C channels x IMAGES
@@ -274,7 +274,8 @@ def _dwconv_fwd_stream_kernel(
     # whose accumulators stay in registers (a tuple, oldest first); the oldest is then complete
     # and stored. _dwconv_fwd_toeplitz_kernel instead reads each input row once per kernel row
     # (K times) and converts it for the tensor cores each time. The banded matrices are built
-    # once a program. With FLIP (kernel rotated by 180 degrees) it is the input gradient; with
+    # once a program. X_r's KP columns start LEAD before the window (`_lead`). With FLIP (kernel
+    # rotated by 180 degrees) it is the input gradient; with
     # HAS_ADD a tensor like y is added last (a residual's gradient into the input gradient).
     pid = tl.program_id(0)
     tw = pid % n_tw
@@ -286,15 +287,15 @@ def _dwconv_fwd_stream_kernel(
     PAD: tl.constexpr = K // 2
     img = (pid // (n_tw * n_th) * IMAGES + tl.arange(0, IMAGES))[None, :, None].to(tl.int64)
     j = tl.arange(0, KP)[None, None, :]
-    col = tw * TILE_W + j - PAD
-    x_ok = c_ok & (img < B) & (col >= 0) & (col < W) & (j < TILE_W + K - 1)
+    col = tw * TILE_W + j - LEAD
+    x_ok = c_ok & (img < B) & (col >= 0) & (col < W)
     x_base = x_ptr + img * sxb + c64 * sxc + col * sxw
     w_out = tw * TILE_W + tl.arange(0, TILE_W)[None, None, :]
     out_ok = c_ok & (img < B) & (w_out < W)
     y_base = y_ptr + img * syb + c64 * syc + w_out * syw
     z_base = z_ptr + img * szb + c64 * szc + w_out * szw
     add_base = add_ptr + img * sab + c64 * sac + w_out * saw
-    ts = _banded_rows(w_ptr, c64, c_ok, x_ptr.dtype.element_ty, K, KP, TILE_W, FLIP)
+    ts = _banded_rows(w_ptr, c64, c_ok, x_ptr.dtype.element_ty, K, KP, TILE_W, LEAD, FLIP)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
     h0 = th * ROWS
@@ -331,19 +332,20 @@ def _dwconv_bwd_w_stream_kernel(
     syb, syc, syh, syw,
     szb, szc, szh, szw,
     sgb, sgc, sgh, sgw,
-    K: tl.constexpr, KB: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, IMAGES: tl.constexpr,
-    GELU: tl.constexpr, STORE_G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    K: tl.constexpr, KB: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
+    IMAGES: tl.constexpr, GELU: tl.constexpr, STORE_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # The weight gradient streaming down the image, one channel a program. A unit is IMAGES
     # images x a TILE_W-wide column window, all rows. For kernel row i,
-    # Q_i[j, n] = sum_{img, h} x[img, h + i - PAD, w0 + j - PAD] * g[img, h, w0 + n]; walking
+    # Q_i[j, n] = sum_{img, h} x[img, h + i - PAD, w0 + j - LEAD] * g[img, h, w0 + n]; walking
     # the input rows r, Q_i += X_r^T @ G_{r-i+PAD}, a (KP, IMAGES) @ (IMAGES, TILE_W) product.
     # Each input row is loaded (and converted for the tensor cores) once for its K products;
     # the K output-gradient rows it meets, G_{r-PAD} .. G_{r+PAD}, the smaller operands, stay
     # in registers (a tuple, oldest first), each formed once: g = dy * gelu'(z) with GELU
     # (stored for the input gradient's pass if STORE_G), else dy; with HAS_BIAS their sum is
-    # the bias partial. After the program's units, dw[i, kj] = sum_n Q_i[n + kj, n], the
-    # kj-th diagonal.
+    # the bias partial. After the program's units, dw[i, kj] = sum_n Q_i[n + kj + LEAD - PAD, n],
+    # the kj-th diagonal.
     split = tl.program_id(0)
     c = tl.program_id(1)
     c64 = c.to(tl.int64)
@@ -364,8 +366,8 @@ def _dwconv_bwd_w_stream_kernel(
         dy_base = dy_ptr + img_g * syb + c64 * syc + (w0 + n_g) * syw
         z_base = z_ptr + img_g * szb + c64 * szc + (w0 + n_g) * szw
         g_base = g_ptr + img_g * sgb + c64 * sgc + (w0 + n_g) * sgw
-        col = w0 + j_x - PAD
-        x_ok = (img_x < B) & (col >= 0) & (col < W) & (j_x < TILE_W + K - 1)
+        col = w0 + j_x - LEAD
+        x_ok = (img_x < B) & (col >= 0) & (col < W)
         x_base = x_ptr + img_x * sxb + c64 * sxc + col * sxw
         gs = ()    # output-gradient rows r - PAD .. r + PAD - 1 on entry to step r
         for m in tl.static_range(K - 1):
@@ -396,7 +398,7 @@ def _dwconv_bwd_w_stream_kernel(
         tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
     # all K diagonals of a Q_i in one reduction (K reductions, not K * K)
     kj = tl.arange(0, KB)
-    on_diag = (j_x - n_g)[None, :, :] == kj[:, None, None]          # (KB, KP, TILE_W): j - n == kj
+    on_diag = (j_x - n_g - (LEAD - PAD))[None, :, :] == kj[:, None, None]   # (KB, KP, TILE_W): tap == kj
     base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K) + kj
     for i in tl.static_range(K):
         dw_row = tl.sum(tl.sum(tl.where(on_diag, qs[i][None, :, :], 0.0), axis=2), axis=1)
@@ -406,14 +408,15 @@ def _dwconv_bwd_w_stream_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 @triton.jit
-def _banded_kernel(w_ptr, t_ptr, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr, FLIP: tl.constexpr):
-    # one program: channel c's banded matrix of kernel row i, T[j, n] = w[c, i, j - n] inside
-    # the band 0 <= j - n < K, else 0 (rotated by 180 degrees with FLIP)
+def _banded_kernel(w_ptr, t_ptr, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr, LEAD: tl.constexpr,
+                   FLIP: tl.constexpr):
+    # one program: channel c's banded matrix of kernel row i, T[j, n] = w[c, i, tap], tap =
+    # j - n - (LEAD - K // 2), inside the band 0 <= tap < K, else 0 (rotated by 180 degrees with FLIP)
     c = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
     j = tl.arange(0, KP)[:, None]
     n = tl.arange(0, TILE_W)[None, :]
-    tap = j - n
+    tap = j - n - (LEAD - K // 2)
     band = (tap >= 0) & (tap < K)
     if FLIP:
         src = w_ptr + c * (K * K) + (K - 1 - i) * K + (K - 1 - tap)
@@ -423,8 +426,10 @@ def _banded_kernel(w_ptr, t_ptr, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.c
     tl.store(t_ptr + (c * K + i) * (KP * TILE_W) + j * TILE_W + n, v.to(t_ptr.dtype.element_ty))
 
 
-def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype) -> torch.Tensor:
-    """(C, K, KP, TILE_W) banded matrices: T[c, i, j, n] = w[c, i, j - n] for 0 <= j - n < K, else 0.
+def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype,
+                      lead: int | None = None) -> torch.Tensor:
+    """(C, K, KP, TILE_W) banded matrices: T[c, i, j, n] = w[c, i, tap] for 0 <= tap < K, else 0,
+    tap = j - n - (lead - K // 2) (`lead`: where the window's input columns start, K // 2 by default).
 
     With `flip` the kernel is rotated by 180 degrees (the input gradient's convolution). One
     launch: built with PyTorch ops it took about ten kernels and ~150 us of host time a call."""
@@ -432,7 +437,8 @@ def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dt
     t = torch.empty((C, K, kp, tile_w), device=weight.device, dtype=dtype)
     if C:
         wrap_triton(_banded_kernel)[(C, K)](weight.reshape(C, K * K).contiguous(), t,
-                                           K=K, KP=kp, TILE_W=tile_w, FLIP=flip, num_warps=1)
+                                           K=K, KP=kp, TILE_W=tile_w, LEAD=K // 2 if lead is None else lead,
+                                           FLIP=flip, num_warps=1)
     return t
 
 
@@ -444,6 +450,21 @@ def _tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int, int, int
     tile_h = max(16, min(next_pow2(H), tile.get("TILE_H", 32)))
     kp = max(16, next_pow2(tile_w + K - 1))
     return tile_w, tile_h, kp, tile.get("BLOCK_C", 8), cdiv(H, tile_h), cdiv(W, tile_w)
+
+
+def _lead(x: torch.Tensor, K: int, tile_w: int, kp: int) -> int:
+    """How many input columns before its window a program's KP-column rows start: K // 2 (the
+    halo) rounded up to 16 bytes of elements, when that still fits the window and the halo after
+    it in KP columns (always, at TILE_W 16 or 32 and K <= 15), else K // 2. Why: a row load
+    starting at the halo (window start - K // 2) is aligned to K // 2 elements at best, so
+    Triton split it into 2-byte (k7, k3) or 8-byte (k9) loads, and those under 4 bytes outside
+    the async-copy pipeline (sm_90 SASS); a 16-byte-aligned start (with rows whose pitch is a
+    multiple of 16 elements) lets every load be 16 bytes and pipelined. The extra columns meet
+    zeros in the banded matrices: same products, same KP."""
+    pad = K // 2
+    align = max(1, 16 // x.element_size())
+    lead = -(-pad // align) * align
+    return lead if lead + tile_w + pad <= kp else pad
 
 
 def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, add=None) -> None:
@@ -462,9 +483,11 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
         _stream_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile, add=add)
         return
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
+    lead = _lead(x, K, tile_w, kp)
     gather = tile.get("gather", False)
     # with "gather" the kernel reads the banded matrices' entries from the weights directly
-    t = weight.reshape(C, K * K).contiguous() if gather else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype)
+    t = (weight.reshape(C, K * K).contiguous() if gather
+         else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype, lead))
     zz = y if z is None else z
     images = min(next_pow2(tile.get("IMAGES", 1)), next_pow2(B))   # M = IMAGES * TILE_H: a power of two
     wrap_triton(_dwconv_fwd_toeplitz_kernel)[(cdiv(B, images) * n_th * n_tw, cdiv(C, block_c))](
@@ -472,8 +495,8 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
         B, C, H, W, n_th, n_tw,
         *x.stride(), *y.stride(), *zz.stride(),
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IMAGES=images, IEEE=x.dtype == torch.float32,
-        GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=lead, IMAGES=images,
+        IEEE=x.dtype == torch.float32, GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
     )
     if add is not None:
         y.add_(add)
@@ -521,7 +544,8 @@ def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict
         B, C, H, W, n_th, n_tw, rows,
         *x.stride(), *y.stride(), *zz.stride(), *aa.stride(),
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
-        BLOCK_C=block_c, TILE_W=tile_w, KP=kp, IMAGES=images, IEEE=x.dtype == torch.float32, FLIP=flip,
+        BLOCK_C=block_c, TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp), IMAGES=images,
+        IEEE=x.dtype == torch.float32, FLIP=flip,
         num_warps=tile.get("num_warps", block_c), num_stages=tile.get("num_stages", 2),
     )
 
@@ -583,8 +607,8 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
         *x.stride(), *g.stride(),
-        K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, IEEE=x.dtype == torch.float32,
-        num_warps=tile.get("num_warps", 8),
+        K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp),
+        IEEE=x.dtype == torch.float32, num_warps=tile.get("num_warps", 8),
     )
     return dw_part.sum(0).reshape(C, 1, K, K), None
 
@@ -612,7 +636,8 @@ def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
     wrap_triton(_dwconv_bwd_w_stream_kernel)[(splits, C)](
         x, dy, zz, g_store, dw_part, db_part, B, C, H, W, n_tw, units, per_prog,
         *x.stride(), *dy.stride(), *zz.stride(), *g_store.stride(),
-        K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, IMAGES=images, GELU=gelu, STORE_G=gelu and g_out is not None,
+        K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp), IMAGES=images, GELU=gelu,
+        STORE_G=gelu and g_out is not None,
         HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
         num_warps=tile.get("num_warps", 4), num_stages=tile.get("num_stages", 2),
     )

@@ -505,21 +505,37 @@ def test_dwconv_batch_norm_residual_composes_elsewhere(device):
         assert torch.equal(fused[name], composed[name]), name
 
 
-@pytest.mark.parametrize("k,tile_w,kp", [(9, 32, 64), (9, 16, 32), (3, 16, 32), (15, 32, 64), (1, 16, 16)])
-def test_banded_matrices(k, tile_w, kp, device):
-    """The Toeplitz kernels' banded matrices, T[c, i, j, n] = w[c, i, j - n] inside the band (and
-    the 180-degree rotated kernel's), exactly as indexing the weights gives them."""
+@pytest.mark.parametrize("k,tile_w,kp,lead", [(9, 32, 64, None), (9, 16, 32, None), (3, 16, 32, None),
+                                               (15, 32, 64, None), (1, 16, 16, None), (7, 16, 32, 8), (9, 16, 32, 8)])
+def test_banded_matrices(k, tile_w, kp, lead, device):
+    """The Toeplitz kernels' banded matrices, T[c, i, j, n] = w[c, i, j - n - (lead - k // 2)]
+    inside the band (and the 180-degree rotated kernel's), exactly as indexing the weights gives
+    them."""
     from kernels.dwconv import toeplitz
 
     w = torch.randn(5, 1, k, k, device=device)
-    d = torch.arange(kp, device=device)[:, None] - torch.arange(tile_w, device=device)[None, :]
+    shift = 0 if lead is None else lead - k // 2
+    d = torch.arange(kp, device=device)[:, None] - torch.arange(tile_w, device=device)[None, :] - shift
     band = (d >= 0) & (d < k)
     for flip in (False, True):
         taps = w.reshape(5, k, k).flip(1, 2) if flip else w.reshape(5, k, k)
         expected = torch.where(band, taps[:, :, d.clamp(0, k - 1)], 0.0)
         for dtype in (torch.float32, torch.float16):
-            got = toeplitz.toeplitz_matrices(w, tile_w, kp, flip, dtype)
+            got = toeplitz.toeplitz_matrices(w, tile_w, kp, flip, dtype, lead)
             assert got.dtype == dtype and torch.equal(got, expected.to(dtype)), (flip, dtype)
+
+
+def test_window_rows_start_16_byte_aligned():
+    """The Toeplitz and streaming kernels load each window's input rows from a 16-byte-aligned
+    column (16-bit: 8 elements before the window, fp32: 4) wherever that and the halo after the
+    window fit in KP columns, else from the halo's first column."""
+    from kernels.dwconv import toeplitz
+
+    half, single = torch.empty(1, dtype=torch.float16), torch.empty(1)
+    for k in (3, 7, 9, 15):
+        assert toeplitz._lead(half, k, 16, 32) == toeplitz._lead(half, k, 32, 64) == 8, k
+        assert toeplitz._lead(single, k, 16, 32) == (4 if k < 15 else 8), k
+    assert toeplitz._lead(half, 9, 16, 24) == 4   # 8 + 16 + 4 > 24: the halo's first column
 
 
 def test_default_method_by_layout_and_kernel_size():
