@@ -29,7 +29,7 @@ def _dwconv_fwd_toeplitz_kernel(
     szb, szc, szh, szw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
-    IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
 ):
     # One program: BLOCK_C channels x a TILE_H x TILE_W output window of IMAGES images.
     # For kernel row i, the window is a matmul per channel: rows of the input
@@ -43,6 +43,11 @@ def _dwconv_fwd_toeplitz_kernel(
     # C256 32x32 k9 with one image a program, the banded matrices, not x, are most of the
     # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z).
     M: tl.constexpr = IMAGES * TILE_H
+    # the width and row strides as multiples of ROW_ALIGN (`_row_align`)
+    W = W // ROW_ALIGN * ROW_ALIGN
+    sxh = sxh // ROW_ALIGN * ROW_ALIGN
+    syh = syh // ROW_ALIGN * ROW_ALIGN
+    szh = szh // ROW_ALIGN * ROW_ALIGN
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -100,13 +105,16 @@ def _dwconv_bwd_w_toeplitz_kernel(
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
     K: tl.constexpr, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    LEAD: tl.constexpr, IEEE: tl.constexpr,
+    LEAD: tl.constexpr, ROW_ALIGN: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Weight gradient on tensor cores. For kernel row i and one window (unit):
     # P[c, n, j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + i - PAD, w0 + j - LEAD], a batched
     # (TILE_W, TILE_H) @ (TILE_H, KP) product per channel, summed over this program's
     # units; then dw[c, i, kj] = sum_n P[c, n, n + kj + LEAD - PAD], the kj-th diagonal. Each program
     # writes one partial per (channel, tap); the launcher sums them in a fixed order.
+    W = W // ROW_ALIGN * ROW_ALIGN   # the width and row strides as multiples of ROW_ALIGN
+    sxh = sxh // ROW_ALIGN * ROW_ALIGN
+    sgh = sgh // ROW_ALIGN * ROW_ALIGN
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c3 = c[:, None, None]
@@ -264,7 +272,7 @@ def _dwconv_fwd_stream_kernel(
     sab, sac, sah, saw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
-    IMAGES: tl.constexpr, IEEE: tl.constexpr, FLIP: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr, FLIP: tl.constexpr,
 ):
     # The Toeplitz forward streaming down the image: one program, BLOCK_C channels x IMAGES
     # images x a TILE_W-wide column window x ROWS output rows. Output row h of every image at
@@ -277,6 +285,11 @@ def _dwconv_fwd_stream_kernel(
     # once a program. X_r's KP columns start LEAD before the window (`_lead`). With FLIP (kernel
     # rotated by 180 degrees) it is the input gradient; with
     # HAS_ADD a tensor like y is added last (a residual's gradient into the input gradient).
+    W = W // ROW_ALIGN * ROW_ALIGN   # the width and row strides as multiples of ROW_ALIGN
+    sxh = sxh // ROW_ALIGN * ROW_ALIGN
+    syh = syh // ROW_ALIGN * ROW_ALIGN
+    szh = szh // ROW_ALIGN * ROW_ALIGN
+    sah = sah // ROW_ALIGN * ROW_ALIGN
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -333,8 +346,8 @@ def _dwconv_bwd_w_stream_kernel(
     szb, szc, szh, szw,
     sgb, sgc, sgh, sgw,
     K: tl.constexpr, KB: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
-    IMAGES: tl.constexpr, GELU: tl.constexpr, STORE_G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IEEE: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, GELU: tl.constexpr, STORE_G: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
     # The weight gradient streaming down the image, one channel a program. A unit is IMAGES
     # images x a TILE_W-wide column window, all rows. For kernel row i,
@@ -346,6 +359,11 @@ def _dwconv_bwd_w_stream_kernel(
     # (stored for the input gradient's pass if STORE_G), else dy; with HAS_BIAS their sum is
     # the bias partial. After the program's units, dw[i, kj] = sum_n Q_i[n + kj + LEAD - PAD, n],
     # the kj-th diagonal.
+    W = W // ROW_ALIGN * ROW_ALIGN   # the width and row strides as multiples of ROW_ALIGN
+    sxh = sxh // ROW_ALIGN * ROW_ALIGN
+    syh = syh // ROW_ALIGN * ROW_ALIGN
+    szh = szh // ROW_ALIGN * ROW_ALIGN
+    sgh = sgh // ROW_ALIGN * ROW_ALIGN
     split = tl.program_id(0)
     c = tl.program_id(1)
     c64 = c.to(tl.int64)
@@ -467,6 +485,19 @@ def _lead(x: torch.Tensor, K: int, tile_w: int, kp: int) -> int:
     return lead if lead + tile_w + pad <= kp else pad
 
 
+def _row_align(x: torch.Tensor, *tensors: torch.Tensor) -> int:
+    """The largest power of two, up to 16 bytes of elements, that divides the width and the row
+    stride of x and of every tensor given; the kernels restate the width and row strides as
+    multiples of it (`v // ROW_ALIGN * ROW_ALIGN`). Why: Triton knows of an integer argument only
+    whether it is a multiple of 16, so a 28-wide image's rows (a pitch of 28 elements) looked
+    unaligned and every row was loaded and stored 2 bytes a lane, outside the async-copy
+    pipeline; as multiples of 4 they go 8 bytes a lane, pipelined (sm_90 SASS)."""
+    align = max(1, 16 // x.element_size())
+    while align > 1 and any(v % align for v in (x.shape[-1], *(t.stride(-2) for t in (x, *tensors)))):
+        align //= 2
+    return align
+
+
 def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, add=None) -> None:
     """The tensor-core formulation: the default for NCHW at K >= 7 (TOEPLITZ_FORWARD), else
     selectable through `tile`. A tile without BLOCK_C / TILE_H / num_warps gets 8 channels
@@ -495,7 +526,8 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
         B, C, H, W, n_th, n_tw,
         *x.stride(), *y.stride(), *zz.stride(),
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=lead, IMAGES=images,
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=lead, ROW_ALIGN=_row_align(x, y, zz),
+        IMAGES=images,
         IEEE=x.dtype == torch.float32, GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
     )
     if add is not None:
@@ -544,8 +576,8 @@ def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict
         B, C, H, W, n_th, n_tw, rows,
         *x.stride(), *y.stride(), *zz.stride(), *aa.stride(),
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
-        BLOCK_C=block_c, TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp), IMAGES=images,
-        IEEE=x.dtype == torch.float32, FLIP=flip,
+        BLOCK_C=block_c, TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp), ROW_ALIGN=_row_align(x, y, zz, aa),
+        IMAGES=images, IEEE=x.dtype == torch.float32, FLIP=flip,
         num_warps=tile.get("num_warps", block_c), num_stages=tile.get("num_stages", 2),
     )
 
@@ -608,7 +640,7 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
         *x.stride(), *g.stride(),
         K=K, BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp),
-        IEEE=x.dtype == torch.float32, num_warps=tile.get("num_warps", 8),
+        ROW_ALIGN=_row_align(x, g), IEEE=x.dtype == torch.float32, num_warps=tile.get("num_warps", 8),
     )
     return dw_part.sum(0).reshape(C, 1, K, K), None
 
@@ -636,8 +668,8 @@ def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
     wrap_triton(_dwconv_bwd_w_stream_kernel)[(splits, C)](
         x, dy, zz, g_store, dw_part, db_part, B, C, H, W, n_tw, units, per_prog,
         *x.stride(), *dy.stride(), *zz.stride(), *g_store.stride(),
-        K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp), IMAGES=images, GELU=gelu,
-        STORE_G=gelu and g_out is not None,
+        K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp),
+        ROW_ALIGN=_row_align(x, dy, zz, g_store), IMAGES=images, GELU=gelu, STORE_G=gelu and g_out is not None,
         HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
         num_warps=tile.get("num_warps", 4), num_stages=tile.get("num_stages", 2),
     )

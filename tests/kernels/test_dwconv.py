@@ -381,6 +381,37 @@ def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
     check(2, 3, *hw, k, dtype, device, channels_last=True)
 
 
+@pytest.mark.parametrize("method", ["toeplitz", "stream"])
+@pytest.mark.parametrize("hw", [(6, 28), (5, 14)], ids=["28-wide", "14-wide"])
+def test_widths_that_are_not_multiples_of_8(hw, method, device, monkeypatch):
+    """Rows of 28 and 14 elements, whose width and row strides the Toeplitz and streaming kernels
+    restate as multiples of 4 and 2 (fp16): every output and gradient, both layouts."""
+    from kernels.dwconv import toeplitz
+    from kernels.dwconv import triton as kt
+
+    tile = STREAM if method == "stream" else TOEPLITZ
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
+    x = torch.empty(2, 3, *hw, dtype=torch.float16)
+    assert toeplitz._row_align(x) == (4 if hw[1] == 28 else 2)
+    check(2, 3, *hw, 7, torch.float16, device, bias=True, activation="gelu")
+    check(2, 3, *hw, 9, torch.float16, device, channels_last=True)
+
+
+def test_row_align():
+    """The largest power of two, up to 16 bytes of elements, dividing the width and every row stride."""
+    from kernels.dwconv import toeplitz
+
+    half = torch.empty(2, 3, 4, 32, dtype=torch.float16)
+    assert toeplitz._row_align(half) == 8 and toeplitz._row_align(half.float()) == 4
+    assert toeplitz._row_align(torch.empty(2, 3, 4, 28, dtype=torch.float16)) == 4
+    # a channels_last tensor's row stride is W * C: 32 * 3 = 96, a multiple of 8; 20 * 3 = 60 of 4
+    assert toeplitz._row_align(half, half.to(memory_format=torch.channels_last)) == 8
+    x20 = torch.empty(2, 3, 4, 40, dtype=torch.float16)[..., :20]   # row stride 40, width 20
+    assert toeplitz._row_align(x20) == 4
+    assert toeplitz._row_align(torch.empty(1, 1, 3, 7, dtype=torch.float16)) == 1
+
+
 def test_stream_needs_triton_3_3(monkeypatch):
     """Triton 3.2 cannot compile the streaming kernels' tuples: selecting them says so, and the
     sweep leaves them out (its interpreter runs them, so the tests above still do)."""
