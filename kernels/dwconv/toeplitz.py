@@ -147,19 +147,34 @@ def _dwconv_bwd_w_toeplitz_kernel(
 
 
 @triton.jit
-def _output_grad(dy_ptrs, z_ptrs, g_ptrs, ok, GELU: tl.constexpr, STORE_G: tl.constexpr):
+def _output_grad_inputs(dy_ptrs, z_ptrs, ok, GELU: tl.constexpr):
+    # what a tile of the output gradient is formed from: dy, and z with GELU (else dy again)
+    dy = tl.load(dy_ptrs, mask=ok, other=0.0)
+    if GELU:
+        return dy, tl.load(z_ptrs, mask=ok, other=0.0)
+    return dy, dy
+
+
+@triton.jit
+def _form_output_grad(dy, z, g_ptrs, ok, GELU: tl.constexpr, STORE_G: tl.constexpr):
     # a tile of the output gradient g: dy * gelu'(z) with GELU (written to g if STORE_G), else
     # dy; in the input's dtype for the tensor cores and in fp32 for the bias gradient (summed
     # before rounding, as the tap kernel sums it)
-    g = tl.load(dy_ptrs, mask=ok, other=0.0)
+    g = dy
     g32 = g.to(tl.float32)
     if GELU:
-        z = tl.load(z_ptrs, mask=ok, other=0.0)
         g32 = g32 * gelu_grad(z.to(tl.float32))
         g = g32.to(g_ptrs.dtype.element_ty)
         if STORE_G:
             tl.store(g_ptrs, g, mask=ok)
     return g, g32
+
+
+@triton.jit
+def _output_grad(dy_ptrs, z_ptrs, g_ptrs, ok, GELU: tl.constexpr, STORE_G: tl.constexpr):
+    # `_form_output_grad` of the tile at dy_ptrs (and z_ptrs)
+    dy, z = _output_grad_inputs(dy_ptrs, z_ptrs, ok, GELU)
+    return _form_output_grad(dy, z, g_ptrs, ok, GELU, STORE_G)
 
 
 @triton.jit
@@ -396,14 +411,21 @@ def _dwconv_bwd_w_stream_kernel(
             if HAS_BIAS:
                 db += g32
             gs = gs[1:] + (gr,)
+        # each step's loads are issued a step ahead, into registers: Triton does not pipeline this
+        # loop's loads (sm_90 TTGIR, Triton 3.6: synchronous loads), so without the prefetch every
+        # row would wait out a round trip to memory before its K small products
+        dy_next, z_next = _output_grad_inputs(dy_base + PAD * syh, z_base + PAD * szh, g_ok & (PAD < H), GELU)
+        xt_next = tl.load(x_base, mask=x_ok, other=0.0)
         for r in range(0, H):
             h = r + PAD
-            gr, g32 = _output_grad(dy_base + h * syh, z_base + h * szh, g_base + h * sgh, g_ok & (h < H),
-                                   GELU, STORE_G)
+            dy_r, z_r, xt = dy_next, z_next, xt_next
+            dy_next, z_next = _output_grad_inputs(dy_base + (h + 1) * syh, z_base + (h + 1) * szh,
+                                                  g_ok & (h + 1 < H), GELU)
+            xt_next = tl.load(x_base + (r + 1) * sxh, mask=x_ok & (r + 1 < H), other=0.0)
+            gr, g32 = _form_output_grad(dy_r, z_r, g_base + h * sgh, g_ok & (h < H), GELU, STORE_G)
             if HAS_BIAS:
                 db += g32
             gs = gs + (gr,)
-            xt = tl.load(x_base + r * sxh, mask=x_ok, other=0.0)
             new = ()
             for i in tl.static_range(K):
                 if IEEE:
