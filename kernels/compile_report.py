@@ -147,6 +147,12 @@ def _dwconv_launches(dtype, shapes) -> list[Launch]:
         shape = f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW"
         out += _record(f"{shape} weight grad all-rows", lambda: toeplitz.weight_grad(
             x, x, k, all_rows, z=x, g_out=torch.empty_like(x), has_bias=True), [toeplitz])
+        # the ConvMixer block op's (kernels.dwconv_batch_norm_residual) launches: no GELU (it
+        # moved into the BatchNorm), the residual's gradient added as dx is written
+        out += _record(f"{shape} block forward", lambda: kt.conv_forward(x, w, bias, y, None, gelu=False),
+                       [kt, toeplitz])
+        out += _record(f"{shape} block backward", lambda: kt.conv_backward(
+            x, x, w, None, gelu=False, has_bias=True, need_dx=True, need_dw=True, add_to_dx=x), [kt, toeplitz])
         stream = {"method": "toeplitz", "stream": True}
         out += _record(f"{shape} forward stream", lambda: kt.conv_forward(x, w, bias, y, y, gelu=True, tile=stream),
                        [kt, toeplitz])
