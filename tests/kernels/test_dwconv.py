@@ -319,15 +319,13 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
     check(5, 3, 20, 40, 9, dtype, device)
 
 
-# a candidate that lost every timing so far: fp16 throughout, fp32 (its IEEE-dot branch) once
+# a candidate that lost every timing so far (and is last in the sweeps): three cases, fp32 (its
+# IEEE-dot branch) once
 @pytest.mark.parametrize("k,hw,tile,dtype", [
     (9, (20, 40), {"TILE_H": 16, "TILE_W": 16}, torch.float16),              # several row and column windows
-    (7, (9, 13), {"TILE_H": 16, "TILE_W": 16, "UNITS": 3}, torch.float16),   # three windows a program, odd sizes
-    (7, (9, 13), {"TILE_H": 16, "TILE_W": 16, "UNITS": 3}, torch.float32),
-    (5, (32, 32), {"TILE_H": 32, "TILE_W": 32}, torch.float16),
-    (3, (7, 8), {}, torch.float16),
+    (7, (9, 13), {"TILE_H": 16, "TILE_W": 16, "UNITS": 3}, torch.float32),   # three windows a program, odd sizes
     (9, (20, 40), {"TILE_H": 16, "TILE_W": 16, "copy_to_nchw": True}, torch.float16)],   # g written back channels_last
-    ids=["k9", "k7-units", "k7-units-fp32", "k5", "k3", "copy-to-nchw"])
+    ids=["k9", "k7-units-fp32", "copy-to-nchw"])
 def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
     """The weight gradient with every kernel row in one matmul ("all_rows"), which also forms
     g = dy * gelu'(z) and the bias gradient itself: with and without bias and GELU, NCHW and
