@@ -77,7 +77,7 @@ def _attention_launches(dtype, shapes) -> list[Launch]:
     out = []
     for b, h, n, d in shapes:
         q, k, v, do = (torch.empty(b, h, n, d, device="meta", dtype=dtype) for _ in range(4))
-        o, lse2 = kt._bhnd_like(q), torch.empty(b, h, n, device="meta")   # what the forward saves
+        o, lse2 = kt._bhnd_like(q), torch.empty(b, h, kt.stat_rows(n), device="meta")   # what the forward saves
         shape = f"attention B{b} H{h} N{n} D{d}"
         out += _record(f"{shape} forward", lambda: kt.forward(q, k, v, d ** -0.5), [kt])
         out += _record(f"{shape} backward", lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5), [kt])

@@ -14,15 +14,16 @@ from kernels.attention.common import _load_rows, _rows
 
 
 @triton.jit
-def _delta(O, DELTA, do, offs, mask, offs_d, stride_on, stride_od,
+def _delta(O, DELTA, do, offs, mask, NP, offs_d, stride_on, stride_od,
            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DELTA: tl.constexpr):
-    # rowsum(dO * O) of some query rows: from the delta kernel's output, or with FUSED_DELTA
-    # formed here from O (one more tile load a step instead of one more launch)
+    # rowsum(dO * O) of some query rows (`mask`: those that exist): from the delta kernel's
+    # output (NP rows a (batch, head), see triton.stat_rows), or with FUSED_DELTA formed here
+    # from O (one more tile load a step instead of one more launch)
     if FUSED_DELTA:
         o = _load_rows(O, offs, mask, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D)
         return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     else:
-        return tl.load(DELTA + offs, mask=mask, other=0.0)
+        return tl.load(DELTA + offs, mask=offs < NP, other=0.0)
 
 
 @triton.jit
@@ -30,10 +31,11 @@ def _attn_bwd_delta(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, N,
+    H, N, NP,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # rowsum(dO * O), read once here instead of once per key block later
+    # rowsum(dO * O), read once here instead of once per key block later; NP rows a (batch,
+    # head), those past N zero
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -44,12 +46,12 @@ def _attn_bwd_delta(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     do = _load_rows(DO, offs_m, mask_m, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-    delta = _delta(O, DELTA, do, offs_m, mask_m, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, True)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
+    delta = _delta(O, DELTA, do, offs_m, mask_m, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, True)
+    tl.store(DELTA + pid_bh.to(tl.int64) * NP + offs_m, delta, mask=offs_m < NP)
 
 
 @triton.jit
-def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, offs_d, qk_scale, sm_scale,
+def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, NP, offs_d, qk_scale, sm_scale,
                   stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
                   FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -58,15 +60,18 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, offs_d
     # delta = 0, so they add nothing. With DQ_ATOMIC, each step also adds its share of dQ,
     # dS^T K, to the fp32 buffer DQ with atomic adds: the scores and exponentials are then
     # formed once instead of twice (dQ's own pass over the keys is skipped), at the price of
-    # a summation order that varies from run to run.
+    # a summation order that varies from run to run. The per-row statistics (lse2, delta) are
+    # read as far as NP (a multiple of 16, see triton.stat_rows), not N: unmasked within
+    # 16-row groups, so in 16-byte loads.
     offs_step = tl.arange(0, STEP)
     for start_m in range(start, end, STEP):
         offs_m = start_m + offs_step
         mask_m = offs_m < N
         q = _load_rows(Q, offs_m, mask_m, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
         do = _load_rows(DO, offs_m, mask_m, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE2 + offs_m, mask=mask_m, other=0.0)
-        delta = _delta(O, DELTA, do, offs_m, mask_m, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
+        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < NP, other=0.0)
+        delta = _delta(O, DELTA, do, offs_m, mask_m, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D,
+                       FUSED_DELTA)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, STEP)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -114,7 +119,7 @@ def _attn_bwd_tiled(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    H, N, ROW0,
+    H, N, NP, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
     TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -136,8 +141,8 @@ def _attn_bwd_tiled(
     DQ += off_b * stride_dqb + off_h * stride_dqh
     DK += g_off
     DV += g_off
-    LSE2 += pid_bh.to(tl.int64) * N
-    DELTA += pid_bh.to(tl.int64) * N
+    LSE2 += pid_bh.to(tl.int64) * NP
+    DELTA += pid_bh.to(tl.int64) * NP
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_blk = ROW0 + pid * BLOCK + tl.arange(0, BLOCK)   # this launch's blocks start at row ROW0
@@ -150,12 +155,12 @@ def _attn_bwd_tiled(
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
     n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
-    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, 0, n_main, N, offs_d, qk_scale, sm_scale,
+    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, 0, n_main, N, NP, offs_d, qk_scale, sm_scale,
                            stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
                            stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DQ_ATOMIC,
                            DOT_PRECISION)
     if TAIL > 0:
-        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, n_main, N, N, offs_d, qk_scale,
+        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, n_main, N, N, NP, offs_d, qk_scale,
                                sm_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
                                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DQ_ATOMIC,
                                DOT_PRECISION)
@@ -168,8 +173,9 @@ def _attn_bwd_tiled(
         # -- dQ of query block `pid`, over all key blocks --
         q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
         do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE2 + offs_blk, mask=mask_blk, other=0.0)
-        delta = _delta(O, DELTA, do, offs_blk, mask_blk, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
+        lse2 = tl.load(LSE2 + offs_blk, mask=offs_blk < NP, other=0.0)
+        delta = _delta(O, DELTA, do, offs_blk, mask_blk, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D,
+                       FUSED_DELTA)
         dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
                           stride_kn, stride_kd, stride_vn, stride_vd,

@@ -13,7 +13,7 @@ to 2 at the same width, see BENCHMARKS.md.)
 
 Softmax runs in base 2: scores are scaled by `scale * log2(e)` so that exp2 can
 be used, and the forward saves the per-row log-sum-exp in that same domain
-(`lse2`, fp32, (B, H, N)). No N x N matrix is ever written to memory.
+(`lse2`, fp32, (B, H, stat_rows(N))). No N x N matrix is ever written to memory.
 
 Forward: one program per (batch, head, query block) walks over key tiles with
 an online softmax. Short key tiles behind a 3-stage pipeline are used even when
@@ -94,7 +94,7 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, ROW0,
+    H, N, NP, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr, NEG_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -109,7 +109,7 @@ def _attn_fwd(
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
     O += off_b * stride_ob + off_h * stride_oh
-    LSE2 += pid_bh.to(tl.int64) * N
+    LSE2 += pid_bh.to(tl.int64) * NP   # NP rows of statistics a (batch, head): see stat_rows
 
     offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # this launch's query rows start at ROW0
     offs_d = tl.arange(0, BLOCK_D)
@@ -139,7 +139,8 @@ def _attn_fwd(
     acc = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(O.dtype.element_ty), mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D))
-    tl.store(LSE2 + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    # rows N..NP too: those of zero queries (finite), which the backward reads unmasked
+    tl.store(LSE2 + offs_m, m_i + tl.log2(l_i), mask=offs_m < NP)
 
 
 # ---------------------------------------------------------------- launchers --
@@ -219,6 +220,14 @@ def _row_launches(n: int, block: int, row_tail: int, num_warps: int) -> list[tup
     return ([(0, full, block, num_warps)] if full else []) + [(full, n - full, row_tail, min(num_warps, 4))]
 
 
+def stat_rows(n: int) -> int:
+    """Rows of per-row statistics (lse2, delta) a (batch, head): N rounded up to a multiple of
+    16, so that each (batch, head)'s rows start 64-byte aligned and the backward reads them
+    without a mask inside 16-row groups (at N 197 they were read 4 bytes a lane). The rows past
+    N hold finite values: zero queries' log-sum-exp, a zero delta."""
+    return cdiv(n, 16) * 16
+
+
 def _forward_qk_scale(scale: float) -> float:
     """The forward kernel's qk_scale: |scale| * log2(e), at least 1e-30 so that a masked key's
     -inf score times it stays -inf (0 * -inf would be NaN). At scale 0 the scores times 1e-30
@@ -236,19 +245,22 @@ def _bhnd_like(q: torch.Tensor) -> torch.Tensor:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, N) fp32."""
+    """Returns out (B, H, N, D) stored as (B, N, H, D), and lse2 (B, H, stat_rows(N)) fp32."""
     b, h, n, d = q.shape
     block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
     cfg = dict(config or forward_config(q))
     out = _bhnd_like(q)
-    lse2 = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((b, h, stat_rows(n)), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse2
     for row0, rows, block_m, warps in _row_launches(n, cfg["BLOCK_M"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
+        # each launch's programs cover whole multiples of 16 rows, so every row of lse2 is written
+        if block_m % 16:
+            raise ValueError(f"forward: row blocks must be multiples of 16 (got {block_m})")
         wrap_triton(_attn_fwd)[(cdiv(rows, block_m), b * h)](
             q, k, v, out, lse2, _forward_qk_scale(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            h, n, row0,
+            h, n, stat_rows(n), row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
             NEG_SCALE=scale < 0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps,
             num_stages=cfg["num_stages"],
@@ -263,6 +275,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """dq, dk, dv, each (B, H, N, D) stored as (B, N, H, D), or written into `grads` (three
     (B, H, N, D) tensors of any strides, e.g. views of a packed (B, N, 3, H, D) gradient)."""
     b, h, n, d = q.shape
+    if lse2.shape != (b, h, stat_rows(n)):
+        raise ValueError(f"backward: lse2 must be the forward's, {(b, h, stat_rows(n))}; got {tuple(lse2.shape)}")
     block_d = _pow2(d)  # D, or the next power of two >= 16 (zero-padded in registers)
     cfg = dict(config or backward_config(q))
     dq_out, dk, dv = grads if grads is not None else (_bhnd_like(q), _bhnd_like(q), _bhnd_like(q))
@@ -282,17 +296,17 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if fused_delta:   # the main kernel forms rowsum(dO * O) itself
         delta = lse2  # never read
     else:
-        delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+        delta = torch.empty((b, h, stat_rows(n)), device=q.device, dtype=torch.float32)
         block_m = 64
         wrap_triton(_attn_bwd_delta)[(cdiv(n, block_m), b * h)](
-            out, do, delta, *out.stride(), *do.stride(), h, n,
+            out, do, delta, *out.stride(), *do.stride(), h, n, stat_rows(n),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
         )
     for row0, rows, block, warps in _row_launches(n, cfg["BLOCK"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
         wrap_triton(_attn_bwd_tiled)[(cdiv(rows, block), b * h)](
             q, k, v, do, out, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *dk.stride(),
-            h, n, row0,
+            h, n, stat_rows(n), row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
             FUSED_DELTA=fused_delta, DQ_ATOMIC=dq_atomic, DOT_PRECISION=prec, num_warps=warps,
             num_stages=cfg["num_stages"],

@@ -8,6 +8,8 @@ absolute terms they add up, see `_sum_of_terms`). NaN or inf never passes.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -191,6 +193,23 @@ def test_small_tiles(n, tiles, device, gen):
 
     q, k, v = packed_qkv(1, 3, n, d, dtype=torch.float16, device=device, gen=gen)
     check_attention(q, k, v, fn=Fn.apply, gen=gen)
+
+
+@pytest.mark.parametrize("n,tiles", [(20, None), (7, ROW_TAIL_TILES[0])], ids=["N20", "N7-row-tail"])
+def test_row_statistics_are_padded_to_16_rows_with_finite_values(n, tiles, device, gen):
+    """lse2 (and the backward's delta) hold stat_rows(N) rows a (batch, head), N rounded up to 16,
+    so that the backward reads them unmasked in 16-row groups: the rows past N must be finite
+    (zero queries' log-sum-exp), or they would turn the backward's padded rows into NaN."""
+    from kernels.attention import triton as kt
+
+    assert [kt.stat_rows(m) for m in (1, 16, 17, 197, 1024)] == [16, 16, 32, 208, 1024]
+    q, k, v = (torch.randn(2, 3, n, 16, generator=gen).to(device) for _ in range(3))
+    out, lse2 = kt.forward(q, k, v, 0.25, tiles)
+    assert lse2.shape == (2, 3, kt.stat_rows(n)) and torch.isfinite(lse2).all()
+    # the rows past N are those of a zero query: log2 of the number of keys
+    torch.testing.assert_close(lse2[..., n:], torch.full_like(lse2[..., n:], math.log2(n)))
+    with pytest.raises(ValueError, match="lse2 must be the forward's"):
+        kt.backward(out, q, k, v, out, lse2[..., :n], 0.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
