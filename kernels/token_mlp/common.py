@@ -21,12 +21,18 @@ def _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_
     """LayerNorm of one (BLOCK_N, BLOCK_C) slab of image b: (xhat, z) in fp32, zero outside."""
     mask = (offs_n < N)[:, None] & (offs_c < C)[None, :]
     x = tl.load(X + b * stride_xb + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0)
     mean = tl.load(MEAN + b * N + offs_n, mask=offs_n < N, other=0.0)
     rstd = tl.load(RSTD + b * N + offs_n, mask=offs_n < N, other=0.0)
+    return _normalize(x, mean, rstd, LNW, LNB, offs_c, C, mask)
+
+
+@triton.jit
+def _normalize(x, mean, rstd, LNW, LNB, offs_c, C, mask):
+    """(xhat, z) in fp32 of a loaded slab x of one image, zero outside `mask`."""
     gamma = tl.load(LNW + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
     beta = tl.load(LNB + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     # padded tokens must be exact zeros: they are summed over in W1 @ Z and dA @ Z^T
     z = tl.where(mask, xhat * gamma[None, :] + beta[None, :], 0.0)
     return xhat, z

@@ -41,7 +41,8 @@ from kernels.dispatch import wrap_triton
 from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
 from kernels.token_mlp import gemms
-from kernels.token_mlp.common import _ln_backward_partials, _ln_finish_kernel, _ln_stats_kernel, _load_z, _mm, _unit
+from kernels.token_mlp.common import (_ln_backward_partials, _ln_finish_kernel, _ln_stats_kernel, _load_z, _mm,
+                                     _normalize, _unit)
 
 
 @triton.jit
@@ -211,19 +212,30 @@ def _bwd_image_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
     dw2 = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
     db2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Each chunk's loads (x, dy; x, P in the second loop) are issued a chunk ahead, into
+    # registers: Triton leaves these loops' loads synchronous (sm_90 TTGIR, Triton 3.6), so
+    # without the prefetch every chunk would wait out a round trip to memory.
     for image in range(pid * IMAGES_PER_PROG, tl.minimum(pid * IMAGES_PER_PROG + IMAGES_PER_PROG, B)):
         b = tl.cast(image, tl.int64)
+        mean = tl.load(MEAN + b * N + offs_n, mask=n_mask, other=0.0)
         rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
         s1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_base = X + b * stride_xb + offs_n[:, None] * stride_xn
+        dy_base = DY + b * stride_gb + offs_n[:, None] * stride_gn
+        next_mask = n_mask[:, None] & (offs_k < C)[None, :]
+        x_next = tl.load(x_base + offs_k[None, :] * stride_xc, mask=next_mask, other=0.0)
+        dy_next = tl.load(dy_base + offs_k[None, :] * stride_gc, mask=next_mask, other=0.0)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + offs_k
             c_mask = offs_c < C
             mask = n_mask[:, None] & c_mask[None, :]
-            xhat, z = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+            x, dy = x_next, dy_next
+            next_mask = n_mask[:, None] & (offs_c + BLOCK_C < C)[None, :]
+            x_next = tl.load(x_base + (offs_c + BLOCK_C)[None, :] * stride_xc, mask=next_mask, other=0.0)
+            dy_next = tl.load(dy_base + (offs_c + BLOCK_C)[None, :] * stride_gc, mask=next_mask, other=0.0)
+            xhat, z = _normalize(x, mean, rstd, LNW, LNB, offs_c, C, mask)
             z = z.to(dt)
-            dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                         mask=mask, other=0.0)
             dy32 = dy.to(tl.float32)
             dy = dy.to(dt)
             a = _mm(w1, z, tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32), IEEE) + b1[:, None]
@@ -248,11 +260,18 @@ def _bwd_image_kernel(X, DY, MEAN, RSTD, LNW, LNB, W1, B1, W2,
             tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], dy32 + rstd[:, None] * dxhat,
                      mask=mask)
         # dX = dY + rstd * (dxhat - (sum_c dxhat + xhat * sum_c dxhat * xhat) / C)
+        p_base = P + b * N * C + offs_n[:, None] * C
+        next_mask = n_mask[:, None] & (offs_k < C)[None, :]
+        x_next = tl.load(x_base + offs_k[None, :] * stride_xc, mask=next_mask, other=0.0)
+        p_next = tl.load(p_base + offs_k[None, :], mask=next_mask, other=0.0)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + offs_k
             mask = n_mask[:, None] & (offs_c < C)[None, :]
-            xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
-            p = tl.load(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+            x, p = x_next, p_next
+            next_mask = n_mask[:, None] & (offs_c + BLOCK_C < C)[None, :]
+            x_next = tl.load(x_base + (offs_c + BLOCK_C)[None, :] * stride_xc, mask=next_mask, other=0.0)
+            p_next = tl.load(p_base + (offs_c + BLOCK_C)[None, :], mask=next_mask, other=0.0)
+            xhat, _ = _normalize(x, mean, rstd, LNW, LNB, offs_c, C, mask)
             dx = p - (rstd / C)[:, None] * (s1[:, None] + xhat * s2[:, None])
             tl.store(DX + b * stride_db + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dc,
                      dx.to(DX.dtype.element_ty), mask=mask)
