@@ -5,7 +5,6 @@ Each op folder has a `bench.py` with `cases(dtype, device) -> list[BenchCase]`;
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -65,13 +64,12 @@ def time_us(fn: Callable[[], object], device: torch.device | str, cuda_graph: bo
         if cuda_graph:
             return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    # the CPU runs the kernels in the interpreter: a smoke number, not a benchmark, so one
+    # timed call after a warm-up one (sweeps time every configuration this way)
     fn()
-    samples = []
-    for _ in range(3):   # the CPU runs the interpreter: a smoke number, not a benchmark
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
 
 
 def hop_launches(fn) -> int | str:
