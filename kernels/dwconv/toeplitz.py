@@ -21,6 +21,13 @@ from kernels.grid import cdiv, next_pow2, split_units
 
 
 @triton.jit
+def _aligned(v, ROW_ALIGN: tl.constexpr):
+    # v (the width or a row stride, a multiple of ROW_ALIGN: `_row_align`) restated so that
+    # Triton knows it is one; it knows of an integer argument only whether it divides by 16
+    return v // ROW_ALIGN * ROW_ALIGN
+
+
+@triton.jit
 def _dwconv_fwd_toeplitz_kernel(
     x_ptr, t_ptr, bias_ptr, y_ptr, z_ptr,
     B, C, H, W, n_th, n_tw,
@@ -35,19 +42,16 @@ def _dwconv_fwd_toeplitz_kernel(
     # For kernel row i, the window is a matmul per channel: rows of the input
     # (M = IMAGES * TILE_H rows: the window's rows of each image, stacked; KP columns from LEAD
     # before the window: its TILE_W columns and the halo, see `_lead`) times that channel's
-    # banded Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n - (LEAD - PAD)]. The K products run on tensor cores as one batched dot over the
-    # channel block. T comes from memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with
+    # banded Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n - (LEAD - PAD)]. The K
+    # products run on tensor cores as one batched dot over the channel block. T comes from memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with
     # GATHER is gathered from the (C, K, K) weights themselves at t_ptr (flipped by 180 degrees
     # with FLIP): K * K values a channel that stay in L1 instead of K * KP * TILE_W read
     # through L2. Stacking images makes each T_i load serve IMAGES times the outputs: at B256
     # C256 32x32 k9 with one image a program, the banded matrices, not x, are most of the
     # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z).
     M: tl.constexpr = IMAGES * TILE_H
-    # the width and row strides as multiples of ROW_ALIGN (`_row_align`)
-    W = W // ROW_ALIGN * ROW_ALIGN
-    sxh = sxh // ROW_ALIGN * ROW_ALIGN
-    syh = syh // ROW_ALIGN * ROW_ALIGN
-    szh = szh // ROW_ALIGN * ROW_ALIGN
+    W, sxh, syh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(syh, ROW_ALIGN)
+    szh = _aligned(szh, ROW_ALIGN)
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -112,9 +116,7 @@ def _dwconv_bwd_w_toeplitz_kernel(
     # (TILE_W, TILE_H) @ (TILE_H, KP) product per channel, summed over this program's
     # units; then dw[c, i, kj] = sum_n P[c, n, n + kj + LEAD - PAD], the kj-th diagonal. Each program
     # writes one partial per (channel, tap); the launcher sums them in a fixed order.
-    W = W // ROW_ALIGN * ROW_ALIGN   # the width and row strides as multiples of ROW_ALIGN
-    sxh = sxh // ROW_ALIGN * ROW_ALIGN
-    sgh = sgh // ROW_ALIGN * ROW_ALIGN
+    W, sxh, sgh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(sgh, ROW_ALIGN)
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c3 = c[:, None, None]
@@ -300,11 +302,8 @@ def _dwconv_fwd_stream_kernel(
     # once a program. X_r's KP columns start LEAD before the window (`_lead`). With FLIP (kernel
     # rotated by 180 degrees) it is the input gradient; with
     # HAS_ADD a tensor like y is added last (a residual's gradient into the input gradient).
-    W = W // ROW_ALIGN * ROW_ALIGN   # the width and row strides as multiples of ROW_ALIGN
-    sxh = sxh // ROW_ALIGN * ROW_ALIGN
-    syh = syh // ROW_ALIGN * ROW_ALIGN
-    szh = szh // ROW_ALIGN * ROW_ALIGN
-    sah = sah // ROW_ALIGN * ROW_ALIGN
+    W, sxh, syh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(syh, ROW_ALIGN)
+    szh, sah = _aligned(szh, ROW_ALIGN), _aligned(sah, ROW_ALIGN)
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -374,11 +373,8 @@ def _dwconv_bwd_w_stream_kernel(
     # (stored for the input gradient's pass if STORE_G), else dy; with HAS_BIAS their sum is
     # the bias partial. After the program's units, dw[i, kj] = sum_n Q_i[n + kj + LEAD - PAD, n],
     # the kj-th diagonal.
-    W = W // ROW_ALIGN * ROW_ALIGN   # the width and row strides as multiples of ROW_ALIGN
-    sxh = sxh // ROW_ALIGN * ROW_ALIGN
-    syh = syh // ROW_ALIGN * ROW_ALIGN
-    szh = szh // ROW_ALIGN * ROW_ALIGN
-    sgh = sgh // ROW_ALIGN * ROW_ALIGN
+    W, sxh, syh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(syh, ROW_ALIGN)
+    szh, sgh = _aligned(szh, ROW_ALIGN), _aligned(sgh, ROW_ALIGN)
     split = tl.program_id(0)
     c = tl.program_id(1)
     c64 = c.to(tl.int64)
@@ -450,20 +446,13 @@ def _dwconv_bwd_w_stream_kernel(
 @triton.jit
 def _banded_kernel(w_ptr, t_ptr, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr, LEAD: tl.constexpr,
                    FLIP: tl.constexpr):
-    # one program: channel c's banded matrix of kernel row i, T[j, n] = w[c, i, tap], tap =
-    # j - n - (LEAD - K // 2), inside the band 0 <= tap < K, else 0 (rotated by 180 degrees with FLIP)
+    # one program: channel c's banded matrix of kernel row i (`_banded_row`, a block of one channel)
     c = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
-    j = tl.arange(0, KP)[:, None]
-    n = tl.arange(0, TILE_W)[None, :]
-    tap = j - n - (LEAD - K // 2)
-    band = (tap >= 0) & (tap < K)
-    if FLIP:
-        src = w_ptr + c * (K * K) + (K - 1 - i) * K + (K - 1 - tap)
-    else:
-        src = w_ptr + c * (K * K) + i * K + tap
-    v = tl.load(src, mask=band, other=0.0)
-    tl.store(t_ptr + (c * K + i) * (KP * TILE_W) + j * TILE_W + n, v.to(t_ptr.dtype.element_ty))
+    c64 = tl.full((1, 1, 1), c, tl.int64)
+    v = _banded_row(w_ptr, c64, c64 >= 0, i, K, KP, TILE_W, LEAD, FLIP)                   # (1, KP, TILE_W)
+    jn = tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :]
+    tl.store(t_ptr + (c * K + i) * (KP * TILE_W) + jn, v.to(t_ptr.dtype.element_ty))
 
 
 def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype,
@@ -510,7 +499,7 @@ def _lead(x: torch.Tensor, K: int, tile_w: int, kp: int) -> int:
 def _row_align(x: torch.Tensor, *tensors: torch.Tensor) -> int:
     """The largest power of two, up to 16 bytes of elements, that divides the width and the row
     stride of x and of every tensor given; the kernels restate the width and row strides as
-    multiples of it (`v // ROW_ALIGN * ROW_ALIGN`). Why: Triton knows of an integer argument only
+    multiples of it (`_aligned`). Why: Triton knows of an integer argument only
     whether it is a multiple of 16, so a 28-wide image's rows (a pitch of 28 elements) looked
     unaligned and every row was loaded and stored 2 bytes a lane, outside the async-copy
     pipeline; as multiples of 4 they go 8 bytes a lane, pipelined (sm_90 SASS)."""

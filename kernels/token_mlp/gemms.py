@@ -195,16 +195,17 @@ def split_blocks(n: int, c: int, hd: int, dtype: torch.dtype, backward: bool = F
     return {"method": "split", "hidden": hidden, "tokens": tokens}
 
 
-def pad_token_axis(w1: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def pad_token_axis(w1: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, bool]:
     """(W1 (Hd, N) as the first N columns of a zeroed (Hd, max(16, next_pow2(N))) buffer, True)
-    when N is not a multiple of 16, else (W1, False); pass both to `hidden` and `tokens`. Why: at N = 196 the rows start at addresses Triton
-    cannot prove 16-byte aligned and every tile is masked along them, so W1's tiles loaded one
+    when N is not a multiple of 16 and the configuration does not say "pad_w1": False, else
+    (W1, False); pass both to `hidden` and `tokens`. Why: at N = 196 the rows start at
+    addresses Triton cannot prove 16-byte aligned and every tile is masked along them, so W1's tiles loaded one
     element a lane, outside the async-copy pipeline (sm_90 TTGIR: a synchronous load of 128 x 32
     scalars a step in the hidden kernel, and of 256 x 64 in the backward's token kernel). Padded,
     the kernels drop that mask and the tiles load 16 bytes a lane, pipelined. One small copy a
     pass (Hd x 256 elements at N = 196)."""
     n = w1.shape[1]
-    if n % 16 == 0:
+    if n % 16 == 0 or not cfg.get("pad_w1", True):
         return w1, False
     return torch.nn.functional.pad(w1, (0, max(16, next_pow2(n)) - n))[:, :n], True
 
@@ -271,7 +272,8 @@ def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=
         w, t, x, dy, mean, rstd, ln_weight, ln_bias, b2, y, p, s1, s2, dgamma, dbeta, db2,
         N, C, HD, cdiv(C, bc), stride_wn, stride_wh, *x.stride(), *dy.stride(), *y.stride(),
         BLOCK_N=max(16, next_pow2(N)), BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward,
-        W_PADDED=backward and _padded_past(w1, w1_padded, max(16, next_pow2(N))), IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        W_PADDED=backward and _padded_past(w1, w1_padded, max(16, next_pow2(N))), IEEE=x.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:

@@ -23,8 +23,9 @@ Selectable instead, per launch configuration ("method", timed by `composer bench
 --sweep`): "split", the forward or the data backward as per-image GEMMs with large tiles
 (gemms.py; with "Z", LayerNorm(X) is written once and the GEMMs read it instead of normalizing
 X in their prologues; W1 goes to them in rows padded to a power of two when N is not a multiple
-of 16, unless "pad_w1" is False, see `gemms.pad_token_axis`); for the weights "splitk", two split-K GEMMs over the (image, channel)
-axis (gemms.py, H then stored by the data pass), or "gemm", the same two products in PyTorch.
+of 16, unless "pad_w1" is False, see `gemms.pad_token_axis`); for the weights "splitk", two
+split-K GEMMs over the (image, channel) axis (gemms.py, H then stored by the data pass), or
+"gemm", the same two products in PyTorch.
 Or, where all tokens and hidden units of a channel chunk fit a program (N <= 64, Hd <= 128),
 "image" for the whole backward: `_bwd_image_kernel`, one program per image (or a few), dX and
 every parameter gradient with no intermediate through memory but an L2-resident dX partial.
@@ -421,7 +422,7 @@ def forward(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float, config: dict | No
     if cfg.get("method") == "split":
         h = torch.empty((B, HD, C), device=x.device, dtype=x.dtype)   # GELU(A), through memory once
         z = gemms.layer_norm(x, mean, rstd, ln_weight, ln_bias) if cfg.get("Z") else None
-        w1p, padded = gemms.pad_token_axis(w1) if cfg.get("pad_w1", True) else (w1, False)
+        w1p, padded = gemms.pad_token_axis(w1, cfg)
         gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1p, b1, cfg["hidden"], h=h, z=z, w1_padded=padded)
         gemms.tokens(h, x, cfg["tokens"], w2=w2, b2=b2, y=y)
         return y, mean, rstd
@@ -480,7 +481,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     # with "Z": LN(x) written once, read by the GEMMs (and the split-K weight gradient) as is
     z = gemms.layer_norm(x, mean, rstd, ln_weight, ln_bias) if split and cfg.get("Z") else None
     if split:
-        w1p, padded = gemms.pad_token_axis(w1) if cfg.get("pad_w1", True) else (w1, False)
+        w1p, padded = gemms.pad_token_axis(w1, cfg)
         gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1p, b1, cfg["hidden"], h=h, w2=w2, dy=dy, da=da, z=z,
                      w1_padded=padded)
         gemms.tokens(da, x, cfg["tokens"], w1=w1p, dy=dy, mean=mean, rstd=rstd, ln_weight=ln_weight,

@@ -237,14 +237,15 @@ def test_pad_token_axis():
     from kernels.token_mlp import gemms
 
     w1 = torch.randn(24, 197)
-    padded, flag = gemms.pad_token_axis(w1)
+    padded, flag = gemms.pad_token_axis(w1, {})
     assert flag and padded.shape == (24, 197) and padded.stride() == (256, 1)
     assert torch.equal(padded, w1)
     assert torch.equal(padded.as_strided((24, 256), (256, 1))[:, 197:], torch.zeros(24, 59))
     assert gemms._padded_past(padded, flag, 224) and gemms._padded_past(padded, flag, 256)
     assert not gemms._padded_past(padded, flag, 512) and not gemms._padded_past(padded, False, 224)
     square = torch.randn(24, 64)
-    assert gemms.pad_token_axis(square) == (square, False)
+    assert gemms.pad_token_axis(square, {}) == (square, False)
+    assert gemms.pad_token_axis(w1, {"pad_w1": False}) == (w1, False)
 
 
 def _image_backward(monkeypatch, tiles):
