@@ -140,19 +140,16 @@ def _dwconv_launches(dtype, shapes) -> list[Launch]:
                            lambda: kt.conv_forward(x, w, bias, y, y, gelu=True), [kt, toeplitz])
             out += _record(f"{shape} backward", lambda: kt.conv_backward(
                 dy, x, w, y, gelu=True, has_bias=True, need_dx=True, need_dw=True), [kt, toeplitz])
-        # candidates (NCHW): the weight gradient with every kernel row in one matmul, and the
-        # streaming kernels (forward, then the backward's weight gradient and input gradient)
-        all_rows = {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}
         x = torch.empty(B, C, H, W, device="meta", dtype=dtype)
         shape = f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW"
-        out += _record(f"{shape} weight grad all-rows", lambda: toeplitz.weight_grad(
-            x, x, k, all_rows, z=x, g_out=torch.empty_like(x), has_bias=True), [toeplitz])
         # the ConvMixer block op's (kernels.dwconv_batch_norm_residual) launches: no GELU (it
         # moved into the BatchNorm), the residual's gradient added as dx is written
         out += _record(f"{shape} block forward", lambda: kt.conv_forward(x, w, bias, y, None, gelu=False),
                        [kt, toeplitz])
         out += _record(f"{shape} block backward", lambda: kt.conv_backward(
             x, x, w, None, gelu=False, has_bias=True, need_dx=True, need_dw=True, add_to_dx=x), [kt, toeplitz])
+        # the candidate streaming kernels (forward, then the backward's weight gradient and input
+        # gradient)
         stream = {"method": "toeplitz", "stream": True}
         out += _record(f"{shape} forward stream", lambda: kt.conv_forward(x, w, bias, y, y, gelu=True, tile=stream),
                        [kt, toeplitz])

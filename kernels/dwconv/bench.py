@@ -135,12 +135,6 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             units = [{**kt.TOEPLITZ_WEIGHT_GRAD, "UNITS": n} for n in (2, 8)] + [
                 {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "num_warps": 4, "UNITS": 4},
                 {"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "UNITS": 4}]
-            # the weight gradient with all K kernel rows in one matmul a window: g and x read once
-            # a window instead of once a kernel row, the diagonals taken once a program. On an
-            # H100 (2026-11-27) at best level with the others (1,570-2,332 us against 821-1,053
-            # at B256 C256 k9), so after them
-            all_rows = [{"method": "toeplitz", "all_rows": True, "TILE_H": th, "TILE_W": tw, "num_warps": w}
-                        for th, tw, w in ((32, 16, 8), (16, 16, 4), (16, 16, 8))]
             # never timed yet, so first: the streaming kernels (each input row loaded and
             # converted for the tensor cores once, not K times; the K rows in flight in registers)
             # (Triton 3.3 and newer: none before)
@@ -156,7 +150,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 fwd = stream_fwd + (images + ([{"elems": 1024, "c_bytes": 64}, {"elems": 2048, "c_bytes": 64}] if taps else [])
                        + toeplitz + gathered + narrow[1:] + [{**narrow[2], "gather": True}])
                 wgt = stream_wgt + (units + ([{"elems": 8192, "c_bytes": 32}] if taps else [])
-                       + toeplitz[:1] + toeplitz[2:4] + narrow[:2] + all_rows)
+                       + toeplitz[:1] + toeplitz[2:4] + narrow[:2])
             else:
                 # Toeplitz tiles 16 channels wide: a load then fills a whole 32-byte sector of a
                 # channels_last row in bf16 (the 2-8 channel tiles above lost 2x to the tap kernel
@@ -165,8 +159,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                 wide = {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8}
                 # (first, never timed: the streaming kernels on NCHW copies)
                 fwd = stream_copy + [wide, {**wide, "gather": True}, {**wide, "IMAGES": 2}, {**wide, "TILE_H": 32}]
-                wgt = stream_copy + [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4},
-                                     {**all_rows[0], "copy_to_nchw": True}]
+                wgt = stream_copy + [{"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}]
                 fwd += [{"elems": e, "c_bytes": cb} for e, cb in ((8192, 128), (4096, 128), (8192, 64))]
                 fwd += [toeplitz[3]]
                 wgt += [{"elems": e, "c_bytes": cb} for e, cb in ((16384, 64), (16384, 32), (8192, 64))]
@@ -185,7 +178,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             out.append(SweepCase("dwconv2d", f"{shape} forward", kt.forward_tile(xl, k), fwd, forward,
                                  tune=("forward", key)))
             # as the ConvMixer block runs it: GELU and bias fused, so g = dy * gelu'(z) and the
-            # bias gradient are part of the work (the all_rows kernel forms them itself)
+            # bias gradient are part of the work (the streaming kernel forms them itself)
             out.append(SweepCase("dwconv2d", f"{shape} weight grad", kt.weight_grad_tile(xl, k), wgt,
                                  lambda cfg, a=(dyl, xl, w, xl): kt.conv_backward(
                                      *a, gelu=True, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:],

@@ -4,7 +4,6 @@ triton.TOEPLITZ_MIN_K); triton.py holds the tap kernels and picks between them.
 
   _dwconv_fwd_toeplitz_kernel    y = act(bias + conv(x, w)); with FLIP the input gradient
   _dwconv_bwd_w_toeplitz_kernel  the weight gradient, as diagonals of per-window products
-  _dwconv_bwd_w_rows_kernel      the same with all K kernel rows in one matmul ("all_rows")
   _dwconv_fwd_stream_kernel      the forward streaming down the image with the K input rows in
                                  use held in registers: x read once, not K times ("stream")
   _dwconv_bwd_w_stream_kernel    the weight gradient streaming likewise, forming g itself
@@ -177,70 +176,6 @@ def _output_grad(dy_ptrs, z_ptrs, g_ptrs, ok, GELU: tl.constexpr, STORE_G: tl.co
     # `_form_output_grad` of the tile at dy_ptrs (and z_ptrs)
     dy, z = _output_grad_inputs(dy_ptrs, z_ptrs, ok, GELU)
     return _form_output_grad(dy, z, g_ptrs, ok, GELU, STORE_G)
-
-
-@triton.jit
-def _dwconv_bwd_w_rows_kernel(
-    x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
-    C, H, W, n_th, n_tw, UNITS, UNITS_PER_PROG,
-    sxb, sxc, sxh, sxw,
-    syb, syc, syh, syw,
-    szb, szc, szh, szw,
-    sgb, sgc, sgh, sgw,
-    K: tl.constexpr, KB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr,
-    GELU: tl.constexpr, STORE_G: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-):
-    # The weight gradient with every kernel row in one matmul: one program, one channel and a
-    # run of windows (units). For a window, G^T (TILE_W, TILE_H) times X (TILE_H, KB * KP),
-    # X[m, b * KP + j] = x[h0 + m + b - PAD, w0 + j - PAD] (kernel row b < K, zero past it),
-    # gives P[n, b * KP + j] = sum_m g[h0 + m, w0 + n] * x[h0 + m + b - PAD, w0 + j - PAD];
-    # summed over the program's windows, dw[b, kj] is the kj-th diagonal of P's b-th block,
-    # sum_n P[n, b * KP + n + kj]. Unlike _dwconv_bwd_w_toeplitz_kernel (one pass over the
-    # windows per kernel row), g and x are read once a window, and the diagonals are taken
-    # once a program instead of once a kernel row. It also forms the output gradient g itself:
-    # g = dy * gelu'(z) with GELU (stored for the input gradient's pass if STORE_G), else dy; with HAS_BIAS
-    # the program's sum of g is its bias-gradient partial. No separate pass over dy is needed.
-    split = tl.program_id(0)
-    c = tl.program_id(1)
-    PAD: tl.constexpr = K // 2
-    n_g = tl.arange(0, TILE_W)[:, None]                  # G^T rows: output columns
-    m_g = tl.arange(0, TILE_H)[None, :]                  # G^T columns: output rows
-    m_x = tl.arange(0, TILE_H)[:, None]
-    kb = tl.arange(0, KB * KP)[None, :]
-    b_x = kb // KP                                       # kernel row of each column of X
-    j_x = kb % KP
-    c64 = c.to(tl.int64)
-    x_chan = x_ptr + c64 * sxc
-    p = tl.zeros((TILE_W, KB * KP), dtype=tl.float32)
-    db = tl.zeros((TILE_W, TILE_H), dtype=tl.float32)
-    for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
-        img, h0, w0 = _window(u, n_th, n_tw, TILE_H, TILE_W)
-        g_ok = (h0 + m_g < H) & (w0 + n_g < W)
-        gt, g32 = _output_grad(dy_ptr + img * syb + c64 * syc + (h0 + m_g) * syh + (w0 + n_g) * syw,
-                               z_ptr + img * szb + c64 * szc + (h0 + m_g) * szh + (w0 + n_g) * szw,
-                               g_ptr + img * sgb + c64 * sgc + (h0 + m_g) * sgh + (w0 + n_g) * sgw,
-                               g_ok, GELU, STORE_G)
-        if HAS_BIAS:
-            db += g32   # before rounding, as the tap kernel sums it
-        row = h0 + m_x + b_x - PAD
-        col = w0 + j_x - PAD
-        ok = (b_x < K) & (j_x < TILE_W + K - 1) & (row >= 0) & (row < H) & (col >= 0) & (col < W)
-        xv = tl.load(x_chan + img * sxb + row * sxh + col * sxw, mask=ok, other=0.0)
-        if IEEE:
-            p = tl.dot(gt, xv, p, input_precision="ieee")
-        else:
-            p = tl.dot(gt, xv, p)
-    # the diagonals: column b * KP + j of row n holds tap (b, j - n)
-    n_p = tl.arange(0, TILE_W)[:, None]
-    tap = j_x - n_p
-    if HAS_BIAS:
-        tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
-    base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K)
-    b_out = tl.arange(0, KB)
-    for kj in tl.static_range(K):
-        per_col = tl.sum(tl.where(tap == kj, p, 0.0), axis=0)                  # (KB * KP,)
-        per_row = tl.sum(tl.reshape(per_col, (KB, KP)), axis=1)                 # (KB,)
-        tl.store(base + b_out * K + kj, per_row, mask=b_out < K)
 
 
 @triton.jit
@@ -598,23 +533,21 @@ _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the G
 
 def forms_output_grad(tile: dict) -> bool:
     """True when `weight_grad` with this tile forms g = dy * gelu'(z) and the bias gradient itself
-    (the "all_rows" kernel), so the tap kernel's pass over dy is not needed."""
-    return bool(tile.get("all_rows") or tile.get("stream"))
+    (the streaming kernel), so the tap kernel's pass over dy is not needed."""
+    return bool(tile.get("stream"))
 
 
 def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torch.Tensor | None = None,
                 g_out: torch.Tensor | None = None, has_bias: bool = False):
     """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
     g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
-    the windows are split over about _TARGET_PROGRAMS programs. With "all_rows", every kernel
-    row in one matmul a window (_dwconv_bwd_w_rows_kernel; BLOCK_C does not apply); with
-    "stream", _dwconv_bwd_w_stream_kernel (see `_stream_weight_grad`). These two alone
-    also take the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
+    the windows are split over about _TARGET_PROGRAMS programs. With "stream",
+    _dwconv_bwd_w_stream_kernel (see `_stream_weight_grad`), which alone also takes the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
     g = dy * gelu'(z) into `g_out` unless that is None) and `has_bias` (see `forms_output_grad`).
 
     Returns (dw, db): db (C,) fp32 when has_bias, else None."""
     if (z is not None or has_bias) and not forms_output_grad(tile):
-        raise ValueError("only the all_rows and stream weight-gradient kernels form g and the bias gradient")
+        raise ValueError("only the streaming weight-gradient kernel forms g and the bias gradient")
     B, C, H, W = x.shape
     if tile.get("copy_to_nchw"):
         g, x = g.contiguous(), x.contiguous()
@@ -623,8 +556,7 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
         return _stream_weight_grad(g, x, K, tile, z=z, g_out=g_out, has_bias=has_bias)
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     units = B * n_th * n_tw
-    all_rows = bool(tile.get("all_rows"))   # _dwconv_bwd_w_rows_kernel: one channel a program
-    n_cb = C if all_rows else cdiv(C, block_c)
+    n_cb = cdiv(C, block_c)
     if "UNITS" in tile:
         # a few windows a program: the K passes over them (one per kernel row) re-read g and x
         # from L1/L2; spread over ~2 programs an SM, each pass re-reads them from memory
@@ -633,20 +565,6 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     else:
         splits, per_prog = split_units(units, n_cb, _TARGET_PROGRAMS)
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
-    if all_rows:
-        gelu = z is not None
-        # a channels_last g_out keeps its strides: the kernel writes it through them
-        g_store = g if g_out is None or not gelu else g_out   # g_out None: g is not needed after
-        db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
-        zz = z if gelu else g
-        wrap_triton(_dwconv_bwd_w_rows_kernel)[(splits, C)](
-            x, g, zz, g_store, dw_part, db_part, C, H, W, n_th, n_tw, units, per_prog,
-            *x.stride(), *g.stride(), *zz.stride(), *g_store.stride(),
-            K=K, KB=next_pow2(K), TILE_H=tile_h, TILE_W=tile_w, KP=kp, GELU=gelu,
-            STORE_G=gelu and g_out is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
-            num_warps=tile.get("num_warps", 4),
-        )
-        return dw_part.sum(0).reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)
     wrap_triton(_dwconv_bwd_w_toeplitz_kernel)[(splits, n_cb)](
         x, g, dw_part, C, H, W, n_th, n_tw, units, per_prog,
         *x.stride(), *g.stride(),

@@ -319,41 +319,6 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
     check(5, 3, 20, 40, 9, dtype, device)
 
 
-# a candidate that lost every timing so far (and is last in the sweeps): three cases, fp32 (its
-# IEEE-dot branch) once
-@pytest.mark.parametrize("k,hw,tile,dtype", [
-    (9, (20, 40), {"TILE_H": 16, "TILE_W": 16}, torch.float16),              # several row and column windows
-    (7, (9, 13), {"TILE_H": 16, "TILE_W": 16, "UNITS": 3}, torch.float32),   # three windows a program, odd sizes
-    (9, (20, 40), {"TILE_H": 16, "TILE_W": 16, "copy_to_nchw": True}, torch.float16)],   # g written back channels_last
-    ids=["k9", "k7-units-fp32", "copy-to-nchw"])
-def test_toeplitz_weight_grad_all_rows(k, hw, tile, dtype, device, monkeypatch):
-    """The weight gradient with every kernel row in one matmul ("all_rows"), which also forms
-    g = dy * gelu'(z) and the bias gradient itself: with and without bias and GELU, NCHW and
-    channels_last (its strided loads), every output and gradient."""
-    from kernels.dwconv import triton as kt
-
-    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {"method": "toeplitz", "all_rows": True, **tile})
-    check(3, 5, *hw, k, dtype, device, bias=True, activation="gelu")
-    check(3, 5, *hw, k, dtype, device, bias=False, activation=None)
-    check(2, 3, *hw, k, dtype, device, channels_last=True)
-
-
-def test_all_rows_without_input_gradient(device):
-    """A layer whose input needs no gradient (a frozen first layer): the all_rows kernel then
-    keeps g to itself; the weight and bias gradients are the same as with the input gradient."""
-    from kernels.dwconv import triton as kt
-
-    gen = torch.Generator().manual_seed(0)
-    x, dy, z = (torch.randn(2, 3, 12, 12, generator=gen).to(device) for _ in range(3))
-    w = torch.randn(3, 1, 9, 9, generator=gen).to(device)
-    tile = {"method": "toeplitz", "all_rows": True, "TILE_H": 16, "TILE_W": 16}
-    dx, dw, db = kt.conv_backward(dy, x, w, z, gelu=True, has_bias=True, need_dx=True, need_dw=True, tile=tile)
-    no_dx, dw2, db2 = kt.conv_backward(dy, x, w, z, gelu=True, has_bias=True, need_dx=False, need_dw=True,
-                                      tile=tile)
-    assert dx is not None and no_dx is None
-    assert torch.equal(dw, dw2) and torch.equal(db, db2)
-
-
 STREAM = {"method": "toeplitz", "stream": True}
 
 
@@ -628,10 +593,8 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
     ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8, "IMAGES": 2},
      {"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "num_warps": 4, "UNITS": 4}, True),
     ({"method": "toeplitz", "BLOCK_C": 16, "TILE_H": 16, "TILE_W": 16, "num_warps": 8, "gather": True},
-     {**TOEPLITZ, "UNITS": 2}, True),
-    ({"method": "toeplitz", "BLOCK_C": 4, "TILE_H": 32, "TILE_W": 16, "num_warps": 4, "IMAGES": 2},
-     {"method": "toeplitz", "all_rows": True, "TILE_H": 32, "TILE_W": 16, "num_warps": 8}, False)],
-    ids=["images-units", "narrow", "wide-channels_last", "gather", "all-rows"])
+     {**TOEPLITZ, "UNITS": 2}, True)],
+    ids=["images-units", "narrow", "wide-channels_last", "gather"])
 @pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13))])
 def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
     """The Toeplitz configurations the sweep tries first, compiled, in bf16, odd batch and channels."""
