@@ -158,7 +158,8 @@ SAVE_MIN_GAIN = 0.03
 def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
                   save: bool = False, save_path: str | None = None, limit: int | None = None) -> list:
     """Time every launch configuration of each op's sweep cases (kernel alone, CUDA-graph replay)
-    and check its output against the default's; print one row per configuration.
+    and check its output against the default's; print one row per configuration, then the
+    case's best broken down by kernel (torch.profiler's device time per call on CUDA).
 
     With `save`, each case's fastest configuration that is correct and at least SAVE_MIN_GAIN
     faster than the default goes into the tuning file (kernels.tuning; `save_path` or the user's
@@ -209,6 +210,11 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                 best = min(timed, key=lambda r: r["us"])
                 best["best"] = True
                 echo(f"  best: {best['us']:.1f} us  {best['config']}" + (" (the default)" if best["default"] else ""))
+                # which kernels the winner's time is made of (on CUDA): where the next change should go
+                cuda = torch.device(device).type == "cuda"
+                echo("  the best, per call:")
+                _profiler_tops(lambda cfg=best["config"]: run(cfg), device, 3 if cuda else 1, _activities(device),
+                               echo, keys=("device",) if cuda else ("host",))
             rows += case_rows
     return rows
 
@@ -290,13 +296,11 @@ def profile_kernels(op: str = "all", dtype: str = "all", echo=print, device: str
     2. cProfile of our forward+backward on the calling thread: the top Python functions.
     3. torch.profiler's top host-side and device-side entries.
     """
-    from torch.profiler import ProfilerActivity
-
     from kernels.benchmarking import hop_launches
 
     device = _bench_device(device, echo)
     cuda = torch.device(device).type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    activities = _activities(device)
     rows = []
     for name, dname, module in _each_op_and_dtype(op, dtype, shapes):
         for case in module.cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
@@ -352,8 +356,18 @@ def _python_hot_spots(fn, device, calls: int, echo) -> None:
             echo("    " + line.strip()[:150])
 
 
-def _profiler_tops(fn, device, calls: int, activities, echo) -> None:
-    """torch.profiler's top host-side and device-side entries, per call of fn."""
+def _activities(device) -> list:
+    """torch.profiler's activities for `device`: the host always, the GPU's kernels on CUDA."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+
+
+_PROFILE_KEYS = {"host": ("host (self CPU)", "self_cpu_time_total"), "device": ("device", "self_device_time_total")}
+
+
+def _profiler_tops(fn, device, calls: int, activities, echo, keys=("host", "device")) -> None:
+    """torch.profiler's top host-side and/or device-side entries, per call of fn."""
     from torch.profiler import profile
 
     with profile(activities=activities) as prof:
@@ -361,7 +375,7 @@ def _profiler_tops(fn, device, calls: int, activities, echo) -> None:
             fn()
         _sync(device)
     events = prof.key_averages()
-    for label, key in (("host (self CPU)", "self_cpu_time_total"), ("device", "self_device_time_total")):
+    for label, key in (_PROFILE_KEYS[k] for k in keys):
         top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:10]
         top = [e for e in top if (getattr(e, key, 0) or 0) > 0]
         if top:
@@ -495,7 +509,7 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     for _ in range(3):   # allocation, autotuning, compilation
         step()
     synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    activities = _activities(device)
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):

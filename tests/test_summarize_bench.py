@@ -122,6 +122,12 @@ def test_sweep_checks_and_times_every_configuration():
         for r in ran:   # fp32, the same math in another blocking: agreement to a few ulps of the output scale
             assert r["rel_err"] < 1e-4, r
             assert isinstance(r["us"], float) and r["us"] > 0, r
+    # after each case's best, the profiler's entries of one call of it (the GPU's kernels on CUDA)
+    assert sum(line.startswith("  best: ") for line in lines) == len(cases)
+    for i, line in enumerate(lines):
+        if line.startswith("  best: "):
+            assert lines[i + 1] == "  the best, per call:" and lines[i + 2] == "  host (self CPU):", lines[i:i + 3]
+            assert re.match(r"\s+[\d.]+ us  x\d+", lines[i + 3]), lines[i + 3]
 
 
 def test_profile_breaks_down_host_and_python_time():
