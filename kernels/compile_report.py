@@ -112,11 +112,14 @@ def _token_mlp_launches(dtype, shapes) -> list[Launch]:
             out += _record(f"{shape} forward {tag}", lambda: kt.forward(x, *p, 1e-5, config=fwd), [kt, gemms])
             out += _record(f"{shape} backward {tag}", lambda: kt.backward(
                 *bwd_args, config=bwd, weight_config=weights), [kt, gemms])
-        # candidates: the GEMMs reading LayerNorm(X) from memory, the whole backward an image a program
+        # candidates: the GEMMs reading LayerNorm(X) from memory, dX written by the token kernel
+        # (row sums from the dW1 kernel), the whole backward an image a program
         out += _record(f"{shape} forward split-Z", lambda: kt.forward(
             x, *p, 1e-5, config={**split_fwd, "Z": True}), [kt, gemms])
         out += _record(f"{shape} backward split-Z", lambda: kt.backward(
             *bwd_args, config={**split_bwd, "Z": True}, weight_config={"method": "splitk"}), [kt, gemms])
+        out += _record(f"{shape} backward split dx-direct", lambda: kt.backward(
+            *bwd_args, config={**split_bwd, "dx_direct": True}, weight_config={"method": "splitk"}), [kt, gemms])
         if kt.image_method_fits(N, Hd) and dtype != torch.float32:   # fp32's FMA dots spill it (5 KB)
             out += _record(f"{shape} backward image", lambda: kt.backward(
                 *bwd_args, config={"method": "image"}), [kt, gemms])

@@ -190,7 +190,13 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         splitk_weights = {"method": "splitk"}
         unpadded = ([both({**default_bwd["data"], "pad_w1": False})]
                     if N % 16 and default_bwd["data"].get("method") == "split" else [])
-        bwd_split = unpadded + [both(z_bwd, splitk_weights), both(split_bwd, splitk_weights), both(split_bwd)] + [
+        # never timed yet, first: dX written by the token kernel, its LayerNorm row sums taken from
+        # the dW1 GEMM image by image ("dx_direct"): no fp32 (B, N, C) partial of dX written and
+        # read back, no finishing pass (at B256 N196 C512, ~260 MB of the backward's traffic)
+        data = default_bwd["data"] if default_bwd["data"].get("method") == "split" else split_bwd
+        direct = [both({**data, "dx_direct": True}, splitk_weights)]
+        bwd_split = direct + unpadded + [both(z_bwd, splitk_weights), both(split_bwd, splitk_weights),
+                                         both(split_bwd)] + [
             both(_with(split_bwd, part, **tiles), splitk_weights) for part, tiles in (
                 ("hidden", {"BLOCK_C": 128}), ("hidden", {"BLOCK_C": 32}), ("hidden", {"BLOCK_K": 64}),
                 ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))]

@@ -12,8 +12,12 @@ configs; "splitk" of the weight config):
   backward   _hidden_kernel   A = W1 @ LN(X) + b1 and dH = W2^T @ dY in one pass over N;
                               stores dA = dH * GELU'(A) (and H for the split-K weight gradients)
              _tokens_kernel   dZ = W1^T @ dA, then the LayerNorm backward partials of the fused
-                              data kernel (`_ln_backward_partials`)
+                              data kernel (`_ln_backward_partials`), finished by `_ln_finish_kernel`
   weights    _contract_bc_kernel  dW1 = sum dA Z^T, dW2 = sum dY H^T: split-K over (image, channel)
+  "dx_direct" _dw1_row_sums_kernel  dW1 with whole images a program, and from each image's product
+                              the LayerNorm backward's row sums over channels; the token kernel
+                              then writes dX itself (`_ln_backward_direct`): no fp32 partial of dX
+                              through memory, no finishing pass
 
 LN(X) is recomputed wherever it is read, from the saved per-token mean and rstd.
 """
@@ -90,10 +94,12 @@ def _tokens_kernel(W, T, X, DY, MEAN, RSTD, LNW, LNB, B2, Y, P, S1, S2, DGAMMA, 
                    stride_wn, stride_wh, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
                    stride_yb, stride_yn, stride_yc,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BACKWARD: tl.constexpr, W_PADDED: tl.constexpr, IEEE: tl.constexpr):
+                   BACKWARD: tl.constexpr, W_PADDED: tl.constexpr, DX_DIRECT: tl.constexpr, IEEE: tl.constexpr):
     # one (all tokens, BLOCK_C channels) slab of image b: W (N, Hd) @ T_b (Hd, C) over the hidden
     # units, T a (B, Hd, C) buffer. Forward: W = W2, T = H, out Y = X + . + b2. Backward: W = W1^T
-    # (a strided view), T = dA, and the product is dZ, which the LayerNorm backward takes over.
+    # (a strided view), T = dA, and the product is dZ, which the LayerNorm backward takes over:
+    # into partials (`_ln_backward_partials`), or with DX_DIRECT, the row sums S1, S2 given
+    # (`dw1_row_sums`), straight into dX, written through Y's pointer and strides.
     # W_PADDED: W's rows past N exist and are zeros (W1^T of `pad_token_axis`): no row mask.
     b = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
@@ -113,7 +119,11 @@ def _tokens_kernel(W, T, X, DY, MEAN, RSTD, LNW, LNB, B2, Y, P, S1, S2, DGAMMA, 
         t = tl.load(T + b * HD * C + kk[:, None] * C + offs_c[None, :],
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0).to(dt)            # (BK, BC)
         acc = _mm(w, t, acc, IEEE)
-    if BACKWARD:
+    if BACKWARD and DX_DIRECT:
+        _ln_backward_direct(acc, X, DY, MEAN, RSTD, LNW, LNB, S1, S2, Y, DGAMMA, DBETA, DB2, b, cb, N, C,
+                            NUM_CB, offs_n, offs_c, stride_xb, stride_xn, stride_xc,
+                            stride_gb, stride_gn, stride_gc, stride_yb, stride_yn, stride_yc)
+    elif BACKWARD:
         _ln_backward_partials(acc, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DBETA, DB2, b, cb, N, C,
                               NUM_CB, offs_n, offs_c, stride_xb, stride_xn, stride_xc,
                               stride_gb, stride_gn, stride_gc)
@@ -166,6 +176,108 @@ def _contract_bc_kernel(P, Q, X, MEAN, RSTD, LNW, LNB, OUT, ROWSUM,
     if WITH_ROWSUM:
         if pid_j == 0:  # one column of programs is enough for the row sums
             tl.store(ROWSUM + split.to(tl.int64) * I + offs_i, rowsum, mask=i_mask)
+
+
+@triton.jit
+def _ln_backward_direct(dz, X, DY, MEAN, RSTD, LNW, LNB, S1, S2, DX, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
+                        offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
+                        stride_db, stride_dn, stride_dc):
+    """The LayerNorm backward of one (BLOCK_N, BLOCK_C) slab of image b holding all its tokens,
+    given dZ and the whole row sums over channels S1 = sum_c dxhat, S2 = sum_c dxhat * xhat (B, N)
+    from `dw1_row_sums`: dX = dY + rstd * (dxhat - (S1 + xhat * S2) / C) written here, with the
+    per-channel dgamma, dbeta and the per-token dB2 partials of `_ln_backward_partials`."""
+    n_mask = offs_n < N
+    c_mask = offs_c < C
+    mask = n_mask[:, None] & c_mask[None, :]
+    xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
+    dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
+                 mask=mask, other=0.0).to(tl.float32)
+    gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
+    s1 = tl.load(S1 + b * N + offs_n, mask=n_mask, other=0.0)
+    s2 = tl.load(S2 + b * N + offs_n, mask=n_mask, other=0.0)
+    tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
+    tl.store(DBETA + b * C + offs_c, tl.sum(dz, axis=0), mask=c_mask)
+    tl.store(DB2 + (b * NUM_CB + cb) * N + offs_n, tl.sum(dy, axis=1), mask=n_mask)
+    dx = dy + rstd[:, None] * (dz * gamma[None, :] - (s1[:, None] + xhat * s2[:, None]) / C)
+    tl.store(DX + b * stride_db + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dc,
+             dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dw1_row_sums_kernel(DA, X, MEAN, RSTD, LNW, LNB, W1, OUT, ROWSUM, BETA_SUM, S2P, U,
+                         HD, N, C, B, NUM_CB, IMAGES_PER_PROG,
+                         stride_ab, stride_ah, stride_ac, stride_xb, stride_xn, stride_xc,
+                         stride_w1h, stride_w1n,
+                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                         IEEE: tl.constexpr):
+    # dW1 = sum over images b and channels c of dA[b, h, c] * LN(X)[b, n, c], as a split-K GEMM
+    # whose programs each take whole images, so that it also yields, image by image, the
+    # LayerNorm backward's row sums over channels without dZ in memory: dZ_b = W1^T dA_b, so
+    # with dxhat = dZ * gamma
+    #   sum_c dxhat[n, c]            = sum_h W1[h, n] U[b, h],    U[b, h] = sum_c dA[b, h, c] gamma[c]
+    #   sum_c dxhat[n, c] xhat[n, c] = sum_h W1[h, n] M_b[h, n],  M_b = dA_b (xhat_b * gamma)^T
+    # The product here is M_b (S2P[b, i-block, n]: the second sum over this program's block of
+    # hidden units); beta's part of LN(X) is the same for every token, so its share of dW1 is
+    # one column, sum over b, c of dA[b, h, c] beta[c] (BETA_SUM, per split, like ROWSUM: db1).
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = tl.arange(0, BLOCK_K)
+    i_mask = offs_i < HD
+    j_mask = offs_j < N
+    dt = DA.dtype.element_ty
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    beta_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    # the W1 block of the second row sum, the same for every image (kept in its 16 bits: registers)
+    w1 = tl.load(W1 + offs_i[:, None] * stride_w1h + offs_j[None, :] * stride_w1n,
+                 mask=i_mask[:, None] & j_mask[None, :], other=0.0)
+    # loaded a step ahead into registers (Triton leaves loads that feed no dot synchronous, a
+    # round trip to memory each): the image's per-token statistics, the channel block's beta
+    b_first = split * IMAGES_PER_PROG
+    b_end = tl.minimum(b_first + IMAGES_PER_PROG, B)
+    mean_next = tl.load(MEAN + b_first.to(tl.int64) * N + offs_j, mask=j_mask, other=0.0)
+    rstd_next = tl.load(RSTD + b_first.to(tl.int64) * N + offs_j, mask=j_mask, other=0.0)
+    beta_next = tl.load(LNB + offs_k, mask=offs_k < C, other=0.0)
+    for img in range(b_first, b_end):
+        b = tl.cast(img, tl.int64)
+        mean, rstd = mean_next, rstd_next
+        following = tl.minimum(b + 1, B - 1)
+        mean_next = tl.load(MEAN + following * N + offs_j, mask=j_mask, other=0.0)
+        rstd_next = tl.load(RSTD + following * N + offs_j, mask=j_mask, other=0.0)
+        m = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        u = tl.zeros((BLOCK_I,), dtype=tl.float32)
+        for cb in range(0, NUM_CB):
+            offs_c = cb * BLOCK_K + offs_k
+            c_mask = offs_c < C
+            beta = beta_next.to(tl.float32)
+            offs_c_next = ((cb + 1) % NUM_CB) * BLOCK_K + offs_k   # (then the next image's first)
+            beta_next = tl.load(LNB + offs_c_next, mask=offs_c_next < C, other=0.0)
+            p = tl.load(DA + b * stride_ab + offs_i[:, None] * stride_ah + offs_c[None, :] * stride_ac,
+                        mask=i_mask[:, None] & c_mask[None, :], other=0.0)                # (BI, BK)
+            x_mask = j_mask[:, None] & c_mask[None, :]
+            x = tl.load(X + b * stride_xb + offs_j[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                        mask=x_mask, other=0.0)                                            # (BJ, BK)
+            gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            xhat = tl.where(x_mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+            m = _mm(p.to(dt), tl.trans((xhat * gamma[None, :]).to(dt)), m, IEEE)
+            pf = p.to(tl.float32)
+            rowsum += tl.sum(pf, axis=1)
+            u += tl.sum(pf * gamma[None, :], axis=1)
+            beta_sum += tl.sum(pf * beta[None, :], axis=1)
+        tl.store(S2P + (b * tl.num_programs(0) + pid_i) * N + offs_j, tl.sum(w1.to(tl.float32) * m, axis=0),
+                 mask=j_mask)
+        if pid_j == 0:   # one column of programs is enough for the row sums of dA
+            tl.store(U + b * HD + offs_i, u, mask=i_mask)
+        acc += m
+    base = split.to(tl.int64) * HD * N
+    tl.store(OUT + base + offs_i[:, None] * N + offs_j[None, :], acc, mask=i_mask[:, None] & j_mask[None, :])
+    if pid_j == 0:
+        tl.store(ROWSUM + split.to(tl.int64) * HD + offs_i, rowsum, mask=i_mask)
+        tl.store(BETA_SUM + split.to(tl.int64) * HD + offs_i, beta_sum, mask=i_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -251,11 +363,12 @@ def layer_norm(x, mean, rstd, ln_weight, ln_bias) -> torch.Tensor:
 
 
 def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=None, rstd=None,
-           ln_weight=None, ln_bias=None, partials=None, w1_padded: bool = False) -> None:
+           ln_weight=None, ln_bias=None, partials=None, dx=None, w1_padded: bool = False) -> None:
     """Forward (w2, b2, y given): y = x + W2 @ t + b2 with t = H. Backward (w1, dy, the LayerNorm
     tensors and `partials` = (p, s1, s2, dgamma, dbeta, db2) given): dZ = W1^T @ t with t = dA,
-    into the LayerNorm backward partials, one per block of cfg["BLOCK_C"] channels. w1, w1_padded:
-    as `pad_token_axis` returns them."""
+    into the LayerNorm backward partials, one per block of cfg["BLOCK_C"] channels; with `dx`,
+    s1 and s2 are the whole row sums (B, N) (`dw1_row_sums`; p unused) and dX is written into dx.
+    w1, w1_padded: as `pad_token_axis` returns them."""
     B, N, C = x.shape
     HD = t.shape[1]
     backward = w1 is not None
@@ -263,7 +376,8 @@ def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=
     if backward:
         w, (stride_wn, stride_wh) = w1, (w1.stride(1), w1.stride(0))   # W1^T: (N, Hd)
         p, s1, s2, dgamma, dbeta, db2 = partials
-        b2, y = ln_bias, x                                                 # untouched stand-ins
+        b2, y = ln_bias, (x if dx is None else dx)                        # b2: an untouched stand-in
+        p = x if p is None else p
     else:
         w, (stride_wn, stride_wh) = w2, w2.stride()
         dy, mean, rstd, ln_weight, ln_bias = x, b2, b2, b2, b2             # untouched stand-ins
@@ -272,8 +386,8 @@ def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=
         w, t, x, dy, mean, rstd, ln_weight, ln_bias, b2, y, p, s1, s2, dgamma, dbeta, db2,
         N, C, HD, cdiv(C, bc), stride_wn, stride_wh, *x.stride(), *dy.stride(), *y.stride(),
         BLOCK_N=max(16, next_pow2(N)), BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward,
-        W_PADDED=backward and _padded_past(w1, w1_padded, max(16, next_pow2(N))), IEEE=x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        W_PADDED=backward and _padded_past(w1, w1_padded, max(16, next_pow2(N))), DX_DIRECT=dx is not None,
+        IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def splitk_blocks(wcfg: dict, dtype: torch.dtype) -> dict:
@@ -312,3 +426,33 @@ def contract_bc(p, q, x, mean, rstd, ln_weight, ln_bias, wcfg: dict, target_prog
         BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk, Q_IS_LN=q is None, WITH_ROWSUM=with_rowsum,
         IEEE=p.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.sum(0), (rowsum.sum(0) if with_rowsum else None)
+
+
+def dw1_row_sums(da, x, mean, rstd, ln_weight, ln_bias, w1, target_programs: int):
+    """(dW1 (Hd, N), db1 (Hd,), s1 (B, N), s2 (B, N)), all fp32, from `_dw1_row_sums_kernel`: the
+    first weight gradient and the LayerNorm backward's row sums over channels (s1 = sum_c dxhat,
+    s2 = sum_c dxhat * xhat, dxhat = (W1^T dA) * gamma), so that the token kernel writes dX
+    directly (`tokens(..., dx=)`). w1 (Hd, N) as the token kernel multiplies by it (x's dtype)."""
+    B, HD, C = da.shape
+    N = x.shape[1]
+    # (in 16 bits) half the token width of contract_bc's tiles: this kernel holds a second
+    # accumulator (the image's product) and a W1 block too, which at 128 x 128 spilled
+    cfg = splitk_blocks({"BLOCK_J": 64} if da.dtype != torch.float32 else {}, da.dtype)
+    bi = max(16, min(cfg["BLOCK_I"], next_pow2(HD)))
+    bj = max(16, min(cfg["BLOCK_J"], next_pow2(N)))
+    bk = max(16, min(cfg["BLOCK_K"], next_pow2(C)))
+    n_i = cdiv(HD, bi)
+    splits, per_prog = split_units(B, n_i * cdiv(N, bj), target_programs)   # whole images a program
+    f32 = torch.float32
+    out = torch.empty((splits, HD, N), device=da.device, dtype=f32)
+    rowsum, beta_sum = torch.empty((2, splits, HD), device=da.device, dtype=f32).unbind(0)
+    s2_part = torch.empty((B, n_i, N), device=da.device, dtype=f32)
+    u = torch.empty((B, HD), device=da.device, dtype=f32)
+    wrap_triton(_dw1_row_sums_kernel)[(n_i, cdiv(N, bj), splits)](
+        da, x, mean, rstd, ln_weight, ln_bias, w1, out, rowsum, beta_sum, s2_part, u,
+        HD, N, C, B, cdiv(C, bk), per_prog, *da.stride(), *x.stride(), *w1.stride(),
+        BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk, IEEE=da.dtype == f32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # beta's part of LN(X) is the same for every token: its share of dW1 is a column added to all
+    dw1 = out.sum(0) + beta_sum.sum(0)[:, None]
+    return dw1, rowsum.sum(0), u @ w1.float(), s2_part.sum(1)

@@ -470,12 +470,21 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     da = torch.empty((B, HD, C), device=dev, dtype=x.dtype)
     wcfg = weight_config or _weight_blocks(BN, C, HD, x.dtype)
     method = wcfg.get("method", "fused")
+    # "dx_direct": the LayerNorm backward's row sums from the split-K dW1 kernel, before the token
+    # kernel, which then writes dX itself (no fp32 partial of dX through memory, no finishing pass)
+    direct = split and bool(cfg.get("dx_direct"))
+    if direct and method != "splitk":
+        raise ValueError('token_mlp: "dx_direct" takes its row sums from the split-K weight gradients; '
+                         'pair it with the weight config {"method": "splitk"}')
     store_h = method in ("gemm", "splitk")   # the fused weight kernel recomputes H instead
     h = torch.empty((B, HD, C), device=dev, dtype=x.dtype) if store_h else None   # H = GELU(A)
-    p = torch.empty((B, N, C), device=dev, dtype=f32)
-    # partial sums: per (image, channel block, token) s1, s2 (summed in _ln_finish_kernel) and
-    # dB2; per (image, channel) dgamma and dbeta, in one buffer that one reduction finishes
-    s1, s2, db2_part = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(3))
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    # partial sums: per (image, channel block, token) s1, s2 (summed in _ln_finish_kernel; not with
+    # dx_direct) and dB2; per (image, channel) dgamma and dbeta, in one buffer one reduction finishes
+    db2_part = torch.empty((B, ncb, N), device=dev, dtype=f32)
+    if not direct:
+        p = torch.empty((B, N, C), device=dev, dtype=f32)
+        s1, s2 = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(2))
     ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
     dgamma_part, dbeta_part = ln_part.unbind(0)
     # with "Z": LN(x) written once, read by the GEMMs (and the split-K weight gradient) as is
@@ -484,8 +493,12 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         w1p, padded = gemms.pad_token_axis(w1, cfg)
         gemms.hidden(x, mean, rstd, ln_weight, ln_bias, w1p, b1, cfg["hidden"], h=h, w2=w2, dy=dy, da=da, z=z,
                      w1_padded=padded)
+        if direct:
+            dw1, db1, s1, s2 = gemms.dw1_row_sums(da, x, mean, rstd, ln_weight, ln_bias, w1, _TARGET_PROGRAMS)
+            p = None
         gemms.tokens(da, x, cfg["tokens"], w1=w1p, dy=dy, mean=mean, rstd=rstd, ln_weight=ln_weight,
-                     ln_bias=ln_bias, partials=(p, s1, s2, dgamma_part, dbeta_part, db2_part), w1_padded=padded)
+                     ln_bias=ln_bias, partials=(p, s1, s2, dgamma_part, dbeta_part, db2_part),
+                     dx=dx if direct else None, w1_padded=padded)
     else:   # (image, channel block) programs
         wrap_triton(_bwd_data_kernel)[(B, ncb)](
             x, dy, mean, rstd, ln_weight, ln_bias, w1, b1, w2,
@@ -494,13 +507,13 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
             BLOCK_N=BN, BLOCK_C=cfg["BLOCK_C"], BLOCK_H=cfg["BLOCK_H"], IEEE=ieee, STORE_H=store_h,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    # -- finish the layer norm backward once the row sums span all of C --
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    R = B * N
-    fin_c = min(256, next_pow2(C))
-    wrap_triton(_ln_finish_kernel)[(cdiv(R, 16), cdiv(C, fin_c))](
-        p, x, mean, rstd, s1, s2, dx, R, N, C, ncb, *x.stride(), *dx.stride(),
-        BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
+    if not direct:
+        # -- finish the layer norm backward once the row sums span all of C --
+        R = B * N
+        fin_c = min(256, next_pow2(C))
+        wrap_triton(_ln_finish_kernel)[(cdiv(R, 16), cdiv(C, fin_c))](
+            p, x, mean, rstd, s1, s2, dx, R, N, C, ncb, *x.stride(), *dx.stride(),
+            BLOCK_R=16, BLOCK_C=fin_c, num_warps=4)
 
     dln_weight, dln_bias = ln_part.sum(1).unbind(0)
     db2 = db2_part.sum((0, 1))
@@ -516,8 +529,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     if method == "splitk":
         # dW1 = sum over (image, channel) of dA Z^T, dW2 = the same of dY H^T: two split-K GEMMs
         # with large output tiles, so that each input is read a few times, not once per hidden block
-        dw1, db1 = gemms.contract_bc(da, z, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
-                                     with_rowsum=True)
+        if not direct:   # else dw1_row_sums formed them
+            dw1, db1 = gemms.contract_bc(da, z, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
+                                         with_rowsum=True)
         dw2, _ = gemms.contract_bc(dy, h, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS)
         return dx, dln_weight, dln_bias, dw1, db1, dw2, db2
 

@@ -194,6 +194,64 @@ def test_split_method_layer_norm_in_memory(shape, dtype, weights, device, monkey
     assert len(calls) >= 2   # the forward's and the backward's
 
 
+@pytest.mark.parametrize("tiles,shape", [
+    ({}, (3, 49, 100, 64)),
+    ({"Z": True, "pad_w1": True}, (2, 197, 40, 24)),   # W1 padded for the token kernel, LN(X) in memory
+    ({}, (2, 1, 8, 3))],
+    ids=["N49", "N197-Z-padded", "N1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_method_dx_direct(tiles, shape, dtype, device, monkeypatch):
+    """"dx_direct": the LayerNorm backward's row sums over channels from the split-K dW1 kernel
+    (image by image), so that the token kernel writes dX itself; no fp32 partial of dX, no
+    finishing pass. Every output and gradient under the same rule, and the finishing kernel
+    never launched."""
+    from kernels.token_mlp import triton as kt_module
+
+    kt = _split_everywhere(monkeypatch, {"dx_direct": True, **tiles})
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    launched = []
+    real = kt_module.wrap_triton
+    monkeypatch.setattr(kt_module, "wrap_triton", lambda k: launched.append(k.__name__) or real(k))
+    check_against_fp64(*shape, dtype, device)
+    assert "_ln_finish_kernel" not in launched and "_ln_stats_kernel" in launched, launched
+
+
+def test_dw1_row_sums_span_images_tiles_and_splits(device, monkeypatch):
+    """The row-sums kernel's pieces against plain PyTorch, with several hidden and token blocks a
+    program grid and several images a program (and a ragged last split): dW1, db1 and both row
+    sums per image."""
+    from kernels.token_mlp import gemms
+
+    gen = torch.Generator().manual_seed(3)
+    B, N, C, HD = 5, 37, 50, 40
+    x = torch.randn(B, N, C, generator=gen).to(device)
+    da = torch.randn(B, HD, C, generator=gen).to(device)
+    w1 = torch.randn(HD, N, generator=gen).to(device)
+    gamma, beta = (torch.randn(C, generator=gen).to(device) for _ in range(2))
+    mean, var = x.mean(-1), x.var(-1, unbiased=False)
+    rstd = (var + 1e-5).rsqrt()
+    monkeypatch.setattr(gemms, "splitk_blocks", lambda wcfg, dtype: {
+        "BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2})
+    dw1, db1, s1, s2 = gemms.dw1_row_sums(da, x, mean, rstd, gamma, beta, w1, target_programs=20)
+    xhat = (x.double() - mean[..., None].double()) * rstd[..., None].double()
+    z = xhat * gamma.double() + beta.double()
+    dxhat = torch.einsum("hn,bhc->bnc", w1.double(), da.double()) * gamma.double()
+    for name, ours, exact in (("dw1", dw1, torch.einsum("bhc,bnc->hn", da.double(), z)),
+                              ("db1", db1, da.double().sum((0, 2))),
+                              ("s1", s1, dxhat.sum(-1)), ("s2", s2, (dxhat * xhat).sum(-1))):
+        assert ours.dtype == torch.float32 and ours.shape == exact.shape, name
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_dx_direct_needs_splitk_weights(device, monkeypatch):
+    kt = _split_everywhere(monkeypatch, {"dx_direct": True})
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"BLOCK_C": 16, "BLOCK_H": 16, "num_warps": 4})
+    inputs, grad = make_inputs(2, 20, 16, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="splitk"):
+        run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
+
+
 def _padding_flags(monkeypatch) -> list:
     """The W1_PADDED / W_PADDED switch of every per-image GEMM launch that reads W1."""
     from kernels.token_mlp import gemms
@@ -478,6 +536,15 @@ def test_split_method_bf16(shape, device, monkeypatch):
 @pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
 def test_split_method_layer_norm_in_memory_bf16(shape, device, monkeypatch):
     kt = _split_everywhere(monkeypatch, {"Z": True})
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    check_against_fp64(*shape, torch.bfloat16, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
+def test_split_method_dx_direct_bf16(shape, device, monkeypatch):
+    """dX from the token kernel with the dW1 kernel's row sums, compiled, in bf16."""
+    kt = _split_everywhere(monkeypatch, {"dx_direct": True})
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, torch.bfloat16, device)
 
