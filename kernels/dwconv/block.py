@@ -3,8 +3,8 @@
 Composed of the two ops, the block's backward ends with an extra pass: autograd adds the
 residual's gradient (dy itself) to the convolution's input gradient in a separate kernel,
 reading both and writing the sum. As one autograd function the backward hands dy to the
-convolution's input-gradient launch instead, which adds it as it writes dx (in the
-epilogue of the streaming kernels, right after the launch for the others). The forward
+convolution's input-gradient launch instead, which adds it in its epilogue as it writes
+dx. The forward
 runs the same two launches as the composition: the convolution writes only its output,
 BatchNorm applies GELU, normalizes and adds the residual.
 

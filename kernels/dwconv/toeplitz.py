@@ -28,12 +28,13 @@ def _aligned(v, ROW_ALIGN: tl.constexpr):
 
 @triton.jit
 def _dwconv_fwd_toeplitz_kernel(
-    x_ptr, t_ptr, bias_ptr, y_ptr, z_ptr,
+    x_ptr, t_ptr, bias_ptr, y_ptr, z_ptr, add_ptr,
     B, C, H, W, n_th, n_tw,
     sxb, sxc, sxh, sxw,
     syb, syc, syh, syw,
     szb, szc, szh, szw,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    sab, sac, sah, saw,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
 ):
@@ -47,10 +48,11 @@ def _dwconv_fwd_toeplitz_kernel(
     # with FLIP): K * K values a channel that stay in L1 instead of K * KP * TILE_W read
     # through L2. Stacking images makes each T_i load serve IMAGES times the outputs: at B256
     # C256 32x32 k9 with one image a program, the banded matrices, not x, are most of the
-    # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z).
+    # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z). With HAS_ADD, y also gets the
+    # tensor at add_ptr (the input gradient: the residual's gradient, see conv_backward's add_to_dx).
     M: tl.constexpr = IMAGES * TILE_H
     W, sxh, syh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(syh, ROW_ALIGN)
-    szh = _aligned(szh, ROW_ALIGN)
+    szh, sah = _aligned(szh, ROW_ALIGN), _aligned(sah, ROW_ALIGN)
     pid = tl.program_id(0)
     tw = pid % n_tw
     th = (pid // n_tw) % n_th
@@ -91,6 +93,9 @@ def _dwconv_fwd_toeplitz_kernel(
                  acc.to(z_ptr.dtype.element_ty), mask=out_ok)
     if GELU:
         acc = gelu(acc)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + img * sab + c64 * sac + h_out * sah + w_out * saw, mask=out_ok,
+                       other=0.0).to(tl.float32)
     tl.store(y_ptr + img * syb + c64 * syc + h_out * syh + w_out * syw,
              acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -456,7 +461,7 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
     K = weight.shape[-1]
     if tile.get("copy_to_nchw"):
         x = x.contiguous()
-    if tile.get("stream"):   # adds `add` in its epilogue; the others after the launch
+    if tile.get("stream"):
         _stream_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile, add=add)
         return
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
@@ -466,18 +471,17 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
     t = (weight.reshape(C, K * K).contiguous() if gather
          else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype, lead))
     zz = y if z is None else z
+    aa = y if add is None else add
     images = min(next_pow2(tile.get("IMAGES", 1)), next_pow2(B))   # M = IMAGES * TILE_H: a power of two
     wrap_triton(_dwconv_fwd_toeplitz_kernel)[(cdiv(B, images) * n_th * n_tw, cdiv(C, block_c))](
-        x, t, x if bias is None else bias, y, zz,
+        x, t, x if bias is None else bias, y, zz, aa,
         B, C, H, W, n_th, n_tw,
-        *x.stride(), *y.stride(), *zz.stride(),
-        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=lead, ROW_ALIGN=_row_align(x, y, zz),
+        *x.stride(), *y.stride(), *zz.stride(), *aa.stride(),
+        K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=lead, ROW_ALIGN=_row_align(x, y, zz, aa),
         IMAGES=images,
         IEEE=x.dtype == torch.float32, GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
     )
-    if add is not None:
-        y.add_(add)
 
 
 def stream_supported() -> bool:

@@ -48,13 +48,14 @@ def _tile_coords(pid, n_th, n_tw, BB: tl.constexpr, TILE_H: tl.constexpr, TILE_W
 
 @triton.jit
 def _dwconv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
+    x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr, add_ptr,
     B, C, H, W, n_th, n_tw,
     sxb, sxc, sxh, sxw,
     syb, syc, syh, syw,
     szb, szc, szh, szw,
+    sab, sac, sah, saw,
     K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    GELU: tl.constexpr, STORE_PREACT: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_C: tl.constexpr, BB: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     b, h, w = _tile_coords(tl.program_id(0), n_th, n_tw, BB, TILE_H, TILE_W)
@@ -92,6 +93,9 @@ def _dwconv_fwd_kernel(
         tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=tile_ok)
     if GELU:
         acc = gelu(acc)
+    if HAS_ADD:   # another path's share of y (the input gradient: the residual's gradient)
+        a_off = c64[:, None] * sac + (b64 * sab + h * sah + w * saw)[None, :]
+        acc += tl.load(add_ptr + a_off, mask=tile_ok, other=0.0).to(tl.float32)
     y_off = c64[:, None] * syc + (b64 * syb + h * syh + w * syw)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -266,16 +270,15 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool = False, tile:
     block_c, bb, tile_h, tile_w, warps = _tiles(x, K, tile["elems"], tile["c_bytes"])
     grid, n_th, n_tw = _grid(x, block_c, bb, tile_h, tile_w)
     zz = y if z is None else z
+    aa = y if add is None else add
     w_taps = weight.reshape(C, K * K).t().contiguous()  # (K*K, C): one tap's weights are contiguous
     wrap_triton(_dwconv_fwd_kernel)[grid](
-        x, w_taps, x if bias is None else bias, y, zz,
+        x, w_taps, x if bias is None else bias, y, zz, aa,
         B, C, H, W, n_th, n_tw,
-        *x.stride(), *y.stride(), *zz.stride(),
-        K=K, FLIP=flip, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None,
+        *x.stride(), *y.stride(), *zz.stride(), *aa.stride(),
+        K=K, FLIP=flip, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
         BLOCK_C=block_c, BB=bb, TILE_H=tile_h, TILE_W=tile_w, num_warps=warps,
     )
-    if add is not None:
-        y.add_(add)
 
 
 def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool, need_dw: bool,

@@ -438,9 +438,10 @@ def _block_run(x, w, b, dy, dtype, backend, fused):
 @pytest.mark.parametrize("tile,k", [(STREAM, 9), (None, 9), (None, 5)], ids=["stream", "toeplitz", "taps"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
-    """ConvMixer's spatial mixing as one op (the residual's gradient added as the input
-    gradient is written: in the streaming kernel's epilogue, after the launch otherwise):
-    every output, gradient and running statistic against fp64 under the tolerance rule."""
+    """ConvMixer's spatial mixing as one op (the residual's gradient added in the epilogue of
+    the input gradient's kernel, whichever it is): every output, gradient and running statistic
+    against fp64 under the tolerance rule."""
+    from kernels.dwconv import toeplitz
     from kernels.dwconv import triton as kt
 
     if tile is not None:
@@ -449,9 +450,24 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     calls = []
     real = kt.conv_backward
     monkeypatch.setattr(kt, "conv_backward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    flipped = []   # the HAS_ADD switch of every input-gradient launch (a forward kernel with FLIP)
+    for module in (kt, toeplitz):
+        def spy(kernel, real_wrap=module.wrap_triton):
+            launcher = real_wrap(kernel)
+
+            class Launch:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        if kernel.__name__.startswith("_dwconv_fwd") and kwargs.get("FLIP"):
+                            flipped.append(kwargs.get("HAS_ADD"))
+                        return launcher[grid](*args, **kwargs)
+                    return launch
+            return Launch()
+        monkeypatch.setattr(module, "wrap_triton", spy)
     x, w, b, dy = _inputs(3, 5, 9, 13, k, device)
     got = _block_run(x, w, b, dy, dtype, "triton", fused=True)
     assert calls and all(k["add_to_dx"] is not None for k in calls)   # the fused backward ran
+    assert flipped and all(flipped), flipped                         # ... adding dy in the kernel
     low = _block_run(x, w, b, dy, dtype, "reference", fused=False)
     ref = _block_run(x, w, b, dy, torch.float64, "reference", fused=False)
     problems = [p for name in ref if (p := _compare(name, got[name], low[name], ref[name], dtype))]
