@@ -46,31 +46,58 @@ def _unit(u, NUM_CB, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _ln_backward_partials(dz, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
-                          offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc):
-    """The LayerNorm backward of one (BLOCK_N, BLOCK_C) slab of image b holding all its tokens,
-    given dZ: what this channel block can finish (dgamma, dbeta per channel; the residual
-    plus the row-local part of dX in P) and its partial row sums over channels (S1, S2, and
-    dB2), which `_ln_finish_kernel` completes once every channel block has written its own."""
+def _ln_backward_slab(dz, X, DY, MEAN, RSTD, LNW, LNB, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
+                      offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc):
+    """What the LayerNorm backward of one (BLOCK_N, BLOCK_C) slab of image b holding all its
+    tokens, given dZ, can finish on its own: dgamma, dbeta per channel and this channel block's
+    share of dB2 per token, stored; returns (xhat, dy, dxhat, rstd) for the rest."""
     n_mask = offs_n < N
     c_mask = offs_c < C
-    mask = n_mask[:, None] & c_mask[None, :]
     # xhat and dY are re-read (from L2) here rather than held in registers across the matmuls
     xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
     dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                 mask=mask, other=0.0).to(tl.float32)
+                 mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
     tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
     tl.store(DBETA + b * C + offs_c, tl.sum(dz, axis=0), mask=c_mask)
-    dxhat = dz * gamma[None, :]
+    tl.store(DB2 + (b * NUM_CB + cb) * N + offs_n, tl.sum(dy, axis=1), mask=n_mask)
+    return xhat, dy, dz * gamma[None, :], rstd
+
+
+@triton.jit
+def _ln_backward_partials(dz, X, DY, MEAN, RSTD, LNW, LNB, P, S1, S2, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
+                          offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc):
+    """`_ln_backward_slab`, then the residual plus the row-local part of dX in P and this channel
+    block's partial row sums over channels (S1, S2), which `_ln_finish_kernel` completes once
+    every channel block has written its own."""
+    xhat, dy, dxhat, rstd = _ln_backward_slab(dz, X, DY, MEAN, RSTD, LNW, LNB, DGAMMA, DBETA, DB2, b, cb, N, C,
+                                              NUM_CB, offs_n, offs_c, stride_xb, stride_xn, stride_xc,
+                                              stride_gb, stride_gn, stride_gc)
+    n_mask = offs_n < N
     row = (b * NUM_CB + cb) * N + offs_n
     tl.store(S1 + row, tl.sum(dxhat, axis=1), mask=n_mask)
     tl.store(S2 + row, tl.sum(dxhat * xhat, axis=1), mask=n_mask)
-    tl.store(DB2 + row, tl.sum(dy, axis=1), mask=n_mask)
-    # residual gradient plus the row-local part of dX; the row sums come in _ln_finish_kernel
-    p = dy + rstd[:, None] * dxhat
-    tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], p, mask=mask)
+    tl.store(P + b * N * C + offs_n[:, None] * C + offs_c[None, :], dy + rstd[:, None] * dxhat,
+             mask=n_mask[:, None] & (offs_c < C)[None, :])
+
+
+@triton.jit
+def _ln_backward_direct(dz, X, DY, MEAN, RSTD, LNW, LNB, S1, S2, DX, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
+                        offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
+                        stride_db, stride_dn, stride_dc):
+    """`_ln_backward_slab`, then dX = dY + rstd * (dxhat - (S1 + xhat * S2) / C) written, given
+    the whole row sums over channels S1 = sum_c dxhat, S2 = sum_c dxhat * xhat (B, N) (from
+    gemms.dw1_row_sums)."""
+    xhat, dy, dxhat, rstd = _ln_backward_slab(dz, X, DY, MEAN, RSTD, LNW, LNB, DGAMMA, DBETA, DB2, b, cb, N, C,
+                                              NUM_CB, offs_n, offs_c, stride_xb, stride_xn, stride_xc,
+                                              stride_gb, stride_gn, stride_gc)
+    n_mask = offs_n < N
+    s1 = tl.load(S1 + b * N + offs_n, mask=n_mask, other=0.0)
+    s2 = tl.load(S2 + b * N + offs_n, mask=n_mask, other=0.0)
+    dx = dy + rstd[:, None] * (dxhat - (s1[:, None] + xhat * s2[:, None]) / C)
+    tl.store(DX + b * stride_db + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dc,
+             dx.to(DX.dtype.element_ty), mask=n_mask[:, None] & (offs_c < C)[None, :])
 
 
 @triton.jit

@@ -30,7 +30,8 @@ import triton.language as tl
 from kernels.dispatch import wrap_triton
 from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
-from kernels.token_mlp.common import _ln_apply_kernel, _ln_backward_partials, _load_z, _mm, _unit
+from kernels.token_mlp.common import (_ln_apply_kernel, _ln_backward_direct, _ln_backward_partials, _load_z,
+                                      _mm, _unit)
 
 
 @triton.jit
@@ -176,32 +177,6 @@ def _contract_bc_kernel(P, Q, X, MEAN, RSTD, LNW, LNB, OUT, ROWSUM,
     if WITH_ROWSUM:
         if pid_j == 0:  # one column of programs is enough for the row sums
             tl.store(ROWSUM + split.to(tl.int64) * I + offs_i, rowsum, mask=i_mask)
-
-
-@triton.jit
-def _ln_backward_direct(dz, X, DY, MEAN, RSTD, LNW, LNB, S1, S2, DX, DGAMMA, DBETA, DB2, b, cb, N, C, NUM_CB,
-                        offs_n, offs_c, stride_xb, stride_xn, stride_xc, stride_gb, stride_gn, stride_gc,
-                        stride_db, stride_dn, stride_dc):
-    """The LayerNorm backward of one (BLOCK_N, BLOCK_C) slab of image b holding all its tokens,
-    given dZ and the whole row sums over channels S1 = sum_c dxhat, S2 = sum_c dxhat * xhat (B, N)
-    from `dw1_row_sums`: dX = dY + rstd * (dxhat - (S1 + xhat * S2) / C) written here, with the
-    per-channel dgamma, dbeta and the per-token dB2 partials of `_ln_backward_partials`."""
-    n_mask = offs_n < N
-    c_mask = offs_c < C
-    mask = n_mask[:, None] & c_mask[None, :]
-    xhat, _ = _load_z(X, MEAN, RSTD, LNW, LNB, b, N, C, offs_n, offs_c, stride_xb, stride_xn, stride_xc)
-    dy = tl.load(DY + b * stride_gb + offs_n[:, None] * stride_gn + offs_c[None, :] * stride_gc,
-                 mask=mask, other=0.0).to(tl.float32)
-    gamma = tl.load(LNW + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + b * N + offs_n, mask=n_mask, other=0.0)
-    s1 = tl.load(S1 + b * N + offs_n, mask=n_mask, other=0.0)
-    s2 = tl.load(S2 + b * N + offs_n, mask=n_mask, other=0.0)
-    tl.store(DGAMMA + b * C + offs_c, tl.sum(dz * xhat, axis=0), mask=c_mask)
-    tl.store(DBETA + b * C + offs_c, tl.sum(dz, axis=0), mask=c_mask)
-    tl.store(DB2 + (b * NUM_CB + cb) * N + offs_n, tl.sum(dy, axis=1), mask=n_mask)
-    dx = dy + rstd[:, None] * (dz * gamma[None, :] - (s1[:, None] + xhat * s2[:, None]) / C)
-    tl.store(DX + b * stride_db + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dc,
-             dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
