@@ -118,7 +118,7 @@ def _token_mlp_launches(dtype, shapes) -> list[Launch]:
             x, *p, 1e-5, config={**split_fwd, "Z": True}), [kt, gemms])
         out += _record(f"{shape} backward split-Z", lambda: kt.backward(
             *bwd_args, config={**split_bwd, "Z": True}, weight_config={"method": "splitk"}), [kt, gemms])
-        out += _record(f"{shape} backward split dx-direct", lambda: kt.backward(
+        out += _record(f"{shape} backward split-dx-direct", lambda: kt.backward(
             *bwd_args, config={**split_bwd, "dx_direct": True}, weight_config={"method": "splitk"}), [kt, gemms])
         if kt.image_method_fits(N, Hd) and dtype != torch.float32:   # fp32's FMA dots spill it (5 KB)
             out += _record(f"{shape} backward image", lambda: kt.backward(
@@ -146,11 +146,12 @@ def _dwconv_launches(dtype, shapes) -> list[Launch]:
         x = torch.empty(B, C, H, W, device="meta", dtype=dtype)
         shape = f"dwconv2d B{B} C{C} {H}x{W} k{k} NCHW"
         # the ConvMixer block op's (kernels.dwconv_batch_norm_residual) launches: no GELU (it
-        # moved into the BatchNorm), the residual's gradient added as dx is written
+        # moved into the BatchNorm), the residual's gradient added as dx is written, the bias
+        # gradient from the BatchNorm backward
         out += _record(f"{shape} block forward", lambda: kt.conv_forward(x, w, bias, y, None, gelu=False),
                        [kt, toeplitz])
         out += _record(f"{shape} block backward", lambda: kt.conv_backward(
-            x, x, w, None, gelu=False, has_bias=True, need_dx=True, need_dw=True, add_to_dx=x), [kt, toeplitz])
+            x, x, w, None, gelu=False, has_bias=False, need_dx=True, need_dw=True, add_to_dx=x), [kt, toeplitz])
         # the candidate streaming kernels (forward, then the backward's weight gradient and input
         # gradient)
         stream = {"method": "toeplitz", "stream": True}
@@ -172,6 +173,9 @@ def _batch_norm_launches(dtype, shapes) -> list[Launch]:
             label = f"batch_norm B{B} C{C} {H}x{W}" + (" gelu" if gelu else " +residual")
             out += _record(f"{label} forward", lambda: kt.forward(x, w, b, None if gelu else res, 1e-5, gelu), [kt])
             out += _record(f"{label} backward", lambda: kt.backward(dy, x, w, mean, rstd, gelu), [kt])
+        # as the ConvMixer block op runs it: the sum of dx per channel formed too (a bias's gradient)
+        out += _record(f"batch_norm B{B} C{C} {H}x{W} gelu backward, dx sum", lambda: kt.backward(
+            dy, x, w, mean, rstd, True, dx_sum=torch.empty(C, device="meta")), [kt])
     return out
 
 

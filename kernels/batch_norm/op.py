@@ -39,10 +39,10 @@ def _launch_forward(x, weight, bias, residual, eps, gelu):
     return kt.forward(x, weight, bias, residual, eps, gelu)
 
 
-def _launch_backward(dy, x, weight, mean, rstd, gelu):
+def _launch_backward(dy, x, weight, mean, rstd, gelu, dx_sum=None):
     from kernels.batch_norm import triton as kt
 
-    return kt.backward(dy, x, weight, mean, rstd, gelu)
+    return kt.backward(dy, x, weight, mean, rstd, gelu, dx_sum=dx_sum)
 
 
 @torch.library.triton_op("kernels::batch_norm_fwd", mutates_args=())

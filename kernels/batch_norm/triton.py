@@ -146,8 +146,8 @@ def _bwd_finalize_kernel(PART, W, MEAN, RSTD, DW, DB, K1, K2, K0, C, NS, n,
 
 
 @triton.jit
-def _bwd_apply_kernel(DY, X, DX, K1, K2, K0, R, C, HW,
-                      GELU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_apply_kernel(DY, X, DX, K1, K2, K0, DX_PART, R, C, HW,
+                      GELU: tl.constexpr, SUM_DX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
     rm = row < R
@@ -163,6 +163,9 @@ def _bwd_apply_kernel(DY, X, DX, K1, K2, K0, R, C, HW,
     if GELU:
         da = da * gelu_grad(x)
     tl.store(DX + at, da.to(DX.dtype.element_ty), mask=m)
+    if SUM_DX:   # each plane's share of sum(dx) over this block of pixels (before rounding)
+        tl.store(DX_PART + row * tl.num_programs(1) + tl.program_id(1),
+                 tl.sum(tl.where(m, da, 0.0), axis=1, keep_dims=True), mask=rm)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -203,8 +206,10 @@ def forward(x: torch.Tensor, weight, bias, residual, eps: float, gelu_input: boo
     return y, mean, var, rstd
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: bool):
-    """(dx, dweight, dbias): dx like x, the others (C,) fp32."""
+def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: bool, dx_sum=None):
+    """(dx, dweight, dbias): dx like x, the others (C,) fp32. With `dx_sum` ((C,) fp32), also
+    each channel's sum of dx into it, formed as dx is written (what a bias before this
+    BatchNorm, e.g. a convolution's, gets as its gradient: no pass of its own over dx)."""
     B, C, H, W = x.shape
     HW = H * W
     f32 = torch.float32
@@ -220,6 +225,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: 
         part, weight if weight is not None else x, mean, rstd, dw, db, k1, k2, k0, C, ns, float(B * HW),
         HAS_W=weight is not None, BLOCK_C=block_c, num_warps=4)
     dx = torch.empty_like(x)
-    wrap_triton(_bwd_apply_kernel)[(cdiv(B * C, rows), cdiv(HW, block))](
-        dy, x, dx, k1, k2, k0, B * C, C, HW, GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
+    n_blocks = cdiv(HW, block)
+    dx_part = torch.empty((B, C, n_blocks) if dx_sum is not None else (1,), device=x.device, dtype=f32)
+    wrap_triton(_bwd_apply_kernel)[(cdiv(B * C, rows), n_blocks)](
+        dy, x, dx, k1, k2, k0, dx_part, B * C, C, HW, GELU=gelu_input, SUM_DX=dx_sum is not None,
+        ROWS=rows, BLOCK=block, num_warps=4)
+    if dx_sum is not None:
+        torch.sum(dx_part, dim=(0, 2), out=dx_sum)
     return dx, dw, db

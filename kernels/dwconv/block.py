@@ -1,12 +1,13 @@
 """ConvMixer's spatial mixing as one training op: x + BatchNorm(GELU(dwconv2d(x))).
 
-Composed of the two ops, the block's backward ends with an extra pass: autograd adds the
+Composed of the two ops, the block's backward has two extra passes: autograd adds the
 residual's gradient (dy itself) to the convolution's input gradient in a separate kernel,
-reading both and writing the sum. As one autograd function the backward hands dy to the
-convolution's input-gradient launch instead, which adds it in its epilogue as it writes
-dx. The forward
-runs the same two launches as the composition: the convolution writes only its output,
-BatchNorm applies GELU, normalizes and adds the residual.
+reading both and writing the sum, and the convolution's bias gradient (the sum of its output
+gradient) takes a pass over that gradient of its own. As one autograd function the backward
+hands dy to the convolution's input-gradient launch, which adds it in its epilogue as it
+writes dx, and the BatchNorm backward sums the convolution's output gradient per channel as
+it writes it. The forward runs the same two launches as the composition: the convolution
+writes only its output, BatchNorm applies GELU, normalizes and adds the residual.
 
 Training mode, eager calls only: under torch.compile, in eval mode or where either op would
 take its reference path the composition of the public ops runs instead (same result).
@@ -40,12 +41,14 @@ class _DwConvBatchNormResidual(torch.autograd.Function):
         x, weight, z, bn_weight, mean, rstd = ctx.saved_tensors
         bias_dtype, bn_w_dtype, bn_b_dtype = ctx.dtypes
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        # the convolution's bias gradient, sum(dz), formed by the BatchNorm backward as it writes dz
+        db = (torch.empty(x.shape[1], device=x.device, dtype=torch.float32)
+              if bias_dtype is not None and need_db else None)
         with dispatch.direct_launch():
-            dz, dbn_w, dbn_b = batch_norm_op._launch_backward(dy, z, bn_weight, mean, rstd, True)
+            dz, dbn_w, dbn_b = batch_norm_op._launch_backward(dy, z, bn_weight, mean, rstd, True, dx_sum=db)
             # the residual's gradient (dy) goes into dx as the kernel writes it
-            dx, dw, db = kt.conv_backward(dz, x, weight.contiguous(), None, gelu=False,
-                                          has_bias=bias_dtype is not None and need_db, need_dx=need_dx,
-                                          need_dw=need_dw, add_to_dx=dy)
+            dx, dw, _ = kt.conv_backward(dz, x, weight.contiguous(), None, gelu=False, has_bias=False,
+                                         need_dx=need_dx, need_dw=need_dw, add_to_dx=dy)
         return (dx,
                 dw.to(weight.dtype) if need_dw else None,
                 db.to(bias_dtype) if db is not None else None,

@@ -451,6 +451,7 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     real = kt.conv_backward
     monkeypatch.setattr(kt, "conv_backward", lambda *a, **k: calls.append(k) or real(*a, **k))
     flipped = []   # the HAS_ADD switch of every input-gradient launch (a forward kernel with FLIP)
+    launched = []
     for module in (kt, toeplitz):
         def spy(kernel, real_wrap=module.wrap_triton):
             launcher = real_wrap(kernel)
@@ -458,6 +459,7 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
             class Launch:
                 def __getitem__(self, grid):
                     def launch(*args, **kwargs):
+                        launched.append(kernel.__name__)
                         if kernel.__name__.startswith("_dwconv_fwd") and kwargs.get("FLIP"):
                             flipped.append(kwargs.get("HAS_ADD"))
                         return launcher[grid](*args, **kwargs)
@@ -468,6 +470,8 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     got = _block_run(x, w, b, dy, dtype, "triton", fused=True)
     assert calls and all(k["add_to_dx"] is not None for k in calls)   # the fused backward ran
     assert flipped and all(flipped), flipped                         # ... adding dy in the kernel
+    if k >= 7:   # the bias gradient from the BatchNorm backward: no pass of the tap kernel over dz
+        assert "_dwconv_bwd_w_kernel" not in launched, launched
     low = _block_run(x, w, b, dy, dtype, "reference", fused=False)
     ref = _block_run(x, w, b, dy, torch.float64, "reference", fused=False)
     problems = [p for name in ref if (p := _compare(name, got[name], low[name], ref[name], dtype))]
