@@ -14,7 +14,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from composer.blocks import COMPOSITES, REGISTRY, Block, Context, Cost
-from composer.blocks.base import activation
+from composer.blocks.base import FusedBatchNorm, activation
 from composer.spec import ModelSpec, Spec
 
 
@@ -32,13 +32,18 @@ class Layer:
     cost: Cost
 
 
-class Stem(nn.Module):
-    """Patchify + project: image (B, Cin, H, W) -> grid (B, C, h, w) [conv] or tokens (B, N, C) [linear]."""
+class Stem(FusedBatchNorm, nn.Module):
+    """Patchify + project: image (B, Cin, H, W) -> grid (B, C, h, w) [conv] or tokens (B, N, C) [linear].
 
-    def __init__(self, spec: ModelSpec):
+    A conv stem with GELU and BatchNorm (ConvMixer's) trains them as one kernels.batch_norm
+    where the ConvMixer blocks do (`FusedBatchNorm.uses_fused_norm`)."""
+
+    def __init__(self, spec: ModelSpec, backend: str = "auto"):
         super().__init__()
         s, p = spec.stem, spec.stem.patch_size
-        self.resize = spec.resize
+        self.resize, self.backend = spec.resize, backend
+        if s.kind == "conv" and s.norm == "batchnorm" and s.activation == "gelu":
+            self.norm_op = "batch_norm"
         if s.kind == "conv":
             self.project = nn.Conv2d(spec.in_channels, s.dim, p, stride=p)
         else:
@@ -56,6 +61,8 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize and x.shape[-1] != self.resize:
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        if self.norm_op:   # GELU then BatchNorm (exact GELU, as `activation` builds it)
+            return self.normalize(self.norm, self.project(x), gelu=True)
         return self.norm(self.act(self.project(x)))
 
 
@@ -183,7 +190,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     def add(name, kind, layout, in_shape, out_shape, module, cost=Cost(0, 0)):
         layers.append(Layer(name, kind, layout, in_shape, out_shape, module, Context(dim, tokens, grid, backend), cost))
 
-    stem = Stem(m)
+    stem = Stem(m, backend)
     p = m.stem.patch_size
     layout = stem.out_layout
     add("stem", f"stem ({m.stem.kind})", "image", image, shape(layout, tokens), stem,

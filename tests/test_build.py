@@ -249,6 +249,45 @@ def test_convmixer_blocks_fused_batch_norm(activation, monkeypatch):
     assert all(int(b) == 1 for name, b in fused.named_buffers() if name.endswith("num_batches_tracked"))
 
 
+def test_conv_stem_gelu_batch_norm_fused(monkeypatch):
+    """A conv stem with GELU and BatchNorm (ConvMixer's) trains them as one kernels.batch_norm
+    with kernels triton: output, input gradient, every parameter gradient and the running
+    statistics equal the PyTorch stem's; in eval mode and on channels_last input it keeps
+    nn.BatchNorm2d; a stem with another activation never takes it."""
+    import kernels
+    from composer.blocks import base
+
+    calls = []
+    real = kernels.batch_norm
+    monkeypatch.setattr(base.kernels, "batch_norm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    text = ("model: {image_size: 8, num_classes: 3, stem: {patch_size: 1, dim: 8, activation: %s, norm: batchnorm},"
+            " blocks: [{kind: pointwise, activation: relu}]}")
+    torch.manual_seed(0)
+    fused = build_model(load_spec_text(text % "gelu"), backend="triton").train()
+    plain = build_model(load_spec_text(text % "gelu"), backend="reference").train()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(3, 3, 8, 8)
+    results = []
+    for model in (fused, plain):
+        xi = x.clone().requires_grad_()
+        loss = model(xi).square().sum()
+        loss.backward()
+        results.append([loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    assert len(calls) == 1 and calls[0]["activation"] == "gelu" and calls[0]["residual"] is None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), plain.eval()(x))
+        fused.train(), plain.train()
+        cl = x.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(fused(cl), plain(cl), rtol=1e-4, atol=1e-5)
+    assert not calls
+    relu = build_model(load_spec_text(text % "relu"), backend="triton").train()
+    relu(x)
+    assert not calls and relu.layers[0].module.norm_op is None
+
+
 def test_convmixer_blocks_fused_batch_norm_falls_back(monkeypatch):
     """Where kernels.batch_norm does not apply the blocks keep nn.BatchNorm2d: eval mode,
     channels_last input, and drop-path (the branch is dropped before the residual add, which

@@ -59,6 +59,7 @@ def test_summarize_shows_the_fused_batch_norm():
     kinds = {r["kind"]: r["kernel"] for r in rows}
     assert re.fullmatch(r"dwconv2d: \w+, batch_norm: \w+", kinds["dwconv"]), kinds
     assert re.fullmatch(r"batch_norm: \w+", kinds["pointwise"]), kinds
+    assert re.fullmatch(r"batch_norm: \w+", kinds["stem (conv)"]), kinds   # its GELU and BatchNorm
     auto = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json").stdout)["rows"]
     assert base.FUSED_BATCH_NORM_IN_AUTO or not any("batch_norm" in r["kernel"] for r in auto)
     # on CUDA a kernel of 7 trains channels_last (memory_format auto), where nn.BatchNorm2d stays

@@ -49,22 +49,12 @@ def _outside_compiled_graph(op, *args, **kwargs):
     return op(*args, **kwargs)
 
 
-class Block(nn.Module):
-    """Base of registered blocks."""
+class FusedBatchNorm:
+    """What a module whose BatchNorm may train as kernels.batch_norm shares (the ConvMixer
+    blocks, a conv stem): `normalize`, and when it applies. Its `backend` is the model's."""
 
-    kind: str = ""
-    layout: str = ""            # "tokens" or "grid"
-    kernel_op: str | None = None  # the public op of `kernels` this block runs, if any
+    backend: str = "auto"
     norm_op: str | None = None    # "batch_norm" when its BatchNorm can run as kernels.batch_norm (`normalize`)
-    # set by `composer.build.prepare_for_compile`: run the fused op outside torch.compile's graph
-    kernel_outside_graph: bool = False
-
-    def fused(self, op, *args, **kwargs):
-        """Call the block's fused op (one of `kernels`), eagerly between compiled regions when
-        `kernel_outside_graph` is set (see `composer.build.prepare_for_compile`)."""
-        if self.kernel_outside_graph:
-            return _outside_compiled_graph(op, *args, **kwargs)
-        return op(*args, **kwargs)
 
     def normalize(self, norm: nn.BatchNorm2d, y: torch.Tensor, *, gelu: bool = False,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,6 +85,23 @@ class Block(nn.Module):
             return False
         backend = getattr(self, "backend", "auto")
         return backend == "triton" or (backend == "auto" and FUSED_BATCH_NORM_IN_AUTO and y.is_cuda)
+
+
+class Block(FusedBatchNorm, nn.Module):
+    """Base of registered blocks."""
+
+    kind: str = ""
+    layout: str = ""            # "tokens" or "grid"
+    kernel_op: str | None = None  # the public op of `kernels` this block runs, if any
+    # set by `composer.build.prepare_for_compile`: run the fused op outside torch.compile's graph
+    kernel_outside_graph: bool = False
+
+    def fused(self, op, *args, **kwargs):
+        """Call the block's fused op (one of `kernels`), eagerly between compiled regions when
+        `kernel_outside_graph` is set (see `composer.build.prepare_for_compile`)."""
+        if self.kernel_outside_graph:
+            return _outside_compiled_graph(op, *args, **kwargs)
+        return op(*args, **kwargs)
 
     def cost(self, ctx: Context) -> Cost:
         raise NotImplementedError
