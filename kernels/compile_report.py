@@ -268,7 +268,9 @@ def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, fi
         echo(f"\n== {name} ({str(dtype).removeprefix('torch.')}, sm_{arch}: shared memory limit "
              f"{limit or 'unknown'} bytes) ==")
         op_shapes = shapes or benchmark_shapes(name)[:1 if first else None]
-        for launch in LAUNCHES[name](dtype, op_shapes):
+        with dispatch.direct_launch():   # as eager calls and the benchmarks launch (launch options)
+            launches = LAUNCHES[name](dtype, op_shapes)
+        for launch in launches:
             r = compile_launch(launch, arch)
             reports.append(r)
             if r.error:

@@ -101,6 +101,19 @@ def direct_launch():
     return set_wrap_triton_enabled(False)
 
 
+def launch_options(cfg: dict) -> dict:
+    """The launch options of a configuration beyond num_warps / num_stages that a launch may take:
+    "maxnreg" (a cap on registers a thread, so that more programs fit an SM), on direct launches
+    only. torch's traced launch path (torch.compile through torch.library.triton_op) knows only
+    num_warps, num_stages and a few others and would pass maxnreg to the kernel as an argument;
+    there the cap is dropped (same results, the compiler's own register count)."""
+    if "maxnreg" not in cfg:
+        return {}
+    from torch._library.triton import is_wrap_triton_enabled   # private, as direct_launch's setter
+
+    return {} if is_wrap_triton_enabled() and not interpreter_mode() else {"maxnreg": cfg["maxnreg"]}
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")

@@ -144,11 +144,13 @@ def run(cache: str = DEFAULT_CACHE, ops=OPS, limit: int | None = 4, arch: int = 
     tuning.arch = lambda device: f"sm{arch}"
     launches = []
     try:
-        for op in ops:
-            shapes = compile_report.benchmark_shapes(op)
-            shapes = shapes[:1] if first else shapes + TRAINING_SHAPES.get(op, [])
-            launches += compile_report.LAUNCHES[op](dtype, shapes)
-            launches += _sweep_launches(op, dtype, limit, shapes)
+        # recorded as the GPU makes them: direct launches (their launch options, e.g. maxnreg)
+        with dispatch.direct_launch():
+            for op in ops:
+                shapes = compile_report.benchmark_shapes(op)
+                shapes = shapes[:1] if first else shapes + TRAINING_SHAPES.get(op, [])
+                launches += compile_report.LAUNCHES[op](dtype, shapes)
+                launches += _sweep_launches(op, dtype, limit, shapes)
     finally:
         tuning.arch = cpu_arch
     unique = _unique(launches, arch)

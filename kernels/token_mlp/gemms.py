@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import wrap_triton
+from kernels.dispatch import launch_options, wrap_triton
 from kernels.gelu import gelu, gelu_grad
 from kernels.grid import cdiv, next_pow2, split_units
 from kernels.token_mlp.common import (_ln_apply_kernel, _ln_backward_direct, _ln_backward_partials, _load_z,
@@ -322,7 +322,7 @@ def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward, STORE_H=h is not None,
         Z_IN_MEMORY=z is not None, W1_PADDED=_padded_past(w1, w1_padded, cdiv(N, cfg["BLOCK_K"]) * cfg["BLOCK_K"]),
         IEEE=x.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(cfg))
 
 
 def layer_norm(x, mean, rstd, ln_weight, ln_bias) -> torch.Tensor:

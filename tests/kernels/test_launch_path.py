@@ -86,3 +86,18 @@ def test_blocks_with_parameter_weights_take_the_eager_path(kind, monkeypatch, de
     with host_cost.stubbed_launches() as counts:
         block(x.requires_grad_()).sum().backward()
     assert sum(counts.values()) >= 2, counts
+
+
+def test_register_cap_reaches_direct_launches_only(monkeypatch):
+    """A configuration's "maxnreg" is a launch option on direct launches; on torch's traced path
+    (wrap_triton enabled, outside the interpreter), which would pass it to the kernel as an
+    argument, it is dropped."""
+    from kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "interpreter_mode", lambda: False)
+    assert dispatch.launch_options({"num_warps": 8}) == {}
+    with dispatch.direct_launch():
+        assert dispatch.launch_options({"maxnreg": 128}) == {"maxnreg": 128}
+    assert dispatch.launch_options({"maxnreg": 128}) == {}    # traced: torch's wrapper would refuse it
+    monkeypatch.setattr(dispatch, "interpreter_mode", lambda: True)
+    assert dispatch.launch_options({"maxnreg": 128}) == {"maxnreg": 128}   # interpreted: no wrapper

@@ -369,6 +369,33 @@ def test_split_method_spans_tiles(dtype, device, monkeypatch):
     check_against_fp64(3, 37, 50, 40, dtype, device)
 
 
+def test_split_method_register_cap(device, monkeypatch):
+    """The hidden kernel with a register cap (the sweep's "maxnreg" candidate) reaches the launch
+    and computes the same thing: every output and gradient under the rule."""
+    from kernels.token_mlp import gemms
+
+    kt = _split_everywhere(monkeypatch)
+    monkeypatch.setattr(kt, "_blocks", lambda n, c, hd, dtype, backward=False: bench._with(
+        gemms.split_blocks(n, c, hd, dtype, backward), "hidden", maxnreg=128))
+    caps, real = [], gemms.wrap_triton
+
+    def spy(kernel):
+        launcher = real(kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if kernel.__name__ == "_hidden_kernel":
+                        caps.append(kwargs.get("maxnreg"))
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return Launch()
+
+    monkeypatch.setattr(gemms, "wrap_triton", spy)
+    check_against_fp64(2, 49, 40, 24, torch.float16, device)
+    assert caps and all(c == 128 for c in caps), caps
+
+
 def test_empty_batch(device):
     """No images: an empty output, an empty input gradient and all-zero parameter gradients."""
     inputs, grad = make_inputs(0, 16, 32, 16, torch.float32, device)
