@@ -482,7 +482,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     # partial sums: per (image, channel block, token) s1, s2 (summed in _ln_finish_kernel; not with
     # dx_direct) and dB2; per (image, channel) dgamma and dbeta, in one buffer one reduction finishes
     db2_part = torch.empty((B, ncb, N), device=dev, dtype=f32)
-    if not direct:
+    if direct:
+        p = s1 = s2 = None   # the whole row sums come from gemms.dw1_row_sums below
+    else:
         p = torch.empty((B, N, C), device=dev, dtype=f32)
         s1, s2 = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(2))
     ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
@@ -495,7 +497,6 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
                      w1_padded=padded)
         if direct:
             dw1, db1, s1, s2 = gemms.dw1_row_sums(da, x, mean, rstd, ln_weight, ln_bias, w1, _TARGET_PROGRAMS)
-            p = None
         gemms.tokens(da, x, cfg["tokens"], w1=w1p, dy=dy, mean=mean, rstd=rstd, ln_weight=ln_weight,
                      ln_bias=ln_bias, partials=(p, s1, s2, dgamma_part, dbeta_part, db2_part),
                      dx=dx if direct else None, w1_padded=padded)
