@@ -1,4 +1,4 @@
-"""Small shared helpers for tests: running the CLI as a user would."""
+"""Small shared helpers for tests: running the CLI as a user would, recording kernel launches."""
 import subprocess
 import sys
 import traceback
@@ -37,3 +37,22 @@ def assert_user_error(result, *fragments, code=2):
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, f"{fragment!r} not in stderr:\n{result.stderr}"
+
+
+def record_launches(monkeypatch, *modules) -> list:
+    """Every Triton launch the given launcher modules make from now on, as (kernel name, launch
+    keywords), each still launched: what a test checks a launcher passes (switches, options)."""
+    launches = []
+    for module in modules:
+        def recording(kernel, real_wrap=module.wrap_triton):
+            launcher = real_wrap(kernel)
+
+            class Launch:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        launches.append((getattr(kernel, "__name__", str(kernel)), kwargs))
+                        return launcher[grid](*args, **kwargs)
+                    return launch
+            return Launch()
+        monkeypatch.setattr(module, "wrap_triton", recording)
+    return launches

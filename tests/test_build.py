@@ -206,6 +206,14 @@ def test_kernels_outside_the_graph_run_between_compiled_regions():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _step_results(model, x) -> list:
+    """One training step's loss, input gradient, parameter gradients and buffers (running statistics)."""
+    xi = x.clone().requires_grad_()
+    loss = model(xi).square().sum()
+    loss.backward()
+    return [loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
+
+
 def _convmixer_pair(drop_path=0.0, activation="gelu"):
     text = ("model: {image_size: 16, num_classes: 3, stem: {patch_size: 2, dim: 16}, blocks: "
             f"[{{kind: convmixer, kernel_size: 3, repeat: 2, drop_path: {drop_path}, activation: {activation}}}]}}")
@@ -231,12 +239,7 @@ def test_convmixer_blocks_fused_batch_norm(activation, monkeypatch):
                         lambda *a, **k: blocks.append(k) or real_block(*a, **k))
     fused, plain = _convmixer_pair(activation=activation)
     x = torch.rand(3, 3, 16, 16)
-    results = []
-    for model in (fused, plain):
-        xi = x.clone().requires_grad_()
-        loss = model(xi).square().sum()
-        loss.backward()
-        results.append([loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    results = [_step_results(model, x) for model in (fused, plain)]
     # GELU: the depthwise blocks run as one op each, the pointwise blocks' GELU and BatchNorm as
     # another. ReLU: the depthwise blocks' BatchNorm and residual add fused, the pointwise
     # blocks keep nn.Sequential.
@@ -267,12 +270,7 @@ def test_conv_stem_gelu_batch_norm_fused(monkeypatch):
     plain = build_model(load_spec_text(text % "gelu"), backend="reference").train()
     plain.load_state_dict(fused.state_dict())
     x = torch.rand(3, 3, 8, 8)
-    results = []
-    for model in (fused, plain):
-        xi = x.clone().requires_grad_()
-        loss = model(xi).square().sum()
-        loss.backward()
-        results.append([loss, xi.grad] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    results = [_step_results(model, x) for model in (fused, plain)]
     assert len(calls) == 1 and calls[0]["activation"] == "gelu" and calls[0]["residual"] is None
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ import torch
 from kernels import BackendUnavailable, dispatch
 from kernels.attention import bench, reference
 from kernels.attention.op import attention, attention_packed, triton_reasons
+from tests.helpers import record_launches
 
 # Floor, in ulps of the dtype at the tensor's largest magnitude. Low precision:
 # the kernel rounds P and dS to the input dtype before the tensor-core matmuls
@@ -229,20 +230,11 @@ def test_dq_atomic_and_deterministic_mode(dtype, device, gen, monkeypatch):
         assert a.dtype == dtype and a.stride() == ref.stride(), name
         assert torch.allclose(a.float(), ref.float(), atol=tol, rtol=tol), name
 
-    launch, original, flags = kt.wrap_triton, kt._attn_bwd_tiled, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                flags.append(kwargs["DQ_ATOMIC"])
-                return launch(original)[grid](*args, **kwargs)
-            return run
-
-    monkeypatch.setattr(kt, "wrap_triton", lambda kernel: Spy() if kernel is original else launch(kernel))
+    launches = record_launches(monkeypatch, kt)
     kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     deterministic = kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
-    assert flags == [True, False]
+    assert [kw["DQ_ATOMIC"] for name, kw in launches if name == "_attn_bwd_tiled"] == [True, False]
     assert torch.equal(deterministic[0], two_pass[0])
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from kernels import BackendUnavailable, dwconv2d
 from kernels.dwconv import bench, op as dwconv_op
+from tests.helpers import record_launches
 
 # Floor per dtype, in units of the reference's magnitude (max(1, max|ref|)): it
 # only matters where PyTorch happens to be (nearly) exact, and is about 2 ulps
@@ -450,28 +451,15 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     calls = []
     real = kt.conv_backward
     monkeypatch.setattr(kt, "conv_backward", lambda *a, **k: calls.append(k) or real(*a, **k))
-    flipped = []   # the HAS_ADD switch of every input-gradient launch (a forward kernel with FLIP)
-    launched = []
-    for module in (kt, toeplitz):
-        def spy(kernel, real_wrap=module.wrap_triton):
-            launcher = real_wrap(kernel)
-
-            class Launch:
-                def __getitem__(self, grid):
-                    def launch(*args, **kwargs):
-                        launched.append(kernel.__name__)
-                        if kernel.__name__.startswith("_dwconv_fwd") and kwargs.get("FLIP"):
-                            flipped.append(kwargs.get("HAS_ADD"))
-                        return launcher[grid](*args, **kwargs)
-                    return launch
-            return Launch()
-        monkeypatch.setattr(module, "wrap_triton", spy)
+    launches = record_launches(monkeypatch, kt, toeplitz)
     x, w, b, dy = _inputs(3, 5, 9, 13, k, device)
     got = _block_run(x, w, b, dy, dtype, "triton", fused=True)
     assert calls and all(k["add_to_dx"] is not None for k in calls)   # the fused backward ran
-    assert flipped and all(flipped), flipped                         # ... adding dy in the kernel
+    # ... adding dy in every input-gradient launch (a forward kernel with FLIP)
+    flipped = [kw.get("HAS_ADD") for name, kw in launches if name.startswith("_dwconv_fwd") and kw.get("FLIP")]
+    assert flipped and all(flipped), flipped
     if k >= 7:   # the bias gradient from the BatchNorm backward: no pass of the tap kernel over dz
-        assert "_dwconv_bwd_w_kernel" not in launched, launched
+        assert "_dwconv_bwd_w_kernel" not in [name for name, _ in launches], launches
     low = _block_run(x, w, b, dy, dtype, "reference", fused=False)
     ref = _block_run(x, w, b, dy, torch.float64, "reference", fused=False)
     problems = [p for name in ref if (p := _compare(name, got[name], low[name], ref[name], dtype))]

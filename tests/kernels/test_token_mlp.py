@@ -19,6 +19,7 @@ from kernels import BackendUnavailable, token_mlp
 from kernels.token_mlp import bench
 from kernels.token_mlp.op import triton_reasons
 from kernels.token_mlp.reference import token_mlp_reference
+from tests.helpers import record_launches
 
 FLOOR = {
     # fp32: the same few O(1) terms summed in another order differ by a few ulps
@@ -209,11 +210,10 @@ def test_split_method_dx_direct(tiles, shape, dtype, device, monkeypatch):
 
     kt = _split_everywhere(monkeypatch, {"dx_direct": True, **tiles})
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
-    launched = []
-    real = kt_module.wrap_triton
-    monkeypatch.setattr(kt_module, "wrap_triton", lambda k: launched.append(k.__name__) or real(k))
+    launched = record_launches(monkeypatch, kt_module)
     check_against_fp64(*shape, dtype, device)
-    assert "_ln_finish_kernel" not in launched and "_ln_stats_kernel" in launched, launched
+    names = [name for name, _ in launched]
+    assert "_ln_finish_kernel" not in names and "_ln_stats_kernel" in names, names
 
 
 def test_dw1_row_sums_span_images_tiles_and_splits(device, monkeypatch):
@@ -252,27 +252,11 @@ def test_dx_direct_needs_splitk_weights(device, monkeypatch):
         run(lambda *a: token_mlp(*a, backend="triton"), inputs, grad)
 
 
-def _padding_flags(monkeypatch) -> list:
-    """The W1_PADDED / W_PADDED switch of every per-image GEMM launch that reads W1."""
-    from kernels.token_mlp import gemms
-
-    flags, real = [], gemms.wrap_triton
-
-    class Spy:
-        def __init__(self, kernel):
-            self.launcher = real(kernel)
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                # the hidden kernel's W1 tiles; the token kernel's only in the backward (W1^T there,
-                # W2 in the forward)
-                if "W1_PADDED" in kwargs or kwargs.get("BACKWARD") and "W_PADDED" in kwargs:
-                    flags.append(kwargs.get("W1_PADDED", kwargs.get("W_PADDED")))
-                return self.launcher[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(gemms, "wrap_triton", Spy)
-    return flags
+def _padding_flags(launches) -> list:
+    """The W1_PADDED / W_PADDED switch of every recorded per-image GEMM launch that reads W1: the
+    hidden kernel's W1 tiles; the token kernel's only in the backward (W1^T there, W2 in the forward)."""
+    return [kw.get("W1_PADDED", kw.get("W_PADDED")) for _, kw in launches
+            if "W1_PADDED" in kw or kw.get("BACKWARD") and "W_PADDED" in kw]
 
 
 @pytest.mark.parametrize("pad_w1", [True, False], ids=["padded", "unpadded"])
@@ -283,9 +267,12 @@ def test_split_method_w1_rows_padded_or_not(pad_w1, dtype, device, monkeypatch):
     kernel), or, with "pad_w1": False, W1 as it is with masked tiles: every output and gradient."""
     kt = _split_everywhere(monkeypatch, {"pad_w1": pad_w1})
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
-    flags = _padding_flags(monkeypatch)
+    from kernels.token_mlp import gemms
+
+    launches = record_launches(monkeypatch, gemms)
     check_against_fp64(2, 197, 40, 24, dtype, device)
     # the hidden kernel's forward and backward, the token kernel's backward
+    flags = _padding_flags(launches)
     assert len(flags) == 3 and all(f is pad_w1 for f in flags), flags
 
 
@@ -377,22 +364,9 @@ def test_split_method_register_cap(device, monkeypatch):
     kt = _split_everywhere(monkeypatch)
     monkeypatch.setattr(kt, "_blocks", lambda n, c, hd, dtype, backward=False: bench._with(
         gemms.split_blocks(n, c, hd, dtype, backward), "hidden", maxnreg=128))
-    caps, real = [], gemms.wrap_triton
-
-    def spy(kernel):
-        launcher = real(kernel)
-
-        class Launch:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    if kernel.__name__ == "_hidden_kernel":
-                        caps.append(kwargs.get("maxnreg"))
-                    return launcher[grid](*args, **kwargs)
-                return launch
-        return Launch()
-
-    monkeypatch.setattr(gemms, "wrap_triton", spy)
+    launches = record_launches(monkeypatch, gemms)
     check_against_fp64(2, 49, 40, 24, torch.float16, device)
+    caps = [kw.get("maxnreg") for name, kw in launches if name == "_hidden_kernel"]
     assert caps and all(c == 128 for c in caps), caps
 
 
@@ -550,28 +524,14 @@ def test_other_weight_gradient_methods_bf16(shape, method, device, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [{}, {"Z": True}, {"dx_direct": True}], ids=["split", "Z", "dx_direct"])
 @pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
-def test_split_method_bf16(shape, device, monkeypatch):
+def test_split_method_bf16(shape, variant, device, monkeypatch):
     """The per-image GEMMs (method "split") with the split-K weight gradients, compiled, in
-    bf16, on the benchmark shapes (the fused weight kernel after split data: test_split_method)."""
-    kt = _split_everywhere(monkeypatch)
-    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
-    check_against_fp64(*shape, torch.bfloat16, device)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
-def test_split_method_layer_norm_in_memory_bf16(shape, device, monkeypatch):
-    kt = _split_everywhere(monkeypatch, {"Z": True})
-    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
-    check_against_fp64(*shape, torch.bfloat16, device)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
-def test_split_method_dx_direct_bf16(shape, device, monkeypatch):
-    """dX from the token kernel with the dW1 kernel's row sums, compiled, in bf16."""
-    kt = _split_everywhere(monkeypatch, {"dx_direct": True})
+    bf16, on the benchmark shapes (the fused weight kernel after split data: test_split_method):
+    as they are, reading LayerNorm(X) from memory ("Z"), and with dX from the token kernel and
+    the dW1 kernel's row sums ("dx_direct")."""
+    kt = _split_everywhere(monkeypatch, variant)
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, torch.bfloat16, device)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kernels import tuning
+from tests.helpers import record_launches
 
 
 @pytest.fixture
@@ -16,26 +17,6 @@ def tuned_files(tmp_path, monkeypatch):
     tuning.reload()
     yield shipped, user
     tuning.reload()
-
-
-def _recording(monkeypatch, module):
-    """Make module's launches record their keyword arguments (and still run)."""
-    launches = []
-    real = module.wrap_triton
-
-    def wrap(kernel):
-        launcher = real(kernel)
-
-        class Recorder:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    launches.append((kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), kwargs))
-                    return launcher[grid](*args, **kwargs)
-                return launch
-        return Recorder()
-
-    monkeypatch.setattr(module, "wrap_triton", wrap)
-    return launches
 
 
 def test_nothing_saved_means_no_entry(tuned_files):
@@ -78,7 +59,7 @@ def test_attention_launchers_use_saved_configurations(tuned_files, device, monke
     bwd = {"BLOCK": 16, "BLOCK_STEP": 16, "FUSED_DELTA": True, "num_warps": 4, "num_stages": 1}
     tuning.save({tuning.key("attention", "forward", device, q.dtype, f"N{n} D{d}"): fwd,
                  tuning.key("attention", "backward", device, q.dtype, f"N{n} D{d}"): bwd})
-    launches = _recording(monkeypatch, kt)
+    launches = record_launches(monkeypatch, kt)
     out, lse2 = kt.forward(q, k, v, 0.25)
     kt.backward(do, q, k, v, out, lse2, 0.25)
     assert [name for name, _ in launches] == ["_attn_fwd", "_attn_bwd_tiled"]   # fused delta: no delta kernel
@@ -99,7 +80,7 @@ def test_token_mlp_and_dwconv_launchers_use_saved_configurations(tuned_files, de
     tuning.save({tuning.key("token_mlp", "backward", device, x.dtype, key): {"data": split,
                                                                               "weights": {"method": "splitk"}}})
     assert kt.backward_config(x, Hd) == {"data": split, "weights": {"method": "splitk"}}
-    launches = _recording(monkeypatch, gemms)
+    launches = record_launches(monkeypatch, gemms)
     _, mean, rstd = kt.forward(x, *p, 1e-5)
     kt.backward(dy, x, p[0], p[1], p[2], p[3], p[4], mean, rstd)
     assert [name for name, _ in launches] == ["_hidden_kernel", "_tokens_kernel", "_contract_bc_kernel",
