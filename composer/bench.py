@@ -206,8 +206,13 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                         echo(f"    (the fastest so far: saved to {path})")
                         saved = winner
             timed = [r for r in case_rows if isinstance(r["us"], float)]
-            if timed:
-                best = min(timed, key=lambda r: r["us"])
+            wrong = [r for r in timed if not _correct(r, DTYPES[dname])]
+            if wrong:   # fast but wrong is not a candidate: never the best, never saved
+                echo(f"  WRONG (rel.err over {SAVE_TOLERANCE[DTYPES[dname]]:.0e} against the default): "
+                     + "; ".join(str(r["config"]) for r in wrong))
+            correct = [r for r in timed if r not in wrong]
+            if correct:
+                best = min(correct, key=lambda r: r["us"])
                 best["best"] = True
                 echo(f"  best: {best['us']:.1f} us  {best['config']}" + (" (the default)" if best["default"] else ""))
                 # which kernels the winner's time is made of (on CUDA): where the next change should go
@@ -224,12 +229,16 @@ def _winner(case_rows: list, dtype: torch.dtype) -> dict | None:
     default = next((r for r in case_rows if r["default"]), None)
     if default is None or not isinstance(default["us"], float):
         return None
-    correct = [r for r in case_rows if isinstance(r["us"], float) and r["rel_err"] is not None
-               and r["rel_err"] <= SAVE_TOLERANCE[dtype]]
+    correct = [r for r in case_rows if isinstance(r["us"], float) and _correct(r, dtype)]
     best = min(correct, key=lambda r: r["us"], default=None)
     if best is None or best["default"] or best["us"] > (1 - SAVE_MIN_GAIN) * default["us"]:
         return None
     return best
+
+
+def _correct(row: dict, dtype: torch.dtype) -> bool:
+    """Whether a timed row's output is within SAVE_TOLERANCE of the default's."""
+    return row["rel_err"] is not None and row["rel_err"] <= SAVE_TOLERANCE[dtype]
 
 
 def _echo_sweep_row(echo, name, dname, case, cfg, err, t) -> dict:

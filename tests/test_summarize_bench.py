@@ -114,7 +114,7 @@ def test_sweep_checks_and_times_every_configuration():
     lines = []
     rows = sweep_kernels("all", "fp32", echo=lines.append, device="cpu", shapes=SWEEP_SHAPES)
     cases = {(r["op"], r["shape"]) for r in rows}
-    assert len(cases) == 2 + 2 + 4          # attention fwd/bwd; token_mlp fwd/bwd; dwconv 2 layouts x 2
+    assert len(cases) == 2 + 2 + 6          # attention fwd/bwd; token_mlp fwd/bwd; dwconv 2 layouts x 3
     for op, shape in cases:
         mine = [r for r in rows if (r["op"], r["shape"]) == (op, shape)]
         assert sum(r["default"] for r in mine) == 1 and sum(r["best"] for r in mine) == 1, (op, shape)
@@ -252,6 +252,35 @@ def test_sweep_save_picks_the_fastest_correct_configuration():
     assert b._winner(rows, torch.float32) is None
     rows[0]["us"] = "failed"      # nothing to compare with
     assert b._winner(rows, torch.float32) is None
+
+
+def test_sweep_never_calls_a_wrong_configuration_best(monkeypatch):
+    """A configuration whose output is off is reported as wrong, even when it is the fastest:
+    the best line (and the per-kernel breakdown under it) is the fastest correct one."""
+    import importlib
+
+    from composer import bench as b
+    from kernels.benchmarking import SweepCase
+
+    out = {"good": torch.ones(4), "fast but wrong": torch.full((4,), 1.3)}
+    times = {"default": 30.0, "good": 20.0, "fast but wrong": 10.0}
+    case = SweepCase(op="attention", shape="fake", default={"name": "default"},
+                     configs=[{"name": "fast but wrong"}, {"name": "good"}],
+                     run=lambda cfg: out.get(cfg["name"], torch.ones(4)))
+    module = importlib.import_module(b.BENCH_MODULES["attention"])
+    monkeypatch.setattr(module, "sweep_cases", lambda *a, **k: [case])
+    monkeypatch.setattr(b, "_time", lambda fn, device, cuda_graph=False: times[_last_config(fn)])
+    lines = []
+    rows = sweep_kernels("attention", "fp32", echo=lines.append, device="cpu", shapes={"attention": [(1, 1, 8, 16)]})
+    best = [r for r in rows if r["best"]]
+    assert [r["config"]["name"] for r in best] == ["good"]
+    assert any(line.startswith("  WRONG") and "fast but wrong" in line for line in lines), lines
+    assert "  best: 20.0 us  {'name': 'good'}" in lines
+
+
+def _last_config(fn):
+    """The configuration a sweep's timing closure launches (its default argument `cfg`)."""
+    return fn.__defaults__[0]["name"]
 
 
 def test_sweep_save_writes_what_the_launchers_then_use(tmp_path, monkeypatch):

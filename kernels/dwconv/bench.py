@@ -92,7 +92,8 @@ def cases(dtype: torch.dtype, device, shapes=None) -> list[BenchCase]:
 
 
 def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
-    """Tile budgets of the forward and weight-gradient kernels, both memory formats, each shape."""
+    """Tile budgets of the forward, input-gradient and weight-gradient launches, both memory
+    formats, each shape."""
     from kernels.benchmarking import SweepCase
     from kernels.dwconv import toeplitz as toeplitz_kernels
     from kernels.dwconv import triton as kt
@@ -177,6 +178,15 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             key = kt._shape_key(xl, k)
             out.append(SweepCase("dwconv2d", f"{shape} forward", kt.forward_tile(xl, k), fwd, forward,
                                  tune=("forward", key)))
+            # the input gradient as the ConvMixer block runs it: the flipped convolution of the
+            # output gradient plus the residual's gradient; the forward's candidates, timed apart
+            def input_grad(cfg, dyl=dyl, w=w, xl=xl):
+                dx = torch.empty_like(dyl)
+                kt.conv_forward(dyl, w, None, dx, None, gelu=False, flip=True, add=xl, tile=cfg)
+                return dx
+
+            out.append(SweepCase("dwconv2d", f"{shape} input grad", kt.forward_tile(dyl, k, role="input grad"),
+                                 fwd, input_grad, tune=("input grad", key)))
             # as the ConvMixer block runs it: GELU and bias fused, so g = dy * gelu'(z) and the
             # bias gradient are part of the work (the streaming kernel forms them itself)
             out.append(SweepCase("dwconv2d", f"{shape} weight grad", kt.weight_grad_tile(xl, k), wgt,

@@ -209,18 +209,23 @@ def _shape_key(x: torch.Tensor, k: int) -> str:
     return f"C{x.shape[1]} {x.shape[2]}x{x.shape[3]} k{k} {'channels_last' if _channels_last(x) else 'NCHW'}"
 
 
-def forward_tile(x: torch.Tensor, k: int) -> dict:
-    """The forward launch for input x and kernel size k (also the input gradient's, which is
-    the flipped convolution of the output gradient): a saved configuration for this card and
-    shape (kernels.tuning) if there is one, else the Toeplitz kernel where it is the default
+def forward_tile(x: torch.Tensor, k: int, role: str = "forward") -> dict:
+    """The forward launch for input x and kernel size k: a saved configuration for this card
+    and shape (kernels.tuning) if there is one, else the Toeplitz kernel where it is the default
     (see TOEPLITZ_MIN_K), else the tap kernel's tile budget, `elems` per program and channel
-    runs of `c_bytes` (channels_last).
+    runs of `c_bytes` (channels_last). With role "input grad", the input gradient's launch (the
+    flipped convolution of the output gradient, the same kernels): its saved configurations are
+    its own, since a forward's winner need not win there. On an H100 (bf16, 2026-11-27, third
+    run) the streaming kernels won the forward and weight-gradient sweeps (248 against 479 us,
+    590 against 786 at B256 C256 32x32 k9), yet forward+backward with the streaming forward
+    serving the input gradient too took 2,489 us against the second run's 1,880 (CUDA graph):
+    the flipped streaming launch is the suspect, not yet timed alone (the "input grad" sweep).
 
     The tap kernel's budgets are the fastest of a sweep on an H200 (bf16, 2026-11-26, the
     benchmark shapes): channels_last 8192 elements with 128-byte channel runs (1,066 us
     against 1,295 for 4096 / 64 at B256 C256 32x32 k9); NCHW barely cares (2048).
     """
-    tuned = tuning.lookup("dwconv2d", "forward", x.device, x.dtype, _shape_key(x, k))
+    tuned = tuning.lookup("dwconv2d", role, x.device, x.dtype, _shape_key(x, k))
     if tuned:
         return tuned
     if _toeplitz_default(x, k):
@@ -327,5 +332,6 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         dw, _ = toeplitz.weight_grad(g, x, K, tile)
     if need_dx:
         dx = torch.empty_like(x)
-        conv_forward(g, weight, None, dx, None, gelu=False, flip=True, add=add_to_dx)
+        conv_forward(g, weight, None, dx, None, gelu=False, flip=True, add=add_to_dx,
+                     tile=forward_tile(g, K, role="input grad"))
     return dx, dw, db

@@ -167,23 +167,27 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # the per-image GEMMs (gemms.py), never timed yet: first in each list, so that a sweep cut
         # short by its time limit still measures them
         split_fwd, split_bwd = (gemms.split_blocks(N, C, Hd, dtype, backward) for backward in (False, True))
-        # never timed yet, first: LayerNorm(X) written once by its own pass and read by the GEMMs
-        # ("Z"), whose tiles then load with pipelined plain loads instead of normalizing X in a
-        # prologue (which kept the async copies and wgmma of each step waiting on it)
+        # LayerNorm(X) written once by its own pass and read by the hidden GEMM ("Z"), whose tiles
+        # then load with pipelined plain loads instead of normalizing X in a prologue. On an H100
+        # (bf16, 2026-11-27, third run) the forward took 280 against 281 us at N196 C512, 281
+        # against 298 at C768 (the capped hidden kernel below: 240, 253); the backward's dW1 read
+        # from Z was wrong and now recomputes LN(X), a backward not timed as it stands
         z_fwd, z_bwd = {**split_fwd, "Z": True}, {**split_bwd, "Z": True}
         # and W1 unpadded, as before `gemms.pad_token_axis` (N not a multiple of 16 only): its
         # tiles then load one element a lane outside the pipeline, but the backward's hidden
-        # kernel spills less (16 against 80 bytes at N 196 on sm_90, Triton 3.6)
+        # kernel spills less (16 against 80 bytes at N 196 on sm_90, Triton 3.6); same run, it
+        # lost everywhere: forward 302 / 324 against 281 / 298, backward 915 / 929 against 803 / 762
         fwd_default = kt.forward_config(x, Hd)
         unpadded = ([{**fwd_default, "pad_w1": False}]
                     if N % 16 and fwd_default.get("method") == "split" else [])
-        # never timed yet: the hidden kernel capped at 128 registers (146 without at N 196 on sm_90,
-        # Triton 3.6: one 8-warp program an SM; capped, two, with 32 bytes spilled), so that one
-        # program's GELU epilogue can run while another's matmuls do
+        # the hidden kernel capped at 128 registers (146 without at N 196 on sm_90, Triton 3.6:
+        # one 8-warp program an SM; capped, two, with 32 bytes spilled), so that one program's
+        # GELU epilogue can run while another's matmuls do: same run, 240 / 253 us against
+        # 281 / 298 (saved, kernels/tuned.json)
         capped = [_with(fwd_default if fwd_default.get("method") == "split" else split_fwd, "hidden", maxnreg=128)]
-        fwd_split = unpadded + [z_fwd] + capped + [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
+        fwd_split = capped + [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
             ("hidden", {"BLOCK_C": 64}), ("hidden", {"BLOCK_K": 64}), ("hidden", {"num_warps": 4, "BLOCK_M": 64}),
-            ("tokens", {"BLOCK_C": 32}), ("tokens", {"BLOCK_K": 32}))]
+            ("tokens", {"BLOCK_C": 32}), ("tokens", {"BLOCK_K": 32}))] + [z_fwd] + unpadded
         # the backward's configurations are {"data": ..., "weights": ...}, timed together (and
         # saved together): split data with split-K weights is the all-GEMM backward
         default_bwd = kt.backward_config(x, Hd)
@@ -194,22 +198,24 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         splitk_weights = {"method": "splitk"}
         unpadded = ([both({**default_bwd["data"], "pad_w1": False})]
                     if N % 16 and default_bwd["data"].get("method") == "split" else [])
-        # never timed yet, first: dX written by the token kernel, its LayerNorm row sums taken from
-        # the dW1 GEMM image by image ("dx_direct"): no fp32 (B, N, C) partial of dX written and
-        # read back, no finishing pass (at B256 N196 C512, ~260 MB of the backward's traffic)
+        # dX written by the token kernel, its LayerNorm row sums taken from the dW1 GEMM image by
+        # image ("dx_direct"): no fp32 (B, N, C) partial of dX written and read back, no finishing
+        # pass (at B256 N196 C512, ~260 MB of the backward's traffic). Same run: 790 / 787 us
+        # against 803 / 762 (its row-sums kernel not yet broken down)
         data = default_bwd["data"] if default_bwd["data"].get("method") == "split" else split_bwd
         direct = [both({**data, "dx_direct": True}, splitk_weights)]
-        bwd_split = direct + unpadded + [both(z_bwd, splitk_weights), both(split_bwd, splitk_weights),
-                                         both(split_bwd)] + [
+        # never timed as it stands, first: Z with dW1 from LN(X) recomputed (see z_bwd above)
+        bwd_split = [both(z_bwd, splitk_weights)] + direct + [both(split_bwd, splitk_weights), both(split_bwd)] + [
             both(_with(split_bwd, part, **tiles), splitk_weights) for part, tiles in (
                 ("hidden", {"BLOCK_C": 128}), ("hidden", {"BLOCK_C": 32}), ("hidden", {"BLOCK_K": 64}),
-                ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))]
+                ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))] + unpadded
         if (B, N, C, Hd) in SLABS_SWEPT:
             slab, weight = [], []
-        # never timed yet, first where it fits (N <= 64, Hd <= 128): the whole backward of an
-        # image in one program ("image"), nothing through memory but dX and the partials (the
-        # default there, the fused data and weight kernels, moves ~160 MB at B256 N64 C256 Hd128:
-        # dA, an fp32 dX partial and its finishing pass, Z and dY read once per hidden block)
+        # where it fits (N <= 64, Hd <= 128): the whole backward of an image in one program
+        # ("image"), nothing through memory but dX and the partials (the fused data and weight
+        # kernels move ~160 MB at B256 N64 C256 Hd128: dA, an fp32 dX partial and its finishing
+        # pass, Z and dY read once per hidden block). H100, third run: 120 / 110 / 104 us against
+        # their 148 (BLOCK_C 32 saved, kernels/tuned.json)
         image = ([both(data={"method": "image", **tiles}) for tiles in
                   ({"BLOCK_C": 16}, {"BLOCK_C": 16, "IMAGES": 2}, {"BLOCK_C": 32})]
                  if kt.image_method_fits(N, Hd) and dtype != torch.float32 else [])   # fp32 spills it

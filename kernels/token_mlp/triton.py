@@ -489,7 +489,7 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         s1, s2 = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(2))
     ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
     dgamma_part, dbeta_part = ln_part.unbind(0)
-    # with "Z": LN(x) written once, read by the GEMMs (and the split-K weight gradient) as is
+    # with "Z": LN(x) written once, read by the hidden GEMM as is
     z = gemms.layer_norm(x, mean, rstd, ln_weight, ln_bias) if split and cfg.get("Z") else None
     if split:
         w1p, padded = gemms.pad_token_axis(w1, cfg)
@@ -531,7 +531,10 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
         # dW1 = sum over (image, channel) of dA Z^T, dW2 = the same of dY H^T: two split-K GEMMs
         # with large output tiles, so that each input is read a few times, not once per hidden block
         if not direct:   # else dw1_row_sums formed them
-            dw1, db1 = gemms.contract_bc(da, z, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
+            # LN(X) recomputed from x even with "Z": reading the Z buffer here gave a wrong dW1 on
+            # an H100 (bf16, B256 N196 C512 Hd256, 2026-11-27: 29,578 of 75,264 entries off, dX
+            # right) while the Triton interpreter agrees with fp64 on the same code; cause not found
+            dw1, db1 = gemms.contract_bc(da, None, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS,
                                          with_rowsum=True)
         dw2, _ = gemms.contract_bc(dy, h, x, mean, rstd, ln_weight, ln_bias, wcfg, _TARGET_PROGRAMS)
         return dx, dln_weight, dln_bias, dw1, db1, dw2, db2

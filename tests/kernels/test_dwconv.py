@@ -257,7 +257,7 @@ def test_toeplitz_method(k, hw, channels_last, dtype, device, monkeypatch):
     selected for every launch: output and all gradients under the tolerance rule."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: TOEPLITZ)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": TOEPLITZ)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: TOEPLITZ)
     check(2, 3, *hw, k, dtype, device, channels_last=channels_last)
 
@@ -269,7 +269,7 @@ def test_toeplitz_from_an_nchw_copy(dtype, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     tile = {**TOEPLITZ, "copy_to_nchw": True}
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     check(2, 3, 9, 13, 9, dtype, device, channels_last=True)
 
@@ -281,7 +281,7 @@ def test_toeplitz_gathering_the_weights(k, hw, dtype, device, monkeypatch):
     from the weights ("gather"): every output and gradient."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**TOEPLITZ, "gather": True})
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": {**TOEPLITZ, "gather": True})
     check(2, 3, *hw, k, dtype, device)
 
 
@@ -291,7 +291,7 @@ def test_toeplitz_narrow_windows(dtype, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     tile = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "TILE_W": 16, "num_warps": 4}
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     check(2, 3, 20, 40, 9, dtype, device)
 
@@ -315,7 +315,7 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
     program: every output and gradient."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**TOEPLITZ, "IMAGES": images})
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": {**TOEPLITZ, "IMAGES": images})
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**TOEPLITZ, "UNITS": 3})
     check(5, 3, 20, 40, 9, dtype, device)
 
@@ -338,7 +338,7 @@ def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
     output and gradient."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: {**STREAM, **tile})
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": {**STREAM, **tile})
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**STREAM, **tile})
     check(batch, 5, *hw, k, dtype, device, bias=True, activation="gelu")
     check(batch, 5, *hw, k, dtype, device, bias=False, activation=None)
@@ -354,7 +354,7 @@ def test_widths_that_are_not_multiples_of_8(hw, method, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     tile = STREAM if method == "stream" else TOEPLITZ
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     x = torch.empty(2, 3, *hw, dtype=torch.float16)
     assert toeplitz._row_align(x) == (4 if hw[1] == 28 else 2)
@@ -395,7 +395,8 @@ def test_stream_needs_triton_3_3(monkeypatch):
     assert configs and not any(c.get("stream") for c in configs)
     monkeypatch.setattr(triton, "__version__", "3.3.0")
     configs = [c for case in bench.sweep_cases(torch.float32, "cpu", [(1, 2, 8, 8, 9)]) for c in case.configs]
-    assert sum(bool(c.get("stream")) for c in configs) == 10   # 4 + 4 on NCHW, 1 + 1 on NCHW copies
+    # 4 forward, 4 input-gradient and 4 weight-gradient ones on NCHW, one of each on NCHW copies
+    assert sum(bool(c.get("stream")) for c in configs) == 15
 
 
 def test_stream_without_input_gradient(device):
@@ -446,7 +447,7 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     if tile is not None:
-        monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+        monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
         monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     calls = []
     real = kt.conv_backward
@@ -472,7 +473,7 @@ def test_dwconv_batch_norm_residual_bf16(tile, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     if tile is not None:
-        monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+        monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
         monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     x, w, b, dy = _inputs(17, 19, 32, 32, 9, device)
     got = _block_run(x, w, b, dy, torch.bfloat16, "triton", fused=True)
@@ -576,7 +577,7 @@ def test_toeplitz_method_bf16(k, hw, channels_last, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     tile = {"method": "toeplitz", "BLOCK_C": 8, "TILE_H": 32, "num_warps": 8}
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     check(4, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
 
@@ -588,7 +589,7 @@ def test_toeplitz_variants_bf16(k, hw, variant, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
     tile = {**kt.TOEPLITZ_FORWARD, variant: True}
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: tile)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**kt.TOEPLITZ_WEIGHT_GRAD, variant: True})
     check(4, 19, *hw, k, torch.bfloat16, device, channels_last=variant == "copy_to_nchw")
 
@@ -608,7 +609,7 @@ def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_la
     """The Toeplitz configurations the sweep tries first, compiled, in bf16, odd batch and channels."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: forward)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": forward)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: weight_grad)
     check(5, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
 
@@ -626,7 +627,7 @@ def test_toeplitz_streaming_bf16(k, hw, forward, weight_grad, channels_last, dev
     groups (batch 17), odd channels, with bias and GELU."""
     from kernels.dwconv import triton as kt
 
-    monkeypatch.setattr(kt, "forward_tile", lambda x, k: forward)
+    monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": forward)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: weight_grad)
     check(17, 19, *hw, k, torch.bfloat16, device, channels_last=channels_last)
 

@@ -182,7 +182,8 @@ def test_split_method(shape, dtype, weights, device, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_split_method_layer_norm_in_memory(shape, dtype, weights, device, monkeypatch):
     """The per-image GEMMs reading LayerNorm(X) written once by its own pass ("Z"), in the
-    forward, the data backward and the split-K weight gradients: every output and gradient."""
+    forward and the data backward: every output and gradient. The split-K dW1 recomputes LN(X)
+    from x instead (reading Z there gave a wrong dW1 on an H100 in bf16)."""
     kt = _split_everywhere(monkeypatch, {"Z": True})
     if weights == "splitk":
         monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
@@ -191,8 +192,12 @@ def test_split_method_layer_norm_in_memory(shape, dtype, weights, device, monkey
     calls = []
     real = gemms.layer_norm
     monkeypatch.setattr(gemms, "layer_norm", lambda *a: calls.append(1) or real(*a))
+    launches = record_launches(monkeypatch, gemms)
     check_against_fp64(*shape, dtype, device)
     assert len(calls) >= 2   # the forward's and the backward's
+    assert [kw["Z_IN_MEMORY"] for name, kw in launches if name == "_hidden_kernel"] == [True, True]
+    if weights == "splitk":   # dW1 (LN(X) recomputed), then dW2 (H from memory)
+        assert [kw["Q_IS_LN"] for name, kw in launches if name == "_contract_bc_kernel"] == [True, False]
 
 
 @pytest.mark.parametrize("tiles,shape", [

@@ -91,3 +91,26 @@ def test_token_mlp_and_dwconv_launchers_use_saved_configurations(tuned_files, de
     tuning.save({tuning.key("dwconv2d", "forward", device, xc.dtype, "C3 12x12 k5 NCHW"): tile})
     assert dt.forward_tile(xc, 5) == tile
     assert dt.forward_tile(xc.to(memory_format=torch.channels_last), 5) != tile   # another layout
+
+
+def test_dwconv_input_gradient_has_its_own_saved_configuration(tuned_files, device, monkeypatch):
+    """The input gradient (the flipped forward) looks up "input grad", never the forward's saved
+    winner: a forward winner can lose as the input gradient (and the other way round)."""
+    from kernels.dwconv import toeplitz
+    from kernels.dwconv import triton as dt
+
+    x = torch.randn(2, 3, 12, 12, device=device)
+    dy = torch.randn_like(x)
+    w = torch.randn(3, 1, 7, 7, device=device)
+    key = "C3 12x12 k7 NCHW"
+    forward = {"method": "toeplitz", "BLOCK_C": 2, "TILE_H": 16, "num_warps": 4, "IMAGES": 2}
+    tuning.save({tuning.key("dwconv2d", "forward", device, x.dtype, key): forward})
+    assert dt.forward_tile(x, 7) == forward
+    assert dt.forward_tile(x, 7, role="input grad") == dt.TOEPLITZ_FORWARD   # the built-in rule
+    input_grad = {"elems": 1024, "c_bytes": 64}    # the tap kernel: easy to tell apart
+    tuning.save({tuning.key("dwconv2d", "input grad", device, x.dtype, key): input_grad})
+    assert dt.forward_tile(x, 7, role="input grad") == input_grad
+    launches = record_launches(monkeypatch, dt, toeplitz)
+    dt.conv_backward(dy, x, w, None, gelu=False, has_bias=False, need_dx=True, need_dw=False)
+    assert [name for name, _ in launches] == ["_dwconv_fwd_kernel"]
+    assert launches[0][1]["FLIP"] is True
