@@ -49,10 +49,8 @@ def test_summarize_shows_kernels_run_between_compiled_regions():
 
 def test_summarize_shows_the_fused_batch_norm():
     """With kernels triton a ConvMixer's BatchNorms train as kernels.batch_norm: the kernel column
-    names it next to the depthwise op (pointwise blocks: alone); kernels auto keeps nn.BatchNorm2d
-    until the fused op is measured faster (composer.blocks.base.FUSED_BATCH_NORM_IN_AUTO)."""
-    from composer.blocks import base
-
+    names it next to the depthwise op (pointwise blocks: alone); kernels auto uses it on CUDA only
+    (composer.blocks.base.FUSED_BATCH_NORM_IN_AUTO), so not in this CPU summary."""
     result = run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json", "--kernels", "triton")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
@@ -61,7 +59,10 @@ def test_summarize_shows_the_fused_batch_norm():
     assert re.fullmatch(r"batch_norm: \w+", kinds["pointwise"]), kinds
     assert re.fullmatch(r"batch_norm: \w+", kinds["stem (conv)"]), kinds   # its GELU and BatchNorm
     auto = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json").stdout)["rows"]
-    assert base.FUSED_BATCH_NORM_IN_AUTO or not any("batch_norm" in r["kernel"] for r in auto)
+    assert not any("batch_norm" in r["kernel"] for r in auto)
+    auto_cuda = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json",
+                                   "--set", "train.device=cuda").stdout)["rows"]
+    assert any("batch_norm" in r["kernel"] for r in auto_cuda), auto_cuda
     # on CUDA a kernel of 7 trains channels_last (memory_format auto), where nn.BatchNorm2d stays
     for k, fused in ((7, False), (9, True)):
         rows = json.loads(run_cli("summarize", SPECS / "convmixer_cifar.yaml", "--json", "--kernels", "triton",
