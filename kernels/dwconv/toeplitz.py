@@ -2,7 +2,8 @@
 by a banded (Toeplitz) matrix. The default for NCHW inputs at K >= 7 (see
 triton.TOEPLITZ_MIN_K); triton.py holds the tap kernels and picks between them.
 
-  _dwconv_fwd_toeplitz_kernel    y = act(bias + conv(x, w)); with FLIP the input gradient
+  _dwconv_fwd_toeplitz_kernel    y = act(bias + conv(x, w)); the input gradient is the same
+                                 with w rotated by 180 degrees on the host (`conv_forward`)
   _dwconv_bwd_w_toeplitz_kernel  the weight gradient, as diagonals of per-window products
   _dwconv_fwd_stream_kernel      the forward streaming down the image with the K input rows in
                                  use held in registers: x read once, not K times ("stream")
@@ -36,7 +37,7 @@ def _dwconv_fwd_toeplitz_kernel(
     sab, sac, sah, saw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr, FLIP: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
 ):
     # One program: BLOCK_C channels x a TILE_H x TILE_W output window of IMAGES images.
     # For kernel row i, the window is a matmul per channel: rows of the input
@@ -44,8 +45,7 @@ def _dwconv_fwd_toeplitz_kernel(
     # before the window: its TILE_W columns and the halo, see `_lead`) times that channel's
     # banded Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n - (LEAD - PAD)]. The K
     # products run on tensor cores as one batched dot over the channel block. T comes from memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with
-    # GATHER is gathered from the (C, K, K) weights themselves at t_ptr (flipped by 180 degrees
-    # with FLIP): K * K values a channel that stay in L1 instead of K * KP * TILE_W read
+    # GATHER is gathered from the (C, K, K) weights themselves at t_ptr: K * K values a channel that stay in L1 instead of K * KP * TILE_W read
     # through L2. Stacking images makes each T_i load serve IMAGES times the outputs: at B256
     # C256 32x32 k9 with one image a program, the banded matrices, not x, are most of the
     # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z). With HAS_ADD, y also gets the
@@ -79,7 +79,7 @@ def _dwconv_fwd_toeplitz_kernel(
         row = h_out + (i - PAD)
         xv = tl.load(x_base + row * sxh, mask=img_ok & c_ok & col_ok & (row >= 0) & (row < H), other=0.0)
         if GATHER:
-            tv = _banded_row(t_ptr, c64, c_ok, i, K, KP, TILE_W, LEAD, FLIP).to(x_ptr.dtype.element_ty)
+            tv = _banded_row(t_ptr, c64, c_ok, i, K, KP, TILE_W, LEAD).to(x_ptr.dtype.element_ty)
         else:
             tv = tl.load(t_base + i * (KP * TILE_W), mask=c_ok, other=0.0)
         if IEEE:
@@ -185,24 +185,27 @@ def _output_grad(dy_ptrs, z_ptrs, g_ptrs, ok, GELU: tl.constexpr, STORE_G: tl.co
 
 @triton.jit
 def _banded_row(w_ptr, c64, c_ok, i, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
-                LEAD: tl.constexpr, FLIP: tl.constexpr):
+                LEAD: tl.constexpr):
     # kernel row i's banded matrix of a channel block, T_i[j, n] = w[c, i, tap], tap = j - n -
-    # (LEAD - K // 2), inside the band 0 <= tap < K, else 0 (rotated by 180 degrees with FLIP),
-    # gathered from the (C, K, K) weights as a (BLOCK_C, KP, TILE_W) tensor
+    # (LEAD - K // 2), inside the band 0 <= tap < K, else 0, gathered from the (C, K, K) weights
+    # as a (BLOCK_C, KP, TILE_W) tensor. (The input gradient's rotated kernel is rotated on the
+    # host: indexing it here as w[c, K - 1 - i, K - 1 - tap] made the address decrease along j,
+    # which Triton's contiguity analysis cannot see, and the streaming kernel then fed its dots
+    # through scalar shared-memory loads: 68 instead of 180 HMMA and 288 instead of 37 LDS in
+    # its sm_90 SASS, Triton 3.6; on an H100, forward+backward at B256 C256 32x32 k9 with it as
+    # the input gradient took ~1,650 us more than its forward and weight gradient alone.)
     tap = tl.arange(0, KP)[None, :, None] - tl.arange(0, TILE_W)[None, None, :] - (LEAD - K // 2)
     band = c_ok & (tap >= 0) & (tap < K)
-    if FLIP:
-        return tl.load(w_ptr + c64 * (K * K) + (K - 1 - i) * K + (K - 1 - tap), mask=band, other=0.0)
     return tl.load(w_ptr + c64 * (K * K) + i * K + tap, mask=band, other=0.0)
 
 
 @triton.jit
 def _banded_rows(w_ptr, c64, c_ok, dtype, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
-                 LEAD: tl.constexpr, FLIP: tl.constexpr):
+                 LEAD: tl.constexpr):
     # all K of them (`_banded_row`), as a tuple, in the activations' dtype
     ts = ()
     for i in tl.static_range(K):
-        ts = ts + (_banded_row(w_ptr, c64, c_ok, i, K, KP, TILE_W, LEAD, FLIP).to(dtype),)
+        ts = ts + (_banded_row(w_ptr, c64, c_ok, i, K, KP, TILE_W, LEAD).to(dtype),)
     return ts
 
 
@@ -229,7 +232,7 @@ def _dwconv_fwd_stream_kernel(
     sab, sac, sah, saw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr, FLIP: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, IEEE: tl.constexpr,
 ):
     # The Toeplitz forward streaming down the image: one program, BLOCK_C channels x IMAGES
     # images x a TILE_W-wide column window x ROWS output rows. Output row h of every image at
@@ -239,9 +242,8 @@ def _dwconv_fwd_stream_kernel(
     # whose accumulators stay in registers (a tuple, oldest first); the oldest is then complete
     # and stored. _dwconv_fwd_toeplitz_kernel instead reads each input row once per kernel row
     # (K times) and converts it for the tensor cores each time. The banded matrices are built
-    # once a program. X_r's KP columns start LEAD before the window (`_lead`). With FLIP (kernel
-    # rotated by 180 degrees) it is the input gradient; with
-    # HAS_ADD a tensor like y is added last (a residual's gradient into the input gradient).
+    # once a program. X_r's KP columns start LEAD before the window (`_lead`). With HAS_ADD a
+    # tensor like y is added last (a residual's gradient into the input gradient).
     W, sxh, syh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(syh, ROW_ALIGN)
     szh, sah = _aligned(szh, ROW_ALIGN), _aligned(sah, ROW_ALIGN)
     pid = tl.program_id(0)
@@ -262,7 +264,7 @@ def _dwconv_fwd_stream_kernel(
     y_base = y_ptr + img * syb + c64 * syc + w_out * syw
     z_base = z_ptr + img * szb + c64 * szc + w_out * szw
     add_base = add_ptr + img * sab + c64 * sac + w_out * saw
-    ts = _banded_rows(w_ptr, c64, c_ok, x_ptr.dtype.element_ty, K, KP, TILE_W, LEAD, FLIP)
+    ts = _banded_rows(w_ptr, c64, c_ok, x_ptr.dtype.element_ty, K, KP, TILE_W, LEAD)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
     h0 = th * ROWS
@@ -384,30 +386,28 @@ def _dwconv_bwd_w_stream_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 @triton.jit
-def _banded_kernel(w_ptr, t_ptr, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr, LEAD: tl.constexpr,
-                   FLIP: tl.constexpr):
+def _banded_kernel(w_ptr, t_ptr, K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr, LEAD: tl.constexpr):
     # one program: channel c's banded matrix of kernel row i (`_banded_row`, a block of one channel)
     c = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
     c64 = tl.full((1, 1, 1), c, tl.int64)
-    v = _banded_row(w_ptr, c64, c64 >= 0, i, K, KP, TILE_W, LEAD, FLIP)                   # (1, KP, TILE_W)
+    v = _banded_row(w_ptr, c64, c64 >= 0, i, K, KP, TILE_W, LEAD)                   # (1, KP, TILE_W)
     jn = tl.arange(0, KP)[None, :, None] * TILE_W + tl.arange(0, TILE_W)[None, None, :]
     tl.store(t_ptr + (c * K + i) * (KP * TILE_W) + jn, v.to(t_ptr.dtype.element_ty))
 
 
-def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, flip: bool, dtype: torch.dtype,
+def toeplitz_matrices(weight: torch.Tensor, tile_w: int, kp: int, dtype: torch.dtype,
                       lead: int | None = None) -> torch.Tensor:
     """(C, K, KP, TILE_W) banded matrices: T[c, i, j, n] = w[c, i, tap] for 0 <= tap < K, else 0,
     tap = j - n - (lead - K // 2) (`lead`: where the window's input columns start, K // 2 by default).
 
-    With `flip` the kernel is rotated by 180 degrees (the input gradient's convolution). One
-    launch: built with PyTorch ops it took about ten kernels and ~150 us of host time a call."""
+    One launch: built with PyTorch ops it took about ten kernels and ~150 us of host time a call."""
     C, K = weight.shape[0], weight.shape[-1]
     t = torch.empty((C, K, kp, tile_w), device=weight.device, dtype=dtype)
     if C:
         wrap_triton(_banded_kernel)[(C, K)](weight.reshape(C, K * K).contiguous(), t,
                                            K=K, KP=kp, TILE_W=tile_w, LEAD=K // 2 if lead is None else lead,
-                                           FLIP=flip, num_warps=1)
+                                           num_warps=1)
     return t
 
 
@@ -456,20 +456,24 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
     of two), each program stacks the rows of its window in that many images into one matmul
     (one image by default). With "copy_to_nchw", a
     channels_last x is read from a contiguous copy (the kernel's loads run along W) and y, z
-    keep their own strides."""
+    keep their own strides. With `flip` (the input gradient) the kernel is rotated by 180
+    degrees here, a (C, K, K) copy, so that every launch runs the forward's code (see
+    `_banded_row`)."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
+    if flip:
+        weight = weight.flip((-2, -1))
     if tile.get("copy_to_nchw"):
         x = x.contiguous()
     if tile.get("stream"):
-        _stream_forward(x, weight, bias, y, z, gelu=gelu, flip=flip, tile=tile, add=add)
+        _stream_forward(x, weight, bias, y, z, gelu=gelu, tile=tile, add=add)
         return
     tile_w, tile_h, kp, block_c, n_th, n_tw = _tiles(x, K, tile)
     lead = _lead(x, K, tile_w, kp)
     gather = tile.get("gather", False)
     # with "gather" the kernel reads the banded matrices' entries from the weights directly
     t = (weight.reshape(C, K * K).contiguous() if gather
-         else toeplitz_matrices(weight, tile_w, kp, flip, x.dtype, lead))
+         else toeplitz_matrices(weight, tile_w, kp, x.dtype, lead))
     zz = y if z is None else z
     aa = y if add is None else add
     images = min(next_pow2(tile.get("IMAGES", 1)), next_pow2(B))   # M = IMAGES * TILE_H: a power of two
@@ -480,7 +484,7 @@ def conv_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, a
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
         BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, KP=kp, LEAD=lead, ROW_ALIGN=_row_align(x, y, zz, aa),
         IMAGES=images,
-        IEEE=x.dtype == torch.float32, GATHER=gather, FLIP=flip, num_warps=tile.get("num_warps", 8),
+        IEEE=x.dtype == torch.float32, GATHER=gather, num_warps=tile.get("num_warps", 8),
     )
 
 
@@ -506,7 +510,7 @@ def _stream_tiles(x: torch.Tensor, K: int, tile: dict) -> tuple[int, int, int]:
     return tile_w, max(16, next_pow2(tile_w + K - 1)), max(16, next_pow2(tile.get("IMAGES", 16)))
 
 
-def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict, add=None) -> None:
+def _stream_forward(x, weight, bias, y, z, *, gelu: bool, tile: dict, add=None) -> None:
     """_dwconv_fwd_stream_kernel: BLOCK_C channels x IMAGES images x one column window a
     program, down ROWS rows (all by default; fewer give more programs, each re-reading K - 1
     rows of halo). By default 4 channels on 4 warps: Triton lays the warps of the batched dot
@@ -527,7 +531,7 @@ def _stream_forward(x, weight, bias, y, z, *, gelu: bool, flip: bool, tile: dict
         *x.stride(), *y.stride(), *zz.stride(), *aa.stride(),
         K=K, HAS_BIAS=bias is not None, GELU=gelu, STORE_PREACT=z is not None, HAS_ADD=add is not None,
         BLOCK_C=block_c, TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp), ROW_ALIGN=_row_align(x, y, zz, aa),
-        IMAGES=images, IEEE=x.dtype == torch.float32, FLIP=flip,
+        IMAGES=images, IEEE=x.dtype == torch.float32,
         num_warps=tile.get("num_warps", block_c), num_stages=tile.get("num_stages", 2),
     )
 

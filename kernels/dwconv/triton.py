@@ -215,11 +215,14 @@ def forward_tile(x: torch.Tensor, k: int, role: str = "forward") -> dict:
     (see TOEPLITZ_MIN_K), else the tap kernel's tile budget, `elems` per program and channel
     runs of `c_bytes` (channels_last). With role "input grad", the input gradient's launch (the
     flipped convolution of the output gradient, the same kernels): its saved configurations are
-    its own, since a forward's winner need not win there. On an H100 (bf16, 2026-11-27, third
-    run) the streaming kernels won the forward and weight-gradient sweeps (248 against 479 us,
-    590 against 786 at B256 C256 32x32 k9), yet forward+backward with the streaming forward
-    serving the input gradient too took 2,489 us against the second run's 1,880 (CUDA graph):
-    the flipped streaming launch is the suspect, not yet timed alone (the "input grad" sweep).
+    its own, since a forward's winner need not win there (its epilogue also reads the residual's
+    gradient). On an H100 (bf16, 2026-11-27, third run) the streaming kernels won the forward and
+    weight-gradient sweeps (248 against 479 us, 590 against 786 at B256 C256 32x32 k9), yet
+    forward+backward with the streaming forward serving the input gradient took 2,489 us against
+    the second run's 1,880 (CUDA graph): its rotated kernel compiled to scalar shared-memory
+    loads (see toeplitz._banded_row), fixed since. The shipped "input grad" entries are the
+    forward's streaming winners, whose code the input gradient now shares (the same sm_90 SASS
+    instruction mix); not yet timed as the input gradient.
 
     The tap kernel's budgets are the fastest of a sweep on an H200 (bf16, 2026-11-26, the
     benchmark shapes): channels_last 8192 elements with 128-byte channel runs (1,066 us
