@@ -527,10 +527,9 @@ def training_memory_format(spec: Spec, device: torch.device) -> torch.memory_for
     """The layout training converts the model and each batch to (None: leave them as built).
 
     Only on CUDA. `auto` picks channels_last for models with grid blocks (cuDNN's convolutions
-    prefer it), except where a depthwise kernel is 9 or wider: there NCHW is faster for both
-    depthwise paths, our tensor-core (Toeplitz) kernels and cuDNN alike. Measured on an H100,
-    convmixer_cifar (k9, batch 512, bf16) trained at 5,777 img/s in NCHW against 4,489 in
-    channels_last (BENCHMARKS.md)."""
+    prefer it), except where a depthwise kernel is wide enough that NCHW is faster (see
+    NCHW_MIN_DEPTHWISE_K). Measured on an H100, convmixer_cifar (k9, batch 512, bf16) trained at
+    5,777 img/s in NCHW against 4,489 in channels_last (BENCHMARKS.md)."""
     choice = spec.train.memory_format
     if device.type != "cuda" or choice == "contiguous":
         return None
@@ -539,13 +538,24 @@ def training_memory_format(spec: Spec, device: torch.device) -> torch.memory_for
     return torch.channels_last
 
 
-# From this depthwise kernel size on, NCHW trains faster (measured at 9; at 7 our depthwise
-# kernels are faster in NCHW too, by less, and cuDNN's far slower: not measured end to end)
+# From this depthwise kernel size on NCHW trains faster whichever kernels run the convolution:
+# at 9, cuDNN's channels_last depthwise convolution is 10x slower than its NCHW one (H100, B256
+# C256 32x32 forward+backward: 160 against 16 ms) and ours are faster in NCHW too.
 NCHW_MIN_DEPTHWISE_K = 9
+# From this size on where our kernels run it (kernels auto or triton): their NCHW tensor-core
+# kernels start here (kernels.dwconv.triton.TOEPLITZ_MIN_K) and beat the channels_last tap
+# kernel, forward+backward at B128 C768 32x32 k7 on an H100: 3,782 against 4,725 us (second
+# run), 2,893 against 4,720 (third run, with a slow input gradient fixed since); and the fused
+# BatchNorm runs on NCHW only. cuDNN's NCHW depthwise convolution is 4x slower than its
+# channels_last one at k7, so kernels reference keeps channels_last there. Not yet measured end
+# to end (a k7 model trained both ways).
+NCHW_MIN_DEPTHWISE_K_OURS = 7
 
 
 def _wide_depthwise(spec: Spec) -> bool:
-    return any((getattr(b, "kernel_size", 0) or 0) >= NCHW_MIN_DEPTHWISE_K for b in spec.model.blocks)
+    widest = max((getattr(b, "kernel_size", 0) or 0 for b in spec.model.blocks), default=0)
+    ours = spec.train.kernels != "reference"
+    return widest >= (NCHW_MIN_DEPTHWISE_K_OURS if ours else NCHW_MIN_DEPTHWISE_K)
 
 
 def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tuple[bool, bool]:

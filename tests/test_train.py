@@ -421,11 +421,16 @@ def test_tensorboard_missing_package_is_a_user_error(tmp_path, monkeypatch):
 
 def test_memory_format_choice():
     """train.memory_format: auto is channels_last for models with convolution blocks, on CUDA only,
-    and NCHW for those with a depthwise kernel of 9 or more."""
+    and NCHW for those with a depthwise kernel of 9 or more, or 7 or more where our kernels run it
+    (from where they take their NCHW tensor-core kernels)."""
+    from kernels.dwconv import triton as dwconv_triton
+
     conv = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}", "- {kind: convmixer, kernel_size: 3}")
     wide = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}",
                         "- {kind: convmixer, kernel_size: 3}\n    - {kind: convmixer, kernel_size: 9}")
+    k7 = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}", "- {kind: convmixer, kernel_size: 7}")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train_module.NCHW_MIN_DEPTHWISE_K_OURS == dwconv_triton.TOEPLITZ_MIN_K
 
     def choice(text, *overrides, device=cuda):
         return train_module.training_memory_format(load_spec_text(text, "tiny.yaml", list(overrides)), device)
@@ -435,3 +440,6 @@ def test_memory_format_choice():
     assert choice(wide) is None and choice(wide, "train.memory_format=channels_last") is torch.channels_last
     assert choice(TINY, "train.memory_format=channels_last") is torch.channels_last
     assert choice(conv, device=cpu) is None and choice(conv, "train.memory_format=channels_last", device=cpu) is None
+    assert choice(k7) is None and choice(k7, "train.kernels=triton") is None   # our NCHW kernels
+    assert choice(k7, "train.kernels=reference") is torch.channels_last           # cuDNN's: channels_last
+    assert choice(wide, "train.kernels=reference") is None

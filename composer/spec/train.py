@@ -49,8 +49,8 @@ class TrainSpec(Strict):
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="Layout of images, activations and convolution weights on CUDA. auto: "
         "channels_last when the model has convolution (grid) blocks, except contiguous (NCHW) when a "
-        "depthwise kernel is 9 or wider, where the depthwise convolutions run faster in NCHW; "
-        "else contiguous.")
+        "depthwise kernel is 9 or wider (7 or wider with kernels auto or triton), where the depthwise "
+        "convolutions run faster in NCHW; else contiguous.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     seed: int = Field(0, description="Seed of weights, shuffling and augmentation.")
     deterministic: bool = Field(False, description="Deterministic algorithms (bitwise-reproducible on CPU).")
