@@ -114,3 +114,40 @@ def test_dwconv_input_gradient_has_its_own_saved_configuration(tuned_files, devi
     dt.conv_backward(dy, x, w, None, gelu=False, has_bias=False, need_dx=True, need_dw=False)
     assert [name for name, _ in launches] == ["_dwconv_fwd_kernel"]
     assert launches[0][1]["FLIP"] is True
+
+
+def _shipped_entries() -> list[tuple[str, str, str, str, str]]:
+    """(op, role, arch, dtype, shape) of every configuration kernels/tuned.json ships."""
+    with open(tuning.SHIPPED) as f:
+        return sorted(tuple(key.split("/")) for key in json.load(f)["configs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,role,arch,dtype,shape", _shipped_entries(), ids="/".join)
+def test_tuned_configurations_match_fp64(op, role, arch, dtype, shape, device):
+    """Every shipped configuration, on the card it was measured on, at its shape (batch 2: the
+    batch is not part of the key): outputs and gradients against fp64 under each op's rule."""
+    import re
+
+    if tuning.arch(device) != arch:
+        pytest.skip(f"saved for {arch}; this card is {tuning.arch(device)}")
+    torch_dtype = getattr(torch, dtype)
+    assert tuning.lookup(op, role, device, torch_dtype, shape) is not None   # the entry is the one in force
+    if op == "attention":
+        from tests.kernels.test_attention import check_attention, packed_qkv
+
+        n, d = (int(v) for v in re.fullmatch(r"N(\d+) D(\d+)", shape).groups())
+        gen = torch.Generator().manual_seed(0)
+        check_attention(*packed_qkv(2, 3, n, d, dtype=torch_dtype, device=device, gen=gen), gen=gen)
+    elif op == "token_mlp":
+        from tests.kernels.test_token_mlp import check_against_fp64
+
+        n, c, hd = (int(v) for v in re.fullmatch(r"N(\d+) C(\d+) Hd(\d+)", shape).groups())
+        check_against_fp64(2, n, c, hd, torch_dtype, device)
+    elif op == "dwconv2d":
+        from tests.kernels.test_dwconv import check
+
+        c, h, w, k, layout = re.fullmatch(r"C(\d+) (\d+)x(\d+) k(\d+) (NCHW|channels_last)", shape).groups()
+        check(2, int(c), int(h), int(w), int(k), torch_dtype, device, channels_last=layout == "channels_last")
+    else:
+        pytest.fail(f"no check for {op}: add one here")
