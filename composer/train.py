@@ -553,8 +553,11 @@ NCHW_MIN_DEPTHWISE_K_OURS = 7
 
 
 def _wide_depthwise(spec: Spec) -> bool:
+    from kernels.dispatch import triton_import_error
+
     widest = max((getattr(b, "kernel_size", 0) or 0 for b in spec.model.blocks), default=0)
-    ours = spec.train.kernels != "reference"
+    # where Triton cannot be imported, kernels auto runs cuDNN's convolution
+    ours = spec.train.kernels != "reference" and triton_import_error() is None
     return widest >= (NCHW_MIN_DEPTHWISE_K_OURS if ours else NCHW_MIN_DEPTHWISE_K)
 
 

@@ -443,3 +443,15 @@ def test_memory_format_choice():
     assert choice(k7) is None and choice(k7, "train.kernels=triton") is None   # our NCHW kernels
     assert choice(k7, "train.kernels=reference") is torch.channels_last           # cuDNN's: channels_last
     assert choice(wide, "train.kernels=reference") is None
+
+
+def test_memory_format_without_triton(monkeypatch):
+    """Where Triton cannot be imported, kernels auto runs cuDNN's depthwise convolution: a k7 model
+    then keeps channels_last, as with kernels reference."""
+    from kernels import dispatch
+
+    k7 = TINY.replace("- {kind: vit, heads: 2, mlp_ratio: 2}", "- {kind: convmixer, kernel_size: 7}")
+    spec = load_spec_text(k7, "tiny.yaml", [])
+    assert train_module.training_memory_format(spec, torch.device("cuda")) is None
+    monkeypatch.setattr(dispatch, "triton_import_error", lambda: "triton is not importable (test)")
+    assert train_module.training_memory_format(spec, torch.device("cuda")) is torch.channels_last
