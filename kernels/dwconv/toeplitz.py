@@ -44,9 +44,10 @@ def _dwconv_fwd_toeplitz_kernel(
     # (M = IMAGES * TILE_H rows: the window's rows of each image, stacked; KP columns from LEAD
     # before the window: its TILE_W columns and the halo, see `_lead`) times that channel's
     # banded Toeplitz matrix T_i (KP, TILE_W), T_i[j, n] = w[i, j - n - (LEAD - PAD)]. The K
-    # products run on tensor cores as one batched dot over the channel block. T comes from memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with
-    # GATHER is gathered from the (C, K, K) weights themselves at t_ptr: K * K values a channel that stay in L1 instead of K * KP * TILE_W read
-    # through L2. Stacking images makes each T_i load serve IMAGES times the outputs: at B256
+    # products run on tensor cores as one batched dot over the channel block. T comes from
+    # memory (t_ptr: the (C, K, KP, TILE_W) matrices), or with GATHER is gathered from the
+    # (C, K, K) weights themselves at t_ptr: K * K values a channel that stay in L1 instead of
+    # K * KP * TILE_W read through L2. Stacking images makes each T_i load serve IMAGES times the outputs: at B256
     # C256 32x32 k9 with one image a program, the banded matrices, not x, are most of the
     # forward's reads (~2.4 GB from L2 against 0.4 GB of x, y and z). With HAS_ADD, y also gets the
     # tensor at add_ptr (the input gradient: the residual's gradient, see conv_backward's add_to_dx).
@@ -550,8 +551,8 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     """(C, 1, K, K) fp32 weight gradient from the tensor-core kernel (from contiguous copies of
     g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
     the windows are split over about _TARGET_PROGRAMS programs. With "stream",
-    _dwconv_bwd_w_stream_kernel (see `_stream_weight_grad`), which alone also takes the raw output gradient in `g` with the pre-activation `z` (GELU: it writes
-    g = dy * gelu'(z) into `g_out` unless that is None) and `has_bias` (see `forms_output_grad`).
+    _dwconv_bwd_w_stream_kernel (see `_stream_weight_grad`), which alone also takes the raw
+    output gradient in `g` with the pre-activation `z` (GELU: it writes g = dy * gelu'(z) into `g_out` unless that is None) and `has_bias` (see `forms_output_grad`).
 
     Returns (dw, db): db (C,) fp32 when has_bias, else None."""
     if (z is not None or has_bias) and not forms_output_grad(tile):

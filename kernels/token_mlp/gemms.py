@@ -327,7 +327,7 @@ def hidden(x, mean, rstd, ln_weight, ln_bias, w1, b1, cfg: dict, h=None, w2=None
 
 def layer_norm(x, mean, rstd, ln_weight, ln_bias) -> torch.Tensor:
     """LN(x) as a contiguous (B, N, C) tensor in x's dtype, from the saved statistics: for
-    configurations with "Z" (one pass writing it, so that the GEMMs' tiles load it with
+    configurations with "Z" (one pass writing it, so that the hidden GEMM's tiles load it with
     pipelined plain loads instead of normalizing x in their prologues)."""
     B, N, C = x.shape
     z = torch.empty((B, N, C), device=x.device, dtype=x.dtype)

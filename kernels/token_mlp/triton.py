@@ -21,8 +21,8 @@ Only mean/rstd are saved from the forward; A and H are recomputed.
 
 Selectable instead, per launch configuration ("method", timed by `composer bench kernels
 --sweep`): "split", the forward or the data backward as per-image GEMMs with large tiles
-(gemms.py; with "Z", LayerNorm(X) is written once and the GEMMs read it instead of normalizing
-X in their prologues; W1 goes to them in rows padded to a power of two when N is not a multiple
+(gemms.py; with "Z", LayerNorm(X) is written once and the hidden GEMM reads it instead of
+normalizing X in its prologue; W1 goes to them in rows padded to a power of two when N is not a multiple
 of 16, unless "pad_w1" is False, see `gemms.pad_token_axis`); for the weights "splitk", two
 split-K GEMMs over the (image, channel) axis (gemms.py, H then stored by the data pass), or
 "gemm", the same two products in PyTorch.
