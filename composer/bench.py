@@ -453,7 +453,9 @@ def bench_train(spec, steps: int = 30, source: str = "both", echo=print) -> dict
                 overrides += ["data.kind=synthetic", f"data.num_samples={steps * spec.train.batch_size}",
                               "data.root=null", "data.val_split=0"]
             run_spec = load_spec_text(spec_yaml(spec), f"{spec.name} (bench)", overrides)
-            final = train(run_spec, echo=lambda *a, **k: None)["final"]
+            # of the training log, only whether the step was recorded as a CUDA graph (train.cuda_graph)
+            final = train(run_spec, echo=lambda line="", *a, **k: echo(line)
+                          if str(line).startswith("cuda graph:") else None)["final"]
         results[src] = final["img_per_s"]
         echo(f"{spec.name}: {src} data: {final['img_per_s']:,.0f} img/s (batch {spec.train.batch_size}, {steps} steps)")
     if len(results) == 2:

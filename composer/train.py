@@ -25,6 +25,7 @@ import yaml
 from composer.build import build_model, model_backend, prepare_for_compile
 from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
 from composer.errors import UserError
+from composer.graphed_step import GraphedStep, use_cuda_graph
 from composer.evaluate import evaluate_model
 from composer.optim import Ema, lr_factor, make_optimizer
 from composer.spec import Spec
@@ -263,6 +264,9 @@ def _train(spec, resume, echo, device, dist):
 
     if t.tensorboard and dist.main:
         _tensorboard_writer_class()  # a missing package fails here, before any data is decoded
+    autocast_dtype, use_scaler = precision(spec, device)
+    graphed, graph_reasons = use_cuda_graph(t.cuda_graph, device, compile=t.compile, processes=dist.world,
+                                            grad_scaler=use_scaler)
     seed_everything(t.seed, t.deterministic)
 
     # -- data: one uint8 tensor per split, on the training device ------------------------
@@ -299,7 +303,6 @@ def _train(spec, resume, echo, device, dist):
         model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(spec, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
-    autocast_dtype, use_scaler = precision(spec, device)
     if t.kernels == "triton":
         _check_triton(model, device, autocast_dtype or torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -340,6 +343,24 @@ def _train(spec, resume, echo, device, dist):
     if dist.enabled:
         forward_model = torch.nn.parallel.DistributedDataParallel(
             forward_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def forward_backward(x, targets):
+        # autocast's cache of cast weights would outlive a recorded graph: off when recording
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                            cache_enabled=not graphed):
+            logits = forward_model(x)
+        loss = soft_cross_entropy(logits, targets)
+        scaler.scale(loss).backward()
+        return logits, loss
+
+    graph_step = GraphedStep(forward_backward, model, log) if graphed else None
+    if device.type == "cuda":
+        log("cuda graph: " + ("the step is recorded after the first few and replayed" if graphed
+                              else "off: " + "; ".join(graph_reasons)))
+
+    def clear_grads():
+        if not (graph_step and graph_step.owns_grads):   # replays overwrite the recorded gradients in place
+            optimizer.zero_grad(set_to_none=True)
 
     def checkpoint(path_names):
         if not dist.main:
@@ -393,17 +414,13 @@ def _train(spec, resume, echo, device, dist):
                 x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    logits = forward_model(x)
-                loss = soft_cross_entropy(logits, targets)
-                scaler.scale(loss).backward()
+                logits, loss = (graph_step or forward_backward)(x, targets)
                 # The finiteness check syncs with the device; after backward is queued, it costs little.
                 # One collective per step carries both the finiteness of the loss and a Ctrl-C seen by any
                 # process, so every rank takes the same branch.
                 finite, stop = _step_flags(loss, interrupt["hit"], dist)
                 if not finite:
-                    optimizer.zero_grad(set_to_none=True)
+                    clear_grads()
                     position["consecutive_nonfinite"] += 1
                     skipped += 1
                     position["nonfinite_total"] += 1
@@ -420,7 +437,7 @@ def _train(spec, resume, echo, device, dist):
                         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    clear_grads()
                     if ema:
                         ema.update()
                     local[0] += loss.detach().double() * y.shape[0]

@@ -1,7 +1,7 @@
 """Pydantic models of the `train:` section."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, PositiveInt
 
@@ -45,6 +45,10 @@ class TrainSpec(Strict):
         None, description="Decay of an exponential moving average of the weights (evaluated instead of the raw weights)."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    cuda_graph: Union[Literal["auto"], bool] = Field(
+        "auto", description="Record each step's forward and backward once as a CUDA graph and replay it: "
+        "removes the per-kernel host cost that leaves small models waiting on Python. true: on (needs "
+        "CUDA, one process, no train.compile, no fp16); auto: off for now; false: off.")
     kernels: Literal["auto", "triton", "reference"] = Field("auto", description="Backend of the fused ops.")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="Layout of images, activations and convolution weights on CUDA. auto: "
