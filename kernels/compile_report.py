@@ -118,6 +118,15 @@ def _token_mlp_launches(dtype, shapes) -> list[Launch]:
             x, *p, 1e-5, config={**split_fwd, "Z": True}), [kt, gemms])
         out += _record(f"{shape} backward split-Z", lambda: kt.backward(
             *bwd_args, config={**split_bwd, "Z": True}, weight_config={"method": "splitk"}), [kt, gemms])
+        # the token kernel over blocks of 128 tokens, channel blocks twice as wide (`gemms.token_blocks`)
+        blocked_fwd = {**split_fwd, "tokens": {**split_fwd["tokens"], "BLOCK_N": 128,
+                                               "BLOCK_C": min(2 * split_fwd["tokens"]["BLOCK_C"], 128)}}
+        blocked_bwd = {**split_bwd, "tokens": {**split_bwd["tokens"], "BLOCK_N": 128,
+                                               "BLOCK_C": min(2 * split_bwd["tokens"]["BLOCK_C"], 128)}}
+        out += _record(f"{shape} forward split-token-blocks", lambda: kt.forward(
+            x, *p, 1e-5, config=blocked_fwd), [kt, gemms])
+        out += _record(f"{shape} backward split-token-blocks", lambda: kt.backward(
+            *bwd_args, config=blocked_bwd, weight_config={"method": "splitk"}), [kt, gemms])
         out += _record(f"{shape} backward split-dx-direct", lambda: kt.backward(
             *bwd_args, config={**split_bwd, "dx_direct": True}, weight_config={"method": "splitk"}), [kt, gemms])
         if kt.image_method_fits(N, Hd) and dtype != torch.float32:   # fp32's FMA dots spill it (5 KB)

@@ -185,7 +185,15 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # GELU epilogue can run while another's matmuls do: same run, 240 / 253 us against
         # 281 / 298 (saved, kernels/tuned.json)
         capped = [_with(fwd_default if fwd_default.get("method") == "split" else split_fwd, "hidden", maxnreg=128)]
-        fwd_split = capped + [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
+        # never timed, first: the token kernel over blocks of 128 tokens with channel blocks twice as
+        # wide (`gemms.token_blocks`: the same accumulator, a third less of W2 and H read from L2
+        # at N 196; sm_90, Triton 3.6: 106 registers against 128, no spills)
+        def blocked(cfg):
+            return _with(cfg, "tokens", BLOCK_N=128, BLOCK_C=min(2 * cfg["tokens"]["BLOCK_C"], 128))
+
+        fwd_base = fwd_default if fwd_default.get("method") == "split" else split_fwd
+        token_blocks_fwd = [blocked(fwd_base)] if N > 128 else []
+        fwd_split = token_blocks_fwd + capped + [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
             ("hidden", {"BLOCK_C": 64}), ("hidden", {"BLOCK_K": 64}), ("hidden", {"num_warps": 4, "BLOCK_M": 64}),
             ("tokens", {"BLOCK_C": 32}), ("tokens", {"BLOCK_K": 32}))] + [z_fwd] + unpadded
         # the backward's configurations are {"data": ..., "weights": ...}, timed together (and
@@ -204,8 +212,12 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # against 803 / 762 (its row-sums kernel not yet broken down)
         data = default_bwd["data"] if default_bwd["data"].get("method") == "split" else split_bwd
         direct = [both({**data, "dx_direct": True}, splitk_weights)]
-        # never timed as it stands, first: Z with dW1 from LN(X) recomputed (see z_bwd above)
-        bwd_split = [both(z_bwd, splitk_weights)] + direct + [both(split_bwd, splitk_weights), both(split_bwd)] + [
+        # never timed, first: the data backward's token kernel over blocks of 128 tokens (its fp32
+        # dZ slab then 64 channels wide: W1^T and dA read a third less from L2; sm_90, Triton 3.6:
+        # 228 registers against 180, no spills); then Z with dW1 from LN(X) recomputed (z_bwd)
+        token_blocks_bwd = [both(blocked(data), splitk_weights)] if N > 128 else []
+        bwd_split = (token_blocks_bwd + [both(z_bwd, splitk_weights)] + direct
+                     + [both(split_bwd, splitk_weights), both(split_bwd)]) + [
             both(_with(split_bwd, part, **tiles), splitk_weights) for part, tiles in (
                 ("hidden", {"BLOCK_C": 128}), ("hidden", {"BLOCK_C": 32}), ("hidden", {"BLOCK_K": 64}),
                 ("tokens", {"BLOCK_C": 64}), ("tokens", {"BLOCK_C": 16}))] + unpadded

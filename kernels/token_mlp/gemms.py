@@ -9,6 +9,7 @@ configs; "splitk" of the weight config):
 
   forward    _hidden_kernel   H = GELU(W1 @ LN(X) + b1)            (hidden, channel) tiles, over N
              _tokens_kernel   Y = X + W2 @ H + b2                  (all tokens, channel) tiles, over Hd
+                              (or blocks of tokens: `token_blocks`)
   backward   _hidden_kernel   A = W1 @ LN(X) + b1 and dH = W2^T @ dY in one pass over N;
                               stores dA = dH * GELU'(A) (and H for the split-K weight gradients)
              _tokens_kernel   dZ = W1^T @ dA, then the LayerNorm backward partials of the fused
@@ -96,15 +97,18 @@ def _tokens_kernel(W, T, X, DY, MEAN, RSTD, LNW, LNB, B2, Y, P, S1, S2, DGAMMA, 
                    stride_yb, stride_yn, stride_yc,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                    BACKWARD: tl.constexpr, W_PADDED: tl.constexpr, DX_DIRECT: tl.constexpr, IEEE: tl.constexpr):
-    # one (all tokens, BLOCK_C channels) slab of image b: W (N, Hd) @ T_b (Hd, C) over the hidden
-    # units, T a (B, Hd, C) buffer. Forward: W = W2, T = H, out Y = X + . + b2. Backward: W = W1^T
-    # (a strided view), T = dA, and the product is dZ, which the LayerNorm backward takes over:
-    # into partials (`_ln_backward_partials`), or with DX_DIRECT, the row sums S1, S2 given
-    # (`dw1_row_sums`), straight into dX, written through Y's pointer and strides.
+    # one (BLOCK_N tokens, BLOCK_C channels) tile of image b: W (N, Hd) @ T_b (Hd, C) over the
+    # hidden units, T a (B, Hd, C) buffer; token block tl.program_id(2) (one block of all tokens
+    # by default). Forward: W = W2, T = H, out Y = X + . + b2. Backward: W = W1^T (a strided
+    # view), T = dA, and the product is dZ, which the LayerNorm backward takes over: into partials
+    # (`_ln_backward_partials`), or with DX_DIRECT, the row sums S1, S2 given (`dw1_row_sums`),
+    # straight into dX, written through Y's pointer and strides. Its per-channel sums (dgamma,
+    # dbeta) go to row (token block, image) of DGAMMA, DBETA ((token blocks * B, C) partials).
     # W_PADDED: W's rows past N exist and are zeros (W1^T of `pad_token_axis`): no row mask.
     b = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
-    offs_n = tl.arange(0, BLOCK_N)
+    nb = tl.program_id(2)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -120,6 +124,9 @@ def _tokens_kernel(W, T, X, DY, MEAN, RSTD, LNW, LNB, B2, Y, P, S1, S2, DGAMMA, 
         t = tl.load(T + b * HD * C + kk[:, None] * C + offs_c[None, :],
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0).to(dt)            # (BK, BC)
         acc = _mm(w, t, acc, IEEE)
+    ln_rows = nb.to(tl.int64) * tl.num_programs(0) * C    # this token block's (B, C) partials
+    DGAMMA += ln_rows
+    DBETA += ln_rows
     if BACKWARD and DX_DIRECT:
         _ln_backward_direct(acc, X, DY, MEAN, RSTD, LNW, LNB, S1, S2, Y, DGAMMA, DBETA, DB2, b, cb, N, C,
                             NUM_CB, offs_n, offs_c, stride_xb, stride_xn, stride_xc,
@@ -337,17 +344,32 @@ def layer_norm(x, mean, rstd, ln_weight, ln_bias) -> torch.Tensor:
     return z
 
 
+def token_blocks(n: int, cfg: dict) -> tuple[int, int]:
+    """(BLOCK_N, number of token blocks) of the token kernel with tiles `cfg`: all tokens in one
+    block unless cfg["BLOCK_N"] says fewer (a power of two, at least 16). Smaller token blocks
+    with wider channel blocks read the other operand less: the tiles' reads of W and T together
+    are B N Hd C (1 / BLOCK_C + 1 / BLOCK_N) elements (at N 196, 256 x 32 tiles: 0.035 of that;
+    128 x 64 tiles, the same registers: 0.023)."""
+    whole = max(16, next_pow2(n))
+    block_n = min(cfg.get("BLOCK_N") or whole, whole)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"token_mlp: the token kernel's BLOCK_N must be a power of two >= 16; got {block_n}")
+    return block_n, cdiv(n, block_n)
+
+
 def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=None, rstd=None,
            ln_weight=None, ln_bias=None, partials=None, dx=None, w1_padded: bool = False) -> None:
     """Forward (w2, b2, y given): y = x + W2 @ t + b2 with t = H. Backward (w1, dy, the LayerNorm
     tensors and `partials` = (p, s1, s2, dgamma, dbeta, db2) given): dZ = W1^T @ t with t = dA,
-    into the LayerNorm backward partials, one per block of cfg["BLOCK_C"] channels; with `dx`,
-    s1 and s2 are the whole row sums (B, N) (`dw1_row_sums`; p unused) and dX is written into dx.
-    w1, w1_padded: as `pad_token_axis` returns them."""
+    into the LayerNorm backward partials, one per block of cfg["BLOCK_C"] channels (dgamma and
+    dbeta: (token blocks * B, C), see `token_blocks`); with `dx`, s1 and s2 are the whole row sums
+    (B, N) (`dw1_row_sums`; p unused) and dX is written into dx. w1, w1_padded: as
+    `pad_token_axis` returns them."""
     B, N, C = x.shape
     HD = t.shape[1]
     backward = w1 is not None
     bc = cfg["BLOCK_C"]
+    block_n, n_blocks = token_blocks(N, cfg)
     if backward:
         w, (stride_wn, stride_wh) = w1, (w1.stride(1), w1.stride(0))   # W1^T: (N, Hd)
         p, s1, s2, dgamma, dbeta, db2 = partials
@@ -357,11 +379,11 @@ def tokens(t, x, cfg: dict, *, w2=None, b2=None, y=None, w1=None, dy=None, mean=
         w, (stride_wn, stride_wh) = w2, w2.stride()
         dy, mean, rstd, ln_weight, ln_bias = x, b2, b2, b2, b2             # untouched stand-ins
         p = s1 = s2 = dgamma = dbeta = db2 = y
-    wrap_triton(_tokens_kernel)[(B, cdiv(C, bc))](
+    wrap_triton(_tokens_kernel)[(B, cdiv(C, bc), n_blocks)](
         w, t, x, dy, mean, rstd, ln_weight, ln_bias, b2, y, p, s1, s2, dgamma, dbeta, db2,
         N, C, HD, cdiv(C, bc), stride_wn, stride_wh, *x.stride(), *dy.stride(), *y.stride(),
-        BLOCK_N=max(16, next_pow2(N)), BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward,
-        W_PADDED=backward and _padded_past(w1, w1_padded, max(16, next_pow2(N))), DX_DIRECT=dx is not None,
+        BLOCK_N=block_n, BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], BACKWARD=backward,
+        W_PADDED=backward and _padded_past(w1, w1_padded, block_n * n_blocks), DX_DIRECT=dx is not None,
         IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -487,7 +487,9 @@ def backward(dy, x, ln_weight, ln_bias, w1, b1, w2, mean, rstd,
     else:
         p = torch.empty((B, N, C), device=dev, dtype=f32)
         s1, s2 = (torch.empty((B, ncb, N), device=dev, dtype=f32) for _ in range(2))
-    ln_part = torch.empty((2, B, C), device=dev, dtype=f32)
+    # (the token kernel's token blocks each write their own, `gemms.token_blocks`)
+    ln_rows = B * (gemms.token_blocks(N, cfg["tokens"])[1] if split else 1)
+    ln_part = torch.empty((2, ln_rows, C), device=dev, dtype=f32)
     dgamma_part, dbeta_part = ln_part.unbind(0)
     # with "Z": LN(x) written once, read by the hidden GEMM as is
     z = gemms.layer_norm(x, mean, rstd, ln_weight, ln_bias) if split and cfg.get("Z") else None

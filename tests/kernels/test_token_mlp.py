@@ -361,6 +361,35 @@ def test_split_method_spans_tiles(dtype, device, monkeypatch):
     check_against_fp64(3, 37, 50, 40, dtype, device)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["finish", "dx_direct"])
+@pytest.mark.parametrize("block_n,shape", [(16, (3, 37, 50, 40)), (64, (2, 197, 40, 24))], ids=["N37", "N197"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_method_token_blocks(block_n, shape, dtype, direct, device, monkeypatch):
+    """The token kernel over several token blocks (`gemms.token_blocks`), the last one ragged, in
+    the forward and in the data backward (LayerNorm partials per token block; with the finishing
+    pass or dx_direct): every output and gradient under the rule."""
+    from kernels.token_mlp import gemms
+
+    tokens = {"BLOCK_N": block_n, "BLOCK_C": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    kt = _split_everywhere(monkeypatch, {"tokens": tokens, "dx_direct": direct})
+    monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
+    launches = record_launches(monkeypatch, gemms)
+    check_against_fp64(*shape, dtype, device)
+    blocks = [kw["BLOCK_N"] for name, kw in launches if name == "_tokens_kernel"]
+    assert len(blocks) == 2 and set(blocks) == {block_n}, blocks   # forward and backward
+
+
+def test_token_blocks_rule():
+    from kernels.token_mlp import gemms
+
+    assert gemms.token_blocks(196, {}) == (256, 1)
+    assert gemms.token_blocks(196, {"BLOCK_N": 128}) == (128, 2)
+    assert gemms.token_blocks(196, {"BLOCK_N": 512}) == (256, 1)   # never past the whole axis
+    assert gemms.token_blocks(1, {"BLOCK_N": 64}) == (16, 1)
+    with pytest.raises(ValueError, match="power of two"):
+        gemms.token_blocks(196, {"BLOCK_N": 96})
+
+
 def test_split_method_register_cap(device, monkeypatch):
     """The hidden kernel with a register cap (the sweep's "maxnreg" candidate) reaches the launch
     and computes the same thing: every output and gradient under the rule."""
