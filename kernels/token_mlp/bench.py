@@ -127,6 +127,12 @@ def _with(cfg: dict, part: str, **tiles) -> dict:
     return {**cfg, part: {**cfg[part], **tiles}}
 
 
+def token_blocked(cfg: dict) -> dict:
+    """A split configuration with its token kernel over blocks of 128 tokens and channel blocks
+    twice as wide (`gemms.token_blocks`): the same fp32 accumulator, less of W and T read."""
+    return _with(cfg, "tokens", BLOCK_N=128, BLOCK_C=min(2 * cfg["tokens"]["BLOCK_C"], 128))
+
+
 def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
     """Launch configurations of the forward and of the backward (its data and weight kernels) on each shape."""
     from kernels.benchmarking import SweepCase
@@ -186,13 +192,10 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # 281 / 298 (saved, kernels/tuned.json)
         capped = [_with(fwd_default if fwd_default.get("method") == "split" else split_fwd, "hidden", maxnreg=128)]
         # never timed, first: the token kernel over blocks of 128 tokens with channel blocks twice as
-        # wide (`gemms.token_blocks`: the same accumulator, a third less of W2 and H read from L2
-        # at N 196; sm_90, Triton 3.6: 106 registers against 128, no spills)
-        def blocked(cfg):
-            return _with(cfg, "tokens", BLOCK_N=128, BLOCK_C=min(2 * cfg["tokens"]["BLOCK_C"], 128))
-
+        # wide (W2 and H read a third less from L2 at N 196; sm_90, Triton 3.6: 106 registers
+        # against 128, no spills)
         fwd_base = fwd_default if fwd_default.get("method") == "split" else split_fwd
-        token_blocks_fwd = [blocked(fwd_base)] if N > 128 else []
+        token_blocks_fwd = [token_blocked(fwd_base)] if N > 128 else []
         fwd_split = token_blocks_fwd + capped + [split_fwd] + [_with(split_fwd, part, **tiles) for part, tiles in (
             ("hidden", {"BLOCK_C": 64}), ("hidden", {"BLOCK_K": 64}), ("hidden", {"num_warps": 4, "BLOCK_M": 64}),
             ("tokens", {"BLOCK_C": 32}), ("tokens", {"BLOCK_K": 32}))] + [z_fwd] + unpadded
@@ -215,7 +218,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # never timed, first: the data backward's token kernel over blocks of 128 tokens (its fp32
         # dZ slab then 64 channels wide: W1^T and dA read a third less from L2; sm_90, Triton 3.6:
         # 228 registers against 180, no spills); then Z with dW1 from LN(X) recomputed (z_bwd)
-        token_blocks_bwd = [both(blocked(data), splitk_weights)] if N > 128 else []
+        token_blocks_bwd = [both(token_blocked(data), splitk_weights)] if N > 128 else []
         bwd_split = (token_blocks_bwd + [both(z_bwd, splitk_weights)] + direct
                      + [both(split_bwd, splitk_weights), both(split_bwd)]) + [
             both(_with(split_bwd, part, **tiles), splitk_weights) for part, tiles in (

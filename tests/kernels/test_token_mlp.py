@@ -129,15 +129,16 @@ def _weights_method(monkeypatch, cfg):
     return kt
 
 
-def _split_everywhere(monkeypatch, tiles=None):
-    """Route the forward and the data backward through the per-image GEMMs (method "split")."""
+def _split_everywhere(monkeypatch, tiles=None, token_blocks=False):
+    """Route the forward and the data backward through the per-image GEMMs (method "split"), with
+    the token kernel over blocks of tokens if `token_blocks` (as the sweep's candidate)."""
     from kernels.token_mlp import gemms
 
     kt = _built_in_rules(monkeypatch)
 
     def blocks(n, c, hd, dtype, backward=False):
-        cfg = gemms.split_blocks(n, c, hd, dtype, backward)
-        return {**cfg, **(tiles or {})}
+        cfg = {**gemms.split_blocks(n, c, hd, dtype, backward), **(tiles or {})}
+        return bench.token_blocked(cfg) if token_blocks else cfg
 
     monkeypatch.setattr(kt, "_blocks", blocks)
     return kt
@@ -558,14 +559,16 @@ def test_other_weight_gradient_methods_bf16(shape, method, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{}, {"Z": True}, {"dx_direct": True}], ids=["split", "Z", "dx_direct"])
+@pytest.mark.parametrize("variant", [{}, {"Z": True}, {"dx_direct": True}, "token_blocks"],
+                         ids=["split", "Z", "dx_direct", "token_blocks"])
 @pytest.mark.parametrize("shape", bench.SHAPES + [(3, 257, 40, 24)], ids=lambda s: "B{}-N{}-C{}-Hd{}".format(*s))
 def test_split_method_bf16(shape, variant, device, monkeypatch):
     """The per-image GEMMs (method "split") with the split-K weight gradients, compiled, in
     bf16, on the benchmark shapes (the fused weight kernel after split data: test_split_method):
-    as they are, reading LayerNorm(X) from memory ("Z"), and with dX from the token kernel and
-    the dW1 kernel's row sums ("dx_direct")."""
-    kt = _split_everywhere(monkeypatch, variant)
+    as they are, reading LayerNorm(X) from memory ("Z"), with dX from the token kernel and the
+    dW1 kernel's row sums ("dx_direct"), and the token kernel over blocks of 128 tokens."""
+    token_blocks = variant == "token_blocks"
+    kt = _split_everywhere(monkeypatch, None if token_blocks else variant, token_blocks=token_blocks)
     monkeypatch.setattr(kt, "_weight_blocks", lambda *a: {"method": "splitk"})
     check_against_fp64(*shape, torch.bfloat16, device)
 
