@@ -358,6 +358,9 @@ def _train(spec, resume, echo, device, dist):
         log("cuda graph: " + ("the step is recorded after the first few and replayed" if graphed
                               else "off: " + "; ".join(graph_reasons)))
 
+    # walked once: model.parameters() each step costs the host a module-tree traversal
+    trained_params = [p for p in model.parameters() if p.requires_grad]
+
     def clear_grads():
         if not (graph_step and graph_step.owns_grads):   # replays overwrite the recorded gradients in place
             optimizer.zero_grad(set_to_none=True)
@@ -434,7 +437,7 @@ def _train(spec, resume, echo, device, dist):
                     position["consecutive_nonfinite"] = 0
                     if t.grad_clip:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
                     clear_grads()
