@@ -25,8 +25,8 @@ import yaml
 from composer.build import build_model, model_backend, prepare_for_compile
 from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
 from composer.errors import UserError
-from composer.graphed_step import GraphedStep, use_cuda_graph
 from composer.evaluate import evaluate_model
+from composer.graphed_step import GraphedStep, use_cuda_graph
 from composer.optim import Ema, lr_factor, make_optimizer
 from composer.spec import Spec
 
