@@ -110,16 +110,20 @@ def _spec_overrides(overrides, **options):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Shortcut for --set train.device=... (auto: CUDA when available).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="Shortcut for --set train.cuda_graph=true|false: replay each step's forward and backward "
+                   "from one CUDA graph.")
 @click.option("--deterministic/--no-deterministic", default=None,
               help="Deterministic algorithms (exact resumes on CPU; slower on CUDA).")
 @set_option
-def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, deterministic, overrides):
+def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, cuda_graph, deterministic, overrides):
     """Train the model of SPEC, with checkpoints and resume."""
     from composer.spec import load_spec
     from composer.train import train as run
 
     ov = _spec_overrides(overrides, epochs=epochs, kernels=kernels, device=device,
                          compile=None if compile_ is None else str(compile_).lower(),
+                         cuda_graph=None if cuda_graph is None else str(cuda_graph).lower(),
                          deterministic=None if deterministic is None else str(deterministic).lower(),
                          out_dir=out_dir)
     spec = load_spec(spec_path, ov)

@@ -131,10 +131,27 @@ def test_when_a_run_may_record_its_step(monkeypatch):
     assert use_cuda_graph("auto", CPU, **RUN) == (False, ["the device is cpu (CUDA graphs need CUDA)"])
 
 
-def test_cuda_graph_true_without_cuda_is_refused_before_training(tmp_path):
-    result = run_cli("train", write_spec(tmp_path), "--out", tmp_path / "run", "--set", "train.cuda_graph=true")
+@pytest.mark.parametrize("option", [["--set", "train.cuda_graph=true"], ["--cuda-graph"]], ids=["set", "flag"])
+def test_cuda_graph_true_without_cuda_is_refused_before_training(tmp_path, option):
+    result = run_cli("train", write_spec(tmp_path), "--out", tmp_path / "run", *option)
     assert_user_error(result, "train.cuda_graph is true, but the device is cpu", "auto or false")
     assert not (tmp_path / "run").exists()
+
+
+def test_no_cuda_graph_flag_trains(tmp_path):
+    result = run_cli("train", write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 1")), "--out", tmp_path / "run",
+                     "--no-cuda-graph")
+    assert result.returncode == 0, result.stderr
+    assert yaml_value(tmp_path / "run" / "spec.yaml", "train", "cuda_graph") is False
+
+
+def yaml_value(path, *keys):
+    import yaml
+
+    value = yaml.safe_load(path.read_text())
+    for key in keys:
+        value = value[key]
+    return value
 
 
 def test_cuda_graph_setting_is_validated(tmp_path):
