@@ -17,7 +17,8 @@ one call. What that asks of the loop, and what this class does about it:
 - Recording can fail (an op that synchronizes with the host, or one CUDA graphs cannot hold):
   the step then runs eagerly, and so does the rest of the run, with the reason logged.
 
-The optimizer, clipping, EMA and the metrics run eagerly after each replay (a few launches).
+The optimizer, EMA and metrics run eagerly after each replay (a few launches); gradient clipping
+is part of the recorded step (composer/train.py: `clip_in_step`).
 """
 from __future__ import annotations
 

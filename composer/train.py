@@ -344,6 +344,13 @@ def _train(spec, resume, echo, device, dist):
         forward_model = torch.nn.parallel.DistributedDataParallel(
             forward_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # walked once: model.parameters() each step costs the host a module-tree traversal
+    trained_params = [p for p in model.parameters() if p.requires_grad]
+    # A recorded step clips its gradients itself (no GradScaler to unscale first there): a few
+    # launches fewer a step for the host. Clipping a non-finite gradient is harmless, the loop
+    # then skips the update; eager steps clip only finite ones, after the scaler's unscale_.
+    clip_in_step = bool(t.grad_clip) and graphed
+
     def forward_backward(x, targets):
         # autocast's cache of cast weights would outlive a recorded graph: off when recording
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
@@ -351,15 +358,14 @@ def _train(spec, resume, echo, device, dist):
             logits = forward_model(x)
         loss = soft_cross_entropy(logits, targets)
         scaler.scale(loss).backward()
+        if clip_in_step:
+            torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
         return logits, loss
 
     graph_step = GraphedStep(forward_backward, model, log) if graphed else None
     if device.type == "cuda":
         log("cuda graph: " + ("the step is recorded after the first few and replayed" if graphed
                               else "off: " + "; ".join(graph_reasons)))
-
-    # walked once: model.parameters() each step costs the host a module-tree traversal
-    trained_params = [p for p in model.parameters() if p.requires_grad]
 
     def clear_grads():
         if not (graph_step and graph_step.owns_grads):   # replays overwrite the recorded gradients in place
@@ -435,7 +441,7 @@ def _train(spec, resume, echo, device, dist):
                             f"train.optimizer.lr, train.grad_clip, or precision fp32.")
                 else:
                     position["consecutive_nonfinite"] = 0
-                    if t.grad_clip:
+                    if t.grad_clip and not clip_in_step:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
                     scaler.step(optimizer)
