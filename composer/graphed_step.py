@@ -17,8 +17,9 @@ one call. What that asks of the loop, and what this class does about it:
 - Recording can fail (an op that synchronizes with the host, or one CUDA graphs cannot hold):
   the step then runs eagerly, and so does the rest of the run, with the reason logged.
 
-The optimizer, EMA and metrics run eagerly after each replay (a few launches); gradient clipping
-is part of the recorded step (composer/train.py: `clip_in_step`).
+Gradient clipping is part of the recorded step (composer/train.py: `clip_in_step`); the optimizer,
+EMA and metrics run eagerly after each replay, a few launches that do not wait for the loss's
+verdict (`skip_on_device` there: fused AdamW skips a non-finite step's update on the device).
 """
 from __future__ import annotations
 

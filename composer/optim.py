@@ -59,8 +59,10 @@ class Ema:
         self.counters = [k for k, v in self.sources.items() if not v.dtype.is_floating_point]  # e.g. BN step counts
 
     @torch.no_grad()
-    def update(self):
-        torch._foreach_lerp_([self.state[k] for k in self.floats], [self.sources[k] for k in self.floats],
-                             1.0 - self.decay)
+    def update(self, finite: torch.Tensor | None = None):
+        """One step of the average. With `finite` (a bool tensor on the device: was the step's
+        loss finite), a skipped step leaves the average as it is, decided on the device."""
+        weight = 1.0 - self.decay if finite is None else torch.where(finite, 1.0 - self.decay, 0.0)
+        torch._foreach_lerp_([self.state[k] for k in self.floats], [self.sources[k] for k in self.floats], weight)
         for k in self.counters:
             self.state[k].copy_(self.sources[k])

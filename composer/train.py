@@ -371,6 +371,15 @@ def _train(spec, resume, echo, device, dist):
         if not (graph_step and graph_step.owns_grads):   # replays overwrite the recorded gradients in place
             optimizer.zero_grad(set_to_none=True)
 
+    # With a recorded step, waiting every step for the loss's finiteness would leave the GPU idle
+    # while the host runs the optimizer and prepares the next batch. Fused AdamW skips its
+    # update on the device instead (`found_inf`: parameters, moments and step count unchanged),
+    # and the host reads each step's verdict one step later (`LateVerdicts`). (Fused SGD's
+    # momentum buffer is left uninitialised when its first step is skipped so: SGD waits.)
+    skip_on_device = (graph_step is not None and isinstance(optimizer, torch.optim.AdamW)
+                      and bool(optimizer.defaults.get("fused")))
+    verdicts = LateVerdicts(device) if skip_on_device else None
+
     def checkpoint(path_names):
         if not dist.main:
             return
@@ -398,6 +407,41 @@ def _train(spec, resume, echo, device, dist):
             local = torch.zeros(3, dtype=torch.float64, device=device)
             skipped = position["epoch_skipped"]
 
+            def tally(finite: bool, at_epoch: int, at_step: int) -> int:
+                """The host's count of one step's verdict: 1 if it was skipped (loss not finite), else
+                0; stops the run at train.max_nonfinite in a row."""
+                if finite:
+                    position["consecutive_nonfinite"] = 0
+                    return 0
+                position["consecutive_nonfinite"] += 1
+                position["nonfinite_total"] += 1
+                if position["consecutive_nonfinite"] >= t.max_nonfinite:
+                    raise NonFiniteLoss(
+                        f"the loss was not finite for {position['consecutive_nonfinite']} steps in a row "
+                        f"(epoch {at_epoch + 1}, step {at_step + 1}); stopped. The last good checkpoint is in "
+                        f"{run_dir}. Try a lower train.optimizer.lr, train.grad_clip, or precision fp32.")
+                return 1
+
+            def update_on_device(logits, loss, y, at_epoch: int, at_step: int) -> int:
+                """The optimizer step, EMA and sums of a step whose skip, if its loss is not finite,
+                is decided on the device (`skip_on_device`); counts the previous step's verdict."""
+                finite = torch.isfinite(loss.detach())
+                optimizer.found_inf = (~finite).float()   # fused AdamW: no update where set
+                optimizer.step()   # (the recorded step has clipped the gradients: `clip_in_step`)
+                clear_grads()
+                if ema:
+                    ema.update(finite)
+                local[0] += torch.where(finite, loss.detach().double() * y.shape[0], 0.0)
+                local[1] += torch.where(finite, (logits.detach().argmax(-1) == y).sum(), 0)
+                local[2] += finite * y.shape[0]
+                verdict = verdicts.push(finite, at_epoch, at_step)
+                return tally(*verdict) if verdict else 0
+
+            def settle() -> int:
+                """Count the verdict still in flight (before anything reads or saves the counts)."""
+                verdict = verdicts.flush() if verdicts else None
+                return tally(*verdict) if verdict else 0
+
             def sync():
                 if dist.enabled:
                     torch.distributed.all_reduce(local)
@@ -424,34 +468,29 @@ def _train(spec, resume, echo, device, dist):
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)
                 logits, loss = (graph_step or forward_backward)(x, targets)
-                # The finiteness check syncs with the device; after backward is queued, it costs little.
-                # One collective per step carries both the finiteness of the loss and a Ctrl-C seen by any
-                # process, so every rank takes the same branch.
-                finite, stop = _step_flags(loss, interrupt["hit"], dist)
-                if not finite:
-                    clear_grads()
-                    position["consecutive_nonfinite"] += 1
-                    skipped += 1
-                    position["nonfinite_total"] += 1
-                    if position["consecutive_nonfinite"] >= t.max_nonfinite:
-                        raise NonFiniteLoss(
-                            f"the loss was not finite for {position['consecutive_nonfinite']} steps in a row "
-                            f"(epoch {epoch + 1}, "
-                            f"step {step + 1}); stopped. The last good checkpoint is in {run_dir}. Try a lower "
-                            f"train.optimizer.lr, train.grad_clip, or precision fp32.")
+                if skip_on_device:
+                    stop = interrupt["hit"]   # one process: nothing to agree on
+                    skipped += update_on_device(logits, loss, y, epoch, step)
                 else:
-                    position["consecutive_nonfinite"] = 0
-                    if t.grad_clip and not clip_in_step:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    clear_grads()
-                    if ema:
-                        ema.update()
-                    local[0] += loss.detach().double() * y.shape[0]
-                    local[1] += (logits.detach().argmax(-1) == y).sum()
-                    local[2] += y.shape[0]
+                    # The finiteness check syncs with the device; after backward is queued, it costs
+                    # little. One collective per step carries both the finiteness of the loss and a
+                    # Ctrl-C seen by any process, so every rank takes the same branch.
+                    finite, stop = _step_flags(loss, interrupt["hit"], dist)
+                    skipped += tally(finite, epoch, step)
+                    if not finite:
+                        clear_grads()
+                    else:
+                        if t.grad_clip and not clip_in_step:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        clear_grads()
+                        if ema:
+                            ema.update()
+                        local[0] += loss.detach().double() * y.shape[0]
+                        local[1] += (logits.detach().argmax(-1) == y).sum()
+                        local[2] += y.shape[0]
                 scheduler.step()
                 position["global_step"] += 1
                 position["step_in_epoch"] = step + 1
@@ -460,9 +499,11 @@ def _train(spec, resume, echo, device, dist):
                     rate = (step + 1 - timed_from) * t.batch_size / max(time.perf_counter() - tic, 1e-9)
                     progress.update(f"loss {loss.item():.3f}  acc {local[1].item() / done:.3f}  {rate:,.0f} img/s")
                 if t.checkpoint_every and position["global_step"] % t.checkpoint_every == 0:
+                    skipped += settle()
                     sync()
                     checkpoint([LAST])
                 if stop:
+                    skipped += settle()
                     sync()
                     checkpoint([LAST])
                     raise Interrupted(f"interrupted; saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
@@ -470,6 +511,7 @@ def _train(spec, resume, echo, device, dist):
             _synchronize(device)
             elapsed = time.perf_counter() - tic
             images_done = (steps_per_epoch - timed_from) * t.batch_size
+            skipped += settle()
             sync()
             seen = position["epoch_seen"]
 
@@ -585,6 +627,40 @@ def _wide_depthwise(spec: Spec) -> bool:
     # where Triton cannot be imported, kernels auto runs cuDNN's convolution
     ours = spec.train.kernels != "reference" and triton_import_error() is None
     return widest >= (NCHW_MIN_DEPTHWISE_K_OURS if ours else NCHW_MIN_DEPTHWISE_K)
+
+
+class LateVerdicts:
+    """Each step's loss finiteness (a bool on the device), copied to the host without waiting for
+    it and read when the next step's work is queued: `push` returns the previous step's
+    (finite, epoch, step), `flush` the last one's."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending = None
+
+    def push(self, finite: torch.Tensor, epoch: int, step: int):
+        if self.cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = finite.clone(), None
+        previous, self.pending = self.pending, (host, done, epoch, step)
+        return self._read(previous)
+
+    def flush(self):
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(item):
+        if item is None:
+            return None
+        host, done, epoch, step = item
+        if done is not None:
+            done.synchronize()
+        return bool(host), epoch, step
 
 
 def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tuple[bool, bool]:

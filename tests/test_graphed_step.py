@@ -28,6 +28,7 @@ class CpuGraphedStep(GraphedStep):
     .grad point by then (a loop that detached them loses the gradients, as on a GPU)."""
 
     replays = 0
+    recording = False   # True while `_record` runs the step (which a real recording would not)
 
     def _warm_up(self, x, targets):
         return self.step_fn(x, targets)
@@ -37,7 +38,11 @@ class CpuGraphedStep(GraphedStep):
         for p in self.params:
             p.grad = None
         buffers = [b.clone() for b in self.model.buffers()]
-        self.logits, self.loss = self.step_fn(self.static_x, self.static_targets)
+        CpuGraphedStep.recording = True
+        try:
+            self.logits, self.loss = self.step_fn(self.static_x, self.static_targets)
+        finally:
+            CpuGraphedStep.recording = False
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
@@ -109,6 +114,56 @@ def test_recorded_step_trains_exactly_like_eager_steps(tmp_path, monkeypatch, te
             assert torch.equal(state[section][name], value), (section, name)
     for a, b in zip(state["optimizer"]["state"].values(), eager_state["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _poison_steps(monkeypatch, bad):
+    """The loss of the steps numbered in `bad` (1-based, counting the steps that run, not a
+    stand-in recording) made infinite."""
+    real = train_module.soft_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        loss = real(logits, targets)
+        if CpuGraphedStep.recording:
+            return loss
+        calls["n"] += 1
+        return loss * float("inf") if bad(calls["n"]) else loss
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", poisoned)
+
+
+def test_recorded_step_skips_non_finite_losses_as_eager_steps_do(tmp_path, monkeypatch):
+    """With a recorded step the update of a step whose loss is not finite is skipped on the device
+    (fused AdamW's found_inf) and the host counts it a step later: the same metrics, skip counts,
+    weights, optimizer state and EMA as the eager loop, which waits for each verdict."""
+    bad = {3, 5, 8, 9}.__contains__   # before and after the recording (step 4), the last of epoch 1, in epoch 2
+    _poison_steps(monkeypatch, bad)
+    eager_rows, eager_state, _ = _train(tmp_path, "eager", monkeypatch, text=CLIPPED)
+    _poison_steps(monkeypatch, bad)
+    rows, state, _ = _train(tmp_path, "graph", monkeypatch, CpuGraphedStep, text=CLIPPED)
+    assert [int(r["nonfinite_skipped"]) for r in eager_rows] == [3, 1]
+    for key in ("train_loss", "train_acc", "val_loss", "nonfinite_skipped"):
+        assert [r[key] for r in rows] == [r[key] for r in eager_rows], key
+    assert state["nonfinite_total"] == eager_state["nonfinite_total"] == 4
+    for section in ("model", "ema"):
+        for name, value in eager_state[section].items():
+            assert torch.equal(state[section][name], value), (section, name)
+    for a, b in zip(state["optimizer"]["state"].values(), eager_state["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recorded_step_stops_after_max_nonfinite(tmp_path, monkeypatch):
+    """train.max_nonfinite in a row stop a run with a recorded step too (exit 3, a step later
+    than the eager loop notices), keeping the last good checkpoint and finite weights."""
+    monkeypatch.setattr(train_module, "use_cuda_graph", lambda *a, **k: (True, []))
+    monkeypatch.setattr(train_module, "GraphedStep", CpuGraphedStep)
+    _poison_steps(monkeypatch, lambda n: n > 10)   # epoch 1 (8 steps) completes
+    result = run_cli("train", write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 3")),
+                     "--out", tmp_path / "run", "--set", "train.max_nonfinite=3")
+    assert_user_error(result, "not finite for 3 steps in a row (epoch 2, step 5)", code=3)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
 def test_failed_recording_goes_on_eagerly(tmp_path, monkeypatch):
