@@ -86,3 +86,45 @@ def test_cuda_graph_step_trains_in_bf16(tmp_path):
     final, _, log = _train_logged(tmp_path, "run", "train.cuda_graph=true")
     assert "recorded; every later step replays it" in log and "failed" not in log, log
     assert final["val_acc"] > 0.5 and final["train_loss"] == final["train_loss"]
+
+
+def _poison_on_device(monkeypatch, bad_steps):
+    """The loss of the steps numbered in `bad_steps` (1-based) made infinite by a counter on the
+    device, so that a recorded step replays the same rule (a Python-side count would be frozen
+    into the graph when it is recorded)."""
+    from composer import train as train_module
+
+    real = train_module.soft_cross_entropy
+    counter = {}
+
+    def poisoned(logits, targets):
+        loss = real(logits, targets)
+        n = counter.setdefault("n", torch.zeros((), dtype=torch.int64, device=loss.device))
+        n += 1
+        bad = torch.zeros((), dtype=torch.bool, device=loss.device)
+        for s in bad_steps:
+            bad = bad | (n == s)
+        # added, not multiplied under a where: the gradient of an unselected loss * inf is 0 * inf
+        return loss + torch.where(bad, float("inf"), 0.0)
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", poisoned)
+
+
+def test_cuda_graph_step_skips_non_finite_losses_like_eager_steps(tmp_path, monkeypatch):
+    """With a recorded step, fused AdamW skips a non-finite loss's update on the GPU (found_inf)
+    and the host counts it a step later: the same skip counts, losses and weights as the eager
+    loop, which waits for every verdict (fp32, deterministic)."""
+    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
+    bad = (2, 6, 7)   # before the recording (step 4) and after it, two in a row
+    _poison_on_device(monkeypatch, bad)
+    eager, eager_model, _ = _train_logged(tmp_path, "eager", "train.cuda_graph=false", *common)
+    _poison_on_device(monkeypatch, bad)
+    graph, graph_model, log = _train_logged(tmp_path, "graph", "train.cuda_graph=true", *common)
+    assert "recorded; every later step replays it" in log and "failed" not in log, log
+    assert graph["nonfinite_skipped"] == eager["nonfinite_skipped"] == len(bad)
+    assert abs(graph["train_loss"] - eager["train_loss"]) <= 1e-4 * abs(eager["train_loss"])
+    for name, value in eager_model.items():
+        if value.dtype.is_floating_point:
+            assert torch.isfinite(graph_model[name]).all(), name
+            scale = max(value.abs().max().item(), 1e-6)
+            assert (graph_model[name] - value).abs().max().item() <= 1e-3 * scale, name
