@@ -92,6 +92,15 @@ def _train(tmp_path, name, monkeypatch, step_class=None, text=TINY):
 CLIPPED = TINY.replace("grad_clip: 1.0", "grad_clip: 0.05")
 
 
+def _assert_same_state(state, eager_state):
+    """Two checkpoints hold the same weights, EMA and optimizer state, bit for bit."""
+    for section in ("model", "ema"):
+        for name, value in eager_state[section].items():
+            assert torch.equal(state[section][name], value), (section, name)
+    for a, b in zip(state["optimizer"]["state"].values(), eager_state["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("text", [CLIPPED, CLIPPED.replace("stem: {patch_size: 2, dim: 16}",
                                                      "stem: {patch_size: 2, dim: 16, norm: batchnorm}")
                                   .replace("- {kind: vit, heads: 2, mlp_ratio: 2}",
@@ -104,16 +113,12 @@ def test_recorded_step_trains_exactly_like_eager_steps(tmp_path, monkeypatch, te
     eager_rows, eager_state, _ = _train(tmp_path, "eager", monkeypatch, text=text)
     CpuGraphedStep.replays = 0
     rows, state, lines = _train(tmp_path, "graph", monkeypatch, CpuGraphedStep, text=text)
-    steps = sum(1 for _ in range(int(rows[-1]["step"])))
+    steps = int(rows[-1]["step"])
     assert CpuGraphedStep.replays == steps - graphed_step.WARMUP_STEPS   # every step after the warm-up
     assert any("recorded; every later step replays it" in line for line in lines)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
         assert [r[key] for r in rows] == [r[key] for r in eager_rows], key
-    for section in ("model", "ema"):
-        for name, value in eager_state[section].items():
-            assert torch.equal(state[section][name], value), (section, name)
-    for a, b in zip(state["optimizer"]["state"].values(), eager_state["optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_state(state, eager_state)
 
 
 def _poison_steps(monkeypatch, bad):
@@ -145,11 +150,7 @@ def test_recorded_step_skips_non_finite_losses_as_eager_steps_do(tmp_path, monke
     for key in ("train_loss", "train_acc", "val_loss", "nonfinite_skipped"):
         assert [r[key] for r in rows] == [r[key] for r in eager_rows], key
     assert state["nonfinite_total"] == eager_state["nonfinite_total"] == 4
-    for section in ("model", "ema"):
-        for name, value in eager_state[section].items():
-            assert torch.equal(state[section][name], value), (section, name)
-    for a, b in zip(state["optimizer"]["state"].values(), eager_state["optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_state(state, eager_state)
 
 
 def test_recorded_step_stops_after_max_nonfinite(tmp_path, monkeypatch):
