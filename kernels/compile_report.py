@@ -1,7 +1,7 @@
 """Shared memory, registers and spills of every Triton launch, compiled for a GPU that is not here.
 
     python -m kernels.compile_report [--op attention|token_mlp|dwconv2d|all] [--dtype bf16|fp16|fp32]
-                                     [--arch 90] [--first] [--shape SIZES ...]
+                                     [--arch 90] [--first] [--shape SIZES ...] [--sass]
 
 Runs each op's forward and backward launchers at its benchmark shapes (or at --shape) on meta tensors (no
 memory, no GPU) with the launches intercepted, compiles every intercepted kernel with the
@@ -9,8 +9,11 @@ installed Triton for sm_<arch>, specialized as a real launch is (alignment marks
 and reads the binary's registers per thread, stack
 (local memory: spilled registers) and shared memory with cuobjdump (shipped with Triton).
 Spills and shared memory past the card's limit are worth knowing before a GPU run; only a
-GPU says how fast anything is. Needs the compiled kernels, so it refuses to run under
-TRITON_INTERPRET=1.
+GPU says how fast anything is. With --sass, each launch's static instruction mix too (a count
+of each kind of instruction in its SASS: tensor-core, shared-memory, global, local, atomic,
+shuffle): a dot whose operands reach the tensor cores through scalar shared-memory loads instead
+of ldmatrix, or a loop that lost its async copies, shows there before any GPU time is spent.
+Needs the compiled kernels, so it refuses to run under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class Report:
     shared: int | None = None       # bytes of shared memory a block needs
     registers: int | None = None    # per thread
     stack: int | None = None        # bytes of local memory a thread needs: spilled registers
+    mix: dict | None = None         # with sass: instruction kind -> static count (`instruction_mix`)
     error: str | None = None
 
 
@@ -238,8 +242,32 @@ def _cuobjdump() -> str:
     return path
 
 
-def compile_launch(launch: Launch, arch: int) -> Report:
-    """Compile one recorded launch for sm_<arch> and read the resources of the binary Triton built."""
+# SASS opcodes (before the first '.') counted by --sass, under the names the report prints
+MIX_KINDS = {
+    "wgmma": ("HGMMA",), "mma": ("HMMA",),                          # tensor cores: warpgroup / warp MMA
+    "ldsm": ("LDSM",), "lds": ("LDS",), "sts": ("STS",),            # shared memory: ldmatrix, scalar/vector
+    "ldg": ("LDG",), "cp.async": ("LDGSTS",), "tma": ("UTMALDG", "UBLKCP"), "stg": ("STG",),
+    "local": ("LDL", "STL"),                                        # spilled registers
+    "atom": ("RED", "REDG", "ATOM", "ATOMG"), "shfl": ("SHFL",), "bar": ("BAR",),
+}
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def instruction_mix(sass: str) -> dict:
+    """Static count of each MIX_KINDS kind in a cuobjdump -sass listing (instructions in the code,
+    not executed ones: a loop body counts once)."""
+    kind_of = {op: kind for kind, ops in MIX_KINDS.items() for op in ops}
+    counts = dict.fromkeys(MIX_KINDS, 0)
+    for opcode in _OPCODE.findall(sass):
+        kind = kind_of.get(opcode)
+        if kind:
+            counts[kind] += 1
+    return counts
+
+
+def compile_launch(launch: Launch, arch: int, sass: bool = False) -> Report:
+    """Compile one recorded launch for sm_<arch> and read the resources of the binary Triton built
+    (and, with `sass`, its instruction mix)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -254,6 +282,9 @@ def compile_launch(launch: Launch, arch: int) -> Report:
             with open(cubin, "wb") as f:
                 f.write(compiled.asm["cubin"])
             usage = subprocess.run([_cuobjdump(), "-res-usage", cubin], capture_output=True, text=True).stdout
+            if sass:
+                listing = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True).stdout
+                report.mix = instruction_mix(listing)
         registers = re.search(r"REG:(\d+)", usage)
         stack = re.search(r"STACK:(\d+)", usage)
         report.registers = int(registers.group(1)) if registers else None
@@ -264,9 +295,9 @@ def compile_launch(launch: Launch, arch: int) -> Report:
 
 
 def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, first: bool = False,
-        shapes: list[tuple] | None = None, echo=print) -> list[Report]:
+        shapes: list[tuple] | None = None, sass: bool = False, echo=print) -> list[Report]:
     """Compile and report each launch of `op` (or every op) at its benchmark shapes (`first`: the
-    first one only), or at `shapes` (one op only)."""
+    first one only), or at `shapes` (one op only); `sass`: with each one's instruction mix."""
     from kernels import dispatch
 
     if dispatch.interpreter_mode():
@@ -280,7 +311,7 @@ def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, fi
         with dispatch.direct_launch():   # as eager calls and the benchmarks launch (launch options)
             launches = LAUNCHES[name](dtype, op_shapes)
         for launch in launches:
-            r = compile_launch(launch, arch)
+            r = compile_launch(launch, arch, sass)
             reports.append(r)
             if r.error:
                 echo(f"  {r.label:<52} {r.kernel:<30} FAILED {r.error}")
@@ -288,6 +319,8 @@ def run(op: str = "all", dtype: torch.dtype = torch.bfloat16, arch: int = 90, fi
             flags = ("  SPILLS" if r.stack else "") + ("  OVER SHARED MEMORY" if limit and r.shared > limit else "")
             echo(f"  {r.label:<52} {r.kernel:<30} smem {r.shared:>7}  regs {r.registers!s:>3}  "
                  f"stack {r.stack!s:>5}  {r.config}{flags}")
+            if r.mix:
+                echo("      " + "  ".join(f"{kind} {n}" for kind, n in r.mix.items() if n))
     return reports
 
 
@@ -302,6 +335,8 @@ def main(argv=None) -> int:
                         help="a shape instead of the benchmark ones, with --op: "
                              + "; ".join(f"{op} {fields}" for op, fields in SHAPE_FIELDS.items())
                              + " (e.g. --op token_mlp --shape 8,257,64,128); repeatable")
+    parser.add_argument("--sass", action="store_true",
+                        help="also count each launch's instructions by kind (tensor-core, shared, global, ...)")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shapes = None
@@ -316,7 +351,7 @@ def main(argv=None) -> int:
             print(f"error: --shape takes positive integers {need}; got {' '.join(args.shape)}", file=sys.stderr)
             return 2
     try:
-        reports = run(args.op, dtype, args.arch, args.first, shapes)
+        reports = run(args.op, dtype, args.arch, args.first, shapes, args.sass)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -98,3 +98,34 @@ assert options["num_warps"] == launch.kwargs["num_warps"]
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_instruction_mix_counts_opcodes_by_kind():
+    """Predicated instructions count, modifiers do not split a kind, other opcodes are left out."""
+    sass = """
+        /*0100*/                   LDSM.16.M88.4 R8, [R2] ;
+        /*0110*/              @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0120*/                   HMMA.16816.F32.BF16 R16, R8, R14, R16 ;
+        /*0130*/               @P1 LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0140*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0150*/                   STL [R1+0x4], R9 ;
+        /*0160*/                   FFMA R1, R2, R3, R4 ;
+    """
+    from kernels.compile_report import instruction_mix
+
+    mix = instruction_mix(sass)
+    assert {k: v for k, v in mix.items() if v} == {"mma": 2, "ldsm": 1, "cp.async": 1, "bar": 1, "local": 1}
+
+
+def test_sass_mix_of_the_attention_launches():
+    """--sass prints each launch's instruction mix under it: the attention kernels' dots on the
+    tensor cores, their loads from global memory, no spilled registers."""
+    result = _report("--op", "attention", "--first", "--sass")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    mixes = {re.search(r"(_attn_\w+)", line).group(1): lines[i + 1] for i, line in enumerate(lines)
+             if "B256 H4 N144 D16" in line and " regs " in line}
+    for kernel in ("_attn_fwd", "_attn_bwd_tiled"):
+        counts = dict((k, int(v)) for k, v in re.findall(r"([a-z.]+) (\d+)", mixes[kernel]))
+        assert counts.get("mma", 0) + counts.get("wgmma", 0) > 0, mixes[kernel]
+        assert counts.get("ldg", 0) + counts.get("cp.async", 0) > 0 and "local" not in counts, mixes[kernel]
