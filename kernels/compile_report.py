@@ -172,6 +172,10 @@ def _dwconv_launches(dtype, shapes) -> list[Launch]:
                        [kt, toeplitz])
         out += _record(f"{shape} backward stream", lambda: kt.conv_backward(
             x, x, w, x, gelu=True, has_bias=True, need_dx=True, need_dw=True, tile=stream), [kt, toeplitz])
+        # the weight gradient re-reading g (as the ConvMixer block op would run it: no GELU, no bias)
+        out += _record(f"{shape} block backward reload", lambda: kt.conv_backward(
+            x, x, w, None, gelu=False, has_bias=False, need_dx=True, need_dw=True, add_to_dx=x,
+            tile={**stream, "reload": True}), [kt, toeplitz])
     return out
 
 

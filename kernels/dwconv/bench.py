@@ -141,7 +141,13 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # (Triton 3.3 and newer: none before)
             stream = {"method": "toeplitz", "stream": True}
             stream_fwd = [stream, {**stream, "BLOCK_C": 2}, {**stream, "BLOCK_C": 8}, {**stream, "ROWS": 16}]
-            stream_wgt = [stream, {**stream, "num_warps": 2}, {**stream, "UNITS": 4}, {**stream, "UNITS": 16}]
+            # never timed yet, so first: the weight gradient re-reading each g row for each of its
+            # K products, its loads pipelined into asynchronous copies, instead of converting the
+            # rows it holds once a product (sm_90 SASS, Triton 3.6, k9: 2 barriers an input row
+            # instead of 18, see toeplitz._dwconv_bwd_w_reload_kernel)
+            reload = {**stream, "reload": True}
+            stream_wgt = [reload, {**reload, "UNITS": 4},
+                          stream, {**stream, "num_warps": 2}, {**stream, "UNITS": 4}, {**stream, "UNITS": 16}]
             stream_copy = [{**stream, "copy_to_nchw": True}]   # channels_last, on NCHW copies
             if not toeplitz_kernels.stream_supported():
                 stream_fwd = stream_wgt = stream_copy = []
@@ -187,10 +193,11 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
 
             out.append(SweepCase("dwconv2d", f"{shape} input grad", kt.forward_tile(dyl, k, role="input grad"),
                                  fwd, input_grad, tune=("input grad", key)))
-            # as the ConvMixer block runs it: GELU and bias fused, so g = dy * gelu'(z) and the
-            # bias gradient are part of the work (the streaming kernel forms them itself)
+            # as the benchmark's layer and the ConvMixer block run it: no GELU (the block applies
+            # it in its BatchNorm), the bias gradient part of the work (the streaming kernels form
+            # it themselves; the block gets it from its BatchNorm backward)
             out.append(SweepCase("dwconv2d", f"{shape} weight grad", kt.weight_grad_tile(xl, k), wgt,
-                                 lambda cfg, a=(dyl, xl, w, xl): kt.conv_backward(
-                                     *a, gelu=True, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:],
+                                 lambda cfg, a=(dyl, xl, w, None): kt.conv_backward(
+                                     *a, gelu=False, has_bias=True, need_dx=False, need_dw=True, tile=cfg)[1:],
                                  tune=("weight grad", key)))
     return out

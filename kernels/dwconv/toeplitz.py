@@ -8,6 +8,8 @@ triton.TOEPLITZ_MIN_K); triton.py holds the tap kernels and picks between them.
   _dwconv_fwd_stream_kernel      the forward streaming down the image with the K input rows in
                                  use held in registers: x read once, not K times ("stream")
   _dwconv_bwd_w_stream_kernel    the weight gradient streaming likewise, forming g itself
+  _dwconv_bwd_w_reload_kernel    the same with g read from memory, each row once per product
+                                 ("reload": no GELU to form, fewer conversions, see the kernel)
 """
 from __future__ import annotations
 
@@ -375,13 +377,78 @@ def _dwconv_bwd_w_stream_kernel(
             gs = gs[1:]
     if HAS_BIAS:
         tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
-    # all K diagonals of a Q_i in one reduction (K reductions, not K * K)
+    _store_diagonals(qs, dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K), K, KB, KP, TILE_W, LEAD)
+
+
+@triton.jit
+def _store_diagonals(qs, dw_ptr, K: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
+                     LEAD: tl.constexpr):
+    # the K * K weight-gradient values at dw_ptr from the streaming kernels' products:
+    # dw[i, kj] = sum_n qs[i][n + kj + LEAD - PAD, n], the kj-th diagonal; all K diagonals of a
+    # product in one reduction (K reductions, not K * K)
     kj = tl.arange(0, KB)
-    on_diag = (j_x - n_g - (LEAD - PAD))[None, :, :] == kj[:, None, None]   # (KB, KP, TILE_W): tap == kj
-    base = dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K) + kj
+    tap = tl.arange(0, KP)[:, None] - tl.arange(0, TILE_W)[None, :] - (LEAD - K // 2)
+    on_diag = tap[None, :, :] == kj[:, None, None]                              # (KB, KP, TILE_W)
     for i in tl.static_range(K):
         dw_row = tl.sum(tl.sum(tl.where(on_diag, qs[i][None, :, :], 0.0), axis=2), axis=1)
-        tl.store(base + i * K, dw_row, mask=kj < K)
+        tl.store(dw_ptr + i * K + kj, dw_row, mask=kj < K)
+
+
+@triton.jit
+def _dwconv_bwd_w_reload_kernel(
+    x_ptr, g_ptr, dw_part_ptr, db_part_ptr,
+    B, C, H, W, n_tw, UNITS, UNITS_PER_PROG,
+    sxb, sxc, sxh, sxw,
+    sgb, sgc, sgh, sgw,
+    K: tl.constexpr, KB: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    # The streaming weight gradient (same units, same products Q_i += X_r^T @ G_{r-i+PAD}) with
+    # the output gradient g read from memory, and each of its rows read again for each of its K
+    # products instead of held in registers. Held rows are converted for the tensor cores once
+    # a product, through shared memory with two barriers each (sm_90 SASS, Triton 3.6, B256 C256
+    # 32x32 k9: 9 conversions and 18 barriers an input row); rows loaded right before their dot
+    # are pipelined by Triton into asynchronous copies to shared memory (10 copies and 2
+    # barriers an input row). The K reads of a row after the first come from L1/L2. With
+    # HAS_BIAS, the bias partial sums each row once (its read for Q_PAD).
+    W, sxh, sgh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(sgh, ROW_ALIGN)
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    c64 = c.to(tl.int64)
+    PAD: tl.constexpr = K // 2
+    i_g = tl.arange(0, IMAGES)[:, None]          # G rows: images
+    n_g = tl.arange(0, TILE_W)[None, :]          # G columns: output columns
+    j_x = tl.arange(0, KP)[:, None]              # X^T rows: input columns of the window
+    i_x = tl.arange(0, IMAGES)[None, :]          # X^T columns: images
+    qs = ()
+    for i in tl.static_range(K):
+        qs = qs + (tl.zeros((KP, TILE_W), dtype=tl.float32),)
+    db = tl.zeros((IMAGES, TILE_W), dtype=tl.float32)
+    for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
+        w0 = (u % n_tw) * TILE_W
+        img_g = ((u // n_tw) * IMAGES + i_g).to(tl.int64)
+        img_x = ((u // n_tw) * IMAGES + i_x).to(tl.int64)
+        g_ok = (img_g < B) & (w0 + n_g < W)
+        g_base = g_ptr + img_g * sgb + c64 * sgc + (w0 + n_g) * sgw
+        col = w0 + j_x - LEAD
+        x_ok = (img_x < B) & (col >= 0) & (col < W)
+        x_base = x_ptr + img_x * sxb + c64 * sxc + col * sxw
+        for r in range(0, H):
+            xt = tl.load(x_base + r * sxh, mask=x_ok, other=0.0)             # (KP, IMAGES)
+            new = ()
+            for i in tl.static_range(K):
+                h = r - i + PAD
+                gr = tl.load(g_base + h * sgh, mask=g_ok & (h >= 0) & (h < H), other=0.0)   # (IMAGES, TILE_W)
+                if HAS_BIAS and i == PAD:
+                    db += gr.to(tl.float32)
+                if IEEE:
+                    new = new + (tl.dot(xt, gr, qs[i], input_precision="ieee"),)
+                else:
+                    new = new + (tl.dot(xt, gr, qs[i]),)
+            qs = new
+    if HAS_BIAS:
+        tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
+    _store_diagonals(qs, dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K), K, KB, KP, TILE_W, LEAD)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -540,9 +607,13 @@ def _stream_forward(x, weight, bias, y, z, *, gelu: bool, tile: dict, add=None) 
 _TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200: enough splits to fill the GPU
 
 
-def forms_output_grad(tile: dict) -> bool:
-    """True when `weight_grad` with this tile forms g = dy * gelu'(z) and the bias gradient itself
-    (the streaming kernel), so the tap kernel's pass over dy is not needed."""
+def forms_output_grad(tile: dict, gelu: bool) -> bool:
+    """True when `weight_grad` with this tile takes the raw output gradient dy (and with `gelu` the
+    pre-activation z) and forms what the tap kernel's pass over dy would: g = dy * gelu'(z) and
+    the bias gradient (the streaming kernel). The re-reading one ("reload") reads g from memory:
+    it forms the bias gradient, and only where there is no GELU (g is dy)."""
+    if tile.get("stream") and tile.get("reload"):
+        return not gelu
     return bool(tile.get("stream"))
 
 
@@ -552,11 +623,13 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     g and x with "copy_to_nchw"). With "UNITS", each program sums that many windows; by default
     the windows are split over about _TARGET_PROGRAMS programs. With "stream",
     _dwconv_bwd_w_stream_kernel (see `_stream_weight_grad`), which alone also takes the raw
-    output gradient in `g` with the pre-activation `z` (GELU: it writes g = dy * gelu'(z) into `g_out` unless that is None) and `has_bias` (see `forms_output_grad`).
+    output gradient in `g` with the pre-activation `z` (GELU: it writes g = dy * gelu'(z) into
+    `g_out` unless that is None) and `has_bias` (see `forms_output_grad`); with "stream" and
+    "reload", _dwconv_bwd_w_reload_kernel, which takes g itself and `has_bias`.
 
     Returns (dw, db): db (C,) fp32 when has_bias, else None."""
-    if (z is not None or has_bias) and not forms_output_grad(tile):
-        raise ValueError("only the streaming weight-gradient kernel forms g and the bias gradient")
+    if (z is not None or has_bias) and not forms_output_grad(tile, z is not None):
+        raise ValueError("only the streaming weight-gradient kernels form g (without 'reload') and the bias gradient")
     B, C, H, W = x.shape
     if tile.get("copy_to_nchw"):
         g, x = g.contiguous(), x.contiguous()
@@ -587,7 +660,8 @@ def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
     """_dwconv_bwd_w_stream_kernel: one channel a program, UNITS units (IMAGES images x one
     column window, all rows) each; by default the units are split over about
     2 * _TARGET_PROGRAMS programs (the diagonals at a program's end cost about one unit).
-    Takes the raw output gradient and forms g itself (see `weight_grad`)."""
+    Takes the raw output gradient and forms g itself (see `weight_grad`); with "reload",
+    _dwconv_bwd_w_reload_kernel over the same units, g = dy (no GELU)."""
     _check_stream_supported()
     B, C, H, W = x.shape
     tile_w, kp, images = _stream_tiles(x, K, tile)
@@ -603,6 +677,16 @@ def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
     zz = z if gelu else dy
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
+    if tile.get("reload"):
+        # 2 warps at KP 32: each warp's share of a (KP, TILE_W) product is then one 16-row
+        # tensor-core tile (with 4, sm_90 SASS shows each product's instructions issued twice)
+        wrap_triton(_dwconv_bwd_w_reload_kernel)[(splits, C)](
+            x, dy, dw_part, db_part, B, C, H, W, n_tw, units, per_prog, *x.stride(), *dy.stride(),
+            K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp),
+            ROW_ALIGN=_row_align(x, dy), IMAGES=images, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
+            num_warps=tile.get("num_warps", max(1, kp // 16)), num_stages=tile.get("num_stages", 2),
+        )
+        return dw_part.sum(0).reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)
     wrap_triton(_dwconv_bwd_w_stream_kernel)[(splits, C)](
         x, dy, zz, g_store, dw_part, db_part, B, C, H, W, n_tw, units, per_prog,
         *x.stride(), *dy.stride(), *zz.stride(), *g_store.stride(),

@@ -305,8 +305,8 @@ def conv_backward(dy, x, weight, z, *, gelu: bool, has_bias: bool, need_dx: bool
         return (torch.empty_like(x) if need_dx else None), dw, db
     tile = tile or weight_grad_tile(x, K)
     toeplitz_dw = need_dw and tile.get("method") == "toeplitz"
-    # the streaming Toeplitz kernel forms g = dy * gelu'(z) and the bias gradient itself
-    fused_g = toeplitz_dw and toeplitz.forms_output_grad(tile)
+    # the streaming Toeplitz kernels form the bias gradient (and g = dy * gelu'(z)) themselves
+    fused_g = toeplitz_dw and toeplitz.forms_output_grad(tile, gelu)
     if not fused_g and (gelu or has_bias or (need_dw and not toeplitz_dw)):   # else nothing to do here
         g = torch.empty_like(dy) if gelu else dy
         # the tap kernel forms g = dy * gelu'(z) and the bias partials; with the Toeplitz

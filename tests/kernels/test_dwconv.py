@@ -321,6 +321,7 @@ def test_toeplitz_images_and_units_per_program(dtype, images, device, monkeypatc
 
 
 STREAM = {"method": "toeplitz", "stream": True}
+RELOAD = {**STREAM, "reload": True}   # the weight gradient re-reading g from memory (the forward ignores it)
 
 
 @pytest.mark.parametrize("k,hw,tile,batch", [
@@ -328,24 +329,36 @@ STREAM = {"method": "toeplitz", "stream": True}
     (7, (9, 13), {"ROWS": 4, "UNITS": 1}, 17),           # row chunks, two image groups, a unit a program
     (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2),      # 32-wide windows, two channels a program
     (3, (7, 8), {}, 3),
-    (9, (20, 40), {"copy_to_nchw": True}, 2)],           # g written back channels_last
-    ids=["k9", "k7-rows-units", "k5-wide", "k3", "copy-to-nchw"])
+    (9, (20, 40), {"copy_to_nchw": True}, 2),            # g written back channels_last
+    (9, (20, 40), {"reload": True}, 3),                  # g rows re-read, several column windows
+    (7, (9, 13), {"reload": True, "UNITS": 1}, 17),      # ... two image groups, a unit a program
+    (5, (32, 32), {"reload": True, "TILE_W": 32}, 2)],   # ... 32-wide windows (KP 64: 4 warps)
+    ids=["k9", "k7-rows-units", "k5-wide", "k3", "copy-to-nchw", "reload-k9", "reload-k7-units", "reload-k5-wide"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
     """The forward, input gradient and weight gradient streaming down the image with the K input
     rows in use in registers ("stream"; the weight gradient forms g and the bias gradient
-    itself): with and without bias and GELU, NCHW and channels_last (strided loads), every
-    output and gradient."""
+    itself, or with "reload" reads g from memory, formed by the tap kernel's pass under GELU):
+    with and without bias and GELU, NCHW and channels_last (strided loads), every output and
+    gradient."""
+    from kernels.dwconv import toeplitz
     from kernels.dwconv import triton as kt
 
     monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": {**STREAM, **tile})
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: {**STREAM, **tile})
+    launches = record_launches(monkeypatch, kt, toeplitz)
     check(batch, 5, *hw, k, dtype, device, bias=True, activation="gelu")
     check(batch, 5, *hw, k, dtype, device, bias=False, activation=None)
     check(2, 3, *hw, k, dtype, device, channels_last=True)
+    wgrad = [name for name, _ in launches if name.startswith("_dwconv_bwd_w")]
+    want = "_dwconv_bwd_w_reload_kernel" if tile.get("reload") else "_dwconv_bwd_w_stream_kernel"
+    # one weight-gradient launch a check; re-reading g, the tap kernel forms it first under GELU
+    # (the first and last checks), as nothing else does
+    taps = 2 if tile.get("reload") else 0
+    assert sorted(wgrad) == sorted([want] * 3 + ["_dwconv_bwd_w_kernel"] * taps), wgrad
 
 
-@pytest.mark.parametrize("method", ["toeplitz", "stream"])
+@pytest.mark.parametrize("method", ["toeplitz", "stream", "reload"])
 @pytest.mark.parametrize("hw", [(6, 28), (5, 14)], ids=["28-wide", "14-wide"])
 def test_widths_that_are_not_multiples_of_8(hw, method, device, monkeypatch):
     """Rows of 28 and 14 elements, whose width and row strides the Toeplitz and streaming kernels
@@ -353,7 +366,7 @@ def test_widths_that_are_not_multiples_of_8(hw, method, device, monkeypatch):
     from kernels.dwconv import toeplitz
     from kernels.dwconv import triton as kt
 
-    tile = STREAM if method == "stream" else TOEPLITZ
+    tile = {"stream": STREAM, "reload": RELOAD}.get(method, TOEPLITZ)
     monkeypatch.setattr(kt, "forward_tile", lambda x, k, role="forward": tile)
     monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: tile)
     x = torch.empty(2, 3, *hw, dtype=torch.float16)
@@ -395,8 +408,10 @@ def test_stream_needs_triton_3_3(monkeypatch):
     assert configs and not any(c.get("stream") for c in configs)
     monkeypatch.setattr(triton, "__version__", "3.3.0")
     configs = [c for case in bench.sweep_cases(torch.float32, "cpu", [(1, 2, 8, 8, 9)]) for c in case.configs]
-    # 4 forward, 4 input-gradient and 4 weight-gradient ones on NCHW, one of each on NCHW copies
-    assert sum(bool(c.get("stream")) for c in configs) == 15
+    # 4 forward, 4 input-gradient and 6 weight-gradient ones (2 re-reading g) on NCHW, one of
+    # each on NCHW copies
+    assert sum(bool(c.get("stream")) for c in configs) == 17
+    assert sum(bool(c.get("reload")) for c in configs) == 2
 
 
 def test_stream_without_input_gradient(device):
@@ -437,7 +452,8 @@ def _block_run(x, w, b, dy, dtype, backend, fused):
             "running_mean": stats[0], "running_var": stats[1]}
 
 
-@pytest.mark.parametrize("tile,k", [(STREAM, 9), (None, 9), (None, 5)], ids=["stream", "toeplitz", "taps"])
+@pytest.mark.parametrize("tile,k", [(STREAM, 9), (RELOAD, 9), (None, 9), (None, 5)],
+                         ids=["stream", "reload", "toeplitz", "taps"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
     """ConvMixer's spatial mixing as one op (the residual's gradient added in the epilogue of
@@ -468,7 +484,7 @@ def test_dwconv_batch_norm_residual(tile, k, dtype, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [STREAM, None], ids=["stream", "default"])
+@pytest.mark.parametrize("tile", [STREAM, RELOAD, None], ids=["stream", "reload", "default"])
 def test_dwconv_batch_norm_residual_bf16(tile, device, monkeypatch):
     from kernels.dwconv import triton as kt
 
@@ -616,8 +632,10 @@ def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_la
     (STREAM, STREAM, False),
     ({**STREAM, "BLOCK_C": 2}, {**STREAM, "num_warps": 2}, False),
     ({**STREAM, "BLOCK_C": 8, "ROWS": 16}, {**STREAM, "UNITS": 4}, False),
-    ({**STREAM, "copy_to_nchw": True}, {**STREAM, "copy_to_nchw": True}, True)],
-    ids=["default", "two-channels", "eight-channels-rows", "nchw-copy"])
+    ({**STREAM, "copy_to_nchw": True}, {**STREAM, "copy_to_nchw": True}, True),
+    (STREAM, RELOAD, False),
+    (STREAM, {**RELOAD, "UNITS": 4}, True)],
+    ids=["default", "two-channels", "eight-channels-rows", "nchw-copy", "reload", "reload-units-channels_last"])
 @pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13)), (15, (28, 28)), (3, (14, 14))])
 def test_toeplitz_streaming_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
     """The streaming kernels (and the sweep's variants of them), compiled, in bf16: two image
