@@ -297,6 +297,31 @@ def _dwconv_fwd_stream_kernel(
 
 
 @triton.jit
+def _zero_products(K: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr):
+    # the streaming weight gradients' K products Q_0 .. Q_{K-1}, (KP, TILE_W) fp32 each, zeroed
+    qs = ()
+    for i in tl.static_range(K):
+        qs = qs + (tl.zeros((KP, TILE_W), dtype=tl.float32),)
+    return qs
+
+
+@triton.jit
+def _stream_unit(u, n_tw, B, W, x_ptr, c64, sxb, sxc, sxw, TILE_W: tl.constexpr, KP: tl.constexpr,
+                 LEAD: tl.constexpr, IMAGES: tl.constexpr):
+    # unit u of the streaming weight gradients (IMAGES images x a TILE_W-wide column window):
+    # the images (IMAGES, 1) and output columns (1, TILE_W) of its output-gradient tiles and
+    # which of them exist; the pointers (row 0) and mask of its input tiles X^T, (KP, IMAGES):
+    # the window's columns from LEAD before it
+    w0 = (u % n_tw) * TILE_W
+    img_g = ((u // n_tw) * IMAGES + tl.arange(0, IMAGES)[:, None]).to(tl.int64)
+    col_g = w0 + tl.arange(0, TILE_W)[None, :]
+    img_x = ((u // n_tw) * IMAGES + tl.arange(0, IMAGES)[None, :]).to(tl.int64)
+    col_x = w0 + tl.arange(0, KP)[:, None] - LEAD
+    x_ok = (img_x < B) & (col_x >= 0) & (col_x < W)
+    return img_g, col_g, (img_g < B) & (col_g < W), x_ptr + img_x * sxb + c64 * sxc + col_x * sxw, x_ok
+
+
+@triton.jit
 def _dwconv_bwd_w_stream_kernel(
     x_ptr, dy_ptr, z_ptr, g_ptr, dw_part_ptr, db_part_ptr,
     B, C, H, W, n_tw, UNITS, UNITS_PER_PROG,
@@ -324,25 +349,14 @@ def _dwconv_bwd_w_stream_kernel(
     c = tl.program_id(1)
     c64 = c.to(tl.int64)
     PAD: tl.constexpr = K // 2
-    i_g = tl.arange(0, IMAGES)[:, None]          # G rows: images
-    n_g = tl.arange(0, TILE_W)[None, :]          # G columns: output columns
-    j_x = tl.arange(0, KP)[:, None]              # X^T rows: input columns of the window
-    i_x = tl.arange(0, IMAGES)[None, :]          # X^T columns: images
-    qs = ()
-    for i in tl.static_range(K):
-        qs = qs + (tl.zeros((KP, TILE_W), dtype=tl.float32),)
+    qs = _zero_products(K, KP, TILE_W)
     db = tl.zeros((IMAGES, TILE_W), dtype=tl.float32)
     for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
-        w0 = (u % n_tw) * TILE_W
-        img_g = ((u // n_tw) * IMAGES + i_g).to(tl.int64)
-        img_x = ((u // n_tw) * IMAGES + i_x).to(tl.int64)
-        g_ok = (img_g < B) & (w0 + n_g < W)
-        dy_base = dy_ptr + img_g * syb + c64 * syc + (w0 + n_g) * syw
-        z_base = z_ptr + img_g * szb + c64 * szc + (w0 + n_g) * szw
-        g_base = g_ptr + img_g * sgb + c64 * sgc + (w0 + n_g) * sgw
-        col = w0 + j_x - LEAD
-        x_ok = (img_x < B) & (col >= 0) & (col < W)
-        x_base = x_ptr + img_x * sxb + c64 * sxc + col * sxw
+        img_g, col_g, g_ok, x_base, x_ok = _stream_unit(u, n_tw, B, W, x_ptr, c64, sxb, sxc, sxw,
+                                                        TILE_W, KP, LEAD, IMAGES)
+        dy_base = dy_ptr + img_g * syb + c64 * syc + col_g * syw
+        z_base = z_ptr + img_g * szb + c64 * szc + col_g * szw
+        g_base = g_ptr + img_g * sgb + c64 * sgc + col_g * sgw
         gs = ()    # output-gradient rows r - PAD .. r + PAD - 1 on entry to step r
         for m in tl.static_range(K - 1):
             gs = gs + (tl.zeros((IMAGES, TILE_W), dtype=g_ptr.dtype.element_ty),)
@@ -416,23 +430,12 @@ def _dwconv_bwd_w_reload_kernel(
     c = tl.program_id(1)
     c64 = c.to(tl.int64)
     PAD: tl.constexpr = K // 2
-    i_g = tl.arange(0, IMAGES)[:, None]          # G rows: images
-    n_g = tl.arange(0, TILE_W)[None, :]          # G columns: output columns
-    j_x = tl.arange(0, KP)[:, None]              # X^T rows: input columns of the window
-    i_x = tl.arange(0, IMAGES)[None, :]          # X^T columns: images
-    qs = ()
-    for i in tl.static_range(K):
-        qs = qs + (tl.zeros((KP, TILE_W), dtype=tl.float32),)
+    qs = _zero_products(K, KP, TILE_W)
     db = tl.zeros((IMAGES, TILE_W), dtype=tl.float32)
     for u in range(split * UNITS_PER_PROG, tl.minimum(split * UNITS_PER_PROG + UNITS_PER_PROG, UNITS)):
-        w0 = (u % n_tw) * TILE_W
-        img_g = ((u // n_tw) * IMAGES + i_g).to(tl.int64)
-        img_x = ((u // n_tw) * IMAGES + i_x).to(tl.int64)
-        g_ok = (img_g < B) & (w0 + n_g < W)
-        g_base = g_ptr + img_g * sgb + c64 * sgc + (w0 + n_g) * sgw
-        col = w0 + j_x - LEAD
-        x_ok = (img_x < B) & (col >= 0) & (col < W)
-        x_base = x_ptr + img_x * sxb + c64 * sxc + col * sxw
+        img_g, col_g, g_ok, x_base, x_ok = _stream_unit(u, n_tw, B, W, x_ptr, c64, sxb, sxc, sxw,
+                                                        TILE_W, KP, LEAD, IMAGES)
+        g_base = g_ptr + img_g * sgb + c64 * sgc + col_g * sgw
         for r in range(0, H):
             xt = tl.load(x_base + r * sxh, mask=x_ok, other=0.0)             # (KP, IMAGES)
             new = ()
