@@ -332,8 +332,10 @@ RELOAD = {**STREAM, "reload": True}   # the weight gradient re-reading g from me
     (9, (20, 40), {"copy_to_nchw": True}, 2),            # g written back channels_last
     (9, (20, 40), {"reload": True}, 3),                  # g rows re-read, several column windows
     (7, (9, 13), {"reload": True, "UNITS": 1}, 17),      # ... two image groups, a unit a program
+    (7, (9, 13), {"reload": True, "IMAGES": 32}, 17),    # ... 32 images a unit (17 of them there)
     (5, (32, 32), {"reload": True, "TILE_W": 32}, 2)],   # ... 32-wide windows (KP 64: 4 warps)
-    ids=["k9", "k7-rows-units", "k5-wide", "k3", "copy-to-nchw", "reload-k9", "reload-k7-units", "reload-k5-wide"])
+    ids=["k9", "k7-rows-units", "k5-wide", "k3", "copy-to-nchw", "reload-k9", "reload-k7-units", "reload-k7-images32",
+         "reload-k5-wide"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
     """The forward, input gradient and weight gradient streaming down the image with the K input
@@ -634,8 +636,8 @@ def test_toeplitz_sweep_candidates_bf16(k, hw, forward, weight_grad, channels_la
     ({**STREAM, "BLOCK_C": 8, "ROWS": 16}, {**STREAM, "UNITS": 4}, False),
     ({**STREAM, "copy_to_nchw": True}, {**STREAM, "copy_to_nchw": True}, True),
     (STREAM, RELOAD, False),
-    (STREAM, {**RELOAD, "UNITS": 4}, True)],
-    ids=["default", "two-channels", "eight-channels-rows", "nchw-copy", "reload", "reload-units-channels_last"])
+    (STREAM, {**RELOAD, "IMAGES": 32}, True)],
+    ids=["default", "two-channels", "eight-channels-rows", "nchw-copy", "reload", "reload-images32-channels_last"])
 @pytest.mark.parametrize("k,hw", [(9, (32, 32)), (7, (9, 13)), (15, (28, 28)), (3, (14, 14))])
 def test_toeplitz_streaming_bf16(k, hw, forward, weight_grad, channels_last, device, monkeypatch):
     """The streaming kernels (and the sweep's variants of them), compiled, in bf16: two image
