@@ -330,7 +330,7 @@ RELOAD = {**STREAM, "reload": True}   # the weight gradient re-reading g from me
     (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2),      # 32-wide windows, two channels a program
     (3, (7, 8), {}, 3),
     (9, (20, 40), {"copy_to_nchw": True}, 2),            # g written back channels_last
-    (9, (20, 40), {"reload": True}, 3),                  # g rows re-read, several column windows
+    (9, (12, 20), {"reload": True}, 3),                  # g rows re-read, two column windows, ragged
     (7, (9, 13), {"reload": True, "UNITS": 1}, 17),      # ... two image groups, a unit a program
     (7, (9, 13), {"reload": True, "IMAGES": 32}, 17),    # ... 32 images a unit (17 of them there)
     (5, (32, 32), {"reload": True, "TILE_W": 32}, 2)],   # ... 32-wide windows (KP 64: 4 warps)
