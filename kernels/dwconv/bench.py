@@ -145,7 +145,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
             # K products, its loads pipelined into asynchronous copies, instead of converting the
             # rows it holds once a product (sm_90 SASS, Triton 3.6, k9: 2 barriers an input row
             # instead of 18, see toeplitz._dwconv_bwd_w_reload_kernel); with 32 images a unit,
-            # each product twice as deep for 184 instructions a row instead of 154
+            # each product twice as deep for 212 instructions a row instead of 182
             reload = {**stream, "reload": True}
             stream_wgt = [reload, {**reload, "IMAGES": 32},
                           stream, {**stream, "num_warps": 2}, {**stream, "UNITS": 4}, {**stream, "UNITS": 16}]

@@ -410,11 +410,11 @@ def _store_diagonals(qs, dw_ptr, K: tl.constexpr, KB: tl.constexpr, KP: tl.const
 
 @triton.jit
 def _dwconv_bwd_w_reload_kernel(
-    x_ptr, g_ptr, dw_part_ptr, db_part_ptr,
+    x_ptr, g_ptr, q_part_ptr, db_part_ptr,
     B, C, H, W, n_tw, UNITS, UNITS_PER_PROG,
     sxb, sxc, sxh, sxw,
     sgb, sgc, sgh, sgw,
-    K: tl.constexpr, KB: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
+    K: tl.constexpr, TILE_W: tl.constexpr, KP: tl.constexpr, LEAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr, IMAGES: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
     # The streaming weight gradient (same units, same products Q_i += X_r^T @ G_{r-i+PAD}) with
@@ -424,7 +424,11 @@ def _dwconv_bwd_w_reload_kernel(
     # 32x32 k9: 9 conversions and 18 barriers an input row); rows loaded right before their dot
     # are pipelined by Triton into asynchronous copies to shared memory (10 copies and 2
     # barriers an input row). The K reads of a row after the first come from L1/L2. With
-    # HAS_BIAS, the bias partial sums each row once (its read for Q_PAD).
+    # HAS_BIAS, the bias partial sums each row once (its read for Q_PAD). The program stores
+    # its K products themselves, not their diagonals: the launcher adds the splits up and reads
+    # the diagonals as one strided view (`_diagonals`). Extracted here, as the streaming kernel
+    # does, they compile to ~8,000 instructions a warp, 10-25% of a program's work at the
+    # benchmark shapes.
     W, sxh, sgh = _aligned(W, ROW_ALIGN), _aligned(sxh, ROW_ALIGN), _aligned(sgh, ROW_ALIGN)
     split = tl.program_id(0)
     c = tl.program_id(1)
@@ -451,7 +455,10 @@ def _dwconv_bwd_w_reload_kernel(
             qs = new
     if HAS_BIAS:
         tl.store(db_part_ptr + split.to(tl.int64) * C + c, tl.sum(tl.sum(db, axis=1), axis=0))
-    _store_diagonals(qs, dw_part_ptr + (split.to(tl.int64) * C + c) * (K * K), K, KB, KP, TILE_W, LEAD)
+    q_out = (q_part_ptr + (split.to(tl.int64) * C + c) * (K * KP * TILE_W)
+             + tl.arange(0, KP)[:, None] * TILE_W + tl.arange(0, TILE_W)[None, :])
+    for i in tl.static_range(K):
+        tl.store(q_out + i * (KP * TILE_W), qs[i])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -659,12 +666,23 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
     return dw_part.sum(0).reshape(C, 1, K, K), None
 
 
+def _diagonals(q: torch.Tensor, K: int, offset: int) -> torch.Tensor:
+    """(C, K, K) weight gradient from the (C, K, KP, TILE_W) products of the streaming kernels:
+    dw[c, i, kj] = sum_n q[c, i, n + kj + offset, n], the kj-th diagonal of each product (offset
+    = LEAD - K // 2 >= 0, and n + kj + offset < KP by the choice of KP), read as one view."""
+    C, _, _, tile_w = q.shape
+    s0, s1, s2, s3 = q.stride()
+    view = q.as_strided((C, K, K, tile_w), (s0, s1, s2, s2 + s3), q.storage_offset() + offset * s2)
+    return view.sum(-1)
+
+
 def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
     """_dwconv_bwd_w_stream_kernel: one channel a program, UNITS units (IMAGES images x one
     column window, all rows) each; by default the units are split over about
     2 * _TARGET_PROGRAMS programs (the diagonals at a program's end cost about one unit).
     Takes the raw output gradient and forms g itself (see `weight_grad`); with "reload",
-    _dwconv_bwd_w_reload_kernel over the same units, g = dy (no GELU)."""
+    _dwconv_bwd_w_reload_kernel over the same units, g = dy (no GELU), its diagonals read
+    here (`_diagonals`)."""
     _check_stream_supported()
     B, C, H, W = x.shape
     tile_w, kp, images = _stream_tiles(x, K, tile)
@@ -675,21 +693,24 @@ def _stream_weight_grad(dy, x, K: int, tile: dict, *, z, g_out, has_bias: bool):
         splits = cdiv(units, per_prog)
     else:
         splits, per_prog = split_units(units, C, 2 * _TARGET_PROGRAMS)
+    db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
+    if tile.get("reload"):
+        lead = _lead(x, K, tile_w, kp)
+        q_part = torch.empty((splits, C, K, kp, tile_w), device=x.device, dtype=torch.float32)
+        # 2 warps at KP 32: each warp's share of a (KP, TILE_W) product is then one 16-row
+        # tensor-core tile (with 4, sm_90 SASS shows each product's instructions issued twice)
+        wrap_triton(_dwconv_bwd_w_reload_kernel)[(splits, C)](
+            x, dy, q_part, db_part, B, C, H, W, n_tw, units, per_prog, *x.stride(), *dy.stride(),
+            K=K, TILE_W=tile_w, KP=kp, LEAD=lead,
+            ROW_ALIGN=_row_align(x, dy), IMAGES=images, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
+            num_warps=tile.get("num_warps", max(1, kp // 16)), num_stages=tile.get("num_stages", 2),
+        )
+        dw = _diagonals(q_part.sum(0), K, lead - K // 2)
+        return dw.reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)
     gelu = z is not None
     g_store = dy if g_out is None or not gelu else g_out
     zz = z if gelu else dy
     dw_part = torch.empty((splits, C, K * K), device=x.device, dtype=torch.float32)
-    db_part = torch.empty((splits, C) if has_bias else (1,), device=x.device, dtype=torch.float32)
-    if tile.get("reload"):
-        # 2 warps at KP 32: each warp's share of a (KP, TILE_W) product is then one 16-row
-        # tensor-core tile (with 4, sm_90 SASS shows each product's instructions issued twice)
-        wrap_triton(_dwconv_bwd_w_reload_kernel)[(splits, C)](
-            x, dy, dw_part, db_part, B, C, H, W, n_tw, units, per_prog, *x.stride(), *dy.stride(),
-            K=K, KB=next_pow2(K), TILE_W=tile_w, KP=kp, LEAD=_lead(x, K, tile_w, kp),
-            ROW_ALIGN=_row_align(x, dy), IMAGES=images, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
-            num_warps=tile.get("num_warps", max(1, kp // 16)), num_stages=tile.get("num_stages", 2),
-        )
-        return dw_part.sum(0).reshape(C, 1, K, K), (db_part.sum(0) if has_bias else None)
     wrap_triton(_dwconv_bwd_w_stream_kernel)[(splits, C)](
         x, dy, zz, g_store, dw_part, db_part, B, C, H, W, n_tw, units, per_prog,
         *x.stride(), *dy.stride(), *zz.stride(), *g_store.stride(),
