@@ -656,6 +656,18 @@ def test_compile_triton_gpu(compile_backend, device):
     _compile_check(device, "triton", compile_backend, channels_last=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_streaming_reload_weight_grad_under_compile_gpu(compile_backend, device, monkeypatch):
+    """The re-reading weight gradient's launcher reads the diagonals of its products through a
+    strided view of an intermediate: traced inside the library op by torch.compile, the same
+    gradients as eager."""
+    from kernels.dwconv import triton as kt
+
+    monkeypatch.setattr(kt, "weight_grad_tile", lambda x, k: RELOAD)
+    _compile_check(device, "triton", compile_backend)
+
+
 # ----------------------------------------------------------------------------- GPU: bf16 and the benchmark shapes
 
 @pytest.mark.gpu
