@@ -324,19 +324,24 @@ STREAM = {"method": "toeplitz", "stream": True}
 RELOAD = {**STREAM, "reload": True}   # the weight gradient re-reading g from memory (the forward ignores it)
 
 
-@pytest.mark.parametrize("k,hw,tile,batch", [
-    (9, (20, 40), {"TILE_W": 16}, 3),                    # several column windows, a ragged last one
-    (7, (9, 13), {"ROWS": 4, "UNITS": 1}, 17),           # row chunks, two image groups, a unit a program
-    (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2),      # 32-wide windows, two channels a program
-    (3, (7, 8), {}, 3),
-    (9, (20, 40), {"copy_to_nchw": True}, 2),            # g written back channels_last
-    (9, (12, 20), {"reload": True}, 3),                  # g rows re-read, two column windows, ragged
-    (7, (9, 13), {"reload": True, "UNITS": 1}, 17),      # ... two image groups, a unit a program
-    (7, (9, 13), {"reload": True, "IMAGES": 32}, 17),    # ... 32 images a unit (17 of them there)
-    (5, (32, 32), {"reload": True, "TILE_W": 32}, 2)],   # ... 32-wide windows (KP 64: 4 warps)
-    ids=["k9", "k7-rows-units", "k5-wide", "k3", "copy-to-nchw", "reload-k9", "reload-k7-units", "reload-k7-images32",
-         "reload-k5-wide"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+_STREAMING_CASES = {   # id: (k, (H, W), tile, batch, dtypes)
+    "k9": (9, (20, 40), {"TILE_W": 16}, 3, DTYPES),                 # several column windows, a ragged last one
+    "k7-rows-units": (7, (9, 13), {"ROWS": 4, "UNITS": 1}, 17, DTYPES),   # row chunks, two image groups,
+                                                                    # a unit a program
+    "k5-wide": (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2, DTYPES),    # 32-wide windows, two channels
+    "k3": (3, (7, 8), {}, 3, DTYPES),
+    "copy-to-nchw": (9, (20, 40), {"copy_to_nchw": True}, 2, DTYPES),     # g written back channels_last
+    "reload-k9": (9, (12, 20), {"reload": True}, 3, DTYPES),       # g rows re-read, two column windows
+    # the reload kernel's other tiles in fp16 only (its fp32 dots, the same code, run at k9)
+    "reload-k7-units": (7, (9, 13), {"reload": True, "UNITS": 1}, 17, [torch.float16]),   # a unit a program
+    "reload-k7-images32": (7, (9, 13), {"reload": True, "IMAGES": 32}, 17, [torch.float16]),  # 32 images a unit
+    "reload-k5-wide": (5, (32, 32), {"reload": True, "TILE_W": 32}, 2, [torch.float16]),  # KP 64: 4 warps
+}
+
+
+@pytest.mark.parametrize("k,hw,tile,batch,dtype", [
+    pytest.param(k, hw, tile, batch, dtype, id=f"{dtype}-{name}")
+    for name, (k, hw, tile, batch, dtypes) in _STREAMING_CASES.items() for dtype in dtypes])
 def test_toeplitz_streaming(k, hw, tile, batch, dtype, device, monkeypatch):
     """The forward, input gradient and weight gradient streaming down the image with the K input
     rows in use in registers ("stream"; the weight gradient forms g and the bias gradient
