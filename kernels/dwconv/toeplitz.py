@@ -397,7 +397,7 @@ def _dwconv_bwd_w_stream_kernel(
 @triton.jit
 def _store_diagonals(qs, dw_ptr, K: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr, TILE_W: tl.constexpr,
                      LEAD: tl.constexpr):
-    # the K * K weight-gradient values at dw_ptr from the streaming kernels' products:
+    # the K * K weight-gradient values at dw_ptr from the streaming kernel's products:
     # dw[i, kj] = sum_n qs[i][n + kj + LEAD - PAD, n], the kj-th diagonal; all K diagonals of a
     # product in one reduction (K reductions, not K * K)
     kj = tl.arange(0, KB)
@@ -667,9 +667,10 @@ def weight_grad(g: torch.Tensor, x: torch.Tensor, K: int, tile: dict, *, z: torc
 
 
 def _diagonals(q: torch.Tensor, K: int, offset: int) -> torch.Tensor:
-    """(C, K, K) weight gradient from the (C, K, KP, TILE_W) products of the streaming kernels:
+    """(C, K, K) weight gradient from the (C, K, KP, TILE_W) products the re-reading kernel stores:
     dw[c, i, kj] = sum_n q[c, i, n + kj + offset, n], the kj-th diagonal of each product (offset
-    = LEAD - K // 2 >= 0, and n + kj + offset < KP by the choice of KP), read as one view."""
+    = LEAD - K // 2 >= 0, and n + kj + offset < KP by the choice of KP), read as one view (what
+    `_store_diagonals` does inside the streaming kernel)."""
     C, _, _, tile_w = q.shape
     s0, s1, s2, s3 = q.stride()
     view = q.as_strided((C, K, K, tile_w), (s0, s1, s2, s2 + s3), q.storage_offset() + offset * s2)
