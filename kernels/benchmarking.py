@@ -64,9 +64,9 @@ def time_us(fn: Callable[[], object], device: torch.device | str, cuda_graph: bo
         if cuda_graph:
             return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    # the CPU runs the kernels in the interpreter: a smoke number, not a benchmark, so one
-    # timed call after a warm-up one (sweeps time every configuration this way)
-    fn()
+    # the CPU runs the kernels in the interpreter, which compiles nothing: a smoke number, not
+    # a benchmark, so one timed call and no warm-up (sweeps time every configuration this way,
+    # each right after the call that checked its output)
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e6

@@ -170,17 +170,24 @@ def _bwd_apply_kernel(DY, X, DX, K1, K2, K0, DX_PART, R, C, HW,
 
 # ----------------------------------------------------------------------------- launchers
 
-def _splits(B: int, C: int) -> tuple[int, int]:
-    """(splits of the images, images per split) for the statistics passes."""
+def _splits(B: int, C: int, HW: int) -> tuple[int, int]:
+    """(splits of the images, images per split) for the statistics passes: enough (channel,
+    split) programs to fill the card, but each with at least one tile's worth of pixels
+    (small images: a program summing a handful of pixels costs more to launch than it saves)."""
     per = cdiv(B, max(1, min(B, cdiv(_TARGET_PROGRAMS, C))))
+    per = max(per, min(B, cdiv(_TILE_ELEMENTS, HW)))
     return cdiv(B, per), per
 
 
-def _tile(hw: int) -> tuple[int, int]:
+_TILE_ELEMENTS = 4096
+
+
+def _tile(hw: int, planes: int) -> tuple[int, int]:
     """(ROWS, BLOCK): planes and pixels a program step, ~4096 elements (8 KiB in 16 bits: several
-    loads in flight per thread, which a memory-bound kernel needs to approach the bandwidth)."""
+    loads in flight per thread, which a memory-bound kernel needs to approach the bandwidth),
+    with no more rows than the `planes` a program has (masked rows would be wasted lanes)."""
     block = min(2048, max(16, next_pow2(hw)))
-    return max(1, 4096 // block), block
+    return max(1, min(_TILE_ELEMENTS // block, next_pow2(planes))), block
 
 
 def forward(x: torch.Tensor, weight, bias, residual, eps: float, gelu_input: bool):
@@ -190,9 +197,9 @@ def forward(x: torch.Tensor, weight, bias, residual, eps: float, gelu_input: boo
     f32 = torch.float32
     mean, var, rstd, scale, shift = (torch.empty(C, device=x.device, dtype=f32) for _ in range(5))
     y = torch.empty_like(x)
-    ns, per = _splits(B, C)
+    ns, per = _splits(B, C, HW)
     part = torch.empty((2, ns, C), device=x.device, dtype=f32)
-    rows, block = _tile(HW)
+    rows, block = _tile(HW, per)
     wrap_triton(_stats_kernel)[(C, ns)](x, x, x, part, B, C, HW, per, ns,
                                         BACKWARD=False, GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
     block_c = min(1024, next_pow2(C))
@@ -200,6 +207,7 @@ def forward(x: torch.Tensor, weight, bias, residual, eps: float, gelu_input: boo
         part, x, weight if weight is not None else x, bias if bias is not None else x,
         mean, var, rstd, scale, shift, C, HW, ns, float(B * HW), eps,
         HAS_W=weight is not None, HAS_B=bias is not None, GELU=gelu_input, BLOCK_C=block_c, num_warps=4)
+    rows, block = _tile(HW, B * C)
     wrap_triton(_apply_kernel)[(cdiv(B * C, rows), cdiv(HW, block))](
         x, residual if residual is not None else x, y, scale, shift, B * C, C, HW,
         GELU=gelu_input, HAS_RES=residual is not None, ROWS=rows, BLOCK=block, num_warps=4)
@@ -214,9 +222,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: 
     HW = H * W
     f32 = torch.float32
     dy = dy.contiguous()
-    ns, per = _splits(B, C)
+    ns, per = _splits(B, C, HW)
     part = torch.empty((2, ns, C), device=x.device, dtype=f32)
-    rows, block = _tile(HW)
+    rows, block = _tile(HW, per)
     wrap_triton(_stats_kernel)[(C, ns)](x, dy, mean, part, B, C, HW, per, ns,
                                         BACKWARD=True, GELU=gelu_input, ROWS=rows, BLOCK=block, num_warps=4)
     dw, db, k1, k2, k0 = (torch.empty(C, device=x.device, dtype=f32) for _ in range(5))
@@ -225,6 +233,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, rstd, gelu_input: 
         part, weight if weight is not None else x, mean, rstd, dw, db, k1, k2, k0, C, ns, float(B * HW),
         HAS_W=weight is not None, BLOCK_C=block_c, num_warps=4)
     dx = torch.empty_like(x)
+    rows, block = _tile(HW, B * C)
     n_blocks = cdiv(HW, block)
     dx_part = torch.empty((B, C, n_blocks) if dx_sum is not None else (1,), device=x.device, dtype=f32)
     wrap_triton(_bwd_apply_kernel)[(cdiv(B * C, rows), n_blocks)](

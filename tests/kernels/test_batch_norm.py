@@ -90,9 +90,23 @@ def test_small_tiles_span_steps_and_splits(dtype, device, monkeypatch):
     several pixel blocks a plane (a ragged last one), splits of uneven size."""
     from kernels.batch_norm import triton as kt
 
-    monkeypatch.setattr(kt, "_tile", lambda hw: (2, 16))
+    monkeypatch.setattr(kt, "_tile", lambda hw, planes: (2, 16))
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 6)
+    monkeypatch.setattr(kt, "_TILE_ELEMENTS", 16)   # splits of one image and more
     check_against_fp64(7, 3, 7, 7, dtype, device, activation="gelu", affine=True, residual=True)
+
+
+def test_statistics_programs_each_get_a_tile_of_work():
+    """Small images: the statistics pass splits the batch no finer than a tile's worth of pixels
+    a program, and steps over no more images at once than a split has; at ConvMixer's training
+    shapes the card is filled as before."""
+    from kernels.batch_norm import triton as kt
+
+    assert kt._splits(16, 32, 16) == (1, 16)                 # 4x4 images: one split of all 16 images
+    assert kt._tile(16, 16) == (16, 16)                      # 16 images a step, not 256 rows mostly masked
+    assert kt._splits(512, 256, 1024) == (3, 171)            # 32x32 at batch 512: 3 splits a channel
+    assert kt._tile(1024, 171) == (4, 1024)
+    assert kt._tile(4, 3 * 8) == (32, 16)                    # the apply passes: rows are (image, channel) planes
 
 
 def test_library_op_path_equals_the_eager_path(device, monkeypatch):
