@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 SMEM_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376, 100: 232_448}   # bytes a block may use
-_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "UNITS", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "DQ_ATOMIC",
+_SHOWN = ("BLOCK", "TILE", "KP", "BB", "IMAGES", "UNITS", "GATHER", "Q_IS_LN", "STORE_H", "BACKWARD", "DQ_ATOMIC", "WHOLE_HEAD",
           "FUSED_DELTA", "num_warps", "num_stages")
 
 
@@ -85,10 +85,12 @@ def _attention_launches(dtype, shapes) -> list[Launch]:
         shape = f"attention B{b} H{h} N{n} D{d}"
         out += _record(f"{shape} forward", lambda: kt.forward(q, k, v, d ** -0.5), [kt])
         out += _record(f"{shape} backward", lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5), [kt])
-        # the candidate that adds dQ up with atomics in the dK, dV pass (no dQ pass, no delta launch)
-        atomic = {**kt.backward_config(q), "DQ_ATOMIC": True, "FUSED_DELTA": True}
-        out += _record(f"{shape} backward dq-atomic",
-                       lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5, atomic), [kt])
+        # the candidate with one program a (batch, head) that adds dQ up in its own scratch as it
+        # walks the key blocks (no dQ pass, no delta launch, no atomics)
+        whole_head = {"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True,
+                      "FUSED_DELTA": True}
+        out += _record(f"{shape} backward whole-head",
+                       lambda: kt.backward(do, q, k, v, o, lse2, d ** -0.5, whole_head), [kt])
     return out
 
 

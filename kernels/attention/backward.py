@@ -3,7 +3,10 @@
 `_attn_bwd_delta` forms rowsum(dO * O) (unless FUSED_DELTA, when the main kernel does);
 `_attn_bwd_tiled`, one program per (batch, head, block of rows), accumulates dK, dV of its
 key block over all queries, then dQ of its query block over all keys (or, with DQ_ATOMIC,
-adds each step's share of dQ to an fp32 buffer as it goes).
+adds each step's share of dQ to an fp32 buffer as it goes). With WHOLE_HEAD one program
+takes a whole (batch, head): its key blocks one after the other, each step's share of dQ
+added to an fp32 scratch that no other program touches (plain loads and stores, no atomics,
+no second pass over the keys; the last key block writes dQ itself).
 """
 from __future__ import annotations
 
@@ -51,16 +54,22 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, NP, offs_d, qk_scale, sm_scale,
+def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, DQS, accumulated, last, start, end, N, NP, offs_d,
+                  qk_scale, sm_scale,
                   stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STEP: tl.constexpr,
-                  FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, WHOLE_HEAD: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     # dK, dV of one key block from queries [start, end) in STEP-row steps. Transposed scores
     # (keys x queries), so dK, dV need no transposed P; padded query rows have do = 0 and
     # delta = 0, so they add nothing. With DQ_ATOMIC, each step also adds its share of dQ,
     # dS^T K, to the fp32 buffer DQ with atomic adds: the scores and exponentials are then
     # formed once instead of twice (dQ's own pass over the keys is skipped), at the price of
-    # a summation order that varies from run to run. The per-row statistics (lse2, delta) are
+    # a summation order that varies from run to run. With WHOLE_HEAD the share goes into the
+    # program's own fp32 scratch DQS ((N, BLOCK_D) rows of this (batch, head)) by a plain load
+    # and store, in key-block order (`accumulated`: earlier key blocks' sums are there; `last`:
+    # the sum is complete, written to DQ scaled and in its dtype instead), a fixed order: the
+    # same dQ on every run. The per-row statistics (lse2, delta) are
     # read as far as NP (a multiple of 16, see triton.stat_rows), not N: unmasked within
     # 16-row groups, so in 16-byte loads.
     offs_step = tl.arange(0, STEP)
@@ -82,6 +91,17 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, start, end, N, NP, of
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * sm_scale   # (STEP, D)
             tl.atomic_add(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd, dq,
                           mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
+        if WHOLE_HEAD:
+            # scaled before the sum: a product added straight to a loaded tile becomes the dot's
+            # accumulator, which Triton 3.6's software pipeliner fails on at 64-row steps
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * sm_scale   # (STEP, BLOCK_D)
+            at = offs_m[:, None] * BLOCK_D + offs_d[None, :]
+            dq += tl.load(DQS + at, mask=mask_m[:, None] & accumulated, other=0.0)
+            if last:
+                tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                         dq.to(DQ.dtype.element_ty), mask=_rows(mask_m, offs_d, HEAD_DIM, BLOCK_D))
+            else:
+                tl.store(DQS + at, dq, mask=mask_m[:, None])
     return dk, dv
 
 
@@ -109,8 +129,39 @@ def _bwd_q_steps(q, do, lse2, delta, dq, K, V, start, end, N, offs_d, qk_scale,
 
 
 @triton.jit
+def _bwd_key_block(Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA, DQS, accumulated, last, row0, N, NP, n_main, offs_d,
+                   sm_scale, qk_scale,
+                   stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                   stride_on, stride_od, stride_dqn, stride_dqd, stride_gn, stride_gd,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
+                   TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                   WHOLE_HEAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dK, dV of the key block starting at row0, over all queries (and its share of dQ, see
+    # _bwd_kv_steps), stored
+    offs_blk = row0 + tl.arange(0, BLOCK)
+    mask_blk = offs_blk < N
+    k = _load_rows(K, offs_blk, mask_blk, offs_d, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)  # (BLOCK, D)
+    v = _load_rows(V, offs_blk, mask_blk, offs_d, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, DQS, accumulated, last, 0, n_main, N, NP, offs_d,
+                           qk_scale, sm_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                           stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DQ_ATOMIC,
+                           WHOLE_HEAD, DOT_PRECISION)
+    if TAIL > 0:
+        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, DQS, accumulated, last, n_main, N, N, NP,
+                               offs_d, qk_scale, sm_scale, stride_qn, stride_qd, stride_don, stride_dod,
+                               stride_on, stride_od, stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, TAIL,
+                               FUSED_DELTA, DQ_ATOMIC, WHOLE_HEAD, DOT_PRECISION)
+    tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
+    tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+             dv.to(DV.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
+
+
+@triton.jit
 def _attn_bwd_tiled(
-    Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA,
+    Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA, DQS,
     sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -121,7 +172,8 @@ def _attn_bwd_tiled(
     stride_gb, stride_gh, stride_gn, stride_gd,
     H, N, NP, ROW0,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
-    TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, WHOLE_HEAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # DK and DV share the strides stride_g*, DQ has its own (with DQ_ATOMIC it is a zeroed fp32
     # buffer that the dK, dV pass adds to, see _bwd_kv_steps)
@@ -143,46 +195,44 @@ def _attn_bwd_tiled(
     DV += g_off
     LSE2 += pid_bh.to(tl.int64) * NP
     DELTA += pid_bh.to(tl.int64) * NP
+    DQS += pid_bh.to(tl.int64) * N * BLOCK_D
 
     offs_d = tl.arange(0, BLOCK_D)
-    offs_blk = ROW0 + pid * BLOCK + tl.arange(0, BLOCK)   # this launch's blocks start at row ROW0
-    mask_blk = offs_blk < N
-
-    # -- dK, dV of key block `pid`, over all query blocks --
-    k = _load_rows(K, offs_blk, mask_blk, offs_d, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)  # (BLOCK, D)
-    v = _load_rows(V, offs_blk, mask_blk, offs_d, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     # with TAIL: whole BLOCK_STEP steps, then the rest in TAIL-row steps (less padding)
     n_main = N if TAIL == 0 else (N // BLOCK_STEP) * BLOCK_STEP
-    dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, 0, n_main, N, NP, offs_d, qk_scale, sm_scale,
-                           stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                           stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_STEP, FUSED_DELTA, DQ_ATOMIC,
-                           DOT_PRECISION)
-    if TAIL > 0:
-        dk, dv = _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, n_main, N, N, NP, offs_d, qk_scale,
-                               sm_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                               stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, TAIL, FUSED_DELTA, DQ_ATOMIC,
-                               DOT_PRECISION)
-    tl.store(DK + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
-    tl.store(DV + offs_blk[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-             dv.to(DV.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
-
-    if not DQ_ATOMIC:   # else the dK, dV pass has added dQ up already
-        # -- dQ of query block `pid`, over all key blocks --
-        q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE2 + offs_blk, mask=offs_blk < NP, other=0.0)
-        delta = _delta(O, DELTA, do, offs_blk, mask_blk, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D,
-                       FUSED_DELTA)
-        dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-        dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
-                          stride_kn, stride_kd, stride_vn, stride_vd,
-                          HEAD_DIM, BLOCK_D, BLOCK_STEP, TAIL == 0, DOT_PRECISION)
-        if TAIL > 0:
-            dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
+    if WHOLE_HEAD:   # every key block of this (batch, head) in turn, dQ added up on the way
+        for kb in range(0, N, BLOCK):
+            _bwd_key_block(Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA, DQS, kb > 0, kb + BLOCK >= N,
+                           kb, N, NP, n_main, offs_d, sm_scale, qk_scale,
+                           stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                           stride_on, stride_od, stride_dqn, stride_dqd, stride_gn, stride_gd,
+                           HEAD_DIM, BLOCK_D, BLOCK, BLOCK_STEP, TAIL, FUSED_DELTA, False, True, DOT_PRECISION)
+            # the next key block reads back the dQ sums this one stored (each row possibly
+            # from another thread): make them visible across the program first
+            tl.debug_barrier()
+    else:
+        # -- dK, dV of key block `pid`, over all query blocks --
+        _bwd_key_block(Q, K, V, DO, O, DQ, DK, DV, LSE2, DELTA, DQS, False, False,
+                       ROW0 + pid * BLOCK, N, NP, n_main, offs_d, sm_scale, qk_scale,
+                       stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                       stride_on, stride_od, stride_dqn, stride_dqd, stride_gn, stride_gd,
+                       HEAD_DIM, BLOCK_D, BLOCK, BLOCK_STEP, TAIL, FUSED_DELTA, DQ_ATOMIC, False, DOT_PRECISION)
+        if not DQ_ATOMIC:   # else the dK, dV pass has added dQ up already
+            # -- dQ of query block `pid`, over all key blocks --
+            offs_blk = ROW0 + pid * BLOCK + tl.arange(0, BLOCK)   # this launch's blocks start at row ROW0
+            mask_blk = offs_blk < N
+            q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+            do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
+            lse2 = tl.load(LSE2 + offs_blk, mask=offs_blk < NP, other=0.0)
+            delta = _delta(O, DELTA, do, offs_blk, mask_blk, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D,
+                           FUSED_DELTA)
+            dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+            dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd,
-                              HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
-        tl.store(DQ + offs_blk[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))
+                              HEAD_DIM, BLOCK_D, BLOCK_STEP, TAIL == 0, DOT_PRECISION)
+            if TAIL > 0:
+                dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, n_main, N, N, offs_d, qk_scale,
+                                  stride_kn, stride_kd, stride_vn, stride_vd,
+                                  HEAD_DIM, BLOCK_D, TAIL, True, DOT_PRECISION)
+            tl.store(DQ + offs_blk[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=_rows(mask_blk, offs_d, HEAD_DIM, BLOCK_D))

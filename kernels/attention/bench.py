@@ -152,6 +152,17 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
                     {**tail_bwd[0], "DQ_ATOMIC": True},
                     {"BLOCK": 128, "BLOCK_STEP": 32, "num_warps": 8, "num_stages": 2, "DQ_ATOMIC": True},
                     {**tail_bwd[-1], "DQ_ATOMIC": True}]
+        # One program a (batch, head) walking its key blocks, dQ summed in an fp32 scratch of its
+        # own: 5 products a (key block, query step) as with DQ_ATOMIC, but plain loads and
+        # stores (mostly from L2) instead of its atomics, and no second pass over the keys for
+        # dQ (the default's 3 more products). Fewer, longer programs: B * H of them. Never timed,
+        # so first; 64-query steps put all 5 products on wgmma (sm_90, Triton 3.6, N 197 D 64:
+        # 217 registers, no spills).
+        whole_head = [{"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True},
+                      {**kt.backward_config(q), "WHOLE_HEAD": True},
+                      {"BLOCK": 128, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True},
+                      {"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True,
+                       "FUSED_DELTA": True}]
         if d <= 32:
             # small heads: a 64-row tile's scores on 2 warps (more programs an SM, less to sync)
             tail_fwd.append({**tail_fwd[0], "num_warps": 2})
@@ -159,7 +170,7 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         fwd = tail_fwd + [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                           for bm, bn, w, st in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3),
                                                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2))]
-        bwd = tail_bwd + [{"BLOCK": bl, "BLOCK_STEP": st, "num_warps": w, "num_stages": sg}
+        bwd = whole_head + tail_bwd + [{"BLOCK": bl, "BLOCK_STEP": st, "num_warps": w, "num_stages": sg}
                           for bl, st, w, sg in ((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3),
                                                 (64, 16, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2))]
         shape = f"B{b} H{h} N{n} D{d}"

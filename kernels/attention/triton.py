@@ -285,6 +285,9 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dq = dq_out
     if q.numel() == 0:
         return dq, dk, dv
+    whole_head = cfg.get("WHOLE_HEAD", False)
+    if whole_head and cfg.get("DQ_ATOMIC", False):
+        raise ValueError("backward: WHOLE_HEAD and DQ_ATOMIC are two ways of summing dQ; choose one")
     # atomic dQ sums in a run-dependent order: not when PyTorch is asked for deterministic results
     dq_atomic = cfg.get("DQ_ATOMIC", False) and not torch.are_deterministic_algorithms_enabled()
     if dq_atomic and q.dtype == torch.float32:   # the kernel adds straight into dQ
@@ -302,13 +305,22 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             out, do, delta, *out.stride(), *do.stride(), h, n, stat_rows(n),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
         )
-    for row0, rows, block, warps in _row_launches(n, cfg["BLOCK"], cfg.get("ROW_TAIL", 0), cfg["num_warps"]):
-        wrap_triton(_attn_bwd_tiled)[(cdiv(rows, block), b * h)](
-            q, k, v, do, out, dq, dk, dv, lse2, delta, scale, scale * LOG2E,
+    # (first row, programs along the rows, rows a program, warps) of each launch
+    if whole_head:   # one program a (batch, head), walking its key blocks; no row tails to split off
+        launches = [(0, 1, cfg["BLOCK"], cfg["num_warps"])]
+        dq_scratch = torch.empty((b * h, n, block_d), device=q.device, dtype=torch.float32)
+    else:
+        launches = [(row0, cdiv(rows, block), block, warps)
+                    for row0, rows, block, warps in _row_launches(n, cfg["BLOCK"], cfg.get("ROW_TAIL", 0),
+                                                                  cfg["num_warps"])]
+        dq_scratch = lse2   # never read
+    for row0, programs, block, warps in launches:
+        wrap_triton(_attn_bwd_tiled)[(programs, b * h)](
+            q, k, v, do, out, dq, dk, dv, lse2, delta, dq_scratch, scale, scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *dk.stride(),
             h, n, stat_rows(n), row0,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
-            FUSED_DELTA=fused_delta, DQ_ATOMIC=dq_atomic, DOT_PRECISION=prec, num_warps=warps,
+            FUSED_DELTA=fused_delta, DQ_ATOMIC=dq_atomic, WHOLE_HEAD=whole_head, DOT_PRECISION=prec, num_warps=warps,
             num_stages=cfg["num_stages"],
         )
     if dq is not dq_out:

@@ -161,21 +161,26 @@ ROW_TAIL_TILES = ({**TAIL_TILES[0], "BLOCK_M": 32, "ROW_TAIL": 16}, {**TAIL_TILE
 # dQ added up with atomics by the dK, dV pass (several key blocks add to each query row)
 DQ_ATOMIC_TILES = (SMALL_TILES[0], {**SMALL_TILES[1], "DQ_ATOMIC": True})
 DQ_ATOMIC_ROW_TAIL_TILES = (ROW_TAIL_TILES[0], {**ROW_TAIL_TILES[1], "DQ_ATOMIC": True, "FUSED_DELTA": True})
+# one program a (batch, head): key blocks in turn, dQ summed in its own fp32 scratch
+WHOLE_HEAD_TILES = (SMALL_TILES[0], {**SMALL_TILES[1], "WHOLE_HEAD": True})
+WHOLE_HEAD_TAIL_TILES = (TAIL_TILES[0], {**TAIL_TILES[1], "WHOLE_HEAD": True, "FUSED_DELTA": True})
 
 
 @pytest.mark.parametrize("n,tiles", [(65, SMALL_TILES), (65, TAIL_TILES), (7, TAIL_TILES), (96, TAIL_TILES),
                                      (65, FUSED_DELTA_TILES), (65, ROW_TAIL_TILES), (50, ROW_TAIL_TILES),
                                      (7, ROW_TAIL_TILES), (96, ROW_TAIL_TILES), (65, DQ_ATOMIC_TILES),
-                                     (65, DQ_ATOMIC_ROW_TAIL_TILES)],
+                                     (65, DQ_ATOMIC_ROW_TAIL_TILES), (65, WHOLE_HEAD_TILES),
+                                     (50, WHOLE_HEAD_TAIL_TILES), (7, WHOLE_HEAD_TILES)],
                          ids=["small", "tail", "tail-only", "no-tail", "fused-delta", "row-tail",
                               "row-tail-two-programs", "row-tail-only", "no-row-tail", "dq-atomic",
-                              "dq-atomic-row-tail"])
+                              "dq-atomic-row-tail", "whole-head", "whole-head-tail", "whole-head-one-block"])
 def test_small_tiles(n, tiles, device, gen):
     """Force small forward and backward tiles: several key tiles, the last one partial; with
     TAIL, unmasked whole tiles then a tail of narrower ones (N = 7: only the tail; N = 96:
     no tail at all); with FUSED_DELTA, no delta kernel; with ROW_TAIL, the rows past the last
     whole block in a second launch of narrower programs; with DQ_ATOMIC, dQ summed by atomic
-    adds from every key block."""
+    adds from every key block; with WHOLE_HEAD, by one program walking the key blocks (3 of
+    them at N 65, 2 at N 50 with a tail of query steps, one at N 7)."""
     from kernels.attention import triton as kt
 
     d = 16
@@ -238,6 +243,26 @@ def test_dq_atomic_and_deterministic_mode(dtype, device, gen, monkeypatch):
     assert torch.equal(deterministic[0], two_pass[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_whole_head_matches_the_two_pass_backward(dtype, device, gen):
+    """WHOLE_HEAD (one program a (batch, head), dQ summed over 2 key blocks in its scratch)
+    gives the two-pass dQ, dK, dV to rounding, in dQ's own dtype and layout; asking for it
+    together with DQ_ATOMIC is refused."""
+    from kernels.attention import triton as kt
+
+    b, h, n, d = 1, 3, 40, 16
+    q, k, v, do = (_randn(b, h, n, d, dtype=dtype, device=device, gen=gen) for _ in range(4))
+    out, lse2 = kt.forward(q, k, v, d ** -0.5, SMALL_TILES[0])
+    two_pass = kt.backward(do, q, k, v, out, lse2, d ** -0.5, SMALL_TILES[1])
+    whole = kt.backward(do, q, k, v, out, lse2, d ** -0.5, WHOLE_HEAD_TILES[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, a, ref in zip(("dq", "dk", "dv"), whole, two_pass):
+        assert a.dtype == dtype and a.stride() == ref.stride(), name
+        assert torch.allclose(a.float(), ref.float(), atol=tol, rtol=tol), name
+    with pytest.raises(ValueError, match="choose one"):
+        kt.backward(do, q, k, v, out, lse2, d ** -0.5, {**WHOLE_HEAD_TILES[1], "DQ_ATOMIC": True})
+
+
 def _through_packed(heads, **kwargs):
     """fn(q, k, v) for check_attention that runs attention_packed: q, k, v packed into one
     (B, N, 3 * H * D) tensor, the (B, N, H * D) output viewed back as (B, H, N, D); autograd
@@ -258,10 +283,12 @@ def test_packed_matches_fp64(n, d, dtype, device, gen):
     check_attention(q, k, v, scale=-0.5, fn=_through_packed(3, scale=-0.5), gen=gen)
 
 
-@pytest.mark.parametrize("tiles", [DQ_ATOMIC_TILES, DQ_ATOMIC_ROW_TAIL_TILES], ids=["dq-atomic", "dq-atomic-row-tail"])
-def test_packed_with_dq_atomic(tiles, device, gen, monkeypatch):
+@pytest.mark.parametrize("tiles", [DQ_ATOMIC_TILES, DQ_ATOMIC_ROW_TAIL_TILES, WHOLE_HEAD_TILES],
+                         ids=["dq-atomic", "dq-atomic-row-tail", "whole-head"])
+def test_packed_with_dq_summed_across_key_blocks(tiles, device, gen, monkeypatch):
     """In fp16 DQ_ATOMIC sums dQ in an fp32 buffer of its own layout while dK, dV go straight
-    into the packed gradient: the kernel's separate dQ strides."""
+    into the packed gradient: the kernel's separate dQ strides. WHOLE_HEAD sums it in a scratch
+    and writes the packed gradient's dQ view from its last key block."""
     from kernels.attention import triton as kt
 
     monkeypatch.setattr(kt, "forward_config", lambda q: tiles[0])
@@ -570,17 +597,21 @@ def test_gpu_packed_benchmark_shapes_bf16(shape, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [{"TAIL": 16}, {"TAIL": 16, "ROW_TAIL": 16, "FUSED_DELTA": True},
                                      {"DQ_ATOMIC": True}, {"TAIL": 16, "DQ_ATOMIC": True},
-                                     {"DQ_ATOMIC": True, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2}],
+                                     {"DQ_ATOMIC": True, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2},
+                                     {"WHOLE_HEAD": True}, {"TAIL": 16, "WHOLE_HEAD": True, "FUSED_DELTA": True},
+                                     {"WHOLE_HEAD": True, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2},
+                                     {"WHOLE_HEAD": True, "BLOCK": 128, "BLOCK_STEP": 64, "num_warps": 8,
+                                      "num_stages": 2}],
                          ids=str)
 @pytest.mark.parametrize("n,d", [(7, 16), (144, 16), (197, 64)])
 def test_gpu_launch_options_bf16(n, d, options, gen, monkeypatch):
-    """The TAIL, ROW_TAIL, FUSED_DELTA and DQ_ATOMIC launch options (sweep candidates), compiled, in bf16,
+    """The TAIL, ROW_TAIL, FUSED_DELTA, DQ_ATOMIC and WHOLE_HEAD launch options (sweep candidates), compiled, in bf16,
     on each configuration the sweep tries them with."""
     from kernels.attention import triton as kt
 
     fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     bwd = {"BLOCK": 64, "BLOCK_STEP": 32, "num_warps": 4, "num_stages": 3}
-    fwd_options = {k: v for k, v in options.items() if k not in ("FUSED_DELTA", "DQ_ATOMIC")}
+    fwd_options = {k: v for k, v in options.items() if k not in ("FUSED_DELTA", "DQ_ATOMIC", "WHOLE_HEAD")}
     monkeypatch.setattr(kt, "forward_config", lambda q: {**fwd, **fwd_options})
     monkeypatch.setattr(kt, "backward_config", lambda q: {**bwd, **options})
     q, k, v = packed_qkv(3, 5, n, d, dtype=torch.bfloat16, device="cuda", gen=gen)

@@ -23,9 +23,9 @@ def test_attention_launches_compile_for_sm90_with_their_resources():
     lines = result.stdout.splitlines()
     rows = [(line, lines[i + 1]) for i, line in enumerate(lines) if "B256 H4 N144 D16" in line]
     kernels = [re.search(r"(_attn_\w+)", line).group(1) for line, _ in rows]
-    # the default launches, then the DQ_ATOMIC candidate's backward (delta fused: one kernel)
+    # the default launches, then the WHOLE_HEAD candidate's backward (delta fused: one kernel)
     assert kernels == ["_attn_fwd", "_attn_bwd_delta", "_attn_bwd_tiled", "_attn_bwd_tiled"], result.stdout
-    assert "DQ_ATOMIC': True" in rows[-1][0], rows[-1][0]
+    assert "WHOLE_HEAD': True" in rows[-1][0], rows[-1][0]
     for line, mix in rows:   # each with a positive register count, a stack size and its launch configuration
         regs = int(re.search(r"regs\s+(\d+)", line).group(1))
         assert 0 < regs <= 255 and re.search(r"stack\s+\d+", line) and "BLOCK_D" in line, line

@@ -20,7 +20,7 @@ def test_fills_a_cache_that_a_second_run_finds_everything_in(tmp_path):
     first = _precompile(*args)
     assert first.returncode == 0, first.stdout + first.stderr
     compiled = re.search(r"compiled (\d+), found (\d+) in the cache, 0 failed", first.stdout)
-    # the forward, the delta and main backward kernels, the DQ_ATOMIC candidate's backward
+    # the forward, the delta and main backward kernels, the WHOLE_HEAD candidate's backward
     assert compiled and int(compiled.group(1)) >= 4 and compiled.group(2) == "0", first.stdout
     files = [name for _, _, names in os.walk(cache) for name in names]
     # only what a cache hit reads stays: metadata, binaries, the group files naming them
