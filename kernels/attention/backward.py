@@ -30,6 +30,17 @@ def _delta(O, DELTA, do, offs, mask, NP, offs_d, stride_on, stride_od,
 
 
 @triton.jit
+def _query_rows(Q, DO, O, LSE2, DELTA, offs, mask, NP, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
+                stride_on, stride_od, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FUSED_DELTA: tl.constexpr):
+    # what the backward reads of some query rows: q, dO, their lse2 and delta (see _delta)
+    q = _load_rows(Q, offs, mask, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO, offs, mask, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(LSE2 + offs, mask=offs < NP, other=0.0)
+    delta = _delta(O, DELTA, do, offs, mask, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D, FUSED_DELTA)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _attn_bwd_delta(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_on, stride_od,
@@ -76,11 +87,9 @@ def _bwd_kv_steps(k, v, dk, dv, Q, DO, O, LSE2, DELTA, DQ, DQS, accumulated, las
     for start_m in range(start, end, STEP):
         offs_m = start_m + offs_step
         mask_m = offs_m < N
-        q = _load_rows(Q, offs_m, mask_m, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO, offs_m, mask_m, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < NP, other=0.0)
-        delta = _delta(O, DELTA, do, offs_m, mask_m, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D,
-                       FUSED_DELTA)
+        q, do, lse2, delta = _query_rows(Q, DO, O, LSE2, DELTA, offs_m, mask_m, NP, offs_d, stride_qn, stride_qd,
+                                         stride_don, stride_dod, stride_on, stride_od, HEAD_DIM, BLOCK_D,
+                                         FUSED_DELTA)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pt = tl.exp2(st - lse2[None, :])                                    # (BLOCK, STEP)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -221,11 +230,9 @@ def _attn_bwd_tiled(
             # -- dQ of query block `pid`, over all key blocks --
             offs_blk = ROW0 + pid * BLOCK + tl.arange(0, BLOCK)   # this launch's blocks start at row ROW0
             mask_blk = offs_blk < N
-            q = _load_rows(Q, offs_blk, mask_blk, offs_d, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
-            do = _load_rows(DO, offs_blk, mask_blk, offs_d, stride_don, stride_dod, HEAD_DIM, BLOCK_D)
-            lse2 = tl.load(LSE2 + offs_blk, mask=offs_blk < NP, other=0.0)
-            delta = _delta(O, DELTA, do, offs_blk, mask_blk, NP, offs_d, stride_on, stride_od, HEAD_DIM, BLOCK_D,
-                           FUSED_DELTA)
+            q, do, lse2, delta = _query_rows(Q, DO, O, LSE2, DELTA, offs_blk, mask_blk, NP, offs_d, stride_qn,
+                                             stride_qd, stride_don, stride_dod, stride_on, stride_od, HEAD_DIM,
+                                             BLOCK_D, FUSED_DELTA)
             dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
             dq = _bwd_q_steps(q, do, lse2, delta, dq, K, V, 0, n_main, N, offs_d, qk_scale,
                               stride_kn, stride_kd, stride_vn, stride_vd,

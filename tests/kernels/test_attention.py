@@ -218,6 +218,24 @@ def test_row_statistics_are_padded_to_16_rows_with_finite_values(n, tiles, devic
         kt.backward(out, q, k, v, out, lse2[..., :n], 0.25)
 
 
+def _matches_the_two_pass_backward(config, b, n, dtype, device, gen):
+    """The backward with `config` and with SMALL_TILES' two-pass one on the same random (b, 3, n,
+    16) inputs agree to rounding, each gradient in its input's dtype and layout. Returns the
+    backward's arguments but the scale (do, q, k, v, out, lse2) and the two-pass gradients."""
+    from kernels.attention import triton as kt
+
+    d = 16
+    q, k, v, do = (_randn(b, 3, n, d, dtype=dtype, device=device, gen=gen) for _ in range(4))
+    out, lse2 = kt.forward(q, k, v, d ** -0.5, SMALL_TILES[0])
+    two_pass = kt.backward(do, q, k, v, out, lse2, d ** -0.5, SMALL_TILES[1])
+    other = kt.backward(do, q, k, v, out, lse2, d ** -0.5, config)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, a, ref in zip(("dq", "dk", "dv"), other, two_pass):
+        assert a.dtype == dtype and a.stride() == ref.stride(), name
+        assert torch.allclose(a.float(), ref.float(), atol=tol, rtol=tol), name
+    return (do, q, k, v, out, lse2), two_pass
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dq_atomic_and_deterministic_mode(dtype, device, gen, monkeypatch):
     """DQ_ATOMIC in fp32 adds straight into dQ, in fp16 into an fp32 buffer converted once;
@@ -225,16 +243,8 @@ def test_dq_atomic_and_deterministic_mode(dtype, device, gen, monkeypatch):
     the two-pass path (no atomics): checked by the kernel's DQ_ATOMIC flag at launch."""
     from kernels.attention import triton as kt
 
-    b, h, n, d = 2, 3, 65, 16
-    q, k, v, do = (_randn(b, h, n, d, dtype=dtype, device=device, gen=gen) for _ in range(4))
-    out, lse2 = kt.forward(q, k, v, d ** -0.5, SMALL_TILES[0])
-    two_pass = kt.backward(do, q, k, v, out, lse2, d ** -0.5, SMALL_TILES[1])
-    atomic = kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for name, a, ref in zip(("dq", "dk", "dv"), atomic, two_pass):
-        assert a.dtype == dtype and a.stride() == ref.stride(), name
-        assert torch.allclose(a.float(), ref.float(), atol=tol, rtol=tol), name
-
+    (do, q, k, v, out, lse2), two_pass = _matches_the_two_pass_backward(DQ_ATOMIC_TILES[1], 2, 65, dtype, device, gen)
+    d = q.shape[-1]
     launches = record_launches(monkeypatch, kt)
     kt.backward(do, q, k, v, out, lse2, d ** -0.5, DQ_ATOMIC_TILES[1])
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
@@ -250,17 +260,9 @@ def test_whole_head_matches_the_two_pass_backward(dtype, device, gen):
     together with DQ_ATOMIC is refused."""
     from kernels.attention import triton as kt
 
-    b, h, n, d = 1, 3, 40, 16
-    q, k, v, do = (_randn(b, h, n, d, dtype=dtype, device=device, gen=gen) for _ in range(4))
-    out, lse2 = kt.forward(q, k, v, d ** -0.5, SMALL_TILES[0])
-    two_pass = kt.backward(do, q, k, v, out, lse2, d ** -0.5, SMALL_TILES[1])
-    whole = kt.backward(do, q, k, v, out, lse2, d ** -0.5, WHOLE_HEAD_TILES[1])
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for name, a, ref in zip(("dq", "dk", "dv"), whole, two_pass):
-        assert a.dtype == dtype and a.stride() == ref.stride(), name
-        assert torch.allclose(a.float(), ref.float(), atol=tol, rtol=tol), name
+    args, _ = _matches_the_two_pass_backward(WHOLE_HEAD_TILES[1], 1, 40, dtype, device, gen)
     with pytest.raises(ValueError, match="choose one"):
-        kt.backward(do, q, k, v, out, lse2, d ** -0.5, {**WHOLE_HEAD_TILES[1], "DQ_ATOMIC": True})
+        kt.backward(*args, 0.25, {**WHOLE_HEAD_TILES[1], "DQ_ATOMIC": True})
 
 
 def _through_packed(heads, **kwargs):
