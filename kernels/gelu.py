@@ -32,7 +32,9 @@ TAIL_T_MAX = 5.0
 
 @triton.jit
 def _normal_cdf(a):
-    # Phi(a) from h = Phi(-|a|) = 2 ** (t * G(t) - 1), t = |a| / sqrt(2) clamped to [0, 5]
+    # Phi(a) from h = Phi(-|a|) = 2 ** (t * G(t) - 1), t = |a| / sqrt(2) clamped to [0, 5];
+    # in fp32 whatever a's dtype (the polynomial needs it)
+    a = a.to(tl.float32)
     t = tl.minimum(tl.abs(a) * 0.7071067811865476, 5.0)
     g = _G11 * t + _G10
     g = g * t + _G9
@@ -51,13 +53,14 @@ def _normal_cdf(a):
 
 @triton.jit
 def gelu(a):
-    return a * _normal_cdf(a)
+    return a.to(tl.float32) * _normal_cdf(a)
 
 
 @triton.jit
 def gelu_grad(a):
     # d/da a * Phi(a) = Phi(a) + a * phi(a), phi(a) = exp(-a^2 / 2) / sqrt(2 pi)
     #                                              = 2 ** (-a^2 log2(e) / 2 - log2(sqrt(2 pi)))
+    a = a.to(tl.float32)
     pdf = tl.exp2(a * a * -0.7213475204444817 - 1.3257480647361593)
     return _normal_cdf(a) + a * pdf
 
