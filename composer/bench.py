@@ -156,7 +156,8 @@ SAVE_MIN_GAIN = 0.03
 
 
 def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str | None = None, shapes=None,
-                  save: bool = False, save_path: str | None = None, limit: int | None = None) -> list:
+                  save: bool = False, save_path: str | None = None, limit: int | None = None,
+                  only_case: str | None = None) -> list:
     """Time every launch configuration of each op's sweep cases (kernel alone, CUDA-graph replay)
     and check its output against the default's; print one row per configuration, then the
     case's best broken down by kernel (torch.profiler's device time per call on CUDA).
@@ -165,13 +166,18 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
     faster than the default goes into the tuning file (kernels.tuning; `save_path` or the user's
     file), written whenever a new one is found, so a sweep cut short keeps what it found.
     With `limit`, each case times the default and its first `limit` candidates only (each op's
-    sweep lists its never-timed candidates first)."""
+    sweep lists its never-timed candidates first). With `only_case`, only the cases whose name
+    ends with it ("backward", "weight grad", ...); UserError when none does."""
     from kernels import tuning
 
     device = _bench_device(device, echo)
     rows = []
+    names = []   # every case's, for the message when `only_case` matches none
     for name, dname, module in _each_op_and_dtype(op, dtype, shapes):
         for case in module.sweep_cases(DTYPES[dname], device, **_shapes_of(shapes, name)):
+            names.append(f"{name} {case.shape}")
+            if only_case and not case.shape.endswith(only_case):
+                continue
             echo(f"\n== sweep {name} {dname} {case.shape} ==")
             run = _launching_directly(case.run)
             reference = _tensors(run(case.default))
@@ -221,6 +227,8 @@ def sweep_kernels(op: str = "all", dtype: str = "all", echo=print, device: str |
                 _profiler_tops(lambda cfg=best["config"]: run(cfg), device, 3 if cuda else 1, _activities(device),
                                echo, keys=("device",) if cuda else ("host",))
             rows += case_rows
+    if only_case and not rows:
+        raise UserError(f"no sweep case's name ends with {only_case!r}; they are: " + "; ".join(dict.fromkeys(names)))
     return rows
 
 

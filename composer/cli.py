@@ -219,6 +219,8 @@ def bench():
               help="Instead: time every launch configuration of our kernels (kernel alone) and check each output.")
 @click.option("--limit", type=click.IntRange(min=1),
               help="With --sweep: time only the first N candidates of each case (the never-timed ones come first).")
+@click.option("--case", "only_case", metavar="TEXT",
+              help="With --sweep: only the cases whose name ends with TEXT (e.g. backward, 'weight grad').")
 @click.option("--save", is_flag=True,
               help="With --sweep: keep each shape's fastest correct configuration for this card "
                    "($COMPOSER_TUNED, default ~/.cache/composer/tuned.json); the kernels use it from then on.")
@@ -229,14 +231,14 @@ def bench():
                    "built-in vision shapes: e.g. --sweep --save --spec my.yaml tunes the kernels for your model.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="With --spec: the batch size (default: the spec's).")
 @set_option
-def bench_kernels(op, dtype, cuda_graph, sweep, limit, save, profile, spec_path, batch_size, overrides):
+def bench_kernels(op, dtype, cuda_graph, sweep, limit, only_case, save, profile, spec_path, batch_size, overrides):
     """Time each fused op against SDPA / eager / torch.compile / cuDNN on vision shapes."""
     from composer import bench as b
 
     if sweep and profile:
         raise UserError("--sweep and --profile are separate runs; pass one of them")
-    if (save or limit) and not sweep:
-        raise UserError("--save and --limit are options of a sweep: pass them with --sweep")
+    if (save or limit or only_case) and not sweep:
+        raise UserError("--save, --limit and --case are options of a sweep: pass them with --sweep")
     if (batch_size or overrides) and not spec_path:
         raise UserError("--batch-size and --set describe a spec's model: pass them with --spec")
     shapes = None
@@ -249,7 +251,8 @@ def bench_kernels(op, dtype, cuda_graph, sweep, limit, save, profile, spec_path,
                             f"({op}); it has {', '.join(shapes) or 'no attention, token_mlp or dwconv blocks'}")
         click.echo("shapes of " + spec_path + ": " + "; ".join(f"{k} {v}" for k, v in shapes.items()))
     if sweep:
-        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo, save=save, shapes=shapes, limit=limit)
+        b.sweep_kernels(op=op, dtype=dtype, echo=click.echo, save=save, shapes=shapes, limit=limit,
+                        only_case=only_case)
     elif profile:
         b.profile_kernels(op=op, dtype=dtype, echo=click.echo, shapes=shapes)
     else:

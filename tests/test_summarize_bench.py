@@ -312,6 +312,19 @@ def test_sweep_save_writes_what_the_launchers_then_use(tmp_path, monkeypatch):
 def test_save_and_limit_need_sweep():
     assert_user_error(run_cli("bench", "kernels", "--save"), "--sweep")
     assert_user_error(run_cli("bench", "kernels", "--limit", "3"), "--sweep")
+    assert_user_error(run_cli("bench", "kernels", "--case", "backward"), "--sweep")
+
+
+def test_sweep_case_filter_keeps_the_cases_it_names():
+    from composer.errors import UserError
+
+    shapes = {"attention": [(1, 2, 20, 16)]}
+    rows = sweep_kernels("attention", "fp32", echo=lambda *a: None, device="cpu", shapes=shapes, limit=1,
+                         only_case="backward")
+    assert {r["shape"] for r in rows} == {"B1 H2 N20 D16 backward"} and len(rows) == 2
+    with pytest.raises(UserError, match=r"ends with 'weight grad'; they are: attention B1 H2 N20 D16 forward; "
+                                        r"attention B1 H2 N20 D16 backward"):
+        sweep_kernels("attention", "fp32", echo=lambda *a: None, device="cpu", shapes=shapes, only_case="weight grad")
 
 
 def test_sweep_limit_times_the_first_candidates_only():
