@@ -160,7 +160,9 @@ def sweep_cases(dtype: torch.dtype, device, shapes=None) -> list:
         # 217 registers, no spills).
         whole_head = [{"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True},
                       {**kt.backward_config(q), "WHOLE_HEAD": True},
-                      {"BLOCK": 128, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True},
+                      # small heads: 64 x 16 tiles need no 8 warps; larger ones: fewer key blocks
+                      {"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 4, "num_stages": 2, "WHOLE_HEAD": True} if d <= 32
+                      else {"BLOCK": 128, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True},
                       {"BLOCK": 64, "BLOCK_STEP": 64, "num_warps": 8, "num_stages": 2, "WHOLE_HEAD": True,
                        "FUSED_DELTA": True}]
         if d <= 32:
