@@ -43,7 +43,11 @@ class NonFiniteLoss(UserError):
 
 
 class Interrupted(UserError):
-    exit_code = 130
+    """Stopped by a signal after saving: exits 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 # -- setup ----------------------------------------------------------------------------
@@ -137,26 +141,37 @@ def tensorboard_scalars(run_dir: Path, enabled: bool):
         writer.close()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def sigint_flag():
-    """Ctrl-C sets a flag that the loop checks between steps, so the state saved is never half-updated."""
-    state = {"hit": False}
-    if threading_main():
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum, frame):
-            if state["hit"]:  # a second Ctrl-C aborts at once
-                signal.signal(signal.SIGINT, previous)
-                raise KeyboardInterrupt
-            state["hit"] = True
-
-        signal.signal(signal.SIGINT, handler)
-        try:
-            yield state
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    else:
+def stop_signals():
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler preempting the job, `docker stop`, `timeout`) sets a
+    flag that the loop checks between steps, so that it saves last.pt at a step boundary (never
+    half-updated) and exits; a second signal aborts at once. Yields {"hit": the signal or None}."""
+    state = {"hit": None}
+    if not threading_main():
         yield state
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def restore():
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def handler(signum, frame):
+        if state["hit"] is not None:  # the second signal: what it does without the handler
+            restore()
+            signal.raise_signal(signum)
+            return
+        state["hit"] = signal.Signals(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    try:
+        yield state
+    finally:
+        restore()
 
 
 def threading_main() -> bool:
@@ -396,7 +411,7 @@ def _train(spec, resume, echo, device, dist):
     progress = Progress(dist.main, log)
     per_rank = t.batch_size // dist.world
     final = {}
-    with sigint_flag() as interrupt, tensorboard_scalars(run_dir, t.tensorboard and dist.main) as tensorboard:
+    with stop_signals() as interrupt, tensorboard_scalars(run_dir, t.tensorboard and dist.main) as tensorboard:
         for epoch in range(position["epoch"], t.epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch)).to(device)
             start_step = position["step_in_epoch"]
@@ -469,13 +484,13 @@ def _train(spec, resume, echo, device, dist):
                     x = x.contiguous(memory_format=memory_format)
                 logits, loss = (graph_step or forward_backward)(x, targets)
                 if skip_on_device:
-                    stop = interrupt["hit"]   # one process: nothing to agree on
+                    stop = interrupt["hit"] is not None   # one process: nothing to agree on
                     skipped += update_on_device(logits, loss, y, epoch, step)
                 else:
                     # The finiteness check syncs with the device; after backward is queued, it costs
                     # little. One collective per step carries both the finiteness of the loss and a
-                    # Ctrl-C seen by any process, so every rank takes the same branch.
-                    finite, stop = _step_flags(loss, interrupt["hit"], dist)
+                    # stop signal seen by any process, so every rank takes the same branch.
+                    finite, stop = _step_flags(loss, interrupt["hit"] is not None, dist)
                     skipped += tally(finite, epoch, step)
                     if not finite:
                         clear_grads()
@@ -506,8 +521,11 @@ def _train(spec, resume, echo, device, dist):
                     skipped += settle()
                     sync()
                     checkpoint([LAST])
-                    raise Interrupted(f"interrupted; saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
-                                      f"Resume with: composer train SPEC --resume auto --out {run_dir}")
+                    by = interrupt["hit"]   # None where another process got the signal
+                    raise Interrupted(f"interrupted by {by.name if by else 'a signal to another process'}; "
+                                      f"saved {run_dir / LAST} at epoch {epoch + 1} step {step + 1}. "
+                                      f"Resume with: composer train SPEC --resume auto --out {run_dir}",
+                                      by or signal.SIGINT)
             _synchronize(device)
             elapsed = time.perf_counter() - tic
             images_done = (steps_per_epoch - timed_from) * t.batch_size
@@ -664,7 +682,7 @@ class LateVerdicts:
 
 
 def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tuple[bool, bool]:
-    """(loss finite on every process, Ctrl-C seen by any process), agreed by all ranks in one all-reduce."""
+    """(loss finite on every process, a stop signal seen by any process), agreed by all ranks in one all-reduce."""
     # MIN of (finite, not interrupted) over ranks: finite everywhere, and 0 in slot 1 if anyone was interrupted.
     flags = torch.stack([torch.isfinite(loss.detach()).float(), torch.tensor(float(not interrupted),
                                                                               device=loss.device)])

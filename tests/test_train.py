@@ -232,7 +232,19 @@ def test_quickstart_reaches_its_accuracy(tmp_path):
     assert result["final"]["val_acc"] >= 0.95, result["final"]
 
 
-def test_ctrl_c_saves_and_exits_130(tmp_path):
+def test_stop_signals_flag_the_first_signal_and_let_the_second_act():
+    before = {s: signal.getsignal(s) for s in train_module.STOP_SIGNALS}
+    with train_module.stop_signals() as state:
+        assert state["hit"] is None
+        os.kill(os.getpid(), signal.SIGTERM)   # handled: only flagged
+        assert state["hit"] == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):   # the second one does what it does by default
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in train_module.STOP_SIGNALS} == before
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_signal_saves_and_exits(tmp_path, signum, exit_code):
     spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 200"))
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -242,13 +254,13 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
         for line in proc.stdout:  # wait until training has really started
             if line.startswith("epoch 1/"):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted; saved" in err and "--resume auto" in err and "Traceback" not in err
+    assert proc.returncode == exit_code, err
+    assert f"interrupted by {signum.name}; saved" in err and "--resume auto" in err and "Traceback" not in err
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["epoch"] >= 1 and state["global_step"] > 8
 
@@ -371,7 +383,8 @@ def test_ddp_ctrl_c_on_one_rank_saves_and_stops_every_rank(tmp_path):
         if agent.poll() is None:
             agent.kill()
     assert "collective" not in err.lower(), err[-2000:]  # no rank left waiting in a mismatched all-reduce
-    assert "interrupted; saved" in err, err[-2000:]
+    assert "interrupted by SIGINT; saved" in err or "interrupted by a signal to another process; saved" in err, \
+        err[-2000:]
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["global_step"] > 8 and state["epoch"] < 300
 
