@@ -406,7 +406,12 @@ def _train(spec, resume, echo, device, dist):
             "versions": library_versions(),
         }
         for name in path_names:
-            save_atomic(blob, run_dir / name)
+            try:
+                save_atomic(blob, run_dir / name)
+            except OSError as exc:   # disk full, quota, read-only: the old file was left as it was
+                raise UserError(f"cannot save the checkpoint {run_dir / name}: {exc.strerror or exc}; any "
+                                f"earlier {name} there is intact. Free space in {run_dir} (or train into "
+                                "another --out) and resume with --resume auto") from None
 
     progress = Progress(dist.main, log)
     per_rank = t.batch_size // dist.world

@@ -282,6 +282,32 @@ def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, error, where)
     assert "Traceback" not in result.output
 
 
+def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last_one(tmp_path, monkeypatch):
+    import errno
+
+    from composer import checkpoint as checkpoint_module
+
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):   # epoch 1's files are written, then ENOSPC
+        saves.append(f.name)
+        if len(saves) > 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_fills)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(run)])
+    monkeypatch.undo()
+    assert result.exit_code == 2, result.output
+    assert f"cannot save the checkpoint {run}" in result.stderr and "No space left on device" in result.stderr
+    assert "--resume auto" in result.stderr and "Traceback" not in result.output
+    state = torch.load(run / "last.pt", weights_only=False)   # epoch 1's, whole
+    assert state["epoch"] == 1
+    assert not list(run.glob(".*.tmp")), list(run.iterdir())   # no half-written file left behind
+
+
 def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
     def broken(logits, targets):
         raise RuntimeError("some bug")
