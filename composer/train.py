@@ -348,6 +348,9 @@ def _train(spec, resume, echo, device, dist):
         position.update({k: state.get(k, v) for k, v in position.items()})
         log(f"resumed from epoch {position['epoch']} step {position['step_in_epoch']} (global step "
             f"{position['global_step']})")
+        if position["epoch"] >= t.epochs:
+            log(f"the run has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}: nothing to train (to train it longer, pass a larger "
+                "--epochs: the learning-rate schedule then continues as if planned for the new length)")
         if dist.main:
             _truncate_metrics(run_dir / "metrics.csv", position["epoch"])
 
@@ -740,4 +743,5 @@ def _last_metrics(path: Path) -> dict:
         return {}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {k: float(v) for k, v in rows[-1].items()} if rows else {}
+    whole = ("epoch", "step", "nonfinite_skipped")   # as the row was before it was written
+    return {k: int(float(v)) if k in whole else float(v) for k, v in rows[-1].items()} if rows else {}

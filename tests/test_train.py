@@ -190,10 +190,12 @@ def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_kept(tm
     spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.epochs=1"])
     train(spec, resume="auto", echo=lambda *a: None)
     first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
-    result = train(spec, resume="auto", echo=lambda *a: None)  # nothing left to do
+    said = []
+    result = train(spec, resume="auto", echo=said.append)  # nothing left to do
     again = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(first[k], again[k]) for k in first)
-    assert result["final"]["epoch"] == 1
+    assert result["final"]["epoch"] == 1 and isinstance(result["final"]["step"], int)
+    assert any("finished its 1 epoch: nothing to train" in line and "--epochs" in line for line in said), said
 
 
 def test_evaluate_saved_run(tmp_path):
