@@ -38,6 +38,7 @@ class Launch:
     kernel: object      # the JITFunction
     args: tuple
     kwargs: dict
+    grid: tuple = ()    # the programs along each axis
 
 
 @dataclass
@@ -59,7 +60,7 @@ class _Recorder:
         self.sink, self.label, self.kernel = sink, label, kernel
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.sink.append(Launch(self.label, self.kernel, args, kwargs))
+        return lambda *args, **kwargs: self.sink.append(Launch(self.label, self.kernel, args, kwargs, tuple(grid)))
 
 
 def _record(label: str, call, modules) -> list[Launch]:

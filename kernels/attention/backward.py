@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention.common import _load_rows, _rows
+from kernels.attention.common import _load_rows, _row_block_and_head, _rows
 
 
 @triton.jit
@@ -45,13 +45,12 @@ def _attn_bwd_delta(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, N, NP,
+    H, N, NP, ROW_PROGRAMS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # rowsum(dO * O), read once here instead of once per key block later; NP rows a (batch,
     # head), those past N zero
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _row_block_and_head(ROW_PROGRAMS)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     O += off_b * stride_ob + off_h * stride_oh
@@ -179,7 +178,7 @@ def _attn_bwd_tiled(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    H, N, NP, ROW0,
+    H, N, NP, ROW0, ROW_PROGRAMS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_STEP: tl.constexpr,
     TAIL: tl.constexpr, FUSED_DELTA: tl.constexpr, DQ_ATOMIC: tl.constexpr, WHOLE_HEAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -189,8 +188,7 @@ def _attn_bwd_tiled(
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32
     sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = tl.cast(qk_scale, tl.float32)
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid, pid_bh = _row_block_and_head(ROW_PROGRAMS)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh

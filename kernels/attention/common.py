@@ -6,6 +6,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_block_and_head(ROW_PROGRAMS):
+    # (row block, batch * head) of this program. The grid is one axis of ROW_PROGRAMS x B x H
+    # programs: B * H past 65,535 (a large batch) would not fit the grid's second axis. A
+    # (batch, head)'s row blocks stay adjacent, so that they read its K and V while in L2.
+    pid = tl.program_id(0)
+    return pid % ROW_PROGRAMS, pid // ROW_PROGRAMS
+
+
+@triton.jit
 def _rows(mask_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # mask of a (rows, BLOCK_D) tile; the head-dim test exists only when D is padded
     # (tiles are a power of two >= 16 wide, since tl.dot needs that)

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from kernels import tuning
 from kernels.attention.backward import _attn_bwd_delta, _attn_bwd_tiled
-from kernels.attention.common import _cols, _load_rows, _rows
+from kernels.attention.common import _cols, _load_rows, _row_block_and_head, _rows
 from kernels.dispatch import wrap_triton
 from kernels.grid import cdiv, next_pow2
 
@@ -94,15 +94,14 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, NP, ROW0,
+    H, N, NP, ROW0, ROW_PROGRAMS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr, NEG_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # float arguments arrive as fp64 from inductor-generated launchers: keep the math fp32.
     # qk_scale is |scale| * log2(e); with NEG_SCALE (a negative scale) the scores are negated.
     qk_scale = tl.cast(qk_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _row_block_and_head(ROW_PROGRAMS)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -257,10 +256,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         # each launch's programs cover whole multiples of 16 rows, so every row of lse2 is written
         if block_m % 16:
             raise ValueError(f"forward: row blocks must be multiples of 16 (got {block_m})")
-        wrap_triton(_attn_fwd)[(cdiv(rows, block_m), b * h)](
+        programs = cdiv(rows, block_m)
+        wrap_triton(_attn_fwd)[(programs * b * h,)](
             q, k, v, out, lse2, _forward_qk_scale(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            h, n, stat_rows(n), row0,
+            h, n, stat_rows(n), row0, programs,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], TAIL=cfg.get("TAIL", 0),
             NEG_SCALE=scale < 0, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps,
             num_stages=cfg["num_stages"],
@@ -301,8 +301,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:
         delta = torch.empty((b, h, stat_rows(n)), device=q.device, dtype=torch.float32)
         block_m = 64
-        wrap_triton(_attn_bwd_delta)[(cdiv(n, block_m), b * h)](
-            out, do, delta, *out.stride(), *do.stride(), h, n, stat_rows(n),
+        wrap_triton(_attn_bwd_delta)[(cdiv(n, block_m) * b * h,)](
+            out, do, delta, *out.stride(), *do.stride(), h, n, stat_rows(n), cdiv(n, block_m),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m,
         )
     # (first row, programs along the rows, rows a program, warps) of each launch
@@ -315,10 +315,10 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                                                   cfg["num_warps"])]
         dq_scratch = lse2   # never read
     for row0, programs, block, warps in launches:
-        wrap_triton(_attn_bwd_tiled)[(programs, b * h)](
+        wrap_triton(_attn_bwd_tiled)[(programs * b * h,)](
             q, k, v, do, out, dq, dk, dv, lse2, delta, dq_scratch, scale, scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *out.stride(), *dq.stride(), *dk.stride(),
-            h, n, stat_rows(n), row0,
+            h, n, stat_rows(n), row0, programs,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK=block, BLOCK_STEP=cfg["BLOCK_STEP"], TAIL=cfg.get("TAIL", 0),
             FUSED_DELTA=fused_delta, DQ_ATOMIC=dq_atomic, WHOLE_HEAD=whole_head, DOT_PRECISION=prec, num_warps=warps,
             num_stages=cfg["num_stages"],

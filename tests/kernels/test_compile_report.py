@@ -123,3 +123,23 @@ def test_instruction_mix_counts_opcodes_by_kind():
     mix = instruction_mix(sass)
     assert {k: v for k, v in mix.items() if v} == {"mma": 2, "ldsm": 1, "cp.async": 1, "bar": 1, "local": 1}
 
+
+
+# CUDA runs at most 2**31 - 1 programs along a grid's first axis and 65,535 along the others
+# (the interpreter has no such limit, so only this test sees a launch past it)
+LARGE_BATCH = {"attention": (16384, 8, 17, 16), "token_mlp": (70000, 16, 32, 16),
+               "dwconv2d": (70000, 8, 8, 8, 3), "batch_norm": (70000, 4, 4, 4)}
+
+
+@pytest.mark.parametrize("op", sorted(LARGE_BATCH))
+def test_large_batches_launch_within_the_grid_limits(op):
+    from kernels.compile_report import LAUNCHES
+
+    import torch
+
+    launches = LAUNCHES[op](torch.float16, [LARGE_BATCH[op]])
+    assert launches
+    for launch in launches:
+        first, *others = launch.grid
+        assert 0 < first < 2 ** 31 and all(0 < n <= 65535 for n in others), \
+            (launch.label, launch.kernel.__name__, launch.grid)
