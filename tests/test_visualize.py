@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from filelock import FileLock
 from PIL import Image
 
 from composer import visualize
@@ -67,26 +68,34 @@ train:
 """
 
 
-def _train(tmp_path_factory, text, name, kernels="reference", device="cpu"):
-    run = tmp_path_factory.mktemp(name) / "run"
-    text = text.replace("KERNELS", kernels).replace("DEVICE", device)
-    spec = load_spec_text(text, f"{name}.yaml", [f"train.out_dir={run}"])
-    train(spec, echo=lambda *a, **k: None)
+def _train(tmp_path_factory, config, text, name, kernels="reference", device="cpu"):
+    """The run directory of `text` trained once for the whole test session: with several test
+    processes (pytest-xdist), the first to get here trains it in the folder they share and the
+    others wait for it and read it."""
+    base = tmp_path_factory.getbasetemp()
+    worker = hasattr(config, "workerinput")   # one of pytest-xdist's processes
+    shared = base.parent if worker else base   # this session's folder, whichever process asks
+    run = shared / f"{name}-run"
+    with FileLock(str(shared / f"{name}-run.lock")):
+        if not (run / "final.json").exists():   # written last by a finished run
+            text = text.replace("KERNELS", kernels).replace("DEVICE", device)
+            spec = load_spec_text(text, f"{name}.yaml", [f"train.out_dir={run}"])
+            train(spec, echo=lambda *a, **k: None)
     return run
 
 
-@pytest.fixture(scope="module")
-def hybrid_run(tmp_path_factory):
+@pytest.fixture(scope="session")
+def hybrid_run(tmp_path_factory, pytestconfig):
     # Trained through the Triton kernels: an explicit "triton" raises rather than falling back,
     # so a finished run proves they ran, and the figures below must not care.
     # Without Triton the same run trains on the reference path and the figures are checked all the same.
-    return _train(tmp_path_factory, HYBRID, "hybrid", kernels="triton" if TRITON else "reference",
+    return _train(tmp_path_factory, pytestconfig, HYBRID, "hybrid", kernels="triton" if TRITON else "reference",
                   device="cuda" if HAS_CUDA else "cpu")
 
 
-@pytest.fixture(scope="module")
-def vit_run(tmp_path_factory):
-    return _train(tmp_path_factory, VIT, "vit")
+@pytest.fixture(scope="session")
+def vit_run(tmp_path_factory, pytestconfig):
+    return _train(tmp_path_factory, pytestconfig, VIT, "vit")
 
 
 def invoke(*args):

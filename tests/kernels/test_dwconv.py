@@ -330,7 +330,7 @@ _STREAMING_CASES = {   # id: (k, (H, W), tile, batch, dtypes)
                                                                     # a unit a program
     "k5-wide": (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2, DTYPES),    # 32-wide windows, two channels
     "k3": (3, (7, 8), {}, 3, DTYPES),
-    "copy-to-nchw": (9, (20, 40), {"copy_to_nchw": True}, 2, DTYPES),     # g written back channels_last
+    "copy-to-nchw": (9, (12, 24), {"copy_to_nchw": True}, 2, DTYPES),     # g written back channels_last
     "reload-k9": (9, (12, 20), {"reload": True}, 3, DTYPES),       # g rows re-read, two column windows
     # the reload kernel's other tiles in fp16 only (its fp32 dots, the same code, run at k9)
     "reload-k7-units": (7, (9, 13), {"reload": True, "UNITS": 1}, 17, [torch.float16]),   # a unit a program
