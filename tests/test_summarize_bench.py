@@ -360,15 +360,24 @@ def test_bench_train_profile_lists_where_a_step_goes(tmp_path):
     from composer.bench import profile_train
     from composer.spec import load_spec
 
+    spec = load_spec(SPECS / "quickstart.yaml")
+    # every operation (top past their count): which ones lead depends on the machine's load, so
+    # the backward is looked for in the whole list, and the shares of the whole list add up to 1
     lines = []
-    rows = profile_train(load_spec(SPECS / "quickstart.yaml"), steps=2, top=5, echo=lines.append)
+    rows = profile_train(spec, steps=2, top=10_000, echo=lines.append)
     assert "quickstart: batch 64 on cpu (float32, contiguous_format)" in lines[0] and "ms a step" in lines[0]
-    assert len(rows) == 5 and len(lines) == 2 + 5
-    assert all(r["us_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
+    assert len(rows) > 5 and len(lines) == 2 + len(rows)
+    assert all(r["us_per_step"] >= 0 and r["calls_per_step"] > 0 for r in rows)
     assert [r["us_per_step"] for r in rows] == sorted((r["us_per_step"] for r in rows), reverse=True)
-    assert 0 < sum(r["share"] for r in rows) <= 1.0 + 1e-9
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     # the backward of the model's layers is part of the step
-    assert any("backward" in r["name"].lower() for r in rows), rows
+    assert any("backward" in r["name"].lower() for r in rows), [r["name"] for r in rows]
+
+    lines = []
+    rows = profile_train(spec, steps=1, top=3, echo=lines.append)
+    assert len(rows) == 3 and len(lines) == 2 + 3
+    assert all(r["us_per_step"] > 0 for r in rows)
+    assert 0 < sum(r["share"] for r in rows) < 1.0
 
     result = run_cli("bench", "train", SPECS / "quickstart.yaml", "--profile", "--steps", "2")
     assert result.returncode == 0, result.stderr
