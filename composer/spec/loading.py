@@ -40,8 +40,15 @@ class SpecError(UserError):
     """A spec that cannot be used; carries every problem found."""
 
     def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+        # in the order of the file, as an editor shows it (type errors and the cross-field rules
+        # are found in two passes); problems without a line (overrides, the whole file) follow
+        self.problems = sorted(problems, key=_file_order)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def _file_order(problem: Problem) -> tuple:
+    line_col = re.search(r":(\d+):(\d+)$", problem.where)
+    return (0, int(line_col[1]), int(line_col[2])) if line_col else (1,)
 
 
 # -- YAML with positions ----------------------------------------------------------
