@@ -52,8 +52,9 @@ def save_atomic(state: dict, path: Path) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """torch.load with user-facing errors; a corrupt file is named and left in place."""
+def load_checkpoint(path: Path, fix: str = "resume from another checkpoint or start a fresh run") -> dict:
+    """torch.load with user-facing errors; a corrupt file is named and left in place. `fix`: what
+    to do instead, for the command at hand."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
@@ -61,8 +62,7 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
-                        "it may be truncated or not a composer checkpoint. It was left in place; "
-                        "resume from another checkpoint or start a fresh run.") from None
+                        f"it may be truncated or not a composer checkpoint. It was left in place; {fix}.") from None
     if not isinstance(state, dict) or "model" not in state or "spec_yaml" not in state:
         raise UserError(f"checkpoint {path} is not a composer checkpoint (no model/spec inside)")
     return state
@@ -105,7 +105,8 @@ def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bo
     from composer.build import build_model
 
     path = find_checkpoint(target)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, fix=f"give a run directory or a checkpoint written by composer train "
+                                      f"({BEST} or {LAST})")
     spec = spec_from_checkpoint(state, str(path))
     model = build_model(spec, backend="auto")
     weights = state["ema"] if use_ema and state.get("ema") else state["model"]

@@ -209,6 +209,12 @@ def test_evaluate_saved_run(tmp_path):
     text = run_cli("evaluate", tmp_path / "run" / "last.pt", "--split", "test")
     assert text.returncode == 0 and "accuracy" in text.stdout
     assert_user_error(run_cli("evaluate", tmp_path / "nothing-here"), "does not exist")
+    # a file of the run that is not a checkpoint: named, kept, and the fix is evaluate's own
+    metrics = tmp_path / "run" / "metrics.csv"
+    before = metrics.read_bytes()
+    assert_user_error(run_cli("evaluate", metrics), f"checkpoint {metrics} cannot be read",
+                      "give a run directory or a checkpoint written by composer train")
+    assert metrics.read_bytes() == before
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
