@@ -492,7 +492,8 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     those rows."""
     from composer.build import build_model, model_backend, prepare_for_compile
     from composer.optim import make_optimizer
-    from composer.train import _check_triton, precision, resolve_device, soft_cross_entropy, training_memory_format
+    from composer.train import (_check_triton, in_slices, precision, resolve_device, soft_cross_entropy,
+                                training_memory_format)
 
     t, m = spec.train, spec.model
     device = resolve_device(t.device)
@@ -513,10 +514,15 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
         _check_triton(model, device, autocast_dtype or torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    def step():
+    def forward_backward(x, targets, share):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = soft_cross_entropy(forward(x), targets)
-        scaler.scale(loss).backward()
+            logits = forward(x)
+        loss = soft_cross_entropy(logits, targets)
+        scaler.scale(loss * share).backward()
+        return logits, loss
+
+    def step():
+        in_slices(forward_backward, x, targets, t.accumulate)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -545,7 +551,8 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     total = sum(getattr(e, key) for e in events) / steps
     dtype = str(autocast_dtype or torch.float32).removeprefix("torch.")
     layout = str(memory_format or torch.contiguous_format).removeprefix("torch.")
-    echo(f"{spec.name}: batch {t.batch_size} on {device} ({dtype}, {layout}): {wall_ms:.2f} ms a step under "
+    slices = f" in {t.accumulate} slices" if t.accumulate > 1 else ""
+    echo(f"{spec.name}: batch {t.batch_size}{slices} on {device} ({dtype}, {layout}): {wall_ms:.2f} ms a step under "
          f"the profiler, {total / 1e3:.2f} ms of {'device' if cuda else 'CPU'} time "
          f"({t.batch_size / wall_ms * 1e3:,.0f} img/s)")
     echo(f"  {'us/step':>10} {'share':>6} {'calls/step':>10}  operation")

@@ -35,7 +35,8 @@ WARMUP_STEPS = 3   # eager steps before recording (PyTorch's whole-network captu
 CUDA_GRAPH_IN_AUTO = False
 
 
-def reasons_against(device: torch.device, *, compile: bool, processes: int, grad_scaler: bool) -> list[str]:
+def reasons_against(device: torch.device, *, compile: bool, processes: int, grad_scaler: bool,
+                    accumulate: int = 1) -> list[str]:
     """Why a run cannot replay its steps from a CUDA graph (empty when it can)."""
     reasons = []
     if device.type != "cuda":
@@ -46,6 +47,8 @@ def reasons_against(device: torch.device, *, compile: bool, processes: int, grad
         reasons.append(f"{processes} processes train together (DDP's gradient hooks are not recorded)")
     if grad_scaler:
         reasons.append("precision fp16 uses a GradScaler (use bf16)")
+    if accumulate > 1:
+        reasons.append(f"train.accumulate is {accumulate} (a recorded step is one forward and backward)")
     return reasons
 
 

@@ -14,7 +14,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +213,22 @@ class Progress:
 
 # -- the loop -----------------------------------------------------------------------------
 
+def in_slices(forward_backward, x: torch.Tensor, targets: torch.Tensor, slices: int, no_sync=None):
+    """Gradient accumulation: `forward_backward(x, targets, share)` (forward, loss, and the backward
+    of the loss times `share`) on `slices` equal slices of the batch, each weighted 1/slices, so
+    that the gradients add up to the whole batch's mean loss. Returns the whole batch's (logits,
+    loss). `no_sync`: DDP's context that holds its gradient all-reduce back, for every slice but
+    the last (which then averages the summed gradients across processes once)."""
+    if slices == 1:
+        return forward_backward(x, targets, 1.0)
+    outs = []
+    for i, (xs, ts) in enumerate(zip(x.chunk(slices), targets.chunk(slices))):
+        with no_sync() if no_sync is not None and i < slices - 1 else nullcontext():
+            logits, loss = forward_backward(xs, ts, 1.0 / slices)
+        outs.append((logits.detach(), loss.detach()))
+    return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]).mean()
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
@@ -233,9 +249,14 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise
         where = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "CPU"
+        per_process = t.batch_size // dist.world
+        finer = [s for s in range(t.accumulate + 1, per_process + 1) if per_process % s == 0]
+        slices = (f"--set train.accumulate={finer[0]} (the same training, in slices of "
+                  f"{per_process // finer[0]} images), " if finer else "")
         raise UserError(
-            f"out of {where} memory at batch size {t.batch_size} (per process {t.batch_size // dist.world}); "
-            f"try --set train.batch_size={max(1, t.batch_size // 2)}, precision bf16, or a smaller model") from None
+            f"out of {where} memory at batch size {t.batch_size} (per process {per_process}, "
+            f"{per_process // t.accumulate} a slice); try {slices}--set train.batch_size={max(1, t.batch_size // 2)}, "
+            "precision bf16, or a smaller model") from None
     finally:
         dist.close()
 
@@ -247,6 +268,9 @@ def _train(spec, resume, echo, device, dist):
     run_dir = Path(t.out_dir or Path("runs") / spec.name)
     if t.batch_size % dist.world:
         raise UserError(f"train.batch_size {t.batch_size} must be divisible by the {dist.world} processes")
+    if t.batch_size // dist.world % t.accumulate:
+        raise UserError(f"train.accumulate {t.accumulate} does not divide the {t.batch_size // dist.world} images a "
+                        f"process takes of each batch ({dist.world} processes); pick a divisor of it")
     log = echo if dist.main else (lambda *a, **k: None)
 
     # -- resume target, checked before any work ---------------------------------------
@@ -281,7 +305,7 @@ def _train(spec, resume, echo, device, dist):
         _tensorboard_writer_class()  # a missing package fails here, before any data is decoded
     autocast_dtype, use_scaler = precision(spec, device)
     graphed, graph_reasons = use_cuda_graph(t.cuda_graph, device, compile=t.compile, processes=dist.world,
-                                            grad_scaler=use_scaler)
+                                            grad_scaler=use_scaler, accumulate=t.accumulate)
     seed_everything(t.seed, t.deterministic)
 
     # -- data: one uint8 tensor per split, on the training device ------------------------
@@ -369,18 +393,19 @@ def _train(spec, resume, echo, device, dist):
     # then skips the update; eager steps clip only finite ones, after the scaler's unscale_.
     clip_in_step = bool(t.grad_clip) and graphed
 
-    def forward_backward(x, targets):
+    def forward_backward(x, targets, share=1.0):
         # autocast's cache of cast weights would outlive a recorded graph: off when recording
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=not graphed):
             logits = forward_model(x)
         loss = soft_cross_entropy(logits, targets)
-        scaler.scale(loss).backward()
+        scaler.scale(loss if share == 1.0 else loss * share).backward()
         if clip_in_step:
             torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
         return logits, loss
 
-    graph_step = GraphedStep(forward_backward, model, log) if graphed else None
+    graph_step = GraphedStep(forward_backward, model, log) if graphed else None   # (never with train.accumulate)
+    no_sync = forward_model.no_sync if dist.enabled else None
     if device.type == "cuda":
         log("cuda graph: " + ("the step is recorded after the first few and replayed" if graphed
                               else "off: " + "; ".join(graph_reasons)))
@@ -490,7 +515,10 @@ def _train(spec, resume, echo, device, dist):
                 x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)
-                logits, loss = (graph_step or forward_backward)(x, targets)
+                if graph_step:
+                    logits, loss = graph_step(x, targets)
+                else:
+                    logits, loss = in_slices(forward_backward, x, targets, t.accumulate, no_sync)
                 if skip_on_device:
                     stop = interrupt["hit"] is not None   # one process: nothing to agree on
                     skipped += update_on_device(logits, loss, y, epoch, step)

@@ -184,7 +184,7 @@ def test_when_a_run_may_record_its_step(monkeypatch):
     monkeypatch.setattr(graphed_step, "CUDA_GRAPH_IN_AUTO", True)
     assert use_cuda_graph("auto", CUDA, **RUN) == (True, [])
     for changed, phrase in [(dict(compile=True), "train.compile"), (dict(processes=2), "2 processes"),
-                            (dict(grad_scaler=True), "fp16")]:
+                            (dict(grad_scaler=True), "fp16"), (dict(accumulate=2), "train.accumulate is 2")]:
         on, reasons = use_cuda_graph("auto", CUDA, **{**RUN, **changed})
         assert not on and phrase in reasons[0]
         with pytest.raises(UserError, match=phrase):

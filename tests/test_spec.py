@@ -78,6 +78,16 @@ def test_rules_still_run_around_invalid_fields():
     ], found
 
 
+def test_accumulate_must_divide_the_batch():
+    (msg,) = problems(GOOD + "train:\n  batch_size: 96\n  accumulate: 5\n")
+    assert msg == ("x.yaml:12:15: train.accumulate: 5 slices do not divide train.batch_size 96 "
+                   "(try 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)"), msg
+    # found with the rest of the train section invalid, and from an override
+    (_, msg) = problems(GOOD + "train:\n  epochs: -1\n  accumulate: 3\n", ["train.batch_size=64"])
+    assert msg.startswith("x.yaml:12:15: train.accumulate: 3 slices do not divide train.batch_size 64"), msg
+    assert load_spec_text(GOOD + "train:\n  batch_size: 96\n  accumulate: 4\n", "x.yaml").train.accumulate == 4
+
+
 def test_no_rule_finding_rests_on_an_invalid_value():
     # resize is invalid, so whether patch 6 divides the input size cannot be known: only the resize
     # error is reported, not a guess made with resize left out (6 does not divide 32)

@@ -377,6 +377,15 @@ def test_bench_train_profile_lists_where_a_step_goes(tmp_path):
     rows = profile_train(spec, steps=1, top=3, echo=lines.append)
     assert len(rows) == 3 and len(lines) == 2 + 3
     assert all(r["us_per_step"] > 0 for r in rows)
+
+    # with train.accumulate the step runs the model once a slice: twice the LayerNorms a step
+    calls = {r["name"]: r["calls_per_step"] for r in profile_train(spec, steps=1, top=10_000, echo=lambda _: None)}
+    lines = []
+    sliced = profile_train(load_spec(SPECS / "quickstart.yaml", ["train.accumulate=2"]), steps=1, top=10_000,
+                           echo=lines.append)
+    assert "quickstart: batch 64 in 2 slices on cpu" in lines[0]
+    norms = {r["name"]: r["calls_per_step"] for r in sliced}["aten::native_layer_norm"]
+    assert norms == 2 * calls["aten::native_layer_norm"] > 0
     assert 0 < sum(r["share"] for r in rows) < 1.0
 
     result = run_cli("bench", "train", SPECS / "quickstart.yaml", "--profile", "--steps", "2")

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from composer import train as train_module
+from composer.checkpoint import load_run
 from composer.cli import main
 from composer.spec import load_spec_text
 from composer.train import train
@@ -217,6 +218,42 @@ def test_evaluate_saved_run(tmp_path):
     assert metrics.read_bytes() == before
 
 
+def test_accumulated_slices_train_as_the_whole_batch(tmp_path):
+    """train.accumulate: the same run (TINY has no BatchNorm) with each batch of 32 taken in 4
+    slices of 8, and with the slicing changed at a resume; equal up to float summation order."""
+    class Crash(Exception):
+        pass
+
+    def crash_after_epoch_1(line, *args, **kwargs):   # after its checkpoint, as a crash would
+        if str(line).startswith("epoch 1/2"):
+            raise Crash
+
+    def run(name, *overrides, resume=None, echo=lambda *a, **k: None):
+        spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / name}", *overrides])
+        return train(spec, resume=resume, echo=echo)
+
+    run("whole")
+    run("sliced", "train.accumulate=4")
+    with pytest.raises(Crash):
+        run("changed", "train.accumulate=4", echo=crash_after_epoch_1)
+    run("changed", "train.accumulate=2", resume="auto")
+    # the models compared by what they compute: the token MLPs' output biases add one value to all
+    # channels of a token, which the next LayerNorm removes; with no gradient but rounding noise,
+    # which Adam scales up to full steps, those differ with the summation order
+    images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, model, whole = load_run(tmp_path / "whole" / "last.pt")
+    with torch.no_grad():
+        expected = model(images)
+    for name in ("sliced", "changed"):
+        for a, b in zip(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / name), strict=True):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-5), (name, key, a, b)
+        _, model, state = load_run(tmp_path / name / "last.pt")
+        assert state["global_step"] == whole["global_step"]
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)
@@ -227,10 +264,17 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
                           "-m", "composer", "train", str(spec), "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    for a, b in zip(one, two, strict=True):
-        for key in ("train_loss", "val_loss", "val_acc"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), (key, a, b)
+    # and with each process's 16 images in 2 slices (DDP averages the gradients at the last one)
+    sliced = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29518", "-m", "composer", "train", str(spec), "--out",
+                             str(tmp_path / "sliced"), "--set", "train.accumulate=2"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert sliced.returncode == 0, sliced.stderr[-3000:]
+    one = read_metrics(tmp_path / "one")
+    for other in ("two", "sliced"):
+        for a, b in zip(one, read_metrics(tmp_path / other), strict=True):
+            for key in ("train_loss", "val_loss", "val_acc"):
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), (other, key, a, b)
 
 
 def test_quickstart_reaches_its_accuracy(tmp_path):
@@ -287,6 +331,8 @@ def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, error, where)
     result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert f"out of {where} memory at batch size 32" in result.stderr and "train.batch_size=16" in result.stderr
+    # the fix that trains the same: the next slicing of the batch (32 images: 2 slices of 16)
+    assert "--set train.accumulate=2 (the same training, in slices of 16 images)" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -22,6 +22,7 @@ from composer.spec import rules
 from composer.spec.data import DataSpec
 from composer.spec.model import Block, ModelSpec
 from composer.spec.spec import Spec
+from composer.spec.train import TrainSpec
 
 Path_ = tuple  # a path into the YAML data: ("model", "blocks", 2, "heads")
 
@@ -330,10 +331,10 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
     # Check the cross-field rules even around invalid values, so that every problem shows at once;
     # a finding that rests on a value that had to be replaced is left out rather than guessed at.
     if spec is not None:
-        model, data_spec, replaced = spec.model, spec.data, set()
+        model, data_spec, train_spec, replaced = spec.model, spec.data, spec.train, set()
     else:
-        model, data_spec, replaced = _sections_for_rules(data, invalid)
-    for path, message, inputs in rules.check(model, data_spec):
+        model, data_spec, train_spec, replaced = _sections_for_rules(data, invalid)
+    for path, message, inputs in rules.check(model, data_spec, train_spec):
         if not any(_overlap(used, gone) for used in inputs for gone in replaced):
             problems.append(Problem(where(path), format_path(path), message))
     if problems:
@@ -348,8 +349,9 @@ _BLOCK = TypeAdapter(Block)
 _STAND_IN = {"kind": "channel_mlp"}
 
 
-def _sections_for_rules(data: dict, invalid: list[Path_]) -> tuple[ModelSpec | None, DataSpec | None, set]:
-    """The model and data sections as the cross-field rules need them, even when some values are
+def _sections_for_rules(data: dict, invalid: list[Path_]) -> tuple[ModelSpec | None, DataSpec | None,
+                                                                   TrainSpec | None, set]:
+    """The model, data and train sections as the cross-field rules need them, even when some values are
     invalid: each invalid value is removed so that its default applies, and each block that is
     still invalid is swapped for a stand-in (so the other blocks keep their indices). Returns the
     sections (None where one still does not validate) and the paths of everything replaced."""
@@ -363,7 +365,8 @@ def _sections_for_rules(data: dict, invalid: list[Path_]) -> tuple[ModelSpec | N
             replaced.add(("model", "blocks", i))
     model = _valid_or_none(ModelSpec, model_raw)
     data_spec = _valid_or_none(DataSpec, fixed["data"]) if "data" in fixed else None
-    return model, data_spec, replaced
+    train_spec = _valid_or_none(TrainSpec, fixed.get("train", {}))
+    return model, data_spec, train_spec, replaced
 
 
 def _remove(data: dict, path: Path_) -> Path_:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from composer.spec.data import DataSpec
 from composer.spec.model import ModelSpec
+from composer.spec.train import TrainSpec
 
 # The layout each block kind consumes: tokens (B, N, C) or grid (B, C, H, W).
 LAYOUTS = {
@@ -27,9 +28,10 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
 Finding = tuple[tuple, str, tuple[tuple, ...]]
 
 
-def check(m: ModelSpec | None, d: DataSpec | None) -> list[Finding]:
-    """Problems of the model section alone, and of model and data together when both are valid."""
-    problems: list[Finding] = []
+def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -> list[Finding]:
+    """Problems of the model section alone, of model and data together when both are valid, and
+    of the train section."""
+    problems: list[Finding] = _check_train(t) if t is not None else []
     if m is None:
         return problems
     size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim
@@ -83,3 +85,11 @@ def check(m: ModelSpec | None, d: DataSpec | None) -> list[Finding]:
 
 def _list(values: list[int]) -> str:
     return ", ".join(str(v) for v in values)
+
+
+def _check_train(t: TrainSpec) -> list[Finding]:
+    accumulate, batch = ("train", "accumulate"), ("train", "batch_size")
+    if t.batch_size % t.accumulate:
+        return [(accumulate, f"{t.accumulate} slices do not divide train.batch_size {t.batch_size} "
+                             f"(try {_list(divisors(t.batch_size, 64))})", (accumulate, batch))]
+    return []

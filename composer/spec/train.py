@@ -34,6 +34,11 @@ class TrainSpec(Strict):
 
     epochs: PositiveInt = Field(10, description="Passes over the training split.")
     batch_size: PositiveInt = Field(128, description="Global batch size (split across processes under torchrun).")
+    accumulate: PositiveInt = Field(
+        1, description="Gradient accumulation: run each batch's forward and backward in this many equal "
+        "slices (it must divide batch_size per process) and step the optimizer once after them. The "
+        "same training as batch_size in one pass (BatchNorm's statistics excepted: they are per slice), "
+        "with the activation memory of one slice; may change when resuming.")
     optimizer: Optimizer = Field(default_factory=Optimizer)
     schedule: Schedule = Field(default_factory=Schedule)
     label_smoothing: Probability = Field(0.0, description="Label smoothing of the cross-entropy loss.")
