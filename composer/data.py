@@ -58,13 +58,20 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
 
     Args:
         split: "train" and "val" partition the training data (val = the data.val_split fraction,
-            chosen by a permutation seeded with data.split_seed); "test" is the dataset's own test set.
-        data_root: replaces data.root (evaluate --data-root); for a folder dataset it is the only
-            way to get a test split: the whole folder is the test set.
+            chosen by a permutation seeded with data.split_seed), or, with data.val_root, are the
+            folders data.root and data.val_root whole; "test" is the dataset's own test set.
+        data_root: replaces data.root (evaluate --data-root), or data.val_root for the "val" split
+            where there is one; for a folder dataset it is the only way to get a test split: the
+            whole folder is the test set.
     """
     if split not in ("train", "val", "test"):
         raise UserError(f"unknown split {split!r}; use train, val or test")
     root = data_root or data.root
+    if data.val_root and split != "test":
+        if split == "val":
+            return _load(data, model, data_root or data.val_root, train=True,
+                         field="--data-root" if data_root else "data.val_root")
+        return _load(data, model, root, train=True)
     if split == "test":
         if data.kind == "digits":
             raise UserError("the digits dataset has no test split; evaluate on the validation split (--split val)")
@@ -72,26 +79,31 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
             raise UserError("a folder dataset has no test split; evaluate on the validation split (--split val) "
                             "or pass --data-root with a held-out folder of the same classes")
         return _load(data, model, root, train=False)  # a folder ignores `train`
-    if split == "val" and data.val_split == 0:
+    held_out = data.held_out
+    if split == "val" and held_out == 0:
         raise UserError("there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
     full = _load(data, model, root, train=True)
     # A fixed permutation so the same spec always holds out the same images.
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(data.split_seed))
-    n_val = min(max(round(len(full) * data.val_split), 1), len(full) - 1) if data.val_split > 0 else 0
+    n_val = min(max(round(len(full) * held_out), 1), len(full) - 1) if held_out > 0 else 0
     index = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values
     return ImageSet(full.images[index], full.labels[index], full.classes)
 
 
-def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool) -> ImageSet:
+def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field: str = "data.root") -> ImageSet:
+    """`field`: where `root` came from, for messages."""
     if data.kind == "cifar10":
         found, where = _load_cifar10(root, train, data.download), _expand(root)
     elif data.kind == "folder":
-        found, where = _load_folder(root, model, _cache_dir(data)), _expand(root)
+        found, where = _load_folder(root, model, _cache_dir(data), field), _expand(root)
     elif data.kind == "digits":
         found, where = _load_digits(), "scikit-learn's digits"
     else:
         seed = SYNTHETIC_TRAIN_SEED if train else SYNTHETIC_TEST_SEED
         found, where = _synthetic(data.num_samples, model, seed), "synthetic"
+    if len(found.classes) != model.num_classes and field == "data.val_root":
+        raise UserError(f"data.val_root ({where}) has {len(found.classes)} classes but model.num_classes is "
+                        f"{model.num_classes}; give it the same class subfolders as data.root")
     if len(found.classes) != model.num_classes:
         raise UserError(f"the {data.kind} data ({where}) has {len(found.classes)} classes but model.num_classes "
                         f"is {model.num_classes}; set model.num_classes: {len(found.classes)}")
@@ -161,12 +173,13 @@ def _synthetic(n: int, model: ModelSpec, seed: int) -> ImageSet:
 
 # -- image folders and archives -------------------------------------------------
 
-def _load_folder(root: str | None, model: ModelSpec, cache: Path) -> ImageSet:
+def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root") -> ImageSet:
     if not root:
         raise UserError("data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
     path = Path(_expand(root))
     if not path.exists():
-        raise UserError(f"{path} does not exist; point data.root (or --data-root) at an image folder "
+        where = field if field == "--data-root" else f"{field} (or --data-root)"
+        raise UserError(f"{path} does not exist; point {where} at an image folder "
                         "laid out as <root>/<class>/<image>, or an archive of one")
     if model.in_channels not in (1, 3):
         raise UserError(f"folder images load as grayscale (1) or RGB (3), not {model.in_channels} channels; "
@@ -180,7 +193,7 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path) -> ImageSet:
         source = ["archive", path, stat.st_size, stat.st_mtime_ns]
     else:
         raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)}); "
-                        "point data.root at an image folder (<root>/<class>/<image>) or an archive of one")
+                        f"point {field} at an image folder (<root>/<class>/<image>) or an archive of one")
 
     key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION])
     cached = cache / "images" / f"{_slug(path)}-{key}.pt"

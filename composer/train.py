@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from pydantic import ValidationError
 
 from composer.build import build_model, model_backend, prepare_for_compile
 from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
@@ -29,13 +30,14 @@ from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
 from composer.optim import Ema, lr_factor, make_optimizer
 from composer.spec import Spec
+from composer.spec.data import DataSpec
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "img_per_s",
                  "epoch_s", "nonfinite_skipped"]
 
 
 WARMUP_STEPS = 5
-RESUME_DATA_FIELDS = ("kind", "root", "val_split", "split_seed", "num_samples")
+RESUME_DATA_FIELDS = ("kind", "root", "val_root", "val_split", "split_seed", "num_samples")
 
 
 class NonFiniteLoss(UserError):
@@ -293,8 +295,7 @@ def _train(spec, resume, echo, device, dist):
         diffs = model_differences(saved["model"], now["model"])
         # The data split and the batch size fix which images are validation and the schedule's length:
         # changing them mid-run would leak validation images into training or jump the learning rate.
-        diffs += model_differences({k: saved["data"].get(k) for k in RESUME_DATA_FIELDS},
-                                   {k: now["data"].get(k) for k in RESUME_DATA_FIELDS}, "data")
+        diffs += model_differences(_split_fields(saved["data"]), _split_fields(now["data"]), "data")
         diffs += model_differences({"batch_size": saved["train"]["batch_size"]},
                                    {"batch_size": now["train"]["batch_size"]}, "train")
         if diffs:
@@ -311,7 +312,9 @@ def _train(spec, resume, echo, device, dist):
     # -- data: one uint8 tensor per split, on the training device ------------------------
     started = time.perf_counter()
     train_set = load_split(spec.data, spec.model, "train")
-    val_set = load_split(spec.data, spec.model, "val") if spec.data.val_split > 0 else None
+    val_set = load_split(spec.data, spec.model, "val") if spec.data.held_out > 0 or spec.data.val_root else None
+    if val_set is not None and val_set.classes != train_set.classes:
+        raise UserError(_class_mismatch(spec.data, train_set.classes, val_set.classes))
     if state is not None:
         mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     else:
@@ -726,6 +729,27 @@ def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tup
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     finite, go_on = flags.tolist()
     return finite == 1.0, go_on == 0.0
+
+
+def _split_fields(data: dict) -> dict:
+    """The data fields that decide which images train and which validate, as a resume compares
+    them: val_split by the fraction it stands for (unset, as saved by later versions, is 0.1)."""
+    fields = {k: data.get(k) for k in RESUME_DATA_FIELDS}
+    try:
+        fields["val_split"] = DataSpec.model_validate(data).held_out
+    except ValidationError:   # compared as written
+        pass
+    return fields
+
+
+def _class_mismatch(data, train_classes: list[str], val_classes: list[str]) -> str:
+    only_train = [c for c in train_classes if c not in val_classes]
+    only_val = [c for c in val_classes if c not in train_classes]
+    said = "; ".join(part for part in (
+        f"only in {data.root}: {', '.join(only_train[:8])}" if only_train else "",
+        f"only in {data.val_root}: {', '.join(only_val[:8])}" if only_val else "") if part)
+    return (f"the validation folder's classes differ from the training folder's ({said}); "
+            "give data.val_root the same class subfolders as data.root")
 
 
 def _get_rng(aug_gen: torch.Generator) -> dict:

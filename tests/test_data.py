@@ -216,6 +216,28 @@ def test_folder_test_split_needs_data_root(tmp_path):
     assert len(test) == 12
 
 
+def test_a_validation_folder_of_its_own(tmp_path):
+    """data.val_root: the whole of root trains and the whole of val_root validates (ImageNet's
+    train/ and val/); --data-root stands in for val_root on the val split."""
+    train_dir, val_dir = make_folder(tmp_path / "train"), make_folder(tmp_path / "val")
+    for extra in range(2):   # 6 validation images a class against the training folder's 4
+        for name in CLASSES:
+            Image.new("RGB", (8, 8), (extra * 90, 20, 40)).save(val_dir / name / f"extra{extra}.png")
+    spec = data_spec("folder", train_dir, val_root=str(val_dir), cache_dir=str(tmp_path / "c"))
+    assert spec.held_out == 0.0 and data_spec("folder", train_dir).held_out == 0.1
+    train, val = load_split(spec, model_spec(), "train"), load_split(spec, model_spec(), "val")
+    assert len(train) == 12 and len(val) == 18 and train.classes == val.classes == CLASSES
+    assert same(train, load_split(data_spec("folder", train_dir, val_split=0), model_spec(), "train"))
+    assert len(load_split(spec, model_spec(), "val", data_root=str(train_dir))) == 12
+    missing = data_spec("folder", train_dir, val_root=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"nowhere does not exist; point data.val_root \(or --data-root\)"):
+        load_split(missing, model_spec(), "val")
+    shutil.rmtree(val_dir / "dog")
+    with pytest.raises(UserError, match=r"data.val_root \(.*val/data\) has 2 classes but model.num_classes is 3; "
+                                        r"give it the same class subfolders as data.root"):
+        load_split(spec, model_spec(), "val")
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "is empty"),

@@ -46,7 +46,7 @@ def test_all_problems_reported_at_their_lines():
         "x.yaml:5:22: model.stem.patch_size: 5 does not divide the image_size 32 (try 1, 2, 4, 8, 16, 32)",
         "x.yaml:8:14: model.blocks[0].heads: 5 does not divide dim 64 (try 1, 2, 4, 8, 16, 32)",
         "x.yaml:9:25: data.val_splt: unknown key 'val_splt' (did you mean 'val_split'?); valid keys: "
-        "kind, root, download, cache_dir, val_split, split_seed, num_samples, augment",
+        "kind, root, download, cache_dir, val_root, val_split, split_seed, num_samples, augment",
     ]
 
 
@@ -86,6 +86,28 @@ def test_accumulate_must_divide_the_batch():
     (_, msg) = problems(GOOD + "train:\n  epochs: -1\n  accumulate: 3\n", ["train.batch_size=64"])
     assert msg.startswith("x.yaml:12:15: train.accumulate: 3 slices do not divide train.batch_size 64"), msg
     assert load_spec_text(GOOD + "train:\n  batch_size: 96\n  accumulate: 4\n", "x.yaml").train.accumulate == 4
+
+
+def test_a_validation_folder_is_for_folders_and_replaces_val_split():
+    (msg,) = problems(GOOD.replace("data: {kind: synthetic}", "data: {kind: synthetic, val_root: v}"))
+    assert msg.startswith("x.yaml:9:35: data.val_root: a separate validation folder is for folder datasets, "
+                          "not synthetic"), msg
+    folder = GOOD.replace("data: {kind: synthetic}", "data:\n  kind: folder\n  root: t\n  val_root: v\n")
+    assert load_spec_text(folder, "x.yaml").data.held_out == 0
+    (msg,) = problems(folder + "  val_split: 0.2\n")
+    assert msg.startswith("x.yaml:14:14: data.val_split: val_split 0.2 would hold out training images, but "
+                          "val_root already gives the validation set"), msg
+    assert load_spec_text(folder + "  val_split: 0\n", "x.yaml").data.held_out == 0
+
+
+def test_a_resume_reads_an_unset_val_split_as_its_default():
+    """Checkpoints written before val_split could be unset hold 0.1 where it was left out."""
+    from composer.train import _split_fields
+
+    before = {"kind": "folder", "root": "t", "val_split": 0.1}
+    assert _split_fields(before) == _split_fields({"kind": "folder", "root": "t", "val_split": None})
+    assert _split_fields(before) != _split_fields({"kind": "folder", "root": "t", "val_split": 0.2})
+    assert _split_fields(before) != _split_fields({"kind": "folder", "root": "t", "val_root": "v"})
 
 
 def test_no_rule_finding_rests_on_an_invalid_value():

@@ -254,6 +254,29 @@ def test_accumulated_slices_train_as_the_whole_batch(tmp_path):
             torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_train_and_evaluate_with_a_validation_folder(tmp_path):
+    from tests.test_data import make_folder
+
+    train_dir, val_dir = make_folder(tmp_path / "train"), make_folder(tmp_path / "val")
+    text = TINY.replace("num_classes: 4", "num_classes: 3").replace(
+        "  kind: synthetic\n  num_samples: 320\n  val_split: 0.2\n",
+        f"  kind: folder\n  root: {train_dir}\n  val_root: {val_dir}\n  cache_dir: {tmp_path / 'cache'}\n")
+    text = text.replace("batch_size: 32", "batch_size: 4")
+    spec = write_spec(tmp_path, text)
+    result = run_cli("train", spec, "--out", tmp_path / "run", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "data: 12 train / 12 val images" in result.stdout + result.stderr
+    report = json.loads(run_cli("evaluate", tmp_path / "run", "--json").stdout)
+    assert report["split"] == "val" and report["images"] == 12 and report["classes"] == ["bird", "cat", "dog"]
+
+    (val_dir / "dog").rename(val_dir / "wolf")   # same count, another class
+    assert_user_error(run_cli("train", spec, "--out", tmp_path / "run2", "--epochs", "1"),
+                      "the validation folder's classes differ from the training folder's (only in "
+                      f"{train_dir}: dog; only in {val_dir}: wolf); give data.val_root the same class subfolders")
+    assert not (tmp_path / "run2").exists()
+    assert_user_error(run_cli("evaluate", tmp_path / "run"), f"the classes of {val_dir} (bird, cat, wolf...) differ")
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)

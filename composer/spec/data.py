@@ -32,7 +32,19 @@ class DataSpec(Strict):
     cache_dir: Optional[str] = Field(
         None, description="Where decoded datasets and extracted archives are cached (default ~/.cache/composer)."
     )
-    val_split: Probability = Field(0.1, description="Fraction of the training data held out for validation.")
+    val_root: Optional[str] = Field(
+        None, description="folder: a validation folder (or archive) of its own, with the same class subfolders "
+        "(e.g. ImageNet's train/ and val/); the whole of root then trains, and val_split is not used.")
+    val_split: Optional[Probability] = Field(
+        None, description="Fraction of the training data held out for validation; default 0.1, or 0 with "
+        "val_root (which the two cannot share).")
     split_seed: int = Field(0, description="Seed of the train/validation split (fixed so runs compare).")
     num_samples: PositiveInt = Field(512, description="synthetic: number of images.")
     augment: Augment = Field(default_factory=Augment)
+
+    @property
+    def held_out(self) -> float:
+        """The fraction of the training data held out for validation (val_split, or its default)."""
+        if self.val_split is not None:
+            return self.val_split
+        return 0.0 if self.val_root else 0.1

@@ -31,7 +31,7 @@ Finding = tuple[tuple, str, tuple[tuple, ...]]
 def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -> list[Finding]:
     """Problems of the model section alone, of model and data together when both are valid, and
     of the train section."""
-    problems: list[Finding] = _check_train(t) if t is not None else []
+    problems: list[Finding] = (_check_train(t) if t is not None else []) + (_check_data(d) if d is not None else [])
     if m is None:
         return problems
     size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim
@@ -92,4 +92,17 @@ def _check_train(t: TrainSpec) -> list[Finding]:
     if t.batch_size % t.accumulate:
         return [(accumulate, f"{t.accumulate} slices do not divide train.batch_size {t.batch_size} "
                              f"(try {_list(divisors(t.batch_size, 64))})", (accumulate, batch))]
+    return []
+
+
+def _check_data(d: DataSpec) -> list[Finding]:
+    val_root, split, kind = ("data", "val_root"), ("data", "val_split"), ("data", "kind")
+    if d.val_root is None:
+        return []
+    if d.kind != "folder":
+        return [(val_root, f"a separate validation folder is for folder datasets, not {d.kind}; remove "
+                           "val_root (data.val_split holds out part of the training data)", (val_root, kind))]
+    if d.val_split:
+        return [(split, f"val_split {d.val_split} would hold out training images, but val_root already "
+                        "gives the validation set; remove one of them", (split, val_root))]
     return []
