@@ -204,6 +204,7 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
             pass
     if files is None:  # an archive: extract once, then treat it as a folder
         files, classes = _scan(_class_root(_extract(path, cache)), f"archive {path}")
+    _check_memory_for(len(files), model, path)
     try:
         decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size)
     except _BadImage as e:
@@ -212,6 +213,32 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
                      torch.tensor([label for _, label in files], dtype=torch.int64), classes)
     _save_atomic({"images": found.images, "labels": found.labels, "classes": found.classes}, cached)
     return found
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory_for(count: int, model: ModelSpec, path: Path) -> None:
+    """Refuse, before hours of decoding, a folder whose decoded images cannot be held: they are one
+    uint8 tensor at the model's image size, and decoding holds them twice (the decoded array and
+    the tensor in training layout)."""
+    need = count * model.in_channels * model.image_size ** 2
+    available = available_memory()
+    if available is not None and 2 * need > available:
+        raise UserError(f"{path} holds {count:,} images: decoded at {model.image_size}x{model.image_size} they take "
+                        f"{need / 2**30:.1f} GiB, {2 * need / 2**30:.1f} GiB while decoding, and this machine has "
+                        f"{available / 2**30:.1f} GiB of memory available. The images are held in memory as one "
+                        "tensor: train at a smaller model.image_size (model.resize still feeds the network "
+                        "larger images), on a subset of the folder, or on a machine with more memory")
 
 
 def _scan(folder: Path, shown: str) -> tuple[list[tuple[str, int]], list[str]]:

@@ -9,20 +9,23 @@ from composer.errors import UserError
 
 @torch.no_grad()
 def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 512,
-                   autocast_dtype: torch.dtype | None = None, num_classes: int | None = None) -> dict:
-    """Top-1 / top-5 accuracy, mean cross-entropy and per-class accuracy over uint8 `images` (N, C, H, W)."""
+                   autocast_dtype: torch.dtype | None = None, num_classes: int | None = None,
+                   device: torch.device | None = None) -> dict:
+    """Top-1 / top-5 accuracy, mean cross-entropy and per-class accuracy over uint8 `images` (N, C, H, W)
+    and `labels`, on `device` (default: the images'); images elsewhere are copied over a batch at a time."""
     from composer.data import normalize
 
     was_training = model.training
     model.eval()
-    device = images.device
+    device = torch.device(device) if device is not None else images.device
+    labels = labels.to(device)
     num_classes = num_classes or int(labels.max().item()) + 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros(num_classes, dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros(num_classes, dtype=torch.float64, device=device)
     for start in range(0, images.shape[0], batch_size):
-        x = normalize(images[start:start + batch_size], mean, std)
+        x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
         y = labels[start:start + batch_size]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(x).float()
@@ -63,8 +66,9 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
         raise UserError(f"the classes of {folder} ({', '.join(data.classes[:5])}...) differ "
                         f"from the run's ({', '.join(classes[:5])}...); evaluate on data with the same class folders")
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    result = evaluate_model(model, data.images.to(dev), data.labels.to(dev), mean, std, batch_size=batch_size,
-                            autocast_dtype=autocast, num_classes=spec.model.num_classes)
+    # the images stay in host memory, each batch copied over: a test set need not fit on the GPU
+    result = evaluate_model(model, data.images, data.labels, mean, std, batch_size=batch_size,
+                            autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev)
     result.update({"spec": spec.name, "split": split, "checkpoint": str(find_checkpoint(target)),
                    "epoch": state.get("epoch"), "classes": data.classes or classes})
     return result

@@ -319,15 +319,24 @@ def _train(spec, resume, echo, device, dist):
         mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     else:
         mean, std = channel_stats(train_set.images)
-    train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
-    if val_set is not None:
+    data_bytes = train_set.images.nbytes + (val_set.images.nbytes if val_set is not None else 0)
+    on_host = keep_data_on_host(data_bytes, device)
+    # On the host, the loop gathers each batch there and copies it over, from pinned memory so
+    # that the copy does not hold the host up (a pinned copy of the whole set would need twice
+    # its memory at once). Labels and the shuffled order are small: they go to the device.
+    pinned = (lambda images: images.pin_memory()) if device.type == "cuda" else (lambda images: images)
+    train_images = train_set.images if on_host else train_set.images.to(device)
+    train_labels = train_set.labels.to(device)
+    if val_set is not None and not on_host:
         val_set = val_set.to(device)
     n = train_images.shape[0]
     steps_per_epoch = min(n // t.batch_size, t.max_steps_per_epoch or n)
     if steps_per_epoch == 0:
         raise UserError(f"train.batch_size {t.batch_size} is larger than the {n} training images; lower it")
+    where = (f"in host memory ({data_bytes / 2**30:.1f} GiB: more than the GPU's free memory leaves the model; "
+             "each batch is copied over)" if on_host else f"on {device}")
     log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
-        f"{tuple(train_images.shape[1:])} on {device} ({time.perf_counter() - started:.1f}s)")
+        f"{tuple(train_images.shape[1:])} {where} ({time.perf_counter() - started:.1f}s)")
 
     # -- model, optimizer, schedule ------------------------------------------------------
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
@@ -449,7 +458,8 @@ def _train(spec, resume, echo, device, dist):
     final = {}
     with stop_signals() as interrupt, tensorboard_scalars(run_dir, t.tensorboard and dist.main) as tensorboard:
         for epoch in range(position["epoch"], t.epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch)).to(device)
+            host_order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
+            order = host_order.to(device)
             start_step = position["step_in_epoch"]
             model.train()
             progress.start_epoch(epoch, t.epochs, steps_per_epoch, start_step)
@@ -508,10 +518,15 @@ def _train(spec, resume, echo, device, dist):
                     _synchronize(device)
                     tic, timed_from = time.perf_counter(), step
                 idx = order[step * t.batch_size:(step + 1) * t.batch_size]
+                if on_host:
+                    batch = train_images[host_order[step * t.batch_size:(step + 1) * t.batch_size]]
+                    batch = pinned(batch).to(device, non_blocking=True)
+                else:
+                    batch = train_images[idx]
                 # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
                 # random numbers match any number of processes; so does the gradient, for models without
                 # BatchNorm (statistics are per process) or dropout/drop-path (drawn per process).
-                images = augment(train_images[idx], spec.data.augment, aug_gen)
+                images = augment(batch, spec.data.augment, aug_gen)
                 x, targets = mix(normalize(images, mean, std), train_labels[idx], spec.model.num_classes,
                                  spec.data.augment, aug_gen, t.label_smoothing)
                 shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
@@ -577,7 +592,7 @@ def _train(spec, resume, echo, device, dist):
             if ema:
                 ema_model.load_state_dict(ema.state)
                 eval_model = ema_model
-            val = evaluate_model(eval_model, val_set.images, val_set.labels, mean, std,
+            val = evaluate_model(eval_model, val_set.images, val_set.labels, mean, std, device=device,
                                  autocast_dtype=autocast_dtype, num_classes=spec.model.num_classes) \
                 if val_set is not None else {"loss": float("nan"), "accuracy": float("nan"), "top5": float("nan")}
             position.update({"epoch": epoch + 1, "step_in_epoch": 0})
@@ -615,6 +630,20 @@ def _train(spec, resume, echo, device, dist):
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+# The share of the GPU's free memory the dataset may take on it; the rest is the model's (weights,
+# optimizer state, activations). Past it, the images stay in host memory.
+GPU_DATA_SHARE = 0.5
+
+
+def keep_data_on_host(data_bytes: int, device: torch.device) -> bool:
+    """Whether the decoded images (`data_bytes` of them) stay in host memory rather than move to
+    the training device: on a GPU whose free memory they would take more than GPU_DATA_SHARE of."""
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    return data_bytes > GPU_DATA_SHARE * free
+
 
 def _check_triton(model, device: torch.device, dtype: torch.dtype) -> None:
     """--kernels triton must hold for every block before training starts, not fail at the first step."""

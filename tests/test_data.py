@@ -238,6 +238,21 @@ def test_a_validation_folder_of_its_own(tmp_path):
         load_split(spec, model_spec(), "val")
 
 
+def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path)
+    # 12 images of 3x8x8 bytes: 2,304 decoded, twice that while decoding
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 4000)
+    monkeypatch.setattr(data_mod, "_decode_images", lambda *a: pytest.fail("decoded anyway"))
+    with pytest.raises(UserError, match=r"holds 12 images: decoded at 8x8 they take 0.0 GiB, 0.0 GiB while "
+                                        r"decoding, .* train at a smaller model.image_size"):
+        load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "c")), model_spec(), "train")
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 4608)   # exactly enough
+    monkeypatch.setattr(data_mod, "_decode_images", lambda *a: np.zeros((12, 8, 8, 3), np.uint8))
+    # the 12 images decoded (11 train: data.val_split holds one out)
+    assert len(load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "c")), model_spec(), "train")) == 11
+    assert data_mod.available_memory() is None or data_mod.available_memory() > 0
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "is empty"),

@@ -128,3 +128,23 @@ def test_cuda_graph_step_skips_non_finite_losses_like_eager_steps(tmp_path, monk
             assert torch.isfinite(graph_model[name]).all(), name
             scale = max(value.abs().max().item(), 1e-6)
             assert (graph_model[name] - value).abs().max().item() <= 1e-3 * scale, name
+
+
+def test_images_too_large_for_the_gpu_stay_on_the_host(tmp_path, monkeypatch):
+    """A dataset past train.GPU_DATA_SHARE of the free GPU memory stays in host memory, each batch
+    gathered there and copied over from pinned memory: it trains as the resident one does (fp32,
+    deterministic: the same batches and augmentation, the same kernels)."""
+    from composer import train as train_module
+
+    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
+    resident, resident_model, log = _train_logged(tmp_path, "resident", *common)
+    assert "images of (3, 32, 32) on cuda" in log, log
+    monkeypatch.setattr(train_module, "GPU_DATA_SHARE", 0.0)   # nothing fits: the host path
+    host, host_model, log = _train_logged(tmp_path, "host", *common)
+    assert "images of (3, 32, 32) in host memory" in log, log
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert abs(host[key] - resident[key]) <= 1e-5 * max(abs(resident[key]), 1.0), (key, host, resident)
+    for name, value in resident_model.items():
+        if value.dtype.is_floating_point:
+            scale = max(value.abs().max().item(), 1e-6)
+            assert (host_model[name] - value).abs().max().item() <= 1e-4 * scale, name

@@ -277,6 +277,24 @@ def test_train_and_evaluate_with_a_validation_folder(tmp_path):
     assert_user_error(run_cli("evaluate", tmp_path / "run"), f"the classes of {val_dir} (bird, cat, wolf...) differ")
 
 
+def test_images_kept_in_host_memory_train_the_same(tmp_path, monkeypatch):
+    """A dataset too large for the GPU stays on the host and each batch is copied over: the same
+    batches, augmentation and result (here on the CPU, where the copy is a no-op)."""
+    def run(name, echo):
+        spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / name}"])
+        return train(spec, echo=echo)
+
+    run("resident", lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "keep_data_on_host", lambda data_bytes, device: True)
+    said = []
+    run("host", lambda line="", *a, **k: said.append(str(line)))
+    assert any(line.startswith("data: 256 train / 64 val images of (3, 8, 8) in host memory") for line in said), said
+    for a, b in zip(read_metrics(tmp_path / "resident"), read_metrics(tmp_path / "host"), strict=True):
+        assert all(a[k] == b[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")), (a, b)
+    first, second = (torch.load(tmp_path / n / "last.pt", weights_only=False)["model"] for n in ("resident", "host"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)
