@@ -146,6 +146,21 @@ def evaluate(target, data_root, split, batch_size, device, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
+@main.command()
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes listed per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def predict(target, images, top, batch_size, device, as_json):
+    """Classify IMAGES (files, or folders of them) with a trained run: the top classes and their probabilities."""
+    from composer.evaluate import predict as run, render_predictions
+
+    result = run(target, list(images), top=top, batch_size=batch_size, device=device)
+    click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
+
+
 OUT_HELP = "Folder for the PNG files (default: figures/ in the run directory, the first one for curves)."
 
 

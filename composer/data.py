@@ -215,6 +215,32 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     return found
 
 
+def load_image_files(paths: list[str], model: ModelSpec) -> tuple[torch.Tensor, list[str]]:
+    """The images at `paths` (files, or folders searched recursively), decoded as a folder dataset
+    is (uint8 (N, C, H, W) at the model's image size and channels), and their file names in order."""
+    files = []
+    for given in paths:
+        path = Path(_expand(given))
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+                           and not any(_ignored(part) for part in f.relative_to(path).parts))
+            if not found:
+                raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise UserError(f"{path} does not exist; give image files or folders of them")
+    if model.in_channels not in (1, 3):
+        raise UserError(f"images load as grayscale (1) or RGB (3), not the model's {model.in_channels} channels")
+    try:
+        decoded = _decode_images(files, model.in_channels, model.image_size)
+    except _BadImage as e:
+        raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); give image files "
+                        f"({', '.join(IMAGE_EXTENSIONS)})") from None
+    return torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(), files
+
+
 def available_memory() -> int | None:
     """Bytes of host memory available to a new allocation (Linux's MemAvailable), None elsewhere."""
     try:

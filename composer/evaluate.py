@@ -80,3 +80,39 @@ def render(result: dict) -> str:
     for name, acc in zip(result["classes"] or [], result["per_class"]):
         lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 256, device: str = "auto") -> dict:
+    """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
+    folders of them): for each image, its `top` classes with their softmax probabilities."""
+    from composer.checkpoint import find_checkpoint, load_run
+    from composer.data import load_image_files, normalize
+    from composer.train import precision, resolve_device
+
+    dev = resolve_device(device)
+    spec, model, state = load_run(target, device=dev)
+    images, files = load_image_files(paths, spec.model)
+    classes = state.get("classes") or [str(i) for i in range(spec.model.num_classes)]
+    mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
+    k = min(top, spec.model.num_classes)
+    rows = []
+    for start in range(0, len(files), batch_size):
+        x = normalize(images[start:start + batch_size].to(dev), mean, std)
+        with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            probs = model(x).float().softmax(-1)
+        best = probs.topk(k, dim=-1)
+        for i, (p, c) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+            rows.append({"image": files[start + i],
+                         "top": [{"class": classes[j], "probability": q} for q, j in zip(p, c)]})
+    return {"spec": spec.name, "checkpoint": str(find_checkpoint(target)), "epoch": state.get("epoch"),
+            "predictions": rows}
+
+
+def render_predictions(result: dict) -> str:
+    lines = [f"{result['spec']} (epoch {result['epoch']}), {len(result['predictions'])} images:"]
+    for row in result["predictions"]:
+        guesses = "  ".join(f"{g['class']} {g['probability']:.3f}" for g in row["top"])
+        lines.append(f"  {row['image']}: {guesses}")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -293,6 +294,41 @@ def test_images_kept_in_host_memory_train_the_same(tmp_path, monkeypatch):
         assert all(a[k] == b[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")), (a, b)
     first, second = (torch.load(tmp_path / n / "last.pt", weights_only=False)["model"] for n in ("resident", "host"))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_predict_classifies_image_files_as_the_model_does(tmp_path):
+    """`composer predict RUN IMAGES...`: each image decoded as the folder dataset decodes it, its
+    top classes by name with the model's softmax probabilities."""
+    from composer.data import load_split, normalize
+    from composer.evaluate import predict
+    from tests.test_data import make_folder
+
+    folder = make_folder(tmp_path)
+    text = TINY.replace("num_classes: 4", "num_classes: 3").replace(
+        "  kind: synthetic\n  num_samples: 320\n  val_split: 0.2\n",
+        f"  kind: folder\n  root: {folder}\n  val_split: 0.25\n  cache_dir: {tmp_path / 'cache'}\n")
+    spec = load_spec_text(text.replace("batch_size: 32", "batch_size: 4"), "tiny.yaml",
+                          [f"train.out_dir={tmp_path / 'run'}", "train.epochs=1"])
+    train(spec, echo=lambda *a, **k: None)
+
+    result = predict(str(tmp_path / "run"), [str(folder / "dog"), str(folder / "bird" / "1.png")], top=2)
+    files = [str(folder / "dog" / f"{n}.jpg") for n in range(4)] + [str(folder / "bird" / "1.png")]
+    assert [row["image"] for row in result["predictions"]] == files
+    _, model, state = load_run(tmp_path / "run")
+    every = load_split(spec.data.model_copy(update={"val_split": 0.0}), spec.model, "train")   # bird, cat, dog
+    images = torch.cat([every.images[8:12], every.images[1:2]])
+    with torch.no_grad():
+        probs = model(normalize(images, *state["normalization"].values())).softmax(-1)
+    for row, p in zip(result["predictions"], probs, strict=True):
+        assert [g["class"] for g in row["top"]] == [every.classes[i] for i in p.topk(2).indices.tolist()]
+        assert [g["probability"] for g in row["top"]] == pytest.approx(p.topk(2).values.tolist(), abs=1e-6)
+
+    shown = run_cli("predict", tmp_path / "run", folder / "cat" / "0.png", "--top", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(rf"{re.escape(str(folder / 'cat' / '0.png'))}: (bird|cat|dog) [01]\.\d{{3}}$", shown.stdout, re.M)
+    assert_user_error(run_cli("predict", tmp_path / "run", tmp_path / "nothing.png"), "nothing.png does not exist")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert_user_error(run_cli("predict", tmp_path / "run", tmp_path / "notes.png"), "cannot read image")
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
