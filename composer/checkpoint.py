@@ -115,3 +115,58 @@ def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bo
     except RuntimeError as exc:
         raise UserError(f"checkpoint {path} does not match its own spec: {str(exc)[:300]}") from None
     return spec, model.to(device).eval(), state
+
+
+def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str:
+    """Fine-tuning: start `model` (built from `spec`) from the weights of a trained run or
+    checkpoint (its EMA weights where it kept them). Tensors of the same name and shape are
+    copied; the classifier stays new where the class count differs; a learned position embedding
+    is resized (bicubic, over its patch grid) where the grid differs. Any other difference is a
+    user error listing them. Returns a one-line account of what was done."""
+    import torch.nn.functional as F
+
+    from composer.build import Head, PositionEmbedding
+
+    path = find_checkpoint(source)
+    state = load_checkpoint(path, fix="give train.init_from a run directory or a checkpoint written by composer train")
+    source_spec = spec_from_checkpoint(state, str(path))
+    weights = state["ema"] if state.get("ema") else state["model"]
+    classifier = {f"{name}.classify.{p}" for name, m in model.named_modules() if isinstance(m, Head)
+                  for p in ("weight", "bias")}
+    positions = {f"{name}.pos" for name, m in model.named_modules()
+                 if isinstance(m, PositionEmbedding) and isinstance(m.pos, torch.nn.Parameter)}
+    grid_from = source_spec.model.input_size // source_spec.model.stem.patch_size
+    grid_to = spec.model.input_size // spec.model.stem.patch_size
+
+    own = model.state_dict()
+    copied, new, resized, problems = 0, [], [], []
+    for key, target in own.items():
+        given = weights.get(key)
+        if given is None:
+            problems.append(f"{key} {tuple(target.shape)}: not in the checkpoint")
+        elif given.shape == target.shape:
+            target.copy_(given)
+            copied += 1
+        elif key in classifier:
+            new.append(key)
+        elif key in positions and given.shape[-1] == target.shape[-1] \
+                and given.shape[1] - grid_from ** 2 == target.shape[1] - grid_to ** 2 >= 0:
+            extra = target.shape[1] - grid_to ** 2   # the class token's row, when it is there
+            grid = given[:, extra:].reshape(1, grid_from, grid_from, -1).permute(0, 3, 1, 2).float()
+            grid = F.interpolate(grid, size=(grid_to, grid_to), mode="bicubic", align_corners=False)
+            target.copy_(torch.cat([given[:, :extra].float(), grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1))
+            resized.append(f"{key} ({grid_from}x{grid_from} -> {grid_to}x{grid_to} patches)")
+        else:
+            problems.append(f"{key}: checkpoint {tuple(given.shape)}, model {tuple(target.shape)}")
+    problems += [f"{key} {tuple(value.shape)}: not in the model" for key, value in weights.items() if key not in own]
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise UserError(f"train.init_from {path}: its weights do not fit this model:\n  " + "\n  ".join(shown)
+                        + "\nOnly the class count and the image size may differ (the classifier starts anew, "
+                        "learned position embeddings are resized); token-mixing MLPs are tied to their "
+                        "token count, so a model with them keeps its image size and patch size")
+    said = [f"{copied} tensors"]
+    if new:
+        said.append(f"new classifier ({source_spec.model.num_classes} -> {spec.model.num_classes} classes)")
+    said += [f"resized {r}" for r in resized]
+    return f"weights from {path} (epoch {state.get('epoch')}): " + ", ".join(said)

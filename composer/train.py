@@ -24,7 +24,8 @@ import yaml
 from pydantic import ValidationError
 
 from composer.build import build_model, model_backend, prepare_for_compile
-from composer.checkpoint import BEST, LAST, library_versions, load_checkpoint, model_differences, save_atomic
+from composer.checkpoint import (BEST, LAST, find_checkpoint, init_from_run, library_versions, load_checkpoint,
+                                 model_differences, save_atomic)
 from composer.errors import UserError
 from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
@@ -302,6 +303,8 @@ def _train(spec, resume, echo, device, dist):
             raise UserError("the checkpoint does not match the spec:\n  " + "\n  ".join(diffs)
                             + "\nresume with the spec the run was trained with, or start a new run directory")
 
+    if t.init_from and state is None:
+        find_checkpoint(t.init_from)   # a wrong path fails here, before any data is decoded
     if t.tensorboard and dist.main:
         _tensorboard_writer_class()  # a missing package fails here, before any data is decoded
     autocast_dtype, use_scaler = precision(spec, device)
@@ -340,6 +343,9 @@ def _train(spec, resume, echo, device, dist):
 
     # -- model, optimizer, schedule ------------------------------------------------------
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    if t.init_from and state is None:   # a resume takes its own checkpoint's weights
+        with torch.no_grad():
+            log(init_from_run(model, spec, t.init_from))
     if t.compile:
         outside = prepare_for_compile(model, t.kernels, device)
         if outside:

@@ -331,6 +331,76 @@ def test_predict_classifies_image_files_as_the_model_does(tmp_path):
     assert_user_error(run_cli("predict", tmp_path / "run", tmp_path / "notes.png"), "cannot read image")
 
 
+VIT = """\
+model:
+  image_size: 8
+  num_classes: 4
+  stem: {patch_size: 2, dim: 16}
+  pos_embed: learned
+  blocks: [{kind: vit, heads: 2, repeat: 2}]
+  head: {pool: cls}
+data: {kind: synthetic, num_samples: 128, val_split: 0.25}
+train: {epochs: 1, batch_size: 32, device: cpu, ema: 0.9}
+"""
+
+
+def test_fine_tuning_starts_from_a_run_with_a_new_head_and_image_size(tmp_path):
+    from composer.build import build_model
+    from composer.checkpoint import init_from_run
+
+    pre = load_spec_text(VIT, "vit.yaml", [f"train.out_dir={tmp_path / 'pre'}"])
+    train(pre, echo=lambda *a, **k: None)
+    source = torch.load(tmp_path / "pre" / "best.pt", weights_only=False)["ema"]   # the EMA weights are taken
+    # the position embedding made a known function of the patch row: resizing must keep it one
+    rows = torch.arange(4.0).repeat_interleave(4)   # (16,) row index of each patch, row-major
+    source["stages.3.pos"][0, 1:, 0] = rows
+    torch.save({**torch.load(tmp_path / "pre" / "best.pt", weights_only=False), "ema": source},
+               tmp_path / "pre" / "best.pt")
+
+    spec = load_spec_text(VIT, "vit.yaml", ["model.num_classes=3", "model.image_size=16"])
+    model = build_model(spec)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        said = init_from_run(model, spec, tmp_path / "pre")
+    assert said == (f"weights from {tmp_path / 'pre' / 'best.pt'} (epoch 1): 29 tensors, new classifier (4 -> 3 "
+                    "classes), resized stages.3.pos (4x4 -> 8x8 patches)")
+    now = model.state_dict()
+    for key, value in now.items():
+        if ".classify." in key:
+            assert torch.equal(value, fresh[key]), key
+        elif key != "stages.3.pos":
+            assert torch.equal(value, source[key]), key
+    pos = now["stages.3.pos"][0]
+    assert torch.equal(pos[0], source["stages.3.pos"][0, 0])                  # the class token's row
+    by_row = pos[1:, 0].reshape(8, 8)
+    assert torch.allclose(by_row, by_row[:, :1].expand(8, 8), atol=1e-5)      # the same along each row
+    assert (by_row[1:, 0] >= by_row[:-1, 0]).all() and by_row[-1, 0] > by_row[0, 0] + 2
+
+    # through train: logged, and a resume keeps its own checkpoint's weights
+    overrides = [f"train.out_dir={tmp_path / 'ft'}", f"train.init_from={tmp_path / 'pre'}", "model.num_classes=3",
+                 "model.image_size=16"]
+    said = []
+    train(load_spec_text(VIT, "vit.yaml", overrides), echo=lambda line="", *a, **k: said.append(str(line)))
+    assert any(line.startswith("weights from") and "new classifier" in line for line in said), said
+    said = []
+    train(load_spec_text(VIT, "vit.yaml", overrides + ["train.epochs=2"]), resume="auto",
+          echo=lambda line="", *a, **k: said.append(str(line)))
+    assert any(line.startswith("resumed from epoch 1") for line in said), said
+    assert not any(line.startswith("weights from") for line in said), said
+
+
+def test_fine_tuning_refuses_weights_that_do_not_fit(tmp_path):
+    spec = write_spec(tmp_path, TINY)   # a token-mixing MLP: tied to 16 tokens
+    assert run_cli("train", spec, "--out", tmp_path / "pre", "--epochs", "1").returncode == 0
+    result = run_cli("train", spec, "--out", tmp_path / "ft", "--set", "model.image_size=16",
+                     "--set", f"train.init_from={tmp_path / 'pre'}")
+    assert_user_error(result, "its weights do not fit this model",
+                      "stages.2.mix_in.weight: checkpoint (8, 16), model (8, 64)", "token-mixing MLPs are tied")
+    assert not (tmp_path / "ft" / "last.pt").exists()
+    assert_user_error(run_cli("train", spec, "--out", tmp_path / "ft", "--set", "train.init_from=/nowhere"),
+                      "/nowhere does not exist")
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)

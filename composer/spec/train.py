@@ -72,3 +72,8 @@ class TrainSpec(Strict):
     )
     max_nonfinite: PositiveInt = Field(5, description="Stop after this many consecutive non-finite losses.")
     out_dir: Optional[str] = Field(None, description="Run directory (default runs/<spec name>).")
+    init_from: Optional[str] = Field(
+        None, description="Fine-tuning: a trained run directory or checkpoint whose weights (its EMA weights "
+        "if it kept them) start this run. The class count and image size may differ: the classifier then "
+        "starts anew and learned position embeddings are resized; anything else must match. Not used when "
+        "resuming (the checkpoint holds the weights).")
