@@ -100,15 +100,16 @@ def find_checkpoint(target: str | Path, prefer: str = BEST) -> Path:
     return target
 
 
-def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(spec, model in eval mode, checkpoint dict) of a trained run directory or checkpoint file."""
+def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bool = True, backend: str = "auto"):
+    """(spec, model in eval mode, checkpoint dict) of a trained run directory or checkpoint file;
+    `backend`: the kernel backend of the model's blocks."""
     from composer.build import build_model
 
     path = find_checkpoint(target)
     state = load_checkpoint(path, fix=f"give a run directory or a checkpoint written by composer train "
                                       f"({BEST} or {LAST})")
     spec = spec_from_checkpoint(state, str(path))
-    model = build_model(spec, backend="auto")
+    model = build_model(spec, backend=backend)
     weights = state["ema"] if use_ema and state.get("ema") else state["model"]
     try:
         model.load_state_dict(weights)

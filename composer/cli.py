@@ -161,6 +161,19 @@ def predict(target, images, top, batch_size, device, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
 
 
+@main.command("export")
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT")
+@click.argument("out", metavar="OUT.pt2")
+def export_run(target, out):
+    """Save a trained run as one torch.export program for inference: uint8 images in, logits out."""
+    from composer.export import export
+
+    result = export(target, out)
+    click.echo(f"wrote {result['path']}: uint8 images {tuple(result['input']['shape'])} -> logits over "
+               f"{len(result['classes'])} classes; torch.export.load(path).module()(images); "
+               f"class names and normalization in its extra file composer.json")
+
+
 OUT_HELP = "Folder for the PNG files (default: figures/ in the run directory, the first one for curves)."
 
 

@@ -401,6 +401,32 @@ def test_fine_tuning_refuses_weights_that_do_not_fit(tmp_path):
                       "/nowhere does not exist")
 
 
+def test_export_gives_a_program_that_classifies_as_the_run_does(tmp_path):
+    """`composer export RUN OUT.pt2`: a torch.export program of the model on its PyTorch path
+    with the run's normalization, uint8 images of any batch size in, the model's logits out."""
+    from composer.data import normalize
+
+    spec = write_spec(tmp_path, TINY)
+    assert run_cli("train", spec, "--out", tmp_path / "run", "--epochs", "1").returncode == 0
+    result = run_cli("export", tmp_path / "run", tmp_path / "out" / "tiny.pt2")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'out' / 'tiny.pt2'}: uint8 images ('batch', 3, 8, 8) -> logits over 4 classes" \
+        in result.stdout
+    extra = {"composer.json": ""}
+    program = torch.export.load(tmp_path / "out" / "tiny.pt2", extra_files=extra)
+    metadata = json.loads(extra["composer.json"])
+    assert metadata["classes"] == ["class_0", "class_1", "class_2", "class_3"] and metadata["epoch"] == 1
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("kernels" in t for t in targets), targets   # no Triton op: runs without composer
+    _, model, state = load_run(tmp_path / "run")
+    for batch in (1, 5):
+        images = torch.randint(0, 256, (batch, 3, 8, 8), dtype=torch.uint8)
+        with torch.no_grad():
+            expected = model(normalize(images, state["normalization"]["mean"], state["normalization"]["std"]))
+        torch.testing.assert_close(program.module()(images), expected, rtol=1e-5, atol=1e-5)
+    assert_user_error(run_cli("export", tmp_path / "run", tmp_path / "tiny.onnx"), "a .pt2 file")
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)
