@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from composer.errors import UserError
 from composer.spec.data import Augment, DataSpec
 from composer.spec.model import ModelSpec
+from composer.trivial_augment import trivial_augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz")
@@ -457,7 +458,8 @@ def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 # -- augmentation -------------------------------------------------------------------
 
 def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero padding, horizontal flip and cutout, batched on the batch's device.
+    """Random crop after zero padding, horizontal flip, TrivialAugment and cutout, batched on the
+    batch's device.
 
     All randomness comes from `generator`, which must live on the batch's device.
     """
@@ -476,6 +478,8 @@ def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator)
     if aug.hflip:
         flip = torch.rand(b, generator=generator, device=dev) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    if aug.trivial:
+        out = trivial_augment(out, generator)
     if aug.cutout > 0:
         s = min(aug.cutout, h, w)  # the square lies inside the image, so every image loses the same area
         top = torch.randint(0, h - s + 1, (b, 1), generator=generator, device=dev)

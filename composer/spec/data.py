@@ -13,6 +13,9 @@ class Augment(Strict):
 
     crop_padding: Annotated[int, Field(ge=0)] = Field(4, description="Random crop after zero-padding by this many pixels (0: off).")
     hflip: bool = Field(True, description="Random horizontal flip.")
+    trivial: bool = Field(False, description="TrivialAugment (wide): one random operation an image (shear, "
+                          "translate, rotate, brightness, colour, contrast, sharpness, posterize, solarize, "
+                          "autocontrast, equalize or none) at a random strength, after crop and flip.")
     cutout: Annotated[int, Field(ge=0)] = Field(0, description="Side of a random square erased per image (0: off).")
     mixup: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Mixup Beta(alpha, alpha) parameter (0: off).")
     cutmix: Annotated[float, Field(ge=0.0)] = Field(0.0, description="CutMix Beta(alpha, alpha) parameter (0: off).")
