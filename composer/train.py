@@ -12,9 +12,10 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,32 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
+def hold_run_directory(run_dir: Path):
+    """An exclusive lock on RUN_DIR/.lock while training writes there: a second `composer train`
+    into the same directory (started twice, or resumed while the first still runs) is refused
+    instead of interleaving checkpoints and metrics with it. The operating system drops the lock
+    when the process ends, however it ends, so a killed run leaves none behind."""
+    try:
+        import fcntl
+    except ImportError:   # not a POSIX system: no lock
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{run_dir} is in use by another composer train ({holder}); wait for it to finish, "
+                            "or train into another directory with --out (nothing was written)") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+
+
+@contextmanager
 def stop_signals():
     """Ctrl-C (SIGINT) or SIGTERM (a scheduler preempting the job, `docker stop`, `timeout`) sets a
     flag that the loop checks between steps, so that it saves last.pt at a step boundary (never
@@ -246,7 +273,8 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
     device = resolve_device(t.device)
     dist = Distributed(device)
     try:
-        return _train(spec, resume, echo, device, dist)
+        with ExitStack() as cleanup:
+            return _train(spec, resume, echo, device, dist, cleanup)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError with this phrase
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
@@ -264,7 +292,7 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
         dist.close()
 
 
-def _train(spec, resume, echo, device, dist):
+def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     from composer.data import augment, channel_stats, load_split, mix, normalize
 
     t = spec.train
@@ -372,6 +400,8 @@ def _train(spec, resume, echo, device, dist):
                 "consecutive_nonfinite": 0,
                 "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0}
 
+    if dist.main:   # from here on the run directory is written
+        cleanup.enter_context(hold_run_directory(run_dir))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -427,6 +427,23 @@ def test_export_gives_a_program_that_classifies_as_the_run_does(tmp_path):
     assert_user_error(run_cli("export", tmp_path / "run", tmp_path / "tiny.onnx"), "a .pt2 file")
 
 
+def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
+    """Two `composer train` into one directory at once (started twice, or resumed while the first
+    still runs) would interleave checkpoints: the second is refused while the first holds it."""
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 1"))
+    with train_module.hold_run_directory(tmp_path / "run"):   # as a running `composer train` holds it
+        result = run_cli("train", spec, "--out", tmp_path / "run")
+        assert_user_error(result, f"{tmp_path / 'run'} is in use by another composer train (pid {os.getpid()} on ",
+                          "train into another directory with --out")
+        assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "metrics.csv").exists()
+    result = run_cli("train", spec, "--out", tmp_path / "run")   # released: the run goes ahead
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "last.pt").exists()
+    # and again after it: the lock went with the process that held it
+    result = run_cli("train", spec, "--out", tmp_path / "run", "--resume", "auto", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)
