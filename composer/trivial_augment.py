@@ -9,6 +9,7 @@ synchronization: each operation is computed for the whole batch and kept where i
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,7 +37,16 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
 def magnitudes(op: torch.Tensor, level: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """Each image's strength (float64), as torchvision's TrivialAugmentWide draws it: its op's
     table at `level`, negated where `negative` and the op is signed."""
-    dev = level.device
+    rows, signed = _tables(level.device)
+    value = rows[op, level]
+    return torch.where(signed[op] & negative, -value, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(strength of each op at each level (len(OPS), BINS), whether each op is signed), kept on
+    `device`: made there once, not copied over at every batch (a copy from the host would wait
+    for the GPU)."""
     table = {
         "shear_x": torch.linspace(0.0, MAX_SHEAR, BINS), "shear_y": torch.linspace(0.0, MAX_SHEAR, BINS),
         "translate_x": torch.linspace(0.0, MAX_TRANSLATE, BINS), "translate_y": torch.linspace(0.0, MAX_TRANSLATE, BINS),
@@ -45,10 +55,9 @@ def magnitudes(op: torch.Tensor, level: torch.Tensor, negative: torch.Tensor) ->
         "posterize": (8 - (torch.arange(BINS) / ((BINS - 1) / 6))).round(),
         "solarize": torch.linspace(1.0, 0.0, BINS),
     }
-    rows = torch.stack([table[name] if name in table else torch.zeros(BINS) for name in OPS]).to(dev, torch.float64)
-    value = rows[op, level]
-    signed = torch.tensor([name in SIGNED for name in OPS], device=dev)[op]
-    return torch.where(signed & negative, -value, value)
+    rows = torch.stack([table[name] if name in table else torch.zeros(BINS) for name in OPS]).to(torch.float64)
+    signed = torch.tensor([name in SIGNED for name in OPS])
+    return rows.to(device), signed.to(device)
 
 
 def apply(images: torch.Tensor, op: torch.Tensor, level: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -74,10 +83,10 @@ def apply(images: torch.Tensor, op: torch.Tensor, level: torch.Tensor, negative:
     keep("posterize", images & ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8))
     threshold = (255 * m).view(-1, 1, 1, 1).float()
     keep("solarize", torch.where(x >= threshold, 255 - images, images))
-    # per image and channel already, with no strength: torchvision's batched ops as they are
+    keep("autocontrast", _autocontrast(x))
+    # per image and channel already, with no strength, and free of host syncs: torchvision's
     from torchvision.transforms.v2 import functional as TF
 
-    keep("autocontrast", TF.autocontrast(images))
     keep("equalize", TF.equalize(images))
     return out.contiguous()
 
@@ -106,7 +115,7 @@ def _affine(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(w, device=dev, dtype=torch.float64) - (w - 1) / 2
     p = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), -1).view(1, h * w, 2)   # (1, HW, 2) as (x, y)
     q = p @ a.transpose(1, 2) + t[:, None, :]                                                  # (B, HW, 2)
-    grid = (q / torch.tensor([w / 2, h / 2], device=dev, dtype=torch.float64)).view(b, h, w, 2)
+    grid = torch.stack([q[..., 0] / (w / 2), q[..., 1] / (h / 2)], -1).view(b, h, w, 2)
     return F.grid_sample(x, grid.float(), mode="nearest", padding_mode="zeros", align_corners=False).to(torch.uint8)
 
 
@@ -141,3 +150,13 @@ def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     out = x.clone()
     out[:, :, 1:-1, 1:-1] = inner + (smooth - inner) * (1.0 - factor).float()
     return out.clamp(0, 255).to(torch.uint8)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    """Each channel of each image stretched to 0..255 (one of a single value stays), truncated:
+    torchvision's `autocontrast`, without its masked assignments (each a host sync on a GPU)."""
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    return (x - torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)

@@ -103,3 +103,29 @@ def test_on_the_gpu_as_on_the_cpu():
     gpu = apply(images.cuda(), op.cuda(), level.cuda(), negative.cuda()).cpu()
     diff = (gpu.int() - cpu.int()).abs()
     assert (diff > 1).any(1).float().mean() < 1e-3, (diff > 1).any(1).float().mean()
+
+
+def test_the_batch_pipeline_never_waits_on_the_device():
+    """Augmentation and mixing run once a step on the GPU: nothing in them may make the host wait
+    for the device (each wait leaves the GPU idle while the host prepares the next step)."""
+    from composer.data import augment, mix
+    from composer.spec.data import Augment
+    from tests.test_graphed_step import _SYNCING
+
+    aug = Augment(crop_padding=4, hflip=True, trivial=True, cutout=8, mixup=0.2, cutmix=1.0)
+    images, labels = photo(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    g = torch.Generator().manual_seed(0)
+    mix(augment(images, aug, g).float(), labels, 10, aug, g, 0.1)   # tables made once, before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mix(augment(images, aug, g).float(), labels, 10, aug, g, 0.1)
+    # (one_hot checks its labels' range with .item() on the CPU only; on CUDA it leaves that to
+    # a device-side assert)
+    def inside_one_hot(event):
+        while event.cpu_parent is not None:
+            event = event.cpu_parent
+            if event.name == "aten::one_hot":
+                return True
+        return False
+
+    syncing = sorted({e.name for e in prof.events() if e.name in _SYNCING and not inside_one_hot(e)})
+    assert not syncing, syncing
