@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import math
 import multiprocessing
 import os
 import re
@@ -458,8 +459,8 @@ def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 # -- augmentation -------------------------------------------------------------------
 
 def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero padding, horizontal flip, TrivialAugment and cutout, batched on the
-    batch's device.
+    """Random resized crop or random crop after zero padding, horizontal flip, TrivialAugment and
+    cutout, batched on the batch's device.
 
     All randomness comes from `generator`, which must live on the batch's device.
     """
@@ -467,8 +468,10 @@ def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator)
     b, _, h, w = out.shape
     dev = out.device
     rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    if aug.crop_padding > 0:
-        p = aug.crop_padding
+    if aug.resized_crop:
+        out = resized_crop(out, aug.resized_crop, generator)
+    if aug.padding > 0:
+        p = aug.padding
         padded = F.pad(out, (p, p, p, p))  # (B, C, H + 2p, W + 2p)
         top = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=dev)
         left = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=dev)
@@ -488,6 +491,47 @@ def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator)
         in_cols = (cols >= left) & (cols < left + s)  # (B, W)
         out = out.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
     return out.contiguous()
+
+
+RESIZED_CROP_TRIES = 10          # boxes drawn an image before falling back to a central one
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def resized_crop(images: torch.Tensor, min_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """uint8 (B, C, H, W): from each image a random box, resized to H x W (bilinear, coordinates
+    as F.interpolate's, the box's own edge pixels repeated past it). The box is torchvision's
+    RandomResizedCrop's: an area fraction uniform in [min_scale, 1] and a log-uniform aspect
+    ratio in 3/4..4/3, the first of RESIZED_CROP_TRIES draws that fits the image, else the
+    largest central box of an allowed ratio; every image draws all its tries at once (no host
+    sync)."""
+    b, _, h, w = images.shape
+    dev = images.device
+    shape = (b, RESIZED_CROP_TRIES)
+    area = h * w * (min_scale + (1 - min_scale) * torch.rand(shape, generator=generator, device=dev))
+    low, high = math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1])
+    ratio = torch.exp(low + (high - low) * torch.rand(shape, generator=generator, device=dev))
+    box_w, box_h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    fits = (box_w >= 1) & (box_w <= w) & (box_h >= 1) & (box_h <= h)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)                     # (B, 1): the first that fits
+    box_w, box_h = box_w.gather(1, first)[:, 0], box_h.gather(1, first)[:, 0]
+    top = (torch.rand(b, generator=generator, device=dev) * (h - box_h + 1)).floor()
+    left = (torch.rand(b, generator=generator, device=dev) * (w - box_w + 1)).floor()
+    # none fits: the whole image, cut to the nearest allowed aspect ratio, centred
+    central_w = float(min(w, round(h * RESIZED_CROP_RATIO[1])))
+    central_h = float(min(h, round(w / RESIZED_CROP_RATIO[0])))
+    none = ~fits.any(1)
+    box_w, box_h = torch.where(none, central_w, box_w), torch.where(none, central_h, box_h)
+    top = torch.where(none, ((h - box_h) / 2).floor(), top)
+    left = torch.where(none, ((w - box_w) / 2).floor(), left)
+    # output pixel (u, v) reads the box at ((u + 0.5) * box_h / h - 0.5, (v + 0.5) * box_w / w - 0.5),
+    # clamped to the box: F.interpolate(box, size=(h, w), mode="bilinear") of the cropped box
+    v = torch.arange(w, device=dev, dtype=torch.float32)
+    u = torch.arange(h, device=dev, dtype=torch.float32)
+    x = left[:, None] + ((v + 0.5) * (box_w[:, None] / w) - 0.5).clamp(min=0).minimum(box_w[:, None] - 1)
+    y = top[:, None] + ((u + 0.5) * (box_h[:, None] / h) - 0.5).clamp(min=0).minimum(box_h[:, None] - 1)
+    grid = torch.stack(torch.broadcast_tensors((2 * x[:, None, :] + 1) / w - 1, (2 * y[:, :, None] + 1) / h - 1), -1)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, aug: Augment,

@@ -394,3 +394,54 @@ def test_real_cifar10_jpeg_archive(tmp_path):
         assert time.perf_counter() - start < first / 2  # the decoded tensor comes from the cache
     finally:
         shutil.rmtree(tmp_path / "c", ignore_errors=True)  # 50,000 extracted files
+
+
+# -- random resized crop ------------------------------------------------------------
+
+def _boxes_of(images, min_scale, seed):
+    """The boxes resized_crop draws, recovered by running it on images that encode their pixel
+    coordinates (row in channel 0, column in channel 1): the box spans what the output shows."""
+    b, h, w = images.shape[0], images.shape[2], images.shape[3]
+    rows = torch.arange(h).view(1, h, 1).expand(b, h, w)
+    cols = torch.arange(w).view(1, 1, w).expand(b, h, w)
+    coords = torch.stack([rows, cols, torch.zeros_like(rows)], 1).to(torch.uint8)
+    out = data_mod.resized_crop(coords, min_scale, torch.Generator().manual_seed(seed)).int()
+    top, bottom = out[:, 0, 0, 0], out[:, 0, -1, 0]
+    left, right = out[:, 1, 0, 0], out[:, 1, 0, -1]
+    return top, left, bottom - top + 1, right - left + 1
+
+
+def test_resized_crop_matches_torchvision_on_its_boxes():
+    """Each image's box resized to the full size as torchvision's resized_crop resizes it."""
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (64, 3, 24, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = data_mod.resized_crop(images, 0.08, torch.Generator().manual_seed(5))
+    top, left, height, width = _boxes_of(images, 0.08, 5)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for i in range(64):
+        want = TF.resized_crop(images[i], int(top[i]), int(left[i]), int(height[i]), int(width[i]), [24, 20],
+                               antialias=False)
+        assert (out[i].int() - want.int()).abs().max() <= 1, i   # float rounding of a .5
+
+
+def test_resized_crop_boxes_follow_the_scale_and_ratio():
+    images = torch.zeros(4096, 3, 32, 32, dtype=torch.uint8)
+    top, left, height, width = _boxes_of(images, 0.25, 1)
+    area = (height * width).float() / (32 * 32)
+    ratio = width.float() / height.float()
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 32).all() and (left + width <= 32).all()
+    assert area.min() >= 0.2 and area.max() <= 1.0                    # 0.25 up to all of it (rounded sides)
+    assert ratio.min() >= 0.65 and ratio.max() <= 1.5 and ratio.std() > 0.05
+    assert 0.55 < area.mean() < 0.7                                    # uniform in area: about (0.25 + 1) / 2
+    assert len({(int(t), int(l)) for t, l in zip(top, left)}) > 100   # positions vary
+    # a min_scale of 1 with square images: the whole image, unchanged
+    same = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(data_mod.resized_crop(same, 1.0, torch.Generator().manual_seed(0)), same)
+
+
+def test_resized_crop_replaces_the_padded_crop():
+    assert Augment(resized_crop=0.35).padding == 0 and Augment().padding == 4 and Augment(crop_padding=2).padding == 2
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    a = augment(images, Augment(resized_crop=0.35, hflip=False), torch.Generator().manual_seed(0))
+    assert torch.equal(a, data_mod.resized_crop(images, 0.35, torch.Generator().manual_seed(0)))

@@ -100,6 +100,14 @@ def test_a_validation_folder_is_for_folders_and_replaces_val_split():
     assert load_spec_text(folder + "  val_split: 0\n", "x.yaml").data.held_out == 0
 
 
+def test_two_crops_are_refused():
+    text = GOOD.replace("data: {kind: synthetic}", "data:\n  kind: synthetic\n  augment: {crop_padding: 4, resized_crop: 0.3}\n")
+    (msg,) = problems(text)
+    assert msg.startswith("x.yaml:11:27: data.augment.crop_padding: crop_padding 4 and resized_crop 0.3 are two crops"), msg
+    spec = load_spec_text(text.replace("crop_padding: 4, ", ""), "x.yaml")
+    assert spec.data.augment.padding == 0 and spec.data.augment.resized_crop == 0.3
+
+
 def test_a_resume_reads_an_unset_val_split_as_its_default():
     """Checkpoints written before val_split could be unset hold 0.1 where it was left out."""
     from composer.train import _split_fields

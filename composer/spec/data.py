@@ -11,7 +11,13 @@ from composer.spec.model import Probability, Strict
 class Augment(Strict):
     """Training-time augmentation, applied to whole batches on the training device."""
 
-    crop_padding: Annotated[int, Field(ge=0)] = Field(4, description="Random crop after zero-padding by this many pixels (0: off).")
+    crop_padding: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="Random crop after zero-padding by this many pixels (0: off); default 4, or 0 with "
+        "resized_crop (which the two cannot share).")
+    resized_crop: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        None, description="Random resized crop (as ImageNet training does): a box of this fraction of the "
+        "image's area up to all of it (e.g. 0.08), aspect ratio 3/4 to 4/3, resized back to the image size "
+        "(bilinear). Instead of crop_padding's shifted crop.")
     hflip: bool = Field(True, description="Random horizontal flip.")
     trivial: bool = Field(False, description="TrivialAugment (wide): one random operation an image (shear, "
                           "translate, rotate, brightness, colour, contrast, sharpness, posterize, solarize, "
@@ -19,6 +25,13 @@ class Augment(Strict):
     cutout: Annotated[int, Field(ge=0)] = Field(0, description="Side of a random square erased per image (0: off).")
     mixup: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Mixup Beta(alpha, alpha) parameter (0: off).")
     cutmix: Annotated[float, Field(ge=0.0)] = Field(0.0, description="CutMix Beta(alpha, alpha) parameter (0: off).")
+
+    @property
+    def padding(self) -> int:
+        """The padded crop's padding (crop_padding, or its default)."""
+        if self.crop_padding is not None:
+            return self.crop_padding
+        return 0 if self.resized_crop else 4
 
 
 class DataSpec(Strict):

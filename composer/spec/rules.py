@@ -96,13 +96,16 @@ def _check_train(t: TrainSpec) -> list[Finding]:
 
 
 def _check_data(d: DataSpec) -> list[Finding]:
+    problems: list[Finding] = []
+    padding, resized = ("data", "augment", "crop_padding"), ("data", "augment", "resized_crop")
+    if d.augment.crop_padding and d.augment.resized_crop:
+        problems.append((padding, f"crop_padding {d.augment.crop_padding} and resized_crop {d.augment.resized_crop} "
+                                  "are two crops; keep one of them", (padding, resized)))
     val_root, split, kind = ("data", "val_root"), ("data", "val_split"), ("data", "kind")
-    if d.val_root is None:
-        return []
-    if d.kind != "folder":
-        return [(val_root, f"a separate validation folder is for folder datasets, not {d.kind}; remove "
-                           "val_root (data.val_split holds out part of the training data)", (val_root, kind))]
-    if d.val_split:
-        return [(split, f"val_split {d.val_split} would hold out training images, but val_root already "
-                        "gives the validation set; remove one of them", (split, val_root))]
-    return []
+    if d.val_root is not None and d.kind != "folder":
+        problems.append((val_root, f"a separate validation folder is for folder datasets, not {d.kind}; remove "
+                                   "val_root (data.val_split holds out part of the training data)", (val_root, kind)))
+    elif d.val_root is not None and d.val_split:
+        problems.append((split, f"val_split {d.val_split} would hold out training images, but val_root already "
+                                "gives the validation set; remove one of them", (split, val_root)))
+    return problems
