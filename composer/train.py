@@ -314,7 +314,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                             f"(--out {path.parent}) or into a new one (nothing was overwritten)")
         state = load_checkpoint(path)
     elif resume == "auto" and (run_dir / LAST).exists():
-        state = load_checkpoint(run_dir / LAST)
+        earlier = (f"resume from the best epoch's checkpoint instead (--resume {run_dir / BEST}; the epochs "
+                   "after it train again), or start a fresh run" if (run_dir / BEST).exists()
+                   else "start a fresh run in another directory (--out)")
+        state = load_checkpoint(run_dir / LAST, fix=earlier)
     elif resume is None and (run_dir / LAST).exists():
         raise UserError(f"{run_dir} already holds a run ({run_dir / LAST}); continue it with --resume auto, "
                         f"or train into another directory with --out (nothing was overwritten)")

@@ -184,8 +184,13 @@ def test_resume_errors(tmp_path):
 
     (run / "last.pt").write_bytes(b"\x00garbage, as after a disk error")
     result = run_cli("train", spec, "--out", run, "--resume", "auto")
-    assert_user_error(result, f"checkpoint {run / 'last.pt'} cannot be read")
+    assert_user_error(result, f"checkpoint {run / 'last.pt'} cannot be read",
+                      f"resume from the best epoch's checkpoint instead (--resume {run / 'best.pt'}")
     assert (run / "last.pt").read_bytes().startswith(b"\x00garbage")  # left in place
+    # as the message says: the best epoch's checkpoint resumes the run
+    result = run_cli("train", spec, "--out", run, "--resume", run / "best.pt", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2
 
 
 def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_kept(tmp_path):
