@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from composer.errors import UserError
+from composer.errors import SpecFieldError, UserError
 from composer.spec.data import Augment, DataSpec
 from composer.spec.model import ModelSpec
 from composer.trivial_augment import trivial_augment
@@ -83,7 +83,7 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
         return _load(data, model, root, train=False)  # a folder ignores `train`
     held_out = data.held_out
     if split == "val" and held_out == 0:
-        raise UserError("there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
+        raise SpecFieldError("data.val_split", "there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
     full = _load(data, model, root, train=True)
     # A fixed permutation so the same spec always holds out the same images.
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(data.split_seed))
@@ -104,10 +104,10 @@ def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field
         seed = SYNTHETIC_TRAIN_SEED if train else SYNTHETIC_TEST_SEED
         found, where = _synthetic(data.num_samples, model, seed), "synthetic"
     if len(found.classes) != model.num_classes and field == "data.val_root":
-        raise UserError(f"data.val_root ({where}) has {len(found.classes)} classes but model.num_classes is "
+        raise SpecFieldError("data.val_root", f"data.val_root ({where}) has {len(found.classes)} classes but model.num_classes is "
                         f"{model.num_classes}; give it the same class subfolders as data.root")
     if len(found.classes) != model.num_classes:
-        raise UserError(f"the {data.kind} data ({where}) has {len(found.classes)} classes but model.num_classes "
+        raise SpecFieldError("model.num_classes", f"the {data.kind} data ({where}) has {len(found.classes)} classes but model.num_classes "
                         f"is {model.num_classes}; set model.num_classes: {len(found.classes)}")
     found.images = _fit(found.images, model.in_channels, model.image_size)
     return found
@@ -118,7 +118,7 @@ def _fit(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     if images.shape[1] == 1 and channels == 3:  # grayscale data (digits) for an RGB model
         images = images.repeat(1, 3, 1, 1)
     elif images.shape[1] != channels:
-        raise UserError(f"the data has {images.shape[1]} channels but model.in_channels is {channels}; "
+        raise SpecFieldError("model.in_channels", f"the data has {images.shape[1]} channels but model.in_channels is {channels}; "
                         f"set model.in_channels: {images.shape[1]}")
     if images.shape[-2:] != (size, size):
         chunks = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False,
@@ -134,17 +134,17 @@ def _load_cifar10(root: str | None, train: bool, download: bool) -> ImageSet:
     from torchvision.datasets import CIFAR10
 
     if not root:
-        raise UserError("data.root is not set; the cifar10 dataset needs the directory that holds (or will hold) it")
+        raise SpecFieldError("data.root", "data.root is not set; the cifar10 dataset needs the directory that holds (or will hold) it")
     path = _expand(root)
     try:
         ds = CIFAR10(path, train=train, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
         if download:
             raise UserError(f"CIFAR-10 in {path} is corrupted even after downloading ({e}); delete it and retry") from e
-        raise UserError(f"CIFAR-10 not found in {path}; set data.download: true to download it there, "
+        raise SpecFieldError("data.root", f"CIFAR-10 not found in {path}; set data.download: true to download it there, "
                         "or point data.root at a directory that holds cifar-10-batches-py") from e
     except OSError as e:  # network errors during the download
-        raise UserError(f"could not download CIFAR-10 into {path}: {e}; download it elsewhere and point "
+        raise SpecFieldError("data.root", f"could not download CIFAR-10 into {path}: {e}; download it elsewhere and point "
                         "data.root at it") from e
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
     return ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
@@ -175,16 +175,21 @@ def _synthetic(n: int, model: ModelSpec, seed: int) -> ImageSet:
 
 # -- image folders and archives -------------------------------------------------
 
+def _field_error(field: str, message: str) -> UserError:
+    """A spec field's error, or a plain one for a path given on the command line."""
+    return UserError(message) if field.startswith("--") else SpecFieldError(field, message)
+
+
 def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root") -> ImageSet:
     if not root:
-        raise UserError("data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
+        raise SpecFieldError("data.root", "data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
     path = Path(_expand(root))
     if not path.exists():
         where = field if field == "--data-root" else f"{field} (or --data-root)"
-        raise UserError(f"{path} does not exist; point {where} at an image folder "
-                        "laid out as <root>/<class>/<image>, or an archive of one")
+        raise _field_error(field, f"{path} does not exist; point {where} at an image folder "
+                                  "laid out as <root>/<class>/<image>, or an archive of one")
     if model.in_channels not in (1, 3):
-        raise UserError(f"folder images load as grayscale (1) or RGB (3), not {model.in_channels} channels; "
+        raise SpecFieldError("model.in_channels", f"folder images load as grayscale (1) or RGB (3), not {model.in_channels} channels; "
                         "set model.in_channels to 1 or 3")
     if path.is_dir():
         files, classes = _scan(path, str(path))
@@ -194,8 +199,8 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         files, stat = None, path.stat()
         source = ["archive", path, stat.st_size, stat.st_mtime_ns]
     else:
-        raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)}); "
-                        f"point {field} at an image folder (<root>/<class>/<image>) or an archive of one")
+        raise _field_error(field, f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)}); "
+                                  f"point {field} at an image folder (<root>/<class>/<image>) or an archive of one")
 
     key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION])
     cached = cache / "images" / f"{_slug(path)}-{key}.pt"
@@ -262,7 +267,7 @@ def _check_memory_for(count: int, model: ModelSpec, path: Path) -> None:
     need = count * model.in_channels * model.image_size ** 2
     available = available_memory()
     if available is not None and 2 * need > available:
-        raise UserError(f"{path} holds {count:,} images: decoded at {model.image_size}x{model.image_size} they take "
+        raise SpecFieldError("model.image_size", f"{path} holds {count:,} images: decoded at {model.image_size}x{model.image_size} they take "
                         f"{need / 2**30:.1f} GiB, {2 * need / 2**30:.1f} GiB while decoding, and this machine has "
                         f"{available / 2**30:.1f} GiB of memory available. The images are held in memory as one "
                         "tensor: train at a smaller model.image_size (model.resize still feeds the network "

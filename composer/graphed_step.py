@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from composer.errors import UserError
+from composer.errors import SpecFieldError
 
 WARMUP_STEPS = 3   # eager steps before recording (PyTorch's whole-network capture recipe uses 3)
 
@@ -59,7 +59,7 @@ def use_cuda_graph(setting, device: torch.device, **run) -> tuple[bool, list[str
         return False, ["train.cuda_graph is false"]
     reasons = reasons_against(device, **run)
     if setting is True and reasons:
-        raise UserError("train.cuda_graph is true, but " + "; ".join(reasons)
+        raise SpecFieldError("train.cuda_graph", "train.cuda_graph is true, but " + "; ".join(reasons)
                         + ". Set train.cuda_graph to auto or false")
     if setting == "auto" and not reasons and not CUDA_GRAPH_IN_AUTO:
         reasons = ["auto leaves it off for now (train.cuda_graph=true turns it on)"]

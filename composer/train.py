@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from composer.build import build_model, model_backend, prepare_for_compile
 from composer.checkpoint import (BEST, LAST, find_checkpoint, init_from_run, library_versions, load_checkpoint,
                                  model_differences, save_atomic)
-from composer.errors import UserError
+from composer.errors import SpecFieldError, UserError
 from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
 from composer.optim import Ema, lr_factor, make_optimizer
@@ -58,7 +58,8 @@ class Interrupted(UserError):
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was requested but CUDA is not available; use --device cpu or auto")
+        raise SpecFieldError("train.device", "device cuda was requested but CUDA is not available; use --device cpu "
+                             "or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -108,7 +109,7 @@ def precision(spec: Spec, device: torch.device) -> tuple[torch.dtype | None, boo
     if p == "auto":
         p = "bf16" if device.type == "cuda" else "fp32"
     if p == "fp16" and device.type != "cuda":
-        raise UserError("train.precision fp16 needs CUDA; use fp32 or bf16 on CPU")
+        raise SpecFieldError("train.precision", "train.precision fp16 needs CUDA; use fp32 or bf16 on CPU")
     return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[p]
 
 
@@ -121,8 +122,8 @@ def _tensorboard_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard "
-                        "(metrics.csv in the run directory has the same numbers)") from None
+        raise SpecFieldError("train.tensorboard", "train.tensorboard needs the tensorboard package: pip install "
+                             "tensorboard (metrics.csv in the run directory has the same numbers)") from None
     return SummaryWriter
 
 
@@ -268,7 +269,15 @@ def spec_yaml(spec: Spec) -> str:
 
 
 def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
-    """Train `spec`; returns {"run_dir", "final": final metrics}. Raises UserError subclasses for user mistakes."""
+    """Train `spec`; returns {"run_dir", "final": final metrics}. Raises UserError subclasses for
+    user mistakes; one that a field of the spec can fix names the line the field is on."""
+    try:
+        return _train_on_device(spec, resume, echo)
+    except SpecFieldError as exc:
+        raise exc.located(spec.locate(exc.field)) from None
+
+
+def _train_on_device(spec: Spec, resume: str | None, echo) -> dict:
     t = spec.train
     device = resolve_device(t.device)
     dist = Distributed(device)
@@ -298,9 +307,11 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     t = spec.train
     run_dir = Path(t.out_dir or Path("runs") / spec.name)
     if t.batch_size % dist.world:
-        raise UserError(f"train.batch_size {t.batch_size} must be divisible by the {dist.world} processes")
+        raise SpecFieldError("train.batch_size", f"train.batch_size {t.batch_size} must be divisible by the "
+                                                 f"{dist.world} processes")
     if t.batch_size // dist.world % t.accumulate:
-        raise UserError(f"train.accumulate {t.accumulate} does not divide the {t.batch_size // dist.world} images a "
+        raise SpecFieldError("train.accumulate", f"train.accumulate {t.accumulate} does not divide the "
+                                                 f"{t.batch_size // dist.world} images a "
                         f"process takes of each batch ({dist.world} processes); pick a divisor of it")
     log = echo if dist.main else (lambda *a, **k: None)
 
@@ -335,7 +346,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                             + "\nresume with the spec the run was trained with, or start a new run directory")
 
     if t.init_from and state is None:
-        find_checkpoint(t.init_from)   # a wrong path fails here, before any data is decoded
+        try:
+            find_checkpoint(t.init_from)   # a wrong path fails here, before any data is decoded
+        except UserError as exc:
+            raise SpecFieldError("train.init_from", f"train.init_from: {exc}") from None
     if t.tensorboard and dist.main:
         _tensorboard_writer_class()  # a missing package fails here, before any data is decoded
     autocast_dtype, use_scaler = precision(spec, device)
@@ -348,7 +362,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     train_set = load_split(spec.data, spec.model, "train")
     val_set = load_split(spec.data, spec.model, "val") if spec.data.held_out > 0 or spec.data.val_root else None
     if val_set is not None and val_set.classes != train_set.classes:
-        raise UserError(_class_mismatch(spec.data, train_set.classes, val_set.classes))
+        raise SpecFieldError("data.val_root", _class_mismatch(spec.data, train_set.classes, val_set.classes))
     if state is not None:
         mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     else:
@@ -366,7 +380,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     n = train_images.shape[0]
     steps_per_epoch = min(n // t.batch_size, t.max_steps_per_epoch or n)
     if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size {t.batch_size} is larger than the {n} training images; lower it")
+        raise SpecFieldError("train.batch_size", f"train.batch_size {t.batch_size} is larger than the {n} training "
+                                                 "images; lower it")
     where = (f"in host memory ({data_bytes / 2**30:.1f} GiB: more than the GPU's free memory leaves the model; "
              "each batch is copied over)" if on_host else f"on {device}")
     log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
@@ -376,7 +391,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
     if t.init_from and state is None:   # a resume takes its own checkpoint's weights
         with torch.no_grad():
-            log(init_from_run(model, spec, t.init_from))
+            try:
+                log(init_from_run(model, spec, t.init_from))
+            except UserError as exc:
+                raise SpecFieldError("train.init_from", str(exc)) from None
     if t.compile:
         outside = prepare_for_compile(model, t.kernels, device)
         if outside:
@@ -701,7 +719,7 @@ def _check_triton(model, device: torch.device, dtype: torch.dtype) -> None:
             if choice != "triton":
                 problems.append(f"{layer.name}: {'; '.join(reasons)}")
     if problems:
-        raise UserError("train.kernels is triton, but the Triton kernels cannot run:\n  " + "\n  ".join(problems)
+        raise SpecFieldError("train.kernels", "train.kernels is triton, but the Triton kernels cannot run:\n  " + "\n  ".join(problems)
                         + "\nuse --kernels auto (Triton where it can run) or --kernels reference")
 
 

@@ -100,6 +100,14 @@ def test_a_validation_folder_is_for_folders_and_replaces_val_split():
     assert load_spec_text(folder + "  val_split: 0\n", "x.yaml").data.held_out == 0
 
 
+def test_a_loaded_spec_locates_its_fields():
+    spec = load_spec_text(GOOD, "x.yaml", ["train.epochs=3"])
+    assert spec.locate("model.blocks[0].heads") == "x.yaml:8:14"
+    assert spec.locate("train.epochs") == "--set train.epochs=3"
+    assert spec.locate("model.stem.activation") == "x.yaml:5:9"   # unwritten: its enclosing mapping
+    assert Spec.model_validate({"model": spec.model.model_dump()}).locate("model.image_size") is None
+
+
 def test_two_crops_are_refused():
     text = GOOD.replace("data: {kind: synthetic}", "data:\n  kind: synthetic\n  augment: {crop_padding: 4, resized_crop: 0.3}\n")
     (msg,) = problems(text)

@@ -167,6 +167,19 @@ def test_missing_and_corrupt_data(tmp_path):
     assert_user_error(result, str(not_archive))
 
 
+def test_run_time_mistakes_point_at_the_line_of_the_spec(tmp_path):
+    """Mistakes only the data or the machine reveal (more batch than images, other classes than
+    the model has) name the spec's line, as load-time problems do; from --set, the override."""
+    spec = write_spec(tmp_path, TINY.replace("batch_size: 32", "batch_size: 512"))
+    line = TINY.splitlines().index("  batch_size: 32") + 1
+    result = run_cli("train", spec, "--out", tmp_path / "run")
+    assert_user_error(result, f"error: {spec}:{line}:15: train.batch_size 512 is larger than the 256 training images")
+    result = run_cli("train", write_spec(tmp_path, TINY), "--out", tmp_path / "run", "--set", "train.batch_size=300")
+    assert_user_error(result, "error: --set train.batch_size=300: train.batch_size 300 is larger than the 256")
+    result = run_cli("train", write_spec(tmp_path, TINY), "--out", tmp_path / "run", "--set", "train.init_from=nowhere")
+    assert_user_error(result, "error: --set train.init_from=nowhere: train.init_from: nowhere does not exist")
+
+
 def test_resume_errors(tmp_path):
     spec = write_spec(tmp_path)
     run = tmp_path / "run"

@@ -341,6 +341,7 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
         raise SpecError(problems)
     if spec.name is None:
         spec.name = Path(source).stem if source and not source.startswith("<") else "spec"
+    spec._origins = {**{path: f"{source}:{line}:{col}" for path, (line, col) in values.items()}, **origins}
     return spec
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from composer.spec.data import DataSpec
 from composer.spec.model import ModelSpec, Strict
@@ -18,3 +18,18 @@ class Spec(Strict):
     model: ModelSpec
     data: DataSpec = Field(default_factory=lambda: DataSpec(kind="synthetic"))
     train: TrainSpec = Field(default_factory=TrainSpec)
+
+    # where each value was given: a path tuple -> "file:line:col" or "--set key=value" (set by the loader)
+    _origins: dict = PrivateAttr(default_factory=dict)
+
+    def locate(self, field: str) -> str | None:
+        """Where the spec gave `field` ("model.blocks[2].heads"): its own position, else that of the
+        nearest enclosing value that was written (a default has no line of its own); None for a
+        spec not loaded from text."""
+        from composer.spec.loading import parse_override_path
+
+        path = parse_override_path(field)
+        for n in range(len(path), -1, -1):
+            if path[:n] in self._origins:
+                return self._origins[path[:n]]
+        return None
