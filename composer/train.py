@@ -8,6 +8,7 @@ the same batches in the same order with the same random numbers.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import random
@@ -275,6 +276,18 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
         return _train_on_device(spec, resume, echo)
     except SpecFieldError as exc:
         raise exc.located(spec.locate(exc.field)) from None
+    except OSError as exc:
+        # the run directory's other files (metrics.csv, spec.yaml, TensorBoard's) on a full, over-quota
+        # or read-only disk; checkpoints have their own message (`checkpoint` in _train)
+        if exc.errno not in DISK_ERRORS or not exc.filename:
+            raise
+        raise UserError(f"cannot write {exc.filename}: {exc.strerror}; the checkpoints already in the run directory "
+                        "are intact. Free space there (or train into another --out) and resume with --resume auto") \
+            from None
+
+
+# what a full or read-only disk raises: a user's to fix, not a crash
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def _train_on_device(spec: Spec, resume: str | None, echo) -> dict:

@@ -544,6 +544,26 @@ def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, error, where)
     assert "Traceback" not in result.output
 
 
+def test_a_full_disk_while_logging_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    real, rows = train_module._append_metrics, []
+
+    def append_until_the_disk_fills(path, row):   # epoch 1's row is written, then ENOSPC
+        if rows:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        rows.append(row)
+        real(path, row)
+
+    monkeypatch.setattr(train_module, "_append_metrics", append_until_the_disk_fills)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {run / 'metrics.csv'}: No space left on device" in result.stderr
+    assert "resume with --resume auto" in result.stderr and "Traceback" not in result.output
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1   # epoch 1's checkpoint, whole
+
+
 def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last_one(tmp_path, monkeypatch):
     import errno
 
