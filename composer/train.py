@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
 
-from composer.build import build_model, model_backend, prepare_for_compile
+from composer.build import build_model, count_params, model_backend, prepare_for_compile
 from composer.checkpoint import (BEST, LAST, find_checkpoint, init_from_run, library_versions, load_checkpoint,
                                  model_differences, save_atomic)
 from composer.errors import SpecFieldError, UserError
@@ -33,6 +33,7 @@ from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
 from composer.optim import Ema, lr_factor, make_optimizer
 from composer.spec import Spec
+from composer.summarize import human
 from composer.spec.data import DataSpec
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "img_per_s",
@@ -402,6 +403,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
 
     # -- model, optimizer, schedule ------------------------------------------------------
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    flops = sum(layer.cost.flops for layer in model.layers)
+    log(f"model: {count_params(model):,} parameters, {human(flops)} FLOPs an image forward "
+        f"({t.batch_size} images a step" + (f" in {t.accumulate} slices)" if t.accumulate > 1 else ")"))
     if t.init_from and state is None:   # a resume takes its own checkpoint's weights
         with torch.no_grad():
             try:
