@@ -274,6 +274,6 @@ def test_readme_spec_example_validates():
     import re
 
     readme = (ROOT / "README.md").read_text()
-    example = re.findall(r"```yaml\n(.*?)```", readme, re.S)[0]
-    spec = load_spec_text(example, "README.md")
-    assert spec.name == "seed_mixer_vit" and len(spec.model.blocks) == 2
+    examples = [load_spec_text(text, "README.md") for text in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    assert [spec.name for spec in examples] == ["my_vit", "seed_mixer_vit"]
+    assert len(examples[1].model.blocks) == 2 and examples[0].data.augment.padding == 0
