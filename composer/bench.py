@@ -461,6 +461,7 @@ def bench_train(spec, steps: int = 30, source: str = "both", echo=print) -> dict
                 overrides += ["data.kind=synthetic", f"data.num_samples={steps * spec.train.batch_size}",
                               "data.root=null", "data.val_root=null", "data.val_split=0"]
             run_spec = load_spec_text(spec_yaml(spec), f"{spec.name} (bench)", overrides)
+            run_spec._origins = spec._origins   # errors point at the user's file, not at this copy
             # of the training log, only whether the step was recorded as a CUDA graph (train.cuda_graph)
             final = train(run_spec, echo=lambda line="", *a, **k: echo(line)
                           if str(line).startswith("cuda graph:") else None)["final"]

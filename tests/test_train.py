@@ -174,10 +174,18 @@ def test_run_time_mistakes_point_at_the_line_of_the_spec(tmp_path):
     line = TINY.splitlines().index("  batch_size: 32") + 1
     result = run_cli("train", spec, "--out", tmp_path / "run")
     assert_user_error(result, f"error: {spec}:{line}:15: train.batch_size 512 is larger than the 256 training images")
-    result = run_cli("train", write_spec(tmp_path, TINY), "--out", tmp_path / "run", "--set", "train.batch_size=300")
+    plain = write_spec(tmp_path, TINY, name="plain.yaml")
+    result = run_cli("train", plain, "--out", tmp_path / "run", "--set", "train.batch_size=300")
     assert_user_error(result, "error: --set train.batch_size=300: train.batch_size 300 is larger than the 256")
-    result = run_cli("train", write_spec(tmp_path, TINY), "--out", tmp_path / "run", "--set", "train.init_from=nowhere")
+    result = run_cli("train", plain, "--out", tmp_path / "run", "--set", "train.init_from=nowhere")
     assert_user_error(result, "error: --set train.init_from=nowhere: train.init_from: nowhere does not exist")
+    # `composer bench train` trains a copy of the spec: its errors still point at the user's file
+    from composer.bench import bench_train
+    from composer.errors import UserError
+    from composer.spec import load_spec
+
+    with pytest.raises(UserError, match=rf"^{re.escape(str(spec))}:{line}:15: train.batch_size 512 is larger"):
+        bench_train(load_spec(spec), steps=11, source="real", echo=lambda *a: None)
 
 
 def test_resume_errors(tmp_path):
