@@ -500,6 +500,8 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     device = resolve_device(t.device)
     cuda = device.type == "cuda"
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    if t.recompute:
+        model.recompute_token_blocks()
     if t.compile:   # as `composer train` sets it up
         prepare_for_compile(model, t.kernels, device)
     memory_format = training_memory_format(spec, device)

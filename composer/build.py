@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops.layers.torch import Rearrange
 from torch import nn
 
@@ -144,10 +145,25 @@ class ComposedModel(nn.Module):
         self.spec = spec
         self.layers = layers
         self.stages = nn.ModuleList(layer.module for layer in layers)
+        self.recomputed: frozenset[int] = frozenset()   # stages whose activations the backward recomputes
+
+    def recompute_token_blocks(self) -> int:
+        """Activation checkpointing (train.recompute): from now on, each block in token layout
+        (attention, token and channel MLPs) keeps only its input for the backward, which runs its
+        forward again to get the rest. Grid blocks are left alone: recomputing their BatchNorm
+        would update its running statistics twice. Returns how many stages recompute."""
+        self.recomputed = frozenset(i for i, layer in enumerate(self.layers)
+                                    if isinstance(layer.module, Block) and layer.module.layout == "tokens")
+        return len(self.recomputed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
-            x = stage(x)
+        recompute = self.training and torch.is_grad_enabled()
+        for i, stage in enumerate(self.stages):
+            if recompute and i in self.recomputed:
+                # non-reentrant: the recomputation restores the RNG (dropout, drop path draw the same)
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
         return x
 
     def blocks(self) -> list[Layer]:

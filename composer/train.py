@@ -403,6 +403,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
 
     # -- model, optimizer, schedule ------------------------------------------------------
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
+    if t.recompute:
+        log(f"recompute: {model.recompute_token_blocks()} token blocks recompute their activations in the backward")
     flops = sum(layer.cost.flops for layer in model.layers)
     log(f"model: {count_params(model):,} parameters, {human(flops)} FLOPs an image forward "
         f"({t.batch_size} images a step" + (f" in {t.accumulate} slices)" if t.accumulate > 1 else ")"))

@@ -148,3 +148,18 @@ def test_images_too_large_for_the_gpu_stay_on_the_host(tmp_path, monkeypatch):
         if value.dtype.is_floating_point:
             scale = max(value.abs().max().item(), 1e-6)
             assert (host_model[name] - value).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_recomputed_token_blocks_train_as_kept_ones_on_the_gpu(tmp_path):
+    """train.recompute with the Triton kernels: the token blocks' forward runs again in the
+    backward (attention_packed and token_mlp included) and the run trains as without it."""
+    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
+    kept, kept_model, _ = _train_logged(tmp_path, "kept", *common)
+    again, again_model, log = _train_logged(tmp_path, "recomputed", "train.recompute=true", *common)
+    assert "recompute: 8 token blocks" in log, log   # two mixer and two vit blocks, two token stages each
+    for key in ("train_loss", "val_loss"):
+        assert abs(again[key] - kept[key]) <= 1e-4 * abs(kept[key]), (key, again[key], kept[key])
+    for name, value in kept_model.items():
+        if value.dtype.is_floating_point:
+            scale = max(value.abs().max().item(), 1e-6)
+            assert (again_model[name] - value).abs().max().item() <= 1e-3 * scale, name

@@ -470,6 +470,41 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_recomputed_token_blocks_train_the_same_in_less_memory(tmp_path):
+    """train.recompute: the token blocks keep only their inputs for the backward (fewer saved
+    tensors, by count and bytes) and the run trains as without it, bit for bit on the CPU
+    (drop path on: the recomputation draws the same random numbers)."""
+    from composer.build import build_model
+
+    text = TINY.replace("{kind: vit, heads: 2, mlp_ratio: 2}", "{kind: vit, heads: 2, mlp_ratio: 2, drop_path: 0.2}")
+
+    def saved_bytes(recompute: bool) -> int:
+        torch.manual_seed(0)
+        model = build_model(load_spec_text(text, "tiny.yaml"))
+        if recompute:
+            assert model.recompute_token_blocks() == 4   # mixer and vit: 2 + 2 token blocks
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(32, 3, 8, 8)).sum().backward()
+        return sum(total)
+
+    assert saved_bytes(True) < 0.5 * saved_bytes(False)
+
+    for name, flag in (("kept", "false"), ("recomputed", "true")):
+        train(load_spec_text(text, "tiny.yaml", [f"train.out_dir={tmp_path / name}", f"train.recompute={flag}"]),
+              echo=lambda *a, **k: None)
+    assert read_metrics(tmp_path / "kept") != [] and all(
+        a[k] == b[k] for a, b in zip(read_metrics(tmp_path / "kept"), read_metrics(tmp_path / "recomputed"), strict=True)
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"))
+    kept, recomputed = (torch.load(tmp_path / n / "last.pt", weights_only=False)["model"] for n in ("kept", "recomputed"))
+    assert all(torch.equal(kept[k], recomputed[k]) for k in kept)
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)

@@ -34,6 +34,10 @@ class TrainSpec(Strict):
 
     epochs: PositiveInt = Field(10, description="Passes over the training split.")
     batch_size: PositiveInt = Field(128, description="Global batch size (split across processes under torchrun).")
+    recompute: bool = Field(
+        False, description="Activation checkpointing: token blocks (attention, token and channel MLPs) keep "
+        "only their input in the forward and run again in the backward: less activation memory for about a "
+        "third more compute; grid blocks (BatchNorm) are kept as they are. The same training otherwise.")
     accumulate: PositiveInt = Field(
         1, description="Gradient accumulation: run each batch's forward and backward in this many equal "
         "slices (it must divide batch_size per process) and step the optimizer once after them. The "
