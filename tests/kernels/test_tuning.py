@@ -123,7 +123,7 @@ def _shipped_entries() -> list[tuple[str, str, str, str, str]]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op,role,arch,dtype,shape", _shipped_entries(), ids="/".join)
+@pytest.mark.parametrize("op,role,arch,dtype,shape", _shipped_entries(), ids=["/".join(e) for e in _shipped_entries()])
 def test_tuned_configurations_match_fp64(op, role, arch, dtype, shape, device):
     """Every shipped configuration, on the card it was measured on, at its shape (batch 2: the
     batch is not part of the key): outputs and gradients against fp64 under each op's rule."""
