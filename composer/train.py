@@ -216,14 +216,23 @@ def threading_main() -> bool:
 # -- progress ---------------------------------------------------------------------------
 
 class Progress:
-    """A rich bar per epoch on a terminal; one line per epoch otherwise (logs, CI, pipes)."""
+    """A rich bar per epoch on a terminal; in a log (a cluster job, a pipe), a line every
+    LOG_EVERY_S seconds within an epoch (long epochs otherwise say nothing for hours) and one at
+    its end."""
+
+    LOG_EVERY_S = 60.0
 
     def __init__(self, enabled: bool, echo):
         self.echo = echo
+        self.enabled = enabled
         self.live = enabled and sys.stdout.isatty()
         self.bar = None
+        self.next_line = float("inf")
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int):
+        self.epoch, self.total, self.first_step = f"epoch {epoch + 1}/{epochs}", total, done
+        self.started = time.perf_counter()
+        self.next_line = self.started + self.LOG_EVERY_S
         if not self.live:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
@@ -233,15 +242,34 @@ class Progress:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
-    def update(self, info: str):
+    def due(self) -> bool:
+        """Whether this step shows its numbers (each costs the host a wait for the device)."""
+        return self.live or (self.enabled and time.perf_counter() >= self.next_line)
+
+    def update(self, info: str, step: int):
+        """`info` on the bar, or in a line with where the epoch is and when it ends; `step`: done."""
         if self.bar:
             self.bar.update(self.task, advance=1, info=info)
+            return
+        now = time.perf_counter()
+        self.next_line = now + self.LOG_EVERY_S
+        per_step = (now - self.started) / max(step - self.first_step, 1)
+        self.echo(f"{self.epoch}  step {step}/{self.total}  {info}  epoch ends in "
+                  f"{_duration(per_step * (self.total - step))}")
+
 
     def end_epoch(self, line: str):
         if self.bar:
             self.bar.stop()
             self.bar = None
         self.echo(line)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -639,10 +667,11 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 scheduler.step()
                 position["global_step"] += 1
                 position["step_in_epoch"] = step + 1
-                if progress.live:  # the .item() syncs are paid only when someone watches a terminal
+                if progress.due():   # the .item() syncs: every step on a terminal, once a minute in a log
                     done = local[2].item() or 1
                     rate = (step + 1 - timed_from) * t.batch_size / max(time.perf_counter() - tic, 1e-9)
-                    progress.update(f"loss {loss.item():.3f}  acc {local[1].item() / done:.3f}  {rate:,.0f} img/s")
+                    progress.update(f"loss {loss.item():.3f}  acc {local[1].item() / done:.3f}  {rate:,.0f} img/s",
+                                    step + 1)
                 if t.checkpoint_every and position["global_step"] % t.checkpoint_every == 0:
                     skipped += settle()
                     sync()

@@ -505,6 +505,23 @@ def test_recomputed_token_blocks_train_the_same_in_less_memory(tmp_path):
     assert all(torch.equal(kept[k], recomputed[k]) for k in kept)
 
 
+def test_a_log_hears_from_a_long_epoch_while_it_runs(tmp_path, monkeypatch):
+    """Without a terminal (a cluster job's log) a line every Progress.LOG_EVERY_S seconds says where
+    the epoch is and when it ends; by default none in a run this short."""
+    said = []
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'quiet'}", "train.epochs=1"])
+    train(spec, echo=lambda line="", *a, **k: said.append(str(line)))
+    assert not any(" step " in line for line in said), said
+    monkeypatch.setattr(train_module.Progress, "LOG_EVERY_S", 0.0)   # a line at every step
+    said = []
+    spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.epochs=1"])
+    train(spec, echo=lambda line="", *a, **k: said.append(str(line)))
+    steps = [line for line in said if line.startswith("epoch 1/1  step ")]
+    assert [line.split()[3] for line in steps] == [f"{i}/8" for i in range(1, 9)], said
+    assert re.fullmatch(r"epoch 1/1  step 8/8  loss \d\.\d{3}  acc [01]\.\d{3}  [\d,]+ img/s  epoch ends in 0s",
+                        steps[-1]), steps[-1]
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     spec_text = TINY.replace("ema: 0.9", "ema: null")
     spec = write_spec(tmp_path, spec_text)
