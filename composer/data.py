@@ -17,6 +17,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import warnings
 import zipfile
 import zlib
@@ -55,7 +56,8 @@ class ImageSet:
 
 # -- splits -------------------------------------------------------------------
 
-def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | None = None) -> ImageSet:
+def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | None = None,
+               echo=None) -> ImageSet:
     """One split of the dataset, at the model's image size and channel count.
 
     Args:
@@ -65,6 +67,7 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
         data_root: replaces data.root (evaluate --data-root), or data.val_root for the "val" split
             where there is one; for a folder dataset it is the only way to get a test split: the
             whole folder is the test set.
+        echo: where decoding a folder for the first time reports its progress (None: quietly).
     """
     if split not in ("train", "val", "test"):
         raise UserError(f"unknown split {split!r}; use train, val or test")
@@ -72,19 +75,19 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
     if data.val_root and split != "test":
         if split == "val":
             return _load(data, model, data_root or data.val_root, train=True,
-                         field="--data-root" if data_root else "data.val_root")
-        return _load(data, model, root, train=True)
+                         field="--data-root" if data_root else "data.val_root", echo=echo)
+        return _load(data, model, root, train=True, echo=echo)
     if split == "test":
         if data.kind == "digits":
             raise UserError("the digits dataset has no test split; evaluate on the validation split (--split val)")
         if data.kind == "folder" and data_root is None:
             raise UserError("a folder dataset has no test split; evaluate on the validation split (--split val) "
                             "or pass --data-root with a held-out folder of the same classes")
-        return _load(data, model, root, train=False)  # a folder ignores `train`
+        return _load(data, model, root, train=False, echo=echo)  # a folder ignores `train`
     held_out = data.held_out
     if split == "val" and held_out == 0:
         raise SpecFieldError("data.val_split", "there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
-    full = _load(data, model, root, train=True)
+    full = _load(data, model, root, train=True, echo=echo)
     # A fixed permutation so the same spec always holds out the same images.
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(data.split_seed))
     n_val = min(max(round(len(full) * held_out), 1), len(full) - 1) if held_out > 0 else 0
@@ -92,12 +95,13 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
     return ImageSet(full.images[index], full.labels[index], full.classes)
 
 
-def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field: str = "data.root") -> ImageSet:
+def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field: str = "data.root",
+          echo=None) -> ImageSet:
     """`field`: where `root` came from, for messages."""
     if data.kind == "cifar10":
         found, where = _load_cifar10(root, train, data.download), _expand(root)
     elif data.kind == "folder":
-        found, where = _load_folder(root, model, _cache_dir(data), field), _expand(root)
+        found, where = _load_folder(root, model, _cache_dir(data), field, echo), _expand(root)
     elif data.kind == "digits":
         found, where = _load_digits(), "scikit-learn's digits"
     else:
@@ -180,7 +184,7 @@ def _field_error(field: str, message: str) -> UserError:
     return UserError(message) if field.startswith("--") else SpecFieldError(field, message)
 
 
-def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root") -> ImageSet:
+def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root", echo=None) -> ImageSet:
     if not root:
         raise SpecFieldError("data.root", "data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
     path = Path(_expand(root))
@@ -213,7 +217,8 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         files, classes = _scan(_class_root(_extract(path, cache)), f"archive {path}")
     _check_memory_for(len(files), model, path)
     try:
-        decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size)
+        decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size,
+                                 _DecodeReport(echo, path, cache) if echo else None)
     except _BadImage as e:
         raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); remove or replace it") from None
     found = ImageSet(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(),
@@ -360,9 +365,32 @@ class _BadImage(Exception):
     """(path, reason) of an image that could not be decoded."""
 
 
-def _decode_images(paths: list[str], channels: int, size: int) -> np.ndarray:
-    """Decodes and resizes images into one uint8 (N, size, size, C) array, in parallel when there are many."""
+class _DecodeReport:
+    """Decoding's progress for a log: a line as it starts, then one every EVERY_S seconds and at the end."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, echo, path: Path, cache: Path):
+        self.echo, self.path, self.cache = echo, path, cache
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == 0:
+            self.started, self.next = now, now + self.EVERY_S
+            self.echo(f"decoding {total:,} images of {self.path} (once: the result is cached in {self.cache})")
+        elif now >= self.next or done == total:
+            self.next = now + self.EVERY_S
+            left = (now - self.started) / done * (total - done)
+            self.echo(f"decoding: {done:,}/{total:,} images ({done / total:.0%}), about {left / 60:.0f} min left"
+                      if done < total else f"decoded {total:,} images in {now - self.started:.0f}s")
+
+
+def _decode_images(paths: list[str], channels: int, size: int, report=None) -> np.ndarray:
+    """Decodes and resizes images into one uint8 (N, size, size, C) array, in parallel when there are
+    many; `report(done, total)` hears of each chunk done (and of the start, with 0)."""
     jobs = [(paths[i:i + DECODE_CHUNK], channels, size) for i in range(0, len(paths), DECODE_CHUNK)]
+    report = report or (lambda done, total: None)
+    report(0, len(paths))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(cpus, len(jobs), 16)
     if workers > 1 and sys.platform.startswith("linux"):
@@ -371,9 +399,15 @@ def _decode_images(paths: list[str], channels: int, size: int) -> np.ndarray:
             warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns on fork with threads
             pool = multiprocessing.get_context("fork").Pool(workers)
         with pool:
-            parts = pool.map(_decode_chunk, jobs)
+            parts = []
+            for part in pool.imap(_decode_chunk, jobs):   # in order, as they finish
+                parts.append(part)
+                report(min(len(parts) * DECODE_CHUNK, len(paths)), len(paths))
     else:
-        parts = [_decode_chunk(job) for job in jobs]
+        parts = []
+        for job in jobs:
+            parts.append(_decode_chunk(job))
+            report(min(len(parts) * DECODE_CHUNK, len(paths)), len(paths))
     for part in parts:
         if isinstance(part, tuple):
             raise _BadImage(*part)

@@ -401,8 +401,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
 
     # -- data: one uint8 tensor per split, on the training device ------------------------
     started = time.perf_counter()
-    train_set = load_split(spec.data, spec.model, "train")
-    val_set = load_split(spec.data, spec.model, "val") if spec.data.held_out > 0 or spec.data.val_root else None
+    train_set = load_split(spec.data, spec.model, "train", echo=log)
+    val_set = (load_split(spec.data, spec.model, "val", echo=log) if spec.data.held_out > 0 or spec.data.val_root
+               else None)
     if val_set is not None and val_set.classes != train_set.classes:
         raise SpecFieldError("data.val_root", _class_mismatch(spec.data, train_set.classes, val_set.classes))
     if state is not None:

@@ -216,6 +216,21 @@ def test_folder_test_split_needs_data_root(tmp_path):
     assert len(test) == 12
 
 
+def test_decoding_a_folder_reports_its_progress_once(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path)
+    spec = data_spec("folder", folder, cache_dir=str(tmp_path / "c"), val_split=0)
+    monkeypatch.setattr(data_mod, "DECODE_CHUNK", 5)                  # 12 images: chunks of 5, 5, 2
+    monkeypatch.setattr(data_mod._DecodeReport, "EVERY_S", 0.0)      # a line per chunk
+    said = []
+    assert len(load_split(spec, model_spec(), "train", echo=said.append)) == 12
+    assert said[0] == f"decoding 12 images of {folder} (once: the result is cached in {tmp_path / 'c'})"
+    assert said[1].startswith("decoding: 5/12 images (42%), about ") and said[2].startswith("decoding: 10/12")
+    assert said[3].startswith("decoded 12 images in ") and len(said) == 4
+    said.clear()
+    load_split(spec, model_spec(), "train", echo=said.append)         # from the cache: nothing to say
+    assert said == []
+
+
 def test_a_validation_folder_of_its_own(tmp_path):
     """data.val_root: the whole of root trains and the whole of val_root validates (ImageNet's
     train/ and val/); --data-root stands in for val_root on the val split."""
