@@ -7,9 +7,12 @@ of the elements a layer keeps for backward, times the bytes of the training dtyp
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import kernels
+from composer.blocks.base import Block
 from composer.build import ComposedModel, build_model, count_params, model_backend, prepare_for_compile
 from composer.spec import Spec
 
@@ -87,7 +90,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             "output": [batch_size, *layer.out_shape],
             "params": count_params(layer.module),
             "flops_per_image": layer.cost.flops,
-            "activation_bytes": layer.cost.activations * act_bytes * batch_size,
+            "activation_bytes": kept_activations(layer, spec.train.recompute) * act_bytes * batch_size,
             "kernel": path,
             "kernel_reasons": reasons,
         })
@@ -99,9 +102,18 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         "params": count_params(model),
         "flops": sum(r["flops_per_image"] for r in rows),
         "activation_bytes": sum(r["activation_bytes"] for r in rows),
+        "recompute": spec.train.recompute,
         "flop_convention": FLOP_CONVENTION,
         "rows": rows,
     }
+
+
+def kept_activations(layer, recompute: bool) -> int:
+    """Elements an image a layer keeps for the backward: its estimate, or with train.recompute, a
+    token block's input alone (the backward runs it again: ComposedModel.recompute_token_blocks)."""
+    if recompute and isinstance(layer.module, Block) and layer.module.layout == "tokens":
+        return math.prod(layer.in_shape)
+    return layer.cost.activations
 
 
 def human(n: float, unit: str = "") -> str:
@@ -129,7 +141,9 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
     table.add_section()
     table.add_row("", "total", "", "", f"{summary['params']:,}", human(summary["flops"]),
                   human(summary["activation_bytes"], "B"), "")
-    notes = [f"FLOPs: {summary['flop_convention']}.", "Activation memory: an estimate of what backward keeps."]
+    notes = [f"FLOPs: {summary['flop_convention']}.", "Activation memory: an estimate of what backward keeps"
+             + (" (train.recompute: token blocks keep only their inputs, and the backward holds one "
+                "block's on top while it runs it again)." if summary["recompute"] else ".")]
     notes += [f"{op} not on Triton: {'; '.join(why)}" for op, why in reasons.items()]
     table.caption = "\n".join(notes)
     table.caption_justify = "left"

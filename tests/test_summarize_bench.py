@@ -26,6 +26,25 @@ def test_summarize_json_and_table():
         assert fragment in table.stdout, fragment
 
 
+def test_summarize_counts_what_recomputed_blocks_keep():
+    """With train.recompute a token block keeps only its input (B, N, C) for the backward; the
+    grid blocks' (BatchNorm) estimates stay as they were."""
+    def summary(*overrides):
+        result = run_cli("summarize", SPECS / "seed_convmixer_mixer.yaml", "--json", "--batch-size", "4", *overrides)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    kept, recomputed = summary(), summary("--set", "train.recompute=true")
+    assert recomputed["activation_bytes"] < kept["activation_bytes"] and recomputed["recompute"]
+    for a, b in zip(kept["rows"], recomputed["rows"], strict=True):
+        if b["kind"] in ("token_mlp", "channel_mlp"):
+            assert b["activation_bytes"] == 4 * b["input"][1] * b["input"][2] * 4 < a["activation_bytes"], b
+        else:
+            assert b["activation_bytes"] == a["activation_bytes"], b
+    table = run_cli("summarize", SPECS / "seed_convmixer_mixer.yaml", "--set", "train.recompute=true")
+    assert "train.recompute: token blocks keep only their inputs" in table.stdout
+
+
 def test_summarize_shows_the_compile_policy():
     """With train.compile on and kernels auto, training builds the PyTorch blocks: summarize says so."""
     result = run_cli("summarize", SPECS / "seed_mixer_vit.yaml", "--json", "--set", "train.compile=true")
