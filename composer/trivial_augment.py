@@ -63,32 +63,62 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def apply(images: torch.Tensor, op: torch.Tensor, level: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """The operation `OPS[op[i]]` at `level[i]` (sign `negative[i]`) on image i, for every i."""
     m = magnitudes(op, level, negative)
-    x = images.float()
-    out = images
-    is_op = {name: (op == k).view(-1, 1, 1, 1) for k, name in enumerate(OPS)}
+    if by_subsets(images.device):
+        # each operation on its own images only: finding them waits for the device, free on the host
+        out = images.clone()
+        for k, name in enumerate(OPS):
+            pick = (op == k).nonzero()[:, 0]
+            if len(pick):
+                out[pick] = _operation(name, images[pick], images[pick].float(), op[pick], m[pick])
+        return out
+    # on a GPU: every operation on the whole batch, each image keeping its own (no host sync)
+    x, out, geometric = images.float(), images, None
+    for k, name in enumerate(OPS):
+        if name in GEOMETRIC:   # one resampling serves the five
+            geometric = _affine(x, op, m) if geometric is None else geometric
+            result = geometric
+        else:
+            result = _operation(name, images, x, op, m)
+        out = torch.where((op == k).view(-1, 1, 1, 1), result, out)
+    return out.contiguous()
 
-    def keep(name, result):
-        nonlocal out
-        out = torch.where(is_op[name], result, out)
 
-    geometric = _affine(x, op, m)   # one resampling serves the five geometric ops
-    for name in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"):
-        keep(name, geometric)
+def by_subsets(device: torch.device) -> bool:
+    """Whether `apply` runs each operation on its own images (the CPU, where telling them apart
+    costs nothing: ~10x less work) or all of them on the whole batch (a GPU: no host sync)."""
+    return device.type == "cpu"
+
+
+GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+
+
+def _operation(name: str, images: torch.Tensor, x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Operation `name` on every image of the batch (uint8 `images`, `x` the same as float32) at
+    its own magnitude `m` (op: each image's operation code, for the geometric ones)."""
+    if name == "identity":
+        return images
+    if name in GEOMETRIC:
+        return _affine(x, op, m)
     factor = (1.0 + m).view(-1, 1, 1, 1)
-    keep("brightness", _blend(x, None, factor))
-    keep("color", _blend(x, _gray(x), factor) if x.shape[1] == 3 else images)
-    keep("contrast", _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor))
-    keep("sharpness", _sharpen(x, factor))
-    bits = m.clamp(0, 8).to(torch.int64).view(-1, 1, 1, 1)
-    keep("posterize", images & ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8))
-    threshold = (255 * m).view(-1, 1, 1, 1).float()
-    keep("solarize", torch.where(x >= threshold, 255 - images, images))
-    keep("autocontrast", _autocontrast(x))
-    # per image and channel already, with no strength, and free of host syncs: torchvision's
+    if name == "brightness":
+        return _blend(x, None, factor)
+    if name == "color":
+        return _blend(x, _gray(x), factor) if x.shape[1] == 3 else images
+    if name == "contrast":
+        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    if name == "sharpness":
+        return _sharpen(x, factor)
+    if name == "posterize":
+        bits = m.clamp(0, 8).to(torch.int64).view(-1, 1, 1, 1)
+        return images & ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8)
+    if name == "solarize":
+        return torch.where(x >= (255 * m).view(-1, 1, 1, 1).float(), 255 - images, images)
+    if name == "autocontrast":
+        return _autocontrast(x)
+    # equalize: per image and channel already, with no strength, and free of host syncs: torchvision's
     from torchvision.transforms.v2 import functional as TF
 
-    keep("equalize", TF.equalize(images))
-    return out.contiguous()
+    return TF.equalize(images)
 
 
 def _affine(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

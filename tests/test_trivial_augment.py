@@ -105,10 +105,14 @@ def test_on_the_gpu_as_on_the_cpu():
     assert (diff > 1).any(1).float().mean() < 1e-3, (diff > 1).any(1).float().mean()
 
 
-def test_the_batch_pipeline_never_waits_on_the_device():
+def test_the_batch_pipeline_never_waits_on_the_device(monkeypatch):
     """Augmentation and mixing run once a step on the GPU: nothing in them may make the host wait
-    for the device (each wait leaves the GPU idle while the host prepares the next step)."""
+    for the device (each wait leaves the GPU idle while the host prepares the next step). Here on
+    the CPU, with TrivialAugment selecting as it does on a GPU."""
+    import composer.trivial_augment as ta
     from composer.data import augment, mix
+
+    monkeypatch.setattr(ta, "by_subsets", lambda device: False)
     from composer.spec.data import Augment
     from tests.test_graphed_step import _SYNCING
 
@@ -132,3 +136,16 @@ def test_the_batch_pipeline_never_waits_on_the_device():
 
     syncing = sorted({e.name for e in prof.events() if e.name in _SYNCING and not inside_one_hot(e)})
     assert not syncing, syncing
+
+
+def test_the_gpu_way_of_selecting_gives_the_same_images(monkeypatch):
+    """On a GPU every operation runs on the whole batch and each image keeps its own; on the CPU
+    each runs on its own images: the same result."""
+    import composer.trivial_augment as ta
+
+    images = photo(256, 3, 12, 12)
+    op, level = torch.randint(0, len(OPS), (256,)), torch.randint(0, 31, (256,))
+    negative = torch.rand(256) <= 0.5
+    by_subsets = apply(images, op, level, negative)
+    monkeypatch.setattr(ta, "by_subsets", lambda device: False)
+    assert torch.equal(apply(images, op, level, negative), by_subsets)
