@@ -227,9 +227,8 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     return found
 
 
-def load_image_files(paths: list[str], model: ModelSpec) -> tuple[torch.Tensor, list[str]]:
-    """The images at `paths` (files, or folders searched recursively), decoded as a folder dataset
-    is (uint8 (N, C, H, W) at the model's image size and channels), and their file names in order."""
+def image_files(paths: list[str]) -> list[str]:
+    """The image files at `paths` (files, or folders searched recursively), in order."""
     files = []
     for given in paths:
         path = Path(_expand(given))
@@ -243,6 +242,11 @@ def load_image_files(paths: list[str], model: ModelSpec) -> tuple[torch.Tensor, 
             files.append(str(path))
         else:
             raise UserError(f"{path} does not exist; give image files or folders of them")
+    return files
+
+
+def decode_files(files: list[str], model: ModelSpec) -> torch.Tensor:
+    """`files` decoded as a folder dataset is: uint8 (N, C, H, W) at the model's image size and channels."""
     if model.in_channels not in (1, 3):
         raise UserError(f"images load as grayscale (1) or RGB (3), not the model's {model.in_channels} channels")
     try:
@@ -250,7 +254,7 @@ def load_image_files(paths: list[str], model: ModelSpec) -> tuple[torch.Tensor, 
     except _BadImage as e:
         raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); give image files "
                         f"({', '.join(IMAGE_EXTENSIONS)})") from None
-    return torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(), files
+    return torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous()
 
 
 def available_memory() -> int | None:

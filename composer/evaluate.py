@@ -87,19 +87,19 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
     """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
     folders of them): for each image, its `top` classes with their softmax probabilities."""
     from composer.checkpoint import find_checkpoint, load_run
-    from composer.data import load_image_files, normalize
+    from composer.data import decode_files, image_files, normalize
     from composer.train import precision, resolve_device
 
     dev = resolve_device(device)
     spec, model, state = load_run(target, device=dev)
-    images, files = load_image_files(paths, spec.model)
+    files = image_files(paths)
     classes = state.get("classes") or [str(i) for i in range(spec.model.num_classes)]
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     k = min(top, spec.model.num_classes)
     rows = []
-    for start in range(0, len(files), batch_size):
-        x = normalize(images[start:start + batch_size].to(dev), mean, std)
+    for start in range(0, len(files), batch_size):   # decoded a batch at a time: any number of images
+        x = normalize(decode_files(files[start:start + batch_size], spec.model).to(dev), mean, std)
         with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             probs = model(x).float().softmax(-1)
         best = probs.topk(k, dim=-1)
