@@ -66,20 +66,29 @@ def _train_logged(tmp_path, name, *overrides):
     return result["final"], state["model"], "\n".join(lines)
 
 
+FP32_DETERMINISTIC = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
+
+
+def _assert_trained_alike(a, a_model, b, b_model, metrics=("train_loss", "val_loss"), rel=1e-4, weights_rel=1e-3):
+    """Two runs' final metrics within `rel` of each other, and every float weight within
+    `weights_rel` of the largest entry of its tensor."""
+    for key in metrics:
+        assert abs(b[key] - a[key]) <= rel * max(abs(a[key]), 1.0), (key, a[key], b[key])
+    for name, value in a_model.items():
+        if value.dtype.is_floating_point:
+            assert torch.isfinite(b_model[name]).all(), name
+            scale = max(value.abs().max().item(), 1e-6)
+            assert (b_model[name] - value).abs().max().item() <= weights_rel * scale, name
+
+
 def test_cuda_graph_step_trains_like_eager_steps(tmp_path):
     """train.cuda_graph: the hybrid model (every Triton op, the fused BatchNorm) recorded once and
     replayed trains as eager steps do: fp32 and deterministic, so the two runs launch the same
     kernels on the same numbers; only the streams differ."""
-    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
-    eager, eager_model, _ = _train_logged(tmp_path, "eager", "train.cuda_graph=false", *common)
-    graph, graph_model, log = _train_logged(tmp_path, "graph", "train.cuda_graph=true", *common)
+    eager, eager_model, _ = _train_logged(tmp_path, "eager", "train.cuda_graph=false", *FP32_DETERMINISTIC)
+    graph, graph_model, log = _train_logged(tmp_path, "graph", "train.cuda_graph=true", *FP32_DETERMINISTIC)
     assert "step 4 recorded; every later step replays it" in log and "failed" not in log, log
-    for key in ("train_loss", "val_loss"):
-        assert abs(graph[key] - eager[key]) <= 1e-4 * abs(eager[key]), (key, graph[key], eager[key])
-    for name, value in eager_model.items():
-        if value.dtype.is_floating_point:
-            scale = max(value.abs().max().item(), 1e-6)
-            assert (graph_model[name] - value).abs().max().item() <= 1e-3 * scale, name
+    _assert_trained_alike(eager, eager_model, graph, graph_model)
 
 
 def test_cuda_graph_step_trains_in_bf16(tmp_path):
@@ -114,20 +123,14 @@ def test_cuda_graph_step_skips_non_finite_losses_like_eager_steps(tmp_path, monk
     """With a recorded step, fused AdamW skips a non-finite loss's update on the GPU (found_inf)
     and the host counts it a step later: the same skip counts, losses and weights as the eager
     loop, which waits for every verdict (fp32, deterministic)."""
-    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
     bad = (2, 6, 7)   # before the recording (step 4) and after it, two in a row
     _poison_on_device(monkeypatch, bad)
-    eager, eager_model, _ = _train_logged(tmp_path, "eager", "train.cuda_graph=false", *common)
+    eager, eager_model, _ = _train_logged(tmp_path, "eager", "train.cuda_graph=false", *FP32_DETERMINISTIC)
     _poison_on_device(monkeypatch, bad)
-    graph, graph_model, log = _train_logged(tmp_path, "graph", "train.cuda_graph=true", *common)
+    graph, graph_model, log = _train_logged(tmp_path, "graph", "train.cuda_graph=true", *FP32_DETERMINISTIC)
     assert "recorded; every later step replays it" in log and "failed" not in log, log
     assert graph["nonfinite_skipped"] == eager["nonfinite_skipped"] == len(bad)
-    assert abs(graph["train_loss"] - eager["train_loss"]) <= 1e-4 * abs(eager["train_loss"])
-    for name, value in eager_model.items():
-        if value.dtype.is_floating_point:
-            assert torch.isfinite(graph_model[name]).all(), name
-            scale = max(value.abs().max().item(), 1e-6)
-            assert (graph_model[name] - value).abs().max().item() <= 1e-3 * scale, name
+    _assert_trained_alike(eager, eager_model, graph, graph_model, ("train_loss",))
 
 
 def test_images_too_large_for_the_gpu_stay_on_the_host(tmp_path, monkeypatch):
@@ -136,30 +139,19 @@ def test_images_too_large_for_the_gpu_stay_on_the_host(tmp_path, monkeypatch):
     deterministic: the same batches and augmentation, the same kernels)."""
     from composer import train as train_module
 
-    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
-    resident, resident_model, log = _train_logged(tmp_path, "resident", *common)
+    resident, resident_model, log = _train_logged(tmp_path, "resident", *FP32_DETERMINISTIC)
     assert "images of (3, 32, 32) on cuda" in log, log
     monkeypatch.setattr(train_module, "GPU_DATA_SHARE", 0.0)   # nothing fits: the host path
-    host, host_model, log = _train_logged(tmp_path, "host", *common)
+    host, host_model, log = _train_logged(tmp_path, "host", *FP32_DETERMINISTIC)
     assert "images of (3, 32, 32) in host memory" in log, log
-    for key in ("train_loss", "val_loss", "val_acc"):
-        assert abs(host[key] - resident[key]) <= 1e-5 * max(abs(resident[key]), 1.0), (key, host, resident)
-    for name, value in resident_model.items():
-        if value.dtype.is_floating_point:
-            scale = max(value.abs().max().item(), 1e-6)
-            assert (host_model[name] - value).abs().max().item() <= 1e-4 * scale, name
+    _assert_trained_alike(resident, resident_model, host, host_model, ("train_loss", "val_loss", "val_acc"),
+                          rel=1e-5, weights_rel=1e-4)
 
 
 def test_recomputed_token_blocks_train_as_kept_ones_on_the_gpu(tmp_path):
     """train.recompute with the Triton kernels: the token blocks' forward runs again in the
     backward (attention_packed and token_mlp included) and the run trains as without it."""
-    common = ["train.precision=fp32", "train.deterministic=true", "train.epochs=1"]
-    kept, kept_model, _ = _train_logged(tmp_path, "kept", *common)
-    again, again_model, log = _train_logged(tmp_path, "recomputed", "train.recompute=true", *common)
+    kept, kept_model, _ = _train_logged(tmp_path, "kept", *FP32_DETERMINISTIC)
+    again, again_model, log = _train_logged(tmp_path, "recomputed", "train.recompute=true", *FP32_DETERMINISTIC)
     assert "recompute: 8 token blocks" in log, log   # two mixer and two vit blocks, two token stages each
-    for key in ("train_loss", "val_loss"):
-        assert abs(again[key] - kept[key]) <= 1e-4 * abs(kept[key]), (key, again[key], kept[key])
-    for name, value in kept_model.items():
-        if value.dtype.is_floating_point:
-            scale = max(value.abs().max().item(), 1e-6)
-            assert (again_model[name] - value).abs().max().item() <= 1e-3 * scale, name
+    _assert_trained_alike(kept, kept_model, again, again_model)
