@@ -315,6 +315,11 @@ def train(spec: Spec, resume: str | None = None, echo=print) -> dict:
             from None
 
 
+def snapshot_name(epoch: int) -> str:
+    """The file train.keep_every keeps an epoch's checkpoint in."""
+    return f"epoch_{epoch:03d}.pt"
+
+
 # what a full or read-only disk raises: a user's to fix, not a crash
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
@@ -719,6 +724,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 position["best_acc"] = val["accuracy"]
             # best.pt first: a crash between the two writes must not leave last.pt claiming a better best
             checkpoint([BEST, LAST] if improved or val_set is None else [LAST])
+            if t.keep_every and (epoch + 1) % t.keep_every == 0:
+                checkpoint([snapshot_name(epoch + 1)])
             progress.end_epoch(
                 f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "

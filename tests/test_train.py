@@ -226,6 +226,24 @@ def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_kept(tm
     assert any("finished its 1 epoch: nothing to train" in line and "--epochs" in line for line in said), said
 
 
+def test_kept_epochs_evaluate_and_resume_as_they_were(tmp_path):
+    """train.keep_every: every N-th epoch's checkpoint stays as epoch_NNN.pt; each is a checkpoint
+    like last.pt (evaluate it, or resume the run from it)."""
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 4"))
+    result = run_cli("train", spec, "--out", tmp_path / "run", "--set", "train.keep_every=2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pt")) == ["epoch_002.pt", "epoch_004.pt"]
+    kept, last = (torch.load(tmp_path / "run" / n, weights_only=False) for n in ("epoch_004.pt", "last.pt"))
+    assert kept["epoch"] == 4 and all(torch.equal(kept["model"][k], last["model"][k]) for k in last["model"])
+    second = json.loads(run_cli("evaluate", tmp_path / "run" / "epoch_002.pt", "--json", "--split", "val").stdout)
+    assert second["epoch"] == 2
+    resumed = run_cli("train", spec, "--out", tmp_path / "run", "--resume", tmp_path / "run" / "epoch_002.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    # from epoch 2 the run goes the same way again (deterministic on the CPU)
+    again = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert again["epoch"] == 4 and all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
+
+
 def test_evaluate_saved_run(tmp_path):
     spec = load_spec_text(TINY, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
     train(spec, echo=lambda *a: None)

@@ -68,6 +68,9 @@ class TrainSpec(Strict):
     seed: int = Field(0, description="Seed of weights, shuffling and augmentation.")
     deterministic: bool = Field(False, description="Deterministic algorithms (bitwise-reproducible on CPU).")
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="Also save last.pt every N steps (0: epoch ends only).")
+    keep_every: Annotated[int, Field(ge=0)] = Field(
+        0, description="Also keep every N-th epoch's checkpoint as epoch_NNN.pt (0: none), to evaluate, "
+        "visualize or resume the run as it was then.")
     tensorboard: bool = Field(
         False, description="Also write the per-epoch metrics as TensorBoard scalars in RUN_DIR/tensorboard "
         "(needs the tensorboard package; metrics.csv is written either way).")
