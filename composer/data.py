@@ -98,8 +98,8 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
 def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field: str = "data.root",
           echo=None) -> ImageSet:
     """`field`: where `root` came from, for messages."""
-    if data.kind == "cifar10":
-        found, where = _load_cifar10(root, train, data.download), _expand(root)
+    if data.kind in TORCHVISION_SETS:
+        found, where = _load_torchvision(data.kind, root, train, data.download), _expand(root)
     elif data.kind == "folder":
         found, where = _load_folder(root, model, _cache_dir(data), field, echo), _expand(root)
     elif data.kind == "digits":
@@ -134,24 +134,38 @@ def _fit(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 
 # -- dataset kinds --------------------------------------------------------------
 
-def _load_cifar10(root: str | None, train: bool, download: bool) -> ImageSet:
-    from torchvision.datasets import CIFAR10
+# torchvision's dataset class, the name people know it by, and the folder it keeps under root
+TORCHVISION_SETS = {
+    "cifar10": ("CIFAR10", "CIFAR-10", "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", "CIFAR-100", "cifar-100-python"),
+    "mnist": ("MNIST", "MNIST", "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", "Fashion-MNIST", "FashionMNIST/raw"),
+}
 
+
+def _load_torchvision(kind: str, root: str | None, train: bool, download: bool) -> ImageSet:
+    import torchvision.datasets
+
+    cls, name, folder = TORCHVISION_SETS[kind]
     if not root:
-        raise SpecFieldError("data.root", "data.root is not set; the cifar10 dataset needs the directory that holds (or will hold) it")
+        raise SpecFieldError("data.root", f"data.root is not set; the {kind} dataset needs the directory that holds "
+                                          "(or will hold) it")
     path = _expand(root)
     try:
-        ds = CIFAR10(path, train=train, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        ds = getattr(torchvision.datasets, cls)(path, train=train, download=download)
+    except RuntimeError as e:  # torchvision: not found, corrupted, or (MNIST) every mirror failed
         if download:
-            raise UserError(f"CIFAR-10 in {path} is corrupted even after downloading ({e}); delete it and retry") from e
-        raise SpecFieldError("data.root", f"CIFAR-10 not found in {path}; set data.download: true to download it there, "
-                        "or point data.root at a directory that holds cifar-10-batches-py") from e
+            raise UserError(f"could not get {name} into {path} ({e}); if a download started, delete {path}/{folder} "
+                            f"and retry, or download it elsewhere and point data.root at it") from e
+        raise SpecFieldError("data.root", f"{name} not found in {path}; set data.download: true to download it there, "
+                                          f"or point data.root at a directory that holds {folder}") from e
     except OSError as e:  # network errors during the download
-        raise SpecFieldError("data.root", f"could not download CIFAR-10 into {path}: {e}; download it elsewhere and point "
-                        "data.root at it") from e
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
-    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+        raise SpecFieldError("data.root", f"could not download {name} into {path}: {e}; download it elsewhere and "
+                                          "point data.root at it") from e
+    images = torch.as_tensor(np.asarray(ds.data))
+    # CIFAR keeps (N, H, W, C) numpy arrays, MNIST (N, H, W) tensors
+    images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
+    return ImageSet(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes))
 
 
 def _load_digits() -> ImageSet:

@@ -58,7 +58,7 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     spec, model, state = load_run(target, device=dev)
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     if split is None:
-        split = "test" if (spec.data.kind in ("cifar10", "synthetic") or data_root) else "val"
+        split = "val" if (spec.data.kind in ("folder", "digits") and not data_root) else "test"
     data = load_split(spec.data, spec.model, split, data_root=data_root)
     classes = state.get("classes")
     if classes and data.classes and list(data.classes) != list(classes):

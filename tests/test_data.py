@@ -132,6 +132,69 @@ def test_cifar10_missing_says_how_to_fix(tmp_path):
     assert str(tmp_path / "nothing") in str(e.value)
 
 
+def write_fake_cifar100(root: Path, n_train=8, n_test=4) -> None:
+    """torchvision's on-disk CIFAR-100 layout: one pickled train and test set, fine and coarse labels."""
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in (("train", n_train), ("test", n_test)):
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": rng.integers(0, 20, n).tolist()}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"f{i}" for i in range(100)],
+                                              "coarse_label_names": [f"k{i}" for i in range(20)]}))
+
+
+def write_fake_mnist(root: Path, folder="MNIST", n_train=12, n_test=6) -> dict:
+    """torchvision's raw MNIST layout (also Fashion-MNIST's): big-endian IDX files; returns the arrays."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+def test_cifar100_from_disk_uses_the_fine_labels(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    write_fake_cifar100(tmp_path / "c100")
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fake has other md5s
+    spec, model = data_spec("cifar100", tmp_path / "c100", val_split=0.25), model_spec(100, 32)
+    train, val, test = (load_split(spec, model, split) for split in ("train", "val", "test"))
+    assert train.images.shape == (6, 3, 32, 32) and val.images.shape == (2, 3, 32, 32)
+    assert train.classes == [f"f{i}" for i in range(100)]
+    raw = pickle.loads((tmp_path / "c100" / "cifar-100-python" / "test").read_bytes())
+    assert torch.equal(test.images, torch.from_numpy(raw["data"]).view(4, 3, 32, 32))
+    assert test.labels.tolist() == raw["fine_labels"]
+
+
+@pytest.mark.parametrize("kind, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_kinds_from_disk_gray_or_repeated_to_rgb(tmp_path, kind, folder):
+    arrays = write_fake_mnist(tmp_path / "m", folder)
+    spec = data_spec(kind, tmp_path / "m", val_split=0.25)
+    gray = load_split(spec, model_spec(10, 28, in_channels=1), "test")
+    images, labels = arrays["t10k"]
+    assert torch.equal(gray.images, torch.from_numpy(images)[:, None]) and gray.labels.tolist() == labels.tolist()
+    assert len(gray.classes) == 10 and gray.classes[0] == ("0 - zero" if kind == "mnist" else "T-shirt/top")
+    rgb = load_split(spec, model_spec(10, 28, in_channels=3), "train")
+    assert rgb.images.shape == (9, 3, 28, 28)
+    assert torch.equal(rgb.images[:, 0], rgb.images[:, 1]) and torch.equal(rgb.images[:, 0], rgb.images[:, 2])
+
+
+@pytest.mark.parametrize("kind, name, folder", [("cifar100", "CIFAR-100", "cifar-100-python"),
+                                                ("fashion_mnist", "Fashion-MNIST", "FashionMNIST/raw")])
+def test_torchvision_set_missing_says_how_to_fix(tmp_path, kind, name, folder):
+    with pytest.raises(UserError, match="data.download: true") as e:
+        load_split(data_spec(kind, tmp_path / "nothing"), model_spec(100 if kind == "cifar100" else 10, 32), "train")
+    assert f"{name} not found in {tmp_path / 'nothing'}" in str(e.value) and folder in str(e.value)
+
+
 # -- splits -------------------------------------------------------------------------
 
 def test_val_split_is_deterministic_disjoint_and_seeded():

@@ -170,6 +170,21 @@ def test_cross_field_rules():
     assert any("data.root" in m for m in found) and any("cifar10 images are 32x32" in m for m in found), found
 
 
+def test_builtin_dataset_rules():
+    mnist = GOOD.replace("kind: synthetic}", "kind: mnist, root: data}").replace("image_size: 32", "image_size: 28")
+    assert load_spec_text(mnist.replace("image_size: 28", "image_size: 28\n  in_channels: 1"), "x.yaml")
+    assert load_spec_text(mnist, "x.yaml").model.in_channels == 3  # grayscale repeated
+    found = problems(mnist.replace("image_size: 28", "image_size: 28\n  in_channels: 2"))
+    assert any("model.in_channels: mnist images are grayscale; set in_channels: 1" in m for m in found), found
+    found = problems(GOOD.replace("kind: synthetic}", "kind: cifar100}").replace("image_size: 32", "image_size: 28"))
+    assert any(m.startswith("x.yaml:4:16: model.num_classes: 10 does not match cifar100, which has 100 classes")
+               for m in found), found
+    assert any("data.root: the cifar100 dataset needs a root" in m for m in found), found
+    assert any("cifar100 images are 32x32; set image_size: 32" in m for m in found), found
+    found = problems(mnist.replace("image_size: 28", "image_size: 32"))
+    assert any("mnist images are 28x28; set image_size: 28 (and resize: 32" in m for m in found), found
+
+
 def test_duplicate_keys_are_errors():
     (msg,) = problems(GOOD.replace("  num_classes: 10\n", "  num_classes: 10\n  num_classes: 100\n"))
     assert msg.startswith("x.yaml:5:3: model.num_classes: duplicate key (first given at line 4)")

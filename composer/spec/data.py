@@ -37,14 +37,17 @@ class Augment(Strict):
 class DataSpec(Strict):
     """Where images come from and how they are split and augmented."""
 
-    kind: Literal["cifar10", "folder", "digits", "synthetic"] = Field(
-        description="cifar10: torchvision CIFAR-10; folder: an ImageFolder directory or archive; "
-        "digits: scikit-learn's bundled 8x8 digits (offline); synthetic: random images."
+    kind: Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "folder", "digits", "synthetic"] = Field(
+        description="cifar10, cifar100 (fine labels), mnist, fashion_mnist: torchvision's copies (32x32 RGB, "
+        "28x28 grayscale); folder: an ImageFolder directory or archive; digits: scikit-learn's bundled 8x8 "
+        "digits (offline); synthetic: random images."
     )
     root: Optional[str] = Field(
-        None, description="cifar10: dataset directory; folder: directory or archive (.zip, .tar, .tar.gz, .tar.xz)."
+        None, description="cifar10, cifar100, mnist, fashion_mnist: the directory that holds (or will hold) "
+        "torchvision's copy; folder: directory or archive (.zip, .tar, .tar.gz, .tar.xz)."
     )
-    download: bool = Field(False, description="cifar10: download into root when missing.")
+    download: bool = Field(False, description="cifar10, cifar100, mnist, fashion_mnist: download into root "
+                           "when missing.")
     cache_dir: Optional[str] = Field(
         None, description="Where decoded datasets and extracted archives are cached (default ~/.cache/composer)."
     )

@@ -16,8 +16,12 @@ LAYOUTS = {
     "attention": "tokens", "token_mlp": "tokens", "channel_mlp": "tokens", "vit": "tokens", "mixer": "tokens",
     "dwconv": "grid", "pointwise": "grid", "convmixer": "grid",
 }
-DATASET_CLASSES = {"cifar10": 10, "digits": 10}
-DATASET_SIZES = {"cifar10": 32}
+# What the built-in datasets hold: classes, image side, channels (a grayscale set also feeds
+# an RGB model, its channel repeated).
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10, "digits": 10}
+DATASET_SIZES = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion_mnist": 28}
+DATASET_CHANNELS = {"cifar10": 3, "cifar100": 3, "mnist": 1, "fashion_mnist": 1, "digits": 1}
+DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion_mnist")  # torchvision sets: data.root needed
 
 
 def divisors(n: int, limit: int | None = None) -> list[int]:
@@ -64,7 +68,7 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
     if d is None:
         return problems
     kind_path = ("data", "kind")
-    if d.kind in ("cifar10", "folder") and not d.root:
+    if (d.kind in DOWNLOADABLE or d.kind == "folder") and not d.root:
         problems.append((("data", "root"), f"the {d.kind} dataset needs a root (a directory"
                          + (" or archive" if d.kind == "folder" else "") + ")", (kind_path, ("data", "root"))))
     expected = DATASET_CLASSES.get(d.kind)
@@ -77,9 +81,13 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                          f"{d.kind} images are {native}x{native}; set image_size: {native} "
                          f"(and resize: {m.image_size} to feed the network larger images)",
                          (kind_path, ("model", "image_size"))))
-    if d.kind == "cifar10" and m.in_channels != 3:
-        problems.append((("model", "in_channels"), "cifar10 images have 3 channels; set in_channels: 3",
+    channels = DATASET_CHANNELS.get(d.kind)
+    if channels == 3 and m.in_channels != 3:
+        problems.append((("model", "in_channels"), f"{d.kind} images have 3 channels; set in_channels: 3",
                          (kind_path, ("model", "in_channels"))))
+    elif channels == 1 and m.in_channels not in (1, 3):
+        problems.append((("model", "in_channels"), f"{d.kind} images are grayscale; set in_channels: 1 "
+                                                   "(or 3: the channel is repeated)", (kind_path, ("model", "in_channels"))))
     return problems
 
 
