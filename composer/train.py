@@ -388,6 +388,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         diffs += model_differences(_split_fields(saved["data"]), _split_fields(now["data"]), "data")
         diffs += model_differences({"batch_size": saved["train"]["batch_size"]},
                                    {"batch_size": now["train"]["batch_size"]}, "train")
+        # the optimizer's saved state has the parameter groups and moments of its kind and layer decay
+        diffs += model_differences(_optimizer_fields(saved["train"]), _optimizer_fields(now["train"]),
+                                   "train.optimizer")
         if diffs:
             raise UserError("the checkpoint does not match the spec:\n  " + "\n  ".join(diffs)
                             + "\nresume with the spec the run was trained with, or start a new run directory")
@@ -462,6 +465,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(spec, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
+    if t.optimizer.layer_decay:
+        rates = sorted({group["initial_lr"] for group in optimizer.param_groups})   # the schedule's peaks
+        log(f"layer decay {t.optimizer.layer_decay}: peak learning rates from {rates[0]:.3g} (stem, embeddings) "
+            f"to {rates[-1]:.3g} (head)")
     if t.kernels == "triton":
         _check_triton(model, device, autocast_dtype or torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -712,7 +719,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 "train_loss": position["epoch_loss_sum"] / seen if seen else float("nan"),
                 "train_acc": position["epoch_correct"] / seen if seen else float("nan"),
                 "val_loss": val["loss"], "val_acc": val["accuracy"], "val_top5": val["top5"],
-                "lr": scheduler.get_last_lr()[0], "img_per_s": images_done / max(elapsed, 1e-9),
+                "lr": max(scheduler.get_last_lr()), "img_per_s": images_done / max(elapsed, 1e-9),
                 "epoch_s": elapsed, "nonfinite_skipped": skipped,
             }
             position.update({"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0})
@@ -871,6 +878,11 @@ def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tup
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     finite, go_on = flags.tolist()
     return finite == 1.0, go_on == 0.0
+
+
+def _optimizer_fields(train: dict) -> dict:
+    optimizer = train.get("optimizer", {})
+    return {"kind": optimizer.get("kind", "adamw"), "layer_decay": optimizer.get("layer_decay")}
 
 
 def _split_fields(data: dict) -> dict:

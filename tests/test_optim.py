@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from composer.build import build_model
-from composer.optim import Ema, lr_factor, param_groups
+from composer.optim import Ema, lr_factor, make_optimizer, param_groups
 from composer.spec import load_spec_text
 
 SPEC = """
@@ -32,6 +32,43 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert any("norm" in n for n in skipped) and any(n.endswith("bias") for n in skipped)
     assert any("conv.weight" in n for n in decayed)  # depthwise kernels are decayed like other weights
     assert len(decayed) + len(skipped) == len(list(model.parameters()))
+
+
+def test_layer_decay_scales_each_depth_and_keeps_weight_decay_rules():
+    text = SPEC.replace("{kind: vit, heads: 2}", "{kind: vit, heads: 2, repeat: 2}")
+    text = text.replace("train: {epochs: 10}", "train: {epochs: 10, optimizer: {lr: 0.01, layer_decay: 0.5}}")
+    spec = load_spec_text(text)
+    model = build_model(spec)
+    optimizer = make_optimizer(spec, model)
+    lr_of, decay_of = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lr_of[id(p)], decay_of[id(p)] = group["lr"], group["weight_decay"]
+    by_layer: dict[str, set] = {}
+    for name, p in model.named_parameters():
+        layer = model.layers[int(name.split(".")[1])].name
+        by_layer.setdefault(layer, set()).add(lr_of[id(p)])
+        assert decay_of[id(p)] == (0.0 if p.ndim <= 1 or name.endswith(".pos") else 0.05), name
+    # depths: stem and position embedding 0, vit #1 and #2 (both halves each) 1 and 2, dwconv 3, mixer 4, head 5
+    expected = {"stem": 5, "pos_embed": 5, "blocks[0].attention #1": 4, "blocks[0].channel_mlp #1": 4,
+                "blocks[0].attention #2": 3, "blocks[0].channel_mlp #2": 3, "blocks[1].dwconv": 2,
+                "blocks[2].token_mlp": 1, "blocks[2].channel_mlp": 1, "head": 0}
+    assert by_layer == {layer: {0.01 * 0.5 ** k} for layer, k in expected.items()}  # the same float expression
+    # the schedule scales every group's rate alike
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, 4))
+    rates = scheduler.get_last_lr()
+    assert max(rates) == pytest.approx(0.01 * lr_factor(spec, 0, 4))
+    assert sorted(r / max(rates) for r in set(rates)) == pytest.approx([0.5 ** k for k in range(5, -1, -1)])
+
+
+def test_class_token_between_blocks_takes_the_next_blocks_rate():
+    text = SPEC.replace("[{kind: vit, heads: 2}, {kind: dwconv, kernel_size: 3}, {kind: mixer}]",
+                        "[{kind: convmixer, kernel_size: 3}, {kind: vit, heads: 2}]").replace("pool: mean", "pool: cls")
+    spec = load_spec_text(text.replace("train: {epochs: 10}", "train: {optimizer: {layer_decay: 0.5}}"))
+    model = build_model(spec)
+    lr_of = {id(p): g["lr"] for g in make_optimizer(spec, model).param_groups for p in g["params"]}
+    lrs = {model.layers[int(n.split(".")[1])].name: lr_of[id(p)] for n, p in model.named_parameters()}
+    assert lrs["class token"] == lrs["blocks[1].attention"] == 2 * lrs["blocks[0].dwconv"] == 4 * lrs["stem"]
 
 
 @pytest.mark.parametrize("kind", ["cosine", "onecycle", "constant"])

@@ -202,6 +202,8 @@ def test_resume_errors(tmp_path):
     assert (run / "last.pt").read_bytes() == before  # a second plain `train` never overwrites a run
     result = run_cli("train", spec, "--out", run, "--resume", "auto", "--set", "model.stem.dim=32")
     assert_user_error(result, "the checkpoint does not match the spec", "model.stem.dim: checkpoint has 16, spec has 32")
+    result = run_cli("train", spec, "--out", run, "--resume", "auto", "--set", "train.optimizer.layer_decay=0.7")
+    assert_user_error(result, "train.optimizer.layer_decay: checkpoint has None, spec has 0.7")
 
     (run / "last.pt").write_bytes(b"\x00garbage, as after a disk error")
     result = run_cli("train", spec, "--out", run, "--resume", "auto")

@@ -17,6 +17,11 @@ class Optimizer(Strict):
     weight_decay: NonNegFloat = Field(0.05, description="Decoupled weight decay; never applied to norms, biases, embeddings.")
     betas: tuple[Probability, Probability] = Field((0.9, 0.999), description="adamw: (beta1, beta2).")
     momentum: Probability = Field(0.9, description="sgd: Nesterov momentum.")
+    layer_decay: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        None, description="Layer-wise learning-rate decay, for fine-tuning (e.g. 0.75): the head trains at lr, "
+        "each block below it at layer_decay times the rate of the block above (a repeat is a block of its own; "
+        "a vit, mixer or convmixer block is one, both halves), the stem and embeddings at the bottom rate. "
+        "None: one rate for all.")
 
 
 class Schedule(Strict):
