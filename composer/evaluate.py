@@ -11,7 +11,8 @@ from composer.errors import UserError
 def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 512,
                    autocast_dtype: torch.dtype | None = None, num_classes: int | None = None,
                    device: torch.device | None = None) -> dict:
-    """Top-1 / top-5 accuracy, mean cross-entropy and per-class accuracy over uint8 `images` (N, C, H, W)
+    """Top-1 / top-5 accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (a
+    (K, K) int64 tensor: row = true class, column = top-1 prediction) over uint8 `images` (N, C, H, W)
     and `labels`, on `device` (default: the images'); images elsewhere are copied over a batch at a time."""
     from composer.data import normalize
 
@@ -19,32 +20,43 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
     model.eval()
     device = torch.device(device) if device is not None else images.device
     labels = labels.to(device)
-    num_classes = num_classes or int(labels.max().item()) + 1
+    k_all = num_classes or int(labels.max().item()) + 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top1 = torch.zeros(num_classes, dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    confusion = torch.zeros(k_all * k_all, dtype=torch.int64, device=device)
     for start in range(0, images.shape[0], batch_size):
         x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
         y = labels[start:start + batch_size]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        hit1 = (best[:, 0] == y).double()
-        top1.index_add_(0, y, hit1)
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top5 += (best == y[:, None]).any(dim=1).double().sum()
-        count.index_add_(0, y, torch.ones_like(hit1))
+        confusion.index_add_(0, y * k_all + best[:, 0], torch.ones_like(y))
     model.train(was_training)
-    total = count.sum().clamp(min=1)
+    confusion = confusion.view(k_all, k_all).cpu()
+    count, hits = confusion.sum(1), confusion.diagonal()
+    total = max(int(count.sum()), 1)
     return {
-        "images": int(count.sum().item()),
-        "loss": float(loss_sum / total),
-        "accuracy": float(top1.sum() / total),
-        "top5": float(top5 / total),
-        "per_class": [float(a) if c else None for a, c in zip((top1 / count.clamp(min=1)).tolist(), count.tolist())],
+        "images": int(count.sum()),
+        "loss": float(loss_sum) / total,
+        "accuracy": int(hits.sum()) / total,
+        "top5": float(top5) / total,
+        "per_class": [h / c if c else None for h, c in zip(hits.tolist(), count.tolist())],
+        "confusion": confusion,
     }
+
+
+def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> list[dict]:
+    """The `top` largest off-diagonal cells: which true class is most often taken for which other."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    count = confusion.sum(1)
+    values, cells = off.flatten().topk(min(top, off.numel()))
+    k = confusion.shape[0]
+    return [{"true": classes[c // k], "predicted": classes[c % k], "images": v,
+             "fraction_of_true": v / int(count[c // k])}
+            for v, c in zip(values.tolist(), cells.tolist()) if v > 0]
 
 
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
@@ -69,16 +81,24 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     # the images stay in host memory, each batch copied over: a test set need not fit on the GPU
     result = evaluate_model(model, data.images, data.labels, mean, std, batch_size=batch_size,
                             autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev)
+    names = list(data.classes or classes or [str(i) for i in range(spec.model.num_classes)])
     result.update({"spec": spec.name, "split": split, "checkpoint": str(find_checkpoint(target)),
-                   "epoch": state.get("epoch"), "classes": data.classes or classes})
+                   "epoch": state.get("epoch"), "classes": names,
+                   "most_confused": most_confused(result["confusion"], names),
+                   "confusion": result["confusion"].tolist()})
     return result
 
 
 def render(result: dict) -> str:
     lines = [f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}):",
              f"  accuracy {result['accuracy']:.4f}   top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
-    for name, acc in zip(result["classes"] or [], result["per_class"]):
+    for name, acc in zip(result["classes"], result["per_class"]):
         lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
+    if result["most_confused"]:
+        lines.append("  most confused (true -> predicted):")
+        for cell in result["most_confused"]:
+            lines.append(f"  {cell['true']:>16s} -> {cell['predicted']:<16s} {cell['images']:>6d} image{'s' * (cell['images'] != 1)} "
+                         f"({cell['fraction_of_true']:.1%} of {cell['true']})")
     return "\n".join(lines)
 
 

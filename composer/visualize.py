@@ -490,3 +490,39 @@ def curves(run_dirs: list, out=None) -> list[str]:
     out_dir = _out_dir(dirs[0], out)
     name = "curves.png" if len(dirs) == 1 else f"curves_{_slug('+'.join(labels))[:120]}.png"
     return [_save(fig, out_dir / name)]
+
+
+CONFUSION_LABELLED = 40   # classes up to which every row and column is named
+
+
+def confusion(target, split: str | None = None, data_root: str | None = None, out=None,
+              device: str = "cpu") -> list[str]:
+    """The confusion matrix of a run on a split (as `composer evaluate` computes it), each row
+    normalized over its true class's images, the count written in each cell when the matrix is small."""
+    from composer.evaluate import evaluate
+
+    result = evaluate(str(target), data_root=data_root, split=split, device=device)
+    counts = np.array(result["confusion"], dtype=np.int64)
+    k = counts.shape[0]
+    rows = counts.sum(1, keepdims=True)
+    fractions = counts / np.maximum(rows, 1)
+    side = min(16.0, max(4.5, 0.32 * k + 2.5))
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if k <= CONFUSION_LABELLED:
+        names = [textwrap.shorten(name, 18, placeholder="…") for name in result["classes"]]
+        ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), names, fontsize=7)
+    if k <= 20:   # cells big enough to read a count
+        for (r, c), n in np.ndenumerate(counts):
+            if n:
+                ax.text(c, r, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if fractions[r, c] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    _colorbar(fig, im, ax, "fraction of the true class's images", ticks=6)
+    _suptitle(fig, f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}): "
+                   f"accuracy {result['accuracy']:.1%}")
+    path = _out_dir(target, out) / f"confusion_{result['split']}.png"
+    return [_save(fig, path)]

@@ -254,6 +254,10 @@ def test_evaluate_saved_run(tmp_path):
     report = json.loads(result.stdout)
     assert 0.5 < report["accuracy"] <= 1 and report["loss"] > 0 and report["top5"] >= report["accuracy"]
     assert len(report["per_class"]) == 4 and report["images"] == 64
+    confusion = torch.tensor(report["confusion"])   # rows: true class, columns: prediction
+    assert confusion.shape == (4, 4) and int(confusion.sum()) == 64
+    assert int(confusion.trace()) == round(report["accuracy"] * 64)
+    assert [int(h) / int(n) for h, n in zip(confusion.diagonal(), confusion.sum(1))] == report["per_class"]
     text = run_cli("evaluate", tmp_path / "run" / "last.pt", "--split", "test")
     assert text.returncode == 0 and "accuracy" in text.stdout
     assert_user_error(run_cli("evaluate", tmp_path / "nothing-here"), "does not exist")
@@ -862,3 +866,28 @@ def test_memory_format_without_triton(monkeypatch):
     assert train_module.training_memory_format(spec, torch.device("cuda")) is None
     monkeypatch.setattr(dispatch, "triton_import_error", lambda: "triton is not importable (test)")
     assert train_module.training_memory_format(spec, torch.device("cuda")) is torch.channels_last
+
+
+def test_most_confused_lists_the_largest_mistakes_first():
+    from composer.evaluate import evaluate_model, most_confused, render
+
+    confusion = torch.tensor([[8, 2, 0], [5, 4, 1], [0, 0, 10]])
+    cells = most_confused(confusion, ["cat", "dog", "eel"], top=5)
+    assert [(c["true"], c["predicted"], c["images"]) for c in cells] == [("dog", "cat", 5), ("cat", "dog", 2),
+                                                                        ("dog", "eel", 1)]
+    assert cells[0]["fraction_of_true"] == 0.5
+    # a model that always answers class 1: every image lands in column 1
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    labels = torch.tensor([0, 1, 2, 2, 0, 1, 2])
+    result = evaluate_model(model, torch.zeros(7, 3, 2, 2, dtype=torch.uint8), labels, [0.0] * 3, [1.0] * 3,
+                            batch_size=3, num_classes=3)
+    assert result["confusion"].tolist() == [[0, 2, 0], [0, 2, 0], [0, 3, 0]]
+    assert result["per_class"] == [0.0, 1.0, 0.0] and result["accuracy"] == 2 / 7
+    result.update(spec="m", split="val", epoch=1, classes=["cat", "dog", "eel"],
+                  most_confused=most_confused(result["confusion"], ["cat", "dog", "eel"]))
+    text = render(result)
+    assert "most confused (true -> predicted):" in text
+    assert text.index("eel -> dog") < text.index("cat -> dog") and "(100.0% of eel)" in text

@@ -217,6 +217,9 @@ def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
     assert all(p.startswith(str(hybrid_run / "figures")) for p in paths)
     assert_pngs(printed_paths(invoke("dwconv", hybrid_run, "--block", 0, "--out", tmp_path)), 1)
     assert_pngs(printed_paths(invoke("curves", hybrid_run, vit_run, "--out", tmp_path)), 1)
+    paths = printed_paths(invoke("confusion", vit_run / "best.pt", "--split", "val"))
+    assert_pngs(paths, 1)
+    assert paths == [str(vit_run / "figures" / "confusion_val.png")]
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -227,6 +230,7 @@ def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
     (("attention", "HYBRID", "--image", 8), ["--image 8 is out of range", "8 images"]),
     (("attention", "HYBRID", "--head", 2), ["--head 2 is out of range", "2 heads"]),
     (("curves", "NOWHERE"), ["not a run directory"]),
+    (("confusion", "NOWHERE"), ["does not exist", "give a run directory or a checkpoint"]),
 ])
 def test_user_errors(hybrid_run, vit_run, tmp_path, args, fragments):
     where = {"VIT": vit_run, "HYBRID": hybrid_run, "NOWHERE": tmp_path / "missing"}
