@@ -225,12 +225,14 @@ def visualize_dwconv(run_dir, block, out):
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")
 @click.option("--data-root", default=None, help="Another folder/archive with the same classes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the split is evaluated.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
-def visualize_confusion(target, split, data_root, out):
+def visualize_confusion(target, split, data_root, device, out):
     """Which classes the run takes for which: the confusion matrix on a split."""
     from composer.visualize import confusion
 
-    for path in confusion(target, split=split, data_root=data_root, out=out):
+    for path in confusion(target, split=split, data_root=data_root, out=out, device=device):
         click.echo(path)
 
 

@@ -496,7 +496,7 @@ CONFUSION_LABELLED = 40   # classes up to which every row and column is named
 
 
 def confusion(target, split: str | None = None, data_root: str | None = None, out=None,
-              device: str = "cpu") -> list[str]:
+              device: str = "auto") -> list[str]:
     """The confusion matrix of a run on a split (as `composer evaluate` computes it), each row
     normalized over its true class's images, the count written in each cell when the matrix is small."""
     from composer.evaluate import evaluate
