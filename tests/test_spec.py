@@ -289,6 +289,81 @@ def test_readme_spec_example_validates():
     import re
 
     readme = (ROOT / "README.md").read_text()
-    examples = [load_spec_text(text, "README.md") for text in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
-    assert [spec.name for spec in examples] == ["my_vit", "seed_mixer_vit"]
+    # read as if in specs/, where the example with a base says it lives
+    examples = [load_spec_text(text, str(SPECS / "README.md"))
+                for text in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    assert [spec.name for spec in examples] == ["my_vit", "seed_mixer_vit", "vit_cifar_long"]
     assert len(examples[1].model.blocks) == 2 and examples[0].data.augment.padding == 0
+    long, recipe = examples[2], load_spec(SPECS / "vit_cifar.yaml")
+    assert long.model == recipe.model and long.train.epochs == 300
+    assert long.train.optimizer.weight_decay == recipe.train.optimizer.weight_decay
+
+
+# -- base specs -------------------------------------------------------------------------
+
+BASE = """\
+name: the_base
+description: a small ViT
+model:
+  image_size: 32
+  num_classes: 10
+  stem: {patch_size: 4, dim: 64}
+  blocks:
+    - {kind: vit, heads: 4, repeat: 2}
+data: {kind: synthetic}
+train: {epochs: 3, optimizer: {lr: 0.001, weight_decay: 0.1}}
+"""
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_spec_merges_sections_and_points_into_both_files(tmp_path):
+    base = write(tmp_path / "bases" / "vit.yaml", BASE)
+    child = write(tmp_path / "wide.yaml", "base: bases/vit.yaml\nmodel:\n  stem: {dim: 96}\ntrain:\n"
+                                          "  optimizer: {lr: 0.01}\n")
+    spec = load_spec(child)
+    assert spec.name == "wide" and spec.description == "a small ViT"   # the name is the file's own
+    assert spec.model.stem.dim == 96 and spec.model.stem.patch_size == 4 and spec.model.blocks[0].repeat == 2
+    assert spec.train.optimizer.lr == 0.01 and spec.train.optimizer.weight_decay == 0.1 and spec.train.epochs == 3
+    assert spec.locate("model.stem.dim") == f"{child}:3:15"
+    assert spec.locate("model.blocks[0].heads").endswith("vit.yaml:8:26")
+    assert spec.locate("train.optimizer.lr") == f"{child}:5:19"
+    # the resolved spec a run keeps stands alone: no base to find again
+    from composer.train import spec_yaml
+    assert "base" not in spec_yaml(spec) and load_spec_text(spec_yaml(spec), "run.yaml").model == spec.model
+    # a list replaces the base's list whole; a base may have a base of its own, relative to itself
+    write(tmp_path / "bases" / "deeper.yaml", "base: vit.yaml\nmodel: {blocks: [{kind: mixer}]}\n")
+    grandchild = load_spec(write(tmp_path / "g.yaml", "base: bases/deeper.yaml\ntrain: {epochs: 1}\n"))
+    assert [b.kind for b in grandchild.model.blocks] == ["mixer"] and grandchild.model.stem.dim == 64
+    assert grandchild.train.epochs == 1 and grandchild.train.optimizer.lr == 0.001
+    assert base.exists()
+
+
+def test_base_spec_mistakes_point_at_the_line(tmp_path):
+    write(tmp_path / "vit.yaml", BASE)
+    child = write(tmp_path / "c.yaml", "name: c\nbase: nowhere.yaml\n")
+    (msg,) = [str(p) for p in pytest.raises(SpecError, load_spec, child).value.problems]
+    assert msg.startswith(f"{child}:2:7: base: nowhere.yaml ({tmp_path / 'nowhere.yaml'}) no such file")
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    (msg,) = [str(p) for p in pytest.raises(SpecError, load_spec, tmp_path / "a.yaml").value.problems]
+    assert "the bases form a loop (a.yaml -> b.yaml -> a.yaml)" in msg
+    (msg,) = [str(p) for p in pytest.raises(SpecError, load_spec,
+                                            write(tmp_path / "n.yaml", "base: 3\n")).value.problems]
+    assert msg == f"{tmp_path / 'n.yaml'}:1:7: base: expected the path of a spec file, got 3"
+    # a rule that reads values from both files names where each came from
+    child = write(tmp_path / "odd.yaml", "base: vit.yaml\nmodel:\n  stem: {dim: 90}\n")
+    (msg,) = [str(p) for p in pytest.raises(SpecError, load_spec, child).value.problems]
+    assert msg.endswith(f"vit.yaml:8:26: model.blocks[0].heads: 4 does not divide dim 90 (try 1, 2, 3, 5, 6, 9, "
+                        f"10, 15, 18, 30) (model.stem.dim from {child}:3:15)"), msg
+    # a mistake in the base file is reported in the base file
+    write(tmp_path / "broken.yaml", BASE.replace("epochs: 3", "epochs: three"))
+    (msg,) = [str(p) for p in pytest.raises(SpecError, load_spec,
+                                            write(tmp_path / "d.yaml", "base: broken.yaml\n")).value.problems]
+    assert "broken.yaml:10:17: train.epochs: input should be a valid integer" in msg
+    found = [str(p) for p in pytest.raises(SpecError, load_spec, tmp_path / "vit.yaml", ["base=x.yaml"]).value.problems]
+    assert found == ["--set base=x.yaml: a base spec is chosen in the file (base: ...), not with --set"]

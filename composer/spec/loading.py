@@ -170,6 +170,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[Proble
         key, raw = item.split("=", 1)
         try:
             path = parse_override_path(key.strip())
+            if path[:1] == ("base",):
+                raise ValueError("a base spec is chosen in the file (base: ...), not with --set")
             value, _, _, errs = parse_yaml(raw, label) if raw.strip() else (None, {}, {}, [])
         except (ValueError, SpecError) as exc:
             problems.append(Problem(label, "", str(exc)))
@@ -295,15 +297,8 @@ def _message(err: dict) -> str:
 # -- the entry points ----------------------------------------------------------------
 
 def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ()) -> Spec:
-    data, values, keys, problems = parse_yaml(text, source)
-    if data is None and not problems:
-        raise SpecError([Problem(source, "", "the file is empty; a spec needs at least a 'model:' section "
-                                             "(see specs/quickstart.yaml)")])
-    if not isinstance(data, dict):
-        raise SpecError([Problem(f"{source}:1:1", "", f"a spec is a mapping with a 'model:' key, "
-                                                      f"not a {type(data).__name__}")])
-    origins, override_problems = apply_overrides(data, list(overrides))
-    problems += override_problems
+    data, values, keys = _read_with_bases(text, source, ())
+    origins, problems = apply_overrides(data, list(overrides))
     if problems:
         raise SpecError(problems)
 
@@ -313,7 +308,7 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
                 return origins[path[:n]]
             pos = (keys.get(path[:n]) if prefer_key else None) or values.get(path[:n])
             if pos:
-                return f"{source}:{pos[0]}:{pos[1]}"
+                return pos
         return source
 
     spec = None
@@ -336,13 +331,99 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
         model, data_spec, train_spec, replaced = _sections_for_rules(data, invalid)
     for path, message, inputs in rules.check(model, data_spec, train_spec):
         if not any(_overlap(used, gone) for used in inputs for gone in replaced):
-            problems.append(Problem(where(path), format_path(path), message))
+            at = where(path)
+            # a rule across a base and the file built on it: say where the other values came from
+            elsewhere = [f"{format_path(used)} from {where(used)}" for used in inputs
+                         if used != path and used in values and _file_of(where(used)) != _file_of(at)]
+            problems.append(Problem(at, format_path(path), message + (f" ({'; '.join(elsewhere)})" if elsewhere else "")))
     if problems:
         raise SpecError(problems)
     if spec.name is None:
         spec.name = Path(source).stem if source and not source.startswith("<") else "spec"
-    spec._origins = {**{path: f"{source}:{line}:{col}" for path, (line, col) in values.items()}, **origins}
+    spec._origins = {**values, **origins}
     return spec
+
+
+# -- base specs -----------------------------------------------------------------------
+
+def _file_of(where: str) -> str:
+    """The file of a "file:line:col" position (a --set label is its own)."""
+    return re.sub(r":\d+:\d+$", "", where)
+
+
+def _read_with_bases(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """The spec's data with its `base:` chain merged in, and {path: "file:line:col"} for each value
+    and each key, pointing into whichever file gave it. `chain`: the files that led here."""
+    data, values, keys, problems = parse_yaml(text, source)
+    if data is None and not problems:
+        raise SpecError([Problem(source, "", "the file is empty; a spec needs at least a 'model:' section "
+                                             "(see specs/quickstart.yaml)")])
+    if problems:
+        raise SpecError(problems)
+    if not isinstance(data, dict):
+        raise SpecError([Problem(f"{source}:1:1", "", f"a spec is a mapping with a 'model:' key, "
+                                                      f"not a {type(data).__name__}")])
+    values = {path: f"{source}:{line}:{col}" for path, (line, col) in values.items()}
+    keys = {path: f"{source}:{line}:{col}" for path, (line, col) in keys.items()}
+    if data.get("base") is None:
+        return data, values, keys
+    given = data["base"]
+    if not isinstance(given, str):
+        raise SpecError([Problem(values[("base",)], "base", f"expected the path of a spec file, got {given!r}")])
+    here = Path(source).parent if not source.startswith("<") else Path.cwd()
+    path = (here / Path(given).expanduser()).resolve()
+    if str(path) in chain + (str(Path(source).resolve()),):
+        loop = " -> ".join(Path(c).name for c in chain + (str(Path(source).resolve()), str(path)))
+        raise SpecError([Problem(values[("base",)], "base", f"the bases form a loop ({loop}); remove one 'base:'")])
+    try:
+        base_text = _read_spec_file(path)
+    except SpecError as exc:   # a missing or unreadable base is this line's mistake
+        reason = exc.problems[0].message
+        raise SpecError([Problem(values[("base",)], "base", f"{given} ({path}) {reason}; give the path of a spec "
+                                                            f"file, relative to {here}")]) from None
+    base, base_values, base_keys = _read_with_bases(base_text, _shown_path(path),
+                                                    chain + (str(Path(source).resolve()),))
+    for field in INHERITED_NOT:   # these describe the base file itself
+        base.pop(field, None)
+    base.pop("base", None)   # the base's own base is merged in already
+    merged = _merge(base, data)   # with this file's `base:` as written (Spec.base; never dumped)
+    return merged, _merge_positions(base, data, base_values, values), _merge_positions(base, data, base_keys, keys)
+
+
+def _merge(base, child):
+    """The child's values over the base's: mappings merge key by key; anything else (a list of
+    blocks, a number) replaces the base's value whole."""
+    if isinstance(base, dict) and isinstance(child, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in child.items()}}
+    return child
+
+
+def _merge_positions(base, child, base_pos: dict, child_pos: dict) -> dict:
+    """Positions after `_merge`: the base's, less those under any value the child replaced, then the child's."""
+    replaced = []
+
+    def walk(b, c, path):
+        for k, v in c.items():
+            if k in b and isinstance(b[k], dict) and isinstance(v, dict):
+                walk(b[k], v, path + (k,))
+            else:
+                replaced.append(path + (k,))
+
+    walk(base, child, ())
+    kept = {p: at for p, at in base_pos.items() if not any(p[:len(r)] == r for r in replaced)}
+    return {**kept, **child_pos}
+
+
+# A child spec never inherits its base's name: runs go to runs/<name>, and two specs should not share one.
+INHERITED_NOT = ("name",)
+
+
+def _shown_path(path: Path) -> str:
+    """A base file as messages show it: relative to the working directory when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 _BLOCK = TypeAdapter(Block)
@@ -406,6 +487,10 @@ def _valid_or_none(cls, value):
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
     """Read and validate a spec file; raises SpecError naming every problem."""
     path = Path(path)
+    return load_spec_text(_read_spec_file(path), str(path), overrides)
+
+
+def _read_spec_file(path: Path) -> str:
     source = str(path)
     if not path.exists():
         raise SpecError([Problem(source, "", "no such file")])
@@ -415,8 +500,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
     if b"\x00" in raw:
         raise SpecError([Problem(source, "", "is a binary file, not a YAML spec")])
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError([Problem(source, "", f"is not UTF-8 text (byte {exc.start}); save the spec as UTF-8")]) \
             from None
-    return load_spec_text(text, source, overrides)

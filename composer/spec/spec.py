@@ -13,6 +13,10 @@ from composer.spec.train import TrainSpec
 class Spec(Strict):
     """A composer spec: one YAML file describes the model, its data and how to train it."""
 
+    base: Optional[str] = Field(
+        None, exclude=True, description="A spec file this one starts from (relative to this file): its values "
+        "apply except where this file gives its own. Sections merge key by key; a list (model.blocks) or a "
+        "single value replaces the base's whole. The name is never inherited.")
     name: Optional[str] = Field(None, description="Name of the architecture (default: the file name).")
     description: Optional[str] = Field(None, description="Free text shown in summaries.")
     model: ModelSpec
