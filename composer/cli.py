@@ -163,15 +163,19 @@ def predict(target, images, top, batch_size, device, as_json):
 
 @main.command("export")
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
-@click.argument("out", metavar="OUT.pt2")
+@click.argument("out", metavar="OUT.pt2|OUT.onnx")
 def export_run(target, out):
-    """Save a trained run as one torch.export program for inference: uint8 images in, logits out."""
+    """Save a trained run as one file for inference (torch.export .pt2 or .onnx): uint8 images in, logits out."""
     from composer.export import export
 
     result = export(target, out)
+    if result["path"].endswith(".onnx"):
+        use = ("onnxruntime.InferenceSession(path).run(None, {'images': images}); class names and "
+               "normalization in its metadata property composer.json")
+    else:
+        use = "torch.export.load(path).module()(images); class names and normalization in its extra file composer.json"
     click.echo(f"wrote {result['path']}: uint8 images {tuple(result['input']['shape'])} -> logits over "
-               f"{len(result['classes'])} classes; torch.export.load(path).module()(images); "
-               f"class names and normalization in its extra file composer.json")
+               f"{len(result['classes'])} classes; {use}")
 
 
 OUT_HELP = "Folder for the PNG files (default: figures/ in the run directory, the first one for curves)."

@@ -480,7 +480,44 @@ def test_export_gives_a_program_that_classifies_as_the_run_does(tmp_path):
         with torch.no_grad():
             expected = model(normalize(images, state["normalization"]["mean"], state["normalization"]["std"]))
         torch.testing.assert_close(program.module()(images), expected, rtol=1e-5, atol=1e-5)
-    assert_user_error(run_cli("export", tmp_path / "run", tmp_path / "tiny.onnx"), "a .pt2 file")
+    assert_user_error(run_cli("export", tmp_path / "run", tmp_path / "tiny.tflite"), "the file's suffix chooses "
+                      "the format: .pt2 (torch.export) or .onnx")
+
+
+def test_export_to_onnx_runs_in_onnxruntime_as_the_run_does(tmp_path, monkeypatch):
+    """`composer export RUN OUT.onnx`: the same program for ONNX Runtime: uint8 `images` with a
+    batch dimension named "batch", `logits` out, the metadata as a model property."""
+    import importlib.util
+
+    from composer.data import normalize
+
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    spec = write_spec(tmp_path, TINY)
+    assert run_cli("train", spec, "--out", tmp_path / "run", "--epochs", "1").returncode == 0
+    result = run_cli("export", tmp_path / "run", tmp_path / "tiny.onnx")
+    assert result.returncode == 0, result.stderr
+    assert "onnxruntime.InferenceSession(path)" in result.stdout
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "tiny.onnx").metadata_props}
+    assert json.loads(metadata["composer.json"])["classes"] == ["class_0", "class_1", "class_2", "class_3"]
+    session = ort.InferenceSession(str(tmp_path / "tiny.onnx"))
+    (images_in,), (logits_out,) = session.get_inputs(), session.get_outputs()
+    assert (images_in.name, images_in.type, images_in.shape) == ("images", "tensor(uint8)", ["batch", 3, 8, 8])
+    assert (logits_out.name, logits_out.shape) == ("logits", ["batch", 4])
+    _, model, state = load_run(tmp_path / "run")
+    for batch in (1, 6):
+        images = torch.randint(0, 256, (batch, 3, 8, 8), dtype=torch.uint8)
+        with torch.no_grad():
+            expected = model(normalize(images, state["normalization"]["mean"], state["normalization"]["std"]))
+        (logits,) = session.run(None, {"images": images.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-5, atol=1e-5)
+    # without the exporter's packages: what to install, and nothing written
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript"
+                        else real_find_spec(name, *a))
+    assert_user_error(run_cli("export", tmp_path / "run", tmp_path / "again.onnx"),
+                      "exporting to ONNX needs onnxscript: pip install 'mixer-composer[onnx]'")
+    assert not (tmp_path / "again.onnx").exists()
 
 
 def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
