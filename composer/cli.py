@@ -161,6 +161,18 @@ def predict(target, images, top, batch_size, device, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
 
 
+@main.command("runs")
+@click.argument("paths", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_runs(paths, as_json):
+    """The training runs in PATHS (run directories, or folders searched for them; default: runs),
+    best validation accuracy first, with their size, progress and whether they are running."""
+    from composer.runs import list_runs as find, render
+
+    result = find(list(paths) or ["runs"])
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
 @main.command("export")
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.argument("out", metavar="OUT.pt2|OUT.onnx")

@@ -3,10 +3,12 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -928,3 +930,41 @@ def test_most_confused_lists_the_largest_mistakes_first():
     text = render(result)
     assert "most confused (true -> predicted):" in text
     assert text.index("eel -> dog") < text.index("cat -> dog") and "(100.0% of eel)" in text
+
+
+def test_runs_lists_runs_best_first_with_their_state(tmp_path):
+    """`composer runs`: every run under the folders given, best validation accuracy first; finished,
+    stopped before its planned epochs, or running (holding its lock)."""
+    spec = write_spec(tmp_path, TINY)
+    done = tmp_path / "runs" / "done"
+    assert run_cli("train", spec, "--out", done, "--epochs", "1").returncode == 0
+    metrics = (done / "metrics.csv").read_text().splitlines()
+    # a copy that stopped at epoch 1 of 3, with a worse score; one more in a nested folder, running
+    stopped = tmp_path / "runs" / "sweep" / "stopped"
+    shutil.copytree(done, stopped)
+    (stopped / "spec.yaml").write_text((done / "spec.yaml").read_text().replace("epochs: 1", "epochs: 3"))
+    header, row = metrics[0].split(","), metrics[1].split(",")
+    row[header.index("val_acc")] = "0.25"
+    (stopped / "metrics.csv").write_text("\n".join([metrics[0], ",".join(row)]) + "\n")
+    running = tmp_path / "runs" / "sweep" / "deeper" / "running"
+    shutil.copytree(done, running)
+    (running / "metrics.csv").write_text(metrics[0] + "\n")   # no epoch finished yet
+    best = json.loads(done.joinpath("final.json").read_text())["val_acc"]
+    with train_module.hold_run_directory(running):
+        result = run_cli("runs", tmp_path / "runs", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert [(Path(r["run"]).name, r["state"], r["epochs"], r["planned_epochs"]) for r in listed] == [
+        ("done", "finished", 1, 1), ("stopped", "stopped", 1, 3), ("running", "running", 0, 1)]
+    assert listed[0]["best_val_acc"] == best and listed[1]["best_val_acc"] == 0.25 and listed[2]["best_val_acc"] is None
+    _, model, _ = load_run(done)
+    assert {r["params"] for r in listed} == {sum(p.numel() for p in model.parameters())}
+    text = run_cli("runs", done, stopped).stdout.splitlines()   # run directories given directly
+    assert text[0].split()[:4] == ["run", "spec", "params", "epochs"] and len(text) == 3
+    assert text[1].startswith(str(done)) and text[1].split()[-1] == "finished" and "1/1" in text[1]
+    assert "25.00%" in text[2] and text[2].split()[-1] == "stopped"
+    # once the lock is let go, a run that finished no epoch is just that
+    assert json.loads(run_cli("runs", running, "--json").stdout)[0]["state"] == "no epoch yet"
+    assert_user_error(run_cli("runs", tmp_path / "nothing"), "is not a folder")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli("runs", tmp_path / "empty"), "no runs under", "spec.yaml and metrics.csv")
