@@ -7,6 +7,7 @@ running `composer train` holds; no checkpoint is loaded, so listing many large r
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def describe(run: Path) -> dict:
     best = max(scored, key=lambda r: _number(r["val_acc"]), default=None)
     if _running(run):
         state = "running"
+    elif _final(run).get("stopped_early") and _final(run).get("epoch") == done:
+        state = "stopped early"
     elif planned is not None and done >= planned:
         state = "finished"
     else:
@@ -101,6 +104,14 @@ def _metrics(path: Path) -> list[dict]:
             return [row for row in csv.DictReader(f) if row.get("epoch")]
     except OSError:
         return []
+
+
+def _final(run: Path) -> dict:
+    """final.json, which a run writes when it ends (finished, or stopped early by train.patience)."""
+    try:
+        return json.loads((run / "final.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _number(text) -> float | None:

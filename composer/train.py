@@ -477,9 +477,13 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(t.seed + 1)
     # Where the run is, including the running sums of the current epoch, so a mid-epoch resume logs the same.
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "nonfinite_total": 0,
-                "consecutive_nonfinite": 0,
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "best_epoch": 0,
+                "nonfinite_total": 0, "consecutive_nonfinite": 0,
                 "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0}
+
+    def stopped_early(at: dict) -> bool:
+        """train.patience epochs have ended since the best validation accuracy (at an epoch's end)."""
+        return bool(t.patience) and val_set is not None and at["epoch"] - at["best_epoch"] >= t.patience
 
     if dist.main:   # from here on the run directory is written
         cleanup.enter_context(hold_run_directory(run_dir))
@@ -499,9 +503,15 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
             log(f"note: the run moves from {state['device_type']} to {device.type}; augmentation continues with "
                 "a new random stream, so the result will differ from an uninterrupted run")
         position.update({k: state.get(k, v) for k, v in position.items()})
+        if "best_epoch" not in state:   # written before early stopping: patience counts from here
+            position["best_epoch"] = position["epoch"]
         log(f"resumed from epoch {position['epoch']} step {position['step_in_epoch']} (global step "
             f"{position['global_step']})")
-        if position["epoch"] >= t.epochs:
+        if stopped_early(position):
+            log(f"the run stopped early at epoch {position['epoch']}: no better validation accuracy since epoch "
+                f"{position['best_epoch']} ({t.patience} epoch{'s' * (t.patience != 1)} of patience); nothing to "
+                "train (to go on, raise train.patience)")
+        elif position["epoch"] >= t.epochs:
             log(f"the run has finished its {t.epochs} epoch{'s' * (t.epochs != 1)}: nothing to train (to train it longer, pass a larger "
                 "--epochs: the learning-rate schedule then continues as if planned for the new length)")
         if dist.main:
@@ -573,8 +583,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     progress = Progress(dist.main, log)
     per_rank = t.batch_size // dist.world
     final = {}
+    first_epoch = t.epochs if stopped_early(position) else position["epoch"]
     with stop_signals() as interrupt, tensorboard_scalars(run_dir, t.tensorboard and dist.main) as tensorboard:
-        for epoch in range(position["epoch"], t.epochs):
+        for epoch in range(first_epoch, t.epochs):
             host_order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
             order = host_order.to(device)
             start_step = position["step_in_epoch"]
@@ -728,7 +739,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 tensorboard(row)
             improved = val_set is not None and val["accuracy"] > position["best_acc"]
             if improved:
-                position["best_acc"] = val["accuracy"]
+                position["best_acc"], position["best_epoch"] = val["accuracy"], epoch + 1
             # best.pt first: a crash between the two writes must not leave last.pt claiming a better best
             checkpoint([BEST, LAST] if improved or val_set is None else [LAST])
             if t.keep_every and (epoch + 1) % t.keep_every == 0:
@@ -739,11 +750,16 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 f"{row['img_per_s']:.0f} img/s")
             final = row
             dist.barrier()
+            if stopped_early(position) and epoch + 1 < t.epochs:   # every process saw the same accuracy
+                log(f"early stop: no better validation accuracy for {t.patience} epoch{'s' * (t.patience != 1)} "
+                    f"(the best, {position['best_acc']:.4f} at epoch {position['best_epoch']}, is in best.pt)")
+                break
 
     if not final:  # resumed a finished run
         final = _last_metrics(run_dir / "metrics.csv")
     best = position["best_acc"] if val_set is not None else None
-    final = {**final, "best_val_acc": best, "run_dir": str(run_dir)}
+    final = {**final, "best_val_acc": best, "stopped_early": stopped_early(position) and position["epoch"] < t.epochs,
+             "run_dir": str(run_dir)}
     if dist.main:
         (run_dir / "final.json").write_text(json.dumps(final, indent=2))
     return {"run_dir": str(run_dir), "final": final}

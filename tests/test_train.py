@@ -968,3 +968,31 @@ def test_runs_lists_runs_best_first_with_their_state(tmp_path):
     assert_user_error(run_cli("runs", tmp_path / "nothing"), "is not a folder")
     (tmp_path / "empty").mkdir()
     assert_user_error(run_cli("runs", tmp_path / "empty"), "no runs under", "spec.yaml and metrics.csv")
+
+
+def test_patience_stops_the_run_and_a_resume_respects_it(tmp_path):
+    """train.patience: a run whose validation accuracy stops improving ends early (best.pt holds
+    the best epoch); resuming it trains nothing, unless the patience is raised."""
+    # a learning rate too small to change any prediction: the accuracy of epoch 1 is never beaten
+    text = TINY.replace("epochs: 2", "epochs: 6").replace("lr: 3.0e-3", "lr: 1.0e-12")
+    text = text.replace("schedule: {kind: cosine, warmup_epochs: 0.5}", "schedule: {kind: constant}")
+    spec = write_spec(tmp_path, text + "  patience: 1\n")
+    run = tmp_path / "run"
+    result = run_cli("train", spec, "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert "early stop: no better validation accuracy for 1 epoch (the best" in result.stderr + result.stdout
+    assert [int(r["epoch"]) for r in read_metrics(run)] == [1, 2]
+    final = json.loads((run / "final.json").read_text())
+    assert final["stopped_early"] is True and final["epoch"] == 2
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 1
+    assert json.loads(run_cli("runs", run, "--json").stdout)[0]["state"] == "stopped early"
+    again = run_cli("train", spec, "--out", run, "--resume", "auto")
+    assert again.returncode == 0 and "the run stopped early at epoch 2" in again.stderr + again.stdout
+    assert [int(r["epoch"]) for r in read_metrics(run)] == [1, 2]
+    longer = run_cli("train", spec, "--out", run, "--resume", "auto", "--set", "train.patience=3")
+    assert longer.returncode == 0, longer.stderr
+    assert [int(r["epoch"]) for r in read_metrics(run)] == [1, 2, 3, 4]
+    # without a validation split there is nothing to watch: said at the line
+    no_val = write_spec(tmp_path, text.replace("val_split: 0.2", "val_split: 0") + "  patience: 1\n", "no_val.yaml")
+    assert_user_error(run_cli("validate", no_val), "train.patience: early stopping watches the validation "
+                      "accuracy, but there is no validation split")

@@ -36,6 +36,11 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
     """Problems of the model section alone, of model and data together when both are valid, and
     of the train section."""
     problems: list[Finding] = (_check_train(t) if t is not None else []) + (_check_data(d) if d is not None else [])
+    if t is not None and d is not None and t.patience and d.held_out == 0 and not d.val_root:
+        patience = ("train", "patience")
+        problems.append((patience, "early stopping watches the validation accuracy, but there is no validation "
+                                   "split; set data.val_split (e.g. 0.1) or remove train.patience",
+                         (patience, ("data", "val_split"), ("data", "val_root"))))
     if m is None:
         return problems
     size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim

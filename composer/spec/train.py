@@ -82,6 +82,9 @@ class TrainSpec(Strict):
     max_steps_per_epoch: Optional[PositiveInt] = Field(
         None, description="Cap the optimizer steps per epoch (quick runs on a subset, benchmarks); default: all data."
     )
+    patience: Optional[PositiveInt] = Field(
+        None, description="Early stopping: end the run when the validation accuracy has not improved for this "
+        "many epochs (best.pt keeps the best one). Needs a validation split. None: train every epoch.")
     max_nonfinite: PositiveInt = Field(5, description="Stop after this many consecutive non-finite losses.")
     out_dir: Optional[str] = Field(None, description="Run directory (default runs/<spec name>).")
     init_from: Optional[str] = Field(
