@@ -137,12 +137,14 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, cuda_gr
 @click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--flip", is_flag=True, help="Test-time augmentation: average each image's class probabilities with "
+                                          "its mirror image's.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(target, data_root, split, batch_size, device, as_json):
-    """Accuracy (top-1, top-5), loss and per-class accuracy of a trained run."""
+def evaluate(target, data_root, split, batch_size, device, flip, as_json):
+    """Accuracy (top-1, top-5), loss, per-class accuracy and the most confused classes of a trained run."""
     from composer.evaluate import evaluate as run, render
 
-    result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device)
+    result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device, flip=flip)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
@@ -152,12 +154,13 @@ def evaluate(target, data_root, split, batch_size, device, as_json):
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes listed per image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--flip", is_flag=True, help="Average each image's class probabilities with its mirror image's.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def predict(target, images, top, batch_size, device, as_json):
+def predict(target, images, top, batch_size, device, flip, as_json):
     """Classify IMAGES (files, or folders of them) with a trained run: the top classes and their probabilities."""
     from composer.evaluate import predict as run, render_predictions
 
-    result = run(target, list(images), top=top, batch_size=batch_size, device=device)
+    result = run(target, list(images), top=top, batch_size=batch_size, device=device, flip=flip)
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
 
 

@@ -1,6 +1,8 @@
 """Accuracy and loss of a model on an ImageSet; `composer evaluate` on a trained run."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,10 +12,11 @@ from composer.errors import UserError
 @torch.no_grad()
 def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 512,
                    autocast_dtype: torch.dtype | None = None, num_classes: int | None = None,
-                   device: torch.device | None = None) -> dict:
+                   device: torch.device | None = None, flip: bool = False) -> dict:
     """Top-1 / top-5 accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (a
     (K, K) int64 tensor: row = true class, column = top-1 prediction) over uint8 `images` (N, C, H, W)
-    and `labels`, on `device` (default: the images'); images elsewhere are copied over a batch at a time."""
+    and `labels`, on `device` (default: the images'); images elsewhere are copied over a batch at a time.
+    `flip`: test-time augmentation, each image's class probabilities averaged with its mirror image's."""
     from composer.data import normalize
 
     was_training = model.training
@@ -28,7 +31,7 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
         x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
         y = labels[start:start + batch_size]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(x).float()
+            logits = classify(model, x, flip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top5 += (best == y[:, None]).any(dim=1).double().sum()
@@ -47,6 +50,17 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
     }
 
 
+def classify(model, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """The model's float logits for normalized images `x`; with `flip`, the log of the class
+    probabilities averaged over each image and its horizontal mirror (a log-probability is a
+    logit: softmax and cross-entropy read it as they read logits)."""
+    logits = model(x).float()
+    if not flip:
+        return logits
+    mirrored = model(x.flip(-1)).float()
+    return torch.logaddexp(logits.log_softmax(-1), mirrored.log_softmax(-1)) - math.log(2.0)
+
+
 def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> list[dict]:
     """The `top` largest off-diagonal cells: which true class is most often taken for which other."""
     off = confusion.clone()
@@ -60,7 +74,7 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> 
 
 
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
-             device: str = "auto") -> dict:
+             device: str = "auto", flip: bool = False) -> dict:
     """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`)."""
     from composer.checkpoint import find_checkpoint, load_run
     from composer.data import load_split
@@ -80,9 +94,12 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     # the images stay in host memory, each batch copied over: a test set need not fit on the GPU
     result = evaluate_model(model, data.images, data.labels, mean, std, batch_size=batch_size,
-                            autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev)
+                            autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev, flip=flip)
+    if flip and not spec.data.augment.hflip:
+        result["note"] = ("the run trained without mirrored images (data.augment.hflip: false), so --flip shows it "
+                          "images unlike its training data")
     names = list(data.classes or classes or [str(i) for i in range(spec.model.num_classes)])
-    result.update({"spec": spec.name, "split": split, "checkpoint": str(find_checkpoint(target)),
+    result.update({"spec": spec.name, "split": split, "flip": flip, "checkpoint": str(find_checkpoint(target)),
                    "epoch": state.get("epoch"), "classes": names,
                    "most_confused": most_confused(result["confusion"], names),
                    "confusion": result["confusion"].tolist()})
@@ -90,10 +107,13 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
 
 
 def render(result: dict) -> str:
-    lines = [f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}):",
+    lines = [f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}"
+             + (", each averaged with its mirror image" if result.get("flip") else "") + "):",
              f"  accuracy {result['accuracy']:.4f}   top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
     for name, acc in zip(result["classes"], result["per_class"]):
         lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
+    if result.get("note"):
+        lines.append(f"  note: {result['note']}")
     if result["most_confused"]:
         lines.append("  most confused (true -> predicted):")
         for cell in result["most_confused"]:
@@ -103,7 +123,8 @@ def render(result: dict) -> str:
 
 
 @torch.no_grad()
-def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 256, device: str = "auto") -> dict:
+def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 256, device: str = "auto",
+            flip: bool = False) -> dict:
     """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
     folders of them): for each image, its `top` classes with their softmax probabilities."""
     from composer.checkpoint import find_checkpoint, load_run
@@ -121,7 +142,7 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
     for start in range(0, len(files), batch_size):   # decoded a batch at a time: any number of images
         x = normalize(decode_files(files[start:start + batch_size], spec.model).to(dev), mean, std)
         with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            probs = model(x).float().softmax(-1)
+            probs = classify(model, x, flip).softmax(-1)
         best = probs.topk(k, dim=-1)
         for i, (p, c) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
             rows.append({"image": files[start + i],

@@ -262,6 +262,8 @@ def test_evaluate_saved_run(tmp_path):
     assert [int(h) / int(n) for h, n in zip(confusion.diagonal(), confusion.sum(1))] == report["per_class"]
     text = run_cli("evaluate", tmp_path / "run" / "last.pt", "--split", "test")
     assert text.returncode == 0 and "accuracy" in text.stdout
+    flipped = json.loads(run_cli("evaluate", tmp_path / "run", "--json", "--split", "val", "--flip").stdout)
+    assert flipped["flip"] is True and flipped["images"] == 64 and "note" not in flipped   # TINY trains with hflip
     assert_user_error(run_cli("evaluate", tmp_path / "nothing-here"), "does not exist")
     # a file of the run that is not a checkpoint: named, kept, and the fix is evaluate's own
     metrics = tmp_path / "run" / "metrics.csv"
@@ -996,3 +998,17 @@ def test_patience_stops_the_run_and_a_resume_respects_it(tmp_path):
     no_val = write_spec(tmp_path, text.replace("val_split: 0.2", "val_split: 0") + "  patience: 1\n", "no_val.yaml")
     assert_user_error(run_cli("validate", no_val), "train.patience: early stopping watches the validation "
                       "accuracy, but there is no validation split")
+
+
+def test_flip_averages_the_probabilities_of_an_image_and_its_mirror():
+    from composer.evaluate import classify
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 5, 6))
+    x = torch.randn(7, 3, 4, 5)
+    with torch.no_grad():
+        both = classify(model, x, flip=True)
+        expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+        torch.testing.assert_close(both.exp(), expected)
+        torch.testing.assert_close(both.softmax(-1), expected)   # read as logits, it gives the same probabilities
+        assert torch.equal(classify(model, x), model(x))
