@@ -164,6 +164,25 @@ def predict(target, images, top, batch_size, device, flip, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
 
 
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--vary", "axes", multiple=True, required=True, metavar="KEY.PATH=V1,V2,...",
+              help="A field and the values to try, e.g. --vary train.optimizer.lr=1e-3,3e-3 (repeatable: "
+                   "every combination trains).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder of the sweep's runs (default runs/<name>-sweep).")
+@set_option
+def sweep(spec_path, axes, out_dir, overrides):
+    """Train SPEC for every combination of the --vary values, each into its own run directory;
+    started again, it continues where it stopped. Prints the runs, best first."""
+    from composer.runs import render
+    from composer.sweep import sweep as run
+
+    rows = run(spec_path, list(axes), list(overrides), out_dir)   # logs as composer train does
+    rows.sort(key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0)))
+    click.echo(render(rows))
+
+
 @main.command("runs")
 @click.argument("paths", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
