@@ -605,10 +605,12 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 position["consecutive_nonfinite"] += 1
                 position["nonfinite_total"] += 1
                 if position["consecutive_nonfinite"] >= t.max_nonfinite:
+                    kept = (f"The last good checkpoint is {run_dir / LAST}" if (run_dir / LAST).exists()
+                            else "No checkpoint was saved before it")
                     raise NonFiniteLoss(
                         f"the loss was not finite for {position['consecutive_nonfinite']} steps in a row "
-                        f"(epoch {at_epoch + 1}, step {at_step + 1}); stopped. The last good checkpoint is in "
-                        f"{run_dir}. Try a lower train.optimizer.lr, train.grad_clip, or precision fp32.")
+                        f"(epoch {at_epoch + 1}, step {at_step + 1}); stopped. {kept}. Try a lower "
+                        "train.optimizer.lr, train.grad_clip, or precision fp32.")
                 return 1
 
             def update_on_device(logits, loss, y, at_epoch: int, at_step: int) -> int:

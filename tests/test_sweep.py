@@ -75,6 +75,7 @@ def test_a_diverging_run_does_not_end_the_sweep(tmp_path):
                      "--out", out)
     assert result.returncode == 0, result.stderr
     assert "run 1/2 diverged: the loss was not finite" in result.stdout
+    assert "No checkpoint was saved before it" in result.stdout   # it diverged within its first epoch
     rows = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines() if line.startswith(str(out))}
     assert rows == {str(out / "lr=1e30"): "diverged", str(out / "lr=1e-3"): "finished"}
     assert json.loads((out / "lr=1e-3" / "final.json").read_text())["epoch"] == 1

@@ -138,6 +138,7 @@ def test_nonfinite_loss_guard_stops_with_exit_3(tmp_path, monkeypatch):
                                        "--set", "train.max_nonfinite=3"])
     assert result.exit_code == 3, result.output
     assert "not finite for 3 steps in a row" in result.output
+    assert f"The last good checkpoint is {tmp_path / 'run' / 'last.pt'}" in result.output
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["epoch"] == 1 and state["step_in_epoch"] == 0  # the last good checkpoint stays
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
