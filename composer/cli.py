@@ -183,6 +183,16 @@ def sweep(spec_path, axes, out_dir, overrides):
     click.echo(render(rows))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(as_json):
+    """Versions, GPUs, whether the fused kernels run here (and why not), cache folders: for bug reports."""
+    from composer.info import machine_info, render
+
+    result = machine_info()
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
 @main.command("runs")
 @click.argument("paths", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
