@@ -269,6 +269,17 @@ def visualize_dwconv(run_dir, block, out):
         click.echo(path)
 
 
+@visualize.command("pos-embed")
+@click.argument("run_dir")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
+def visualize_pos_embed(run_dir, out):
+    """Position embeddings: each patch's cosine similarity with every other patch, on the grid."""
+    from composer.visualize import pos_embed
+
+    for path in pos_embed(run_dir, out=out):
+        click.echo(path)
+
+
 @visualize.command("confusion")
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")

@@ -430,6 +430,45 @@ def dwconv(run_dir, block: int | None = None, out=None, device: str = "cpu") -> 
     return paths
 
 
+def position_similarity(pos: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """(h, w, h, w): [r, c] is the cosine similarity of patch (r, c)'s embedding with every patch's,
+    from a position table (1, N, C) whose last h * w rows are the patches (a class token's row first)."""
+    table = F.normalize(pos.detach().float().cpu()[0, -h * w:], dim=-1)
+    return (table @ table.T).reshape(h, w, h, w).numpy()
+
+
+def pos_embed(run_dir, out=None, device: str = "cpu") -> list[str]:
+    """How alike the position embeddings of the patches are: for each patch, the cosine
+    similarity of its embedding with every other patch's, drawn on the patch grid at its place."""
+    from composer.build import PositionEmbedding
+
+    spec, model, _ = load_run(run_dir, device)
+    found = [layer for layer in model.layers if isinstance(layer.module, PositionEmbedding)]
+    if not found:
+        raise UserError(f"run {spec.name!r} has no position embedding (model.pos_embed: none)")
+    h = w = spec.model.grid
+    similarity = position_similarity(found[0].module.pos, h, w)
+    tile = min(0.6, 9.0 / max(h, w))
+    fig = Figure(figsize=(tile * w + 1.4, tile * h + 1.0), layout="constrained")
+    axes = fig.subplots(h, w, squeeze=False)
+    im = None
+    for (r, c), ax in np.ndenumerate(axes):
+        im = ax.imshow(similarity[r, c], cmap=WEIGHT_CMAP, vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_linewidth(0.3)
+    for r in range(h):
+        axes[r, 0].set_ylabel(str(r + 1), fontsize=6, rotation=0, labelpad=6)
+    for c in range(w):
+        axes[-1, c].set_xlabel(str(c + 1), fontsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.8, aspect=30, label="cosine similarity")
+    _suptitle(fig, f"{spec.name} · {spec.model.pos_embed} position embeddings on the {h}x{w} patch grid\n"
+                   "each tile: one patch's similarity with every patch (row, column of the tile = its place)")
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
+    return [_save(fig, _out_dir(run_dir, out) / "pos_embed.png")]
+
+
 # -- training curves -------------------------------------------------------------------------
 
 def _read_metrics(run_dir: Path) -> dict[str, list]:

@@ -4,6 +4,7 @@ One hybrid run (convmixer -> mixer -> vit, class token) is trained once with the
 kernels (interpreter mode on CPU, see conftest) so every command applies to it; a pure
 ViT run checks the message for a block kind a run lacks.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,6 +203,18 @@ def test_rollout_averages_heads_adds_identity_and_admits_a_late_class_token():
     torch.testing.assert_close(both.sum(-1), torch.ones(5))
 
 
+def test_position_similarity_is_the_cosine_of_the_patches_embeddings():
+    from composer.visualize import position_similarity
+
+    pos = torch.randn(1, 1 + 3 * 4, 8)   # a class token's row, then a 3 x 4 grid
+    sim = position_similarity(pos, 3, 4)
+    patches = pos[0, 1:]
+    for (r, c, r2, c2), value in np.ndenumerate(sim):
+        expected = F.cosine_similarity(patches[r * 4 + c], patches[r2 * 4 + c2], dim=0)
+        assert value == pytest.approx(float(expected), abs=1e-6)
+    assert np.allclose(sim[np.arange(3)[:, None], np.arange(4), np.arange(3)[:, None], np.arange(4)], 1.0)
+
+
 # -- the commands ---------------------------------------------------------------------------
 
 def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
@@ -217,6 +230,7 @@ def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
     assert all(p.startswith(str(hybrid_run / "figures")) for p in paths)
     assert_pngs(printed_paths(invoke("dwconv", hybrid_run, "--block", 0, "--out", tmp_path)), 1)
     assert_pngs(printed_paths(invoke("curves", hybrid_run, vit_run, "--out", tmp_path)), 1)
+    assert_pngs(printed_paths(invoke("pos-embed", hybrid_run, "--out", tmp_path)), 1)
     paths = printed_paths(invoke("confusion", vit_run / "best.pt", "--split", "val"))
     assert_pngs(paths, 1)
     assert paths == [str(vit_run / "figures" / "confusion_val.png")]
@@ -230,6 +244,7 @@ def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
     (("attention", "HYBRID", "--image", 8), ["--image 8 is out of range", "8 images"]),
     (("attention", "HYBRID", "--head", 2), ["--head 2 is out of range", "2 heads"]),
     (("curves", "NOWHERE"), ["not a run directory"]),
+    (("pos-embed", "VIT"), ["run 'tiny_vit' has no position embedding (model.pos_embed: none)"]),
     (("confusion", "NOWHERE"), ["does not exist", "give a run directory or a checkpoint"]),
 ])
 def test_user_errors(hybrid_run, vit_run, tmp_path, args, fragments):
