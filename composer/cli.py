@@ -184,6 +184,30 @@ def sweep(spec_path, axes, out_dir, overrides):
 
 
 @main.command()
+@click.argument("out", metavar="OUT.yaml")
+@click.option("--data", required=True, metavar="FOLDER|KIND",
+              help="An image folder (or archive) of <class>/<image>, or cifar10, cifar100, mnist, fashion_mnist, "
+                   "digits, synthetic.")
+@click.option("--arch", type=click.Choice(["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer"]),
+              default="vit", show_default=True)
+@click.option("--val", metavar="FOLDER", help="A validation folder of the same classes (default: hold out 10%).")
+@click.option("--image-size", type=click.IntRange(min=4), help="The model's input size (default: from the images).")
+@click.option("--root", help="Where a torchvision dataset is (or will be downloaded); default data/<kind>.")
+@click.option("--force", is_flag=True, help="Replace OUT.yaml if it exists.")
+def init(out, data, arch, val, image_size, root, force):
+    """Write a starting spec for a dataset and an architecture, sized from the data."""
+    from composer.init import write_init
+
+    result = write_init(out, data, arch=arch, val=val, image_size=image_size, root=root, force=force)
+    spec = result["spec"]
+    click.echo(f"{result['found']}")
+    click.echo(f"wrote {result['path']}: {arch}, {result['params']:,} parameters, {spec.model.input_size}x"
+               f"{spec.model.input_size} input, patch {spec.model.stem.patch_size}, batch {spec.train.batch_size}, "
+               f"{spec.train.epochs} epochs")
+    click.echo(f"next: composer summarize {result['path']}; composer train {result['path']}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(as_json):
     """Versions, GPUs, whether the fused kernels run here (and why not), cache folders: for bug reports."""

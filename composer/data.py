@@ -241,6 +241,21 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     return found
 
 
+def scan_folder(root: str, cache_dir: str | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(image path, label) pairs and class names of an image folder, or of an archive of one
+    (extracted into the cache once, where training will find it)."""
+    path = Path(_expand(root))
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give an image folder laid out as <root>/<class>/<image>, "
+                        "or an archive of one")
+    if path.is_dir():
+        return _scan(path, str(path))
+    if not path.name.lower().endswith(ARCHIVE_EXTENSIONS):
+        raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)})")
+    cache = Path(_expand(cache_dir or os.environ.get("COMPOSER_CACHE") or "~/.cache/composer"))
+    return _scan(_class_root(_extract(path, cache)), f"archive {path}")
+
+
 def image_files(paths: list[str]) -> list[str]:
     """The image files at `paths` (files, or folders searched recursively), in order."""
     files = []
