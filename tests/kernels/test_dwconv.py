@@ -325,7 +325,7 @@ RELOAD = {**STREAM, "reload": True}   # the weight gradient re-reading g from me
 
 
 _STREAMING_CASES = {   # id: (k, (H, W), tile, batch, dtypes)
-    "k9": (9, (20, 40), {"TILE_W": 16}, 3, DTYPES),                 # several column windows, a ragged last one
+    "k9": (9, (13, 40), {"TILE_W": 16}, 3, DTYPES),                 # several column windows, a ragged last one
     "k7-rows-units": (7, (9, 13), {"ROWS": 4, "UNITS": 1}, 17, DTYPES),   # row chunks, two image groups,
                                                                     # a unit a program
     "k5-wide": (5, (32, 32), {"TILE_W": 32, "BLOCK_C": 2}, 2, DTYPES),    # 32-wide windows, two channels
