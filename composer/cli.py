@@ -71,27 +71,36 @@ def schema(output):
 
 
 @main.command()
-@click.argument("spec_path", metavar="SPEC")
+@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True)
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Batch for shapes/memory.")
 @click.option("--kernels", "backend", type=click.Choice(["auto", "triton", "reference"]), default=None,
               help="Kernel backend to report (default: the spec's train.kernels).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @set_option
-def summarize(spec_path, batch_size, backend, as_json, overrides):
-    """Per-block shapes, parameters, FLOPs, activation memory and kernel path."""
-    from composer.spec import load_spec
-    from composer.summarize import render, summarize as run
+def summarize(spec_paths, batch_size, backend, as_json, overrides):
+    """Per-block shapes, parameters, FLOPs, activation memory and kernel path; with several
+    specs, one row each, side by side."""
+    from composer.spec import SpecError, load_spec
+    from composer.summarize import render, render_comparison, summarize as run
 
-    result = run(load_spec(spec_path, overrides), batch_size=batch_size, backend=backend)
+    specs, problems = [], []
+    for path in spec_paths:   # every spec's problems at once
+        try:
+            specs.append(load_spec(path, overrides))
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(problems)
+    results = [run(spec, batch_size=batch_size, backend=backend) for spec in specs]
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
         from rich.console import Console
 
         console = Console()
         if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
             console = Console(width=200)
-        console.print(render(result))
+        console.print(render(results[0]) if len(results) == 1 else render_comparison(results))
 
 
 def _spec_overrides(overrides, **options):

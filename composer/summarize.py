@@ -96,6 +96,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         })
     return {
         "spec": spec.name,
+        "blocks": ", ".join(f"{b.kind} x{b.repeat}" if b.repeat > 1 else b.kind for b in spec.model.blocks),
         "batch_size": batch_size,
         "device": device,
         "activation_dtype": str(dtype).replace("torch.", ""),
@@ -146,5 +147,25 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
                 "block's on top while it runs it again)." if summary["recompute"] else ".")]
     notes += [f"{op} not on Triton: {'; '.join(why)}" for op, why in reasons.items()]
     table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table
+
+
+def render_comparison(summaries: list[dict]) -> "rich.table.Table":  # noqa: F821
+    """Several specs side by side: what each one is and what it costs."""
+    from rich.table import Table
+
+    first = summaries[0]
+    table = Table(title=f"{len(summaries)} specs: batch {first['batch_size']} on {first['device']}, activations in "
+                        f"{first['activation_dtype']}")
+    for col in ("spec", "blocks", "input", "stem output", "params", "FLOPs/img", "act. mem", "fused kernels"):
+        table.add_column(col, justify="right" if col in ("params", "FLOPs/img", "act. mem") else "left", no_wrap=True)
+    for s in summaries:
+        stem = s["rows"][0]
+        fused = sorted({r["kernel"].split(":")[0] for r in s["rows"] if ": triton" in r["kernel"]})
+        table.add_row(s["spec"], s["blocks"], "x".join(str(d) for d in stem["input"][2:]),
+                      "(" + ", ".join(str(d) for d in stem["output"][1:]) + ")", f"{s['params']:,}",
+                      human(s["flops"]), human(s["activation_bytes"], "B"), ", ".join(fused) or "none here")
+    table.caption = f"FLOPs: {first['flop_convention']}. Activation memory: an estimate of what backward keeps."
     table.caption_justify = "left"
     return table

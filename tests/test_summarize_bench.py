@@ -26,6 +26,25 @@ def test_summarize_json_and_table():
         assert fragment in table.stdout, fragment
 
 
+def test_summarize_several_specs_side_by_side(tmp_path):
+    names = ["vit_ti16", "mixer_s16", "convmixer_768_32"]
+    result = run_cli("summarize", *(SPECS / f"{n}.yaml" for n in names), "--json", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    each = json.loads(result.stdout)
+    assert [s["spec"] for s in each] == names and [s["params"] for s in each] == [5_717_416, 18_528_264, 21_110_248]
+    alone = json.loads(run_cli("summarize", SPECS / "mixer_s16.yaml", "--json", "--batch-size", "4").stdout)
+    assert each[1] == alone and alone["blocks"] == "mixer x8"
+    table = run_cli("summarize", *(SPECS / f"{n}.yaml" for n in names)).stdout
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines() if line.count("│") > 2}
+    assert set(rows) >= set(names) and "18,528,264" in rows["mixer_s16"] and "(384, 14, 14)" not in rows["mixer_s16"]
+    assert "224x224" in rows["vit_ti16"] and "(192, 14, 14)" in rows["vit_ti16"] and "convmixer x32" in table
+    # every file's problems at once
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((SPECS / "vit_ti16.yaml").read_text().replace("heads: 3", "heads: 5"))
+    result = run_cli("summarize", bad, SPECS / "mixer_s16.yaml", tmp_path / "missing.yaml")
+    assert_user_error(result, "model.blocks[0].heads: 5 does not divide dim 192", f"{tmp_path / 'missing.yaml'}: no such file")
+
+
 def test_summarize_counts_what_recomputed_blocks_keep():
     """With train.recompute a token block keeps only its input (B, N, C) for the backward; the
     grid blocks' (BatchNorm) estimates stay as they were."""
