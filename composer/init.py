@@ -183,7 +183,10 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
     name = path.stem
     spec = {"name": name, "description": f"{arch} for {found.split(':')[0]}, written by composer init",
             "model": model, "data": data_section, "train": train_section(arch, train_images)}
-    text = (f"# {found}\n# written by composer init; every key: composer schema, or the README's spec section\n"
+    notes = [found, "written by composer init; every key: composer schema, or the README's spec section"]
+    if data not in BUILTIN:
+        notes.append("data.augment.hflip: set it to false if a mirrored image is another class (text, digits)")
+    text = ("".join(f"# {note}\n" for note in notes)
             + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=110))
     parsed = load_spec_text(text, str(path))   # never write a spec that does not load
     params = count_params(build_model(parsed))

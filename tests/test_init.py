@@ -39,6 +39,7 @@ def test_init_from_a_folder_sizes_the_spec_and_it_trains(tmp_path):
     assert spec.data.kind == "folder" and spec.data.root == str(folder) and spec.data.held_out == 0.1
     assert spec.train.batch_size == 16 and spec.model.blocks[0].repeat == 4   # little data: a smaller model
     assert out.read_text().startswith(f"# {folder}: 3 classes")
+    assert "# data.augment.hflip: set it to false if a mirrored image is another class" in out.read_text()
     trained = run_cli("train", out, "--epochs", "1", "--out", tmp_path / "run", "--set", "train.device=cpu")
     assert trained.returncode == 0, trained.stderr
     # grayscale images make a one-channel model; a validation folder replaces the held-out part
