@@ -489,8 +489,13 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         cleanup.enter_context(hold_run_directory(run_dir))
     if state is not None:
         model.load_state_dict(state["model"])
+        # the spec's hyperparameters as this run states them (the loaded state would bring back the saved ones)
+        stated = [{k: group[k] for k in OPTIMIZER_HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        changed = _apply_stated_hyperparameters(optimizer, scheduler, stated, yaml.safe_load(state["spec_yaml"]), spec)
+        if changed:
+            log(f"resumed with {', '.join(changed)}: from here on")
         if state["scaler"]:  # empty when the run did not use a GradScaler
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema"):
@@ -896,6 +901,25 @@ def _step_flags(loss: torch.Tensor, interrupted: bool, dist: Distributed) -> tup
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     finite, go_on = flags.tolist()
     return finite == 1.0, go_on == 0.0
+
+
+# what the optimizer's parameter groups take from the spec ("initial_lr": the schedule's peak)
+OPTIMIZER_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "momentum")
+
+
+def _apply_stated_hyperparameters(optimizer, scheduler, stated: list[dict], saved_spec: dict, spec: Spec) -> list[str]:
+    """After loading a checkpoint's optimizer: its moments stay, but the learning rate, weight decay,
+    betas and momentum are the spec's now, so a resume with --set train.optimizer.lr=... does what it
+    says. The schedule goes on from the same step at the new peak. Returns the changes, as said."""
+    for group, values in zip(optimizer.param_groups, stated, strict=True):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)   # as the scheduler's own step sets it
+    before = saved_spec.get("train", {}).get("optimizer", {})
+    now = spec.train.optimizer.model_dump(mode="json")
+    return [f"train.optimizer.{k} {before[k]} -> {now[k]}" for k in ("lr", "weight_decay", "betas", "momentum")
+            if k in before and before[k] != now[k]]
 
 
 def _optimizer_fields(train: dict) -> dict:

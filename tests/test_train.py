@@ -1013,3 +1013,21 @@ def test_flip_averages_the_probabilities_of_an_image_and_its_mirror():
         torch.testing.assert_close(both.exp(), expected)
         torch.testing.assert_close(both.softmax(-1), expected)   # read as logits, it gives the same probabilities
         assert torch.equal(classify(model, x), model(x))
+
+
+def test_resume_takes_the_specs_new_learning_rate_and_weight_decay(tmp_path):
+    """A resume with --set train.optimizer.lr=... (or weight_decay) trains on with the new values
+    from the step it resumes at, keeping the optimizer's moments; said in the log."""
+    spec = write_spec(tmp_path, TINY.replace("epochs: 2", "epochs: 3").replace("schedule: {kind: cosine, "
+                                                                                "warmup_epochs: 0.5}",
+                                                                                "schedule: {kind: constant}"))
+    run = tmp_path / "run"
+    assert run_cli("train", spec, "--out", run, "--epochs", "1").returncode == 0
+    result = run_cli("train", spec, "--out", run, "--resume", "auto", "--epochs", "2",
+                     "--set", "train.optimizer.lr=1e-3", "--set", "train.optimizer.weight_decay=0.2")
+    assert result.returncode == 0, result.stderr
+    assert ("resumed with train.optimizer.lr 0.003 -> 0.001, train.optimizer.weight_decay 0.05 -> 0.2: from here on"
+            in result.stdout)
+    assert [float(r["lr"]) for r in read_metrics(run)] == [0.003, 0.001]
+    groups = torch.load(run / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert {g["initial_lr"] for g in groups} == {0.001} and {g["weight_decay"] for g in groups} == {0.2, 0.0}
