@@ -184,12 +184,11 @@ def predict(target, images, top, batch_size, device, flip, as_json):
 def sweep(spec_path, axes, out_dir, overrides):
     """Train SPEC for every combination of the --vary values, each into its own run directory;
     started again, it continues where it stopped. Prints the runs, best first."""
-    from composer.runs import render
+    from composer.runs import best_first, render
     from composer.sweep import sweep as run
 
     rows = run(spec_path, list(axes), list(overrides), out_dir)   # logs as composer train does
-    rows.sort(key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0)))
-    click.echo(render(rows))
+    click.echo(render(best_first(rows)))
 
 
 @main.command()

@@ -7,6 +7,7 @@ decoded once and cached as a tensor; archives are extracted once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import lzma
 import math
@@ -101,7 +102,7 @@ def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field
     if data.kind in TORCHVISION_SETS:
         found, where = _load_torchvision(data.kind, root, train, data.download), _expand(root)
     elif data.kind == "folder":
-        found, where = _load_folder(root, model, _cache_dir(data), field, echo), _expand(root)
+        found, where = _load_folder(root, model, cache_root(data.cache_dir), field, echo), _expand(root)
     elif data.kind == "digits":
         found, where = _load_digits(), "scikit-learn's digits"
     else:
@@ -252,8 +253,7 @@ def scan_folder(root: str, cache_dir: str | None = None) -> tuple[list[tuple[str
         return _scan(path, str(path))
     if not path.name.lower().endswith(ARCHIVE_EXTENSIONS):
         raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)})")
-    cache = Path(_expand(cache_dir or os.environ.get("COMPOSER_CACHE") or "~/.cache/composer"))
-    return _scan(_class_root(_extract(path, cache)), f"archive {path}")
+    return _scan(_class_root(_extract(path, cache_root(cache_dir))), f"archive {path}")
 
 
 def image_files(paths: list[str]) -> list[str]:
@@ -426,20 +426,19 @@ def _decode_images(paths: list[str], channels: int, size: int, report=None) -> n
     report(0, len(paths))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(cpus, len(jobs), 16)
-    if workers > 1 and sys.platform.startswith("linux"):
+    parallel = workers > 1 and sys.platform.startswith("linux")
+    pool = contextlib.nullcontext()
+    if parallel:
         # fork (safe on Linux; not on macOS): the workers run only PIL and numpy and need no torch re-import.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns on fork with threads
             pool = multiprocessing.get_context("fork").Pool(workers)
-        with pool:
-            parts = []
-            for part in pool.imap(_decode_chunk, jobs):   # in order, as they finish
-                parts.append(part)
-                report(min(len(parts) * DECODE_CHUNK, len(paths)), len(paths))
-    else:
+    with pool:
+        # in order, each chunk as it is done
+        chunks = pool.imap(_decode_chunk, jobs) if parallel else map(_decode_chunk, jobs)
         parts = []
-        for job in jobs:
-            parts.append(_decode_chunk(job))
+        for part in chunks:
+            parts.append(part)
             report(min(len(parts) * DECODE_CHUNK, len(paths)), len(paths))
     for part in parts:
         if isinstance(part, tuple):
@@ -467,8 +466,10 @@ def _decode_chunk(job: tuple[list[str], int, int]) -> np.ndarray | tuple[str, st
 
 # -- cache helpers -----------------------------------------------------------------
 
-def _cache_dir(data: DataSpec) -> Path:
-    return Path(_expand(data.cache_dir or os.environ.get("COMPOSER_CACHE") or "~/.cache/composer"))
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where decoded datasets and extracted archives are cached: `cache_dir` (data.cache_dir),
+    else $COMPOSER_CACHE, else ~/.cache/composer."""
+    return Path(_expand(cache_dir or os.environ.get("COMPOSER_CACHE") or "~/.cache/composer"))
 
 
 def _expand(path: str | None) -> str:

@@ -14,6 +14,7 @@ from importlib import metadata
 def machine_info() -> dict:
     import torch
 
+    from composer.data import cache_root
     from kernels import tuning
     from kernels.dispatch import device_reasons, interpreter_mode, triton_import_error
 
@@ -39,7 +40,7 @@ def machine_info() -> dict:
         "cuda_devices": devices, "cpu_threads": torch.get_num_threads(),
         "kernels": {"backend": "triton" if not reasons else "reference", "interpreter": interpreter_mode(),
                     "reasons": reasons},
-        "cache_dir": os.environ.get("COMPOSER_CACHE") or os.path.expanduser("~/.cache/composer"),
+        "cache_dir": str(cache_root()),
         "tuned": {"user": tuning.user_path(), "user_exists": os.path.exists(tuning.user_path()),
                   "shipped": tuning.SHIPPED},
         "executable": sys.executable,

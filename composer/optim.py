@@ -32,20 +32,18 @@ def layer_depths(model) -> tuple[dict[int, int], int]:
     what comes before the first block (embeddings); 1..L: the blocks, counting each repeat of a spec
     block once (a vit block's attention and MLP share one depth); L + 1: the head. A class token joining
     between blocks shares the depth of the block after it."""
-    depths, depth, previous = {}, 0, None
+    depths, depth, previous, waiting = {}, 0, None, []
     for i, layer in enumerate(model.layers):
-        if isinstance(layer.module, Block):
-            key = re.sub(r"\.\w+( #\d+)?$", r"\1", layer.name)   # "blocks[2].attention #3" -> "blocks[2] #3"
-            if key != previous:
-                depth, previous = depth + 1, key
-            depths[i] = depth
+        if not isinstance(layer.module, Block):
+            waiting.append(i)   # takes the next block's depth (0 before the first block)
+            continue
+        key = re.sub(r"\.\w+( #\d+)?$", r"\1", layer.name)   # "blocks[2].attention #3" -> "blocks[2] #3"
+        if key != previous:
+            depth, previous = depth + 1, key
+        depths.update({j: depth if depth > 1 else 0 for j in waiting} | {i: depth})
+        waiting = []
     top = depth + 1
-    for i in reversed(range(len(model.layers))):   # other stages: the depth of the next block
-        if i not in depths:
-            depths[i] = depths.get(i + 1, top) if i + 1 < len(model.layers) else top
-    first_block = min((i for i, layer in enumerate(model.layers) if isinstance(layer.module, Block)), default=None)
-    for i in range(first_block or 0):
-        depths[i] = 0
+    depths.update({j: top for j in waiting})   # the head
     return depths, top
 
 

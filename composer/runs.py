@@ -57,9 +57,10 @@ def describe(run: Path) -> dict:
     done = int(float(rows[-1]["epoch"])) if rows else 0
     scored = [r for r in rows if _number(r.get("val_acc")) is not None]
     best = max(scored, key=lambda r: _number(r["val_acc"]), default=None)
+    final = _final(run)
     if _running(run):
         state = "running"
-    elif _final(run).get("stopped_early") and _final(run).get("epoch") == done:
+    elif final.get("stopped_early") and final.get("epoch") == done:
         state = "stopped early"
     elif planned is not None and done >= planned:
         state = "finished"
@@ -81,6 +82,11 @@ def list_runs(paths: list[str]) -> list[dict]:
     if not runs:
         raise UserError(f"no runs under {', '.join(paths)}; a run directory holds the spec.yaml and "
                         "metrics.csv that composer train writes")
+    return best_first(runs)
+
+
+def best_first(runs: list[dict]) -> list[dict]:
+    """Runs by best validation accuracy, highest first; those without one last."""
     return sorted(runs, key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0)))
 
 

@@ -493,7 +493,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         stated = [{k: group[k] for k in OPTIMIZER_HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        changed = _apply_stated_hyperparameters(optimizer, scheduler, stated, yaml.safe_load(state["spec_yaml"]), spec)
+        changed = _apply_stated_hyperparameters(optimizer, scheduler, stated, saved, spec)
         if changed:
             log(f"resumed with {', '.join(changed)}: from here on")
         if state["scaler"]:  # empty when the run did not use a GradScaler

@@ -372,8 +372,9 @@ def _read_with_bases(text: str, source: str, chain: tuple[str, ...]) -> tuple[di
         raise SpecError([Problem(values[("base",)], "base", f"expected the path of a spec file, got {given!r}")])
     here = Path(source).parent if not source.startswith("<") else Path.cwd()
     path = (here / Path(given).expanduser()).resolve()
-    if str(path) in chain + (str(Path(source).resolve()),):
-        loop = " -> ".join(Path(c).name for c in chain + (str(Path(source).resolve()), str(path)))
+    chain = chain + (str(Path(source).resolve()),)
+    if str(path) in chain:
+        loop = " -> ".join(Path(c).name for c in chain + (str(path),))
         raise SpecError([Problem(values[("base",)], "base", f"the bases form a loop ({loop}); remove one 'base:'")])
     try:
         base_text = _read_spec_file(path)
@@ -381,13 +382,13 @@ def _read_with_bases(text: str, source: str, chain: tuple[str, ...]) -> tuple[di
         reason = exc.problems[0].message
         raise SpecError([Problem(values[("base",)], "base", f"{given} ({path}) {reason}; give the path of a spec "
                                                             f"file, relative to {here}")]) from None
-    base, base_values, base_keys = _read_with_bases(base_text, _shown_path(path),
-                                                    chain + (str(Path(source).resolve()),))
+    base, base_values, base_keys = _read_with_bases(base_text, _shown_path(path), chain)
     for field in INHERITED_NOT:   # these describe the base file itself
         base.pop(field, None)
     base.pop("base", None)   # the base's own base is merged in already
     merged = _merge(base, data)   # with this file's `base:` as written (Spec.base; never dumped)
-    return merged, _merge_positions(base, data, base_values, values), _merge_positions(base, data, base_keys, keys)
+    replaced = _replaced_paths(base, data)
+    return merged, _positions_after(replaced, base_values, values), _positions_after(replaced, base_keys, keys)
 
 
 def _merge(base, child):
@@ -398,18 +399,19 @@ def _merge(base, child):
     return child
 
 
-def _merge_positions(base, child, base_pos: dict, child_pos: dict) -> dict:
-    """Positions after `_merge`: the base's, less those under any value the child replaced, then the child's."""
-    replaced = []
+def _replaced_paths(base: dict, child: dict, path: tuple = ()) -> list[tuple]:
+    """The paths where `_merge` puts a value of the child's in place of anything the base had there."""
+    out = []
+    for k, v in child.items():
+        if k in base and isinstance(base[k], dict) and isinstance(v, dict):
+            out += _replaced_paths(base[k], v, path + (k,))
+        else:
+            out.append(path + (k,))
+    return out
 
-    def walk(b, c, path):
-        for k, v in c.items():
-            if k in b and isinstance(b[k], dict) and isinstance(v, dict):
-                walk(b[k], v, path + (k,))
-            else:
-                replaced.append(path + (k,))
 
-    walk(base, child, ())
+def _positions_after(replaced: list[tuple], base_pos: dict, child_pos: dict) -> dict:
+    """Positions after `_merge`: the base's, less those under a value the child replaced, then the child's."""
     kept = {p: at for p, at in base_pos.items() if not any(p[:len(r)] == r for r in replaced)}
     return {**kept, **child_pos}
 
