@@ -146,6 +146,7 @@ class ComposedModel(nn.Module):
         self.layers = layers
         self.stages = nn.ModuleList(layer.module for layer in layers)
         self.recomputed: frozenset[int] = frozenset()   # stages whose activations the backward recomputes
+        self.frozen = 0   # the first stages that keep their weights (train.freeze)
 
     def recompute_token_blocks(self) -> int:
         """Activation checkpointing (train.recompute): from now on, each block in token layout
@@ -156,9 +157,33 @@ class ComposedModel(nn.Module):
                                     if isinstance(layer.module, Block) and layer.module.layout == "tokens")
         return len(self.recomputed)
 
+    def freeze(self, stages: int) -> int:
+        """Fine-tuning (train.freeze): the first `stages` stages keep their weights. They get no
+        gradients, stay in evaluation mode while the rest trains (BatchNorm keeps its running
+        statistics, dropout and drop path are off: the features the rest learns on do not drift),
+        and run without autograd: nothing before them trains, so the backward stops where they
+        end and none of their activations is kept. Returns the parameters frozen."""
+        self.frozen = stages
+        for stage in self.stages[:stages]:
+            stage.requires_grad_(False)
+        self.train(self.training)
+        return sum(p.numel() for stage in self.stages[:stages] for p in stage.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for stage in self.stages[:self.frozen]:
+            stage.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                for stage in self.stages[:self.frozen]:
+                    x = stage(x)
         recompute = self.training and torch.is_grad_enabled()
         for i, stage in enumerate(self.stages):
+            if i < self.frozen:
+                continue
             if recompute and i in self.recomputed:
                 # non-reentrant: the recomputation restores the RNG (dropout, drop path draw the same)
                 x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)

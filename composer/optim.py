@@ -47,6 +47,18 @@ def layer_depths(model) -> tuple[dict[int, int], int]:
     return depths, top
 
 
+def frozen_stages(model, freeze: int | str | None) -> int:
+    """How many leading stages train.freeze keeps fixed: N is the stem, the embeddings and the first
+    N blocks (layer_depths' counting: depths 0..N); "backbone" is every stage before the head. A class
+    token joining later takes the depth of the block after it, so it trains with that block. Depths
+    never decrease along the stages, so the frozen ones are always a prefix."""
+    if freeze is None:
+        return 0
+    depths, top = layer_depths(model)
+    limit = top - 1 if freeze == "backbone" else freeze
+    return sum(1 for i in range(len(model.layers)) if depths.get(i, top) <= limit)
+
+
 def make_optimizer(spec: Spec, model) -> torch.optim.Optimizer:
     o = spec.train.optimizer
     groups = param_groups(model, o.weight_decay, o.layer_decay)

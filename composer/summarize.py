@@ -14,6 +14,7 @@ import torch
 import kernels
 from composer.blocks.base import Block
 from composer.build import ComposedModel, build_model, count_params, model_backend, prepare_for_compile
+from composer.optim import frozen_stages
 from composer.spec import Spec
 
 FLOP_CONVENTION = "multiply-add = 2 FLOPs; matmuls and convolutions only (as torch.utils.flop_counter)"
@@ -67,6 +68,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
     from composer.train import training_memory_format
 
     act_bytes = torch.finfo(dtype).bits // 8
+    frozen = frozen_stages(model, spec.train.freeze)   # they keep no activations: ComposedModel.freeze
     channels_last = training_memory_format(spec, torch.device(device)) == torch.channels_last
     rows = []
     for i, layer in enumerate(model.layers):
@@ -90,7 +92,9 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             "output": [batch_size, *layer.out_shape],
             "params": count_params(layer.module),
             "flops_per_image": layer.cost.flops,
-            "activation_bytes": kept_activations(layer, spec.train.recompute) * act_bytes * batch_size,
+            "activation_bytes": 0 if i < frozen else kept_activations(layer, spec.train.recompute) * act_bytes
+            * batch_size,
+            "frozen": i < frozen,
             "kernel": path,
             "kernel_reasons": reasons,
         })
@@ -104,6 +108,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         "flops": sum(r["flops_per_image"] for r in rows),
         "activation_bytes": sum(r["activation_bytes"] for r in rows),
         "recompute": spec.train.recompute,
+        "trainable_params": sum(r["params"] for r in rows if not r["frozen"]),
         "flop_convention": FLOP_CONVENTION,
         "rows": rows,
     }
@@ -135,7 +140,7 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     reasons: dict[str, list[str]] = {}
     for r in summary["rows"]:
-        table.add_row(str(r["index"]), r["name"], r["layout"], f"{shape(r['input'])} -> {shape(r['output'])}",
+        table.add_row(str(r["index"]), r["name"] + " (frozen)" * r["frozen"], r["layout"], f"{shape(r['input'])} -> {shape(r['output'])}",
                       f"{r['params']:,}", human(r["flops_per_image"]), human(r["activation_bytes"], "B"), r["kernel"])
         if r["kernel_reasons"]:
             reasons.setdefault(r["kernel"].split(":")[0], r["kernel_reasons"])
@@ -145,6 +150,10 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
     notes = [f"FLOPs: {summary['flop_convention']}.", "Activation memory: an estimate of what backward keeps"
              + (" (train.recompute: token blocks keep only their inputs, and the backward holds one "
                 "block's on top while it runs it again)." if summary["recompute"] else ".")]
+    frozen = [r["index"] for r in summary["rows"] if r["frozen"]]
+    if frozen:
+        notes.append(f"train.freeze: layers {frozen[0]}-{frozen[-1]} keep their weights and no activations; "
+                     f"{summary['trainable_params']:,} of {summary['params']:,} parameters train.")
     notes += [f"{op} not on Triton: {'; '.join(why)}" for op, why in reasons.items()]
     table.caption = "\n".join(notes)
     table.caption_justify = "left"

@@ -31,7 +31,7 @@ from composer.checkpoint import (BEST, LAST, find_checkpoint, init_from_run, lib
 from composer.errors import SpecFieldError, UserError
 from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
-from composer.optim import Ema, lr_factor, make_optimizer
+from composer.optim import Ema, frozen_stages, lr_factor, make_optimizer
 from composer.spec import Spec
 from composer.summarize import human
 from composer.spec.data import DataSpec
@@ -386,8 +386,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         # The data split and the batch size fix which images are validation and the schedule's length:
         # changing them mid-run would leak validation images into training or jump the learning rate.
         diffs += model_differences(_split_fields(saved["data"]), _split_fields(now["data"]), "data")
-        diffs += model_differences({"batch_size": saved["train"]["batch_size"]},
-                                   {"batch_size": now["train"]["batch_size"]}, "train")
+        # the optimizer's saved state holds the parameters that train: the frozen layers decide which
+        diffs += model_differences({k: saved["train"].get(k) for k in ("batch_size", "freeze")},
+                                   {k: now["train"].get(k) for k in ("batch_size", "freeze")}, "train")
         # the optimizer's saved state has the parameter groups and moments of its kind and layer decay
         diffs += model_differences(_optimizer_fields(saved["train"]), _optimizer_fields(now["train"]),
                                    "train.optimizer")
@@ -451,6 +452,14 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 log(init_from_run(model, spec, t.init_from))
             except UserError as exc:
                 raise SpecFieldError("train.init_from", str(exc)) from None
+    if t.freeze is not None:
+        stages = frozen_stages(model, t.freeze)
+        frozen = model.freeze(stages)
+        log(f"freeze: {model.layers[0].name} to {model.layers[stages - 1].name} keep their weights ({frozen:,} "
+            f"parameters, run without gradients, BatchNorm and dropout as in evaluation); "
+            f"{count_params(model) - frozen:,} parameters train")
+        if not t.init_from:
+            log("note: train.freeze without train.init_from keeps layers at their random initial weights")
     if t.compile:
         outside = prepare_for_compile(model, t.kernels, device)
         if outside:

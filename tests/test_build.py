@@ -315,3 +315,50 @@ def test_convmixer_blocks_fused_batch_norm_falls_back(monkeypatch):
     torch.manual_seed(1)
     torch.testing.assert_close(got, plain(x), rtol=1e-4, atol=1e-5)
     assert calls and all(k["residual"] is None for k in calls)
+
+
+def test_frozen_stages_keep_their_weights_and_statistics_and_run_as_in_evaluation():
+    import copy
+
+    from composer.optim import frozen_stages
+    spec = load_spec_text("""
+model:
+  image_size: 16
+  num_classes: 5
+  stem: {patch_size: 2, dim: 16, activation: gelu, norm: batchnorm}
+  blocks:
+    - {kind: convmixer, kernel_size: 3, repeat: 2, drop_path: 0.5}
+    - {kind: mixer, token_hidden: 8, drop_path: 0.5}
+  head: {pool: mean}
+""")
+    torch.manual_seed(0)
+    model = build_model(spec, backend="reference")
+    stages = frozen_stages(model, 1)   # the stem and the first convmixer block
+    reference = copy.deepcopy(model)
+    frozen = model.freeze(stages)
+    assert frozen == sum(p.numel() for stage in model.stages[:stages] for p in stage.parameters()) > 0
+    model.train()
+    assert [stage.training for stage in model.stages] == [False] * stages + [True] * (len(model.stages) - stages)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    x = torch.randn(6, 3, 16, 16)
+    torch.manual_seed(1)
+    out = model(x)
+    # the same as running the prefix in evaluation mode and the rest in training mode
+    h = x
+    torch.manual_seed(1)
+    for i, stage in enumerate(reference.stages):
+        stage.train(i >= stages)
+        h = stage(h)
+    assert torch.equal(out, h)
+    out.square().mean().backward()
+    for i, stage in enumerate(model.stages):
+        for name, p in stage.named_parameters():
+            assert (p.grad is None) == (i < stages), (model.layers[i].name, name)
+            assert p.requires_grad == (i >= stages)
+    after = model.state_dict()
+    prefix = tuple(f"stages.{i}." for i in range(stages))
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    # the BatchNorm statistics move in the second convmixer block only
+    assert moved and all(k.startswith(("stages.3.", "stages.4.")) for k in moved), moved
+    assert any(k.endswith("running_mean") for k in before if k.startswith(prefix))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from composer.build import build_model
-from composer.optim import Ema, lr_factor, make_optimizer, param_groups
+from composer.optim import Ema, frozen_stages, lr_factor, make_optimizer, param_groups
 from composer.spec import load_spec_text
 
 SPEC = """
@@ -69,6 +69,26 @@ def test_class_token_between_blocks_takes_the_next_blocks_rate():
     lr_of = {id(p): g["lr"] for g in make_optimizer(spec, model).param_groups for p in g["params"]}
     lrs = {model.layers[int(n.split(".")[1])].name: lr_of[id(p)] for n, p in model.named_parameters()}
     assert lrs["class token"] == lrs["blocks[1].attention"] == 2 * lrs["blocks[0].dwconv"] == 4 * lrs["stem"]
+
+
+def test_freeze_counts_blocks_as_layer_decay_does():
+    text = SPEC.replace("[{kind: vit, heads: 2}, {kind: dwconv, kernel_size: 3}, {kind: mixer}]",
+                        "[{kind: convmixer, kernel_size: 3, repeat: 2}, {kind: vit, heads: 2}]")
+    model = build_model(load_spec_text(text.replace("pool: mean", "pool: cls")))
+    names = [layer.name for layer in model.layers]
+
+    def frozen(freeze):
+        return names[:frozen_stages(model, freeze)]
+
+    assert frozen(None) == []
+    embedding = ["stem", "rearrange", "pos_embed", "rearrange"]   # the embedding on tokens, back to the grid
+    assert frozen(0) == embedding
+    # a convmixer block is one (both its halves); the class token joins with the block after it
+    assert frozen(2) == embedding + ["blocks[0].dwconv #1", "blocks[0].pointwise #1", "blocks[0].dwconv #2",
+                                     "blocks[0].pointwise #2"]
+    assert names[len(frozen(2)):] == ["rearrange", "class token", "blocks[1].attention", "blocks[1].channel_mlp",
+                                      "head"]
+    assert frozen(3) == frozen("backbone") == names[:-1]
 
 
 @pytest.mark.parametrize("kind", ["cosine", "onecycle", "constant"])

@@ -160,6 +160,27 @@ def test_missing_field_and_wrong_type():
     assert any(m.startswith("x.yaml:7:14: model.blocks[0].heads: input should be a valid integer") for m in found)
 
 
+def test_a_value_that_fits_no_member_of_a_union_is_one_problem():
+    # train.freeze is a count or 'backbone': one problem at the value, each member's reason
+    (msg,) = problems(GOOD + "train:\n  freeze: all\n")
+    assert msg == ("x.yaml:11:11: train.freeze: input should be a valid integer, unable to parse string as an "
+                   "integer; or 'backbone'"), msg
+    (msg,) = problems(GOOD + "train:\n  freeze: [1]\n")
+    assert msg == "x.yaml:11:11: train.freeze: input should be a valid integer; or 'backbone'", msg
+    (msg,) = problems(GOOD, ["train.cuda_graph=maybe"])
+    assert msg == ("--set train.cuda_graph=maybe: train.cuda_graph: input should be 'auto'; or a valid boolean, "
+                   "unable to interpret input"), msg
+
+
+def test_freeze_counts_at_most_the_models_blocks():
+    text = GOOD.replace("heads: 4", "heads: 4\n      repeat: 3") + "train:\n  freeze: 4\n"
+    (msg,) = problems(text)
+    assert msg.startswith("x.yaml:12:11: train.freeze: 4 blocks to freeze, but the model has 3 (each repeat "
+                          "counts"), msg
+    assert load_spec_text(text.replace("freeze: 4", "freeze: 3"), "x.yaml").train.freeze == 3
+    assert load_spec_text(text.replace("freeze: 4", "freeze: backbone"), "x.yaml").train.freeze == "backbone"
+
+
 def test_cross_field_rules():
     text = GOOD.replace("kind: vit\n      heads: 4", "kind: convmixer\n      kernel_size: 4")
     text = text.replace("num_classes: 10", "num_classes: 10\n  head: {pool: cls}")

@@ -64,6 +64,22 @@ def test_summarize_counts_what_recomputed_blocks_keep():
     assert "train.recompute: token blocks keep only their inputs" in table.stdout
 
 
+def test_summarize_counts_what_frozen_layers_keep_and_train():
+    from composer.spec import load_spec
+    from composer.summarize import render, summarize
+
+    plain = summarize(load_spec(SPECS / "seed_convmixer_mixer.yaml"), batch_size=4)
+    probe = summarize(load_spec(SPECS / "seed_convmixer_mixer.yaml", ["train.freeze=backbone"]), batch_size=4)
+    head = probe["rows"][-1]
+    assert [r["frozen"] for r in probe["rows"]] == [True] * (len(probe["rows"]) - 1) + [False]
+    assert probe["activation_bytes"] == head["activation_bytes"] == plain["rows"][-1]["activation_bytes"] > 0
+    assert probe["trainable_params"] == head["params"] < probe["params"] == plain["trainable_params"]
+    assert [r["params"] for r in probe["rows"]] == [r["params"] for r in plain["rows"]]
+    caption = render(probe).caption
+    assert f"train.freeze: layers 0-{head['index'] - 1} keep their weights and no activations; " \
+           f"{head['params']:,} of {probe['params']:,} parameters train." in caption
+
+
 def test_summarize_shows_the_compile_policy():
     """With train.compile on and kernels auto, training builds the PyTorch blocks: summarize says so."""
     result = run_cli("summarize", SPECS / "seed_mixer_vit.yaml", "--json", "--set", "train.compile=true")

@@ -450,6 +450,29 @@ def test_fine_tuning_starts_from_a_run_with_a_new_head_and_image_size(tmp_path):
     assert not any(line.startswith("weights from") for line in said), said
 
 
+def test_freeze_trains_the_head_alone_on_the_features_of_a_run(tmp_path):
+    from composer.errors import UserError
+
+    train(load_spec_text(VIT, "vit.yaml", [f"train.out_dir={tmp_path / 'pre'}"]), echo=lambda *a, **k: None)
+    source = torch.load(tmp_path / "pre" / "best.pt", weights_only=False)["ema"]
+    overrides = [f"train.out_dir={tmp_path / 'probe'}", f"train.init_from={tmp_path / 'pre'}", "model.num_classes=3",
+                 "train.freeze=backbone"]
+    said = []
+    train(load_spec_text(VIT, "vit.yaml", overrides), echo=lambda line="", *a, **k: said.append(str(line)))
+    assert any(line.startswith("freeze: stem to blocks[0].channel_mlp #2 keep their weights") for line in said), said
+    trained = torch.load(tmp_path / "probe" / "last.pt", weights_only=False)["model"]
+    head = f"stages.{max(int(key.split('.')[1]) for key in trained)}."   # the last stage
+    for key, value in trained.items():
+        if not key.startswith(head):
+            assert torch.equal(value, source[key]), key   # every layer before the head as the run left it
+    assert not torch.equal(trained[head + "norm.weight"], source[head + "norm.weight"])   # the head trained
+    assert trained[head + "classify.weight"].shape == (3, 16)
+    # the optimizer's state holds the parameters that train: a resume keeps the frozen layers
+    with pytest.raises(UserError, match="train.freeze: checkpoint has 'backbone', spec has 1"):
+        train(load_spec_text(VIT, "vit.yaml", overrides + ["train.freeze=1"]), resume="auto",
+              echo=lambda *a, **k: None)
+
+
 def test_fine_tuning_refuses_weights_that_do_not_fit(tmp_path):
     spec = write_spec(tmp_path, TINY)   # a token-mixing MLP: tied to 16 tokens
     assert run_cli("train", spec, "--out", tmp_path / "pre", "--epochs", "1").returncode == 0

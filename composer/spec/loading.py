@@ -8,6 +8,7 @@ locations and the cross-field rules can point at the line that is wrong.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
 import typing
@@ -221,6 +222,8 @@ def _data_path(data, loc: tuple) -> tuple[Path_, bool]:
             path.append(part)
         elif isinstance(cur, dict) and isinstance(part, str) and cur.get("kind") == part:
             continue  # discriminated-union tag
+        elif not isinstance(cur, dict) and isinstance(part, str) and path:
+            return tuple(path), True   # below a value, not a key: the tag of a union's member (int, 'backbone')
         else:
             return tuple(path) + tuple(loc[loc.index(part):]), False
     return tuple(path), True
@@ -316,12 +319,18 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
+        said: dict[Path_, int] = {}   # a value that fits none of a union's members: one problem, each member's reason
         for err in exc.errors():
             path, found = _data_path(data, err["loc"])
+            if found and path in said:
+                first = problems[said[path]]
+                problems[said[path]] = dataclasses.replace(first, message=f"{first.message}; or {_message(err).removeprefix('input should be ')}")
+                continue
             at_key = err["type"] in ("extra_forbidden", "missing")  # point at the key, not its contents
             problems.append(Problem(where(path if found else path[:-1], prefer_key=at_key),
                                     format_path(path), _message(err)))
             if found:
+                said[path] = len(problems) - 1
                 invalid.append(path)
     # Check the cross-field rules even around invalid values, so that every problem shows at once;
     # a finding that rests on a value that had to be replaced is left out rather than guessed at.

@@ -63,6 +63,13 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
             problems.append((where + ("kernel_size",), f"{k} is even; 'same' padding needs an odd kernel size "
                                                        f"(try {k - 1} or {k + 1})", (where + ("kernel_size",),)))
 
+    depth = sum(block.repeat for block in m.blocks)
+    if t is not None and isinstance(t.freeze, int) and t.freeze > depth:
+        freeze = ("train", "freeze")
+        problems.append((freeze, f"{t.freeze} blocks to freeze, but the model has {depth} (each repeat counts, a "
+                                 f"vit, mixer or convmixer block is one); give at most {depth}, or 'backbone' to "
+                                 "train the head alone", (freeze, ("model", "blocks"))))
+
     last_layout = LAYOUTS[m.blocks[-1].kind]
     pool_path, last_block = ("model", "head", "pool"), ("model", "blocks", len(m.blocks) - 1)
     if m.head.pool == "cls" and last_layout != "tokens":

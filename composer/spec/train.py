@@ -92,3 +92,8 @@ class TrainSpec(Strict):
         "if it kept them) start this run. The class count and image size may differ: the classifier then "
         "starts anew and learned position embeddings are resized; anything else must match. Not used when "
         "resuming (the checkpoint holds the weights).")
+    freeze: Optional[Union[Annotated[int, Field(ge=0)], Literal["backbone"]]] = Field(
+        None, description="Fine-tuning: layers that keep their weights. N: the stem, the embeddings and the "
+        "first N blocks (each repeat counts; a vit, mixer or convmixer block is one); backbone: everything but "
+        "the head (a linear probe). Frozen layers run without gradients, their BatchNorm statistics and "
+        "dropout as in evaluation. None: every layer trains.")
