@@ -225,6 +225,33 @@ def info(as_json):
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
+@main.command("import")
+@click.argument("weights", metavar="WEIGHTS")
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory to write.")
+@click.option("--normalization", type=click.Choice(["inception", "imagenet"]),
+              help="The input normalization the weights were trained with: inception (mean and std 0.5) or imagenet "
+                   "(0.485, 0.456, 0.406 / 0.229, 0.224, 0.225). Default: that of timm's default weights of the "
+                   "family (inception for ViT and Mixer, imagenet for ConvMixer).")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False),
+              help="A text file of class names, one a line, in the classifier's order (default: 0, 1, ...).")
+@click.option("--force", is_flag=True, help="Replace a checkpoint already in --out.")
+@set_option
+def import_weights(weights, spec_path, out, normalization, classes_file, force, overrides):
+    """Make a run directory from timm's weights of a ViT, MLP-Mixer or ConvMixer (.safetensors, .pth, .bin)
+    for the model SPEC describes: then evaluate, predict, export or fine-tune it (train.init_from)."""
+    from composer.timm_weights import import_timm
+
+    r = import_timm(weights, spec_path, out, list(overrides), normalization, classes_file, force)
+    click.echo(f"wrote {r['path']}: timm {r['family']}, {r['tensors']} tensors, all of them; inputs normalized "
+               f"with mean {tuple(r['mean'])} and std {tuple(r['std'])} ({r['normalization']}"
+               + ("" if normalization else ", timm's default for the family: --normalization to change it")
+               + f"); {r['classes']} classes" + ("" if r["named_classes"] else ", unnamed (evaluate takes the data's class "
+                                                                  "names in order; --classes FILE names them)"))
+    click.echo(f"next: composer evaluate {out} --data-root DIR; or fine-tune: composer train YOUR_SPEC.yaml "
+               f"--set train.init_from={out}")
+
+
 @main.command("runs")
 @click.argument("paths", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

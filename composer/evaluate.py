@@ -88,7 +88,8 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     data = load_split(spec.data, spec.model, split, data_root=data_root)
     classes = state.get("classes")
     if classes and data.classes and list(data.classes) != list(classes):
-        folder = data_root or (spec.data.val_root if split == "val" and spec.data.val_root else spec.data.root)
+        folder = (data_root or (spec.data.val_root if split == "val" and spec.data.val_root else spec.data.root)
+                  or f"the {spec.data.kind} data")
         raise UserError(f"the classes of {folder} ({', '.join(data.classes[:5])}...) differ "
                         f"from the run's ({', '.join(classes[:5])}...); evaluate on data with the same class folders")
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]

@@ -1,0 +1,210 @@
+"""Pretrained weights from timm: `composer import WEIGHTS SPEC --out RUN_DIR`.
+
+timm's VisionTransformer, MlpMixer and ConvMixer compute what composer's vit, mixer and
+convmixer blocks compute (the shipped specs vit_ti16/s16/b16, mixer_s16/b16 and
+convmixer_768_32/1536_20 have their parameter counts), so their weights carry over tensor for
+tensor under other names. The import writes a run directory whose best.pt holds them with the
+spec: `evaluate`, `predict`, `export` and `visualize` take it as they take a trained run, and
+`train.init_from` fine-tunes from it (a new class count or image size included).
+
+Files: a state dict saved by torch (`.pth`, `.bin`, `.pt`; also one wrapped under "model",
+"state_dict" or "state_dict_ema") or a `.safetensors` file, as timm and the Hugging Face hub
+ship them. Read without executing code: torch.load(weights_only=True), and safetensors by its
+header (no extra package).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+import yaml
+
+from composer.errors import UserError
+
+# Each family's own key (how a file is recognized) and the block kinds of a spec it fits.
+FAMILIES = {
+    "vit": ("patch_embed.proj.weight", {"attention", "channel_mlp"}),
+    "mixer": ("stem.proj.weight", {"token_mlp", "channel_mlp"}),
+    "convmixer": ("stem.0.weight", {"dwconv", "pointwise"}),
+}
+# The normalization timm's default weights of each family were trained with (images in [0, 1]).
+NORMALIZATION = {
+    "inception": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+FAMILY_NORMALIZATION = {"vit": "inception", "mixer": "inception", "convmixer": "imagenet"}
+
+# composer module name within a layer of each kind -> timm's name ("{b}": the index of timm's block)
+LAYER_NAMES = {
+    "attention": {"norm": "blocks.{b}.norm1", "to_qkv": "blocks.{b}.attn.qkv", "to_out": "blocks.{b}.attn.proj"},
+    "token_mlp": {"norm": "blocks.{b}.norm1", "mix_in": "blocks.{b}.mlp_tokens.fc1",
+                  "mix_out": "blocks.{b}.mlp_tokens.fc2"},
+    "channel_mlp": {"norm": "blocks.{b}.norm2", "mix_channels.0": "blocks.{b}.{mlp}.fc1",
+                    "mix_channels.3": "blocks.{b}.{mlp}.fc2"},
+    "dwconv": {"conv": "blocks.{b}.0.fn.0", "norm": "blocks.{b}.0.fn.2"},
+    "pointwise": {"mix_channels.0": "blocks.{b}.1", "mix_channels.2": "blocks.{b}.3"},
+    "cls_token": {"token": "cls_token"},
+    "pos_embed": {"pos": "pos_embed"},
+    "head": {"norm": "norm", "classify": "head"},
+}
+BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise")
+STEM_NAMES = {"vit": {"project": "patch_embed.proj"}, "mixer": {"project": "stem.proj"},
+              "convmixer": {"project": "stem.0", "norm": "stem.2"}}
+STARTS_BLOCK = ("attention", "token_mlp", "dwconv")   # the first half of a vit, mixer or convmixer block
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a torch-saved state dict or a safetensors file, with user-facing errors."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a weights file (.safetensors, .pth, .bin)")
+    try:
+        if path.suffix == ".safetensors":
+            return _read_safetensors(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path} cannot be read as weights ({type(exc).__name__}: {str(exc)[:200]}); give a "
+                        "state dict saved by torch (.pth, .bin) or a .safetensors file") from None
+    for wrapper in ("state_dict_ema", "model", "state_dict"):   # training checkpoints keep them under a key
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The format: an 8-byte little-endian header length, a JSON header of {name: {dtype, shape,
+    data_offsets}}, then the tensors' bytes (little-endian, offsets relative to the data's start)."""
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise UserError(f"{path} is too short to be a safetensors file")
+    (length,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + length])
+    except ValueError:
+        raise UserError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    body = memoryview(data)[8 + length:]
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        start, end = entry["data_offsets"]
+        if dtype is None or end > len(body):
+            raise UserError(f"{path}: tensor {name} has an unsupported dtype {entry.get('dtype')} or lies past the "
+                            "end of the file")
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(entry["shape"]).clone()
+    return out
+
+
+def family_of(weights: dict) -> str:
+    for family, (key, _) in FAMILIES.items():
+        if key in weights:
+            return family
+    shown = ", ".join(list(weights)[:6])
+    raise UserError(f"the weights are not a timm ViT, MLP-Mixer or ConvMixer (none of "
+                    f"{', '.join(key for key, _ in FAMILIES.values())} is in them; they start with {shown})")
+
+
+def timm_names(model, family: str) -> dict[str, str]:
+    """composer state-dict key -> timm's, for every tensor of `model`."""
+    names, block = {}, -1
+    mlp = "mlp" if family == "vit" else "mlp_channels"
+    for i, layer in enumerate(model.layers):
+        kind = layer.kind.split(" ")[0]   # "head (cls)" -> "head"
+        if kind in STARTS_BLOCK:
+            block += 1
+        table = STEM_NAMES[family] if kind == "stem" else LAYER_NAMES.get(kind, {})
+        for key in layer.module.state_dict():
+            for ours, theirs in table.items():
+                if key == ours or key.startswith(ours + "."):
+                    names[f"stages.{i}.{key}"] = theirs.format(b=block, mlp=mlp) + key[len(ours):]
+                    break
+            else:
+                names[f"stages.{i}.{key}"] = f"(no timm name for {layer.name}: {key})"
+    return names
+
+
+def import_timm(weights_path: str | Path, spec_path: str | Path, out: str | Path, overrides: list[str] = (),
+                normalization: str | None = None, classes_file: str | Path | None = None, force: bool = False) -> dict:
+    """Write `out`/best.pt (and spec.yaml) from timm weights for the model `spec_path` describes.
+    Returns what was done, for the command to print."""
+    from composer.build import build_model
+    from composer.checkpoint import BEST, library_versions, save_atomic
+    from composer.spec import load_spec
+    from composer.train import spec_yaml
+
+    weights_path, out = Path(weights_path), Path(out)
+    spec = load_spec(spec_path, list(overrides))
+    if (out / BEST).exists() and not force:
+        raise UserError(f"{out} already holds a checkpoint ({out / BEST}); choose another --out, or pass --force to "
+                        "replace it (nothing was overwritten)")
+    weights = read_weights(weights_path)
+    family = family_of(weights)
+    model = build_model(spec, backend="reference")
+    kinds = {layer.kind for layer in model.layers if layer.kind in BLOCK_KINDS}
+    allowed = FAMILIES[family][1]
+    if not kinds <= allowed:
+        example = {"vit": "vit_s16", "mixer": "mixer_s16", "convmixer": "convmixer_768_32"}[family]
+        raise UserError(f"{weights_path} holds a timm {family}, but {spec_path} has {', '.join(sorted(kinds - allowed))} "
+                        f"blocks; give a spec of {family} blocks (e.g. specs/{example}.yaml)")
+    names = timm_names(model, family)
+    state, problems = model.state_dict(), []
+    for ours, theirs in names.items():
+        given = weights.get(theirs)
+        if given is None:
+            problems.append(f"{theirs} (for {ours}): not in the weights")
+        elif given.shape != state[ours].shape:
+            problems.append(f"{theirs}: weights {tuple(given.shape)}, spec's model {tuple(state[ours].shape)}")
+        else:
+            state[ours] = given.to(state[ours].dtype)
+    used = set(names.values())
+    problems += [f"{key} {tuple(value.shape)}: not in the spec's model" for key, value in weights.items()
+                 if key not in used]
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise UserError(f"{weights_path} does not fit the model of {spec_path}:\n  " + "\n  ".join(shown)
+                        + "\nThe spec must describe the same network: dim, depth, heads, token and channel MLP "
+                        "widths, patch size, image size (for the position embedding) and class count; timm "
+                        "variants with extra parts (layer scale, register tokens, average-pooled heads) are not "
+                        "supported")
+    model.load_state_dict(state)
+
+    chosen = normalization or FAMILY_NORMALIZATION[family]
+    mean, std = NORMALIZATION[chosen]
+    if spec.model.in_channels != 3:
+        raise UserError(f"timm's weights take RGB images; {spec_path} has in_channels {spec.model.in_channels}")
+    classes = _classes(classes_file, spec.model.num_classes)
+    out.mkdir(parents=True, exist_ok=True)
+    save_atomic({"model": model.state_dict(), "spec_yaml": spec_yaml(spec), "epoch": 0,
+                 "normalization": {"mean": mean, "std": std}, "classes": classes, "versions": library_versions(),
+                 "imported_from": str(weights_path)}, out / BEST)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    return {"path": str(out / BEST), "family": family, "tensors": len(names), "normalization": chosen,
+            "mean": mean, "std": std, "classes": spec.model.num_classes, "named_classes": classes is not None}
+
+
+def _classes(classes_file, count: int) -> list[str] | None:
+    """The class names of the file; None without one (evaluate then takes the data's names, by position)."""
+    if classes_file is None:
+        return None
+    path = Path(classes_file)
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise UserError(f"cannot read the class names in {path}: {exc.strerror or exc}") from None
+    if len(names) != count:
+        raise UserError(f"{path} names {len(names)} classes, but the model has {count}; give one name a line, in "
+                        "the order of the classifier's outputs")
+    return names

@@ -1,0 +1,136 @@
+"""`composer import`: timm's ViT, MLP-Mixer and ConvMixer weights as composer runs, computing what timm computes."""
+import pytest
+import torch
+
+from composer.build import build_model
+from composer.checkpoint import init_from_run, load_run
+from composer.spec import load_spec_text
+from tests.helpers import assert_user_error, run_cli
+
+timm = pytest.importorskip("timm")   # in the dev extra
+
+COMMON = "  image_size: 16\n  num_classes: 5\n"
+SPECS = {
+    "vit": ("  stem: {patch_size: 4, dim: 32}\n  pos_embed: learned\n"
+            "  blocks: [{kind: vit, heads: 2, mlp_ratio: 2, repeat: 2}]\n  head: {pool: cls}\n"),
+    "mixer": "  stem: {patch_size: 4, dim: 32}\n  blocks: [{kind: mixer, token_hidden: 8, repeat: 2}]\n  head: {pool: mean}\n",
+    "convmixer": ("  stem: {patch_size: 4, dim: 32, activation: gelu, norm: batchnorm}\n"
+                  "  blocks: [{kind: convmixer, kernel_size: 3, repeat: 2}]\n  head: {pool: mean}\n"),
+}
+
+
+def timm_model(family):
+    from timm.models.convmixer import ConvMixer
+    from timm.models.mlp_mixer import MlpMixer
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = {"vit": lambda: VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                              mlp_ratio=2, num_classes=5),
+             "mixer": lambda: MlpMixer(num_classes=5, img_size=16, patch_size=4, num_blocks=2, embed_dim=32,
+                                       mlp_ratio=(0.25, 4.0)),
+             "convmixer": lambda: ConvMixer(dim=32, depth=2, kernel_size=3, patch_size=4, num_classes=5)}[family]()
+    with torch.no_grad():   # every tensor random, norms and BatchNorm statistics too: a misplaced one shows
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.rand_like(value) + 0.5 if "running_var" in name else torch.randn_like(value) * 0.2)
+    return model.eval()
+
+
+def write_spec(tmp_path, family):
+    path = tmp_path / f"{family}.yaml"
+    path.write_text(f"name: {family}\nmodel:\n{COMMON}{SPECS[family]}data: {{kind: synthetic}}\n")
+    return path
+
+
+@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer"])
+def test_imported_weights_compute_what_timm_computes(tmp_path, family):
+    reference = timm_model(family)
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    result = run_cli("import", weights, write_spec(tmp_path, family), "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    tensors = len(reference.state_dict())
+    assert f"wrote {tmp_path / 'run' / 'best.pt'}: timm {family}, {tensors} tensors, all of them" in result.stdout
+    spec, model, state = load_run(tmp_path / "run", backend="reference")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected, got = reference(x), model(x)
+    assert got.shape == (3, 5)
+    # fp32 on both sides, the same operations in another order: a few ulps of logits of size ~10
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    mean = [0.485, 0.456, 0.406] if family == "convmixer" else [0.5, 0.5, 0.5]
+    assert state["normalization"]["mean"] == mean and state["classes"] is None   # unnamed: the data's names apply
+
+
+def test_safetensors_file_and_class_names_then_fine_tuning(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    reference = timm_model("vit")
+    weights = tmp_path / "model.safetensors"
+    state = reference.state_dict()
+    state["pos_embed"] = state["pos_embed"].half()   # a tensor stored in another dtype is converted
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nfox\nowl\nemu\n")
+    result = run_cli("import", weights, write_spec(tmp_path, "vit"), "--out", tmp_path / "run", "--classes", names,
+                     "--normalization", "imagenet")
+    assert result.returncode == 0, result.stderr
+    _, model, saved = load_run(tmp_path / "run", backend="reference")
+    assert saved["classes"] == ["cat", "dog", "fox", "owl", "emu"] and saved["normalization"]["std"][0] == 0.229
+    assert torch.equal(model.state_dict()["stages.3.pos"], state["pos_embed"].float())
+    # fine-tuning from the import: another class count and image size
+    spec = load_spec_text(write_spec(tmp_path, "vit").read_text(), "ft.yaml", ["model.num_classes=3",
+                                                                              "model.image_size=32"])
+    fine = build_model(spec, backend="reference")
+    with torch.no_grad():
+        said = init_from_run(fine, spec, tmp_path / "run")
+    assert "new classifier (5 -> 3 classes)" in said and "(4x4 -> 8x8 patches)" in said
+
+
+def test_import_mistakes_are_named(tmp_path):
+    weights = tmp_path / "weights.pth"
+    torch.save(timm_model("mixer").state_dict(), weights)
+    mixer, vit = write_spec(tmp_path, "mixer"), write_spec(tmp_path, "vit")
+    assert_user_error(run_cli("import", weights, vit, "--out", tmp_path / "a"),
+                      "holds a timm mixer, but", "vit.yaml has attention blocks; give a spec of mixer blocks")
+    result = run_cli("import", weights, mixer, "--out", tmp_path / "a", "--set", "model.blocks[0].token_hidden=4")
+    assert_user_error(result, "does not fit the model of", "blocks.0.mlp_tokens.fc1.weight: weights (8, 16), spec's "
+                      "model (4, 16)", "The spec must describe the same network")
+    assert_user_error(run_cli("import", weights, mixer, "--out", tmp_path / "a", "--set", "model.blocks[0].repeat=1"),
+                      "blocks.1.norm1.weight (32,): not in the spec's model")
+    assert not (tmp_path / "a").exists()
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a pickle")
+    assert_user_error(run_cli("import", junk, mixer, "--out", tmp_path / "a"), "cannot be read as weights")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, junk)
+    assert_user_error(run_cli("import", junk, mixer, "--out", tmp_path / "a"),
+                      "the weights are not a timm ViT, MLP-Mixer or ConvMixer")
+    assert_user_error(run_cli("import", tmp_path / "nowhere.pth", mixer, "--out", tmp_path / "a"),
+                      "nowhere.pth does not exist")
+    names = tmp_path / "classes.txt"
+    names.write_text("one\ntwo\n")
+    assert_user_error(run_cli("import", weights, mixer, "--out", tmp_path / "a", "--classes", names),
+                      "names 2 classes, but the model has 5")
+    assert run_cli("import", weights, mixer, "--out", tmp_path / "b").returncode == 0
+    before = (tmp_path / "b" / "best.pt").read_bytes()
+    assert_user_error(run_cli("import", weights, mixer, "--out", tmp_path / "b"), "already holds a checkpoint")
+    assert (tmp_path / "b" / "best.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("name, timm_name", [
+    ("vit_ti16", "vit_tiny_patch16_224"), ("vit_s16", "vit_small_patch16_224"), ("vit_b16", "vit_base_patch16_224"),
+    ("mixer_s16", "mixer_s16_224"), ("mixer_b16", "mixer_b16_224"), ("convmixer_768_32", "convmixer_768_32"),
+    ("convmixer_1536_20", "convmixer_1536_20")])
+def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm_name):
+    """On the meta device (shapes only): every tensor of the spec's model has one of timm's model of
+    that name, of the same shape, and every one of timm's is used."""
+    from composer.spec import load_spec
+    from composer.timm_weights import family_of, timm_names
+    from tests.helpers import SPECS as SHIPPED
+
+    with torch.device("meta"):
+        model = build_model(load_spec(SHIPPED / f"{name}.yaml"), backend="reference")
+        theirs = timm.create_model(timm_name, pretrained=False).state_dict()
+    names, ours = timm_names(model, family_of(theirs)), model.state_dict()
+    assert sorted(names) == sorted(ours) and sorted(names.values()) == sorted(theirs)
+    assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
