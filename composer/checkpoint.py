@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,13 +23,24 @@ LAST, BEST = "last.pt", "best.pt"
 
 
 def library_versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}   # plain str: see load_checkpoint
     for name in ("triton", "pydantic", "einops"):
         try:
-            out[name] = __import__(name).__version__
+            out[name] = str(__import__(name).__version__)
         except Exception:
             out[name] = None
     return out
+
+
+def _older_checkpoint_types() -> list:
+    """What checkpoints of earlier versions hold beyond tensors and plain Python values: NumPy's
+    random state (an array) and torch's version string class. Allowed as data (they construct
+    values, run nothing), so such checkpoints load as safely as new ones."""
+    import numpy as np
+    from torch.torch_version import TorchVersion
+
+    reconstruct = getattr(getattr(np, "_core", np.core).multiarray, "_reconstruct")
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), TorchVersion]
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -59,8 +71,16 @@ def load_checkpoint(path: Path, fix: str = "resume from another checkpoint or st
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: the file is read as data (tensors, numbers, strings, lists, dicts) and no code in
+        # it can run, so a checkpoint from anywhere is safe to evaluate, visualize or fine-tune from
+        with torch.serialization.safe_globals(_older_checkpoint_types()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))   # torch's wordings
+        if unsafe:
+            raise UserError(f"checkpoint {path} holds Python objects composer does not load ({unsafe.group(1)}); a "
+                            "composer checkpoint holds only tensors and plain values, read without running code "
+                            f"from the file. It was left in place; {fix}.") from None
         raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
                         f"it may be truncated or not a composer checkpoint. It was left in place; {fix}.") from None
     if not isinstance(state, dict) or "model" not in state or "spec_yaml" not in state:

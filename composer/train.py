@@ -958,16 +958,19 @@ def _class_mismatch(data, train_classes: list[str], val_classes: list[str]) -> s
 
 
 def _get_rng(aug_gen: torch.Generator) -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # NumPy's key array as a tensor: a checkpoint holds tensors and plain values only (load_checkpoint)
+        "python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "augment": aug_gen.get_state(),
     }
 
 
 def _set_rng(rng: dict, aug_gen: torch.Generator) -> None:
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -473,6 +473,39 @@ def test_freeze_trains_the_head_alone_on_the_features_of_a_run(tmp_path):
               echo=lambda *a, **k: None)
 
 
+class _RunsCode:
+    """Pickled, it asks the loader to call os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_load_as_data_and_older_ones_still_load(tmp_path):
+    from composer.checkpoint import load_checkpoint
+
+    marker = tmp_path / "the-code-ran"
+    torch.save({"model": {}, "spec_yaml": "name: x", "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
+    assert_user_error(run_cli("evaluate", tmp_path / "evil.pt"), "holds Python objects composer does not load "
+                      "(posix.system)", "read without running code from the file")
+    assert not marker.exists()
+
+    train(load_spec_text(VIT, "vit.yaml", [f"train.out_dir={tmp_path / 'run'}"]), echo=lambda *a, **k: None)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)   # tensors and plain values only
+    # as earlier versions wrote it: NumPy's random state as an array, torch's version as its own class
+    kind, keys, *rest = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (kind, keys.numpy().astype("uint32"), *rest)
+    state["versions"]["torch"] = torch.__version__
+    torch.save(state, tmp_path / "run" / "last.pt")
+    assert type(load_checkpoint(tmp_path / "run" / "last.pt")["rng"]["numpy"][1]).__name__ == "ndarray"
+    said = []
+    train(load_spec_text(VIT, "vit.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.epochs=2"]), resume="auto",
+          echo=lambda line="", *a, **k: said.append(str(line)))
+    assert any(line.startswith("resumed from epoch 1") for line in said), said
+
+
 def test_fine_tuning_refuses_weights_that_do_not_fit(tmp_path):
     spec = write_spec(tmp_path, TINY)   # a token-mixing MLP: tied to 16 tokens
     assert run_cli("train", spec, "--out", tmp_path / "pre", "--epochs", "1").returncode == 0
