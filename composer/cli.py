@@ -143,17 +143,21 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, cuda_gr
 @main.command()
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.option("--data-root", default=None, help="Evaluate on another folder/archive with the same classes.")
+@click.option("--labels", default=None, metavar="CSV",
+              help="A CSV of image,class rows naming the classes of --data-root's images (when they are not in "
+                   "class subfolders).")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None, help="Default: test when the dataset has one.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--flip", is_flag=True, help="Test-time augmentation: average each image's class probabilities with "
                                           "its mirror image's.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(target, data_root, split, batch_size, device, flip, as_json):
+def evaluate(target, data_root, labels, split, batch_size, device, flip, as_json):
     """Accuracy (top-1, top-5), loss, per-class accuracy and the most confused classes of a trained run."""
     from composer.evaluate import evaluate as run, render
 
-    result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device, flip=flip)
+    result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device, flip=flip,
+                 labels=labels)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
@@ -199,14 +203,16 @@ def sweep(spec_path, axes, out_dir, overrides):
 @click.option("--arch", type=click.Choice(["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer"]),
               default="vit", show_default=True)
 @click.option("--val", metavar="FOLDER", help="A validation folder of the same classes (default: hold out 10%).")
+@click.option("--labels", metavar="CSV", help="A CSV of image,class rows naming the classes of the folder's images "
+                                              "(when they are not in class subfolders).")
 @click.option("--image-size", type=click.IntRange(min=4), help="The model's input size (default: from the images).")
 @click.option("--root", help="Where a torchvision dataset is (or will be downloaded); default data/<kind>.")
 @click.option("--force", is_flag=True, help="Replace OUT.yaml if it exists.")
-def init(out, data, arch, val, image_size, root, force):
+def init(out, data, arch, val, labels, image_size, root, force):
     """Write a starting spec for a dataset and an architecture, sized from the data."""
     from composer.init import write_init
 
-    result = write_init(out, data, arch=arch, val=val, image_size=image_size, root=root, force=force)
+    result = write_init(out, data, arch=arch, val=val, image_size=image_size, root=root, force=force, labels=labels)
     spec = result["spec"]
     click.echo(f"{result['found']}")
     click.echo(f"wrote {result['path']}: {arch}, {result['params']:,} parameters, {spec.model.input_size}x"

@@ -8,7 +8,9 @@ decoded once and cached as a tensor; archives are extracted once.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import lzma
 import math
 import multiprocessing
@@ -58,7 +60,7 @@ class ImageSet:
 # -- splits -------------------------------------------------------------------
 
 def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | None = None,
-               echo=None) -> ImageSet:
+               echo=None, labels: str | None = None) -> ImageSet:
     """One split of the dataset, at the model's image size and channel count.
 
     Args:
@@ -69,26 +71,29 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
             where there is one; for a folder dataset it is the only way to get a test split: the
             whole folder is the test set.
         echo: where decoding a folder for the first time reports its progress (None: quietly).
+        labels: a labels CSV for the folder at data_root (evaluate --labels).
     """
     if split not in ("train", "val", "test"):
         raise UserError(f"unknown split {split!r}; use train, val or test")
     root = data_root or data.root
+    root_labels = labels if data_root else data.labels
     if data.val_root and split != "test":
         if split == "val":
             return _load(data, model, data_root or data.val_root, train=True,
-                         field="--data-root" if data_root else "data.val_root", echo=echo)
-        return _load(data, model, root, train=True, echo=echo)
+                         field="--data-root" if data_root else "data.val_root", echo=echo,
+                         labels=labels if data_root else data.val_labels)
+        return _load(data, model, root, train=True, echo=echo, labels=root_labels)
     if split == "test":
         if data.kind == "digits":
             raise UserError("the digits dataset has no test split; evaluate on the validation split (--split val)")
         if data.kind == "folder" and data_root is None:
             raise UserError("a folder dataset has no test split; evaluate on the validation split (--split val) "
                             "or pass --data-root with a held-out folder of the same classes")
-        return _load(data, model, root, train=False, echo=echo)  # a folder ignores `train`
+        return _load(data, model, root, train=False, echo=echo, labels=root_labels)  # a folder ignores `train`
     held_out = data.held_out
     if split == "val" and held_out == 0:
         raise SpecFieldError("data.val_split", "there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
-    full = _load(data, model, root, train=True, echo=echo)
+    full = _load(data, model, root, train=True, echo=echo, labels=root_labels)
     # A fixed permutation so the same spec always holds out the same images.
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(data.split_seed))
     n_val = min(max(round(len(full) * held_out), 1), len(full) - 1) if held_out > 0 else 0
@@ -97,12 +102,12 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
 
 
 def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field: str = "data.root",
-          echo=None) -> ImageSet:
-    """`field`: where `root` came from, for messages."""
+          echo=None, labels: str | None = None) -> ImageSet:
+    """`field`: where `root` came from, for messages; `labels`: its labels CSV, if any."""
     if data.kind in TORCHVISION_SETS:
         found, where = _load_torchvision(data.kind, root, train, data.download), _expand(root)
     elif data.kind == "folder":
-        found, where = _load_folder(root, model, cache_root(data.cache_dir), field, echo), _expand(root)
+        found, where = _load_folder(root, model, cache_root(data.cache_dir), field, echo, labels), _expand(root)
     elif data.kind == "digits":
         found, where = _load_digits(), "scikit-learn's digits"
     else:
@@ -199,7 +204,8 @@ def _field_error(field: str, message: str) -> UserError:
     return UserError(message) if field.startswith("--") else SpecFieldError(field, message)
 
 
-def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root", echo=None) -> ImageSet:
+def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root", echo=None,
+                 labels: str | None = None) -> ImageSet:
     if not root:
         raise SpecFieldError("data.root", "data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
     path = Path(_expand(root))
@@ -210,8 +216,10 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     if model.in_channels not in (1, 3):
         raise SpecFieldError("model.in_channels", f"folder images load as grayscale (1) or RGB (3), not {model.in_channels} channels; "
                         "set model.in_channels to 1 or 3")
+    table = _read_labels(labels, "data.val_labels" if field == "data.val_root" else
+                         "--labels" if field == "--data-root" else "data.labels") if labels else None
     if path.is_dir():
-        files, classes = _scan(path, str(path))
+        files, classes = _scan_labelled(path, table, str(path)) if table else _scan(path, str(path))
         stats = [os.stat(f) for f, _ in files]
         source = ["dir", path] + [f"{f}:{s.st_size}:{s.st_mtime_ns}" for (f, _), s in zip(files, stats)]
     elif path.name.lower().endswith(ARCHIVE_EXTENSIONS):
@@ -221,6 +229,8 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         raise _field_error(field, f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)}); "
                                   f"point {field} at an image folder (<root>/<class>/<image>) or an archive of one")
 
+    if table:   # the labels decide which images and classes: part of the key
+        source += ["labels", table.text]
     key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION])
     cached = cache / "images" / f"{_slug(path)}-{key}.pt"
     if cached.exists():
@@ -229,7 +239,9 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         except Exception:  # a damaged entry (e.g. a full disk at write time) is rebuilt below
             pass
     if files is None:  # an archive: extract once, then treat it as a folder
-        files, classes = _scan(_class_root(_extract(path, cache)), f"archive {path}")
+        extracted = _extract(path, cache)
+        files, classes = (_scan_labelled(_single_top(extracted), table, f"archive {path}") if table
+                          else _scan(_class_root(extracted), f"archive {path}"))
     _check_memory_for(len(files), model, path)
     try:
         decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size,
@@ -242,18 +254,23 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     return found
 
 
-def scan_folder(root: str, cache_dir: str | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_folder(root: str, cache_dir: str | None = None, labels: str | None = None
+                ) -> tuple[list[tuple[str, int]], list[str]]:
     """(image path, label) pairs and class names of an image folder, or of an archive of one
-    (extracted into the cache once, where training will find it)."""
+    (extracted into the cache once, where training will find it); `labels`: its labels CSV."""
     path = Path(_expand(root))
     if not path.exists():
         raise UserError(f"{path} does not exist; give an image folder laid out as <root>/<class>/<image>, "
                         "or an archive of one")
+    table = _read_labels(labels, "--labels") if labels else None
     if path.is_dir():
-        return _scan(path, str(path))
+        return _scan_labelled(path, table, str(path)) if table else _scan(path, str(path))
     if not path.name.lower().endswith(ARCHIVE_EXTENSIONS):
         raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)})")
-    return _scan(_class_root(_extract(path, cache_root(cache_dir))), f"archive {path}")
+    extracted = _extract(path, cache_root(cache_dir))
+    if table:
+        return _scan_labelled(_single_top(extracted), table, f"archive {path}")
+    return _scan(_class_root(extracted), f"archive {path}")
 
 
 def image_files(paths: list[str]) -> list[str]:
@@ -321,7 +338,13 @@ def _scan(folder: Path, shown: str) -> tuple[list[tuple[str, int]], list[str]]:
                         "(<root>/<class>/<image>)")
     if not class_dirs:
         raise UserError(f"{shown} has no class subfolders, only {len(entries)} files; put the images in one "
-                        "subfolder per class (<root>/<class>/<image>)")
+                        "subfolder per class (<root>/<class>/<image>), or name each image's class in a CSV file "
+                        "(data.labels)")
+    loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if loose:   # beside class folders they would be left out without a word
+        raise UserError(f"{shown} holds {len(loose)} images outside its class subfolders ({', '.join(loose[:3])}"
+                        f"{', ...' if len(loose) > 3 else ''}); move them into the subfolder of their class, or "
+                        "name every image's class in a CSV file (data.labels)")
     files = []
     for label, class_dir in enumerate(class_dirs):
         found = sorted(os.path.join(top, name) for top, dirs, names in os.walk(class_dir.path)
@@ -331,6 +354,81 @@ def _scan(folder: Path, shown: str) -> tuple[list[tuple[str, int]], list[str]]:
                             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
         files += [(f, label) for f in found]
     return files, [e.name for e in class_dirs]
+
+
+@dataclass
+class _Labels:
+    """A labels CSV: its rows (line number, image, class) and its text (for the cache key)."""
+    path: Path
+    field: str
+    rows: list[tuple[int, str, str]]
+    text: str
+
+
+def _read_labels(labels: str, field: str) -> _Labels:
+    path = Path(_expand(labels))
+    try:
+        text = path.read_text(encoding="utf-8-sig")   # a byte-order mark, as spreadsheets write, is not a name
+    except FileNotFoundError:
+        raise _field_error(field, f"{path} does not exist; {field} is a CSV file of image,class rows") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _field_error(field, f"cannot read {path} ({exc}); {field} is a CSV file of image,class rows") from None
+    rows = []
+    for line, cells in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not cells or not any(c.strip() for c in cells):
+            continue
+        if len(cells) < 2 or not cells[0].strip() or not cells[1].strip():
+            raise _field_error(field, f"{path}:{line}: {','.join(cells)!r} is not an image,class row")
+        rows.append((line, cells[0].strip(), cells[1].strip()))
+    if len(rows) < 2:
+        raise _field_error(field, f"{path} has no image,class rows after its header")
+    return _Labels(path, field, rows[1:], text)   # the first row is the header
+
+
+def _scan_labelled(folder: Path, table: _Labels, shown: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(image path, label) pairs of the images a labels CSV names, found under `folder` by their
+    path with or without its extension; classes are the CSV's sorted class names (numerically
+    when all are numbers)."""
+    by_path: dict[str, str] = {}
+    by_stem: dict[str, str | None] = {}   # None: two images share the name without extension
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _ignored(d)]
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not _ignored(name):
+                file = os.path.join(top, name)
+                relative = os.path.relpath(file, folder).replace(os.sep, "/")
+                by_path[relative] = file
+                stem = os.path.splitext(relative)[0]
+                by_stem[stem] = None if stem in by_stem else file
+    names = sorted({cls for _, _, cls in table.rows},
+                   key=lambda c: (0, int(c), c) if c.lstrip("-").isdigit() else (1, 0, c))
+    label = {name: i for i, name in enumerate(names)}
+    files, missing, seen = [], [], {}
+    for line, image, cls in table.rows:
+        key = image.replace("\\", "/").removeprefix("./")
+        file = by_path.get(key) or by_stem.get(key)
+        if file is None and key in by_stem:
+            raise _field_error(table.field, f"{table.path}:{line}: {image} is more than one image in {shown} (other "
+                                            "extensions); name it with its extension")
+        if file is None:
+            missing.append(f"line {line}: {image}")
+        elif file in seen:
+            raise _field_error(table.field, f"{table.path}: lines {seen[file]} and {line} both name {image}; give each "
+                                            "image one row")
+        else:
+            seen[file] = line
+            files.append((file, label[cls]))
+    if missing:
+        shown_missing = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise _field_error(table.field, f"{len(missing)} images that {table.path} names are not in {shown} "
+                                        f"({shown_missing}); image paths are relative to it, their extension optional")
+    return sorted(files), names
+
+
+def _single_top(extracted: Path) -> Path:
+    """An archive of one top folder (e.g. images/...) means that folder."""
+    top = [e for e in os.scandir(extracted) if not _ignored(e.name)]
+    return Path(top[0].path) if len(top) == 1 and top[0].is_dir() else extracted
 
 
 def _ignored(name: str) -> bool:

@@ -74,8 +74,12 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> 
 
 
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
-             device: str = "auto", flip: bool = False) -> dict:
-    """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`)."""
+             device: str = "auto", flip: bool = False, labels: str | None = None) -> dict:
+    """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`, whose
+    images `labels`, a CSV of image,class rows, may name the classes of)."""
+    if labels and not data_root:
+        raise UserError("--labels names the classes of the images in --data-root; give --data-root too (the run's "
+                        "own data takes its labels from the spec)")
     from composer.checkpoint import find_checkpoint, load_run
     from composer.data import load_split
     from composer.train import precision, resolve_device
@@ -85,7 +89,7 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     if split is None:
         split = "val" if (spec.data.kind in ("folder", "digits") and not data_root) else "test"
-    data = load_split(spec.data, spec.model, split, data_root=data_root)
+    data = load_split(spec.data, spec.model, split, data_root=data_root, labels=labels)
     classes = state.get("classes")
     if classes and data.classes and list(data.classes) != list(classes):
         folder = (data_root or (spec.data.val_root if split == "val" and spec.data.val_root else spec.data.root)

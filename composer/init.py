@@ -107,13 +107,14 @@ def augment_section(size: int, mirror: bool) -> dict:
     return out
 
 
-def inspect_folder(root: str, cache_dir: str | None = None) -> dict:
-    """Classes, image count, typical size and colour of an image folder (or archive)."""
+def inspect_folder(root: str, cache_dir: str | None = None, labels: str | None = None) -> dict:
+    """Classes, image count, typical size and colour of an image folder (or archive), its classes
+    named by subfolders or by the CSV file `labels`."""
     from PIL import Image
 
     from composer.data import scan_folder
 
-    files, classes = scan_folder(root, cache_dir)
+    files, classes = scan_folder(root, cache_dir, labels)
     if not files:
         raise UserError(f"{root} holds no images in its class subfolders")
     step = max(1, len(files) // SIZE_SAMPLE)
@@ -140,7 +141,7 @@ def choose_size(side: int) -> int:
 
 
 def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, image_size: int | None = None,
-               root: str | None = None, force: bool = False) -> dict:
+               root: str | None = None, force: bool = False, labels: str | None = None) -> dict:
     """Write a spec for `data` (a built-in dataset's name, or an image folder / archive) and `arch`."""
     from composer.build import build_model, count_params
     from composer.spec import load_spec_text
@@ -153,8 +154,9 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if data in BUILTIN:
-        if val:
-            raise UserError(f"--val is for image folders; {data} has its own split")
+        if val or labels:
+            raise UserError(f"--{'val' if val else 'labels'} is for image folders; {data} has its own "
+                            + ("split" if val else "labels"))
         native, channels, classes, train_images, mirror = BUILTIN[data]
         data_section = {"kind": data}
         if data not in ("digits", "synthetic"):
@@ -162,11 +164,13 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
         found = f"{data}: {classes} classes, {train_images:,} training images of {native}x{native}"
         size = native
     else:
-        facts = inspect_folder(data)
+        facts = inspect_folder(data, labels=labels)
         classes, channels, mirror = facts["classes"], 1 if facts["gray"] else 3, True
         held_out = 0.0 if val else 0.1
         train_images = int(facts["images"] * (1 - held_out))
         data_section = {"kind": "folder", "root": str(Path(data).expanduser().resolve())}
+        if labels:
+            data_section["labels"] = str(Path(labels).expanduser().resolve())
         data_section |= {"val_root": str(Path(val).expanduser().resolve())} if val else {"val_split": 0.1}
         size = choose_size(facts["side"])
         found = (f"{data}: {classes} classes, {facts['images']:,} images, median shorter side {facts['side']} px"

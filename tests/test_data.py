@@ -236,6 +236,84 @@ def test_folder_directory_zip_and_tar_give_the_same_tensor(tmp_path):
     assert all(same(first, other) for other in loaded[1:])
 
 
+def make_flat_with_labels(parent: Path) -> tuple[Path, Path]:
+    """make_folder's images in one flat folder (<class>_<n>.<ext>, one in a subfolder), and a CSV
+    naming each one's class: half the rows without the extension, a blank line, spreadsheet's BOM."""
+    nested = make_folder(parent / "nested")
+    flat = parent / "flat"
+    (flat / "more").mkdir(parents=True)
+    rows = ["image,class"]
+    for label in CLASSES:
+        for n, image in enumerate(sorted((nested / label).iterdir())):
+            name = f"{label}_{n}{image.suffix}" if (label, n) != ("dog", 3) else f"more/{label}_{n}{image.suffix}"
+            shutil.copy(image, flat / name)
+            rows.append(f"{name if n % 2 else name.rsplit('.', 1)[0]},{label}")
+    Image.new("RGB", (8, 8)).save(flat / "unlisted.png")   # not in the CSV: left out
+    labels = parent / "labels.csv"
+    labels.write_text("\ufeff" + "\n".join(rows[:5] + [""] + rows[5:]) + "\n")
+    return flat, labels
+
+
+def test_a_flat_folder_with_a_labels_csv_loads_as_class_folders_do(tmp_path):
+    flat, labels = make_flat_with_labels(tmp_path)
+    nested = load_split(data_spec("folder", tmp_path / "nested" / "data", val_split=0), model_spec(), "train")
+    by_csv = load_split(data_spec("folder", flat, labels=str(labels), val_split=0), model_spec(), "train")
+    assert same(by_csv, nested) and by_csv.classes == CLASSES
+    zipped = make_zip(flat, tmp_path / "flat.zip")   # an archive of the folder: its one top folder
+    assert same(load_split(data_spec("folder", zipped, labels=str(labels), val_split=0), model_spec(), "train"), nested)
+    # the labels are part of the cache key: an edited file is read again
+    labels.write_text(labels.read_text().replace("cat_1.png,cat", "cat_1.png,dog"))
+    relabelled = load_split(data_spec("folder", flat, labels=str(labels), val_split=0), model_spec(), "train")
+    assert (relabelled.labels != nested.labels).sum() == 1
+    # numbers sort as numbers
+    labels.write_text("file,label\n" + "".join(f"{c}_{n}.png,{10 if c == 'bird' else 2 if c == 'cat' else 1}\n"
+                                                for c in CLASSES[:2] for n in range(0, 4, 2)))
+    assert load_split(data_spec("folder", flat, labels=str(labels), val_split=0), model_spec(2), "train").classes \
+        == ["2", "10"]
+
+
+@pytest.mark.parametrize("rows, fragment", [
+    ("image,class\nbird_0,bird\nbird_9.png,bird\nnowhere,cat\n", "2 images that {labels} names are not in {flat} "
+                                                                   "(line 3: bird_9.png; line 4: nowhere)"),
+    ("image,class\nbird_0,bird\nbird_0.png,cat\n", "lines 2 and 3 both name bird_0.png"),
+    ("image,class\nbird_0,bird\ncat_1\n", "{labels}:3: 'cat_1' is not an image,class row"),
+    ("image,class\n", "has no image,class rows after its header"),
+    ("image,class\ntwin,bird\n", "{labels}:2: twin is more than one image in {flat}"),
+])
+def test_labels_csv_mistakes_name_the_line(tmp_path, rows, fragment):
+    flat, labels = make_flat_with_labels(tmp_path)
+    Image.new("RGB", (8, 8)).save(flat / "twin.png")
+    Image.new("RGB", (8, 8)).save(flat / "twin.jpg")
+    labels.write_text(rows)
+    with pytest.raises(UserError) as info:
+        load_split(data_spec("folder", flat, labels=str(labels)), model_spec(), "train")
+    assert fragment.format(labels=labels, flat=flat) in str(info.value)
+    assert getattr(info.value, "field", None) == "data.labels"
+
+
+def test_a_validation_folder_takes_its_own_labels(tmp_path):
+    flat, labels = make_flat_with_labels(tmp_path)
+    spec = data_spec("folder", tmp_path / "nested" / "data", val_root=str(flat), val_labels=str(labels))
+    val = load_split(spec, model_spec(), "val")
+    assert len(val) == 12 and val.classes == CLASSES
+    with pytest.raises(UserError) as info:
+        load_split(data_spec("folder", tmp_path / "nested" / "data", val_root=str(flat),
+                             val_labels=str(tmp_path / "no.csv")), model_spec(), "val")
+    assert info.value.field == "data.val_labels"
+
+
+def test_flat_folder_without_labels_and_labels_file_missing(tmp_path):
+    flat, labels = make_flat_with_labels(tmp_path)
+    with pytest.raises(UserError, match=r"holds 12 images outside its class subfolders \(bird_0.png, bird_1.png, "
+                                        r"bird_2.png, ...\); move them into the subfolder of their class, or name"):
+        load_split(data_spec("folder", flat), model_spec(), "train")   # "more" would have been the one class
+    shutil.rmtree(flat / "more")   # only image files left
+    with pytest.raises(UserError, match="or name each image's class in a CSV file"):
+        load_split(data_spec("folder", flat), model_spec(), "train")
+    with pytest.raises(UserError, match="nowhere.csv does not exist; data.labels is a CSV file"):
+        load_split(data_spec("folder", flat, labels=str(tmp_path / "nowhere.csv")), model_spec(), "train")
+
+
 def test_folder_grayscale_and_resize(tmp_path):
     folder = make_folder(tmp_path)
     gray = load_split(data_spec("folder", folder, val_split=0), model_spec(3, 16, 1), "train")

@@ -63,6 +63,26 @@ def test_init_from_an_archive(tmp_path, monkeypatch):
     assert load_spec(tmp_path / "z.yaml").model.num_classes == 3
 
 
+def test_init_from_a_flat_folder_and_its_labels_csv(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPOSER_CACHE", str(tmp_path / "cache"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = ["file,species"]
+    for i in range(12):
+        Image.new("RGB", (40, 40), 20 * i).save(flat / f"{i}.png")
+        rows.append(f"{i},{('ant', 'bee')[i % 2]}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert_user_error(run_cli("init", tmp_path / "f.yaml", "--data", flat), "has no class subfolders",
+                      "name each image's class in a CSV file (data.labels)")
+    result = run_cli("init", tmp_path / "f.yaml", "--data", flat, "--labels", tmp_path / "labels.csv")
+    assert result.returncode == 0, result.stderr
+    assert f"{flat}: 2 classes, 12 images" in result.stdout
+    spec = load_spec(tmp_path / "f.yaml")
+    assert spec.data.labels == str(tmp_path / "labels.csv") and spec.model.num_classes == 2
+    assert_user_error(run_cli("init", tmp_path / "g.yaml", "--data", "cifar10", "--labels", tmp_path / "labels.csv"),
+                      "--labels is for image folders; cifar10 has its own labels")
+
+
 @pytest.mark.parametrize("arch", ["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer"])
 def test_init_for_builtin_data_matches_the_cifar_recipes(tmp_path, arch):
     assert run_cli("init", tmp_path / "c.yaml", "--data", "cifar100", "--arch", arch).returncode == 0

@@ -88,6 +88,14 @@ def test_accumulate_must_divide_the_batch():
     assert load_spec_text(GOOD + "train:\n  batch_size: 96\n  accumulate: 4\n", "x.yaml").train.accumulate == 4
 
 
+def test_labels_files_are_for_folders():
+    (msg,) = problems(GOOD.replace("data: {kind: synthetic}", "data: {kind: synthetic, labels: l.csv}"))
+    assert msg.startswith("x.yaml:9:33: data.labels: a labels file names the classes of a folder's images"), msg
+    (msg,) = problems(GOOD.replace("data: {kind: synthetic}", "data: {kind: folder, root: r, val_labels: v.csv}"))
+    assert msg.startswith("x.yaml:9:43: data.val_labels: val_labels names the classes of val_root's images, but "
+                          "there is no val_root"), msg
+
+
 def test_a_validation_folder_is_for_folders_and_replaces_val_split():
     (msg,) = problems(GOOD.replace("data: {kind: synthetic}", "data: {kind: synthetic, val_root: v}"))
     assert msg.startswith("x.yaml:9:35: data.val_root: a separate validation folder is for folder datasets, "

@@ -803,6 +803,11 @@ def _image_folder(root, classes, per_class=12, seed=0):
     return root
 
 
+def test_evaluate_labels_need_a_data_root(tmp_path):
+    assert_user_error(run_cli("evaluate", tmp_path / "run", "--labels", tmp_path / "labels.csv"),
+                      "--labels names the classes of the images in --data-root; give --data-root too")
+
+
 def test_evaluate_folder_run_on_another_folder(tmp_path):
     classes = ["ant", "bee", "cat", "dog"]
     train_dir = _image_folder(tmp_path / "train", classes)

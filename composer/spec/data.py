@@ -54,6 +54,11 @@ class DataSpec(Strict):
     val_root: Optional[str] = Field(
         None, description="folder: a validation folder (or archive) of its own, with the same class subfolders "
         "(e.g. ImageNet's train/ and val/); the whole of root then trains, and val_split is not used.")
+    labels: Optional[str] = Field(
+        None, description="folder: a CSV file that names each image's class, for images not sorted into class "
+        "subfolders: a header row, then one `image,class` row an image (its path under root, the extension "
+        "optional). Images it does not name are left out.")
+    val_labels: Optional[str] = Field(None, description="folder: the same for val_root.")
     val_split: Optional[Probability] = Field(
         None, description="Fraction of the training data held out for validation; default 0.1, or 0 with "
         "val_root (which the two cannot share).")

@@ -122,6 +122,13 @@ def _check_data(d: DataSpec) -> list[Finding]:
         problems.append((padding, f"crop_padding {d.augment.crop_padding} and resized_crop {d.augment.resized_crop} "
                                   "are two crops; keep one of them", (padding, resized)))
     val_root, split, kind = ("data", "val_root"), ("data", "val_split"), ("data", "kind")
+    labels, val_labels = ("data", "labels"), ("data", "val_labels")
+    if d.labels is not None and d.kind != "folder":
+        problems.append((labels, f"a labels file names the classes of a folder's images; {d.kind} has its own "
+                                 "labels: remove data.labels", (labels, kind)))
+    if d.val_labels is not None and d.val_root is None:
+        problems.append((val_labels, "val_labels names the classes of val_root's images, but there is no val_root; "
+                                     "set data.val_root or remove val_labels", (val_labels, val_root)))
     if d.val_root is not None and d.kind != "folder":
         problems.append((val_root, f"a separate validation folder is for folder datasets, not {d.kind}; remove "
                                    "val_root (data.val_split holds out part of the training data)", (val_root, kind)))
