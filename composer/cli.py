@@ -297,16 +297,19 @@ def visualize():
 
 @visualize.command("attention")
 @click.argument("run_dir")
-@click.option("--image", "image_index", type=int, default=0, show_default=True, help="Index of the image in the split.")
+@click.option("--image", "image_index", type=int, default=None, help="Index of the image in the split (default 0).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
+@click.option("--file", "image_file", type=click.Path(dir_okay=False), default=None,
+              help="An image file of your own instead (the run's data is then not read).")
 @click.option("--layer", type=int, default=None, help="Attention layer (0-based); default: all.")
 @click.option("--head", type=int, default=None, help="Head (0-based); default: all.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help=OUT_HELP)
-def visualize_attention(run_dir, image_index, split, layer, head, out):
+def visualize_attention(run_dir, image_index, split, image_file, layer, head, out):
     """Attention matrices, per-query overlays and rollout for one image."""
     from composer.visualize import attention
 
-    for path in attention(run_dir, image_index=image_index, split=split, layer=layer, head=head, out=out):
+    for path in attention(run_dir, image_index=image_index, split=split, layer=layer, head=head, out=out,
+                          file=image_file):
         click.echo(path)
 
 

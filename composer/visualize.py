@@ -195,33 +195,43 @@ def _query_patches(grid: tuple[int, int]) -> list[tuple[int, int]]:
     return list(dict.fromkeys((min(r, h - 1), min(c, w - 1)) for r, c in spots))
 
 
-def attention(run_dir, image_index: int = 0, split: str = "val", layer: int | None = None, head: int | None = None,
-              out=None, device: str = "cpu") -> list[str]:
-    """Attention matrices, per-query overlays and (all layers) rollout for one image; returns PNG paths."""
-    from composer.data import load_split, normalize
+def attention(run_dir, image_index: int | None = None, split: str = "val", layer: int | None = None,
+              head: int | None = None, out=None, device: str = "cpu", file: str | None = None) -> list[str]:
+    """Attention matrices, per-query overlays and (all layers) rollout for one image of the run's
+    data (`image_index` in `split`) or an image `file`; returns PNG paths."""
+    from composer.data import decode_files, load_split, normalize
 
+    if file is not None and image_index is not None:
+        raise UserError("--image picks an image of the run's data and --file gives one of your own; give one of them")
     spec, model, state = load_run(run_dir, device)
     chosen = _select(model, spec, "attention", layer, "--layer")
-    data = load_split(spec.data, spec.model, split)
-    if not 0 <= image_index < len(data):
-        raise UserError(f"--image {image_index} is out of range: the {split} split has {len(data)} images "
-                        f"(0..{len(data) - 1})")
     heads = min(info.module.heads for _, info in chosen)  # blocks of one spec may differ in heads
     if head is not None and not 0 <= head < heads:
         raise UserError(f"--head {head} is out of range: the attention layers have {heads} heads (0..{heads - 1})")
+    if file is not None:   # no label: the caption says what the model sees
+        images = decode_files([file], spec.model)
+        classes = state.get("classes") or [str(i) for i in range(spec.model.num_classes)]
+        shown, truth, tag = Path(file).name, None, f"attention_{Path(file).stem}"
+    else:
+        image_index = image_index or 0
+        data = load_split(spec.data, spec.model, split)
+        if not 0 <= image_index < len(data):
+            raise UserError(f"--image {image_index} is out of range: the {split} split has {len(data)} images "
+                            f"(0..{len(data) - 1})")
+        images, classes = data.images[image_index:image_index + 1], data.classes
+        shown, truth = f"{split} image #{image_index}", int(data.labels[image_index])
+        tag = f"attention_{split}{image_index}"
 
     norm = state["normalization"]
-    x = normalize(data.images[image_index:image_index + 1], norm["mean"], norm["std"]).to(device)
+    x = normalize(images, norm["mean"], norm["std"]).to(device)
     maps = attention_maps(model, x)
     with torch.no_grad():
         probs = torch.softmax(model(x).float(), -1)[0].cpu()
-    label, pred = int(data.labels[image_index]), int(probs.argmax())
-    classes = data.classes
-    caption = (f"{split} image #{image_index}: {classes[label]}\n"
-               f"predicted {classes[pred]} ({probs[pred]:.0%})")
-    image = _display_image(data.images[image_index], spec.model.input_size)
+    pred = int(probs.argmax())
+    caption = (f"{shown}" + (f": {classes[truth]}" if truth is not None else "")
+               + f"\npredicted {classes[pred]} ({probs[pred]:.0%})")
+    image = _display_image(images[0], spec.model.input_size)
     grid = (spec.model.grid, spec.model.grid)
-    tag = f"attention_{split}{image_index}"
     out_dir = _out_dir(run_dir, out)
 
     paths = []

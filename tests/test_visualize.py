@@ -224,6 +224,11 @@ def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
     paths = printed_paths(invoke("attention", vit_run, "--split", "train", "--image", 5, "--out", tmp_path))
     assert_pngs(paths, 5)
     assert paths[-1].endswith("attention_train5_rollout.png")
+    # an image file of one's own, any size: decoded as the run's data is (no data read)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "mine.png")
+    paths = printed_paths(invoke("attention", vit_run, "--file", tmp_path / "mine.png", "--out", tmp_path))
+    assert_pngs(paths, 5)
+    assert paths[-1].endswith("attention_mine_rollout.png")
     # default destination: RUN_DIR/figures
     paths = printed_paths(invoke("token-mlp", hybrid_run))
     assert_pngs(paths, 1)
@@ -243,6 +248,8 @@ def test_every_command_writes_pngs(hybrid_run, vit_run, tmp_path):
     (("token-mlp", "HYBRID", "--block", 2), ["--block 2 is out of range", "1 token_mlp layer"]),
     (("attention", "HYBRID", "--image", 8), ["--image 8 is out of range", "8 images"]),
     (("attention", "HYBRID", "--head", 2), ["--head 2 is out of range", "2 heads"]),
+    (("attention", "VIT", "--image", 1, "--file", "NOWHERE"), ["--image picks an image of the run's data and "
+                                                              "--file gives one of your own; give one of them"]),
     (("curves", "NOWHERE"), ["not a run directory"]),
     (("pos-embed", "VIT"), ["run 'tiny_vit' has no position embedding (model.pos_embed: none)"]),
     (("confusion", "NOWHERE"), ["does not exist", "give a run directory or a checkpoint"]),
