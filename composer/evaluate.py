@@ -46,6 +46,8 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
         "accuracy": int(hits.sum()) / total,
         "top5": float(top5) / total,
         "per_class": [h / c if c else None for h, c in zip(hits.tolist(), count.tolist())],
+        # the mean of the per-class accuracies (classes with images): what accuracy hides on imbalanced data
+        "balanced_accuracy": float((hits[count > 0] / count[count > 0]).mean()) if int(count.sum()) else 0.0,
         "confusion": confusion,
     }
 
@@ -114,7 +116,8 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
 def render(result: dict) -> str:
     lines = [f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}"
              + (", each averaged with its mirror image" if result.get("flip") else "") + "):",
-             f"  accuracy {result['accuracy']:.4f}   top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
+             f"  accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
+             f"top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
     for name, acc in zip(result["classes"], result["per_class"]):
         lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
     if result.get("note"):

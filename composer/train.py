@@ -290,8 +290,34 @@ def in_slices(forward_backward, x: torch.Tensor, targets: torch.Tensor, slices: 
     return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]).mean()
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against soft targets (label smoothing, mixup). With class `weights`, each
+    class's term is weighed and the sum divided by the batch's total weight: for one-hot targets,
+    F.cross_entropy(weight=...) exactly. (A batch in slices or over processes normalizes each part
+    by its own weight: its mean, not the whole batch's.)"""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    if weights is None:
+        return -(targets * log_probs).sum(dim=-1).mean()
+    weighted = targets * weights
+    return -(weighted * log_probs).sum() / weighted.sum()
+
+
+def class_balance(labels: torch.Tensor, classes: list[str], scheme: str) -> tuple[torch.Tensor | None, str | None]:
+    """The loss's class weights under train.class_weights, and what to log: the weights' range, or a
+    note where the classes are imbalanced (the largest five times the smallest or more) and unweighed."""
+    counts = torch.bincount(labels.cpu(), minlength=len(classes)).double()
+    present = counts[counts > 0]
+    if scheme == "balanced":
+        weights = torch.where(counts > 0, counts.sum() / (len(present) * counts.clamp_min(1)), 0.0).float()
+        low, high = int(weights[counts > 0].argmin()), int(weights.argmax())
+        return weights, (f"class weights (balanced): {float(weights[low]):.3g} ({classes[low]}, {int(counts[low]):,} "
+                         f"images) to {float(weights[high]):.3g} ({classes[high]}, {int(counts[high]):,} images)")
+    if len(present) > 1 and present.max() >= 5 * present.min():
+        big, small = int(counts.argmax()), int(torch.where(counts > 0, counts, float("inf")).argmin())
+        return None, (f"note: the classes are imbalanced ({classes[big]}: {int(counts[big]):,} training images, "
+                      f"{classes[small]}: {int(counts[small]):,}); train.class_weights: balanced weighs the loss "
+                      "against it")
+    return None, None
 
 
 def spec_yaml(spec: Spec) -> str:
@@ -438,6 +464,11 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
              "each batch is copied over)" if on_host else f"on {device}")
     log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
         f"{tuple(train_images.shape[1:])} {where} ({time.perf_counter() - started:.1f}s)")
+    class_weights, said = class_balance(train_set.labels, list(train_set.classes or range(spec.model.num_classes)),
+                                        t.class_weights)
+    class_weights = class_weights.to(device) if class_weights is not None else None
+    if said:
+        log(said)
 
     # -- model, optimizer, schedule ------------------------------------------------------
     model = build_model(spec, backend=model_backend(t.kernels, t.compile)).to(device)
@@ -551,7 +582,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=not graphed):
             logits = forward_model(x)
-        loss = soft_cross_entropy(logits, targets)
+        loss = soft_cross_entropy(logits, targets, class_weights)
         scaler.scale(loss if share == 1.0 else loss * share).backward()
         if clip_in_step:
             torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)

@@ -803,6 +803,55 @@ def _image_folder(root, classes, per_class=12, seed=0):
     return root
 
 
+def test_class_weights_weigh_the_loss_as_cross_entropy_does():
+    import torch.nn.functional as F
+
+    from composer.train import class_balance, soft_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(7, 3, generator=gen), torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    weights = torch.tensor([0.5, 3.0, 1.25])
+    one_hot = F.one_hot(y, 3).float()
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot, weights), F.cross_entropy(logits, y, weight=weights))
+    torch.testing.assert_close(soft_cross_entropy(logits, one_hot), F.cross_entropy(logits, y))
+    labels = torch.tensor([0] * 30 + [1] * 6)   # class 2 has no training image
+    weights, said = class_balance(labels, ["ant", "bee", "cow"], "balanced")
+    assert weights.tolist() == pytest.approx([36 / 60, 36 / 12, 0.0])
+    assert said == "class weights (balanced): 0.6 (ant, 30 images) to 3 (bee, 6 images)"
+    weights, said = class_balance(labels, ["ant", "bee", "cow"], "none")
+    assert weights is None and said.startswith("note: the classes are imbalanced (ant: 30 training images, bee: 6)")
+    assert class_balance(torch.tensor([0] * 20 + [1] * 5), ["a", "b"], "none") == (None, None)
+
+
+def test_a_run_on_imbalanced_classes_says_so_or_weighs_them(tmp_path):
+    root = _image_folder(tmp_path / "train", ["ant", "bee"], per_class=20)
+    for image in sorted((root / "bee").iterdir())[4:]:
+        image.unlink()   # 20 ants, 4 bees
+    text = TINY.replace("kind: synthetic", f"kind: folder\n  root: {root}\n  cache_dir: {tmp_path / 'cache'}")
+    text = text.replace("batch_size: 32", "batch_size: 8").replace("num_classes: 4", "num_classes: 2")
+    for scheme, expected in (("none", "note: the classes are imbalanced (ant: "),
+                             ("balanced", "class weights (balanced): ")):
+        said = []
+        train(load_spec_text(text, "tiny.yaml", [f"train.out_dir={tmp_path / scheme}", "train.epochs=1",
+                                                 f"train.class_weights={scheme}"]),
+              echo=lambda line="", *a, **k: said.append(str(line)))
+        assert any(line.startswith(expected) for line in said), said
+
+
+def test_balanced_accuracy_is_the_mean_of_the_classes_accuracies():
+    from composer.evaluate import evaluate_model
+
+    class PixelIsTheAnswer(torch.nn.Module):   # predicts the class written in the first pixel
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long(), 2).float()
+
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    answers = torch.tensor([0] * 8 + [1, 0])     # class 0 all right, class 1 half
+    images = answers.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).to(torch.uint8).contiguous()
+    result = evaluate_model(PixelIsTheAnswer(), images, labels, [0.0], [1.0], num_classes=2)
+    assert result["accuracy"] == 0.9 and result["balanced_accuracy"] == 0.75
+
+
 def test_evaluate_labels_need_a_data_root(tmp_path):
     assert_user_error(run_cli("evaluate", tmp_path / "run", "--labels", tmp_path / "labels.csv"),
                       "--labels names the classes of the images in --data-root; give --data-root too")

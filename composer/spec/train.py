@@ -51,6 +51,9 @@ class TrainSpec(Strict):
     optimizer: Optimizer = Field(default_factory=Optimizer)
     schedule: Schedule = Field(default_factory=Schedule)
     label_smoothing: Probability = Field(0.0, description="Label smoothing of the cross-entropy loss.")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weigh each class's loss by the inverse of its share of the training "
+        "images (images / (classes x its images)), for data where some classes are rare.")
     grad_clip: Optional[PositiveFloat] = Field(None, description="Clip the global gradient norm to this value.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler."
