@@ -11,6 +11,7 @@ recipes are those of specs/*_cifar.yaml; the file is validated before it is writ
 """
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 from pathlib import Path
@@ -128,8 +129,10 @@ def inspect_folder(root: str, cache_dir: str | None = None, labels: str | None =
             continue   # training names an unreadable image; the sample just skips it
     if not sides:
         raise UserError(f"none of the sampled images in {root} can be read; check that they are images")
+    per_class = collections.Counter(label for _, label in files)
     return {"classes": len(classes), "images": len(files), "side": int(statistics.median(sides)),
-            "gray": modes <= {"L", "1", "I", "I;16", "LA"}}
+            "gray": modes <= {"L", "1", "I", "I;16", "LA"},
+            "imbalance": max(per_class.values()) / min(per_class.values())}
 
 
 def choose_size(side: int) -> int:
@@ -185,8 +188,12 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
         model = {"image_size": size, "resize": resize, **{k: v for k, v in model.items() if k != "image_size"}}
     data_section["augment"] = augment_section(size, mirror)
     name = path.stem
+    train = train_section(arch, train_images)
+    if data not in BUILTIN and facts["imbalance"] >= 5:   # as the training log would say
+        train["class_weights"] = "balanced"
+        found += f", the largest class {facts['imbalance']:.0f}x the smallest (class_weights: balanced)"
     spec = {"name": name, "description": f"{arch} for {found.split(':')[0]}, written by composer init",
-            "model": model, "data": data_section, "train": train_section(arch, train_images)}
+            "model": model, "data": data_section, "train": train}
     notes = [found, "written by composer init; every key: composer schema, or the README's spec section"]
     if data not in BUILTIN:
         notes.append("data.augment.hflip: set it to false if a mirrored image is another class (text, digits)")
