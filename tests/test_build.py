@@ -317,7 +317,9 @@ def test_convmixer_blocks_fused_batch_norm_falls_back(monkeypatch):
     assert calls and all(k["residual"] is None for k in calls)
 
 
-def test_frozen_stages_keep_their_weights_and_statistics_and_run_as_in_evaluation():
+@pytest.mark.parametrize("backend, device", [("reference", "cpu"),
+                                             pytest.param("triton", "cuda", marks=pytest.mark.gpu)])
+def test_frozen_stages_keep_their_weights_and_statistics_and_run_as_in_evaluation(backend, device):
     import copy
 
     from composer.optim import frozen_stages
@@ -332,7 +334,7 @@ model:
   head: {pool: mean}
 """)
     torch.manual_seed(0)
-    model = build_model(spec, backend="reference")
+    model = build_model(spec, backend=backend).to(device)
     stages = frozen_stages(model, 1)   # the stem and the first convmixer block
     reference = copy.deepcopy(model)
     frozen = model.freeze(stages)
@@ -341,7 +343,7 @@ model:
     assert [stage.training for stage in model.stages] == [False] * stages + [True] * (len(model.stages) - stages)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    x = torch.randn(6, 3, 16, 16)
+    x = torch.randn(6, 3, 16, 16, device=device)
     torch.manual_seed(1)
     out = model(x)
     # the same as running the prefix in evaluation mode and the rest in training mode
@@ -350,7 +352,7 @@ model:
     for i, stage in enumerate(reference.stages):
         stage.train(i >= stages)
         h = stage(h)
-    assert torch.equal(out, h)
+    torch.testing.assert_close(out, h, rtol=0, atol=0 if device == "cpu" else 1e-6)   # the same ops: equal
     out.square().mean().backward()
     for i, stage in enumerate(model.stages):
         for name, p in stage.named_parameters():
