@@ -169,12 +169,18 @@ def evaluate(target, data_root, labels, split, batch_size, device, flip, as_json
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--flip", is_flag=True, help="Average each image's class probabilities with its mirror image's.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def predict(target, images, top, batch_size, device, flip, as_json):
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write image,class,probability rows (each image's top class) to this CSV file.")
+def predict(target, images, top, batch_size, device, flip, as_json, csv_path):
     """Classify IMAGES (files, or folders of them) with a trained run: the top classes and their probabilities."""
-    from composer.evaluate import predict as run, render_predictions
+    from composer.evaluate import predict as run, render_predictions, write_predictions_csv
 
     result = run(target, list(images), top=top, batch_size=batch_size, device=device, flip=flip)
+    if csv_path:
+        write_predictions_csv(result, csv_path)
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
+    if csv_path and not as_json:
+        click.echo(f"wrote {csv_path}: {len(result['predictions'])} rows of image,class,probability")
 
 
 @main.command()

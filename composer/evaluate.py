@@ -159,6 +159,20 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
             "predictions": rows}
 
 
+def write_predictions_csv(result: dict, path: str) -> None:
+    """Each image's top class as image,class,probability rows (the images as predict found them)."""
+    import csv
+
+    try:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "class", "probability"])
+            for row in result["predictions"]:
+                writer.writerow([row["image"], row["top"][0]["class"], f"{row['top'][0]['probability']:.6f}"])
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def render_predictions(result: dict) -> str:
     lines = [f"{result['spec']} (epoch {result['epoch']}), {len(result['predictions'])} images:"]
     for row in result["predictions"]:

@@ -387,6 +387,16 @@ def test_predict_classifies_image_files_as_the_model_does(tmp_path):
     shown = run_cli("predict", tmp_path / "run", folder / "cat" / "0.png", "--top", "1")
     assert shown.returncode == 0, shown.stderr
     assert re.search(rf"{re.escape(str(folder / 'cat' / '0.png'))}: (bird|cat|dog) [01]\.\d{{3}}$", shown.stdout, re.M)
+    # --csv: each image's top class, as a file a spreadsheet or a competition takes
+    written = run_cli("predict", tmp_path / "run", folder / "dog", folder / "bird" / "1.png", "--csv",
+                      tmp_path / "out.csv")
+    assert written.returncode == 0 and f"wrote {tmp_path / 'out.csv'}: 5 rows" in written.stdout, written.stderr
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "class", "probability"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [(p["image"], p["top"][0]["class"]) for p in result["predictions"]]
+    assert [float(r[2]) for r in rows[1:]] == pytest.approx([p["top"][0]["probability"] for p in result["predictions"]],
+                                                            abs=1e-6)
     assert_user_error(run_cli("predict", tmp_path / "run", tmp_path / "nothing.png"), "nothing.png does not exist")
     (tmp_path / "notes.png").write_text("not an image")
     assert_user_error(run_cli("predict", tmp_path / "run", tmp_path / "notes.png"), "cannot read image")
