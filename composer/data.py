@@ -94,11 +94,29 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
     if split == "val" and held_out == 0:
         raise SpecFieldError("data.val_split", "there is no validation split because data.val_split is 0; set data.val_split (e.g. 0.1)")
     full = _load(data, model, root, train=True, echo=echo, labels=root_labels)
-    # A fixed permutation so the same spec always holds out the same images.
-    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(data.split_seed))
-    n_val = min(max(round(len(full) * held_out), 1), len(full) - 1) if held_out > 0 else 0
-    index = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values
+    val_index = _held_out(full.labels, held_out, data.split_seed, data.stratify)
+    keep = torch.zeros(len(full), dtype=torch.bool)
+    keep[val_index] = True
+    index = torch.nonzero(keep if split == "val" else ~keep).flatten()
     return ImageSet(full.images[index], full.labels[index], full.classes)
+
+
+def _held_out(labels: torch.Tensor, fraction: float, seed: int, stratify: bool) -> torch.Tensor:
+    """The indices of the validation images: a fixed permutation's first `fraction` (at least one
+    image, never all), so the same spec always holds out the same images; with `stratify`, that
+    fraction of each class in turn (rounded, each class keeping a training image)."""
+    if fraction == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    if not stratify:
+        perm = torch.randperm(len(labels), generator=generator)
+        return perm[:min(max(round(len(labels) * fraction), 1), len(labels) - 1)]
+    parts = []
+    for cls in labels.unique(sorted=True).tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        take = min(max(round(len(members) * fraction), 1), len(members) - 1)
+        parts.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(parts)
 
 
 def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field: str = "data.root",

@@ -191,7 +191,10 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
     train = train_section(arch, train_images)
     if data not in BUILTIN and facts["imbalance"] >= 5:   # as the training log would say
         train["class_weights"] = "balanced"
-        found += f", the largest class {facts['imbalance']:.0f}x the smallest (class_weights: balanced)"
+        if not val:   # every class validated in proportion
+            data_section["stratify"] = True
+        found += (f", the largest class {facts['imbalance']:.0f}x the smallest (class_weights: balanced"
+                  + (", stratify: true)" if not val else ")"))
     spec = {"name": name, "description": f"{arch} for {found.split(':')[0]}, written by composer init",
             "model": model, "data": data_section, "train": train}
     notes = [found, "written by composer init; every key: composer schema, or the README's spec section"]

@@ -41,7 +41,7 @@ METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_ac
 
 
 WARMUP_STEPS = 5
-RESUME_DATA_FIELDS = ("kind", "root", "val_root", "val_split", "split_seed", "num_samples")
+RESUME_DATA_FIELDS = ("kind", "root", "val_root", "labels", "val_labels", "val_split", "split_seed", "num_samples")
 
 
 class NonFiniteLoss(UserError):
@@ -971,6 +971,7 @@ def _split_fields(data: dict) -> dict:
     """The data fields that decide which images train and which validate, as a resume compares
     them: val_split by the fraction it stands for (unset, as saved by later versions, is 0.1)."""
     fields = {k: data.get(k) for k in RESUME_DATA_FIELDS}
+    fields["stratify"] = bool(data.get("stratify"))   # absent from runs saved before it existed: False
     try:
         fields["val_split"] = DataSpec.model_validate(data).held_out
     except ValidationError:   # compared as written

@@ -209,6 +209,21 @@ def test_val_split_is_deterministic_disjoint_and_seeded():
     assert not torch.equal(val.images, other.images)
 
 
+def test_stratified_split_holds_out_each_class_in_proportion():
+    labels = torch.tensor([0] * 90 + [1] * 10 + [2] * 1)
+    val = data_mod._held_out(labels, 0.1, 0, stratify=True)
+    assert labels[val].bincount(minlength=3).tolist() == [9, 1, 0]   # the single image of class 2 trains
+    assert torch.equal(val, data_mod._held_out(labels, 0.1, 0, stratify=True))   # seeded
+    assert not torch.equal(val.sort().values, data_mod._held_out(labels, 0.1, 1, stratify=True).sort().values)
+    plain = [labels[data_mod._held_out(labels, 0.1, seed, stratify=False)].bincount(minlength=3)[1].item()
+             for seed in range(20)]
+    assert min(plain) != max(plain)   # without it, the rare class's share varies with the seed
+    # through load_split: disjoint, together the whole set
+    spec = data_spec("synthetic", num_samples=60, val_split=0.25, stratify=True)
+    train, held = load_split(spec, model_spec(), "train"), load_split(spec, model_spec(), "val")
+    assert len(train) + len(held) == 60 and held.labels.bincount().tolist() == [5, 5, 5]
+
+
 def test_val_split_zero():
     spec = data_spec("synthetic", num_samples=50, val_split=0)
     assert len(load_split(spec, model_spec(), "train")) == 50

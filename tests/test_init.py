@@ -83,8 +83,9 @@ def test_init_from_a_flat_folder_and_its_labels_csv(tmp_path, monkeypatch):
     # a class five times the size of another: weighed
     (tmp_path / "labels.csv").write_text("\n".join(rows[:1] + [f"{i},{'ant' if i < 10 else 'bee'}" for i in range(12)]))
     result = run_cli("init", tmp_path / "f.yaml", "--data", flat, "--labels", tmp_path / "labels.csv", "--force")
-    assert "the largest class 5x the smallest (class_weights: balanced)" in result.stdout, result.stdout
-    assert load_spec(tmp_path / "f.yaml").train.class_weights == "balanced"
+    assert "the largest class 5x the smallest (class_weights: balanced, stratify: true)" in result.stdout, result.stdout
+    spec = load_spec(tmp_path / "f.yaml")
+    assert spec.train.class_weights == "balanced" and spec.data.stratify
     assert_user_error(run_cli("init", tmp_path / "g.yaml", "--data", "cifar10", "--labels", tmp_path / "labels.csv"),
                       "--labels is for image folders; cifar10 has its own labels")
 

@@ -890,6 +890,8 @@ def test_resume_refuses_changed_data_split_and_foreign_run_dirs(tmp_path):
     assert run_cli("train", spec, "--out", tmp_path / "b", "--epochs", "1").returncode == 0
     result = run_cli("train", spec, "--out", tmp_path / "a", "--resume", "auto", "--set", "data.split_seed=7")
     assert_user_error(result, "data.split_seed: checkpoint has 0, spec has 7")
+    result = run_cli("train", spec, "--out", tmp_path / "a", "--resume", "auto", "--set", "data.stratify=true")
+    assert_user_error(result, "data.stratify: checkpoint has False, spec has True")
     result = run_cli("train", spec, "--out", tmp_path / "a", "--resume", "auto", "--set", "train.batch_size=16")
     assert_user_error(result, "train.batch_size: checkpoint has 32, spec has 16")
     before = (tmp_path / "a" / "last.pt").read_bytes()

@@ -63,6 +63,8 @@ class DataSpec(Strict):
         None, description="Fraction of the training data held out for validation; default 0.1, or 0 with "
         "val_root (which the two cannot share).")
     split_seed: int = Field(0, description="Seed of the train/validation split (fixed so runs compare).")
+    stratify: bool = Field(False, description="Hold out val_split of each class rather than of the whole set, so "
+                           "that rare classes are validated too (every class keeps at least one training image).")
     num_samples: PositiveInt = Field(512, description="synthetic: number of images.")
     augment: Augment = Field(default_factory=Augment)
 
