@@ -136,28 +136,101 @@ def timm_names(model, family: str) -> dict[str, str]:
     return names
 
 
-def import_timm(weights_path: str | Path, spec_path: str | Path, out: str | Path, overrides: list[str] = (),
+def spec_from_timm(model, name: str) -> dict:
+    """The spec (as YAML data) of a timm VisionTransformer, MlpMixer or ConvMixer, read from its
+    modules; a variant with parts composer does not build is refused, naming them."""
+    kind = type(model).__name__
+    if kind == "VisionTransformer":
+        block = model.blocks[0]
+        extra = [part for part, present in (
+            ("average-pooled head", model.global_pool != "token"), ("no class token", model.cls_token is None),
+            ("register or distillation tokens", model.num_prefix_tokens != 1),
+            ("layer scale", type(block.ls1).__name__ != "Identity"),
+            ("norm after pooling (fc_norm)", type(model.fc_norm).__name__ != "Identity"),
+            ("position embedding without the class token", getattr(model, "no_embed_class", False)),
+            ("query/key norm", type(block.attn.q_norm).__name__ != "Identity")) if present]
+        if extra:
+            raise UserError(f"timm's {name} is a ViT with {', '.join(extra)}: parts composer's vit blocks do not have")
+        dim = model.embed_dim
+        stem, size = {"patch_size": model.patch_embed.patch_size[0], "dim": dim}, model.patch_embed.img_size[0]
+        blocks = [{"kind": "vit", "heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
+                   "qkv_bias": block.attn.qkv.bias is not None, "repeat": len(model.blocks)}]
+        extras = {"pos_embed": "learned", "head": {"pool": "cls"}}
+    elif kind == "MlpMixer":
+        block, dim = model.blocks[0], model.embed_dim
+        stem, size = {"patch_size": model.stem.patch_size[0], "dim": dim}, model.stem.img_size[0]
+        blocks = [{"kind": "mixer", "token_hidden": block.mlp_tokens.fc1.out_features,
+                   "mlp_ratio": block.mlp_channels.fc1.out_features / dim, "repeat": len(model.blocks)}]
+        extras = {"head": {"pool": "mean"}}
+    elif kind == "ConvMixer":
+        activation = "relu" if type(model.stem[1]).__name__ == "ReLU" else "gelu"
+        stem = {"patch_size": model.stem[0].kernel_size[0], "dim": model.num_features, "activation": activation,
+                "norm": "batchnorm"}
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        blocks = [{"kind": "convmixer", "kernel_size": model.blocks[0][0].fn[0].kernel_size[0],
+                   "activation": activation, "repeat": len(model.blocks)}]
+        extras = {"head": {"pool": "mean"}}
+    else:
+        raise UserError(f"timm's {name} is a {kind}; composer imports VisionTransformer, MlpMixer and ConvMixer models")
+    return {"name": name.replace(".", "_"), "description": f"timm's {name}, imported",
+            "model": {"image_size": size, "num_classes": model.num_classes, "stem": stem, **extras, "blocks": blocks},
+            "data": {"kind": "folder", "root": "data/train"}}
+
+
+def _from_timm(name: str):
+    """timm's model `name` with its pretrained weights (timm downloads them, or finds them cached)."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"timm:{name} needs timm (pip install timm); or give a weights file") from None
+    try:
+        return timm.create_model(name, pretrained=True).eval()
+    except Exception as exc:
+        raise UserError(f"timm could not make {name} with its pretrained weights ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); check the name (timm.list_pretrained()) and the network, or give a "
+                        "weights file") from None
+
+
+def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str | Path, overrides: list[str] = (),
                 normalization: str | None = None, classes_file: str | Path | None = None, force: bool = False) -> dict:
     """Write `out`/best.pt (and spec.yaml) from timm weights for the model `spec_path` describes.
-    Returns what was done, for the command to print."""
+    `weights_path` "timm:NAME" takes timm's pretrained model of that name (and, without a spec, its
+    architecture and normalization). Returns what was done, for the command to print."""
     from composer.build import build_model
     from composer.checkpoint import BEST, library_versions, save_atomic
-    from composer.spec import load_spec
+    from composer.spec import load_spec, load_spec_text
     from composer.train import spec_yaml
 
-    weights_path, out = Path(weights_path), Path(out)
-    spec = load_spec(spec_path, list(overrides))
+    out, source = Path(out), str(weights_path)
     if (out / BEST).exists() and not force:
         raise UserError(f"{out} already holds a checkpoint ({out / BEST}); choose another --out, or pass --force to "
                         "replace it (nothing was overwritten)")
-    weights = read_weights(weights_path)
+    trained_with = None
+    if source.startswith("timm:"):
+        reference = _from_timm(source[len("timm:"):])
+        weights = {k: v.detach() for k, v in reference.state_dict().items()}
+        cfg = getattr(reference, "pretrained_cfg", None) or {}   # what timm.create_model attaches
+        if cfg.get("mean") and cfg.get("std"):
+            trained_with = ([float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]])
+        if spec_path is None:
+            text = yaml.safe_dump(spec_from_timm(reference, source[len("timm:"):]), sort_keys=False)
+            spec_path = f"{source} (its spec)"
+            spec = load_spec_text(text, spec_path, list(overrides))
+        else:
+            spec = load_spec(spec_path, list(overrides))
+    else:
+        if spec_path is None:
+            raise UserError(f"a weights file needs the SPEC of its model (e.g. specs/vit_s16.yaml); timm:NAME "
+                            "derives the spec from timm's model")
+        spec = load_spec(spec_path, list(overrides))
+        weights = read_weights(Path(source))
     family = family_of(weights)
     model = build_model(spec, backend="reference")
     kinds = {layer.kind for layer in model.layers if layer.kind in BLOCK_KINDS}
     allowed = FAMILIES[family][1]
     if not kinds <= allowed:
         example = {"vit": "vit_s16", "mixer": "mixer_s16", "convmixer": "convmixer_768_32"}[family]
-        raise UserError(f"{weights_path} holds a timm {family}, but {spec_path} has {', '.join(sorted(kinds - allowed))} "
+        raise UserError(f"{source} holds a timm {family}, but {spec_path} has {', '.join(sorted(kinds - allowed))} "
                         f"blocks; give a spec of {family} blocks (e.g. specs/{example}.yaml)")
     names = timm_names(model, family)
     state, problems = model.state_dict(), []
@@ -174,24 +247,28 @@ def import_timm(weights_path: str | Path, spec_path: str | Path, out: str | Path
                  if key not in used]
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-        raise UserError(f"{weights_path} does not fit the model of {spec_path}:\n  " + "\n  ".join(shown)
+        raise UserError(f"{source} does not fit the model of {spec_path}:\n  " + "\n  ".join(shown)
                         + "\nThe spec must describe the same network: dim, depth, heads, token and channel MLP "
                         "widths, patch size, image size (for the position embedding) and class count; timm "
                         "variants with extra parts (layer scale, register tokens, average-pooled heads) are not "
                         "supported")
     model.load_state_dict(state)
 
-    chosen = normalization or FAMILY_NORMALIZATION[family]
-    mean, std = NORMALIZATION[chosen]
+    if normalization or trained_with is None:
+        chosen = normalization or FAMILY_NORMALIZATION[family]
+        mean, std = NORMALIZATION[chosen]
+    else:   # the pretrained weights' own, from timm's configuration
+        chosen, (mean, std) = "timm's configuration of the weights", trained_with
     if spec.model.in_channels != 3:
         raise UserError(f"timm's weights take RGB images; {spec_path} has in_channels {spec.model.in_channels}")
     classes = _classes(classes_file, spec.model.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     save_atomic({"model": model.state_dict(), "spec_yaml": spec_yaml(spec), "epoch": 0,
                  "normalization": {"mean": mean, "std": std}, "classes": classes, "versions": library_versions(),
-                 "imported_from": str(weights_path)}, out / BEST)
+                 "imported_from": source}, out / BEST)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     return {"path": str(out / BEST), "family": family, "tensors": len(names), "normalization": chosen,
+            "normalization_given": normalization is not None or trained_with is not None, "spec": spec,
             "mean": mean, "std": std, "classes": spec.model.num_classes, "named_classes": classes is not None}
 
 

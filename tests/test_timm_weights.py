@@ -1,6 +1,7 @@
 """`composer import`: timm's ViT, MLP-Mixer and ConvMixer weights as composer runs, computing what timm computes."""
 import pytest
 import torch
+import yaml
 
 from composer.build import build_model
 from composer.checkpoint import init_from_run, load_run
@@ -128,9 +129,58 @@ def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm
     from composer.timm_weights import family_of, timm_names
     from tests.helpers import SPECS as SHIPPED
 
+    from composer.timm_weights import spec_from_timm
+
     with torch.device("meta"):
         model = build_model(load_spec(SHIPPED / f"{name}.yaml"), backend="reference")
-        theirs = timm.create_model(timm_name, pretrained=False).state_dict()
+        reference = timm.create_model(timm_name, pretrained=False)
+        theirs = reference.state_dict()
+        # the spec timm:NAME reads from the model builds the same network
+        derived = build_model(load_spec_text(yaml.safe_dump(spec_from_timm(reference, timm_name))), backend="reference")
     names, ours = timm_names(model, family_of(theirs)), model.state_dict()
     assert sorted(names) == sorted(ours) and sorted(names.values()) == sorted(theirs)
     assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
+    assert {k: v.shape for k, v in derived.state_dict().items()} == {k: v.shape for k, v in ours.items()}
+    assert derived.spec.blocks[0].model_dump() == model.spec.blocks[0].model_dump()
+
+
+@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer"])
+def test_timm_name_reads_the_spec_and_normalization_from_timms_model(tmp_path, family, monkeypatch):
+    """timm:NAME: timm makes the model with its pretrained weights (here: a small random one in their
+    place, as no network is assumed); the spec comes from its modules, the normalization from its
+    configuration."""
+    reference = timm_model(family)
+    reference.pretrained_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "input_size": (3, 16, 16)}
+    asked = []
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: asked.append((name, pretrained)) or reference)
+    result = run_cli("import", "timm:tiny_one.v2", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert asked == [("tiny_one.v2", True)]
+    assert f"the spec, read from timm's model: {tmp_path / 'run'}/spec.yaml" in result.stdout
+    spec, model, state = load_run(tmp_path / "run", backend="reference")
+    assert spec.name == "tiny_one_v2" and spec.model.num_classes == 5 and spec.model.image_size == 16
+    assert spec.model.blocks[0].kind == family and spec.model.blocks[0].repeat == 2
+    assert state["normalization"] == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_timm_name_refuses_variants_composer_does_not_build(tmp_path, monkeypatch):
+    from timm.models.vision_transformer import VisionTransformer
+
+    variant = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                global_pool="avg", fc_norm=True, init_values=1e-5)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: variant)
+    assert_user_error(run_cli("import", "timm:gap_ls", "--out", tmp_path / "run"),
+                      "timm's gap_ls is a ViT with average-pooled head, layer scale, norm after pooling (fc_norm)")
+
+    def offline(name, pretrained):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    assert_user_error(run_cli("import", "timm:vit_small_patch16_224", "--out", tmp_path / "run"),
+                      "timm could not make vit_small_patch16_224 with its pretrained weights (RuntimeError: no network)")
+    assert_user_error(run_cli("import", tmp_path / "weights.pth", "--out", tmp_path / "run"),
+                      "a weights file needs the SPEC of its model")
+    assert not (tmp_path / "run").exists()
