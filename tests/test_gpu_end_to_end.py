@@ -106,8 +106,8 @@ def _poison_on_device(monkeypatch, bad_steps):
     real = train_module.soft_cross_entropy
     counter = {}
 
-    def poisoned(logits, targets):
-        loss = real(logits, targets)
+    def poisoned(logits, targets, weights=None):
+        loss = real(logits, targets, weights)
         n = counter.setdefault("n", torch.zeros((), dtype=torch.int64, device=loss.device))
         n += 1
         bad = torch.zeros((), dtype=torch.bool, device=loss.device)

@@ -127,8 +127,8 @@ def _poison_steps(monkeypatch, bad):
     real = train_module.soft_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
-        loss = real(logits, targets)
+    def poisoned(logits, targets, weights=None):
+        loss = real(logits, targets, weights)
         if CpuGraphedStep.recording:
             return loss
         calls["n"] += 1

@@ -128,9 +128,9 @@ def test_nonfinite_loss_guard_stops_with_exit_3(tmp_path, monkeypatch):
     real = train_module.soft_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(logits, targets, weights=None):
         calls["n"] += 1
-        loss = real(logits, targets)
+        loss = real(logits, targets, weights)
         return loss * float("nan") if calls["n"] > 10 else loss  # epoch 1 has 8 steps: it completes
 
     monkeypatch.setattr(train_module, "soft_cross_entropy", poisoned)
@@ -148,9 +148,9 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch)
     real = train_module.soft_cross_entropy
     calls = {"n": 0}
 
-    def sometimes(logits, targets):
+    def sometimes(logits, targets, weights=None):
         calls["n"] += 1
-        loss = real(logits, targets)
+        loss = real(logits, targets, weights)
         return loss * float("inf") if calls["n"] in (3, 5) else loss
 
     monkeypatch.setattr(train_module, "soft_cross_entropy", sometimes)
@@ -730,7 +730,7 @@ def test_stop_signal_saves_and_exits(tmp_path, signum, exit_code):
                   "you tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)"), "CPU"),
 ])
 def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch, error, where):
-    def oom(logits, targets):
+    def oom(logits, targets, weights=None):
         raise error
 
     monkeypatch.setattr(train_module, "soft_cross_entropy", oom)
@@ -789,7 +789,7 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_keeps_the_last_one(tm
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
-    def broken(logits, targets):
+    def broken(logits, targets, weights=None):
         raise RuntimeError("some bug")
 
     monkeypatch.setattr(train_module, "soft_cross_entropy", broken)
