@@ -1,7 +1,7 @@
 """`composer runs`: the training runs under some folders, side by side, best first.
 
 A run directory is one `composer train` wrote: it holds metrics.csv (a row per finished epoch)
-and spec.yaml (the resolved spec). Everything here is read from those files and the lock a
+and spec.yaml (the resolved spec); one `composer import` wrote holds spec.yaml and best.pt. Everything here is read from those files and the lock a
 running `composer train` holds; no checkpoint is loaded, so listing many large runs is quick.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ def find_runs(paths: list[str]) -> list[Path]:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "spec.yaml").is_file() and ((path / "metrics.csv").is_file() or (path / "last.pt").is_file())
+    """A spec and what training writes, or the best.pt alone that `composer import` writes."""
+    return (path / "spec.yaml").is_file() and any((path / name).is_file() for name in ("metrics.csv", "last.pt",
+                                                                                        "best.pt"))
 
 
 def _search(folder: Path, depth: int):
@@ -64,6 +66,8 @@ def describe(run: Path) -> dict:
         state = "stopped early"
     elif planned is not None and done >= planned:
         state = "finished"
+    elif not rows and not (run / "last.pt").exists() and (run / "best.pt").exists():
+        state = "imported"   # weights from elsewhere (composer import): never trained here
     else:
         state = "stopped" if rows else "no epoch yet"
     return {

@@ -1,4 +1,6 @@
 """`composer import`: timm's ViT, MLP-Mixer and ConvMixer weights as composer runs, computing what timm computes."""
+import json
+
 import pytest
 import torch
 import yaml
@@ -62,6 +64,10 @@ def test_imported_weights_compute_what_timm_computes(tmp_path, family):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     mean = [0.485, 0.456, 0.406] if family == "convmixer" else [0.5, 0.5, 0.5]
     assert state["normalization"]["mean"] == mean and state["classes"] is None   # unnamed: the data's names apply
+    listed = run_cli("runs", tmp_path, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["state"] == "imported" and row["params"] == sum(p.numel() for p in reference.parameters())
 
 
 def test_safetensors_file_and_class_names_then_fine_tuning(tmp_path):
