@@ -507,7 +507,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
     if t.optimizer.layer_decay:
         rates = sorted({group["initial_lr"] for group in optimizer.param_groups})   # the schedule's peaks
-        log(f"layer decay {t.optimizer.layer_decay}: peak learning rates from {rates[0]:.3g} (stem, embeddings) "
+        lowest = "stem, embeddings" if t.freeze is None else "the first layer that trains"
+        log(f"layer decay {t.optimizer.layer_decay}: peak learning rates from {rates[0]:.3g} ({lowest}) "
             f"to {rates[-1]:.3g} (head)")
     if t.kernels == "triton":
         _check_triton(model, device, autocast_dtype or torch.float32)

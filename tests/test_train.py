@@ -466,10 +466,12 @@ def test_freeze_trains_the_head_alone_on_the_features_of_a_run(tmp_path):
     train(load_spec_text(VIT, "vit.yaml", [f"train.out_dir={tmp_path / 'pre'}"]), echo=lambda *a, **k: None)
     source = torch.load(tmp_path / "pre" / "best.pt", weights_only=False)["ema"]
     overrides = [f"train.out_dir={tmp_path / 'probe'}", f"train.init_from={tmp_path / 'pre'}", "model.num_classes=3",
-                 "train.freeze=backbone"]
+                 "train.freeze=backbone", "train.optimizer.layer_decay=0.5"]
     said = []
     train(load_spec_text(VIT, "vit.yaml", overrides), echo=lambda line="", *a, **k: said.append(str(line)))
     assert any(line.startswith("freeze: stem to blocks[0].channel_mlp #2 keep their weights") for line in said), said
+    assert any(line.startswith("layer decay 0.5: peak learning rates from 0.001 (the first layer that trains) to "
+                               "0.001 (head)") for line in said), said   # the head alone trains
     trained = torch.load(tmp_path / "probe" / "last.pt", weights_only=False)["model"]
     head = f"stages.{max(int(key.split('.')[1]) for key in trained)}."   # the last stage
     for key, value in trained.items():
