@@ -357,12 +357,12 @@ def _scan(folder: Path, shown: str) -> tuple[list[tuple[str, int]], list[str]]:
     if not class_dirs:
         raise UserError(f"{shown} has no class subfolders, only {len(entries)} files; put the images in one "
                         "subfolder per class (<root>/<class>/<image>), or name each image's class in a CSV file "
-                        "(data.labels)")
+                        "(data.labels; composer init --labels)")
     loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if loose:   # beside class folders they would be left out without a word
         raise UserError(f"{shown} holds {len(loose)} images outside its class subfolders ({', '.join(loose[:3])}"
                         f"{', ...' if len(loose) > 3 else ''}); move them into the subfolder of their class, or "
-                        "name every image's class in a CSV file (data.labels)")
+                        "name every image's class in a CSV file (data.labels; composer init --labels)")
     files = []
     for label, class_dir in enumerate(class_dirs):
         found = sorted(os.path.join(top, name) for top, dirs, names in os.walk(class_dir.path)

@@ -73,7 +73,7 @@ def test_init_from_a_flat_folder_and_its_labels_csv(tmp_path, monkeypatch):
         rows.append(f"{i},{('ant', 'bee')[i % 2]}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     assert_user_error(run_cli("init", tmp_path / "f.yaml", "--data", flat), "has no class subfolders",
-                      "name each image's class in a CSV file (data.labels)")
+                      "name each image's class in a CSV file (data.labels; composer init --labels)")
     result = run_cli("init", tmp_path / "f.yaml", "--data", flat, "--labels", tmp_path / "labels.csv")
     assert result.returncode == 0, result.stderr
     assert f"{flat}: 2 classes, 12 images" in result.stdout
