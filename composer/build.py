@@ -181,9 +181,7 @@ class ComposedModel(nn.Module):
                 for stage in self.stages[:self.frozen]:
                     x = stage(x)
         recompute = self.training and torch.is_grad_enabled()
-        for i, stage in enumerate(self.stages):
-            if i < self.frozen:
-                continue
+        for i, stage in enumerate(self.stages[self.frozen:], start=self.frozen):
             if recompute and i in self.recomputed:
                 # non-reentrant: the recomputation restores the RNG (dropout, drop path draw the same)
                 x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from composer.errors import UserError
+from composer.errors import UserError, first_few
 from composer.spec import Spec, load_spec_text
 
 LAST, BEST = "last.pt", "best.pt"
@@ -181,8 +181,7 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
             problems.append(f"{key}: checkpoint {tuple(given.shape)}, model {tuple(target.shape)}")
     problems += [f"{key} {tuple(value.shape)}: not in the model" for key, value in weights.items() if key not in own]
     if problems:
-        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-        raise UserError(f"train.init_from {path}: its weights do not fit this model:\n  " + "\n  ".join(shown)
+        raise UserError(f"train.init_from {path}: its weights do not fit this model:\n  " + first_few(problems, 12, "\n  ")
                         + "\nOnly the class count and the image size may differ (the classifier starts anew, "
                         "learned position embeddings are resized); token-mixing MLPs are tied to their "
                         "token count, so a model with them keeps its image size and patch size")

@@ -253,20 +253,9 @@ def import_weights(weights, spec_path, out, normalization, classes_file, force, 
     """Make a run directory from timm's weights of a ViT, MLP-Mixer or ConvMixer (.safetensors, .pth, .bin)
     for the model SPEC describes, or from timm's pretrained model NAME (timm downloads its weights; without
     SPEC, the spec is read from the model): then evaluate, predict, export or fine-tune it (train.init_from)."""
-    from composer.timm_weights import import_timm
+    from composer.timm_weights import import_timm, render
 
-    r = import_timm(weights, spec_path, out, list(overrides), normalization, classes_file, force)
-    click.echo(f"wrote {r['path']}: timm {r['family']}, {r['tensors']} tensors, all of them; inputs normalized "
-               f"with mean {tuple(r['mean'])} and std {tuple(r['std'])} ({r['normalization']}"
-               + ("" if r["normalization_given"] else ", timm's default for the family: --normalization to change it")
-               + f"); {r['classes']} classes" + ("" if r["named_classes"] else ", unnamed (evaluate takes the data's class "
-                                                                  "names in order; --classes FILE names them)"))
-    if spec_path is None:
-        click.echo(f"the spec, read from timm's model: {out}/spec.yaml ({r['spec'].model.blocks[0].kind} x"
-                   f"{r['spec'].model.blocks[0].repeat}, dim {r['spec'].model.stem.dim}, "
-                   f"{r['spec'].model.image_size}x{r['spec'].model.image_size} input)")
-    click.echo(f"next: composer evaluate {out} --data-root DIR; or fine-tune: composer train YOUR_SPEC.yaml "
-               f"--set train.init_from={out}")
+    click.echo(render(import_timm(weights, spec_path, out, list(overrides), normalization, classes_file, force)))
 
 
 @main.command("runs")

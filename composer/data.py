@@ -31,13 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from composer.errors import SpecFieldError, UserError
+from composer.errors import SpecFieldError, UserError, first_few
 from composer.spec.data import Augment, DataSpec
 from composer.spec.model import ModelSpec
 from composer.trivial_augment import trivial_augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz")
+# the field a folder's labels CSV comes from, by the field its folder comes from (for messages)
+LABELS_FIELD = {"data.root": "data.labels", "data.val_root": "data.val_labels", "--data-root": "--labels"}
 CACHE_VERSION = 1         # part of every cache key: bump it when the cached format changes
 DECODE_CHUNK = 1024       # images per decode task
 SYNTHETIC_CLASS_SEED = 1234  # class prototypes, shared by the synthetic train and test sets
@@ -234,10 +236,9 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     if model.in_channels not in (1, 3):
         raise SpecFieldError("model.in_channels", f"folder images load as grayscale (1) or RGB (3), not {model.in_channels} channels; "
                         "set model.in_channels to 1 or 3")
-    table = _read_labels(labels, "data.val_labels" if field == "data.val_root" else
-                         "--labels" if field == "--data-root" else "data.labels") if labels else None
+    table = _read_labels(labels, LABELS_FIELD[field]) if labels else None
     if path.is_dir():
-        files, classes = _scan_labelled(path, table, str(path)) if table else _scan(path, str(path))
+        files, classes = _scan_any(path, table, str(path))
         stats = [os.stat(f) for f, _ in files]
         source = ["dir", path] + [f"{f}:{s.st_size}:{s.st_mtime_ns}" for (f, _), s in zip(files, stats)]
     elif path.name.lower().endswith(ARCHIVE_EXTENSIONS):
@@ -257,9 +258,7 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         except Exception:  # a damaged entry (e.g. a full disk at write time) is rebuilt below
             pass
     if files is None:  # an archive: extract once, then treat it as a folder
-        extracted = _extract(path, cache)
-        files, classes = (_scan_labelled(_single_top(extracted), table, f"archive {path}") if table
-                          else _scan(_class_root(extracted), f"archive {path}"))
+        files, classes = _scan_any(_extract(path, cache), table, f"archive {path}", extracted=True)
     _check_memory_for(len(files), model, path)
     try:
         decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size,
@@ -282,13 +281,10 @@ def scan_folder(root: str, cache_dir: str | None = None, labels: str | None = No
                         "or an archive of one")
     table = _read_labels(labels, "--labels") if labels else None
     if path.is_dir():
-        return _scan_labelled(path, table, str(path)) if table else _scan(path, str(path))
+        return _scan_any(path, table, str(path))
     if not path.name.lower().endswith(ARCHIVE_EXTENSIONS):
         raise UserError(f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)})")
-    extracted = _extract(path, cache_root(cache_dir))
-    if table:
-        return _scan_labelled(_single_top(extracted), table, f"archive {path}")
-    return _scan(_class_root(extracted), f"archive {path}")
+    return _scan_any(_extract(path, cache_root(cache_dir)), table, f"archive {path}", extracted=True)
 
 
 def image_files(paths: list[str]) -> list[str]:
@@ -345,6 +341,16 @@ def _check_memory_for(count: int, model: ModelSpec, path: Path) -> None:
                         f"{available / 2**30:.1f} GiB of memory available. The images are held in memory as one "
                         "tensor: train at a smaller model.image_size (model.resize still feeds the network "
                         "larger images), on a subset of the folder, or on a machine with more memory")
+
+
+def _scan_any(folder: Path, table: _Labels | None, shown: str, extracted: bool = False
+              ) -> tuple[list[tuple[str, int]], list[str]]:
+    """(image path, label) pairs and class names of a folder: by its labels CSV when it has one,
+    else by its class subfolders. `extracted`: an archive's extraction, whose one top folder
+    (e.g. train/) may be the dataset's."""
+    if table:
+        return _scan_labelled(_single_top(folder) if extracted else folder, table, shown)
+    return _scan(_class_root(folder) if extracted else folder, shown)
 
 
 def _scan(folder: Path, shown: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -437,9 +443,9 @@ def _scan_labelled(folder: Path, table: _Labels, shown: str) -> tuple[list[tuple
             seen[file] = line
             files.append((file, label[cls]))
     if missing:
-        shown_missing = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise _field_error(table.field, f"{len(missing)} images that {table.path} names are not in {shown} "
-                                        f"({shown_missing}); image paths are relative to it, their extension optional")
+                                        f"({first_few(missing, 5, '; ')}); image paths are relative to it, their "
+                                        "extension optional")
     return sorted(files), names
 
 
@@ -449,16 +455,16 @@ def _single_top(extracted: Path) -> Path:
     return Path(top[0].path) if len(top) == 1 and top[0].is_dir() else extracted
 
 
-def _ignored(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"  # hidden files and macOS archive metadata
-
-
 def _class_root(extracted: Path) -> Path:
     """An archive with a single top folder holding the class folders (e.g. train/<class>/...) means that folder."""
-    top = [e for e in os.scandir(extracted) if not _ignored(e.name)]
-    if len(top) == 1 and top[0].is_dir() and any(e.is_dir() and not _ignored(e.name) for e in os.scandir(top[0].path)):
-        return Path(top[0].path)
+    top = _single_top(extracted)
+    if top != extracted and any(e.is_dir() and not _ignored(e.name) for e in os.scandir(top)):
+        return top
     return extracted
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # hidden files and macOS archive metadata
 
 
 def _extract(archive: Path, cache: Path) -> Path:

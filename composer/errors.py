@@ -18,3 +18,10 @@ class SpecFieldError(UserError):
 
     def located(self, where: str | None) -> UserError:
         return UserError(f"{where}: {self}") if where else self
+
+
+def first_few(items: list[str], limit: int, sep: str) -> str:
+    """The first `limit` of `items` joined by `sep`, then how many more there are: a long list of
+    problems in a message stays readable."""
+    more = [f"... and {len(items) - limit} more"] if len(items) > limit else []
+    return sep.join(items[:limit] + more)

@@ -1,8 +1,9 @@
 """`composer runs`: the training runs under some folders, side by side, best first.
 
 A run directory is one `composer train` wrote: it holds metrics.csv (a row per finished epoch)
-and spec.yaml (the resolved spec); one `composer import` wrote holds spec.yaml and best.pt. Everything here is read from those files and the lock a
-running `composer train` holds; no checkpoint is loaded, so listing many large runs is quick.
+and spec.yaml (the resolved spec); one `composer import` wrote holds spec.yaml and best.pt.
+Everything here is read from those files and the lock a running `composer train` holds; no
+checkpoint is loaded, so listing many large runs is quick.
 """
 from __future__ import annotations
 

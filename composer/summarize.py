@@ -140,8 +140,8 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     reasons: dict[str, list[str]] = {}
     for r in summary["rows"]:
-        table.add_row(str(r["index"]), r["name"] + " (frozen)" * r["frozen"], r["layout"], f"{shape(r['input'])} -> {shape(r['output'])}",
-                      f"{r['params']:,}", human(r["flops_per_image"]), human(r["activation_bytes"], "B"), r["kernel"])
+        table.add_row(str(r["index"]), r["name"] + " (frozen)" * r["frozen"], r["layout"],
+                      f"{shape(r['input'])} -> {shape(r['output'])}", f"{r['params']:,}", human(r["flops_per_image"]), human(r["activation_bytes"], "B"), r["kernel"])
         if r["kernel_reasons"]:
             reasons.setdefault(r["kernel"].split(":")[0], r["kernel_reasons"])
     table.add_section()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from composer.errors import UserError
+from composer.errors import UserError, first_few
 
 # Each family's own key (how a file is recognized) and the block kinds of a spec it fits.
 FAMILIES = {
@@ -85,7 +85,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The format: an 8-byte little-endian header length, a JSON header of {name: {dtype, shape,
     data_offsets}}, then the tensors' bytes (little-endian, offsets relative to the data's start)."""
-    data = path.read_bytes()
+    data = bytearray(path.stat().st_size)   # read once into a writable buffer the tensors are cut from
+    with open(path, "rb") as f:
+        f.readinto(data)
     if len(data) < 8:
         raise UserError(f"{path} is too short to be a safetensors file")
     (length,) = struct.unpack("<Q", data[:8])
@@ -93,18 +95,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         header = json.loads(data[8:8 + length])
     except ValueError:
         raise UserError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    body = memoryview(data)[8 + length:]
+    body = 8 + length
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
         start, end = entry["data_offsets"]
-        if dtype is None or end > len(body):
+        if dtype is None or body + end > len(data):
             raise UserError(f"{path}: tensor {name} has an unsupported dtype {entry.get('dtype')} or lies past the "
                             "end of the file")
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
-        out[name] = flat.reshape(entry["shape"]).clone()
+        count = (end - start) // dtype.itemsize
+        flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=body + start) if count
+                else torch.empty(0, dtype=dtype))
+        out[name] = flat.reshape(entry["shape"]).clone()   # its own memory, aligned
     return out
 
 
@@ -205,7 +209,7 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     if (out / BEST).exists() and not force:
         raise UserError(f"{out} already holds a checkpoint ({out / BEST}); choose another --out, or pass --force to "
                         "replace it (nothing was overwritten)")
-    trained_with = None
+    trained_with, read_from_timm = None, spec_path is None and source.startswith("timm:")
     if source.startswith("timm:"):
         reference = _from_timm(source[len("timm:"):])
         weights = {k: v.detach() for k, v in reference.state_dict().items()}
@@ -224,6 +228,8 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
                             "derives the spec from timm's model")
         spec = load_spec(spec_path, list(overrides))
         weights = read_weights(Path(source))
+    if spec.model.in_channels != 3:
+        raise UserError(f"timm's weights take RGB images; {spec_path} has in_channels {spec.model.in_channels}")
     family = family_of(weights)
     model = build_model(spec, backend="reference")
     kinds = {layer.kind for layer in model.layers if layer.kind in BLOCK_KINDS}
@@ -246,8 +252,7 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     problems += [f"{key} {tuple(value.shape)}: not in the spec's model" for key, value in weights.items()
                  if key not in used]
     if problems:
-        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
-        raise UserError(f"{source} does not fit the model of {spec_path}:\n  " + "\n  ".join(shown)
+        raise UserError(f"{source} does not fit the model of {spec_path}:\n  " + first_few(problems, 12, "\n  ")
                         + "\nThe spec must describe the same network: dim, depth, heads, token and channel MLP "
                         "widths, patch size, image size (for the position embedding) and class count; timm "
                         "variants with extra parts (layer scale, register tokens, average-pooled heads) are not "
@@ -259,17 +264,34 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
         mean, std = NORMALIZATION[chosen]
     else:   # the pretrained weights' own, from timm's configuration
         chosen, (mean, std) = "timm's configuration of the weights", trained_with
-    if spec.model.in_channels != 3:
-        raise UserError(f"timm's weights take RGB images; {spec_path} has in_channels {spec.model.in_channels}")
     classes = _classes(classes_file, spec.model.num_classes)
     out.mkdir(parents=True, exist_ok=True)
-    save_atomic({"model": model.state_dict(), "spec_yaml": spec_yaml(spec), "epoch": 0,
+    text = spec_yaml(spec)
+    save_atomic({"model": model.state_dict(), "spec_yaml": text, "epoch": 0,
                  "normalization": {"mean": mean, "std": std}, "classes": classes, "versions": library_versions(),
                  "imported_from": source}, out / BEST)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    return {"path": str(out / BEST), "family": family, "tensors": len(names), "normalization": chosen,
-            "normalization_given": normalization is not None or trained_with is not None, "spec": spec,
-            "mean": mean, "std": std, "classes": spec.model.num_classes, "named_classes": classes is not None}
+    (out / "spec.yaml").write_text(text)
+    return {"path": str(out / BEST), "out": str(out), "family": family, "tensors": len(names),
+            "normalization": chosen, "normalization_given": normalization is not None or trained_with is not None,
+            "spec": spec, "spec_read_from_timm": read_from_timm, "mean": mean, "std": std,
+            "classes": spec.model.num_classes, "named_classes": classes is not None}
+
+
+def render(result: dict) -> str:
+    """What `composer import` did, and what to do next."""
+    r, m = result, result["spec"].model
+    lines = [f"wrote {r['path']}: timm {r['family']}, {r['tensors']} tensors, all of them; inputs normalized with "
+             f"mean {tuple(r['mean'])} and std {tuple(r['std'])} ({r['normalization']}"
+             + ("" if r["normalization_given"] else ", timm's default for the family: --normalization to change it")
+             + f"); {r['classes']} classes"
+             + ("" if r["named_classes"] else ", unnamed (evaluate takes the data's class names in order; "
+                                              "--classes FILE names them)")]
+    if r["spec_read_from_timm"]:
+        lines.append(f"the spec, read from timm's model: {r['out']}/spec.yaml ({m.blocks[0].kind} x"
+                     f"{m.blocks[0].repeat}, dim {m.stem.dim}, {m.image_size}x{m.image_size} input)")
+    lines.append(f"next: composer evaluate {r['out']} --data-root DIR; or fine-tune: composer train YOUR_SPEC.yaml "
+                 f"--set train.init_from={r['out']}")
+    return "\n".join(lines)
 
 
 def _classes(classes_file, count: int) -> list[str] | None:

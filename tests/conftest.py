@@ -38,11 +38,10 @@ def _speed_up_the_interpreter() -> None:
         from triton.runtime import interpreter
     except ImportError:
         return
-    launch, device_function = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpretedFunction", None)
-    if launch is None or device_function is None or not all(
-            hasattr(interpreter, name) for name in ("_patch_lang", "InterpreterError")) \
-            or not hasattr(device_function, "rewrite"):
+    needed = ("GridExecutor", "InterpretedFunction", "_patch_lang", "InterpreterError", "_get_np_dtype")
+    if not all(hasattr(interpreter, name) for name in needed) or not hasattr(interpreter.InterpretedFunction, "rewrite"):
         return
+    launch, device_function = interpreter.GridExecutor, interpreter.InterpretedFunction
     patched: set[frozenset] = set()   # the language-module sets patched in the current launch
     langs_of: dict[object, frozenset] = {}   # a helper's language modules (its globals never change them)
     run_launch = launch.__call__
@@ -68,20 +67,20 @@ def _speed_up_the_interpreter() -> None:
     launch.__call__, device_function.__call__ = start_launch, call
 
     # _get_np_dtype builds its table of 17 NumPy dtypes on every call (53,000 calls, 2 s of a 35 s
-    # dwconv test): the same table, built once
-    original_np_dtype = getattr(interpreter, "_get_np_dtype", None)
-    if original_np_dtype is not None:
-        table = {dtype: original_np_dtype(dtype) for dtype in (
-            tl.int1, tl.float16, tl.float32, tl.float64, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32,
-            tl.int64, tl.uint64, tl.bfloat16)}
+    # dwconv test); it depends on its argument alone, so each scalar type's answer is kept. A
+    # block's answer is its element type's; pointers it answers first, before building the table
+    # (block and pointer types cannot be dictionary keys).
+    original_np_dtype, known = interpreter._get_np_dtype, {}
 
-        def np_dtype(tt_dtype):
-            if isinstance(tt_dtype, tl.block_type) and not isinstance(tt_dtype.element_ty, tl.pointer_type):
-                tt_dtype = tt_dtype.element_ty
-            found = table.get(tt_dtype) if not isinstance(tt_dtype, (tl.pointer_type, tl.block_type)) else None
-            return found if found is not None else original_np_dtype(tt_dtype)
+    def np_dtype(tt):
+        tt = tt.element_ty if isinstance(tt, tl.block_type) else tt
+        if isinstance(tt, tl.pointer_type):
+            return original_np_dtype(tt)
+        if tt not in known:
+            known[tt] = original_np_dtype(tt)
+        return known[tt]
 
-        interpreter._get_np_dtype = np_dtype
+    interpreter._get_np_dtype = np_dtype
 
 
 def _interpreter_problem() -> str | None:

@@ -324,7 +324,8 @@ def load_spec_text(text: str, source: str = "<spec>", overrides: list[str] = ())
             path, found = _data_path(data, err["loc"])
             if found and path in said:
                 first = problems[said[path]]
-                problems[said[path]] = dataclasses.replace(first, message=f"{first.message}; or {_message(err).removeprefix('input should be ')}")
+                also = _message(err).removeprefix("input should be ")
+                problems[said[path]] = dataclasses.replace(first, message=f"{first.message}; or {also}")
                 continue
             at_key = err["type"] in ("extra_forbidden", "missing")  # point at the key, not its contents
             problems.append(Problem(where(path if found else path[:-1], prefer_key=at_key),
