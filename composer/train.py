@@ -309,7 +309,7 @@ def class_balance(labels: torch.Tensor, classes: list[str], scheme: str) -> tupl
     present = counts[counts > 0]
     if scheme == "balanced":
         weights = torch.where(counts > 0, counts.sum() / (len(present) * counts.clamp_min(1)), 0.0).float()
-        low, high = int(weights[counts > 0].argmin()), int(weights.argmax())
+        low, high = int(torch.where(counts > 0, weights, float("inf")).argmin()), int(weights.argmax())
         return weights, (f"class weights (balanced): {float(weights[low]):.3g} ({classes[low]}, {int(counts[low]):,} "
                          f"images) to {float(weights[high]):.3g} ({classes[high]}, {int(counts[high]):,} images)")
     if len(present) > 1 and present.max() >= 5 * present.min():

@@ -833,6 +833,9 @@ def test_class_weights_weigh_the_loss_as_cross_entropy_does():
     weights, said = class_balance(labels, ["ant", "bee", "cow"], "none")
     assert weights is None and said.startswith("note: the classes are imbalanced (ant: 30 training images, bee: 6)")
     assert class_balance(torch.tensor([0] * 20 + [1] * 5), ["a", "b"], "none") == (None, None)
+    # a class without images before the others: the names still those of the weights' classes
+    _, said = class_balance(torch.tensor([1] * 30 + [2] * 6), ["cow", "ant", "bee"], "balanced")
+    assert said == "class weights (balanced): 0.6 (ant, 30 images) to 3 (bee, 6 images)"
 
 
 def test_a_run_on_imbalanced_classes_says_so_or_weighs_them(tmp_path):
