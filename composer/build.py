@@ -117,21 +117,42 @@ class ClassToken(nn.Module):
         return torch.cat([self.token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
 
 
-class Head(nn.Module):
-    """(norm) -> pool (class token or mean) -> dropout -> Linear to classes."""
+class RegisterTokens(nn.Module):
+    """Learned register tokens without a position: (B, N, C) -> (B, N + R, C), placed after a
+    class token (token 0) when there is one, else first; the head drops them."""
 
-    def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: bool, dropout: float):
+    def __init__(self, dim: int, count: int, after_class_token: bool):
         super().__init__()
-        self.pool, self.layout = pool, layout
-        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+        self.after = int(after_class_token)
+        # distinct starting values: identical registers would get identical gradients and stay alike
+        self.tokens = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, count, dim), std=0.02))
+
+    def forward(self, x):
+        registers = self.tokens.expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([x[:, :self.after], registers, x[:, self.after:]], dim=1)
+
+
+class Head(nn.Module):
+    """(norm) -> pool (class token or mean) -> (norm) -> dropout -> Linear to classes.
+
+    `prefix`: tokens before the patches (class token, registers) that mean pooling leaves out."""
+
+    def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: str, dropout: float, prefix: int = 0):
+        super().__init__()
+        self.pool, self.layout, self.prefix = pool, layout, prefix
+        # where the LayerNorm goes: on every token before pooling, or on the pooled vector
+        self.norm_pooled = norm == "pooled" or layout == "grid"
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm != "none" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.classify = nn.Linear(dim, classes)
 
     def features(self, x):
         if self.layout == "grid":                        # (B, C, H, W)
             return self.norm(x.mean(dim=(2, 3)))
-        x = self.norm(x)                                 # (B, N, C)
-        return x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        if not self.norm_pooled:                         # (B, N, C)
+            x = self.norm(x)
+        pooled = x[:, 0] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
+        return self.norm(pooled) if self.norm_pooled else pooled
 
     def forward(self, x):
         return self.classify(self.dropout(self.features(x)))
@@ -212,12 +233,13 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     patches = grid[0] * grid[1]
     instances = expand_blocks(m)
     layouts = [REGISTRY[kind].layout for _, kind, _ in instances]
-    # The class token joins where the trailing run of token blocks starts, so grid blocks never see it.
-    cls_at = None
-    if m.head.pool == "cls":
-        cls_at = len(layouts)
-        while cls_at > 0 and layouts[cls_at - 1] == "tokens":
-            cls_at -= 1
+    # The class token and register tokens join where the trailing run of token blocks starts, so
+    # grid blocks never see them.
+    join_at = len(layouts)
+    while join_at > 0 and layouts[join_at - 1] == "tokens":
+        join_at -= 1
+    cls_at = join_at if m.head.pool == "cls" else None
+    registers_at = join_at if m.registers else None
     tokens = patches
 
     layers: list[Layer] = []
@@ -244,7 +266,13 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
         add("rearrange", "rearrange", f"{layout}->{new_layout}", shape(layout, n), shape(new_layout, n), module)
         layout = new_layout
 
-    if m.pos_embed != "none" or cls_at == 0:
+    def add_registers():
+        nonlocal tokens
+        add("registers", "registers", "tokens", shape("tokens", tokens), shape("tokens", tokens + m.registers),
+            RegisterTokens(dim, m.registers, after_class_token=cls_at is not None))
+        tokens += m.registers
+
+    if m.pos_embed != "none" or join_at == 0:
         to("tokens", tokens)
     if cls_at == 0:
         add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1), ClassToken(dim))
@@ -252,6 +280,8 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     if m.pos_embed != "none":
         add("pos_embed", f"pos_embed ({m.pos_embed})", "tokens", shape("tokens", tokens), shape("tokens", tokens),
             PositionEmbedding(m.pos_embed, tokens, dim, grid, cls_at == 0))
+    if registers_at == 0:   # after the position embedding: registers have no position
+        add_registers()
 
     for index, (name, kind, block_spec) in enumerate(instances):
         cls = REGISTRY[kind]
@@ -260,13 +290,16 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1),
                 ClassToken(dim))
             tokens += 1
+        if index == registers_at and index > 0:
+            add_registers()
         ctx = Context(dim, tokens, grid, backend)
         module = cls.from_spec(block_spec, ctx)
         layers.append(Layer(name, kind, cls.layout, shape(layout, tokens), shape(layout, tokens), module, ctx,
                             module.cost(ctx)))
 
-    norm = m.head.norm == "layernorm" or (m.head.norm == "auto" and layout == "tokens")
-    head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout)
+    norm = "layernorm" if m.head.norm == "auto" and layout == "tokens" else m.head.norm
+    norm = "none" if norm == "auto" else norm
+    head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout, prefix=tokens - patches)
     add("head", f"head ({m.head.pool})", layout, shape(layout, tokens), (m.num_classes,), head,
         Cost(2 * dim * m.num_classes, dim))
     model = ComposedModel(m, layers)

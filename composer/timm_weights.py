@@ -38,17 +38,20 @@ FAMILY_NORMALIZATION = {"vit": "inception", "mixer": "inception", "convmixer": "
 
 # composer module name within a layer of each kind -> timm's name ("{b}": the index of timm's block)
 LAYER_NAMES = {
-    "attention": {"norm": "blocks.{b}.norm1", "to_qkv": "blocks.{b}.attn.qkv", "to_out": "blocks.{b}.attn.proj"},
+    "attention": {"norm": "blocks.{b}.norm1", "to_qkv": "blocks.{b}.attn.qkv", "to_out": "blocks.{b}.attn.proj",
+                  "q_norm": "blocks.{b}.attn.q_norm", "k_norm": "blocks.{b}.attn.k_norm", "scale": "blocks.{b}.ls1"},
     "token_mlp": {"norm": "blocks.{b}.norm1", "mix_in": "blocks.{b}.mlp_tokens.fc1",
                   "mix_out": "blocks.{b}.mlp_tokens.fc2"},
     "channel_mlp": {"norm": "blocks.{b}.norm2", "mix_channels.0": "blocks.{b}.{mlp}.fc1",
-                    "mix_channels.3": "blocks.{b}.{mlp}.fc2"},
+                    "mix_channels.3": "blocks.{b}.{mlp}.fc2", "scale": "blocks.{b}.ls2"},
     "dwconv": {"conv": "blocks.{b}.0.fn.0", "norm": "blocks.{b}.0.fn.2"},
     "pointwise": {"mix_channels.0": "blocks.{b}.1", "mix_channels.2": "blocks.{b}.3"},
     "cls_token": {"token": "cls_token"},
+    "registers": {"tokens": "reg_token"},
     "pos_embed": {"pos": "pos_embed"},
     "head": {"norm": "norm", "classify": "head"},
 }
+POOLED_HEAD_NORM = {"norm": "fc_norm"}   # a head whose LayerNorm follows the pooling (head.norm: pooled)
 BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise")
 STEM_NAMES = {"vit": {"project": "patch_embed.proj"}, "mixer": {"project": "stem.proj"},
               "convmixer": {"project": "stem.0", "norm": "stem.2"}}
@@ -130,6 +133,8 @@ def timm_names(model, family: str) -> dict[str, str]:
         if kind in STARTS_BLOCK:
             block += 1
         table = STEM_NAMES[family] if kind == "stem" else LAYER_NAMES.get(kind, {})
+        if kind == "head" and layer.layout == "tokens" and layer.module.norm_pooled:
+            table = table | POOLED_HEAD_NORM
         for key in layer.module.state_dict():
             for ours, theirs in table.items():
                 if key == ours or key.startswith(ours + "."):
@@ -140,26 +145,67 @@ def timm_names(model, family: str) -> dict[str, str]:
     return names
 
 
+def fit_prefix_tokens(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """timm's ViT position table in the layout of composer's: timm may leave the class token out of it
+    (`no_embed_class`, DeiT III) or give the register tokens rows too. composer's table has a row
+    for a class token that joins before the blocks and none for registers, so the first case gets a
+    zero row (adding nothing, as timm adds nothing) and the second moves the registers' rows into
+    the register tokens themselves (a constant added to a constant: the same sums). Other shapes are
+    left for the shape check to report."""
+    pos = weights.get("pos_embed")
+    layers = {layer.kind.split(" ")[0]: layer.module for layer in model.layers}
+    if pos is None or "pos_embed" not in layers or pos.dim() != 3:
+        return weights
+    ours = layers["pos_embed"].pos.shape[1]
+    registers = layers["registers"].tokens.shape[1] if "registers" in layers else 0
+    embedded_cls = ours - model.spec.grid ** 2   # 1: a class token has the table's first row
+    fitted = dict(weights)
+    if embedded_cls and pos.shape[1] == ours - 1:
+        fitted["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    elif registers and pos.shape[1] == ours + registers and "reg_token" in weights:
+        rows = pos[:, embedded_cls:embedded_cls + registers]
+        fitted["pos_embed"] = torch.cat([pos[:, :embedded_cls], pos[:, embedded_cls + registers:]], dim=1)
+        fitted["reg_token"] = weights["reg_token"] + rows.to(weights["reg_token"].dtype)
+    return fitted
+
+
 def spec_from_timm(model, name: str) -> dict:
     """The spec (as YAML data) of a timm VisionTransformer, MlpMixer or ConvMixer, read from its
     modules; a variant with parts composer does not build is refused, naming them."""
     kind = type(model).__name__
     if kind == "VisionTransformer":
         block = model.blocks[0]
-        extra = [part for part, present in (
-            ("average-pooled head", model.global_pool != "token"), ("no class token", model.cls_token is None),
-            ("register or distillation tokens", model.num_prefix_tokens != 1),
-            ("layer scale", type(block.ls1).__name__ != "Identity"),
-            ("norm after pooling (fc_norm)", type(model.fc_norm).__name__ != "Identity"),
-            ("position embedding without the class token", getattr(model, "no_embed_class", False)),
-            ("query/key norm", type(block.attn.q_norm).__name__ != "Identity")) if present]
+
+        def present(module) -> bool:
+            return module is not None and type(module).__name__ != "Identity"
+
+        pool = {"token": "cls", "avg": "mean"}.get(model.global_pool)
+        has_cls = model.cls_token is not None
+        extra = [part for part, there in (
+            (f"{model.global_pool or 'no'} pooling", pool is None),
+            ("a class token its average-pooled head leaves out", pool == "mean" and has_cls),
+            (f"{type(block).__name__} blocks", type(block).__name__ != "Block"),
+            (f"a {type(block.mlp).__name__} MLP", type(block.mlp).__name__ != "Mlp"
+             or type(block.mlp.act).__name__ != "GELU"),
+            ("a norm before the blocks (norm_pre)", present(getattr(model, "norm_pre", None))),
+            ("a norm in the patch embedding", present(getattr(model.patch_embed, "norm", None))),
+            ("a norm inside attention or the MLP", present(getattr(block.attn, "norm", None))
+             or present(getattr(block.mlp, "norm", None)))) if there]
         if extra:
             raise UserError(f"timm's {name} is a ViT with {', '.join(extra)}: parts composer's vit blocks do not have")
         dim = model.embed_dim
         stem, size = {"patch_size": model.patch_embed.patch_size[0], "dim": dim}, model.patch_embed.img_size[0]
-        blocks = [{"kind": "vit", "heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
-                   "qkv_bias": block.attn.qkv.bias is not None, "repeat": len(model.blocks)}]
-        extras = {"pos_embed": "learned", "head": {"pool": "cls"}}
+        vit = {"kind": "vit", "heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
+               "qkv_bias": block.attn.qkv.bias is not None, "repeat": len(model.blocks)}
+        if present(block.attn.q_norm):
+            vit["qk_norm"] = True
+        if present(block.ls1):   # the trained factors come with the weights; this is where they started
+            vit["layer_scale"] = float(getattr(block.ls1, "init_values", 1e-5))
+        head_norm = "pooled" if present(model.fc_norm) else "layernorm" if present(model.norm) else "none"
+        extras = {"pos_embed": "learned" if model.pos_embed is not None else "none",
+                  "registers": model.reg_token.shape[1] if model.reg_token is not None else 0,
+                  "head": {"pool": pool, "norm": head_norm}}
+        blocks = [vit]
     elif kind == "MlpMixer":
         block, dim = model.blocks[0], model.embed_dim
         stem, size = {"patch_size": model.stem.patch_size[0], "dim": dim}, model.stem.img_size[0]
@@ -239,6 +285,8 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
         raise UserError(f"{source} holds a timm {family}, but {spec_path} has {', '.join(sorted(kinds - allowed))} "
                         f"blocks; give a spec of {family} blocks (e.g. specs/{example}.yaml)")
     names = timm_names(model, family)
+    if family == "vit":
+        weights = fit_prefix_tokens(weights, model)
     state, problems = model.state_dict(), []
     for ours, theirs in names.items():
         given = weights.get(theirs)
@@ -254,9 +302,8 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     if problems:
         raise UserError(f"{source} does not fit the model of {spec_path}:\n  " + first_few(problems, 12, "\n  ")
                         + "\nThe spec must describe the same network: dim, depth, heads, token and channel MLP "
-                        "widths, patch size, image size (for the position embedding) and class count; timm "
-                        "variants with extra parts (layer scale, register tokens, average-pooled heads) are not "
-                        "supported")
+                        "widths, patch size, image size (for the position embedding), class count, and the parts "
+                        "some variants add: layer_scale, qk_norm, registers, head pool and norm")
     model.load_state_dict(state)
 
     if normalization or trained_with is None:

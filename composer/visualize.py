@@ -50,8 +50,8 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
             (the stem resizes it like in training).
 
     Each layer's softmax(Q K^T / sqrt(d)) is recomputed from the input that layer sees
-    in an eval-mode forward pass; rows sum to 1. Token 0 is the class token when the
-    layer's token count is the patch count plus one.
+    in an eval-mode forward pass; rows sum to 1. Tokens beyond the patch count come first: the
+    class token, then register tokens (`prefix_tokens`).
     """
     if x.dim() == 3:
         x = x[None]
@@ -72,12 +72,31 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     return maps
 
 
+def prefix_tokens(tokens: int, grid: tuple[int, int], class_token: bool) -> list[str]:
+    """The names of the tokens before the patches in a sequence of `tokens` (the class token and
+    the registers join together, the class token first)."""
+    extra = tokens - grid[0] * grid[1]
+    cls = ["class token"] if class_token and extra > 0 else []
+    return cls + [f"register {i}" for i in range(extra - len(cls))]
+
+
+def _prefix_note(prefix: list[str]) -> str:
+    """ "token 0 = class token, 1-4 = registers" """
+    cls = int(bool(prefix) and prefix[0] == "class token")
+    parts = ["0 = class token"] if cls else []
+    registers = len(prefix) - cls
+    if registers:
+        parts.append(f"{cls} = register" if registers == 1 else f"{cls}-{len(prefix) - 1} = registers")
+    return ("tokens " if len(prefix) > 1 else "token ") + ", ".join(parts) if parts else ""
+
+
 def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020) through the given (H, N, N) maps: (N_last, N_last).
 
     Heads are averaged, the identity added for the residual, rows renormalized, and the
-    layers multiplied in order. When a class token joins between two layers it carries no
-    image information yet, so it enters the product as an identity row and column (index 0).
+    layers multiplied in order. When a class token or registers join between two layers they carry
+    no image information yet, so they enter the product as identity rows and columns (the first
+    indices).
     """
     result = None
     for probs in maps:
@@ -238,19 +257,20 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
     for index, info in chosen:
         name, p = maps[index]
         assert name == info.name  # attention_maps walks the same layers in the same order
-        has_cls = p.shape[-1] == grid[0] * grid[1] + 1
+        prefix = prefix_tokens(p.shape[-1], grid, spec.model.head.pool == "cls")
         suffix = f"layer{index}" + (f"_head{head}" if head is not None else "")
         title = f"{spec.name} · {name} (attention layer {index} of {len(maps)})"
-        paths.append(_save(_matrix_figure(p, head, image, caption, title, has_cls),
+        paths.append(_save(_matrix_figure(p, head, image, caption, title, prefix),
                            out_dir / f"{tag}_{suffix}_matrix.png"))
-        paths.append(_save(_overlay_figure(p, head, image, caption, title, grid, has_cls),
+        paths.append(_save(_overlay_figure(p, head, image, caption, title, grid, prefix),
                            out_dir / f"{tag}_{suffix}_overlay.png"))
     if layer is None:
-        paths.append(_save(_rollout_figure(maps, image, caption, spec.name, grid), out_dir / f"{tag}_rollout.png"))
+        paths.append(_save(_rollout_figure(maps, image, caption, spec.name, grid, spec.model.head.pool == "cls"),
+                           out_dir / f"{tag}_rollout.png"))
     return paths
 
 
-def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
+def _matrix_figure(p, head, image, caption, title, prefix) -> Figure:
     """The image, then each head's N x N matrix (query rows, key columns), each with its colour bar."""
     heads = p.shape[0]
     panels = [(f"head {h}", p[h]) for h in ([head] if head is not None else range(min(heads, MAX_HEAD_COLUMNS)))]
@@ -276,7 +296,7 @@ def _matrix_figure(p, head, image, caption, title, has_cls) -> Figure:
         _colorbar(fig, im, ax, "probability", shrink=0.8, extend="both")
     for ax in axes[len(panels) + 1:]:
         ax.set_axis_off()
-    cls_note = " (token 0 = class token)" if has_cls else ""
+    cls_note = f" ({_prefix_note(prefix)})" if prefix else ""
     more = f"; heads 0..{MAX_HEAD_COLUMNS - 1} of {heads} shown (use --head)" \
         if head is None and heads > MAX_HEAD_COLUMNS else ""
     _suptitle(fig, f"{title}\nsoftmax(QKᵀ/√d), {n} tokens{cls_note}, rows sum to 1{more}")
@@ -303,11 +323,12 @@ def _mark_patch(ax, rc, grid, size):
                            linewidth=1.5))
 
 
-def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
-    """Rows: query patches (and the class token); columns: the image, the head mean, each head."""
+def _overlay_figure(p, head, image, caption, title, grid, prefix) -> Figure:
+    """Rows: query patches (and the class token, the first register); columns: the image, the head
+    mean, each head."""
     heads = p.shape[0]
-    offset = 1 if has_cls else 0
-    queries = [("class token", 0, None)] if has_cls else []
+    offset = len(prefix)
+    queries = [(label, i, None) for i, label in enumerate(prefix) if label in ("class token", "register 0")]
     queries += [(f"query: row {r}, col {c}", offset + r * grid[1] + c, (r, c)) for r, c in _query_patches(grid)]
     shown = [head] if head is not None else list(range(min(heads, MAX_HEAD_COLUMNS)))
     columns = ([] if head is not None or heads == 1 else [("mean over heads", None)]) + \
@@ -332,22 +353,25 @@ def _overlay_figure(p, head, image, caption, title, grid, has_cls) -> Figure:
                 axes[r, c].set_title(col_label, fontsize=9)
         _colorbar(fig, im, axes[r, -1], None, shrink=0.9, ticks=4)
     axes[0, 0].set_title(caption, fontsize=8)
-    cls_note = " (class-token column left out)" if has_cls else ""
+    left_out = " and ".join(name for name, present in (
+        ("class-token", "class token" in prefix), ("registers'", len(prefix) > ("class token" in prefix))) if present)
+    cls_note = f" ({left_out} column{'s' if len(prefix) > 1 else ''} left out)" if prefix else ""
     _suptitle(fig, f"{title}\nwhere each query looks: its attention row over the patches{cls_note}")
     return fig
 
 
-def _rollout_figure(maps, image, caption, spec_name, grid) -> Figure:
+def _rollout_figure(maps, image, caption, spec_name, grid, class_token: bool) -> Figure:
     """The image, the rollout matrix, and what the classifier's pooled token draws from."""
     probs = [p for _, p in maps]
     r = attention_rollout(probs)
     n = r.shape[0]
-    has_cls = n == grid[0] * grid[1] + 1
+    prefix = prefix_tokens(n, grid, class_token)
     counts = [p.shape[-1] for p in probs]
-    if has_cls:
-        pooled, pooled_label = r[0, 1:], "class token's rollout over patches"
-    else:
-        pooled, pooled_label = r.mean(0), "mean over queries (what mean pooling gathers)"
+    if prefix and prefix[0] == "class token":
+        pooled, pooled_label = r[0, len(prefix):], "class token's rollout over patches"
+    else:   # mean pooling leaves registers out
+        pooled = r[len(prefix):, len(prefix):].mean(0)
+        pooled_label = "mean over patch queries (what mean pooling gathers)"
     fig = Figure(figsize=(11, 3.9), layout="constrained")
     axes = fig.subplots(1, 3)
     _show_image(axes[0], image, caption)
@@ -369,7 +393,10 @@ def _rollout_figure(maps, image, caption, spec_name, grid) -> Figure:
     notes = ["heads averaged, identity added for the residual"]
     if len(set(counts)) > 1:
         joined = next(i for i, c in enumerate(counts) if c == counts[-1])
-        notes.append(f"class token joins at attention layer {joined} ({counts[0]} -> {counts[-1]} tokens)")
+        who = " and ".join(name for name, present in (
+            ("class token", "class token" in prefix), ("registers", len(prefix) > ("class token" in prefix))) if present)
+        notes.append(f"{who} join{'s' if who == 'class token' else ''} at attention layer {joined} "
+                     f"({counts[0]} -> {counts[-1]} tokens)")
     _suptitle(fig, f"{spec_name} · attention rollout through {layers} (other mixers not counted)\n"
               + "; ".join(notes))
     return fig
@@ -411,8 +438,10 @@ def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") 
     for index, layer in chosen:
         w = layer.module.mix_in.weight.detach().float().cpu()  # (Hd, N)
         hidden, n = w.shape
-        # A class token that joined before this block is token 0: its weight has no place on the grid.
-        cls_note = ", class-token weight not drawn" if n == grid[0] * grid[1] + 1 else ""
+        # A class token or registers that joined before this block come first: no place on the grid.
+        prefix = prefix_tokens(n, grid, spec.model.head.pool == "cls")
+        cls_note = f", weights of the {' and '.join(dict.fromkeys(t.split(' ')[0] for t in prefix))} tokens not drawn" \
+            if prefix else ""
         tiles = w[:MAX_TILES, n - grid[0] * grid[1]:].reshape(-1, *grid)
         more = f" (first {MAX_TILES} of {hidden})" if hidden > MAX_TILES else ""
         title = (f"{spec.name} · {layer.name} (token-MLP block {index} of {len(_layers_of(model, 'token_mlp'))})\n"

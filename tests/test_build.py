@@ -19,6 +19,9 @@ PUBLISHED = {
     "mixer_b16": 59_880_472,
     "convmixer_768_32": 21_110_248,
     "convmixer_1536_20": 51_625_960,
+    # timm's 22,059,496 and the class token's position row, which timm's DeiT III does not have
+    # (the import sets it to zero: the same network)
+    "deit3_s16": 22_059_496 + 384,
 }
 ALL_SPECS = sorted(p for p in SPECS.glob("*.yaml"))
 CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -364,3 +367,123 @@ model:
     # the BatchNorm statistics move in the second convmixer block only
     assert moved and all(k.startswith(("stages.3.", "stages.4.")) for k in moved), moved
     assert any(k.endswith("running_mean") for k in before if k.startswith(prefix))
+
+
+VARIANTS = """
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 4, dim: 16}
+  pos_embed: learned
+  registers: 3
+  blocks:
+    - {kind: convmixer, kernel_size: 3}
+    - {kind: mixer, token_hidden: 8, layer_scale: 0.5}
+    - {kind: vit, heads: 2, qk_norm: true, layer_scale: 0.1}
+  head: {pool: mean, norm: pooled}
+"""
+
+
+def test_register_tokens_join_with_the_class_token_and_leave_at_the_head():
+    model = build_model(load_spec_text(VARIANTS.replace("pool: mean", "pool: cls")), backend="reference").eval()
+    kinds = [layer.kind for layer in model.layers]
+    # both join where the trailing token run starts, after the position embedding: registers have no position
+    assert kinds[kinds.index("pointwise") + 1:kinds.index("token_mlp")] == ["rearrange", "cls_token", "registers"]
+    assert model.layers[kinds.index("token_mlp")].in_shape == (16 + 1 + 3, 16)
+    registers = model.layers[kinds.index("registers")].module
+    assert registers.tokens.shape == (1, 3, 16) and registers.tokens.std() > 0.005
+    assert len(set(registers.tokens[0, :, 0].tolist())) == 3   # distinct, or they would stay alike
+    x = torch.randn(2, 5, 16)
+    out = registers(x)
+    # order: class token, registers, patches
+    assert torch.equal(out[:, :1], x[:, :1]) and torch.equal(out[:, 4:], x[:, 1:])
+    assert torch.equal(out[:, 1:4], registers.tokens.expand(2, -1, -1))
+
+    # mean pooling leaves the registers out; norm: pooled normalizes the pooled vector
+    model = build_model(load_spec_text(VARIANTS), backend="reference").eval()
+    head = model.layers[-1].module
+    tokens = torch.randn(2, 19, 16)
+    expected = head.classify(torch.nn.functional.layer_norm(tokens[:, 3:].mean(1), (16,), head.norm.weight,
+                                                            head.norm.bias, eps=1e-6))
+    torch.testing.assert_close(head(tokens), expected)
+
+
+def test_registers_need_tokens_at_the_end():
+    from composer.spec import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(VARIANTS.replace("- {kind: vit, heads: 2, qk_norm: true, layer_scale: 0.1}",
+                                        "- {kind: convmixer, kernel_size: 3}"), "v.yaml")
+    assert "v.yaml:7:14: model.registers: register tokens need token layout at the end, but the last block " \
+           "(convmixer) works on the grid" in str(caught.value)
+
+
+def test_layer_scale_and_qk_norm_compute_what_they_say():
+    torch.manual_seed(0)
+    model = build_model(load_spec_text(VARIANTS), backend="reference").eval()
+    token_mlp, channel_mlp, attention = (layer.module for layer in model.layers
+                                         if layer.kind in ("token_mlp", "attention")
+                                         or layer.name == "blocks[1].channel_mlp")
+    assert torch.equal(token_mlp.scale.gamma, torch.full((16,), 0.5))
+    assert torch.equal(attention.scale.gamma, torch.full((16,), 0.1))
+    with torch.no_grad():
+        for module in (token_mlp, channel_mlp, attention):
+            module.scale.gamma.normal_()
+            for p in module.parameters():
+                if p.ndim == 1 and p is not module.scale.gamma:
+                    p.normal_()   # norms and biases away from their starting values: a misplaced one shows
+    x = torch.randn(2, 19, 16)
+    with torch.no_grad():
+        for module in (token_mlp, channel_mlp):
+            scale = module.scale
+            module.scale = torch.nn.Identity()
+            branch = module(x) - x   # the block without its factor
+            module.scale = scale
+            torch.testing.assert_close(module(x), x + scale.gamma * branch, rtol=1e-5, atol=1e-6)
+
+        # attention: per-head LayerNorm of queries and keys, then softmax attention, projection, factor
+        h, d = 2, 8
+        q, k, v = attention.to_qkv(attention.norm(x)).reshape(2, 19, 3, h, d).unbind(2)
+        q = torch.nn.functional.layer_norm(q, (d,), attention.q_norm.weight, attention.q_norm.bias, 1e-6)
+        k = torch.nn.functional.layer_norm(k, (d,), attention.k_norm.weight, attention.k_norm.bias, 1e-6)
+        weights = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) / d ** 0.5, -1)
+        mixed = torch.einsum("bhnm,bmhd->bnhd", weights, v).reshape(2, 19, 16)
+        expected = x + attention.scale.gamma * attention.to_out(mixed)
+        torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attention.attention_probs(x), weights, rtol=1e-5, atol=1e-6)
+
+    # under bf16 autocast the packed projection stays bf16 (LayerNorm's fp32 output is cast back)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.packed_qkv(x).dtype == torch.bfloat16
+
+
+def test_vit_variants_run_on_triton_like_reference_with_gradients():
+    """Registers, layer scale (the token-MLP's around its fused op) and qk-norm through the Triton
+    kernels (the interpreter on CPU) against the reference path, outputs and every gradient, fp32."""
+    torch.manual_seed(0)
+    reference = build_model(load_spec_text(VARIANTS), backend="reference").train()
+    triton = build_model(load_spec_text(VARIANTS), backend="triton").train()
+    triton.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)   # layer-scale factors and norms away from their starting values
+    triton.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    out_ref, out_tri = reference(x), triton(x)
+    torch.testing.assert_close(out_tri, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_tri.square().sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), triton.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_layer_scale_factors_and_registers_get_no_weight_decay():
+    from composer.optim import param_groups
+
+    model = build_model(load_spec_text(VARIANTS), backend="reference")
+    decayed = {id(p) for group in param_groups(model, 0.05) if group["weight_decay"] for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) not in decayed}
+    assert {name for name in names if name.endswith((".gamma", ".tokens"))} == {
+        name for name, _ in model.named_parameters() if name.endswith((".gamma", ".tokens"))}
+    matrices = {name for name, p in model.named_parameters() if name in names and p.ndim >= 2}
+    assert matrices == {"stages.2.pos", "stages.7.tokens"}   # the position table and the registers

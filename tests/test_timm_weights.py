@@ -127,27 +127,26 @@ def test_import_mistakes_are_named(tmp_path):
 @pytest.mark.parametrize("name, timm_name", [
     ("vit_ti16", "vit_tiny_patch16_224"), ("vit_s16", "vit_small_patch16_224"), ("vit_b16", "vit_base_patch16_224"),
     ("mixer_s16", "mixer_s16_224"), ("mixer_b16", "mixer_b16_224"), ("convmixer_768_32", "convmixer_768_32"),
-    ("convmixer_1536_20", "convmixer_1536_20")])
+    ("convmixer_1536_20", "convmixer_1536_20"), ("deit3_s16", "deit3_small_patch16_224")])
 def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm_name):
     """On the meta device (shapes only): every tensor of the spec's model has one of timm's model of
     that name, of the same shape, and every one of timm's is used."""
     from composer.spec import load_spec
-    from composer.timm_weights import family_of, timm_names
+    from composer.timm_weights import family_of, fit_prefix_tokens, spec_from_timm, timm_names
     from tests.helpers import SPECS as SHIPPED
-
-    from composer.timm_weights import spec_from_timm
 
     with torch.device("meta"):
         model = build_model(load_spec(SHIPPED / f"{name}.yaml"), backend="reference")
         reference = timm.create_model(timm_name, pretrained=False)
-        theirs = reference.state_dict()
+        theirs = fit_prefix_tokens(reference.state_dict(), model)   # DeiT III's position table gets a class row
         # the spec timm:NAME reads from the model builds the same network
         derived = build_model(load_spec_text(yaml.safe_dump(spec_from_timm(reference, timm_name))), backend="reference")
     names, ours = timm_names(model, family_of(theirs)), model.state_dict()
     assert sorted(names) == sorted(ours) and sorted(names.values()) == sorted(theirs)
     assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
     assert {k: v.shape for k, v in derived.state_dict().items()} == {k: v.shape for k, v in ours.items()}
-    assert derived.spec.blocks[0].model_dump() == model.spec.blocks[0].model_dump()
+    # the same blocks (drop path, a training choice, aside)
+    assert derived.spec.blocks[0].model_dump(exclude={"drop_path"}) == model.spec.blocks[0].model_dump(exclude={"drop_path"})
 
 
 @pytest.mark.parametrize("family", ["vit", "mixer", "convmixer"])
@@ -176,10 +175,14 @@ def test_timm_name_refuses_variants_composer_does_not_build(tmp_path, monkeypatc
     from timm.models.vision_transformer import VisionTransformer
 
     variant = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
-                                global_pool="avg", fc_norm=True, init_values=1e-5)
+                                global_pool="max", pre_norm=True)
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained: variant)
-    assert_user_error(run_cli("import", "timm:gap_ls", "--out", tmp_path / "run"),
-                      "timm's gap_ls is a ViT with average-pooled head, layer scale, norm after pooling (fc_norm)")
+    assert_user_error(run_cli("import", "timm:max_pre", "--out", tmp_path / "run"),
+                      "timm's max_pre is a ViT with max pooling, a norm before the blocks (norm_pre): parts")
+    variant = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                global_pool="avg")
+    assert_user_error(run_cli("import", "timm:avg_cls", "--out", tmp_path / "run"),
+                      "timm's avg_cls is a ViT with a class token its average-pooled head leaves out")
 
     def offline(name, pretrained):
         raise RuntimeError("no network")
@@ -190,3 +193,49 @@ def test_timm_name_refuses_variants_composer_does_not_build(tmp_path, monkeypatc
     assert_user_error(run_cli("import", tmp_path / "weights.pth", "--out", tmp_path / "run"),
                       "a weights file needs the SPEC of its model")
     assert not (tmp_path / "run").exists()
+
+
+VIT_VARIANTS = {   # timm's keywords of ViTs with parts beyond the original ViT, as its pretrained models use them
+    "deit3": dict(no_embed_class=True, init_values=1e-5),   # layer scale; no position for the class token
+    "reg4_gap": dict(class_token=False, reg_tokens=4, no_embed_class=True, global_pool="avg"),   # fc_norm
+    "registers_with_positions": dict(reg_tokens=2, qk_norm=True),
+    "gap_norm_before_pooling": dict(class_token=False, reg_tokens=3, global_pool="avg", fc_norm=False),
+    "everything": dict(reg_tokens=4, no_embed_class=True, init_values=1e-5, qk_norm=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
+def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, monkeypatch):
+    """Layer scale, register tokens (with or without rows in timm's position table), qk-norm, mean
+    pooling with the norm before or after it, a class token without a position: timm:NAME reads the
+    spec, the weights carry over, and the logits are timm's. Every tensor random (the layer-scale
+    factors and register tokens too)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    reference = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+                                  num_classes=5, **VIT_VARIANTS[variant]).eval()
+    with torch.no_grad():
+        for value in reference.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.3)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
+    result = run_cli("import", f"timm:{variant}", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(reference.state_dict())} tensors, all of them" in result.stdout
+    spec, model, _ = load_run(tmp_path / "run", backend="reference")
+    keywords, block = VIT_VARIANTS[variant], spec.model.blocks[0]
+    assert spec.model.registers == keywords.get("reg_tokens", 0)
+    assert block.qk_norm == keywords.get("qk_norm", False) and (block.layer_scale is not None) == ("init_values" in keywords)
+    assert spec.model.head.pool == ("mean" if keywords.get("global_pool") == "avg" else "cls")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+    # a weights file with the spec the import wrote gives the same model
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    result = run_cli("import", weights, tmp_path / "run" / "spec.yaml", "--out", tmp_path / "again")
+    assert result.returncode == 0, result.stderr
+    _, again, _ = load_run(tmp_path / "again", backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)

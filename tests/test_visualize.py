@@ -1,6 +1,6 @@
 """`composer visualize`: figures from tiny trained runs, and the attention numbers behind them.
 
-One hybrid run (convmixer -> mixer -> vit, class token) is trained once with the Triton
+One hybrid run (convmixer -> mixer -> vit, class token, two registers) is trained once with the Triton
 kernels (interpreter mode on CPU, see conftest) so every command applies to it; a pure
 ViT run checks the message for a block kind a run lacks.
 """
@@ -33,6 +33,7 @@ model:
   num_classes: 4
   stem: {patch_size: 4, dim: 32}
   pos_embed: learned
+  registers: 2
   blocks:
     - {kind: convmixer, kernel_size: 3}
     - {kind: mixer, token_hidden: 8, mlp_ratio: 2}
@@ -170,9 +171,9 @@ def test_drawn_attention_equals_softmax_of_the_model(hybrid_run, tmp_path, monke
     assert [name for name, _ in drawn] == ["blocks[2].attention"]
     assert len(expected) == 1
     probs = drawn[0][1]
-    assert probs.shape == (2, 17, 17)  # 2 heads; 16 patches after the 12 -> 16 resize, plus the class token
+    assert probs.shape == (2, 19, 19)  # 2 heads; 16 patches after the 12 -> 16 resize, the class token, 2 registers
     torch.testing.assert_close(probs.double(), expected[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 17), atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 19), atol=1e-5, rtol=0)
 
 
 def test_attention_maps_do_not_depend_on_the_kernel_backend(hybrid_run):
@@ -201,6 +202,30 @@ def test_rollout_averages_heads_adds_identity_and_admits_a_late_class_token():
     a2 = (second.mean(0) + torch.eye(5)) / 2
     torch.testing.assert_close(both, a2 @ torch.block_diag(torch.eye(1), expected))
     torch.testing.assert_close(both.sum(-1), torch.ones(5))
+
+
+def test_tokens_before_the_patches_are_named():
+    assert visualize.prefix_tokens(16, (4, 4), class_token=True) == []   # not joined yet
+    assert visualize.prefix_tokens(17, (4, 4), class_token=True) == ["class token"]
+    assert visualize.prefix_tokens(19, (4, 4), class_token=True) == ["class token", "register 0", "register 1"]
+    assert visualize.prefix_tokens(18, (4, 4), class_token=False) == ["register 0", "register 1"]
+    assert visualize._prefix_note(["class token"]) == "token 0 = class token"
+    assert visualize._prefix_note(["class token", "register 0", "register 1"]) == \
+        "tokens 0 = class token, 1-2 = registers"
+    assert visualize._prefix_note(["register 0"]) == "token 0 = register"
+
+
+def test_rollout_of_mean_pooling_leaves_registers_out(monkeypatch):
+    """The rollout figure's pooled map: with registers and mean pooling, the mean over patch
+    queries of their rollout over the patches."""
+    torch.manual_seed(0)
+    maps = [("a", torch.softmax(torch.randn(2, 6, 6), -1))]   # 2 registers, a 2 x 2 grid
+    drawn = []
+    monkeypatch.setattr(visualize, "_overlay", lambda ax, image, values, lo, hi: drawn.append(values) or
+                        ax.imshow(values))
+    visualize._rollout_figure(maps, np.zeros((8, 8)), "caption", "spec", (2, 2), class_token=False)
+    r = visualize.attention_rollout([maps[0][1]])
+    np.testing.assert_allclose(drawn[-1], r[2:, 2:].mean(0).reshape(2, 2).numpy(), rtol=1e-6)
 
 
 def test_position_similarity_is_the_cosine_of_the_patches_embeddings():

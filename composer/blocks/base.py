@@ -152,6 +152,23 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+class LayerScale(nn.Module):
+    """LayerScale (Touvron et al., 2021, CaiT): a residual branch multiplied by a learned
+    per-channel factor `gamma` that starts small, so that deep stacks start near the identity.
+    Channels are the last dimension (token layout)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.to(x.dtype)
+
+
+def layer_scale(dim: int, init: float | None) -> nn.Module:
+    return LayerScale(dim, init) if init is not None else nn.Identity()
+
+
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Cast x to the autocast dtype when autocast is on.
 

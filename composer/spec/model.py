@@ -48,6 +48,9 @@ class BlockBase(Repeated):
 
 class TokenBlock(BlockBase):
     norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="LayerNorm epsilon.")
+    layer_scale: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        None, description="LayerScale (CaiT, DeiT III): multiply the residual branch by a learned per-channel "
+        "factor that starts at this value (e.g. 1e-5 for deep ViTs, 0.1 for shallow ones); none: no factor.")
 
 
 class AttentionFields(BaseModel):
@@ -55,6 +58,9 @@ class AttentionFields(BaseModel):
     qkv_bias: bool = Field(True, description="Bias on the query/key/value projection.")
     attn_dropout: Probability = Field(0.0, description="Dropout on the attention probabilities (reference path only).")
     proj_dropout: Probability = Field(0.0, description="Dropout after the output projection.")
+    qk_norm: bool = Field(
+        False, description="LayerNorm over each head's queries and keys before attention (as ViT-22B: keeps the "
+        "attention logits bounded at high learning rates).")
 
 
 class TokenMlpFields(BaseModel):
@@ -143,8 +149,9 @@ class Head(Strict):
     pool: Literal["cls", "mean"] = Field(
         "mean", description="cls: a learned class token (needs token layout at the end); mean: average over tokens/grid."
     )
-    norm: Literal["auto", "layernorm", "none"] = Field(
-        "auto", description="Normalization before pooling; auto = layernorm when the last block uses tokens, else none."
+    norm: Literal["auto", "layernorm", "pooled", "none"] = Field(
+        "auto", description="layernorm: LayerNorm of every token before pooling; pooled: LayerNorm of the pooled "
+        "vector (timm's fc_norm, usual with mean pooling); auto = layernorm when the last block uses tokens, else none."
     )
     dropout: Probability = Field(0.0, description="Dropout before the classifier.")
 
@@ -163,6 +170,11 @@ class ModelSpec(Strict):
         "none", description="Position embedding added to the tokens after the stem."
     )
     blocks: list[Block] = Field(min_length=1, description="The mixing blocks, applied in order; hybrids are just lists.")
+    registers: Annotated[int, Field(ge=0)] = Field(
+        0, description="Learned register tokens (Darcet et al., 2024, 'Vision Transformers Need Registers'): extra "
+        "tokens without a position that join the sequence where a class token would (after it) and are dropped at "
+        "the head; they give attention a place for global information other than background patches. Needs "
+        "token layout at the end.")
     head: Head = Field(default_factory=Head)
 
     @property

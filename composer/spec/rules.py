@@ -76,6 +76,11 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((pool_path, f"cls pooling needs token layout at the end, but the last block "
                                     f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
                          (pool_path, last_block)))
+    if m.registers and last_layout != "tokens":
+        registers = ("model", "registers")
+        problems.append((registers, f"register tokens need token layout at the end, but the last block "
+                                    f"({m.blocks[-1].kind}) works on the grid; set registers: 0 or end with a token "
+                                    "block", (registers, last_block)))
 
     if d is None:
         return problems
