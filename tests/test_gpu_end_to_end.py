@@ -25,10 +25,20 @@ train: {epochs: 2, batch_size: 128, device: cuda, kernels: triton}
 """
 
 
+VARIANTS = ("  registers: 4\n  blocks:\n    - {kind: convmixer, kernel_size: 9, repeat: 2}\n"
+            "    - {kind: mixer, token_hidden: 128, repeat: 2, layer_scale: 0.5}\n"
+            "    - {kind: vit, heads: 4, repeat: 2, qk_norm: true, layer_scale: 0.5}\n")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_model_matches_reference_model(dtype):
+@pytest.mark.parametrize("variants", [False, True], ids=["plain", "registers_qk_norm_layer_scale"])
+def test_triton_model_matches_reference_model(dtype, variants):
     torch.manual_seed(0)
-    model = build_model(load_spec_text(HYBRID), backend="triton").cuda().eval()
+    text = HYBRID
+    if variants:
+        start, end = text.index("  blocks:"), text.index("  head:")
+        text = text[:start] + VARIANTS + text[end:]
+    model = build_model(load_spec_text(text), backend="triton").cuda().eval()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         fast = model(x).float()
