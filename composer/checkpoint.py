@@ -151,6 +151,10 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
     path = find_checkpoint(source)
     state = load_checkpoint(path, fix="give train.init_from a run directory or a checkpoint written by composer train")
     source_spec = spec_from_checkpoint(state, str(path))
+    if source_spec.model.registers != spec.model.registers:   # else every later stage's name would differ
+        raise UserError(f"train.init_from {path}: its model has {source_spec.model.registers} register tokens and "
+                        f"this one {spec.model.registers}; set model.registers: {source_spec.model.registers} to start "
+                        "from it (the other blocks learned to work with those registers)")
     weights = state["ema"] if state.get("ema") else state["model"]
     classifier = {f"{name}.classify.{p}" for name, m in model.named_modules() if isinstance(m, Head)
                   for p in ("weight", "bias")}

@@ -528,6 +528,11 @@ def test_fine_tuning_refuses_weights_that_do_not_fit(tmp_path):
     assert not (tmp_path / "ft" / "last.pt").exists()
     assert_user_error(run_cli("train", spec, "--out", tmp_path / "ft", "--set", "train.init_from=/nowhere"),
                       "/nowhere does not exist")
+    # registers shift every later stage: named as the difference, not as a list of every tensor after them
+    result = run_cli("train", spec, "--out", tmp_path / "ft", "--set", "model.registers=2",
+                     "--set", f"train.init_from={tmp_path / 'pre'}")
+    assert_user_error(result, "its model has 0 register tokens and this one 2; set model.registers: 0")
+    assert not (tmp_path / "ft" / "last.pt").exists()
 
 
 def test_export_gives_a_program_that_classifies_as_the_run_does(tmp_path):
