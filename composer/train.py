@@ -37,7 +37,7 @@ from composer.summarize import human
 from composer.spec.data import DataSpec
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "img_per_s",
-                 "epoch_s", "nonfinite_skipped"]
+                 "epoch_s", "nonfinite_skipped", "grad_norm", "grad_norm_max"]
 
 
 WARMUP_STEPS = 5
@@ -520,7 +520,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     # Where the run is, including the running sums of the current epoch, so a mid-epoch resume logs the same.
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_acc": -1.0, "best_epoch": 0,
                 "nonfinite_total": 0, "consecutive_nonfinite": 0,
-                "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0}
+                "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0,
+                "epoch_norm_sum": 0.0, "epoch_norm_steps": 0, "epoch_norm_max": 0.0}
 
     def stopped_early(at: dict) -> bool:
         """train.patience epochs have ended since the best validation accuracy (at an epoch's end)."""
@@ -577,6 +578,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     # launches fewer a step for the host. Clipping a non-finite gradient is harmless, the loop
     # then skips the update; eager steps clip only finite ones, after the scaler's unscale_.
     clip_in_step = bool(t.grad_clip) and graphed
+    clipped = {}   # "norm": the gradient norm the recorded step's clipping measured (updated by each replay)
 
     def forward_backward(x, targets, share=1.0):
         # autocast's cache of cast weights would outlive a recorded graph: off when recording
@@ -586,8 +588,18 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         loss = soft_cross_entropy(logits, targets, class_weights)
         scaler.scale(loss if share == 1.0 else loss * share).backward()
         if clip_in_step:
-            torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
+            clipped["norm"] = torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
         return logits, loss
+
+    def gradient_norm() -> torch.Tensor:
+        """The step's gradient norm before clipping (all trained parameters as one vector), on the
+        device: clipping measures it anyway; without clipping it is one more reduction a step."""
+        if clip_in_step:
+            return clipped["norm"]
+        scaler.unscale_(optimizer)   # fp16: the true gradients (the optimizer step then does not unscale again)
+        if t.grad_clip:
+            return torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in trained_params if p.grad is not None])
 
     graph_step = GraphedStep(forward_backward, model, log) if graphed else None   # (never with train.accumulate)
     no_sync = forward_model.no_sync if dist.enabled else None
@@ -639,7 +651,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
             progress.start_epoch(epoch, t.epochs, steps_per_epoch, start_step)
             # This process's (loss sum, correct, images) since the last sync; `sync` folds the sums of all
             # processes into `position` (a collective: every rank calls it at the same step).
-            local = torch.zeros(3, dtype=torch.float64, device=device)
+            # (loss sum, correct, images, gradient-norm sum, steps it counts) and the largest norm
+            local = torch.zeros(5, dtype=torch.float64, device=device)
+            local_max = torch.zeros(1, dtype=torch.float64, device=device)
             skipped = position["epoch_skipped"]
 
             def tally(finite: bool, at_epoch: int, at_step: int) -> int:
@@ -663,6 +677,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 """The optimizer step, EMA and sums of a step whose skip, if its loss is not finite,
                 is decided on the device (`skip_on_device`); counts the previous step's verdict."""
                 finite = torch.isfinite(loss.detach())
+                count_norm(gradient_norm(), finite)
                 optimizer.found_inf = (~finite).float()   # fused AdamW: no update where set
                 optimizer.step()   # (the recorded step has clipped the gradients: `clip_in_step`)
                 clear_grads()
@@ -674,6 +689,16 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 verdict = verdicts.push(finite, at_epoch, at_step)
                 return tally(*verdict) if verdict else 0
 
+            def count_norm(norm: torch.Tensor, finite_loss: torch.Tensor | None = None) -> None:
+                """Add a step's gradient norm to the epoch's mean and maximum, on the device. Left out:
+                a skipped step's, and an overflowed one's (fp16: the GradScaler skips that step)."""
+                norm = norm.detach().double()
+                counts = torch.isfinite(norm) if finite_loss is None else torch.isfinite(norm) & finite_loss
+                norm = torch.where(counts, norm, 0.0)
+                local[3] += norm
+                local[4] += counts
+                torch.maximum(local_max, norm, out=local_max)
+
             def settle() -> int:
                 """Count the verdict still in flight (before anything reads or saves the counts)."""
                 verdict = verdicts.flush() if verdicts else None
@@ -682,11 +707,16 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
             def sync():
                 if dist.enabled:
                     torch.distributed.all_reduce(local)
-                loss_sum, correct, seen = local.tolist()
+                    torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX)
+                loss_sum, correct, seen, norm_sum, norm_steps = local.tolist()
                 position.update({"epoch_loss_sum": position["epoch_loss_sum"] + loss_sum,
                                  "epoch_correct": position["epoch_correct"] + int(correct),
-                                 "epoch_seen": position["epoch_seen"] + int(seen), "epoch_skipped": skipped})
+                                 "epoch_seen": position["epoch_seen"] + int(seen), "epoch_skipped": skipped,
+                                 "epoch_norm_sum": position["epoch_norm_sum"] + norm_sum,
+                                 "epoch_norm_steps": position["epoch_norm_steps"] + int(norm_steps),
+                                 "epoch_norm_max": max(position["epoch_norm_max"], local_max.item())})
                 local.zero_()
+                local_max.zero_()
             tic, timed_from = time.perf_counter(), start_step
             for step in range(start_step, steps_per_epoch):
                 if step == start_step + WARMUP_STEPS and steps_per_epoch - step >= WARMUP_STEPS:
@@ -725,9 +755,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                     if not finite:
                         clear_grads()
                     else:
-                        if t.grad_clip and not clip_in_step:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)
+                        count_norm(gradient_norm())
                         scaler.step(optimizer)
                         scaler.update()
                         clear_grads()
@@ -780,8 +808,12 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 "val_loss": val["loss"], "val_acc": val["accuracy"], "val_top5": val["top5"],
                 "lr": max(scheduler.get_last_lr()), "img_per_s": images_done / max(elapsed, 1e-9),
                 "epoch_s": elapsed, "nonfinite_skipped": skipped,
+                "grad_norm": position["epoch_norm_sum"] / position["epoch_norm_steps"]
+                if position["epoch_norm_steps"] else float("nan"),
+                "grad_norm_max": position["epoch_norm_max"] if position["epoch_norm_steps"] else float("nan"),
             }
-            position.update({"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0})
+            position.update({"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "epoch_skipped": 0,
+                             "epoch_norm_sum": 0.0, "epoch_norm_steps": 0, "epoch_norm_max": 0.0})
             if dist.main:
                 _append_metrics(run_dir / "metrics.csv", row)
                 tensorboard(row)
@@ -795,7 +827,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
             progress.end_epoch(
                 f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
-                f"{row['img_per_s']:.0f} img/s")
+                f"grad_norm {row['grad_norm']:.3g} (max {row['grad_norm_max']:.3g})  {row['img_per_s']:.0f} img/s")
             final = row
             dist.barrier()
             if stopped_early(position) and epoch + 1 < t.epochs:   # every process saw the same accuracy
@@ -1037,4 +1069,5 @@ def _last_metrics(path: Path) -> dict:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     whole = ("epoch", "step", "nonfinite_skipped")   # as the row was before it was written
-    return {k: int(float(v)) if k in whole else float(v) for k, v in rows[-1].items()} if rows else {}
+    # (a column that rows of an older version lack reads as NaN)
+    return {k: int(float(v)) if k in whole else float(v or "nan") for k, v in rows[-1].items()} if rows else {}

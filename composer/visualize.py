@@ -522,7 +522,8 @@ def _read_metrics(run_dir: Path) -> dict[str, list]:
     def column(key):
         return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
 
-    return {key: column(key) for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")}
+    return {key: column(key) for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "grad_norm",
+                                         "grad_norm_max")}
 
 
 def _run_name(run_dir: Path) -> str:
@@ -535,7 +536,8 @@ def _run_name(run_dir: Path) -> str:
 
 
 def curves(run_dirs: list, out=None) -> list[str]:
-    """Loss and accuracy per epoch of one or more runs, overlaid, labelled by spec name."""
+    """Loss, accuracy and (where the runs logged it) the gradient norm per epoch of one or more
+    runs, overlaid, labelled by spec name."""
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:
         if not d.is_dir():
@@ -544,8 +546,9 @@ def curves(run_dirs: list, out=None) -> list[str]:
     labels = [f"{n} ({d.name})" if names.count(n) > 1 else n for n, d in zip(names, dirs)]
     runs = [_read_metrics(d) for d in dirs]
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    norms = any(np.isfinite(m["grad_norm"]).any() for m in runs)   # runs of older versions have none
+    fig = Figure(figsize=(16 if norms else 11, 4.2), layout="constrained")
+    ax_loss, ax_acc, *ax_norm = fig.subplots(1, 3 if norms else 2)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for label, metrics, colour in zip(labels, runs, colours):
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
@@ -555,7 +558,15 @@ def curves(run_dirs: list, out=None) -> list[str]:
                 if np.isfinite(values).any():
                     ax.plot(metrics["epoch"], values, style, color=colour, marker=marker, markersize=3.5,
                             label=f"{label} {part}")
-    for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+    panels = [(ax_loss, "loss"), (ax_acc, "accuracy (%)")]
+    if norms:
+        for metrics, colour in zip(runs, colours):
+            for key, style, width in (("grad_norm", "-", 1.5), ("grad_norm_max", ":", 1.0)):
+                ax_norm[0].plot(metrics["epoch"], metrics[key], style, color=colour, linewidth=width)
+        ax_norm[0].set_yscale("log")   # a spike or a slow drift both show
+        ax_norm[0].set_title("gradient norm before clipping (mean: solid, max: dotted)", fontsize=10)
+        panels.append((ax_norm[0], "gradient norm"))
+    for ax, what in panels:
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)

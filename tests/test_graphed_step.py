@@ -116,7 +116,7 @@ def test_recorded_step_trains_exactly_like_eager_steps(tmp_path, monkeypatch, te
     steps = int(rows[-1]["step"])
     assert CpuGraphedStep.replays == steps - graphed_step.WARMUP_STEPS   # every step after the warm-up
     assert any("recorded; every later step replays it" in line for line in lines)
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm", "grad_norm_max"):
         assert [r[key] for r in rows] == [r[key] for r in eager_rows], key
     _assert_same_state(state, eager_state)
 

@@ -686,7 +686,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     one = read_metrics(tmp_path / "one")
     for other in ("two", "sliced"):
         for a, b in zip(one, read_metrics(tmp_path / other), strict=True):
-            for key in ("train_loss", "val_loss", "val_acc"):
+            # (the gradient norm too: DDP averages the processes' gradients into the whole batch's)
+            for key in ("train_loss", "val_loss", "val_acc", "grad_norm", "grad_norm_max"):
                 assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), (other, key, a, b)
 
 
@@ -1163,3 +1164,59 @@ def test_resume_takes_the_specs_new_learning_rate_and_weight_decay(tmp_path):
     assert [float(r["lr"]) for r in read_metrics(run)] == [0.003, 0.001]
     groups = torch.load(run / "last.pt", weights_only=False)["optimizer"]["param_groups"]
     assert {g["initial_lr"] for g in groups} == {0.001} and {g["weight_decay"] for g in groups} == {0.2, 0.0}
+
+
+@pytest.mark.parametrize("clip", [0.05, None], ids=["clipped", "unclipped"])   # 0.05 bites
+def test_gradient_norm_is_logged_before_clipping(tmp_path, monkeypatch, clip):
+    """metrics.csv's grad_norm and grad_norm_max: the mean and the largest, over an epoch's steps, of
+    the norm of all trained gradients as one vector, before clipping; a skipped step's left out."""
+    measured = []
+
+    def independent_norm(params):
+        return float(torch.cat([p.grad.double().flatten() for p in params if p.grad is not None]).norm())
+
+    real_clip, real_total = torch.nn.utils.clip_grad_norm_, torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, limit: measured.append(independent_norm(params)) or real_clip(params, limit))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: measured.append(
+        float(torch.cat([g.double().flatten() for g in grads]).norm())) or real_total(grads))
+    real_loss, calls = train_module.soft_cross_entropy, {"n": 0}
+
+    def poisoned(logits, targets, weights=None):   # step 3 of 8 an epoch is skipped
+        calls["n"] += 1
+        loss = real_loss(logits, targets, weights)
+        return loss * float("inf") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "soft_cross_entropy", poisoned)
+    text = TINY.replace("grad_clip: 1.0", f"grad_clip: {'null' if clip is None else clip}")
+    spec = load_spec_text(text, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
+    train(spec, echo=lambda *a: None)
+    rows = read_metrics(tmp_path / "run")
+    assert len(measured) == 2 * 8 - 1 and rows[0]["nonfinite_skipped"] == "1"
+    for row, norms in zip(rows, (measured[:7], measured[7:])):
+        assert float(row["grad_norm"]) == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+        assert float(row["grad_norm_max"]) == pytest.approx(max(norms), rel=1e-5)
+    if clip:
+        assert max(measured) > clip   # clipping bit, and the norm logged is the one before it
+
+
+def test_metrics_of_an_older_version_resume_and_read(tmp_path):
+    """A run whose metrics.csv lacks today's columns (grad_norm): resuming it rewrites the header,
+    its old rows read as NaN there, and runs, curves and a resume that trains nothing still work."""
+    spec = write_spec(tmp_path)
+    assert run_cli("train", spec, "--out", tmp_path / "run", "--epochs", "1").returncode == 0
+    path = tmp_path / "run" / "metrics.csv"
+    rows = read_metrics(tmp_path / "run")
+    old = [k for k in rows[0] if not k.startswith("grad_norm")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    result = run_cli("train", spec, "--out", tmp_path / "run", "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    first, second = read_metrics(tmp_path / "run")
+    assert first["grad_norm"] == "" and float(second["grad_norm"]) > 0
+    again = run_cli("train", spec, "--out", tmp_path / "run", "--resume", "auto")   # finished: nothing to train
+    assert again.returncode == 0, again.stderr
+    assert run_cli("runs", tmp_path).returncode == 0
+    assert run_cli("visualize", "curves", tmp_path / "run", "--out", tmp_path).returncode == 0
