@@ -215,13 +215,20 @@ class ComposedModel(nn.Module):
 
 
 def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object]]:
-    """(name, kind, block spec) for every block instance, composites and repeats unrolled."""
-    out = []
+    """(name, kind, block spec) for every block instance, composites and repeats unrolled. With
+    `model.drop_path`, each instance's spec carries its rate on the linear ramp over depth (a
+    repeat is one step of depth; the two halves of a vit, mixer or convmixer block share it)."""
+    depth = sum(block.repeat for block in spec.blocks)
+    out, step = [], 0
     for i, block in enumerate(spec.blocks):
         for r in range(block.repeat):
+            if spec.drop_path and "drop_path" in type(block).model_fields:   # as timm's linspace(0, rate, depth)
+                rate = spec.drop_path * step / (depth - 1) if depth > 1 else 0.0
+                block = block.model_copy(update={"drop_path": rate})
             for kind in COMPOSITES.get(block.kind, (block.kind,)):
                 suffix = f" #{r + 1}" if block.repeat > 1 else ""
                 out.append((f"blocks[{i}].{kind}{suffix}", kind, block))
+            step += 1
     return out
 
 

@@ -489,3 +489,28 @@ def test_layer_scale_factors_and_registers_get_no_weight_decay():
         name for name, _ in model.named_parameters() if name.endswith((".gamma", ".tokens"))}
     matrices = {name for name, p in model.named_parameters() if name in names and p.ndim >= 2}
     assert matrices == {"stages.2.pos", "stages.7.tokens"}   # the position table and the registers
+
+
+def test_model_drop_path_rises_linearly_over_depth():
+    """model.drop_path: 0 at the first block, the rate at the last, each repeat a step, the halves of a
+    composite block sharing one (timm's linspace(0, drop_path_rate, depth))."""
+    text = HYBRID.replace("  blocks:", "  drop_path: 0.3\n  blocks:")   # convmixer, mixer x2, dwconv, vit: depth 5
+    model = build_model(load_spec_text(text), backend="reference")
+    rates = {layer.name: layer.module.drop_path.p for layer in model.blocks() if hasattr(layer.module, "drop_path")}
+    expected = [0.0, 0.075, 0.15, 0.225, 0.3]
+    assert rates == pytest.approx({
+        "blocks[0].dwconv": expected[0], "blocks[1].token_mlp #1": expected[1], "blocks[1].channel_mlp #1": expected[1],
+        "blocks[1].token_mlp #2": expected[2], "blocks[1].channel_mlp #2": expected[2],
+        "blocks[2].dwconv": expected[3], "blocks[3].attention": expected[4], "blocks[3].channel_mlp": expected[4]})
+    # the spec as written is left alone (a resume or a summary reads the same spec)
+    assert load_spec_text(text).model.blocks[1].drop_path == 0.0
+
+
+def test_model_and_block_drop_path_together_are_refused():
+    from composer.spec import SpecError
+
+    text = HYBRID.replace("  blocks:", "  drop_path: 0.3\n  blocks:").replace("{kind: vit, heads: 2}",
+                                                                             "{kind: vit, heads: 2, drop_path: 0.1}")
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(text, "h.yaml")
+    assert "h.yaml:11:40: model.blocks[3].drop_path: 0.1 here and model.drop_path 0.3: give one" in str(caught.value)

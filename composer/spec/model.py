@@ -170,6 +170,10 @@ class ModelSpec(Strict):
         "none", description="Position embedding added to the tokens after the stem."
     )
     blocks: list[Block] = Field(min_length=1, description="The mixing blocks, applied in order; hybrids are just lists.")
+    drop_path: Probability = Field(
+        0.0, description="Stochastic depth for the whole network, rising linearly with depth: 0 at the first "
+        "block, this rate at the last (DeiT's rule; timm's drop_path_rate). Each repeat is one step; the two halves "
+        "of a vit, mixer or convmixer block share a rate. The blocks' own drop_path must then stay 0.")
     registers: Annotated[int, Field(ge=0)] = Field(
         0, description="Learned register tokens (Darcet et al., 2024, 'Vision Transformers Need Registers'): extra "
         "tokens without a position that join the sequence where a class token would (after it) and are dropped at "

@@ -76,6 +76,13 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((pool_path, f"cls pooling needs token layout at the end, but the last block "
                                     f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
                          (pool_path, last_block)))
+    if m.drop_path:
+        for i, block in enumerate(m.blocks):
+            if getattr(block, "drop_path", 0.0):
+                where = ("model", "blocks", i, "drop_path")
+                problems.append((where, f"{block.drop_path} here and model.drop_path {m.drop_path}: give one (the "
+                                        "model's rises linearly over the blocks; a block's holds for its repeats)",
+                                 (where, ("model", "drop_path"))))
     if m.registers and last_layout != "tokens":
         registers = ("model", "registers")
         problems.append((registers, f"register tokens need token layout at the end, but the last block "
