@@ -255,8 +255,12 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     def shape(layout, n):
         return (n, dim) if layout == "tokens" else (dim,) + grid
 
+    rotary = m.pos_embed == "rope"
+    embedded = m.pos_embed in ("learned", "sincos")   # a table added to the tokens
+
     def add(name, kind, layout, in_shape, out_shape, module, cost=Cost(0, 0)):
-        layers.append(Layer(name, kind, layout, in_shape, out_shape, module, Context(dim, tokens, grid, backend), cost))
+        layers.append(Layer(name, kind, layout, in_shape, out_shape, module, Context(dim, tokens, grid, backend),
+                            cost))
 
     stem = Stem(m, backend)
     p = m.stem.patch_size
@@ -279,12 +283,12 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             RegisterTokens(dim, m.registers, after_class_token=cls_at is not None))
         tokens += m.registers
 
-    if m.pos_embed != "none" or join_at == 0:
+    if embedded or join_at == 0:
         to("tokens", tokens)
     if cls_at == 0:
         add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1), ClassToken(dim))
         tokens += 1
-    if m.pos_embed != "none":
+    if embedded:
         add("pos_embed", f"pos_embed ({m.pos_embed})", "tokens", shape("tokens", tokens), shape("tokens", tokens),
             PositionEmbedding(m.pos_embed, tokens, dim, grid, cls_at == 0))
     if registers_at == 0:   # after the position embedding: registers have no position
@@ -299,7 +303,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             tokens += 1
         if index == registers_at and index > 0:
             add_registers()
-        ctx = Context(dim, tokens, grid, backend)
+        ctx = Context(dim, tokens, grid, backend, rotary)
         module = cls.from_spec(block_spec, ctx)
         layers.append(Layer(name, kind, cls.layout, shape(layout, tokens), shape(layout, tokens), module, ctx,
                             module.cost(ctx)))

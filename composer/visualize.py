@@ -478,15 +478,23 @@ def position_similarity(pos: torch.Tensor, h: int, w: int) -> np.ndarray:
 
 def pos_embed(run_dir, out=None, device: str = "cpu") -> list[str]:
     """How alike the position embeddings of the patches are: for each patch, the cosine
-    similarity of its embedding with every other patch's, drawn on the patch grid at its place."""
+    similarity of its embedding with every other patch's, drawn on the patch grid at its place.
+    With rope, the rotations' (cos, sin) stand for the embedding: their cosine similarity is the
+    mean over channel pairs of cos(angle difference), what q·k of equal contents is made of."""
     from composer.build import PositionEmbedding
 
     spec, model, _ = load_run(run_dir, device)
-    found = [layer for layer in model.layers if isinstance(layer.module, PositionEmbedding)]
-    if not found:
-        raise UserError(f"run {spec.name!r} has no position embedding (model.pos_embed: none)")
+    if spec.model.pos_embed == "rope":
+        rotary = next(layer.module for layer in model.layers if layer.kind == "attention")
+        table = torch.cat([rotary.rotary_cos, rotary.rotary_sin], dim=-1)[None]
+        what = "rope: the rotations' cos and sin"
+    else:
+        found = [layer for layer in model.layers if isinstance(layer.module, PositionEmbedding)]
+        if not found:
+            raise UserError(f"run {spec.name!r} has no position embedding (model.pos_embed: none)")
+        table, what = found[0].module.pos, f"{spec.model.pos_embed} position embeddings"
     h = w = spec.model.grid
-    similarity = position_similarity(found[0].module.pos, h, w)
+    similarity = position_similarity(table, h, w)
     tile = min(0.6, 9.0 / max(h, w))
     fig = Figure(figsize=(tile * w + 1.4, tile * h + 1.0), layout="constrained")
     axes = fig.subplots(h, w, squeeze=False)
@@ -502,7 +510,7 @@ def pos_embed(run_dir, out=None, device: str = "cpu") -> list[str]:
     for c in range(w):
         axes[-1, c].set_xlabel(str(c + 1), fontsize=6)
     fig.colorbar(im, ax=axes, shrink=0.8, aspect=30, label="cosine similarity")
-    _suptitle(fig, f"{spec.name} · {spec.model.pos_embed} position embeddings on the {h}x{w} patch grid\n"
+    _suptitle(fig, f"{spec.name} · {what} on the {h}x{w} patch grid\n"
                    "each tile: one patch's similarity with every patch (row, column of the tile = its place)")
     fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
     return [_save(fig, _out_dir(run_dir, out) / "pos_embed.png")]

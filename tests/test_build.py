@@ -514,3 +514,83 @@ def test_model_and_block_drop_path_together_are_refused():
     with pytest.raises(SpecError) as caught:
         load_spec_text(text, "h.yaml")
     assert "h.yaml:11:40: model.blocks[3].drop_path: 0.1 here and model.drop_path 0.3: give one" in str(caught.value)
+
+
+ROPE = """
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 4, dim: 16}
+  pos_embed: rope
+  registers: 2
+  blocks:
+    - {kind: vit, heads: 2, qk_norm: true}
+  head: {pool: cls}
+"""
+
+
+def test_rotary_embedding_turns_channel_pairs_by_the_patch_position():
+    from composer.blocks.attention import ROTARY_BASE, rotary_tables, rotate
+
+    grid, prefix, d = (3, 4), 2, 8
+    cos, sin = rotary_tables(grid, prefix + 12, d)
+    x = torch.randn(2, prefix + 12, 3, d)
+    turned = rotate(x, cos, sin)
+    assert torch.equal(turned[:, :prefix], x[:, :prefix])   # class token and registers do not turn
+    # independently: each pair as a complex number times e^(i angle); the first d/4 angles from the
+    # column, the last d/4 from the row
+    freqs = ROTARY_BASE ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    for token in range(12):
+        row, col = divmod(token, grid[1])
+        angles = torch.cat([col * freqs, row * freqs])
+        pairs = torch.view_as_complex(x[:, prefix + token].double().unflatten(-1, (-1, 2)).contiguous())
+        expected = torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+        torch.testing.assert_close(turned[:, prefix + token].double(), expected, rtol=1e-5, atol=1e-6)
+    # q·k of equal contents depends on the two patches' offset only
+    q = rotate(torch.randn(1, 1, 1, d).expand(1, prefix + 12, 1, d), cos, sin)[0, prefix:, 0]
+    k = rotate(torch.randn(1, 1, 1, d).expand(1, prefix + 12, 1, d), cos, sin)[0, prefix:, 0]
+    logits = q @ k.T
+    position = [divmod(t, grid[1]) for t in range(12)]
+    by_offset = {}
+    for i, (ri, ci) in enumerate(position):
+        for j, (rj, cj) in enumerate(position):
+            by_offset.setdefault((ri - rj, ci - cj), []).append(float(logits[i, j]))
+    assert all(max(v) - min(v) < 1e-5 for v in by_offset.values())
+    assert len({round(v[0], 4) for v in by_offset.values()}) > 1   # and it does depend on the offset
+
+
+def test_rope_model_runs_on_triton_like_reference_and_takes_another_image_size():
+    torch.manual_seed(0)
+    reference = build_model(load_spec_text(ROPE), backend="reference").train()
+    triton = build_model(load_spec_text(ROPE), backend="triton").train()
+    triton.load_state_dict(reference.state_dict())
+    kinds = [layer.kind for layer in reference.layers]
+    assert not any(kind.startswith("pos_embed") for kind in kinds)   # nothing added to the tokens
+    attention = reference.layers[kinds.index("attention")].module
+    assert attention.rotary_cos.shape == (16 + 1 + 2, 4)
+    x = torch.randn(3, 3, 16, 16)
+    out_ref, out_tri = reference(x), triton(x)
+    torch.testing.assert_close(out_tri, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_tri.square().sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), triton.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    # the tables are not weights: a model for 32x32 images takes the 16x16 model's state dict as it is
+    larger = build_model(load_spec_text(ROPE.replace("image_size: 16", "image_size: 32")), backend="reference")
+    larger.load_state_dict(reference.state_dict())
+    assert larger(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("block, fragment", [
+    ("{kind: vit, heads: 4}", "model.blocks[0].heads: 4 heads of dim 24 have 6 channels each; rope turns them in "
+                              "pairs along two axes, so it needs a multiple of 4 (try heads: 1, 2, 3, 6)"),
+    ("{kind: mixer}", "model.pos_embed: rope turns the queries and keys of attention, but the model has no attention "
+                      "block"),
+])
+def test_rope_rules(block, fragment):
+    from composer.spec import SpecError
+
+    text = ROPE.replace("dim: 16", "dim: 24").replace("{kind: vit, heads: 2, qk_norm: true}", block)
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(text, "r.yaml")
+    assert fragment in str(caught.value)

@@ -286,3 +286,19 @@ def test_user_errors(hybrid_run, vit_run, tmp_path, args, fragments):
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
+
+
+def test_pos_embed_of_a_rope_model_draws_its_rotations(tmp_path, monkeypatch):
+    """With rope, the figure compares the rotations' (cos, sin): each patch is itself (1), and the
+    similarity of two patches depends on their offset only."""
+    from composer.build import build_model
+    from tests.test_build import ROPE
+
+    spec = load_spec_text(ROPE, "rope.yaml")
+    model = build_model(spec, backend="reference")
+    monkeypatch.setattr(visualize, "load_run", lambda run_dir, device: (spec, model, {}))
+    assert_pngs(visualize.pos_embed(tmp_path, out=tmp_path), 1)
+    attention = next(layer.module for layer in model.layers if layer.kind == "attention")
+    sim = visualize.position_similarity(torch.cat([attention.rotary_cos, attention.rotary_sin], -1)[None], 4, 4)
+    assert np.allclose(sim[np.arange(4)[:, None], np.arange(4), np.arange(4)[:, None], np.arange(4)], 1.0)
+    assert sim[0, 0, 1, 2] == pytest.approx(sim[2, 1, 3, 3], abs=1e-6)   # offset (1, 2) both

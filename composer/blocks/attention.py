@@ -16,13 +16,14 @@ class Attention(Block):
         dim: channels C; heads: number of heads (divides dim); qkv_bias: bias on to_qkv;
         attn_dropout: dropout on probabilities (forces the reference path while training);
         proj_dropout: dropout after to_out; drop_path: stochastic depth; norm_eps: LayerNorm eps;
-        qk_norm: LayerNorm over each head's queries and keys; scale: LayerScale's initial value (None: none).
+        qk_norm: LayerNorm over each head's queries and keys; scale: LayerScale's initial value (None: none);
+        rotary: (grid, tokens) to rotate queries and keys by their patch's position (2-D RoPE), or None.
     """
 
     kind, layout, kernel_op = "attention", "tokens", "attention"
 
     def __init__(self, dim, heads, qkv_bias=True, attn_dropout=0.0, proj_dropout=0.0, drop_path=0.0,
-                 norm_eps=1e-6, backend="auto", qk_norm=False, scale=None):
+                 norm_eps=1e-6, backend="auto", qk_norm=False, scale=None, rotary=None):
         super().__init__()
         self.heads, self.attn_dropout, self.backend = heads, attn_dropout, backend
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
@@ -34,21 +35,32 @@ class Attention(Block):
         self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.scale = layer_scale(dim, scale)
         self.drop_path = DropPath(drop_path)
+        self.rotary = rotary is not None
+        if self.rotary:   # not saved: computed from the grid, so a new image size just gets its own
+            cos, sin = rotary_tables(*rotary, head_dim)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
 
     @classmethod
     def from_spec(cls, spec, ctx: Context) -> "Attention":
         return cls(ctx.dim, spec.heads, spec.qkv_bias, spec.attn_dropout, spec.proj_dropout, spec.drop_path,
-                   spec.norm_eps, ctx.backend, spec.qk_norm, spec.layer_scale)
+                   spec.norm_eps, ctx.backend, spec.qk_norm, spec.layer_scale,
+                   (ctx.grid, ctx.tokens) if ctx.rotary else None)
 
     def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """The projection (B, N, 3 H D), queries and keys normalized per head with qk_norm."""
+        """The projection (B, N, 3 H D), queries and keys normalized per head with qk_norm and
+        rotated by their positions with rotary."""
         qkv = self.to_qkv(self.norm(x))
-        if self.q_norm is None:
+        if self.q_norm is None and not self.rotary:
             return qkv
         q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.heads).unbind(0)
-        # LayerNorm runs in fp32 under autocast: back to the projection's dtype, or the op would get fp32
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        return torch.stack([q, k, v], dim=2).flatten(2)   # one copy, so the packed op still reads one tensor
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            q, k = rotate(q, self.rotary_cos, self.rotary_sin), rotate(k, self.rotary_cos, self.rotary_sin)
+        # LayerNorm and the rotation run in fp32 under autocast: back to the projection's dtype, or the
+        # op would get fp32; one copy, so that the packed op still reads one tensor
+        return torch.stack([q.to(v.dtype), k.to(v.dtype), v], dim=2).flatten(2)
 
     def qkv(self, x: torch.Tensor):
         # Strided views of the packed projection, no copy: each (B, H, N, D).
@@ -80,3 +92,29 @@ class Attention(Block):
 
     def kernel_dims(self, ctx: Context) -> dict:
         return {"head_dim": ctx.dim // self.heads}
+
+
+ROTARY_BASE = 100.0   # the axial 2-D RoPE's base (Heo et al., 2024): patch grids are short sequences
+
+
+def rotary_tables(grid: tuple[int, int], tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (N, D/2) of 2-D axial rotary position embedding: each pair of a head's channels
+    turns by an angle; the first D/4 pairs by the patch's column times a frequency, the last D/4 by
+    its row, frequencies ROTARY_BASE^(-i/(D/4)). q·k then depends on the two patches' offset, not
+    on where they are. Tokens before the patches (class token, registers) do not turn."""
+    h, w = grid
+    quarter = head_dim // 4
+    freqs = ROTARY_BASE ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    angles = torch.cat([cols.reshape(-1, 1) * freqs, rows.reshape(-1, 1) * freqs], dim=1)   # (h w, D/2)
+    angles = torch.cat([angles.new_zeros(tokens - h * w, 2 * quarter), angles])   # prefix tokens: angle 0
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, N, H, D) with each channel pair (2i, 2i + 1) turned by the angle of cos, sin (N, D/2); fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))   # (B, N, H, D/2, 2)
+    even, odd = pairs.unbind(-1)
+    cos, sin = cos[:, None], sin[:, None]      # (N, 1, D/2)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)

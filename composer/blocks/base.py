@@ -25,6 +25,7 @@ class Context:
     tokens: int              # sequence length N in token layout (class token included)
     grid: tuple[int, int]    # (H, W) patch grid in grid layout
     backend: str = "auto"    # kernel backend of the fused ops
+    rotary: bool = False     # positions as rotations of queries and keys (model.pos_embed: rope)
 
 
 @dataclass

@@ -166,8 +166,11 @@ class ModelSpec(Strict):
     in_channels: PositiveInt = Field(3, description="Image channels (3 for RGB, 1 for grayscale).")
     num_classes: PositiveInt = Field(description="Number of output classes.")
     stem: Stem
-    pos_embed: Literal["none", "learned", "sincos"] = Field(
-        "none", description="Position embedding added to the tokens after the stem."
+    pos_embed: Literal["none", "learned", "sincos", "rope"] = Field(
+        "none", description="learned / sincos: a position embedding added to the tokens after the stem; rope: "
+        "2-D rotary embedding (axial RoPE) in every attention block instead, turning queries and keys by their "
+        "patch's row and column (nothing is added; a new image size needs no resizing). rope needs attention "
+        "blocks and a head dimension divisible by 4."
     )
     blocks: list[Block] = Field(min_length=1, description="The mixing blocks, applied in order; hybrids are just lists.")
     drop_path: Probability = Field(

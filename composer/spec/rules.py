@@ -58,6 +58,13 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         if heads is not None and dim % heads:
             problems.append((where + ("heads",), f"{heads} does not divide dim {dim} "
                                                  f"(try {_list(divisors(dim, 32))})", (where + ("heads",), dim_path)))
+        elif heads is not None and m.pos_embed == "rope" and (dim // heads) % 4:
+            fitting = [h for h in divisors(dim, 32) if (dim // h) % 4 == 0]
+            problems.append((where + ("heads",), f"{heads} heads of dim {dim} have {dim // heads} channels each; "
+                                                 "rope turns them in pairs along two axes, so it needs a multiple of "
+                                                 "4 " + (f"(try heads: {_list(fitting)})" if fitting else
+                                                         f"(no head count fits dim {dim}: make it a multiple of 4)"),
+                             (where + ("heads",), dim_path, ("model", "pos_embed"))))
         k = getattr(block, "kernel_size", None)
         if k is not None and k % 2 == 0:
             problems.append((where + ("kernel_size",), f"{k} is even; 'same' padding needs an odd kernel size "
@@ -83,6 +90,10 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                 problems.append((where, f"{block.drop_path} here and model.drop_path {m.drop_path}: give one (the "
                                         "model's rises linearly over the blocks; a block's holds for its repeats)",
                                  (where, ("model", "drop_path"))))
+    if m.pos_embed == "rope" and not any(hasattr(block, "heads") for block in m.blocks):
+        pos = ("model", "pos_embed")
+        problems.append((pos, "rope turns the queries and keys of attention, but the model has no attention "
+                              "block; use learned or sincos", (pos, ("model", "blocks"))))
     if m.registers and last_layout != "tokens":
         registers = ("model", "registers")
         problems.append((registers, f"register tokens need token layout at the end, but the last block "
