@@ -52,7 +52,7 @@ LAYER_NAMES = {
     "head": {"norm": "norm", "classify": "head"},
 }
 POOLED_HEAD_NORM = {"norm": "fc_norm"}   # a head whose LayerNorm follows the pooling (head.norm: pooled)
-BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise")
+BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "convnext")
 STEM_NAMES = {"vit": {"project": "patch_embed.proj"}, "mixer": {"project": "stem.proj"},
               "convmixer": {"project": "stem.0", "norm": "stem.2"}}
 STARTS_BLOCK = ("attention", "token_mlp", "dwconv")   # the first half of a vit, mixer or convmixer block

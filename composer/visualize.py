@@ -31,7 +31,7 @@ from composer.blocks.base import using_backend
 from composer.checkpoint import load_run
 from composer.errors import UserError
 
-COMMAND_OF_KIND = {"attention": "attention", "token_mlp": "token-mlp", "dwconv": "dwconv"}
+COMMAND_OF_KIND = {"attention": "attention", "token_mlp": "token-mlp", "dwconv": "dwconv", "convnext": "dwconv"}
 MAX_TILES = 256        # units / channels drawn per figure; the title says when there are more
 MAX_HEAD_COLUMNS = 8   # heads drawn side by side; --head picks any one of them
 DPI = 100
@@ -121,8 +121,12 @@ def _out_dir(run_dir, out) -> Path:
     return path
 
 
+# the layer kinds a figure of one kind also draws: a ConvNeXt block's depthwise convolution is one too
+ALSO_DRAWN = {"dwconv": ("dwconv", "convnext")}
+
+
 def _layers_of(model, kind: str):
-    return [layer for layer in model.layers if layer.kind == kind]
+    return [layer for layer in model.layers if layer.kind in ALSO_DRAWN.get(kind, (kind,))]
 
 
 def _select(model, spec, kind: str, index: int | None, option: str):
@@ -461,7 +465,7 @@ def dwconv(run_dir, block: int | None = None, out=None, device: str = "cpu") -> 
         w = layer.module.conv.weight.detach().float().cpu()[:, 0]  # (C, k, k)
         channels, k = w.shape[0], w.shape[-1]
         more = f" (first {MAX_TILES} of {channels})" if channels > MAX_TILES else ""
-        title = (f"{spec.name} · {layer.name} (dwconv block {index} of {len(_layers_of(model, 'dwconv'))})\n"
+        title = (f"{spec.name} · {layer.name} (depthwise convolution {index} of {len(_layers_of(model, 'dwconv'))})\n"
                  f"{k}x{k} depthwise kernels, one per channel: {channels} channels{more}"
                  f"\n(each kernel scaled to its own max |w|)")
         fig = _weight_tiles(w[:MAX_TILES], title, "relative weight")

@@ -595,3 +595,51 @@ def test_rope_rules(block, fragment):
     with pytest.raises(SpecError) as caught:
         load_spec_text(text, "r.yaml")
     assert fragment in str(caught.value)
+
+
+CONVNEXT = """
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 2, dim: 16, norm: layernorm}
+  blocks:
+    - {kind: convnext, kernel_size: 7, mlp_ratio: 3, repeat: 2}
+    - {kind: vit, heads: 2}
+"""
+
+
+def test_convnext_block_computes_timms_convnext_block():
+    """The block equals timm's ConvNeXtBlock (its weights copied, every one random), on the reference
+    path and through the depthwise kernel (the interpreter on CPU), in NCHW and channels_last."""
+    timm = pytest.importorskip("timm")
+    from composer.blocks.base import Context
+    from composer.blocks.convnext import ConvNext
+
+    torch.manual_seed(0)
+    theirs = timm.models.convnext.ConvNeXtBlock(16, kernel_size=7, mlp_ratio=3, ls_init_value=0.5).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 16, 5, 6)
+    for backend in ("reference", "triton"):
+        ours = ConvNext.from_spec(load_spec_text(CONVNEXT).model.blocks[0],
+                                  Context(dim=16, tokens=30, grid=(5, 6), backend=backend)).eval()
+        ours.load_state_dict({"conv.weight": theirs.conv_dw.weight, "conv.bias": theirs.conv_dw.bias,
+                              "norm.weight": theirs.norm.weight, "norm.bias": theirs.norm.bias,
+                              "mix_channels.0.weight": theirs.mlp.fc1.weight, "mix_channels.0.bias": theirs.mlp.fc1.bias,
+                              "mix_channels.2.weight": theirs.mlp.fc2.weight, "mix_channels.2.bias": theirs.mlp.fc2.bias,
+                              "scale.gamma": theirs.gamma})
+        with torch.no_grad():
+            expected = theirs(x)
+            torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours(x.contiguous(memory_format=torch.channels_last)), expected,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_convnext_model_costs_and_layer_scale_start():
+    spec = load_spec_text(CONVNEXT)
+    model, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+    blocks = [layer.module for layer in model.layers if layer.kind == "convnext"]
+    assert len(blocks) == 2 and torch.equal(blocks[0].scale.gamma, torch.full((16,), 1e-6))
+    assert blocks[0].mix_channels[0].out_features == 48

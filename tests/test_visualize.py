@@ -302,3 +302,19 @@ def test_pos_embed_of_a_rope_model_draws_its_rotations(tmp_path, monkeypatch):
     sim = visualize.position_similarity(torch.cat([attention.rotary_cos, attention.rotary_sin], -1)[None], 4, 4)
     assert np.allclose(sim[np.arange(4)[:, None], np.arange(4), np.arange(4)[:, None], np.arange(4)], 1.0)
     assert sim[0, 0, 1, 2] == pytest.approx(sim[2, 1, 3, 3], abs=1e-6)   # offset (1, 2) both
+
+
+def test_dwconv_figure_draws_convnext_blocks_kernels_too(tmp_path, monkeypatch):
+    from composer.build import build_model
+    from tests.test_build import CONVNEXT
+
+    spec = load_spec_text(CONVNEXT, "convnext.yaml")
+    model = build_model(spec, backend="reference")
+    monkeypatch.setattr(visualize, "load_run", lambda run_dir, device: (spec, model, {}))
+    drawn = []
+    real = visualize._weight_tiles
+    monkeypatch.setattr(visualize, "_weight_tiles", lambda tiles, title, label: drawn.append(tiles) or
+                        real(tiles, title, label))
+    assert_pngs(visualize.dwconv(tmp_path, out=tmp_path), 2)
+    convs = [layer.module.conv.weight[:, 0] for layer in model.layers if layer.kind == "convnext"]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, convs)) and drawn[0].shape == (16, 7, 7)

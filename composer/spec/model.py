@@ -106,6 +106,17 @@ class DwConvBlock(BlockBase, ConvFields):
     kind: Literal["dwconv"]
 
 
+class ConvNextBlock(BlockBase):
+    """ConvNeXt's block: depthwise conv -> LayerNorm -> MLP over channels -> layer scale, plus a residual (grid)."""
+
+    kind: Literal["convnext"]
+    kernel_size: PositiveInt = Field(7, description="Depthwise kernel side (odd, 'same' padding).")
+    mlp_ratio: Annotated[float, Field(gt=0.0)] = Field(4.0, description="The MLP's hidden width as a multiple of dim.")
+    norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="LayerNorm epsilon.")
+    layer_scale: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        1e-6, description="LayerScale's initial value (ConvNeXt uses 1e-6); none: no factor.")
+
+
 class PointwiseBlock(Repeated):
     """ConvMixer's channel mixing: 1x1 conv -> activation -> BatchNorm, no residual (grid layout)."""
 
@@ -134,11 +145,12 @@ class ConvMixerBlock(BlockBase, ConvFields):
 Block = Annotated[
     Union[
         AttentionBlock, TokenMlpBlock, ChannelMlpBlock, DwConvBlock, PointwiseBlock,
-        VitBlock, MixerBlock, ConvMixerBlock,
+        VitBlock, MixerBlock, ConvMixerBlock, ConvNextBlock,
     ],
     Field(discriminator="kind"),
 ]
-BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "vit", "mixer", "convmixer"]
+BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "vit", "mixer", "convmixer",
+               "convnext"]
 
 
 # -- head ---------------------------------------------------------------------

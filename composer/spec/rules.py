@@ -14,7 +14,7 @@ from composer.spec.train import TrainSpec
 # The layout each block kind consumes: tokens (B, N, C) or grid (B, C, H, W).
 LAYOUTS = {
     "attention": "tokens", "token_mlp": "tokens", "channel_mlp": "tokens", "vit": "tokens", "mixer": "tokens",
-    "dwconv": "grid", "pointwise": "grid", "convmixer": "grid",
+    "dwconv": "grid", "pointwise": "grid", "convmixer": "grid", "convnext": "grid",
 }
 # What the built-in datasets hold: classes, image side, channels (a grayscale set also feeds
 # an RGB model, its channel repeated).
