@@ -95,6 +95,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             "activation_bytes": 0 if i < frozen else kept_activations(layer, spec.train.recompute) * act_bytes
             * batch_size,
             "frozen": i < frozen,
+            "drop_path": getattr(getattr(layer.module, "drop_path", None), "p", 0.0),   # stochastic depth
             "kernel": path,
             "kernel_reasons": reasons,
         })
@@ -108,6 +109,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         "flops": sum(r["flops_per_image"] for r in rows),
         "activation_bytes": sum(r["activation_bytes"] for r in rows),
         "recompute": spec.train.recompute,
+        "drop_path": spec.model.drop_path,
         "trainable_params": sum(r["params"] for r in rows if not r["frozen"]),
         "flop_convention": FLOP_CONVENTION,
         "rows": rows,
@@ -150,6 +152,9 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
     notes = [f"FLOPs: {summary['flop_convention']}.", "Activation memory: an estimate of what backward keeps"
              + (" (train.recompute: token blocks keep only their inputs, and the backward holds one "
                 "block's on top while it runs it again)." if summary["recompute"] else ".")]
+    if summary["drop_path"]:
+        notes.append(f"Stochastic depth (model.drop_path): 0 at the first block, rising linearly to "
+                     f"{summary['drop_path']:.3g} at the last (each layer's rate: --json).")
     frozen = [r["index"] for r in summary["rows"] if r["frozen"]]
     if frozen:
         notes.append(f"train.freeze: layers {frozen[0]}-{frozen[-1]} keep their weights and no activations; "

@@ -26,6 +26,16 @@ def test_summarize_json_and_table():
         assert fragment in table.stdout, fragment
 
 
+def test_summarize_shows_the_stochastic_depth_ramp():
+    result = run_cli("summarize", SPECS / "deit3_s16.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    rates = [r["drop_path"] for r in json.loads(result.stdout)["rows"] if r["kind"] == "attention"]
+    assert rates == pytest.approx([0.05 * i / 11 for i in range(12)])
+    table = run_cli("summarize", SPECS / "deit3_s16.yaml")
+    assert "Stochastic depth (model.drop_path): 0 at the first block, rising linearly to 0.05" in \
+        " ".join(table.stdout.split())
+
+
 def test_summarize_several_specs_side_by_side(tmp_path):
     names = ["vit_ti16", "mixer_s16", "convmixer_768_32"]
     result = run_cli("summarize", *(SPECS / f"{n}.yaml" for n in names), "--json", "--batch-size", "4")
