@@ -110,6 +110,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         "activation_bytes": sum(r["activation_bytes"] for r in rows),
         "recompute": spec.train.recompute,
         "drop_path": spec.model.drop_path,
+        "pos_embed": spec.model.pos_embed,
         "trainable_params": sum(r["params"] for r in rows if not r["frozen"]),
         "flop_convention": FLOP_CONVENTION,
         "rows": rows,
@@ -152,6 +153,9 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
     notes = [f"FLOPs: {summary['flop_convention']}.", "Activation memory: an estimate of what backward keeps"
              + (" (train.recompute: token blocks keep only their inputs, and the backward holds one "
                 "block's on top while it runs it again)." if summary["recompute"] else ".")]
+    if summary["pos_embed"] == "rope":
+        notes.append("Positions: 2-D rotary embedding (rope) of every attention block's queries and keys; no table "
+                     "is added to the tokens.")
     if summary["drop_path"]:
         notes.append(f"Stochastic depth (model.drop_path): 0 at the first block, rising linearly to "
                      f"{summary['drop_path']:.3g} at the last (each layer's rate: --json).")

@@ -36,6 +36,16 @@ def test_summarize_shows_the_stochastic_depth_ramp():
         " ".join(table.stdout.split())
 
 
+def test_summarize_says_where_rope_positions_go(tmp_path):
+    from tests.test_build import ROPE
+
+    spec = tmp_path / "rope.yaml"
+    spec.write_text(ROPE)
+    table = run_cli("summarize", spec)
+    assert table.returncode == 0, table.stderr
+    assert "pos_embed" not in table.stdout and "Positions: 2-D rotary embedding (rope)" in table.stdout
+
+
 def test_summarize_several_specs_side_by_side(tmp_path):
     names = ["vit_ti16", "mixer_s16", "convmixer_768_32"]
     result = run_cli("summarize", *(SPECS / f"{n}.yaml" for n in names), "--json", "--batch-size", "4")
