@@ -460,16 +460,17 @@ def test_layer_scale_and_qk_norm_compute_what_they_say():
         assert attention.packed_qkv(x).dtype == torch.bfloat16
 
 
-def test_vit_variants_run_on_triton_like_reference_with_gradients():
-    """Registers, layer scale (the token-MLP's around its fused op) and qk-norm through the Triton
-    kernels (the interpreter on CPU) against the reference path, outputs and every gradient, fp32."""
+def assert_triton_path_matches_reference(text: str):
+    """The model of `text` on the Triton path (the interpreter on CPU) against the reference path,
+    in training mode, fp32: outputs and every gradient. Its weights moved away from their starting
+    values first (layer-scale factors and norms start at constants, where a misplaced one could
+    hide). Returns the reference model."""
     torch.manual_seed(0)
-    reference = build_model(load_spec_text(VARIANTS), backend="reference").train()
-    triton = build_model(load_spec_text(VARIANTS), backend="triton").train()
-    triton.load_state_dict(reference.state_dict())
+    reference = build_model(load_spec_text(text), backend="reference").train()
     with torch.no_grad():
         for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.1)   # layer-scale factors and norms away from their starting values
+            p.add_(torch.randn_like(p) * 0.1)
+    triton = build_model(load_spec_text(text), backend="triton").train()
     triton.load_state_dict(reference.state_dict())
     x = torch.randn(3, 3, 16, 16)
     out_ref, out_tri = reference(x), triton(x)
@@ -478,6 +479,12 @@ def test_vit_variants_run_on_triton_like_reference_with_gradients():
     out_tri.square().sum().backward()
     for (name, p), q in zip(reference.named_parameters(), triton.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    return reference
+
+
+def test_vit_variants_run_on_triton_like_reference_with_gradients():
+    """Registers, layer scale (the token-MLP's around its fused op) and qk-norm."""
+    assert_triton_path_matches_reference(VARIANTS)
 
 
 def test_layer_scale_factors_and_registers_get_no_weight_decay():
@@ -561,21 +568,11 @@ def test_rotary_embedding_turns_channel_pairs_by_the_patch_position():
 
 
 def test_rope_model_runs_on_triton_like_reference_and_takes_another_image_size():
-    torch.manual_seed(0)
-    reference = build_model(load_spec_text(ROPE), backend="reference").train()
-    triton = build_model(load_spec_text(ROPE), backend="triton").train()
-    triton.load_state_dict(reference.state_dict())
+    reference = assert_triton_path_matches_reference(ROPE)
     kinds = [layer.kind for layer in reference.layers]
     assert not any(kind.startswith("pos_embed") for kind in kinds)   # nothing added to the tokens
     attention = reference.layers[kinds.index("attention")].module
     assert attention.rotary_cos.shape == (16 + 1 + 2, 4)
-    x = torch.randn(3, 3, 16, 16)
-    out_ref, out_tri = reference(x), triton(x)
-    torch.testing.assert_close(out_tri, out_ref, rtol=1e-4, atol=1e-5)
-    out_ref.square().sum().backward()
-    out_tri.square().sum().backward()
-    for (name, p), q in zip(reference.named_parameters(), triton.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
     # the tables are not weights: a model for 32x32 images takes the 16x16 model's state dict as it is
     larger = build_model(load_spec_text(ROPE.replace("image_size: 16", "image_size: 32")), backend="reference")
     larger.load_state_dict(reference.state_dict())
@@ -643,3 +640,7 @@ def test_convnext_model_costs_and_layer_scale_start():
     blocks = [layer.module for layer in model.layers if layer.kind == "convnext"]
     assert len(blocks) == 2 and torch.equal(blocks[0].scale.gamma, torch.full((16,), 1e-6))
     assert blocks[0].mix_channels[0].out_features == 48
+
+
+def test_convnext_model_runs_on_triton_like_reference_with_gradients():
+    assert_triton_path_matches_reference(CONVNEXT)
