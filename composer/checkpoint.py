@@ -138,6 +138,24 @@ def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bo
     return spec, model.to(device).eval(), state
 
 
+def _same_stages(model, source_spec: Spec, path: Path) -> None:
+    """Weights carry over stage by stage: a run whose model has other stages (another block kind, a
+    position table or a class token more or less) is named by its first different stage rather
+    than by every tensor after it."""
+    from composer.build import build_model
+
+    with torch.device("meta"):
+        theirs = build_model(source_spec, backend="reference").layers
+    for i, (there, here) in enumerate(zip(theirs, model.layers)):
+        if there.kind != here.kind:
+            raise UserError(f"train.init_from {path}: its model is built otherwise: stage {i} is {there.name} "
+                            f"({there.kind}) there and {here.name} ({here.kind}) here; the blocks, "
+                            "model.pos_embed (a table or not), model.registers and head.pool must be the run's")
+    if len(theirs) != len(model.layers):
+        raise UserError(f"train.init_from {path}: its model has {len(theirs)} stages and this one "
+                        f"{len(model.layers)}; the blocks (and their repeats) must be the run's")
+
+
 def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str:
     """Fine-tuning: start `model` (built from `spec`) from the weights of a trained run or
     checkpoint (its EMA weights where it kept them). Tensors of the same name and shape are
@@ -155,6 +173,7 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
         raise UserError(f"train.init_from {path}: its model has {source_spec.model.registers} register tokens and "
                         f"this one {spec.model.registers}; set model.registers: {source_spec.model.registers} to start "
                         "from it (the other blocks learned to work with those registers)")
+    _same_stages(model, source_spec, path)
     weights = state["ema"] if state.get("ema") else state["model"]
     classifier = {f"{name}.classify.{p}" for name, m in model.named_modules() if isinstance(m, Head)
                   for p in ("weight", "bias")}

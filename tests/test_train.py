@@ -532,6 +532,10 @@ def test_fine_tuning_refuses_weights_that_do_not_fit(tmp_path):
     result = run_cli("train", spec, "--out", tmp_path / "ft", "--set", "model.registers=2",
                      "--set", f"train.init_from={tmp_path / 'pre'}")
     assert_user_error(result, "its model has 0 register tokens and this one 2; set model.registers: 0")
+    result = run_cli("train", spec, "--out", tmp_path / "ft", "--set", "model.pos_embed=learned",
+                     "--set", f"train.init_from={tmp_path / 'pre'}")
+    assert_user_error(result, "its model is built otherwise: stage 2 is blocks[0].token_mlp (token_mlp) there and "
+                              "pos_embed (pos_embed (learned)) here")
     assert not (tmp_path / "ft" / "last.pt").exists()
 
 
