@@ -53,14 +53,15 @@ class Attention(Block):
         qkv = self.to_qkv(self.norm(x))
         if self.q_norm is None and not self.rotary:
             return qkv
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.heads).unbind(0)
+        qkv = qkv.unflatten(-1, (3, self.heads, -1))   # (B, N, 3, H, D)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary:
-            q, k = rotate(q, self.rotary_cos, self.rotary_sin), rotate(k, self.rotary_cos, self.rotary_sin)
+            qk = torch.stack([self.q_norm(qk[:, :, 0]), self.k_norm(qk[:, :, 1])], dim=2)
+        if self.rotary:   # queries and keys in one go
+            qk = rotate(qk, self.rotary_cos, self.rotary_sin)
         # LayerNorm and the rotation run in fp32 under autocast: back to the projection's dtype, or the
         # op would get fp32; one copy, so that the packed op still reads one tensor
-        return torch.stack([q.to(v.dtype), k.to(v.dtype), v], dim=2).flatten(2)
+        return torch.cat([qk.to(v.dtype), v], dim=2).flatten(2)
 
     def qkv(self, x: torch.Tensor):
         # Strided views of the packed projection, no copy: each (B, H, N, D).
@@ -113,8 +114,9 @@ def rotary_tables(grid: tuple[int, int], tokens: int, head_dim: int) -> tuple[to
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, N, H, D) with each channel pair (2i, 2i + 1) turned by the angle of cos, sin (N, D/2); fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))   # (B, N, H, D/2, 2)
+    """x (B, N, ..., D) with each channel pair (2i, 2i + 1) turned by the angle of cos, sin (N, D/2); fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))   # (B, N, ..., D/2, 2)
     even, odd = pairs.unbind(-1)
-    cos, sin = cos[:, None], sin[:, None]      # (N, 1, D/2)
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + (cos.shape[1],)   # (N, 1, ..., D/2)
+    cos, sin = cos.view(shape), sin.view(shape)
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
