@@ -138,6 +138,15 @@ def load_run(target: str | Path, device: str | torch.device = "cpu", use_ema: bo
     return spec, model.to(device).eval(), state
 
 
+def needs_classifier(state: dict, target, what: str) -> None:
+    """A run imported from a backbone (weights without a classifier, as DINOv2's) cannot classify:
+    `what` (evaluate, predict, export) is refused with the way to use it."""
+    if state.get("backbone_only"):
+        raise UserError(f"{target} holds a backbone without a classifier (imported from {state.get('imported_from')}), "
+                        f"so {what} has no classes to give. Fine-tune from it: composer train YOUR_SPEC.yaml --set "
+                        f"train.init_from={target} (add --set train.freeze=backbone for a linear probe)")
+
+
 def _same_stages(model, source_spec: Spec, path: Path) -> None:
     """Weights carry over stage by stage: a run whose model has other stages (another block kind, a
     position table or a class token more or less) is named by its first different stage rather
@@ -177,6 +186,7 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
     weights = state["ema"] if state.get("ema") else state["model"]
     classifier = {f"{name}.classify.{p}" for name, m in model.named_modules() if isinstance(m, Head)
                   for p in ("weight", "bias")}
+    backbone_only = bool(state.get("backbone_only"))   # its classifier is the import's random start
     positions = {f"{name}.pos" for name, m in model.named_modules()
                  if isinstance(m, PositionEmbedding) and isinstance(m.pos, torch.nn.Parameter)}
     grid_from = source_spec.model.input_size // source_spec.model.stem.patch_size
@@ -186,7 +196,9 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
     copied, new, resized, problems = 0, [], [], []
     for key, target in own.items():
         given = weights.get(key)
-        if given is None:
+        if key in classifier and backbone_only:
+            new.append(key)
+        elif given is None:
             problems.append(f"{key} {tuple(target.shape)}: not in the checkpoint")
         elif given.shape == target.shape:
             target.copy_(given)
@@ -210,6 +222,8 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
                         "token count, so a model with them keeps its image size and patch size")
     said = [f"{copied} tensors"]
     if new:
-        said.append(f"new classifier ({source_spec.model.num_classes} -> {spec.model.num_classes} classes)")
+        count = spec.model.num_classes
+        said.append(f"new classifier ({count} class{'es' * (count != 1)}; the run had none)" if backbone_only else
+                    f"new classifier ({source_spec.model.num_classes} -> {spec.model.num_classes} classes)")
     said += [f"resized {r}" for r in resized]
     return f"weights from {path} (epoch {state.get('epoch')}): " + ", ".join(said)

@@ -82,12 +82,13 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     if labels and not data_root:
         raise UserError("--labels names the classes of the images in --data-root; give --data-root too (the run's "
                         "own data takes its labels from the spec)")
-    from composer.checkpoint import find_checkpoint, load_run
+    from composer.checkpoint import find_checkpoint, load_run, needs_classifier
     from composer.data import load_split
     from composer.train import precision, resolve_device
 
     dev = resolve_device(device)
     spec, model, state = load_run(target, device=dev)
+    needs_classifier(state, target, "evaluate")
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     if split is None:
         split = "val" if (spec.data.kind in ("folder", "digits") and not data_root) else "test"
@@ -135,12 +136,13 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
             flip: bool = False) -> dict:
     """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
     folders of them): for each image, its `top` classes with their softmax probabilities."""
-    from composer.checkpoint import find_checkpoint, load_run
+    from composer.checkpoint import find_checkpoint, load_run, needs_classifier
     from composer.data import decode_files, image_files, normalize
     from composer.train import precision, resolve_device
 
     dev = resolve_device(device)
     spec, model, state = load_run(target, device=dev)
+    needs_classifier(state, target, "predict")
     files = image_files(paths)
     classes = state.get("classes") or [str(i) for i in range(spec.model.num_classes)]
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]

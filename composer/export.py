@@ -43,7 +43,7 @@ class Classifier(torch.nn.Module):
 
 def export(target: str, out: str | Path) -> dict:
     """Export the run directory or checkpoint `target` to `out` (.pt2); returns its metadata."""
-    from composer.checkpoint import find_checkpoint, load_run
+    from composer.checkpoint import find_checkpoint, load_run, needs_classifier
 
     out = Path(out)
     if out.suffix not in (".pt2", ".onnx"):
@@ -52,6 +52,7 @@ def export(target: str, out: str | Path) -> dict:
     if out.suffix == ".onnx":
         _check_onnx_exporter()
     spec, model, state = load_run(target, backend="reference")   # plain PyTorch: runs wherever torch does
+    needs_classifier(state, target, "export")
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     classifier = Classifier(model, mean, std).eval()
     m = spec.model

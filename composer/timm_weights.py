@@ -223,7 +223,9 @@ def spec_from_timm(model, name: str) -> dict:
     else:
         raise UserError(f"timm's {name} is a {kind}; composer imports VisionTransformer, MlpMixer and ConvMixer models")
     return {"name": name.replace(".", "_"), "description": f"timm's {name}, imported",
-            "model": {"image_size": size, "num_classes": model.num_classes, "stem": stem, **extras, "blocks": blocks},
+            # a backbone (num_classes 0) gets one class: its classifier is not used (import: backbone_only)
+            "model": {"image_size": size, "num_classes": max(1, model.num_classes), "stem": stem, **extras,
+                      "blocks": blocks},
             "data": {"kind": "folder", "root": "data/train"}}
 
 
@@ -287,9 +289,15 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     names = timm_names(model, family)
     if family == "vit":
         weights = fit_prefix_tokens(weights, model)
+    # A backbone (timm's num_classes=0, as DINOv2's): no classifier in the weights; the run keeps
+    # a random one and says so, and fine-tuning from it starts a new one
+    classifier = {ours for ours, theirs in names.items() if theirs in ("head.weight", "head.bias")}
+    backbone_only = bool(classifier) and not any(names[ours] in weights for ours in classifier)
     state, problems = model.state_dict(), []
     for ours, theirs in names.items():
         given = weights.get(theirs)
+        if backbone_only and ours in classifier:
+            continue
         if given is None:
             problems.append(f"{theirs} (for {ours}): not in the weights")
         elif given.shape != state[ours].shape:
@@ -316,9 +324,10 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     text = spec_yaml(spec)
     save_atomic({"model": model.state_dict(), "spec_yaml": text, "epoch": 0,
                  "normalization": {"mean": mean, "std": std}, "classes": classes, "versions": library_versions(),
-                 "imported_from": source}, out / BEST)
+                 "imported_from": source, "backbone_only": backbone_only}, out / BEST)
     (out / "spec.yaml").write_text(text)
-    return {"path": str(out / BEST), "out": str(out), "family": family, "tensors": len(names),
+    given = len(names) - (len(classifier) if backbone_only else 0)
+    return {"path": str(out / BEST), "out": str(out), "family": family, "tensors": given, "backbone_only": backbone_only,
             "normalization": chosen, "normalization_given": normalization is not None or trained_with is not None,
             "spec": spec, "spec_read_from_timm": read_from_timm, "mean": mean, "std": std,
             "classes": spec.model.num_classes, "named_classes": classes is not None}
@@ -336,8 +345,13 @@ def render(result: dict) -> str:
     if r["spec_read_from_timm"]:
         lines.append(f"the spec, read from timm's model: {r['out']}/spec.yaml ({m.blocks[0].kind} x"
                      f"{m.blocks[0].repeat}, dim {m.stem.dim}, {m.image_size}x{m.image_size} input)")
-    lines.append(f"next: composer evaluate {r['out']} --data-root DIR; or fine-tune: composer train YOUR_SPEC.yaml "
-                 f"--set train.init_from={r['out']}")
+    if r["backbone_only"]:
+        lines.append(f"the weights have no classifier (a backbone): evaluate, predict and export refuse the run; "
+                     f"fine-tune from it: composer train YOUR_SPEC.yaml --set train.init_from={r['out']} (add --set "
+                     "train.freeze=backbone for a linear probe); composer visualize attention shows its maps")
+    else:
+        lines.append(f"next: composer evaluate {r['out']} --data-root DIR; or fine-tune: composer train YOUR_SPEC.yaml "
+                     f"--set train.init_from={r['out']}")
     return "\n".join(lines)
 
 

@@ -239,3 +239,47 @@ def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, mon
     _, again, _ = load_run(tmp_path / "again", backend="reference")
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_a_backbone_without_classifier_imports_for_fine_tuning(tmp_path, monkeypatch):
+    """timm's backbones (num_classes 0, as DINOv2's: layer scale, registers, patch 14): the import
+    keeps every weight it has, computes timm's features, refuses to classify, and fine-tuning from
+    it starts a new classifier."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    backbone = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                                 init_values=1e-5, reg_tokens=4, no_embed_class=True).eval()
+    with torch.no_grad():
+        for value in backbone.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.3)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: backbone)
+    result = run_cli("import", "timm:tiny_dinov2", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(backbone.state_dict())} tensors, all of them" in result.stdout
+    assert "the weights have no classifier (a backbone)" in result.stdout
+    spec, model, state = load_run(tmp_path / "run", backend="reference")
+    assert state["backbone_only"] and spec.model.registers == 4
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = x
+        for stage in model.stages[:-1]:
+            tokens = stage(tokens)
+        torch.testing.assert_close(model.stages[-1].features(tokens), backbone(x), rtol=1e-4, atol=1e-4)
+
+    for command in (["evaluate", tmp_path / "run"], ["predict", tmp_path / "run", tmp_path],
+                    ["export", tmp_path / "run", tmp_path / "m.pt2"]):
+        assert_user_error(run_cli(*command), "holds a backbone without a classifier",
+                          f"--set train.init_from={tmp_path / 'run'}")
+    fine = load_spec_text((tmp_path / "run" / "spec.yaml").read_text(), "ft.yaml", ["model.num_classes=3"])
+    tuned = build_model(fine, backend="reference")
+    with torch.no_grad():
+        said = init_from_run(tuned, fine, tmp_path / "run")
+    assert "new classifier (3 classes; the run had none)" in said
+    # its attention maps are still worth looking at (the caption says it has no classes)
+    from PIL import Image
+
+    Image.fromarray((torch.rand(28, 28, 3) * 255).byte().numpy()).save(tmp_path / "image.png")
+    shown = run_cli("visualize", "attention", tmp_path / "run", "--file", tmp_path / "image.png", "--layer", 0,
+                    "--out", tmp_path / "figures")
+    assert shown.returncode == 0, shown.stderr
