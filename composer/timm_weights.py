@@ -339,9 +339,9 @@ def render(result: dict) -> str:
     lines = [f"wrote {r['path']}: timm {r['family']}, {r['tensors']} tensors, all of them; inputs normalized with "
              f"mean {tuple(r['mean'])} and std {tuple(r['std'])} ({r['normalization']}"
              + ("" if r["normalization_given"] else ", timm's default for the family: --normalization to change it")
-             + f"); {r['classes']} classes"
-             + ("" if r["named_classes"] else ", unnamed (evaluate takes the data's class names in order; "
-                                              "--classes FILE names them)")]
+             + ")" + ("" if r["backbone_only"] else f"; {r['classes']} classes"
+                      + ("" if r["named_classes"] else ", unnamed (evaluate takes the data's class names in order; "
+                                                       "--classes FILE names them)"))]
     if r["spec_read_from_timm"]:
         lines.append(f"the spec, read from timm's model: {r['out']}/spec.yaml ({m.blocks[0].kind} x"
                      f"{m.blocks[0].repeat}, dim {m.stem.dim}, {m.image_size}x{m.image_size} input)")
