@@ -644,3 +644,18 @@ def test_convnext_model_costs_and_layer_scale_start():
 
 def test_convnext_model_runs_on_triton_like_reference_with_gradients():
     assert_triton_path_matches_reference(CONVNEXT)
+
+
+def test_swiglu_channel_mlp_is_a_gated_mlp_and_costs_what_flop_counter_counts():
+    text = ("model: {image_size: 16, num_classes: 3, stem: {patch_size: 4, dim: 24}, "
+            "blocks: [{kind: vit, heads: 2, mlp_ratio: 2, mlp_activation: swiglu}]}")
+    model, measured = per_layer_flops(load_spec_text(text))
+    assert [layer.cost.flops for layer in model.layers] == measured
+    mlp = next(layer.module for layer in model.layers if layer.kind == "channel_mlp").eval()
+    fc1, fc2 = mlp.mix_channels[0], mlp.mix_channels[3]
+    assert (fc1.in_features, fc1.out_features, fc2.in_features) == (24, 96, 48)
+    x = torch.randn(2, 16, 24)
+    with torch.no_grad():
+        h = fc1(torch.nn.functional.layer_norm(x, (24,), mlp.norm.weight, mlp.norm.bias, 1e-6))
+        expected = x + fc2(h[..., :48] * torch.sigmoid(h[..., 48:]) * h[..., 48:])   # value * SiLU(gate)
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)

@@ -75,6 +75,10 @@ class TokenMlpFields(BaseModel):
 class ChannelMlpFields(BaseModel):
     mlp_ratio: Annotated[float, Field(gt=0.0)] = Field(4.0, description="Channel-MLP hidden width as a multiple of dim.")
     dropout: Probability = Field(0.0, description="Dropout after each channel-MLP layer.")
+    mlp_activation: Literal["gelu", "swiglu"] = Field(
+        "gelu", description="gelu: Linear, GELU, Linear. swiglu: a gated MLP (LLaMA, EVA-02): the first Linear makes "
+        "a value and a gate of the hidden width each, value * SiLU(gate) goes on; 1.5x the parameters at one "
+        "mlp_ratio, so mlp_ratio 8/3 matches gelu's 4.")
 
 
 class ConvFields(BaseModel):
