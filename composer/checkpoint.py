@@ -147,11 +147,16 @@ def needs_classifier(state: dict, target, what: str) -> None:
                         f"train.init_from={target} (add --set train.freeze=backbone for a linear probe)")
 
 
-def _same_stages(model, source_spec: Spec, path: Path) -> None:
+def _same_stages(model, spec: Spec, source_spec: Spec, path: Path) -> None:
     """Weights carry over stage by stage: a run whose model has other stages (another block kind, a
-    position table or a class token more or less) is named by its first different stage rather
-    than by every tensor after it."""
+    position table or a class token more or less, another register count) is named by its first
+    difference rather than by every tensor after it."""
     from composer.build import build_model
+
+    if source_spec.model.registers != spec.model.registers:
+        raise UserError(f"train.init_from {path}: its model has {source_spec.model.registers} register tokens and "
+                        f"this one {spec.model.registers}; set model.registers: {source_spec.model.registers} to start "
+                        "from it (the other blocks learned to work with those registers)")
 
     with torch.device("meta"):
         theirs = build_model(source_spec, backend="reference").layers
@@ -178,11 +183,7 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
     path = find_checkpoint(source)
     state = load_checkpoint(path, fix="give train.init_from a run directory or a checkpoint written by composer train")
     source_spec = spec_from_checkpoint(state, str(path))
-    if source_spec.model.registers != spec.model.registers:   # else every later stage's name would differ
-        raise UserError(f"train.init_from {path}: its model has {source_spec.model.registers} register tokens and "
-                        f"this one {spec.model.registers}; set model.registers: {source_spec.model.registers} to start "
-                        "from it (the other blocks learned to work with those registers)")
-    _same_stages(model, source_spec, path)
+    _same_stages(model, spec, source_spec, path)
     weights = state["ema"] if state.get("ema") else state["model"]
     classifier = {f"{name}.classify.{p}" for name, m in model.named_modules() if isinstance(m, Head)
                   for p in ("weight", "bias")}

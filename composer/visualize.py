@@ -80,6 +80,13 @@ def prefix_tokens(tokens: int, grid: tuple[int, int], class_token: bool) -> list
     return cls + [f"register {i}" for i in range(extra - len(cls))]
 
 
+def _prefix_kinds(prefix: list[str]) -> str:
+    """ "class token", "registers" or "class token and registers": what the prefix tokens are."""
+    has_cls = "class token" in prefix
+    return " and ".join(name for name, present in (("class token", has_cls), ("registers", len(prefix) > has_cls))
+                        if present)
+
+
 def _prefix_note(prefix: list[str]) -> str:
     """ "token 0 = class token, 1-4 = registers" """
     cls = int(bool(prefix) and prefix[0] == "class token")
@@ -358,9 +365,7 @@ def _overlay_figure(p, head, image, caption, title, grid, prefix) -> Figure:
                 axes[r, c].set_title(col_label, fontsize=9)
         _colorbar(fig, im, axes[r, -1], None, shrink=0.9, ticks=4)
     axes[0, 0].set_title(caption, fontsize=8)
-    left_out = " and ".join(name for name, present in (
-        ("class-token", "class token" in prefix), ("registers'", len(prefix) > ("class token" in prefix))) if present)
-    cls_note = f" ({left_out} column{'s' if len(prefix) > 1 else ''} left out)" if prefix else ""
+    cls_note = f" (the {_prefix_kinds(prefix)} left out)" if prefix else ""
     _suptitle(fig, f"{title}\nwhere each query looks: its attention row over the patches{cls_note}")
     return fig
 
@@ -398,8 +403,7 @@ def _rollout_figure(maps, image, caption, spec_name, grid, class_token: bool) ->
     notes = ["heads averaged, identity added for the residual"]
     if len(set(counts)) > 1:
         joined = next(i for i, c in enumerate(counts) if c == counts[-1])
-        who = " and ".join(name for name, present in (
-            ("class token", "class token" in prefix), ("registers", len(prefix) > ("class token" in prefix))) if present)
+        who = _prefix_kinds(prefix)
         notes.append(f"{who} join{'s' if who == 'class token' else ''} at attention layer {joined} "
                      f"({counts[0]} -> {counts[-1]} tokens)")
     _suptitle(fig, f"{spec_name} · attention rollout through {layers} (other mixers not counted)\n"
@@ -445,8 +449,7 @@ def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") 
         hidden, n = w.shape
         # A class token or registers that joined before this block come first: no place on the grid.
         prefix = prefix_tokens(n, grid, spec.model.head.pool == "cls")
-        cls_note = f", weights of the {' and '.join(dict.fromkeys(t.split(' ')[0] for t in prefix))} tokens not drawn" \
-            if prefix else ""
+        cls_note = f", the {_prefix_kinds(prefix)} not drawn" if prefix else ""
         tiles = w[:MAX_TILES, n - grid[0] * grid[1]:].reshape(-1, *grid)
         more = f" (first {MAX_TILES} of {hidden})" if hidden > MAX_TILES else ""
         title = (f"{spec.name} · {layer.name} (token-MLP block {index} of {len(_layers_of(model, 'token_mlp'))})\n"

@@ -64,7 +64,7 @@ class Attention(Block):
         return torch.cat([qk.to(v.dtype), v], dim=2).flatten(2)
 
     def qkv(self, x: torch.Tensor):
-        # Strided views of the packed projection, no copy: each (B, H, N, D).
+        # Strided views of the packed projection (no copy beyond packed_qkv's): each (B, H, N, D).
         return rearrange(self.packed_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
