@@ -15,7 +15,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from composer.blocks import COMPOSITES, REGISTRY, Block, Context, Cost
-from composer.blocks.base import FusedBatchNorm, activation
+from composer.blocks.base import ChannelLayerNorm, FusedBatchNorm, activation
 from composer.spec import ModelSpec, Spec
 
 
@@ -55,7 +55,7 @@ class Stem(FusedBatchNorm, nn.Module):
         if s.norm == "batchnorm":
             self.norm = nn.BatchNorm2d(s.dim) if s.kind == "conv" else _TokenBatchNorm(s.dim)
         elif s.norm == "layernorm":
-            self.norm = nn.LayerNorm(s.dim) if s.kind == "linear" else _GridLayerNorm(s.dim)
+            self.norm = nn.LayerNorm(s.dim) if s.kind == "linear" else ChannelLayerNorm(s.dim)
         else:
             self.norm = nn.Identity()
 
@@ -70,11 +70,6 @@ class Stem(FusedBatchNorm, nn.Module):
 class _TokenBatchNorm(nn.BatchNorm1d):
     def forward(self, x):  # (B, N, C)
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
-
-
-class _GridLayerNorm(nn.LayerNorm):
-    def forward(self, x):  # (B, C, H, W), normalized over C
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class PositionEmbedding(nn.Module):
@@ -217,18 +212,21 @@ class ComposedModel(nn.Module):
 def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object]]:
     """(name, kind, block spec) for every block instance, composites and repeats unrolled. With
     `model.drop_path`, each instance's spec carries its rate on the linear ramp over depth (a
-    repeat is one step of depth; the two halves of a vit, mixer or convmixer block share it)."""
-    depth = sum(block.repeat for block in spec.blocks)
+    repeat of a block with a residual branch is one step of depth; the two halves of a vit, mixer
+    or convmixer block share it; pointwise and downsample blocks, which have no residual branch
+    to drop, are not steps)."""
+    residual = [("drop_path" in type(block).model_fields) for block in spec.blocks]
+    depth = sum(block.repeat for block, has in zip(spec.blocks, residual) if has)
     out, step = [], 0
     for i, block in enumerate(spec.blocks):
         for r in range(block.repeat):
-            if spec.drop_path and "drop_path" in type(block).model_fields:   # as timm's linspace(0, rate, depth)
+            if spec.drop_path and residual[i]:   # as timm's linspace(0, rate, depth)
                 rate = spec.drop_path * step / (depth - 1) if depth > 1 else 0.0
                 block = block.model_copy(update={"drop_path": rate})
             for kind in COMPOSITES.get(block.kind, (block.kind,)):
                 suffix = f" #{r + 1}" if block.repeat > 1 else ""
                 out.append((f"blocks[{i}].{kind}{suffix}", kind, block))
-            step += 1
+            step += residual[i]
     return out
 
 
@@ -305,8 +303,12 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             add_registers()
         ctx = Context(dim, tokens, grid, backend, rotary)
         module = cls.from_spec(block_spec, ctx)
-        layers.append(Layer(name, kind, cls.layout, shape(layout, tokens), shape(layout, tokens), module, ctx,
-                            module.cost(ctx)))
+        in_shape = shape(layout, tokens)
+        after = module.output_context(ctx)   # a downsample block: fewer, wider cells from here on
+        if after != ctx:
+            dim, grid, tokens = after.dim, after.grid, after.tokens
+            patches = tokens
+        layers.append(Layer(name, kind, cls.layout, in_shape, shape(layout, tokens), module, ctx, module.cost(ctx)))
 
     norm = "layernorm" if m.head.norm == "auto" and layout == "tokens" else m.head.norm
     norm = "none" if norm == "auto" else norm

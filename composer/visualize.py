@@ -262,13 +262,13 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
                + ("\n(a backbone: no classes)" if state.get("backbone_only")
                   else f"\npredicted {classes[pred]} ({probs[pred]:.0%})"))
     image = _display_image(images[0], spec.model.input_size)
-    grid = (spec.model.grid, spec.model.grid)
     out_dir = _out_dir(run_dir, out)
 
     paths = []
     for index, info in chosen:
         name, p = maps[index]
         assert name == info.name  # attention_maps walks the same layers in the same order
+        grid = info.ctx.grid   # the stem's patch grid, or a smaller one after a downsample block
         prefix = prefix_tokens(p.shape[-1], grid, spec.model.head.pool == "cls")
         suffix = f"layer{index}" + (f"_head{head}" if head is not None else "")
         title = f"{spec.name} · {name} (attention layer {index} of {len(maps)})"
@@ -277,7 +277,12 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
         paths.append(_save(_overlay_figure(p, head, image, caption, title, grid, prefix),
                            out_dir / f"{tag}_{suffix}_overlay.png"))
     if layer is None:
-        paths.append(_save(_rollout_figure(maps, image, caption, spec.name, grid, spec.model.head.pool == "cls"),
+        # rollout multiplies maps of one token count: the attention layers on the last grid (after
+        # any downsample block)
+        grid = _layers_of(model, "attention")[-1].ctx.grid
+        last = [m for m, info in zip(maps, _layers_of(model, "attention")) if info.ctx.grid == grid]
+        paths.append(_save(_rollout_figure(last, image, caption, spec.name, grid, spec.model.head.pool == "cls",
+                                           earlier=len(maps) - len(last)),
                            out_dir / f"{tag}_rollout.png"))
     return paths
 
@@ -370,8 +375,9 @@ def _overlay_figure(p, head, image, caption, title, grid, prefix) -> Figure:
     return fig
 
 
-def _rollout_figure(maps, image, caption, spec_name, grid, class_token: bool) -> Figure:
-    """The image, the rollout matrix, and what the classifier's pooled token draws from."""
+def _rollout_figure(maps, image, caption, spec_name, grid, class_token: bool, earlier: int = 0) -> Figure:
+    """The image, the rollout matrix, and what the classifier's pooled token draws from. `earlier`:
+    attention layers on larger grids (before a downsample block), left out."""
     probs = [p for _, p in maps]
     r = attention_rollout(probs)
     n = r.shape[0]
@@ -401,6 +407,9 @@ def _rollout_figure(maps, image, caption, spec_name, grid, class_token: bool) ->
     _colorbar(fig, im, axes[2], "rollout weight", shrink=0.85)
     layers = f"{len(maps)} attention layer{'s' if len(maps) != 1 else ''}"
     notes = ["heads averaged, identity added for the residual"]
+    if earlier:
+        notes.append(f"on the final {grid[0]}x{grid[1]} grid; {earlier} attention layer{'s' if earlier != 1 else ''} "
+                     "before a downsample not counted")
     if len(set(counts)) > 1:
         joined = next(i for i, c in enumerate(counts) if c == counts[-1])
         who = _prefix_kinds(prefix)
@@ -442,9 +451,9 @@ def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") 
     """First-layer weights of each token-mixing MLP, one patch-grid image per hidden unit."""
     spec, model, _ = load_run(run_dir, device)
     chosen = _select(model, spec, "token_mlp", block, "--block")
-    grid = (spec.model.grid, spec.model.grid)
     out_dir, paths = _out_dir(run_dir, out), []
     for index, layer in chosen:
+        grid = layer.ctx.grid   # the stem's patch grid, or a smaller one after a downsample block
         w = layer.module.mix_in.weight.detach().float().cpu()  # (Hd, N)
         hidden, n = w.shape
         # A class token or registers that joined before this block come first: no place on the grid.
@@ -492,16 +501,19 @@ def pos_embed(run_dir, out=None, device: str = "cpu") -> list[str]:
     from composer.build import PositionEmbedding
 
     spec, model, _ = load_run(run_dir, device)
-    if spec.model.pos_embed == "rope":
-        rotary = next(layer.module for layer in model.layers if layer.kind == "attention")
+    h = w = spec.model.grid
+    if spec.model.pos_embed == "rope":   # the first attention layer's rotations, on its grid
+        first = next(layer for layer in model.layers if layer.kind == "attention")
+        rotary, (h, w) = first.module, first.ctx.grid
         table = torch.cat([rotary.rotary_cos, rotary.rotary_sin], dim=-1)[None]
         what = "rope: the rotations' cos and sin"
+        if h != spec.model.grid:
+            what += f" of {first.name}, after a downsample"
     else:
         found = [layer for layer in model.layers if isinstance(layer.module, PositionEmbedding)]
         if not found:
             raise UserError(f"run {spec.name!r} has no position embedding (model.pos_embed: none)")
         table, what = found[0].module.pos, f"{spec.model.pos_embed} position embeddings"
-    h = w = spec.model.grid
     similarity = position_similarity(table, h, w)
     tile = min(0.6, 9.0 / max(h, w))
     fig = Figure(figsize=(tile * w + 1.4, tile * h + 1.0), layout="constrained")

@@ -659,3 +659,75 @@ def test_swiglu_channel_mlp_is_a_gated_mlp_and_costs_what_flop_counter_counts():
         h = fc1(torch.nn.functional.layer_norm(x, (24,), mlp.norm.weight, mlp.norm.bias, 1e-6))
         expected = x + fc2(h[..., :48] * torch.sigmoid(h[..., 48:]) * h[..., 48:])   # value * SiLU(gate)
         torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+
+
+HIERARCHICAL = """
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 2, dim: 8, norm: layernorm}
+  pos_embed: rope
+  drop_path: 0.2
+  blocks:
+    - {kind: convnext, kernel_size: 3, layer_scale: 0.5}
+    - {kind: downsample}
+    - {kind: vit, heads: 2, repeat: 2}
+    - {kind: downsample, dim: 24, norm: batchnorm}
+    - {kind: mixer, token_hidden: 8}
+  head: {pool: cls}
+"""
+
+
+def test_downsample_blocks_shrink_the_grid_and_change_the_width():
+    """Each downsample halves the grid and sets the width for the blocks after it; the blocks there
+    are built for what they get (rope on the 4x4 grid, a token-MLP over 4 patches and the class
+    token); every layer's cost is flop_counter's; model.drop_path steps over blocks with a residual
+    branch only."""
+    spec = load_spec_text(HIERARCHICAL)
+    assert spec.model.stages() == [(8, 8), (8, 8), (16, 4), (16, 4), (24, 2), (24, 2)]
+    model, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+    shapes = {layer.name: (layer.in_shape, layer.out_shape) for layer in model.layers}
+    assert shapes["blocks[1].downsample"] == ((8, 8, 8), (16, 4, 4))
+    assert shapes["blocks[2].attention #1"] == ((16, 16), (16, 16))
+    assert shapes["blocks[3].downsample"] == ((16, 4, 4), (24, 2, 2))
+    assert shapes["blocks[4].token_mlp"] == ((5, 24), (5, 24))   # the class token joins the last token run
+    assert shapes["head"] == ((5, 24), (3,))
+    attention = next(layer for layer in model.layers if layer.kind == "attention")
+    assert attention.module.rotary_cos.shape[0] == 16   # one rotation per patch of the 4x4 grid
+    rates = [layer.module.drop_path.p for layer in model.blocks() if hasattr(layer.module, "drop_path")]
+    # convnext, vit #1 (both halves), vit #2 (both halves), mixer (both halves): depth 4
+    assert rates == pytest.approx([0.0, 0.2 / 3, 0.2 / 3, 0.4 / 3, 0.4 / 3, 0.2, 0.2])
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_downsample_computes_convnexts_downsampling_layer():
+    """With layernorm: timm's ConvNeXt stage downsampling (LayerNorm2d, then a 2x2 convolution of
+    stride 2), every weight random; with batchnorm: BatchNorm2d then the same convolution."""
+    timm = pytest.importorskip("timm")
+    from composer.blocks.base import Context
+    from composer.blocks.downsample import Downsample
+
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(timm.layers.LayerNorm2d(8, eps=1e-6), torch.nn.Conv2d(8, 12, 2, stride=2))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p))
+    text = HIERARCHICAL.replace("{kind: downsample}", "{kind: downsample, dim: 12}").replace("rope", "none")
+    spec = load_spec_text(text).model.blocks[1]
+    ours = Downsample.from_spec(spec, Context(dim=8, tokens=30, grid=(6, 10)))
+    ours.load_state_dict({"norm.weight": theirs[0].weight, "norm.bias": theirs[0].bias,
+                          "merge.weight": theirs[1].weight, "merge.bias": theirs[1].bias})
+    x = torch.randn(2, 8, 6, 10)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert ours.output_context(Context(dim=8, tokens=60, grid=(6, 10))) == Context(dim=12, tokens=15, grid=(3, 5))
+
+    with_bn = Downsample(8, 12, norm="batchnorm").train()
+    expected = torch.nn.functional.conv2d(torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-6),
+                                          with_bn.merge.weight, with_bn.merge.bias, stride=2)
+    torch.testing.assert_close(with_bn(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hierarchical_model_runs_on_triton_like_reference_with_gradients():
+    # without drop path: the two models would draw different branches to drop
+    assert_triton_path_matches_reference(HIERARCHICAL.replace("drop_path: 0.2", "drop_path: 0.0"))

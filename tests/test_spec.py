@@ -396,3 +396,38 @@ def test_base_spec_mistakes_point_at_the_line(tmp_path):
     assert "broken.yaml:10:17: train.epochs: input should be a valid integer" in msg
     found = [str(p) for p in pytest.raises(SpecError, load_spec, tmp_path / "vit.yaml", ["base=x.yaml"]).value.problems]
     assert found == ["--set base=x.yaml: a base spec is chosen in the file (base: ...), not with --set"]
+
+
+
+HIERARCHICAL = """\
+model:
+  image_size: 32
+  num_classes: 10
+  stem: {patch_size: 4, dim: 16}
+  blocks:
+    - {kind: convnext}
+    - {kind: downsample, factor: 3}
+    - {kind: vit, heads: 6}
+    - {kind: downsample, dim: 20, repeat: 3}
+    - {kind: vit, heads: 8}
+data: {kind: synthetic}
+"""
+
+
+def test_downsample_rules_name_the_grid_and_the_width_a_block_gets():
+    """A factor must divide the grid a downsample gets (the grids after a wrong one are not
+    checked: they are not what was meant); heads divide the width of their stage, not the stem's."""
+    assert problems(HIERARCHICAL) == [
+        "x.yaml:7:34: model.blocks[1].factor: 3 does not divide the 8x8 grid it gets (try factor: 2, 4, 8)",
+        "x.yaml:8:26: model.blocks[2].heads: 6 does not divide the 32 channels it gets (try 1, 2, 4, 8, 16, 32)",
+        "x.yaml:10:26: model.blocks[4].heads: 8 does not divide the 20 channels it gets (try 1, 2, 4, 5, 10, 20)",
+    ]
+    found = problems(HIERARCHICAL.replace("factor: 3", "factor: 2"))
+    assert found[1] == ("x.yaml:9:7: model.blocks[3].factor: 2, 3 times over (8x), does not divide the 4x4 grid it "
+                        "gets (try repeat: 2)")
+    # an earlier block that is not valid might have been a downsample: nothing is said of the widths after it
+    found = problems(HIERARCHICAL.replace("{kind: downsample, factor: 3}", "{kind: downsampel}"))
+    assert len(found) == 1 and "unknown block kind 'downsampel' (did you mean 'downsample'?)" in found[0], found
+    fixed = load_spec_text(HIERARCHICAL.replace("factor: 3", "factor: 2").replace("heads: 6", "heads: 4")
+                           .replace("repeat: 3", "repeat: 2").replace("heads: 8", "heads: 4"))
+    assert fixed.model.stages() == [(16, 8), (16, 8), (32, 4), (32, 4), (20, 1), (20, 1)]

@@ -318,3 +318,52 @@ def test_dwconv_figure_draws_convnext_blocks_kernels_too(tmp_path, monkeypatch):
     assert_pngs(visualize.dwconv(tmp_path, out=tmp_path), 2)
     convs = [layer.module.conv.weight[:, 0] for layer in model.layers if layer.kind == "convnext"]
     assert all(torch.equal(a, b) for a, b in zip(drawn, convs)) and drawn[0].shape == (16, 7, 7)
+
+
+TWO_STAGES = """\
+name: two_stages
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 2, dim: 8}
+  blocks:
+    - {kind: vit, heads: 2}
+    - {kind: downsample}
+    - {kind: mixer, token_hidden: 4}
+    - {kind: vit, heads: 2}
+  head: {pool: cls}
+"""
+
+
+def test_figures_of_a_hierarchical_model_use_each_layers_grid(tmp_path, monkeypatch):
+    """After a downsample block, attention maps and token-MLP units are drawn on the smaller grid
+    their layer sees; the rollout multiplies the attention layers of the last grid only."""
+    from PIL import Image
+
+    from composer.build import build_model
+
+    spec = load_spec_text(TWO_STAGES, "two_stages.yaml")
+    model = build_model(spec, backend="reference")
+    state = {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "classes": ["a", "b", "c"]}
+    monkeypatch.setattr(visualize, "load_run", lambda run_dir, device: (spec, model, state))
+    grids, rolled = [], []
+    real_overlay, real_rollout = visualize._overlay_figure, visualize._rollout_figure
+    monkeypatch.setattr(visualize, "_overlay_figure", lambda p, head, image, caption, title, grid, prefix:
+                        grids.append((p.shape[-1], grid, prefix)) or
+                        real_overlay(p, head, image, caption, title, grid, prefix))
+    monkeypatch.setattr(visualize, "_rollout_figure", lambda maps, *args, earlier: rolled.append((maps, earlier)) or
+                        real_rollout(maps, *args, earlier=earlier))
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(image)
+
+    assert_pngs(visualize.attention(tmp_path, file=str(image), out=tmp_path), 5)
+    # the class token joins where the last run of token blocks starts: after the downsample
+    assert grids == [(64, (8, 8), []), (17, (4, 4), ["class token"])]
+    ((maps, earlier),) = rolled
+    assert earlier == 1 and [p.shape[-1] for _, p in maps] == [17]
+
+    tiles = []
+    real_tiles = visualize._weight_tiles
+    monkeypatch.setattr(visualize, "_weight_tiles", lambda t, title, label: tiles.append(t) or real_tiles(t, title, label))
+    assert_pngs(visualize.token_mlp(tmp_path, out=tmp_path), 1)
+    assert tiles[0].shape == (4, 4, 4)   # 4 hidden units, each over the 4x4 grid of its 16 tokens

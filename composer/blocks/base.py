@@ -112,6 +112,11 @@ class Block(FusedBatchNorm, nn.Module):
         """Keywords of `kernels.backend_for` describing this block's op input."""
         return {}
 
+    def output_context(self, ctx: Context) -> Context:
+        """What the blocks after this one see: the same channels and grid, except after a block
+        that changes them (downsample)."""
+        return ctx
+
 
 def register(cls: type[Block]) -> type[Block]:
     if cls.kind in REGISTRY:
@@ -181,6 +186,13 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
         return x.to(torch.get_autocast_dtype(kind))
     return x
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a grid (B, C, H, W), at every position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def activation(name: str) -> nn.Module:

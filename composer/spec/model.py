@@ -28,7 +28,8 @@ class Stem(Strict):
         "linear: flatten each patch and apply a Linear layer, output as tokens. Same parameters, same math.",
     )
     patch_size: PositiveInt = Field(description="Side of the square patch in pixels; must divide the image size.")
-    dim: PositiveInt = Field(description="Channels per token / grid cell for the whole network.")
+    dim: PositiveInt = Field(description="Channels per token / grid cell after the stem (a downsample block "
+                             "changes them for the blocks after it).")
     activation: Optional[Activation] = Field(None, description="Activation after the projection (ConvMixer uses gelu).")
     norm: Literal["none", "batchnorm", "layernorm"] = Field(
         "none", description="Normalization after the projection (ConvMixer uses batchnorm)."
@@ -121,6 +122,22 @@ class ConvNextBlock(BlockBase):
         1e-6, description="LayerScale's initial value (ConvNeXt uses 1e-6); none: no factor.")
 
 
+class DownsampleBlock(Repeated):
+    """Between the stages of a hierarchical model: merges each factor x factor patch of the grid into one cell
+    with `dim` channels (a normalization, then a strided convolution; ConvNeXt's downsampling layer, Swin's
+    patch merging). The blocks after it see the smaller grid and the new width (grid layout)."""
+
+    kind: Literal["downsample"]
+    dim: Optional[PositiveInt] = Field(
+        None, description="Channels after it; default twice the channels before it (as ConvNeXt and Swin).")
+    factor: Annotated[int, Field(ge=2)] = Field(
+        2, description="Side of the patch merged into one cell: the grid's sides shrink by this factor, which "
+        "must divide them.")
+    norm: Literal["layernorm", "batchnorm", "none"] = Field(
+        "layernorm", description="Normalization over the channels before the convolution.")
+    norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="The normalization's epsilon.")
+
+
 class PointwiseBlock(Repeated):
     """ConvMixer's channel mixing: 1x1 conv -> activation -> BatchNorm, no residual (grid layout)."""
 
@@ -149,12 +166,12 @@ class ConvMixerBlock(BlockBase, ConvFields):
 Block = Annotated[
     Union[
         AttentionBlock, TokenMlpBlock, ChannelMlpBlock, DwConvBlock, PointwiseBlock,
-        VitBlock, MixerBlock, ConvMixerBlock, ConvNextBlock,
+        VitBlock, MixerBlock, ConvMixerBlock, ConvNextBlock, DownsampleBlock,
     ],
     Field(discriminator="kind"),
 ]
 BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "vit", "mixer", "convmixer",
-               "convnext"]
+               "convnext", "downsample"]
 
 
 # -- head ---------------------------------------------------------------------
@@ -206,5 +223,17 @@ class ModelSpec(Strict):
 
     @property
     def grid(self) -> int:
-        """Patches per side (exact only when patch_size divides input_size; checked by the rules)."""
+        """Patches per side after the stem (exact only when patch_size divides input_size; checked by the rules)."""
         return self.input_size // self.stem.patch_size
+
+    def stages(self) -> list[tuple[int, int]]:
+        """(channels, grid side) entering each entry of `blocks`, and after the last: a downsample
+        block divides the side by its factor (each repeat) and sets the channels. Integer division:
+        the rules report a factor that does not divide the side."""
+        dim, side, out = self.stem.dim, self.grid, []
+        for block in self.blocks:
+            out.append((dim, side))
+            if block.kind == "downsample":
+                for _ in range(block.repeat):
+                    dim, side = block.dim or 2 * dim, side // block.factor
+        return out + [(dim, side)]

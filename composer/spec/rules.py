@@ -14,7 +14,7 @@ from composer.spec.train import TrainSpec
 # The layout each block kind consumes: tokens (B, N, C) or grid (B, C, H, W).
 LAYOUTS = {
     "attention": "tokens", "token_mlp": "tokens", "channel_mlp": "tokens", "vit": "tokens", "mixer": "tokens",
-    "dwconv": "grid", "pointwise": "grid", "convmixer": "grid", "convnext": "grid",
+    "dwconv": "grid", "pointwise": "grid", "convmixer": "grid", "convnext": "grid", "downsample": "grid",
 }
 # What the built-in datasets hold: classes, image side, channels (a grayscale set also feeds
 # an RGB model, its channel repeated).
@@ -43,7 +43,7 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                          (patience, ("data", "val_split"), ("data", "val_root"))))
     if m is None:
         return problems
-    size, patch, dim = m.input_size, m.stem.patch_size, m.stem.dim
+    size, patch = m.input_size, m.stem.patch_size
     size_field = "resize" if m.resize else "image_size"
     patch_path, dim_path = ("model", "stem", "patch_size"), ("model", "stem", "dim")
     size_paths = (("model", "image_size"), ("model", "resize"))  # either decides the size
@@ -52,19 +52,41 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((patch_path, f"{patch} does not divide the {size_field} {size} "
                                      f"(try {_list(divisors(size, 32))})", (patch_path,) + size_paths))
 
+    stages, grid_exact = m.stages(), True
     for i, block in enumerate(m.blocks):
         where = ("model", "blocks", i)
+        dim, side = stages[i]
+        # What a block gets comes from the stem and every downsample before it; an earlier block
+        # swapped for a stand-in (its kind among the replaced values) might have been one.
+        before = [("model", "blocks", j) for j in range(i)]
+        earlier = tuple(p + ("kind",) for p in before) + tuple(
+            p + (field,) for p in before if m.blocks[p[2]].kind == "downsample" for field in ("dim", "factor", "repeat"))
+        dim_paths = (dim_path,) + earlier                       # what its width rests on
+        shape_paths = dim_paths + (patch_path,) + size_paths    # and its grid
+        width = f"dim {dim}" if dim == m.stem.dim else f"the {dim} channels it gets"
         heads = getattr(block, "heads", None)
         if heads is not None and dim % heads:
-            problems.append((where + ("heads",), f"{heads} does not divide dim {dim} "
-                                                 f"(try {_list(divisors(dim, 32))})", (where + ("heads",), dim_path)))
+            problems.append((where + ("heads",), f"{heads} does not divide {width} "
+                                                 f"(try {_list(divisors(dim, 32))})", (where + ("heads",),) + dim_paths))
         elif heads is not None and m.pos_embed == "rope" and (dim // heads) % 4:
             fitting = [h for h in divisors(dim, 32) if (dim // h) % 4 == 0]
             problems.append((where + ("heads",), f"{heads} heads of dim {dim} have {dim // heads} channels each; "
                                                  "rope turns them in pairs along two axes, so it needs a multiple of "
                                                  "4 " + (f"(try heads: {_list(fitting)})" if fitting else
                                                          f"(no head count fits dim {dim}: make it a multiple of 4)"),
-                             (where + ("heads",), dim_path, ("model", "pos_embed"))))
+                             (where + ("heads",), ("model", "pos_embed")) + dim_paths))
+        if block.kind == "downsample" and side % block.factor ** block.repeat and size % patch == 0 and grid_exact:
+            grid_exact = False   # the grids after this one are not what the user meant: no findings on them
+            factor = where + ("factor",)
+            times = f", {block.repeat} times over ({block.factor ** block.repeat}x)," if block.repeat > 1 else ""
+            fitting = [f for f in divisors(side) if f > 1 and side % f ** block.repeat == 0]
+            most = max((r for r in range(1, block.repeat) if side % block.factor ** r == 0), default=0)
+            problems.append((factor, f"{block.factor}{times} does not divide the {side}x{side} grid it gets "
+                                     + (f"(try factor: {_list(fitting)})" if fitting else
+                                        f"(try repeat: {most})" if most else
+                                        "(no factor does: change model.stem.patch_size or an earlier downsample, or "
+                                        "remove this one)"),
+                             (factor, where + ("repeat",)) + shape_paths))
         k = getattr(block, "kernel_size", None)
         if k is not None and k % 2 == 0:
             problems.append((where + ("kernel_size",), f"{k} is even; 'same' padding needs an odd kernel size "
