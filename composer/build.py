@@ -54,8 +54,8 @@ class Stem(FusedBatchNorm, nn.Module):
         self.act = activation(s.activation) if s.activation else nn.Identity()
         if s.norm == "batchnorm":
             self.norm = nn.BatchNorm2d(s.dim) if s.kind == "conv" else _TokenBatchNorm(s.dim)
-        elif s.norm == "layernorm":
-            self.norm = nn.LayerNorm(s.dim) if s.kind == "linear" else ChannelLayerNorm(s.dim)
+        elif s.norm == "layernorm":   # eps as the blocks' LayerNorms (and ConvNeXt's stem)
+            self.norm = nn.LayerNorm(s.dim, eps=1e-6) if s.kind == "linear" else ChannelLayerNorm(s.dim, eps=1e-6)
         else:
             self.norm = nn.Identity()
 

@@ -23,10 +23,12 @@ import yaml
 
 from composer.errors import UserError, first_few
 
-# Each family's own key (how a file is recognized) and the block kinds of a spec it fits.
+# Each family's own key (how a file is recognized, first match wins: ConvNeXt's weights have
+# ConvMixer's key too) and the block kinds of a spec it fits.
 FAMILIES = {
     "vit": ("patch_embed.proj.weight", {"attention", "channel_mlp"}),
     "mixer": ("stem.proj.weight", {"token_mlp", "channel_mlp"}),
+    "convnext": ("stages.0.blocks.0.conv_dw.weight", {"convnext", "downsample"}),
     "convmixer": ("stem.0.weight", {"dwconv", "pointwise"}),
 }
 # The normalization timm's default weights of each family were trained with (images in [0, 1]).
@@ -34,9 +36,10 @@ NORMALIZATION = {
     "inception": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
     "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
 }
-FAMILY_NORMALIZATION = {"vit": "inception", "mixer": "inception", "convmixer": "imagenet"}
+FAMILY_NORMALIZATION = {"vit": "inception", "mixer": "inception", "convmixer": "imagenet", "convnext": "imagenet"}
 
-# composer module name within a layer of each kind -> timm's name ("{b}": the index of timm's block)
+# composer module name within a layer of each kind -> timm's name ("{b}": the index of timm's block;
+# ConvNeXt's: "{s}" its stage, "{j}" the block within the stage)
 LAYER_NAMES = {
     "attention": {"norm": "blocks.{b}.norm1", "to_qkv": "blocks.{b}.attn.qkv", "to_out": "blocks.{b}.attn.proj",
                   "q_norm": "blocks.{b}.attn.q_norm", "k_norm": "blocks.{b}.attn.k_norm", "scale": "blocks.{b}.ls1"},
@@ -46,15 +49,20 @@ LAYER_NAMES = {
                     "mix_channels.3": "blocks.{b}.{mlp}.fc2", "scale": "blocks.{b}.ls2"},
     "dwconv": {"conv": "blocks.{b}.0.fn.0", "norm": "blocks.{b}.0.fn.2"},
     "pointwise": {"mix_channels.0": "blocks.{b}.1", "mix_channels.2": "blocks.{b}.3"},
+    "convnext": {"conv": "stages.{s}.blocks.{j}.conv_dw", "norm": "stages.{s}.blocks.{j}.norm",
+                 "mix_channels.0": "stages.{s}.blocks.{j}.mlp.fc1", "mix_channels.2": "stages.{s}.blocks.{j}.mlp.fc2",
+                 "scale": "stages.{s}.blocks.{j}"},   # scale.gamma -> stages.{s}.blocks.{j}.gamma
+    "downsample": {"norm": "stages.{s}.downsample.0", "merge": "stages.{s}.downsample.1"},
     "cls_token": {"token": "cls_token"},
     "registers": {"tokens": "reg_token"},
     "pos_embed": {"pos": "pos_embed"},
     "head": {"norm": "norm", "classify": "head"},
 }
 POOLED_HEAD_NORM = {"norm": "fc_norm"}   # a head whose LayerNorm follows the pooling (head.norm: pooled)
-BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "convnext")
+HEAD_NAMES = {"convnext": {"norm": "head.norm", "classify": "head.fc"}}   # where a family's head differs
+BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "convnext", "downsample")
 STEM_NAMES = {"vit": {"project": "patch_embed.proj"}, "mixer": {"project": "stem.proj"},
-              "convmixer": {"project": "stem.0", "norm": "stem.2"}}
+              "convmixer": {"project": "stem.0", "norm": "stem.2"}, "convnext": {"project": "stem.0", "norm": "stem.1"}}
 STARTS_BLOCK = ("attention", "token_mlp", "dwconv")   # the first half of a vit, mixer or convmixer block
 
 
@@ -120,25 +128,31 @@ def family_of(weights: dict) -> str:
         if key in weights:
             return family
     shown = ", ".join(list(weights)[:6])
-    raise UserError(f"the weights are not a timm ViT, MLP-Mixer or ConvMixer (none of "
+    raise UserError(f"the weights are not a timm ViT, MLP-Mixer, ConvMixer or ConvNeXt (none of "
                     f"{', '.join(key for key, _ in FAMILIES.values())} is in them; they start with {shown})")
 
 
 def timm_names(model, family: str) -> dict[str, str]:
     """composer state-dict key -> timm's, for every tensor of `model`."""
-    names, block = {}, -1
+    names, block, stage, in_stage = {}, -1, 0, -1
     mlp = "mlp" if family == "vit" else "mlp_channels"
     for i, layer in enumerate(model.layers):
         kind = layer.kind.split(" ")[0]   # "head (cls)" -> "head"
         if kind in STARTS_BLOCK:
             block += 1
+        elif kind == "downsample":   # ConvNeXt: the first layer of the next stage
+            stage, in_stage = stage + 1, -1
+        elif kind == "convnext":
+            in_stage += 1
         table = STEM_NAMES[family] if kind == "stem" else LAYER_NAMES.get(kind, {})
+        if kind == "head":
+            table = HEAD_NAMES.get(family, table)
         if kind == "head" and layer.layout == "tokens" and layer.module.norm_pooled:
             table = table | POOLED_HEAD_NORM
         for key in layer.module.state_dict():
             for ours, theirs in table.items():
                 if key == ours or key.startswith(ours + "."):
-                    names[f"stages.{i}.{key}"] = theirs.format(b=block, mlp=mlp) + key[len(ours):]
+                    names[f"stages.{i}.{key}"] = theirs.format(b=block, mlp=mlp, s=stage, j=in_stage) + key[len(ours):]
                     break
             else:
                 names[f"stages.{i}.{key}"] = f"(no timm name for {layer.name}: {key})"
@@ -220,13 +234,63 @@ def spec_from_timm(model, name: str) -> dict:
         blocks = [{"kind": "convmixer", "kernel_size": model.blocks[0][0].fn[0].kernel_size[0],
                    "activation": activation, "repeat": len(model.blocks)}]
         extras = {"head": {"pool": "mean"}}
+    elif kind == "ConvNeXt":
+        stem, blocks = _convnext_spec(model, name)
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        extras = {"head": {"pool": "mean", "norm": "layernorm"}}   # on the grid: the norm of the pooled vector
     else:
-        raise UserError(f"timm's {name} is a {kind}; composer imports VisionTransformer, MlpMixer and ConvMixer models")
+        raise UserError(f"timm's {name} is a {kind}; composer imports VisionTransformer, MlpMixer, ConvMixer and "
+                        "ConvNeXt models")
     return {"name": name.replace(".", "_"), "description": f"timm's {name}, imported",
             # a backbone (num_classes 0) gets one class: its classifier is not used (import: backbone_only)
             "model": {"image_size": size, "num_classes": max(1, model.num_classes), "stem": stem, **extras,
                       "blocks": blocks},
             "data": {"kind": "folder", "root": "data/train"}}
+
+
+def _convnext_spec(model, name: str) -> tuple[dict, list[dict]]:
+    """The stem and blocks of a timm ConvNeXt: a downsample block before each stage but the first,
+    then the stage's convnext blocks. Variants with parts composer does not build are refused."""
+    def kind(module) -> str:
+        return type(module).__name__
+
+    def is_patchify(conv) -> bool:   # kernel = stride, no padding: non-overlapping patches
+        return kind(conv) == "Conv2d" and conv.kernel_size == conv.stride and conv.padding == (0, 0) \
+            and conv.kernel_size[0] == conv.kernel_size[1]
+
+    first = model.stages[0].blocks[0]
+    extra = [part for part, there in (
+        ("an overlapping stem", not (len(model.stem) == 2 and is_patchify(model.stem[0]))),
+        (f"{kind(model.stem[-1])} norms", kind(model.stem[-1]) != "LayerNorm2d"
+         or kind(first.norm) not in ("LayerNorm", "LayerNorm2d")),
+        ("a downsampling first stage", kind(model.stages[0].downsample) != "Identity"),
+        ("a norm before the head (head_norm_first)", kind(model.norm_pre) != "Identity"),
+        ("a hidden layer in the head", kind(getattr(model.head, "pre_logits", None)) not in ("Identity", "NoneType")),
+        (f"{kind(first)} blocks", kind(first) != "ConvNeXtBlock"),
+        (f"a {kind(first.mlp)} MLP", kind(first.mlp) != "Mlp" or kind(first.mlp.act) != "GELU"
+         or kind(first.mlp.norm) != "Identity"),
+        ("a shortcut with weights", kind(first.shortcut) != "Identity"),
+        ("dilated convolutions", first.conv_dw.dilation != (1, 1))) if there]
+    if extra:
+        raise UserError(f"timm's {name} is a ConvNeXt with {', '.join(extra)}: parts composer's convnext blocks do not "
+                        "have")
+    stem = {"patch_size": model.stem[0].kernel_size[0], "dim": model.stem[0].out_channels, "norm": "layernorm"}
+    blocks = []
+    for s, stage in enumerate(model.stages):
+        if s > 0:
+            merge = stage.downsample[1] if kind(stage.downsample) == "Sequential" else None
+            if merge is None or kind(stage.downsample[0]) != "LayerNorm2d" or not is_patchify(merge):
+                raise UserError(f"timm's {name} downsamples its stage {s} with {stage.downsample}, not a "
+                                "LayerNorm and a patchifying convolution")
+            blocks.append({"kind": "downsample", "dim": merge.out_channels, "factor": merge.kernel_size[0]})
+        block = stage.blocks[0]
+        fc1 = block.mlp.fc1
+        hidden = fc1.out_features if kind(fc1) == "Linear" else fc1.out_channels
+        blocks.append({"kind": "convnext", "kernel_size": block.conv_dw.kernel_size[0],
+                       "mlp_ratio": hidden / block.conv_dw.out_channels,
+                       # the trained factors come with the weights; this is where timm starts them
+                       "layer_scale": 1e-6 if block.gamma is not None else None, "repeat": len(stage.blocks)})
+    return stem, blocks
 
 
 def _from_timm(name: str):
@@ -283,7 +347,8 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     kinds = {layer.kind for layer in model.layers if layer.kind in BLOCK_KINDS}
     allowed = FAMILIES[family][1]
     if not kinds <= allowed:
-        example = {"vit": "vit_s16", "mixer": "mixer_s16", "convmixer": "convmixer_768_32"}[family]
+        example = {"vit": "vit_s16", "mixer": "mixer_s16", "convmixer": "convmixer_768_32",
+                   "convnext": "convnext_tiny"}[family]
         raise UserError(f"{source} holds a timm {family}, but {spec_path} has {', '.join(sorted(kinds - allowed))} "
                         f"blocks; give a spec of {family} blocks (e.g. specs/{example}.yaml)")
     names = timm_names(model, family)
@@ -298,6 +363,8 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
         given = weights.get(theirs)
         if backbone_only and ours in classifier:
             continue
+        if given is not None and given.dim() == 4 and given.shape[2:] == (1, 1) and given.shape[:2] == state[ours].shape:
+            given = given[:, :, 0, 0]   # a 1x1 convolution's weight for a Linear's (ConvNeXt's conv_mlp variants)
         if given is None:
             problems.append(f"{theirs} (for {ours}): not in the weights")
         elif given.shape != state[ours].shape:

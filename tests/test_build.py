@@ -22,6 +22,7 @@ PUBLISHED = {
     # timm's 22,059,496 and the class token's position row, which timm's DeiT III does not have
     # (the import sets it to zero: the same network)
     "deit3_s16": 22_059_496 + 384,
+    "convnext_tiny": 28_589_128,
 }
 ALL_SPECS = sorted(p for p in SPECS.glob("*.yaml"))
 CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -19,11 +19,17 @@ SPECS = {
     "mixer": "  stem: {patch_size: 4, dim: 32}\n  blocks: [{kind: mixer, token_hidden: 8, repeat: 2}]\n  head: {pool: mean}\n",
     "convmixer": ("  stem: {patch_size: 4, dim: 32, activation: gelu, norm: batchnorm}\n"
                   "  blocks: [{kind: convmixer, kernel_size: 3, repeat: 2}]\n  head: {pool: mean}\n"),
+    "convnext": ("  stem: {patch_size: 1, dim: 8, norm: layernorm}\n"   # timm's: always four stages
+                 "  blocks: [{kind: convnext, kernel_size: 3, repeat: 2}, {kind: downsample, dim: 16},\n"
+                 "           {kind: convnext, kernel_size: 3}, {kind: downsample}, {kind: convnext, kernel_size: 3},\n"
+                 "           {kind: downsample, dim: 24}, {kind: convnext, kernel_size: 3}]\n"
+                 "  head: {pool: mean, norm: layernorm}\n"),
 }
 
 
-def timm_model(family):
+def timm_model(family, **options):
     from timm.models.convmixer import ConvMixer
+    from timm.models.convnext import ConvNeXt
     from timm.models.mlp_mixer import MlpMixer
     from timm.models.vision_transformer import VisionTransformer
 
@@ -32,7 +38,10 @@ def timm_model(family):
                                               mlp_ratio=2, num_classes=5),
              "mixer": lambda: MlpMixer(num_classes=5, img_size=16, patch_size=4, num_blocks=2, embed_dim=32,
                                        mlp_ratio=(0.25, 4.0)),
-             "convmixer": lambda: ConvMixer(dim=32, depth=2, kernel_size=3, patch_size=4, num_classes=5)}[family]()
+             "convmixer": lambda: ConvMixer(dim=32, depth=2, kernel_size=3, patch_size=4, num_classes=5),
+             "convnext": lambda: ConvNeXt(num_classes=5, depths=(2, 1, 1, 1), dims=(8, 16, 32, 24), kernel_sizes=3,
+                                          patch_size=1, **options),
+             }[family]()
     with torch.no_grad():   # every tensor random, norms and BatchNorm statistics too: a misplaced one shows
         for name, value in model.state_dict().items():
             if value.is_floating_point():
@@ -46,7 +55,7 @@ def write_spec(tmp_path, family):
     return path
 
 
-@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer"])
+@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer", "convnext"])
 def test_imported_weights_compute_what_timm_computes(tmp_path, family):
     reference = timm_model(family)
     weights = tmp_path / "weights.pth"
@@ -62,7 +71,7 @@ def test_imported_weights_compute_what_timm_computes(tmp_path, family):
     assert got.shape == (3, 5)
     # fp32 on both sides, the same operations in another order: a few ulps of logits of size ~10
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    mean = [0.485, 0.456, 0.406] if family == "convmixer" else [0.5, 0.5, 0.5]
+    mean = [0.485, 0.456, 0.406] if family in ("convmixer", "convnext") else [0.5, 0.5, 0.5]
     assert state["normalization"]["mean"] == mean and state["classes"] is None   # unnamed: the data's names apply
     listed = run_cli("runs", tmp_path, "--json")
     assert listed.returncode == 0, listed.stderr
@@ -111,7 +120,7 @@ def test_import_mistakes_are_named(tmp_path):
     assert_user_error(run_cli("import", junk, mixer, "--out", tmp_path / "a"), "cannot be read as weights")
     torch.save({"fc.weight": torch.zeros(2, 2)}, junk)
     assert_user_error(run_cli("import", junk, mixer, "--out", tmp_path / "a"),
-                      "the weights are not a timm ViT, MLP-Mixer or ConvMixer")
+                      "the weights are not a timm ViT, MLP-Mixer, ConvMixer or ConvNeXt")
     assert_user_error(run_cli("import", tmp_path / "nowhere.pth", mixer, "--out", tmp_path / "a"),
                       "nowhere.pth does not exist")
     names = tmp_path / "classes.txt"
@@ -127,7 +136,8 @@ def test_import_mistakes_are_named(tmp_path):
 @pytest.mark.parametrize("name, timm_name", [
     ("vit_ti16", "vit_tiny_patch16_224"), ("vit_s16", "vit_small_patch16_224"), ("vit_b16", "vit_base_patch16_224"),
     ("mixer_s16", "mixer_s16_224"), ("mixer_b16", "mixer_b16_224"), ("convmixer_768_32", "convmixer_768_32"),
-    ("convmixer_1536_20", "convmixer_1536_20"), ("deit3_s16", "deit3_small_patch16_224")])
+    ("convmixer_1536_20", "convmixer_1536_20"), ("deit3_s16", "deit3_small_patch16_224"),
+    ("convnext_tiny", "convnext_tiny")])
 def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm_name):
     """On the meta device (shapes only): every tensor of the spec's model has one of timm's model of
     that name, of the same shape, and every one of timm's is used."""
@@ -146,10 +156,11 @@ def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm
     assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
     assert {k: v.shape for k, v in derived.state_dict().items()} == {k: v.shape for k, v in ours.items()}
     # the same blocks (drop path, a training choice, aside)
-    assert derived.spec.blocks[0].model_dump(exclude={"drop_path"}) == model.spec.blocks[0].model_dump(exclude={"drop_path"})
+    assert ([b.model_dump(exclude={"drop_path"}) for b in derived.spec.blocks]
+            == [b.model_dump(exclude={"drop_path"}) for b in model.spec.blocks])
 
 
-@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer"])
+@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer", "convnext"])
 def test_timm_name_reads_the_spec_and_normalization_from_timms_model(tmp_path, family, monkeypatch):
     """timm:NAME: timm makes the model with its pretrained weights (here: a small random one in their
     place, as no network is assumed); the spec comes from its modules, the normalization from its
@@ -283,3 +294,24 @@ def test_a_backbone_without_classifier_imports_for_fine_tuning(tmp_path, monkeyp
     shown = run_cli("visualize", "attention", tmp_path / "run", "--file", tmp_path / "image.png", "--layer", 0,
                     "--out", tmp_path / "figures")
     assert shown.returncode == 0, shown.stderr
+
+
+def test_convnext_variants_import_or_are_refused_by_name(tmp_path, monkeypatch):
+    """ConvNeXt's small variants (atto to nano) run their MLP as 1x1 convolutions: the same weights
+    in another shape, imported computing what timm computes; other parts are refused by name."""
+    reference = timm_model("convnext", conv_mlp=True)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
+    result = run_cli("import", "timm:convnext_small_one", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    spec, model, _ = load_run(tmp_path / "run", backend="reference")
+    assert [b.kind for b in spec.model.blocks] == ["convnext", "downsample"] * 3 + ["convnext"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    for options, fragment in ((dict(use_grn=True), "a GlobalResponseNormMlp MLP"),
+                              (dict(head_norm_first=True), "a norm before the head (head_norm_first)"),
+                              (dict(stem_type="overlap"), "an overlapping stem")):
+        variant = timm_model("convnext", **options)
+        monkeypatch.setattr(timm, "create_model", lambda name, pretrained: variant)
+        assert_user_error(run_cli("import", "timm:other", "--out", tmp_path / "other"),
+                          f"timm's other is a ConvNeXt with {fragment}")
