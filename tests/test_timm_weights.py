@@ -1,4 +1,4 @@
-"""`composer import`: timm's ViT, MLP-Mixer and ConvMixer weights as composer runs, computing what timm computes."""
+"""`composer import`: timm's ViT, MLP-Mixer, ConvMixer and ConvNeXt weights as composer runs, computing what timm computes."""
 import json
 
 import pytest
