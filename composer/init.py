@@ -20,7 +20,7 @@ import yaml
 
 from composer.errors import UserError
 
-ARCHS = ("vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer")
+ARCHS = ("vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer", "convnext+vit")
 BUILTIN = {   # kind -> (image size, channels, classes, train images, mirror images)
     "cifar10": (32, 3, 10, 45_000, True), "cifar100": (32, 3, 100, 45_000, True),
     "mnist": (28, 1, 10, 54_000, False), "fashion_mnist": (28, 1, 10, 54_000, True),
@@ -30,10 +30,14 @@ IMAGE_SIZES = (32, 48, 64, 96, 128, 160, 192, 224)   # chosen from, for images o
 SIZE_SAMPLE = 256   # images whose size is read (headers only)
 
 
-def grid_patch(size: int, target: int) -> int:
+def grid_patch(size: int, target: int, multiple: int = 1) -> int:
     """The patch size that divides `size` and gives a grid side closest to `target` (the larger
-    patch on a tie: fewer tokens)."""
-    return min((p for p in range(1, size + 1) if size % p == 0), key=lambda p: (abs(size // p - target), -p))
+    patch on a tie: fewer tokens), the side a multiple of `multiple` (what later downsampling needs)."""
+    fitting = [p for p in range(1, size + 1) if size % p == 0 and (size // p) % multiple == 0]
+    if not fitting:
+        raise UserError(f"no patch size cuts {size}-pixel images into a grid whose side is a multiple of {multiple}, "
+                        "as this architecture's two downsample blocks need; give --image-size (e.g. 32)")
+    return min(fitting, key=lambda p: (abs(size // p - target), -p))
 
 
 SMALL_DATA = 5_000   # training images below which the model is halved in width and depth
@@ -47,7 +51,8 @@ def model_section(arch: str, size: int, channels: int, classes: int, small: bool
     if small:
         model["stem"]["dim"] //= 2
         for block in model["blocks"]:
-            block["repeat"] = max(1, block["repeat"] // 2)
+            if "repeat" in block:   # not a downsample's (its factor would apply twice)
+                block["repeat"] = max(1, block["repeat"] // 2)
             if "token_hidden" in block:
                 block["token_hidden"] //= 2
     return model
@@ -78,6 +83,14 @@ def _recipe(arch: str, size: int, channels: int, classes: int) -> dict:
         model |= {"stem": {"patch_size": grid_patch(size, 16), "dim": 256, "activation": "gelu", "norm": "batchnorm"},
                   "blocks": [{"kind": "convmixer", "kernel_size": 5, "repeat": 4},
                              {"kind": "mixer", "token_hidden": 256, "mlp_ratio": 4, "drop_path": 0.1, "repeat": 4}],
+                  "head": {"pool": "mean"}}
+    elif arch == "convnext+vit":   # hierarchical: the grid shrinks 4x over two downsample blocks
+        model |= {"stem": {"patch_size": grid_patch(size, 16 if size <= 64 else 28, multiple=4), "dim": 64,
+                           "norm": "layernorm"},
+                  "pos_embed": "rope", "drop_path": 0.1,
+                  "blocks": [{"kind": "convnext", "kernel_size": 7, "repeat": 2}, {"kind": "downsample"},
+                             {"kind": "convnext", "kernel_size": 7, "repeat": 2}, {"kind": "downsample"},
+                             {"kind": "vit", "heads": 4, "mlp_ratio": 4, "repeat": 4}],
                   "head": {"pool": "mean"}}
     else:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")

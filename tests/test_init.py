@@ -24,6 +24,10 @@ def test_patch_sizes_keep_each_architectures_grid():
     assert [choose_size(s) for s in (8, 28, 40, 100, 500)] == [8, 28, 32, 96, 224]
     small = model_section("vit", 32, 3, 10, small=True)
     assert small["stem"]["dim"] == 96 and small["blocks"][0]["repeat"] == 3
+    # two downsample blocks: a grid side divisible by 4 (224 px: 28, 14, 7)
+    assert grid_patch(224, 28, multiple=4) == 8 and grid_patch(96, 16, multiple=4) == 6
+    small = model_section("convnext+vit", 224, 3, 10, small=True)
+    assert [b.get("repeat", 1) for b in small["blocks"]] == [1, 1, 1, 1, 2] and small["stem"]["dim"] == 32
 
 
 def test_init_from_a_folder_sizes_the_spec_and_it_trains(tmp_path):
@@ -90,14 +94,16 @@ def test_init_from_a_flat_folder_and_its_labels_csv(tmp_path, monkeypatch):
                       "--labels is for image folders; cifar10 has its own labels")
 
 
-@pytest.mark.parametrize("arch", ["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer"])
+@pytest.mark.parametrize("arch", ["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer", "convnext+vit"])
 def test_init_for_builtin_data_matches_the_cifar_recipes(tmp_path, arch):
     assert run_cli("init", tmp_path / "c.yaml", "--data", "cifar100", "--arch", arch).returncode == 0
     spec = load_spec(tmp_path / "c.yaml")
     name = {"vit": "vit_cifar", "mixer": "mixer_cifar", "convmixer": "convmixer_cifar",
-            "mixer+vit": "hybrid_mixer_vit_cifar", "convmixer+mixer": "hybrid_convmixer_mixer_cifar"}[arch]
+            "mixer+vit": "hybrid_mixer_vit_cifar", "convmixer+mixer": "hybrid_convmixer_mixer_cifar",
+            "convnext+vit": "hybrid_convnext_vit_cifar"}[arch]
     recipe = load_spec(SPECS / f"{name}.yaml")
     assert spec.model.stem == recipe.model.stem and spec.model.num_classes == 100
+    assert (spec.model.pos_embed, spec.model.drop_path) == (recipe.model.pos_embed, recipe.model.drop_path)
     assert [b.model_dump() for b in spec.model.blocks] == [b.model_dump() for b in recipe.model.blocks]
     assert spec.data.kind == "cifar100" and spec.data.download and spec.data.root == "data/cifar100"
     assert spec.train.optimizer.lr == recipe.train.optimizer.lr and spec.train.batch_size == 512
