@@ -34,7 +34,7 @@ class Layer:
 
 
 class Stem(FusedBatchNorm, nn.Module):
-    """Patchify + project: image (B, Cin, H, W) -> grid (B, C, h, w) [conv] or tokens (B, N, C) [linear].
+    """Patchify + project: image (B, Cin, H, W) -> grid (B, C, h, w) [conv, convs] or tokens (B, N, C) [linear].
 
     A conv stem with GELU and BatchNorm (ConvMixer's) trains them as one kernels.batch_norm
     where the ConvMixer blocks do (`FusedBatchNorm.uses_fused_norm`)."""
@@ -42,22 +42,41 @@ class Stem(FusedBatchNorm, nn.Module):
     def __init__(self, spec: ModelSpec, backend: str = "auto"):
         super().__init__()
         s, p = spec.stem, spec.stem.patch_size
-        self.resize, self.backend = spec.resize, backend
+        self.resize, self.backend, self.patch = spec.resize, backend, p
         if s.kind == "conv" and s.norm == "batchnorm" and s.activation == "gelu":
             self.norm_op = "batch_norm"
         if s.kind == "conv":
             self.project = nn.Conv2d(spec.in_channels, s.dim, p, stride=p)
+        elif s.kind == "convs":
+            self.project = conv_stem(spec.in_channels, s.dim, p)
         else:
             self.project = nn.Sequential(
                 Rearrange("b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p), nn.Linear(p * p * spec.in_channels, s.dim))
-        self.out_layout = "grid" if s.kind == "conv" else "tokens"
+        self.out_layout = "tokens" if s.kind == "linear" else "grid"
         self.act = activation(s.activation) if s.activation else nn.Identity()
         if s.norm == "batchnorm":
-            self.norm = nn.BatchNorm2d(s.dim) if s.kind == "conv" else _TokenBatchNorm(s.dim)
+            self.norm = nn.BatchNorm2d(s.dim) if s.kind != "linear" else _TokenBatchNorm(s.dim)
         elif s.norm == "layernorm":   # eps as the blocks' LayerNorms (and ConvNeXt's stem)
             self.norm = nn.LayerNorm(s.dim, eps=1e-6) if s.kind == "linear" else ChannelLayerNorm(s.dim, eps=1e-6)
         else:
             self.norm = nn.Identity()
+
+    def cost(self, image: int) -> Cost:
+        """FLOPs of the projection of one `image` x `image` input (after any resize), and the
+        activations it keeps (input and output of each convolution)."""
+        flops = activations = 0
+        side = image
+        for conv in (m for m in self.project.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+            if isinstance(conv, nn.Linear):   # a linear stem: one Linear over every patch
+                cells = (side // self.patch) ** 2
+                flops += 2 * cells * conv.in_features * conv.out_features
+                activations += 2 * cells * conv.out_features
+                continue
+            side = side // conv.stride[0]
+            k = conv.kernel_size[0] * conv.kernel_size[1]
+            flops += 2 * side * side * k * conv.in_channels * conv.out_channels
+            activations += 2 * side * side * conv.out_channels
+        return Cost(flops, activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize and x.shape[-1] != self.resize:
@@ -65,6 +84,19 @@ class Stem(FusedBatchNorm, nn.Module):
         if self.norm_op:   # GELU then BatchNorm (exact GELU, as `activation` builds it)
             return self.normalize(self.norm, self.project(x), gelu=True)
         return self.norm(self.act(self.project(x)))
+
+
+def conv_stem(in_channels: int, dim: int, patch: int) -> nn.Sequential:
+    """ViT_C's convolutional stem (Xiao et al., 2021): log2(patch) 3x3 convolutions of stride 2
+    (BatchNorm, ReLU after each; no bias before BatchNorm), their channels doubling to end at dim,
+    then a 1x1 convolution to dim. For ViT-S/16: 48, 96, 192, 384, then 384."""
+    steps = patch.bit_length() - 1
+    layers, cin = [], in_channels
+    for i in range(steps):
+        cout = max(1, dim >> (steps - 1 - i))
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        cin = cout
+    return nn.Sequential(*layers, nn.Conv2d(cin, dim, 1))
 
 
 class _TokenBatchNorm(nn.BatchNorm1d):
@@ -261,10 +293,8 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
                             cost))
 
     stem = Stem(m, backend)
-    p = m.stem.patch_size
     layout = stem.out_layout
-    add("stem", f"stem ({m.stem.kind})", "image", image, shape(layout, tokens), stem,
-        Cost(2 * patches * p * p * m.in_channels * dim, patches * dim * 2))
+    add("stem", f"stem ({m.stem.kind})", "image", image, shape(layout, tokens), stem, stem.cost(size))
 
     def to(new_layout, n):
         nonlocal layout

@@ -732,3 +732,35 @@ def test_downsample_computes_convnexts_downsampling_layer():
 def test_hierarchical_model_runs_on_triton_like_reference_with_gradients():
     # without drop path: the two models would draw different branches to drop
     assert_triton_path_matches_reference(HIERARCHICAL.replace("drop_path: 0.2", "drop_path: 0.0"))
+
+
+def test_convs_stem_is_vit_c_stem_and_costs_what_flop_counter_counts():
+    """kind: convs: for patch 16 and dim 384, 3x3 stride-2 convolutions to 48, 96, 192 and 384
+    channels (BatchNorm and ReLU after each), then a 1x1 convolution (Xiao et al.'s ViT_C stem);
+    computed as written out with torch.nn.functional; costs equal flop_counter's."""
+    from torch.nn import functional as F
+
+    from composer.build import conv_stem
+
+    stem = conv_stem(3, 384, 16)
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (48, (3, 3), (2, 2)), (96, (3, 3), (2, 2)), (192, (3, 3), (2, 2)), (384, (3, 3), (2, 2)), (384, (1, 1), (1, 1))]
+    small = conv_stem(3, 16, 4).train()
+    x = torch.randn(2, 3, 12, 12)
+    y = x
+    for conv in [m for m in small if isinstance(m, torch.nn.Conv2d)][:-1]:
+        y = F.relu(F.batch_norm(F.conv2d(y, conv.weight, None, stride=2, padding=1), None, None, training=True))
+    final = small[-1]
+    torch.testing.assert_close(small(x), F.conv2d(y, final.weight, final.bias), rtol=1e-5, atol=1e-5)
+
+    text = ("model: {image_size: 32, num_classes: 3, stem: {kind: convs, patch_size: 4, dim: 24, norm: layernorm}, "
+            "blocks: [{kind: vit, heads: 2}]}")
+    model, measured = per_layer_flops(load_spec_text(text))
+    assert [layer.cost.flops for layer in model.layers] == measured and model.layers[0].out_shape == (24, 8, 8)
+    from composer.spec import SpecError
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(text.replace("image_size: 32", "image_size: 24").replace("patch_size: 4", "patch_size: 6"),
+                       "s.yaml")
+    assert ("s.yaml:1:73: model.stem.patch_size: 6 is not a power of two: the convs stem halves the image with each "
+            "of its stride-2 convolutions (try 2, 4, 8)") in str(caught.value)

@@ -22,10 +22,13 @@ class Strict(BaseModel):
 class Stem(Strict):
     """Cuts the image into non-overlapping patches and projects each to `dim` channels."""
 
-    kind: Literal["conv", "linear"] = Field(
+    kind: Literal["conv", "linear", "convs"] = Field(
         "conv",
         description="conv: a strided Conv2d (kernel = stride = patch_size), output on the grid; "
-        "linear: flatten each patch and apply a Linear layer, output as tokens. Same parameters, same math.",
+        "linear: flatten each patch and apply a Linear layer, output as tokens (same parameters, same math); "
+        "convs: a convolutional stem (Xiao et al., 2021, 'Early Convolutions Help Transformers See Better'): "
+        "log2(patch_size) 3x3 convolutions of stride 2, each followed by BatchNorm and ReLU, the channels doubling "
+        "up to dim, then a 1x1 convolution to dim; output on the grid. Needs a power-of-two patch_size.",
     )
     patch_size: PositiveInt = Field(description="Side of the square patch in pixels; must divide the image size.")
     dim: PositiveInt = Field(description="Channels per token / grid cell after the stem (a downsample block "

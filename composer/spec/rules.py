@@ -51,6 +51,12 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
     if size % patch:
         problems.append((patch_path, f"{patch} does not divide the {size_field} {size} "
                                      f"(try {_list(divisors(size, 32))})", (patch_path,) + size_paths))
+    elif m.stem.kind == "convs" and (patch < 2 or patch & (patch - 1)):
+        powers = [p for p in divisors(size, 32) if p >= 2 and p & (p - 1) == 0]
+        problems.append((patch_path, f"{patch} is not a power of two: the convs stem halves the image with each "
+                                     "of its stride-2 convolutions " + (f"(try {_list(powers)})" if powers else
+                                     f"(no power of two divides the {size_field} {size}; use kind: conv)"),
+                         (patch_path, ("model", "stem", "kind")) + size_paths))
 
     stages, grid_exact = m.stages(), True
     for i, block in enumerate(m.blocks):
