@@ -321,9 +321,10 @@ def test_readme_spec_example_validates():
     # read as if in specs/, where the example with a base says it lives
     examples = [load_spec_text(text, str(SPECS / "README.md"))
                 for text in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
-    assert [spec.name for spec in examples] == ["my_vit", "seed_mixer_vit", "vit_cifar_long"]
+    assert [spec.name for spec in examples] == ["my_vit", "seed_mixer_vit", "staged_hybrid", "vit_cifar_long"]
     assert len(examples[1].model.blocks) == 2 and examples[0].data.augment.padding == 0
-    long, recipe = examples[2], load_spec(SPECS / "vit_cifar.yaml")
+    assert examples[2].model.stages()[-1] == (256, 4)   # as its comments say
+    long, recipe = examples[3], load_spec(SPECS / "vit_cifar.yaml")
     assert long.model == recipe.model and long.train.epochs == 300
     assert long.train.optimizer.weight_decay == recipe.train.optimizer.weight_decay
 
