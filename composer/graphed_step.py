@@ -36,7 +36,7 @@ CUDA_GRAPH_IN_AUTO = False
 
 
 def reasons_against(device: torch.device, *, compile: bool, processes: int, grad_scaler: bool,
-                    accumulate: int = 1) -> list[str]:
+                    accumulate: int = 1, distill: bool = False) -> list[str]:
     """Why a run cannot replay its steps from a CUDA graph (empty when it can)."""
     reasons = []
     if device.type != "cuda":
@@ -49,6 +49,8 @@ def reasons_against(device: torch.device, *, compile: bool, processes: int, grad
         reasons.append("precision fp16 uses a GradScaler (use bf16)")
     if accumulate > 1:
         reasons.append(f"train.accumulate is {accumulate} (a recorded step is one forward and backward)")
+    if distill:
+        reasons.append("train.distill is set (a step with the teacher's forward is not yet recorded)")
     return reasons
 
 

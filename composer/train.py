@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from composer.build import build_model, count_params, model_backend, prepare_for_compile
 from composer.checkpoint import (BEST, LAST, find_checkpoint, init_from_run, library_versions, load_checkpoint,
                                  model_differences, save_atomic)
+from composer.distill import Teacher, distillation_loss
 from composer.errors import SpecFieldError, UserError
 from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
@@ -427,11 +428,17 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
             find_checkpoint(t.init_from)   # a wrong path fails here, before any data is decoded
         except UserError as exc:
             raise SpecFieldError("train.init_from", f"train.init_from: {exc}") from None
+    if t.distill is not None:
+        try:
+            find_checkpoint(t.distill.teacher)   # as init_from: before any data is decoded
+        except UserError as exc:
+            raise SpecFieldError("train.distill.teacher", f"train.distill.teacher: {exc}") from None
     if t.tensorboard and dist.main:
         _tensorboard_writer_class()  # a missing package fails here, before any data is decoded
     autocast_dtype, use_scaler = precision(spec, device)
     graphed, graph_reasons = use_cuda_graph(t.cuda_graph, device, compile=t.compile, processes=dist.world,
-                                            grad_scaler=use_scaler, accumulate=t.accumulate)
+                                            grad_scaler=use_scaler, accumulate=t.accumulate,
+                                            distill=t.distill is not None)
     seed_everything(t.seed, t.deterministic)
 
     # -- data: one uint8 tensor per split, on the training device ------------------------
@@ -512,6 +519,14 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
             f"to {rates[-1]:.3g} (head)")
     if t.kernels == "triton":
         _check_triton(model, device, autocast_dtype or torch.float32)
+    teacher = None
+    if t.distill is not None:
+        try:
+            teacher = Teacher(t.distill.teacher, spec, mean, std, device, backend=t.kernels)
+            teacher.check_classes(train_set.classes)
+        except UserError as exc:
+            raise SpecFieldError("train.distill.teacher", str(exc)) from None
+        log(teacher.describe(t.distill.kind, t.distill.weight, t.distill.temperature or 1.0))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = Ema(model, t.ema) if t.ema else None
     ema_model = build_model(spec, backend=t.kernels).to(device) if ema else None  # evaluated at epoch ends
@@ -585,7 +600,11 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=not graphed):
             logits = forward_model(x)
+            taught = teacher.logits(x) if teacher is not None else None   # the same batch, no gradients
         loss = soft_cross_entropy(logits, targets, class_weights)
+        if taught is not None:
+            d = t.distill
+            loss = distillation_loss(logits, taught, loss, d.kind, d.weight, d.temperature or 1.0)
         scaler.scale(loss if share == 1.0 else loss * share).backward()
         if clip_in_step:
             clipped["norm"] = torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)

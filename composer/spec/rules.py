@@ -159,11 +159,16 @@ def _list(values: list[int]) -> str:
 
 
 def _check_train(t: TrainSpec) -> list[Finding]:
+    problems: list[Finding] = []
     accumulate, batch = ("train", "accumulate"), ("train", "batch_size")
     if t.batch_size % t.accumulate:
-        return [(accumulate, f"{t.accumulate} slices do not divide train.batch_size {t.batch_size} "
-                             f"(try {_list(divisors(t.batch_size, 64))})", (accumulate, batch))]
-    return []
+        problems.append((accumulate, f"{t.accumulate} slices do not divide train.batch_size {t.batch_size} "
+                                     f"(try {_list(divisors(t.batch_size, 64))})", (accumulate, batch)))
+    if t.distill is not None and t.distill.kind == "hard" and t.distill.temperature is not None:
+        temperature, kind = ("train", "distill", "temperature"), ("train", "distill", "kind")
+        problems.append((temperature, "hard distillation takes the teacher's top class, which no temperature "
+                                      "changes; remove it, or set kind: soft", (temperature, kind)))
+    return problems
 
 
 def _check_data(d: DataSpec) -> list[Finding]:

@@ -34,6 +34,21 @@ class Schedule(Strict):
     )
 
 
+class Distill(Strict):
+    """Knowledge distillation: a trained run's predictions join the loss (DeiT)."""
+
+    teacher: str = Field(
+        description="A trained run directory or checkpoint (composer train, or composer import) with the same "
+        "classes; it sees each training batch as the model does.")
+    kind: Literal["hard", "soft"] = Field(
+        "hard", description="hard: cross-entropy with the teacher's top class (DeiT's choice); soft: KL divergence "
+        "between the temperature-softened distributions, times temperature^2 (Hinton et al.).")
+    weight: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.5, description="Share of the teacher's term in the loss; the rest is the loss against the labels.")
+    temperature: Optional[PositiveFloat] = Field(
+        None, description="soft: the temperature T of both distributions (default 1); not used by hard.")
+
+
 class TrainSpec(Strict):
     """How to train: optimizer, schedule, precision, checkpoints."""
 
@@ -95,6 +110,9 @@ class TrainSpec(Strict):
         "if it kept them) start this run. The class count and image size may differ: the classifier then "
         "starts anew and learned position embeddings are resized; anything else must match. Not used when "
         "resuming (the checkpoint holds the weights).")
+    distill: Optional[Distill] = Field(
+        None, description="Knowledge distillation from a trained run (a teacher), as DeiT trains ViTs from a "
+        "ConvNet: its predictions on each training batch join the loss. None: labels only.")
     freeze: Optional[Union[Annotated[int, Field(ge=0)], Literal["backbone"]]] = Field(
         None, description="Fine-tuning: layers that keep their weights. N: the stem, the embeddings and the "
         "first N blocks (each repeat counts; a vit, mixer or convmixer block is one); backbone: everything but "
