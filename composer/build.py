@@ -241,8 +241,8 @@ class ComposedModel(nn.Module):
         return [layer for layer in self.layers if isinstance(layer.module, Block)]
 
 
-def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object]]:
-    """(name, kind, block spec) for every block instance, composites and repeats unrolled. With
+def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object, int]]:
+    """(name, kind, block spec, which repeat) for every block instance, composites and repeats unrolled. With
     `model.drop_path`, each instance's spec carries its rate on the linear ramp over depth (a
     repeat of a block with a residual branch is one step of depth; the two halves of a vit, mixer
     or convmixer block share it; pointwise and downsample blocks, which have no residual branch
@@ -257,7 +257,7 @@ def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object]]:
                 block = block.model_copy(update={"drop_path": rate})
             for kind in COMPOSITES.get(block.kind, (block.kind,)):
                 suffix = f" #{r + 1}" if block.repeat > 1 else ""
-                out.append((f"blocks[{i}].{kind}{suffix}", kind, block))
+                out.append((f"blocks[{i}].{kind}{suffix}", kind, block, r))
             step += residual[i]
     return out
 
@@ -269,7 +269,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     grid = (size // m.stem.patch_size, size // m.stem.patch_size)
     patches = grid[0] * grid[1]
     instances = expand_blocks(m)
-    layouts = [REGISTRY[kind].layout for _, kind, _ in instances]
+    layouts = [REGISTRY[kind].layout for _, kind, _, _ in instances]
     # The class token and register tokens join where the trailing run of token blocks starts, so
     # grid blocks never see them.
     join_at = len(layouts)
@@ -322,7 +322,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     if registers_at == 0:   # after the position embedding: registers have no position
         add_registers()
 
-    for index, (name, kind, block_spec) in enumerate(instances):
+    for index, (name, kind, block_spec, repeat) in enumerate(instances):
         cls = REGISTRY[kind]
         to(cls.layout, tokens)
         if index == cls_at and index > 0:
@@ -331,7 +331,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             tokens += 1
         if index == registers_at and index > 0:
             add_registers()
-        ctx = Context(dim, tokens, grid, backend, rotary)
+        ctx = Context(dim, tokens, grid, backend, rotary, repeat)
         module = cls.from_spec(block_spec, ctx)
         in_shape = shape(layout, tokens)
         after = module.output_context(ctx)   # a downsample block: fewer, wider cells from here on

@@ -1,4 +1,5 @@
 """The builder: every shipped spec builds and trains a step; counts match reality and references."""
+import einops
 import pytest
 import torch
 from torch.utils import flop_counter
@@ -764,3 +765,95 @@ def test_convs_stem_is_vit_c_stem_and_costs_what_flop_counter_counts():
                        "s.yaml")
     assert ("s.yaml:1:73: model.stem.patch_size: 6 is not a power of two: the convs stem halves the image with each "
             "of its stride-2 convolutions (try 2, 4, 8)") in str(caught.value)
+
+
+WINDOWS = """
+model:
+  image_size: 24
+  num_classes: 3
+  stem: {patch_size: 2, dim: 16}
+  pos_embed: rope
+  blocks:
+    - {kind: vit, heads: 2, window: 4, shift: true, repeat: 2}
+    - {kind: downsample}
+    - {kind: vit, heads: 2, window: 3, shift: true, repeat: 2}
+"""
+
+
+def swin_window_attention(qkv, grid, window, shift, heads):
+    """Swin's own computation (Liu et al., 2021): roll the grid by -shift, cut whole windows, mask
+    the pairs whose cells came from different regions of the unrolled grid, roll back."""
+    b, (h, w) = qkv.shape[0], grid
+    cells = qkv.view(b, h, w, -1).roll((-shift, -shift), dims=(1, 2))
+    region = torch.zeros(h, w, dtype=torch.long)
+    if shift:
+        cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+        for i, rows in enumerate(cuts):
+            for j, cols in enumerate(cuts):
+                region[rows, cols] = 3 * i + j
+    windows = einops.rearrange(cells, "b (i a) (j c) (three n d) -> three (b i j) n (a c) d", a=window, c=window,
+                               three=3, n=heads)
+    labels = einops.rearrange(region, "(i a) (j c) -> (i j) (a c)", a=window, c=window).repeat(b, 1)
+    allowed = (labels[:, :, None] == labels[:, None, :])[:, None]   # (windows, 1, n, n)
+    out = torch.nn.functional.scaled_dot_product_attention(*windows, attn_mask=allowed)
+    out = einops.rearrange(out, "(b i j) n (a c) d -> b (i a) (j c) (n d)", b=b, i=h // window, a=window, c=window)
+    return out.roll((shift, shift), dims=(1, 2)).reshape(b, h * w, -1)
+
+
+@pytest.mark.parametrize("grid, window, shift", [((12, 12), 4, 0), ((12, 12), 4, 2), ((6, 6), 3, 1), ((6, 9), 3, 1)])
+def test_window_attention_is_swins_shifted_window_attention(grid, window, shift):
+    """Narrow border windows instead of a roll and a mask: the same attention as Swin computes it,
+    also where windows of three sizes meet (window 3, shift 1); the recomputed probabilities are zero
+    across windows and give the same output; the cost counts each window's pairs (flop_counter's)."""
+    from composer.blocks.attention import Attention
+
+    torch.manual_seed(0)
+    h, w = grid
+    block = Attention(16, 2, windows=(grid, window, shift), rotary=(grid, h * w)).eval()
+    x = torch.randn(2, h * w, 16)
+    qkv = block.packed_qkv(x)
+    with torch.no_grad():
+        expected = x + block.to_out(swin_window_attention(qkv, grid, window, shift, 2))
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        probs = block.attention_probs(x)                                   # (B, H, N, N)
+        v = einops.rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=2)[2]
+        torch.testing.assert_close(x + block.to_out(einops.rearrange(probs @ v, "b h n d -> b n (h d)")), expected,
+                                   rtol=1e-5, atol=1e-5)
+    windows_of = torch.tensor([[r // window, c // window] for r in range(h) for c in range(w)])  # unshifted
+    if shift == 0:
+        apart = (windows_of[:, None] != windows_of[None, :]).any(-1)
+        assert probs[:, :, apart].abs().max() == 0
+
+
+def test_windowed_model_costs_and_runs_on_triton_like_reference():
+    """Windows of 4 (shifted by 2 in every second repeat) on 12x12, then of 3 (shift 1) on 6x6 after a
+    downsample, with rope: FLOPs equal flop_counter's on the reference path, and the Triton path
+    (interpreter) matches it with every gradient."""
+    spec = load_spec_text(WINDOWS)
+    model, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+    assert [layer.module.windows for layer in model.layers if layer.kind == "attention"] == [
+        ((12, 12), 4, 0), ((12, 12), 4, 2), ((6, 6), 3, 0), ((6, 6), 3, 1)]
+    assert_triton_path_matches_reference(WINDOWS.replace("image_size: 24", "image_size: 16")
+                                         .replace("window: 4", "window: 2").replace("window: 3", "window: 2"))
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (("window: 3", "window: 5"), "w.yaml:10:37: model.blocks[2].window: 5 does not divide the 6x6 grid it gets "
+                                 "(try 2, 3, 6)"),
+    (("shift: true, repeat: 2}\n    - {kind: downsample}", "shift: true}\n    - {kind: downsample}"),
+     "model.blocks[0].shift: shifted windows alternate over the block's repeats (the 2nd, 4th, ... shift), so with "
+     "repeat 1 none would; set repeat: 2 or more"),
+    (("window: 4, shift: true", "shift: true"), "model.blocks[0].shift: shift moves the windows of window attention; "
+                                                "set window (e.g. 4) or remove shift"),
+    (("window: 3", "window: 6"), "model.blocks[2].shift: one 6x6 window covers the whole grid here: there is nothing "
+                                 "to shift"),
+    (("pos_embed: rope", "pos_embed: rope\n  head: {pool: cls}"),
+     "model.blocks[2].window: window attention works on the patch grid alone, but a class token joins the tokens it "
+     "gets (where the last run of token blocks starts); use head.pool: mean and registers: 0, or put a grid block")])
+def test_window_rules(change, fragment):
+    from composer.spec import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(WINDOWS.replace(*change), "w.yaml")
+    assert fragment in str(caught.value)

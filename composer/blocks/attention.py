@@ -8,6 +8,7 @@ from torch import nn
 
 import kernels
 from composer.blocks.base import Block, Context, Cost, DropPath, layer_scale, register
+from composer.blocks.windows import in_windows, window_ids, window_sizes
 
 
 @register
@@ -17,14 +18,16 @@ class Attention(Block):
         attn_dropout: dropout on probabilities (forces the reference path while training);
         proj_dropout: dropout after to_out; drop_path: stochastic depth; norm_eps: LayerNorm eps;
         qk_norm: LayerNorm over each head's queries and keys; scale: LayerScale's initial value (None: none);
-        rotary: (grid, tokens) to rotate queries and keys by their patch's position (2-D RoPE), or None.
+        rotary: (grid, tokens) to rotate queries and keys by their patch's position (2-D RoPE), or None;
+        windows: (grid, window, shift) to attend within windows of the patch grid (Swin), or None.
     """
 
     kind, layout, kernel_op = "attention", "tokens", "attention"
 
     def __init__(self, dim, heads, qkv_bias=True, attn_dropout=0.0, proj_dropout=0.0, drop_path=0.0,
-                 norm_eps=1e-6, backend="auto", qk_norm=False, scale=None, rotary=None):
+                 norm_eps=1e-6, backend="auto", qk_norm=False, scale=None, rotary=None, windows=None):
         super().__init__()
+        self.windows = windows
         self.heads, self.attn_dropout, self.backend = heads, attn_dropout, backend
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -43,9 +46,12 @@ class Attention(Block):
 
     @classmethod
     def from_spec(cls, spec, ctx: Context) -> "Attention":
+        windows = None
+        if spec.window:   # with shift, every second repeat shifts its windows by half a window (Swin)
+            windows = (ctx.grid, spec.window, spec.window // 2 if spec.shift and ctx.repeat % 2 else 0)
         return cls(ctx.dim, spec.heads, spec.qkv_bias, spec.attn_dropout, spec.proj_dropout, spec.drop_path,
                    spec.norm_eps, ctx.backend, spec.qk_norm, spec.layer_scale,
-                   (ctx.grid, ctx.tokens) if ctx.rotary else None)
+                   (ctx.grid, ctx.tokens) if ctx.rotary else None, windows)
 
     def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """The projection (B, N, 3 H D), queries and keys normalized per head with qk_norm and
@@ -67,27 +73,38 @@ class Attention(Block):
         # Strided views of the packed projection (no copy beyond packed_qkv's): each (B, H, N, D).
         return rearrange(self.packed_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention over a packed projection (B, N, 3 H D) -> (B, N, H D)."""
         if self.training and self.attn_dropout > 0:
-            q, k, v = self.qkv(x)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout)
-            out = rearrange(out, "b h n d -> b n (h d)")
-        else:
-            # the packed op reads q, k, v in place, writes the out-projection's layout and hands
-            # the gradient back in the projection's layout: no copy either way
-            out = self.fused(kernels.attention_packed, self.packed_qkv(x), self.heads, backend=self.backend)
+            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
+            return rearrange(F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout), "b h n d -> b n (h d)")
+        # the packed op reads q, k, v in place, writes the out-projection's layout and hands the
+        # gradient back in the projection's layout: no copy either way
+        return self.fused(kernels.attention_packed, qkv, self.heads, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.packed_qkv(x)
+        out = self.attend(qkv) if self.windows is None else in_windows(qkv, *self.windows, self.attend)
         return x + self.drop_path(self.scale(self.proj_dropout(self.to_out(out))))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax(Q K^T / sqrt(D)) of this layer for input x, recomputed exactly: (B, H, N, N)."""
+        """Softmax(Q K^T / sqrt(D)) of this layer for input x, recomputed exactly: (B, H, N, N); with
+        windows, zero between tokens of different windows."""
         from kernels.attention.reference import attention_probs
 
         q, k, _ = self.qkv(x)
-        return attention_probs(q, k)
+        if self.windows is None:
+            return attention_probs(q, k)
+        ids = window_ids(*self.windows).to(q.device)
+        apart = ids[:, None] != ids[None, :]
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(scores.masked_fill(apart, float("-inf")), dim=-1)
 
     def cost(self, ctx: Context) -> Cost:
         n, c = ctx.tokens, ctx.dim
-        flops = 2 * n * c * 3 * c + 2 * 2 * n * n * c + 2 * n * c * c
+        # scores and their product with v: every token with every token, or within each window
+        pairs = n * n if self.windows is None else sum(size * size for size in window_sizes(*self.windows))
+        flops = 2 * n * c * 3 * c + 2 * 2 * pairs * c + 2 * n * c * c
         # saved for backward: x, LN out, qkv, attention out, per-row statistics
         return Cost(flops, n * c * 6 + self.heads * n)
 

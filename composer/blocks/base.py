@@ -26,6 +26,7 @@ class Context:
     grid: tuple[int, int]    # (H, W) patch grid in grid layout
     backend: str = "auto"    # kernel backend of the fused ops
     rotary: bool = False     # positions as rotations of queries and keys (model.pos_embed: rope)
+    repeat: int = 0          # which copy of its spec entry the block is (0-based; `repeat` in the spec)
 
 
 @dataclass

@@ -65,6 +65,14 @@ class AttentionFields(BaseModel):
     qk_norm: bool = Field(
         False, description="LayerNorm over each head's queries and keys before attention (as ViT-22B: keeps the "
         "attention logits bounded at high learning rates).")
+    window: Optional[PositiveInt] = Field(
+        None, description="Window attention (Swin): each token attends only to the window x window cells of the "
+        "patch grid around it, for a cost that grows with the token count instead of its square; must divide "
+        "the grid the block gets. None: every token attends to every token.")
+    shift: bool = Field(
+        False, description="With window: every second repeat of this block (the 2nd, 4th, ...) shifts its windows "
+        "by half a window, so that information crosses the windows' borders (Swin's shifted windows). Needs "
+        "repeat >= 2.")
 
 
 class TokenMlpFields(BaseModel):

@@ -81,6 +81,7 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                                                  "4 " + (f"(try heads: {_list(fitting)})" if fitting else
                                                          f"(no head count fits dim {dim}: make it a multiple of 4)"),
                              (where + ("heads",), ("model", "pos_embed")) + dim_paths))
+        problems += _window_problems(m, i, side, shape_paths, exact=grid_exact and size % patch == 0)
         if block.kind == "downsample" and side % block.factor ** block.repeat and size % patch == 0 and grid_exact:
             grid_exact = False   # the grids after this one are not what the user meant: no findings on them
             factor = where + ("factor",)
@@ -151,6 +152,40 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
     elif channels == 1 and m.in_channels not in (1, 3):
         problems.append((("model", "in_channels"), f"{d.kind} images are grayscale; set in_channels: 1 "
                                                    "(or 3: the channel is repeated)", (kind_path, ("model", "in_channels"))))
+    return problems
+
+
+def _window_problems(m: ModelSpec, i: int, side: int, shape_paths: tuple, exact: bool) -> list[Finding]:
+    """Window attention's rules for block i, which gets a side x side grid (`exact`: as meant)."""
+    block, where = m.blocks[i], ("model", "blocks", i)
+    window, shift = getattr(block, "window", None), getattr(block, "shift", False)
+    window_path, shift_path, repeat_path = where + ("window",), where + ("shift",), where + ("repeat",)
+    if shift and not window:
+        return [(shift_path, "shift moves the windows of window attention; set window (e.g. 4) or remove shift",
+                 (shift_path, window_path))]
+    if not window:
+        return []
+    problems: list[Finding] = []
+    if exact and side % window:
+        fitting = [d for d in divisors(side) if d > 1]
+        problems.append((window_path, f"{window} does not divide the {side}x{side} grid it gets"
+                                      + (f" (try {_list(fitting)})" if fitting else ""), (window_path,) + shape_paths))
+    elif exact and shift and window == side:
+        problems.append((shift_path, f"one {window}x{window} window covers the whole grid here: there is nothing to "
+                                     "shift; remove shift (or use a smaller window)", (shift_path, window_path)
+                         + shape_paths))
+    if shift and block.repeat < 2:
+        problems.append((shift_path, "shifted windows alternate over the block's repeats (the 2nd, 4th, ... shift), "
+                                     "so with repeat 1 none would; set repeat: 2 or more", (shift_path, repeat_path)))
+    in_last_run = all(LAYOUTS[b.kind] == "tokens" for b in m.blocks[i:])
+    joining = [name for name, there in (("a class token", m.head.pool == "cls"), ("registers", m.registers)) if there]
+    if in_last_run and joining:
+        verb = "joins" if joining == ["a class token"] else "join"
+        problems.append((window_path, f"window attention works on the patch grid alone, but {' and '.join(joining)} "
+                                      f"{verb} the tokens it gets (where the last run of token blocks starts); use "
+                                      "head.pool: mean and registers: 0, or put a grid block (e.g. downsample) after it",
+                         (window_path, ("model", "head", "pool"), ("model", "registers"))
+                         + tuple(("model", "blocks", j, "kind") for j in range(i, len(m.blocks)))))
     return problems
 
 
