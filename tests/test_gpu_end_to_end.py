@@ -26,13 +26,14 @@ train: {epochs: 2, batch_size: 128, device: cuda, kernels: triton}
 
 
 VARIANTS = ("  pos_embed: rope\n  registers: 4\n  blocks:\n    - {kind: convmixer, kernel_size: 9, repeat: 2}\n"
-            "    - {kind: convnext, kernel_size: 7, layer_scale: 0.5}\n    - {kind: downsample, dim: 96}\n"
+            "    - {kind: convnext, kernel_size: 7, layer_scale: 0.5}\n"
+            "    - {kind: vit, heads: 4, window: 4, shift: true, repeat: 2}\n    - {kind: downsample, dim: 96}\n"
             "    - {kind: mixer, token_hidden: 128, repeat: 2, layer_scale: 0.5}\n"
             "    - {kind: vit, heads: 4, repeat: 2, qk_norm: true, layer_scale: 0.5}\n")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variants", [False, True], ids=["plain", "convnext_downsample_rope_registers_qk_norm_layer_scale"])
+@pytest.mark.parametrize("variants", [False, True], ids=["plain", "convnext_windows_downsample_rope_registers_qk_norm_layer_scale"])
 def test_triton_model_matches_reference_model(dtype, variants):
     torch.manual_seed(0)
     text = HYBRID
