@@ -8,6 +8,8 @@ rate, whichever is larger. Both ceilings are measured at the start of the same r
 """
 from __future__ import annotations
 
+import collections
+
 import importlib
 import re
 import statistics
@@ -74,6 +76,7 @@ def spec_shapes(spec, batch_size: int | None = None) -> dict[str, list[tuple]]:
     """The fused ops' input shapes in the model a spec builds, at its training batch size (or
     `batch_size`), in the form `bench_kernels` / `sweep_kernels` take: attention (B, H, N, D),
     token_mlp (B, N, C, Hd), dwconv2d (B, C, H, W, k); each distinct shape once."""
+    from composer.blocks.windows import window_sizes
     from composer.build import build_model
 
     batch = batch_size or spec.train.batch_size
@@ -86,13 +89,17 @@ def spec_shapes(spec, batch_size: int | None = None) -> dict[str, list[tuple]]:
             continue
         dims, ctx = layer.module.kernel_dims(layer.ctx), layer.ctx
         if op == "attention":
-            shape = (batch, ctx.dim // dims["head_dim"], ctx.tokens, dims["head_dim"])
+            heads, windows = ctx.dim // dims["head_dim"], getattr(layer.module, "windows", None)
+            # window attention: one call per window size, its windows side by side in the batch
+            calls = collections.Counter(window_sizes(*windows) if windows else [ctx.tokens])
+            found = [(batch * count, heads, n, dims["head_dim"]) for n, count in calls.items()]
         elif op == "token_mlp":
-            shape = (batch, ctx.tokens, ctx.dim, dims["hidden"])
+            found = [(batch, ctx.tokens, ctx.dim, dims["hidden"])]
         else:
-            shape = (batch, ctx.dim, *ctx.grid, dims["kernel_size"])
-        if shape not in shapes.setdefault(op, []):
-            shapes[op].append(shape)
+            found = [(batch, ctx.dim, *ctx.grid, dims["kernel_size"])]
+        for shape in found:
+            if shape not in shapes.setdefault(op, []):
+                shapes[op].append(shape)
     return shapes
 
 
