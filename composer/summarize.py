@@ -96,6 +96,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             * batch_size,
             "frozen": i < frozen,
             "drop_path": getattr(getattr(layer.module, "drop_path", None), "p", 0.0),   # stochastic depth
+            "window": _window(layer.module),
             "kernel": path,
             "kernel_reasons": reasons,
         })
@@ -115,6 +116,12 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         "flop_convention": FLOP_CONVENTION,
         "rows": rows,
     }
+
+
+def _window(module) -> dict | None:
+    """A window-attention layer's window side and shift (cells), else None."""
+    windows = getattr(module, "windows", None)
+    return {"size": windows[1], "shift": windows[2]} if windows else None
 
 
 def kept_activations(layer, recompute: bool) -> int:
@@ -143,7 +150,11 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
     reasons: dict[str, list[str]] = {}
     for r in summary["rows"]:
-        table.add_row(str(r["index"]), r["name"] + " (frozen)" * r["frozen"], r["layout"],
+        window = r.get("window")
+        name = r["name"] + (f" ({window['size']}x{window['size']} windows" + (f", shifted {window['shift']}" if
+                                                                              window["shift"] else "") + ")"
+                            if window else "") + " (frozen)" * r["frozen"]
+        table.add_row(str(r["index"]), name, r["layout"],
                       f"{shape(r['input'])} -> {shape(r['output'])}", f"{r['params']:,}", human(r["flops_per_image"]), human(r["activation_bytes"], "B"), r["kernel"])
         if r["kernel_reasons"]:
             reasons.setdefault(r["kernel"].split(":")[0], r["kernel_reasons"])

@@ -36,6 +36,19 @@ def test_summarize_shows_the_stochastic_depth_ramp():
         " ".join(table.stdout.split())
 
 
+def test_summarize_shows_each_stage_and_its_windows():
+    """A hierarchical windowed model: each layer's shapes at its stage, its windows and their shift."""
+    result = run_cli("summarize", SPECS / "swin_t_rope.yaml", "--json", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    rows = [r for r in json.loads(result.stdout)["rows"] if r["kind"] in ("attention", "downsample")]
+    assert [(r["kind"], r["input"][1:], r["window"]) for r in rows[:4]] == [
+        ("attention", [3136, 96], {"size": 7, "shift": 0}), ("attention", [3136, 96], {"size": 7, "shift": 3}),
+        ("downsample", [96, 56, 56], None), ("attention", [784, 192], {"size": 7, "shift": 0})]
+    assert rows[4]["window"] == {"size": 7, "shift": 3} and rows[-1]["window"] == {"size": 7, "shift": 0}
+    table = " ".join(run_cli("summarize", SPECS / "swin_t_rope.yaml").stdout.split())
+    assert "blocks[0].attention #2 (7x7 windows, shifted 3)" in table and "(1, 96, 56, 56) -> (1, 192, 28, 28)" in table
+
+
 def test_summarize_says_where_rope_positions_go(tmp_path):
     from tests.test_build import ROPE
 
