@@ -271,7 +271,10 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
         grid = info.ctx.grid   # the stem's patch grid, or a smaller one after a downsample block
         prefix = prefix_tokens(p.shape[-1], grid, spec.model.head.pool == "cls")
         suffix = f"layer{index}" + (f"_head{head}" if head is not None else "")
-        title = f"{spec.name} · {name} (attention layer {index} of {len(maps)})"
+        windows = info.module.windows   # window attention: zero between windows
+        within = (f", within {windows[1]}x{windows[1]} windows" + (f" shifted {windows[2]}" if windows[2] else "")
+                  if windows else "")
+        title = f"{spec.name} · {name} (attention layer {index} of {len(maps)}{within})"
         paths.append(_save(_matrix_figure(p, head, image, caption, title, prefix),
                            out_dir / f"{tag}_{suffix}_matrix.png"))
         paths.append(_save(_overlay_figure(p, head, image, caption, title, grid, prefix),

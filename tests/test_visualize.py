@@ -327,7 +327,7 @@ model:
   num_classes: 3
   stem: {patch_size: 2, dim: 8}
   blocks:
-    - {kind: vit, heads: 2}
+    - {kind: vit, heads: 2, window: 4}
     - {kind: downsample}
     - {kind: mixer, token_hidden: 4}
     - {kind: vit, heads: 2}
@@ -356,7 +356,12 @@ def test_figures_of_a_hierarchical_model_use_each_layers_grid(tmp_path, monkeypa
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(image)
 
+    titles = []
+    real_matrix = visualize._matrix_figure
+    monkeypatch.setattr(visualize, "_matrix_figure", lambda p, head, image, caption, title, prefix:
+                        titles.append(title) or real_matrix(p, head, image, caption, title, prefix))
     assert_pngs(visualize.attention(tmp_path, file=str(image), out=tmp_path), 5)
+    assert titles[0].endswith("(attention layer 0 of 2, within 4x4 windows)") and titles[1].endswith("of 2)")
     # the class token joins where the last run of token blocks starts: after the downsample
     assert grids == [(64, (8, 8), []), (17, (4, 4), ["class token"])]
     ((maps, earlier),) = rolled
