@@ -291,6 +291,16 @@ def in_slices(forward_backward, x: torch.Tensor, targets: torch.Tensor, slices: 
     return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]).mean()
 
 
+def epoch_order(n: int, seed: int, repeats: int = 1) -> torch.Tensor:
+    """The training images' order for one epoch, from its seed: a permutation of the n images, or with
+    repeated augmentation the first n / repeats of one, each index `repeats` times in a row (copies
+    share a batch and are augmented apart), cut to n."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if repeats == 1:
+        return order
+    return order[:-(-n // repeats)].repeat_interleave(repeats)[:n]
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy against soft targets (label smoothing, mixup). With class `weights`, each
     class's term is weighed and the sum divided by the batch's total weight: for one-hot targets,
@@ -471,6 +481,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
              "each batch is copied over)" if on_host else f"on {device}")
     log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
         f"{tuple(train_images.shape[1:])} {where} ({time.perf_counter() - started:.1f}s)")
+    if spec.data.augment.repeats > 1:
+        r = spec.data.augment.repeats
+        log(f"repeated augmentation: each image drawn {r} times in its batch, augmented apart; "
+            f"{-(-n // r):,} distinct images an epoch")
     class_weights, said = class_balance(train_set.labels, list(train_set.classes or range(spec.model.num_classes)),
                                         t.class_weights)
     class_weights = class_weights.to(device) if class_weights is not None else None
@@ -663,7 +677,7 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     first_epoch = t.epochs if stopped_early(position) else position["epoch"]
     with stop_signals() as interrupt, tensorboard_scalars(run_dir, t.tensorboard and dist.main) as tensorboard:
         for epoch in range(first_epoch, t.epochs):
-            host_order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
+            host_order = epoch_order(n, t.seed * 100_003 + epoch, spec.data.augment.repeats)
             order = host_order.to(device)
             start_step = position["step_in_epoch"]
             model.train()

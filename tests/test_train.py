@@ -1224,3 +1224,37 @@ def test_metrics_of_an_older_version_resume_and_read(tmp_path):
     assert again.returncode == 0, again.stderr
     assert run_cli("runs", tmp_path).returncode == 0
     assert run_cli("visualize", "curves", tmp_path / "run", "--out", tmp_path).returncode == 0
+
+
+def test_repeated_augmentation_puts_copies_of_each_image_side_by_side(tmp_path, monkeypatch):
+    """data.augment.repeats: an epoch's order draws n / r images, each r times in a row, from the
+    epoch's seed (r = 1: the plain permutation, as before); training then augments batches whose
+    images come in identical pairs; without any augmentation the copies would be identical, and
+    the spec says so."""
+    from composer.spec import SpecError
+    from composer.train import epoch_order
+
+    plain = epoch_order(10, seed=7)
+    assert torch.equal(plain, torch.randperm(10, generator=torch.Generator().manual_seed(7)))
+    order = epoch_order(10, seed=7, repeats=3)
+    assert torch.equal(order, plain[:4].repeat_interleave(3)[:10])   # 4 images, the last twice
+    assert torch.equal(order, epoch_order(10, seed=7, repeats=3))
+
+    batches = []
+    import composer.data
+
+    real = composer.data.augment   # the training loop imports it when it starts
+    monkeypatch.setattr(composer.data, "augment", lambda batch, aug, gen: batches.append(batch.clone()) or
+                        real(batch, aug, gen))
+    text = TINY.replace("mixup: 0.2}", "mixup: 0.2, repeats: 2}").replace("epochs: 2", "epochs: 1")
+    lines = []
+    train(load_spec_text(text, "tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"]), echo=lines.append)
+    assert any("repeated augmentation: each image drawn 2 times in its batch" in line for line in lines)
+    assert batches and all(torch.equal(b[0::2], b[1::2]) for b in batches)
+    assert not all(torch.equal(b[0::2][:, :, :1], b[0::2][:, :, 1:2]) for b in batches)   # real images
+
+    plain_aug = "augment: {crop_padding: 0, hflip: false, repeats: 3}"
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(TINY.replace(TINY[TINY.index("augment:"):TINY.index("\ntrain:")], plain_aug), "t.yaml")
+    assert "data.augment.repeats: 3 copies of each image would be identical: no augmentation is on" in \
+        str(caught.value)

@@ -25,6 +25,15 @@ class Augment(Strict):
     cutout: Annotated[int, Field(ge=0)] = Field(0, description="Side of a random square erased per image (0: off).")
     mixup: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Mixup Beta(alpha, alpha) parameter (0: off).")
     cutmix: Annotated[float, Field(ge=0.0)] = Field(0.0, description="CutMix Beta(alpha, alpha) parameter (0: off).")
+    repeats: PositiveInt = Field(
+        1, description="Repeated augmentation (Hoffer et al., 2020; DeiT uses 3): each image drawn for an epoch "
+        "comes this many times, side by side in its batch, each copy augmented on its own; an epoch then draws "
+        "1/repeats of the images and keeps its number of steps. 1: off.")
+
+    def is_random(self) -> bool:
+        """Whether two copies of an image can come out differently."""
+        return bool(self.padding or self.resized_crop or self.hflip or self.trivial or self.cutout or self.mixup
+                    or self.cutmix)
 
     @property
     def padding(self) -> int:

@@ -212,6 +212,11 @@ def _check_data(d: DataSpec) -> list[Finding]:
     if d.augment.crop_padding and d.augment.resized_crop:
         problems.append((padding, f"crop_padding {d.augment.crop_padding} and resized_crop {d.augment.resized_crop} "
                                   "are two crops; keep one of them", (padding, resized)))
+    repeats = ("data", "augment", "repeats")
+    if d.augment.repeats > 1 and not d.augment.is_random():
+        problems.append((repeats, f"{d.augment.repeats} copies of each image would be identical: no augmentation "
+                                  "is on; turn some on (crop_padding, hflip, trivial, ...) or set repeats: 1",
+                         (repeats, ("data", "augment"))))
     val_root, split, kind = ("data", "val_root"), ("data", "val_split"), ("data", "kind")
     labels, val_labels = ("data", "labels"), ("data", "val_labels")
     if d.labels is not None and d.kind != "folder":
