@@ -76,7 +76,7 @@ def spec_shapes(spec, batch_size: int | None = None) -> dict[str, list[tuple]]:
     """The fused ops' input shapes in the model a spec builds, at its training batch size (or
     `batch_size`), in the form `bench_kernels` / `sweep_kernels` take: attention (B, H, N, D),
     token_mlp (B, N, C, Hd), dwconv2d (B, C, H, W, k); each distinct shape once."""
-    from composer.blocks.windows import window_sizes
+    from composer.blocks.windows import window_shapes
     from composer.build import build_model
 
     batch = batch_size or spec.train.batch_size
@@ -90,9 +90,9 @@ def spec_shapes(spec, batch_size: int | None = None) -> dict[str, list[tuple]]:
         dims, ctx = layer.module.kernel_dims(layer.ctx), layer.ctx
         if op == "attention":
             heads, windows = ctx.dim // dims["head_dim"], getattr(layer.module, "windows", None)
-            # window attention: one call per window size, its windows side by side in the batch
-            calls = collections.Counter(window_sizes(*windows) if windows else [ctx.tokens])
-            found = [(batch * count, heads, n, dims["head_dim"]) for n, count in calls.items()]
+            # window attention: one call per window shape, its windows side by side in the batch
+            calls = collections.Counter(window_shapes(*windows)) if windows else {(ctx.tokens, 1): 1}
+            found = [(batch * count, heads, a * c, dims["head_dim"]) for (a, c), count in calls.items()]
         elif op == "token_mlp":
             found = [(batch, ctx.tokens, ctx.dim, dims["hidden"])]
         else:

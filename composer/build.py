@@ -331,7 +331,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             tokens += 1
         if index == registers_at and index > 0:
             add_registers()
-        ctx = Context(dim, tokens, grid, backend, rotary, repeat)
+        ctx = Context(dim, tokens, grid, backend, rotary, repeat, m.pos_embed == "relative")
         module = cls.from_spec(block_spec, ctx)
         in_shape = shape(layout, tokens)
         after = module.output_context(ctx)   # a downsample block: fewer, wider cells from here on

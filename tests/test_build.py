@@ -859,3 +859,85 @@ def test_window_rules(change, fragment):
     with pytest.raises(SpecError) as caught:
         load_spec_text(WINDOWS.replace(*change), "w.yaml")
     assert fragment in str(caught.value)
+
+
+SWIN_PAIR = """
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 2, dim: 16, norm: layernorm}
+  pos_embed: relative
+  blocks:
+    - {kind: vit, heads: 2, mlp_ratio: 2, window: 4, shift: true, norm_eps: 1.0e-5, repeat: 2}
+"""
+
+
+@pytest.mark.parametrize("repeat, shift", [(0, 0), (1, 2)])
+def test_relative_position_bias_windows_compute_timms_swin_block(repeat, shift):
+    """pos_embed: relative with window attention: a vit block pair (attention, channel MLP) equals
+    timm's SwinTransformerBlock (every weight random, its bias table included), unshifted and
+    shifted by half a window."""
+    timm = pytest.importorskip("timm")
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    torch.manual_seed(0)
+    theirs = SwinTransformerBlock(16, (8, 8), num_heads=2, window_size=4, shift_size=shift, mlp_ratio=2).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model = build_model(load_spec_text(SWIN_PAIR), backend="reference").eval()
+    attention, mlp = [layer.module for layer in model.layers if layer.kind in ("attention", "channel_mlp")][
+        2 * repeat:2 * repeat + 2]
+    assert attention.windows == ((8, 8), 4, shift) and attention.kernel_op is None
+    attention.load_state_dict({"norm.weight": theirs.norm1.weight, "norm.bias": theirs.norm1.bias,
+                               "to_qkv.weight": theirs.attn.qkv.weight, "to_qkv.bias": theirs.attn.qkv.bias,
+                               "to_out.weight": theirs.attn.proj.weight, "to_out.bias": theirs.attn.proj.bias,
+                               "relative.table": theirs.attn.relative_position_bias_table})
+    mlp.load_state_dict({"norm.weight": theirs.norm2.weight, "norm.bias": theirs.norm2.bias,
+                         "mix_channels.0.weight": theirs.mlp.fc1.weight, "mix_channels.0.bias": theirs.mlp.fc1.bias,
+                         "mix_channels.3.weight": theirs.mlp.fc2.weight, "mix_channels.3.bias": theirs.mlp.fc2.bias})
+    x = torch.randn(2, 8, 8, 16)
+    with torch.no_grad():
+        expected = theirs(x).reshape(2, 64, 16)
+        tokens = x.reshape(2, 64, 16)
+        torch.testing.assert_close(mlp(attention(tokens)), expected, rtol=1e-4, atol=1e-4)
+        # the probabilities `visualize` draws (bias and windows in them) give the same output
+        v = einops.rearrange(attention.packed_qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=2)[2]
+        mixed = einops.rearrange(attention.attention_probs(tokens) @ v, "b h n d -> b n (h d)")
+        torch.testing.assert_close(tokens + attention.to_out(mixed), attention(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_relative_position_bias_over_the_grid_and_its_costs():
+    """Without windows the table spans the grid's offsets, a class token gets no bias; the model's
+    FLOPs equal flop_counter's; the block runs PyTorch's attention on either backend."""
+    from composer.blocks.attention import RelativePositionBias, grid_cells
+
+    bias = RelativePositionBias(heads=3, extent=(2, 3), prefix=1)
+    with torch.no_grad():
+        bias.table.copy_(torch.arange(15 * 3, dtype=torch.float32).view(15, 3))
+    full = bias((2, 3))                                   # (H, 1 + 6, 1 + 6)
+    assert full.shape == (3, 7, 7) and full[:, 0].abs().sum() == 0 and full[:, :, 0].abs().sum() == 0
+    cells = grid_cells((2, 3))
+    for i, j in ((0, 5), (4, 1), (2, 2)):
+        dy, dx = (cells[i] - cells[j]).tolist()
+        assert torch.equal(full[:, 1 + i, 1 + j], bias.table[(dy + 1) * 5 + dx + 2])
+    text = SWIN_PAIR.replace("window: 4, shift: true, ", "").replace("stem:", "head: {pool: cls}\n  stem:")
+    model, measured = per_layer_flops(load_spec_text(text))
+    assert [layer.cost.flops for layer in model.layers] == measured
+    triton = build_model(load_spec_text(text), backend="triton")
+    assert not any(getattr(layer.module, "kernel_op", None) for layer in triton.layers if layer.kind == "attention")
+    triton.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(triton.eval()(x), model.eval()(x))
+
+
+def test_relative_positions_need_attention():
+    from composer.spec import SpecError
+
+    text = "model: {image_size: 16, num_classes: 3, stem: {patch_size: 4, dim: 16}, pos_embed: relative, " \
+           "blocks: [{kind: mixer}]}"
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(text, "r.yaml")
+    assert ("model.pos_embed: relative biases attention's logits, but the model has no attention block; use "
+            "learned or sincos") in str(caught.value)

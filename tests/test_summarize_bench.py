@@ -433,11 +433,12 @@ def test_spec_shapes_are_the_fused_ops_inputs_of_its_model():
     assert spec_shapes(hybrid, batch_size=8)["attention"] == [(8, 4, 64, 64)]
     conv = load_spec(SPECS / "convmixer_cifar.yaml", ["train.batch_size=16"])
     assert spec_shapes(conv) == {"dwconv2d": [(16, 256, 32, 32, 9)]}   # 8 layers, one shape
-    # window attention: a call per window size. On the first stage's 56x56 grid: 64 windows of 7x7
-    # unshifted; shifted by 3, 49 whole ones, 7 + 7 of 3x7 cells, 7 + 7 of 4x7, corners of 9, 12, 12, 16
+    # window attention: a call per window shape. On the first stage's 56x56 grid: 64 windows of 7x7
+    # unshifted; shifted by 3, 49 whole ones, 7 each of 3x7, 7x3, 4x7 and 7x4 cells, corners of 3x3,
+    # 3x4, 4x3, 4x4 (each shape once below: 3x7 and 7x3 are both (14, 3, 21, 32))
     swin = spec_shapes(load_spec(SPECS / "swin_t_rope.yaml", ["train.batch_size=2"]))["attention"]
-    assert swin[:7] == [(2 * 64, 3, 49, 32), (2 * 1, 3, 9, 32), (2 * 14, 3, 21, 32), (2 * 2, 3, 12, 32),
-                        (2 * 49, 3, 49, 32), (2 * 14, 3, 28, 32), (2 * 1, 3, 16, 32)]
+    assert swin[:7] == [(2 * 64, 3, 49, 32), (2 * 1, 3, 9, 32), (2 * 7, 3, 21, 32), (2 * 1, 3, 12, 32),
+                        (2 * 49, 3, 49, 32), (2 * 7, 3, 28, 32), (2 * 1, 3, 16, 32)]
 
 
 def test_bench_spec_options_are_checked():

@@ -8,7 +8,7 @@ from torch import nn
 
 import kernels
 from composer.blocks.base import Block, Context, Cost, DropPath, layer_scale, register
-from composer.blocks.windows import in_windows, window_ids, window_sizes
+from composer.blocks.windows import in_windows, window_ids, window_shapes
 
 
 @register
@@ -19,15 +19,22 @@ class Attention(Block):
         proj_dropout: dropout after to_out; drop_path: stochastic depth; norm_eps: LayerNorm eps;
         qk_norm: LayerNorm over each head's queries and keys; scale: LayerScale's initial value (None: none);
         rotary: (grid, tokens) to rotate queries and keys by their patch's position (2-D RoPE), or None;
-        windows: (grid, window, shift) to attend within windows of the patch grid (Swin), or None.
+        windows: (grid, window, shift) to attend within windows of the patch grid (Swin), or None;
+        relative: (grid, tokens) to add a learned bias by the two patches' offset to every logit
+            (Swin's relative position bias), or None.
     """
 
     kind, layout, kernel_op = "attention", "tokens", "attention"
 
     def __init__(self, dim, heads, qkv_bias=True, attn_dropout=0.0, proj_dropout=0.0, drop_path=0.0,
-                 norm_eps=1e-6, backend="auto", qk_norm=False, scale=None, rotary=None, windows=None):
+                 norm_eps=1e-6, backend="auto", qk_norm=False, scale=None, rotary=None, windows=None, relative=None):
         super().__init__()
         self.windows = windows
+        self.relative = None
+        if relative is not None:   # offsets span a window, or the whole grid
+            (h, w), tokens = relative
+            self.relative = RelativePositionBias(heads, (windows[1],) * 2 if windows else (h, w), tokens - h * w)
+            self.kernel_op = None   # the fused kernel takes no bias: PyTorch's attention runs it
         self.heads, self.attn_dropout, self.backend = heads, attn_dropout, backend
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -51,7 +58,8 @@ class Attention(Block):
             windows = (ctx.grid, spec.window, spec.window // 2 if spec.shift and ctx.repeat % 2 else 0)
         return cls(ctx.dim, spec.heads, spec.qkv_bias, spec.attn_dropout, spec.proj_dropout, spec.drop_path,
                    spec.norm_eps, ctx.backend, spec.qk_norm, spec.layer_scale,
-                   (ctx.grid, ctx.tokens) if ctx.rotary else None, windows)
+                   (ctx.grid, ctx.tokens) if ctx.rotary else None, windows,
+                   (ctx.grid, ctx.tokens) if ctx.relative else None)
 
     def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """The projection (B, N, 3 H D), queries and keys normalized per head with qk_norm and
@@ -73,18 +81,25 @@ class Attention(Block):
         # Strided views of the packed projection (no copy beyond packed_qkv's): each (B, H, N, D).
         return rearrange(self.packed_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention over a packed projection (B, N, 3 H D) -> (B, N, H D)."""
-        if self.training and self.attn_dropout > 0:
+    def attend(self, qkv: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
+        """Attention over a packed projection (B, N, 3 H D) -> (B, N, H D), whose last tokens are a
+        `cells` (rows, columns) rectangle of the grid, row by row (for the relative bias)."""
+        bias = self.relative(cells) if self.relative is not None else None
+        if bias is not None or (self.training and self.attn_dropout > 0):
             q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
-            return rearrange(F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout), "b h n d -> b n (h d)")
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                                 dropout_p=self.attn_dropout if self.training else 0.0)
+            return rearrange(out, "b h n d -> b n (h d)")
         # the packed op reads q, k, v in place, writes the out-projection's layout and hands the
         # gradient back in the projection's layout: no copy either way
         return self.fused(kernels.attention_packed, qkv, self.heads, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.packed_qkv(x)
-        out = self.attend(qkv) if self.windows is None else in_windows(qkv, *self.windows, self.attend)
+        if self.windows is None:
+            out = self.attend(qkv, self.relative.grid if self.relative is not None else (0, 0))
+        else:
+            out = in_windows(qkv, *self.windows, self.attend)
         return x + self.drop_path(self.scale(self.proj_dropout(self.to_out(out))))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,23 +108,63 @@ class Attention(Block):
         from kernels.attention.reference import attention_probs
 
         q, k, _ = self.qkv(x)
-        if self.windows is None:
+        if self.windows is None and self.relative is None:
             return attention_probs(q, k)
-        ids = window_ids(*self.windows).to(q.device)
-        apart = ids[:, None] != ids[None, :]
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-        return torch.softmax(scores.masked_fill(apart, float("-inf")), dim=-1)
+        if self.relative is not None:
+            grid = self.windows[0] if self.windows else self.relative.grid
+            scores = scores + self.relative.between(grid_cells(grid), grid_cells(grid), q.shape[-2] - grid[0] * grid[1])
+        if self.windows is not None:
+            ids = window_ids(*self.windows).to(q.device)
+            scores = scores.masked_fill(ids[:, None] != ids[None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1)
 
     def cost(self, ctx: Context) -> Cost:
         n, c = ctx.tokens, ctx.dim
         # scores and their product with v: every token with every token, or within each window
-        pairs = n * n if self.windows is None else sum(size * size for size in window_sizes(*self.windows))
+        pairs = n * n if self.windows is None else sum((a * c) ** 2 for a, c in window_shapes(*self.windows))
         flops = 2 * n * c * 3 * c + 2 * 2 * pairs * c + 2 * n * c * c
         # saved for backward: x, LN out, qkv, attention out, per-row statistics
         return Cost(flops, n * c * 6 + self.heads * n)
 
     def kernel_dims(self, ctx: Context) -> dict:
         return {"head_dim": ctx.dim // self.heads}
+
+
+def grid_cells(cells: tuple[int, int]) -> torch.Tensor:
+    """(rows * cols, 2) the (row, column) of each cell of a rectangle, row by row."""
+    rows, cols = torch.meshgrid(torch.arange(cells[0]), torch.arange(cells[1]), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1)
+
+
+class RelativePositionBias(nn.Module):
+    """Swin's relative position bias: a learned logit bias per head for each offset (dy, dx) between
+    two cells, |dy| < extent[0], |dx| < extent[1] (a window's side, or the grid's); `prefix` tokens
+    before the cells (class token, registers) get none. `grid`: the cells' rectangle when the block
+    attends over the whole grid."""
+
+    def __init__(self, heads: int, extent: tuple[int, int], prefix: int = 0):
+        super().__init__()
+        self.extent, self.prefix, self.grid = extent, prefix, extent
+        rows, cols = 2 * extent[0] - 1, 2 * extent[1] - 1
+        self.table = nn.Parameter(nn.init.trunc_normal_(torch.empty(rows * cols, heads), std=0.02))   # Swin's init
+
+    def between(self, a: torch.Tensor, b: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+        """(H, P + n, P + m) biases of queries at cells a (n, 2) for keys at cells b (m, 2), after P
+        prefix tokens (zero bias)."""
+        offset = (a[:, None] - b[None, :]).to(self.table.device)   # (n, m, 2)
+        # pairs farther apart than a window (masked out by window attention anyway) take the edge
+        offset = torch.maximum(torch.minimum(offset, torch.tensor(self.extent, device=offset.device) - 1),
+                               1 - torch.tensor(self.extent, device=offset.device))
+        index = (offset[..., 0] + self.extent[0] - 1) * (2 * self.extent[1] - 1) + offset[..., 1] + self.extent[1] - 1
+        bias = self.table[index].permute(2, 0, 1)
+        return F.pad(bias, (prefix, 0, prefix, 0)) if prefix else bias
+
+    def forward(self, cells: tuple[int, int]) -> torch.Tensor:
+        """The bias of attention among the tokens of a cells rectangle (after this block's prefix
+        tokens when it attends over the whole grid)."""
+        positions = grid_cells(cells)
+        return self.between(positions, positions, self.prefix if cells == self.grid else 0)
 
 
 ROTARY_BASE = 100.0   # the axial 2-D RoPE's base (Heo et al., 2024): patch grids are short sequences

@@ -27,6 +27,7 @@ class Context:
     backend: str = "auto"    # kernel backend of the fused ops
     rotary: bool = False     # positions as rotations of queries and keys (model.pos_embed: rope)
     repeat: int = 0          # which copy of its spec entry the block is (0-based; `repeat` in the spec)
+    relative: bool = False   # a learned bias of attention logits by offset (model.pos_embed: relative)
 
 
 @dataclass

@@ -5,8 +5,8 @@ windows). Swin computes shifted windows by rolling the grid and masking the wind
 around; the same attention is a partition whose first and last rows and columns of windows are
 narrower (`bands`), which needs no mask: every window, whole or narrow, is an ordinary attention
 over its own tokens. Windows of one token count are batched into one call of the attention op
-(the fused kernel on GPU), at most nine groups, usually one (no shift) or three (shift of half a
-window).
+(the fused kernel on GPU), at most nine groups, usually one (no shift) or four (shift of half a
+window: whole windows, two kinds of border windows, corners).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def bands(n: int, window: int, shift: int) -> list[tuple[int, int, int]]:
     return runs
 
 
-def window_sizes(grid: tuple[int, int], window: int, shift: int) -> list[int]:
-    """The token count of every window (for the cost)."""
-    return [a * c for r0, r1, a in bands(grid[0], window, shift) for c0, c1, c in bands(grid[1], window, shift)
+def window_shapes(grid: tuple[int, int], window: int, shift: int) -> list[tuple[int, int]]:
+    """The (rows, columns) of every window (for the cost and the benchmark's shapes)."""
+    return [(a, c) for r0, r1, a in bands(grid[0], window, shift) for c0, c1, c in bands(grid[1], window, shift)
             for _ in range((r1 - r0) // a * ((c1 - c0) // c))]
 
 
@@ -47,25 +47,25 @@ def window_ids(grid: tuple[int, int], window: int, shift: int) -> torch.Tensor:
 
 
 def in_windows(tokens: torch.Tensor, grid: tuple[int, int], window: int, shift: int, attend) -> torch.Tensor:
-    """`attend` (a (B', n, K) batch of windows -> (B', n, C)) applied within each window of the
-    (B, h * w, K) tokens on the grid; returns (B, h * w, C)."""
+    """`attend` (a (B', n, K) batch of windows of (rows, columns) cells -> (B', n, C)) applied within
+    each window of the (B, h * w, K) tokens on the grid; returns (B, h * w, C)."""
     b, (h, w) = tokens.shape[0], grid
     cells = tokens.view(b, h, w, -1)
     pieces = []   # per band of rows: [(windows, band height, band width)] along the columns
     for r0, r1, a in bands(h, window, shift):
         pieces.append([(rearrange(cells[:, r0:r1, c0:c1], "b (i a) (j c) k -> (b i j) (a c) k", a=a, c=c), a, c,
                         (c1 - c0) // c) for c0, c1, c in bands(w, window, shift)])
-    by_count: dict[int, list[torch.Tensor]] = {}
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
     for row in pieces:
         for windows, a, c, _ in row:
-            by_count.setdefault(a * c, []).append(windows)
+            by_shape.setdefault((a, c), []).append(windows)
     outs = {}
-    for n, group in by_count.items():   # one call per token count
-        done = attend(group[0] if len(group) == 1 else torch.cat(group))
-        outs[n] = list(done.split([g.shape[0] for g in group]))
+    for shape, group in by_shape.items():   # one call per window shape
+        done = attend(group[0] if len(group) == 1 else torch.cat(group), shape)
+        outs[shape] = list(done.split([g.shape[0] for g in group]))
     rows = []
     for row in pieces:   # the windows' outputs back in place, in the order they were cut
-        parts = [rearrange(outs[a * c].pop(0), "(b i j) (a c) k -> b (i a) (j c) k", b=b, a=a, c=c, j=j)
+        parts = [rearrange(outs[(a, c)].pop(0), "(b i j) (a c) k -> b (i a) (j c) k", b=b, a=a, c=c, j=j)
                  for _, a, c, j in row]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)

@@ -210,11 +210,13 @@ class ModelSpec(Strict):
     in_channels: PositiveInt = Field(3, description="Image channels (3 for RGB, 1 for grayscale).")
     num_classes: PositiveInt = Field(description="Number of output classes.")
     stem: Stem
-    pos_embed: Literal["none", "learned", "sincos", "rope"] = Field(
+    pos_embed: Literal["none", "learned", "sincos", "rope", "relative"] = Field(
         "none", description="learned / sincos: a position embedding added to the tokens after the stem; rope: "
         "2-D rotary embedding (axial RoPE) in every attention block instead, turning queries and keys by their "
         "patch's row and column (nothing is added; a new image size needs no resizing). rope needs attention "
-        "blocks and a head dimension divisible by 4."
+        "blocks and a head dimension divisible by 4. relative: Swin's relative position bias in every "
+        "attention block, a learned logit bias per head for each offset between two patches (within a window, "
+        "or across the grid); such blocks run PyTorch's attention (the fused kernel takes no bias)."
     )
     blocks: list[Block] = Field(min_length=1, description="The mixing blocks, applied in order; hybrids are just lists.")
     drop_path: Probability = Field(

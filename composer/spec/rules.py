@@ -119,10 +119,12 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                 problems.append((where, f"{block.drop_path} here and model.drop_path {m.drop_path}: give one (the "
                                         "model's rises linearly over the blocks; a block's holds for its repeats)",
                                  (where, ("model", "drop_path"))))
-    if m.pos_embed == "rope" and not any(hasattr(block, "heads") for block in m.blocks):
+    if m.pos_embed in ("rope", "relative") and not any(hasattr(block, "heads") for block in m.blocks):
         pos = ("model", "pos_embed")
-        problems.append((pos, "rope turns the queries and keys of attention, but the model has no attention "
-                              "block; use learned or sincos", (pos, ("model", "blocks"))))
+        what = ("rope turns the queries and keys of attention" if m.pos_embed == "rope"
+                else "relative biases attention's logits")
+        problems.append((pos, f"{what}, but the model has no attention block; use learned or sincos",
+                         (pos, ("model", "blocks"))))
     if m.registers and last_layout != "tokens":
         registers = ("model", "registers")
         problems.append((registers, f"register tokens need token layout at the end, but the last block "
