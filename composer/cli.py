@@ -250,8 +250,8 @@ def info(as_json):
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in --out.")
 @set_option
 def import_weights(weights, spec_path, out, normalization, classes_file, force, overrides):
-    """Make a run directory from timm's weights of a ViT, MLP-Mixer, ConvMixer or ConvNeXt (.safetensors, .pth, .bin)
-    for the model SPEC describes, or from timm's pretrained model NAME (timm downloads its weights; without
+    """Make a run directory from timm's weights of a ViT, MLP-Mixer, ConvMixer, ConvNeXt or Swin (.safetensors,
+    .pth, .bin) for the model SPEC describes, or from timm's pretrained model NAME (timm downloads its weights; without
     SPEC, the spec is read from the model): then evaluate, predict, export or fine-tune it (train.init_from)."""
     from composer.timm_weights import import_timm, render
 

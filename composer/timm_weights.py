@@ -26,6 +26,7 @@ from composer.errors import UserError, first_few
 # Each family's own key (how a file is recognized, first match wins: ConvNeXt's weights have
 # ConvMixer's key too) and the block kinds of a spec it fits.
 FAMILIES = {
+    "swin": ("layers.0.blocks.0.attn.relative_position_bias_table", {"attention", "channel_mlp", "downsample"}),
     "vit": ("patch_embed.proj.weight", {"attention", "channel_mlp"}),
     "mixer": ("stem.proj.weight", {"token_mlp", "channel_mlp"}),
     "convnext": ("stages.0.blocks.0.conv_dw.weight", {"convnext", "downsample"}),
@@ -36,7 +37,8 @@ NORMALIZATION = {
     "inception": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
     "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
 }
-FAMILY_NORMALIZATION = {"vit": "inception", "mixer": "inception", "convmixer": "imagenet", "convnext": "imagenet"}
+FAMILY_NORMALIZATION = {"vit": "inception", "mixer": "inception", "convmixer": "imagenet", "convnext": "imagenet",
+                        "swin": "imagenet"}
 
 # composer module name within a layer of each kind -> timm's name ("{b}": the index of timm's block;
 # ConvNeXt's: "{s}" its stage, "{j}" the block within the stage)
@@ -59,10 +61,21 @@ LAYER_NAMES = {
     "head": {"norm": "norm", "classify": "head"},
 }
 POOLED_HEAD_NORM = {"norm": "fc_norm"}   # a head whose LayerNorm follows the pooling (head.norm: pooled)
-HEAD_NAMES = {"convnext": {"norm": "head.norm", "classify": "head.fc"}}   # where a family's head differs
+HEAD_NAMES = {"convnext": {"norm": "head.norm", "classify": "head.fc"},   # where a family's head differs
+              "swin": {"norm": "norm", "classify": "head.fc"}}
+# Swin's stages: "{s}" the stage, "{j}" the block within it (as ConvNeXt's)
+SWIN_NAMES = {
+    "attention": {"norm": "layers.{s}.blocks.{j}.norm1", "to_qkv": "layers.{s}.blocks.{j}.attn.qkv",
+                  "to_out": "layers.{s}.blocks.{j}.attn.proj",
+                  "relative.table": "layers.{s}.blocks.{j}.attn.relative_position_bias_table"},
+    "channel_mlp": {"norm": "layers.{s}.blocks.{j}.norm2", "mix_channels.0": "layers.{s}.blocks.{j}.mlp.fc1",
+                    "mix_channels.3": "layers.{s}.blocks.{j}.mlp.fc2"},
+    "downsample": {"norm": "layers.{s}.downsample.norm", "merge": "layers.{s}.downsample.reduction"},
+}
 BLOCK_KINDS = ("attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "convnext", "downsample")
 STEM_NAMES = {"vit": {"project": "patch_embed.proj"}, "mixer": {"project": "stem.proj"},
-              "convmixer": {"project": "stem.0", "norm": "stem.2"}, "convnext": {"project": "stem.0", "norm": "stem.1"}}
+              "convmixer": {"project": "stem.0", "norm": "stem.2"}, "convnext": {"project": "stem.0", "norm": "stem.1"},
+              "swin": {"project": "patch_embed.proj", "norm": "patch_embed.norm"}}
 STARTS_BLOCK = ("attention", "token_mlp", "dwconv")   # the first half of a vit, mixer or convmixer block
 
 
@@ -128,7 +141,7 @@ def family_of(weights: dict) -> str:
         if key in weights:
             return family
     shown = ", ".join(list(weights)[:6])
-    raise UserError(f"the weights are not a timm ViT, MLP-Mixer, ConvMixer or ConvNeXt (none of "
+    raise UserError(f"the weights are not a timm ViT, MLP-Mixer, ConvMixer, ConvNeXt or Swin (none of "
                     f"{', '.join(key for key, _ in FAMILIES.values())} is in them; they start with {shown})")
 
 
@@ -138,13 +151,11 @@ def timm_names(model, family: str) -> dict[str, str]:
     mlp = "mlp" if family == "vit" else "mlp_channels"
     for i, layer in enumerate(model.layers):
         kind = layer.kind.split(" ")[0]   # "head (cls)" -> "head"
-        if kind in STARTS_BLOCK:
-            block += 1
-        elif kind == "downsample":   # ConvNeXt: the first layer of the next stage
+        if kind in STARTS_BLOCK or kind == "convnext":
+            block, in_stage = block + 1, in_stage + 1
+        elif kind == "downsample":   # ConvNeXt, Swin: the first layer of the next stage
             stage, in_stage = stage + 1, -1
-        elif kind == "convnext":
-            in_stage += 1
-        table = STEM_NAMES[family] if kind == "stem" else LAYER_NAMES.get(kind, {})
+        table = STEM_NAMES[family] if kind == "stem" else (SWIN_NAMES if family == "swin" else LAYER_NAMES).get(kind, {})
         if kind == "head":
             table = HEAD_NAMES.get(family, table)
         if kind == "head" and layer.layout == "tokens" and layer.module.norm_pooled:
@@ -234,13 +245,17 @@ def spec_from_timm(model, name: str) -> dict:
         blocks = [{"kind": "convmixer", "kernel_size": model.blocks[0][0].fn[0].kernel_size[0],
                    "activation": activation, "repeat": len(model.blocks)}]
         extras = {"head": {"pool": "mean"}}
+    elif kind == "SwinTransformer":
+        stem, blocks = _swin_spec(model, name)
+        size = model.patch_embed.img_size[0]
+        extras = {"pos_embed": "relative", "head": {"pool": "mean", "norm": "layernorm"}}
     elif kind == "ConvNeXt":
         stem, blocks = _convnext_spec(model, name)
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
         extras = {"head": {"pool": "mean", "norm": "layernorm"}}   # on the grid: the norm of the pooled vector
     else:
-        raise UserError(f"timm's {name} is a {kind}; composer imports VisionTransformer, MlpMixer, ConvMixer and "
-                        "ConvNeXt models")
+        raise UserError(f"timm's {name} is a {kind}; composer imports VisionTransformer, MlpMixer, ConvMixer, "
+                        "ConvNeXt and SwinTransformer models")
     return {"name": name.replace(".", "_"), "description": f"timm's {name}, imported",
             # a backbone (num_classes 0) gets one class: its classifier is not used (import: backbone_only)
             "model": {"image_size": size, "num_classes": max(1, model.num_classes), "stem": stem, **extras,
@@ -290,6 +305,47 @@ def _convnext_spec(model, name: str) -> tuple[dict, list[dict]]:
                        "mlp_ratio": hidden / block.conv_dw.out_channels,
                        # the trained factors come with the weights; this is where timm starts them
                        "layer_scale": 1e-6 if block.gamma is not None else None, "repeat": len(stage.blocks)})
+    return stem, blocks
+
+
+def _swin_spec(model, name: str) -> tuple[dict, list[dict]]:
+    """The stem and blocks of a timm SwinTransformer: before each stage but the first a downsample
+    block (patch merging), then the stage's vit blocks with their windows, shifted in every second
+    block. Variants with parts composer does not build are refused."""
+    def kind(module) -> str:
+        return type(module).__name__
+
+    first = model.layers[0].blocks[0]
+    extra = [part for part, there in (
+        ("an absolute position embedding", getattr(model, "absolute_pos_embed", None) is not None),
+        ("a patch embedding without its LayerNorm", kind(model.patch_embed.norm) != "LayerNorm"),
+        (f"a {kind(first.mlp)} MLP", kind(first.mlp) != "Mlp" or kind(first.mlp.act) != "GELU"),
+        ("windows that are not square", first.window_size[0] != first.window_size[1]),
+        (f"a {kind(model.head.global_pool)} head", getattr(model.head.global_pool, "pool_type", "avg") != "avg")) if there]
+    if extra:
+        raise UserError(f"timm's {name} is a Swin with {', '.join(extra)}: parts composer's blocks do not have")
+    proj = model.patch_embed.proj
+    stem = {"patch_size": proj.kernel_size[0], "dim": proj.out_channels, "norm": "layernorm"}
+    blocks = []
+    for s, stage in enumerate(model.layers):
+        if s > 0:
+            merge = stage.downsample
+            if kind(merge) != "PatchMerging":
+                raise UserError(f"timm's {name} downsamples its stage {s} with {kind(merge)}, not patch merging")
+            blocks.append({"kind": "downsample", "dim": merge.reduction.out_features, "style": "merge",
+                           "norm_eps": merge.norm.eps})
+        block, window = stage.blocks[0], stage.blocks[0].window_size[0]
+        shifts = [b.shift_size[0] if isinstance(b.shift_size, tuple) else b.shift_size for b in stage.blocks]
+        if shifts != [window // 2 * (i % 2) for i in range(len(shifts))] and any(shifts):
+            raise UserError(f"timm's {name} shifts the windows of stage {s} by {shifts}; composer shifts every "
+                            "second block by half a window")
+        vit = {"kind": "vit", "heads": block.attn.num_heads,
+               "mlp_ratio": block.mlp.fc1.out_features / block.norm1.normalized_shape[0],
+               "qkv_bias": block.attn.qkv.bias is not None, "norm_eps": block.norm1.eps, "window": window,
+               "repeat": len(stage.blocks)}
+        if any(shifts):
+            vit["shift"] = True
+        blocks.append(vit)
     return stem, blocks
 
 
@@ -348,7 +404,7 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
     allowed = FAMILIES[family][1]
     if not kinds <= allowed:
         example = {"vit": "vit_s16", "mixer": "mixer_s16", "convmixer": "convmixer_768_32",
-                   "convnext": "convnext_tiny"}[family]
+                   "convnext": "convnext_tiny", "swin": "swin_t"}[family]
         raise UserError(f"{source} holds a timm {family}, but {spec_path} has {', '.join(sorted(kinds - allowed))} "
                         f"blocks; give a spec of {family} blocks (e.g. specs/{example}.yaml)")
     names = timm_names(model, family)

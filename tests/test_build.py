@@ -24,6 +24,7 @@ PUBLISHED = {
     # (the import sets it to zero: the same network)
     "deit3_s16": 22_059_496 + 384,
     "convnext_tiny": 28_589_128,
+    "swin_t": 28_288_354,
 }
 ALL_SPECS = sorted(p for p in SPECS.glob("*.yaml"))
 CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -941,3 +942,28 @@ def test_relative_positions_need_attention():
         load_spec_text(text, "r.yaml")
     assert ("model.pos_embed: relative biases attention's logits, but the model has no attention block; use "
             "learned or sincos") in str(caught.value)
+
+
+def test_downsample_merge_style_is_swins_patch_merging():
+    """style: merge equals timm's PatchMerging (each 2x2 patch's channels in its order, LayerNorm over
+    them, Linear without bias), every weight random; batchnorm does not go with it."""
+    timm = pytest.importorskip("timm")
+    from timm.models.swin_transformer import PatchMerging
+
+    from composer.blocks.downsample import Downsample
+    from composer.spec import SpecError
+
+    torch.manual_seed(0)
+    theirs = PatchMerging(8, 12)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p))
+    ours = Downsample(8, 12, norm_eps=1e-5, style="merge")
+    ours.load_state_dict({"norm.weight": theirs.norm.weight, "norm.bias": theirs.norm.bias,
+                          "merge.weight": theirs.reduction.weight})
+    x = torch.randn(2, 6, 10, 8)   # timm's layout (B, H, W, C); ours the grid (B, C, H, W)
+    torch.testing.assert_close(ours(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), theirs(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(HIERARCHICAL.replace("norm: batchnorm", "norm: batchnorm, style: merge"), "m.yaml")
+    assert "model.blocks[3].norm: patch merging normalizes each merged patch's values: layernorm or none" in \
+        str(caught.value)

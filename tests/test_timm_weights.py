@@ -19,6 +19,11 @@ SPECS = {
     "mixer": "  stem: {patch_size: 4, dim: 32}\n  blocks: [{kind: mixer, token_hidden: 8, repeat: 2}]\n  head: {pool: mean}\n",
     "convmixer": ("  stem: {patch_size: 4, dim: 32, activation: gelu, norm: batchnorm}\n"
                   "  blocks: [{kind: convmixer, kernel_size: 3, repeat: 2}]\n  head: {pool: mean}\n"),
+    "swin": ("  stem: {patch_size: 2, dim: 8, norm: layernorm}\n  pos_embed: relative\n"
+             "  blocks: [{kind: vit, heads: 2, mlp_ratio: 2, window: 4, shift: true, norm_eps: 1.0e-5, repeat: 2},\n"
+             "           {kind: downsample, dim: 16, style: merge, norm_eps: 1.0e-5},\n"
+             "           {kind: vit, heads: 2, mlp_ratio: 2, window: 4, norm_eps: 1.0e-5, repeat: 2}]\n"
+             "  head: {pool: mean, norm: layernorm}\n"),
     "convnext": ("  stem: {patch_size: 1, dim: 8, norm: layernorm}\n"   # timm's: always four stages
                  "  blocks: [{kind: convnext, kernel_size: 3, repeat: 2}, {kind: downsample, dim: 16},\n"
                  "           {kind: convnext, kernel_size: 3}, {kind: downsample}, {kind: convnext, kernel_size: 3},\n"
@@ -30,6 +35,7 @@ SPECS = {
 def timm_model(family, **options):
     from timm.models.convmixer import ConvMixer
     from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.mlp_mixer import MlpMixer
     from timm.models.vision_transformer import VisionTransformer
 
@@ -39,6 +45,8 @@ def timm_model(family, **options):
              "mixer": lambda: MlpMixer(num_classes=5, img_size=16, patch_size=4, num_blocks=2, embed_dim=32,
                                        mlp_ratio=(0.25, 4.0)),
              "convmixer": lambda: ConvMixer(dim=32, depth=2, kernel_size=3, patch_size=4, num_classes=5),
+             "swin": lambda: SwinTransformer(img_size=16, patch_size=2, embed_dim=8, depths=(2, 2), num_heads=(2, 2),
+                                             window_size=4, mlp_ratio=2, num_classes=5),
              "convnext": lambda: ConvNeXt(num_classes=5, depths=(2, 1, 1, 1), dims=(8, 16, 32, 24), kernel_sizes=3,
                                           patch_size=1, **options),
              }[family]()
@@ -55,7 +63,7 @@ def write_spec(tmp_path, family):
     return path
 
 
-@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer", "convnext"])
+@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer", "convnext", "swin"])
 def test_imported_weights_compute_what_timm_computes(tmp_path, family):
     reference = timm_model(family)
     weights = tmp_path / "weights.pth"
@@ -71,7 +79,7 @@ def test_imported_weights_compute_what_timm_computes(tmp_path, family):
     assert got.shape == (3, 5)
     # fp32 on both sides, the same operations in another order: a few ulps of logits of size ~10
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    mean = [0.485, 0.456, 0.406] if family in ("convmixer", "convnext") else [0.5, 0.5, 0.5]
+    mean = [0.485, 0.456, 0.406] if family in ("convmixer", "convnext", "swin") else [0.5, 0.5, 0.5]
     assert state["normalization"]["mean"] == mean and state["classes"] is None   # unnamed: the data's names apply
     listed = run_cli("runs", tmp_path, "--json")
     assert listed.returncode == 0, listed.stderr
@@ -120,7 +128,7 @@ def test_import_mistakes_are_named(tmp_path):
     assert_user_error(run_cli("import", junk, mixer, "--out", tmp_path / "a"), "cannot be read as weights")
     torch.save({"fc.weight": torch.zeros(2, 2)}, junk)
     assert_user_error(run_cli("import", junk, mixer, "--out", tmp_path / "a"),
-                      "the weights are not a timm ViT, MLP-Mixer, ConvMixer or ConvNeXt")
+                      "the weights are not a timm ViT, MLP-Mixer, ConvMixer, ConvNeXt or Swin")
     assert_user_error(run_cli("import", tmp_path / "nowhere.pth", mixer, "--out", tmp_path / "a"),
                       "nowhere.pth does not exist")
     names = tmp_path / "classes.txt"
@@ -137,7 +145,7 @@ def test_import_mistakes_are_named(tmp_path):
     ("vit_ti16", "vit_tiny_patch16_224"), ("vit_s16", "vit_small_patch16_224"), ("vit_b16", "vit_base_patch16_224"),
     ("mixer_s16", "mixer_s16_224"), ("mixer_b16", "mixer_b16_224"), ("convmixer_768_32", "convmixer_768_32"),
     ("convmixer_1536_20", "convmixer_1536_20"), ("deit3_s16", "deit3_small_patch16_224"),
-    ("convnext_tiny", "convnext_tiny")])
+    ("convnext_tiny", "convnext_tiny"), ("swin_t", "swin_tiny_patch4_window7_224")])
 def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm_name):
     """On the meta device (shapes only): every tensor of the spec's model has one of timm's model of
     that name, of the same shape, and every one of timm's is used."""
@@ -160,7 +168,7 @@ def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm
             == [b.model_dump(exclude={"drop_path"}) for b in model.spec.blocks])
 
 
-@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer", "convnext"])
+@pytest.mark.parametrize("family", ["vit", "mixer", "convmixer", "convnext", "swin"])
 def test_timm_name_reads_the_spec_and_normalization_from_timms_model(tmp_path, family, monkeypatch):
     """timm:NAME: timm makes the model with its pretrained weights (here: a small random one in their
     place, as no network is assumed); the spec comes from its modules, the normalization from its
@@ -175,7 +183,7 @@ def test_timm_name_reads_the_spec_and_normalization_from_timms_model(tmp_path, f
     assert f"the spec, read from timm's model: {tmp_path / 'run'}/spec.yaml" in result.stdout
     spec, model, state = load_run(tmp_path / "run", backend="reference")
     assert spec.name == "tiny_one_v2" and spec.model.num_classes == 5 and spec.model.image_size == 16
-    assert spec.model.blocks[0].kind == family and spec.model.blocks[0].repeat == 2
+    assert spec.model.blocks[0].kind == {"swin": "vit"}.get(family, family) and spec.model.blocks[0].repeat == 2
     assert state["normalization"] == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

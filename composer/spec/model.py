@@ -147,6 +147,10 @@ class DownsampleBlock(Repeated):
     norm: Literal["layernorm", "batchnorm", "none"] = Field(
         "layernorm", description="Normalization over the channels before the convolution.")
     norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="The normalization's epsilon.")
+    style: Literal["conv", "merge"] = Field(
+        "conv", description="conv: the norm over each cell's channels, then a factor x factor convolution of "
+        "stride factor (ConvNeXt); merge: Swin's patch merging, each patch's factor^2 x channels values side by "
+        "side, a LayerNorm over them, then a Linear without bias (norm layernorm or none).")
 
 
 class PointwiseBlock(Repeated):

@@ -94,6 +94,10 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                                         "(no factor does: change model.stem.patch_size or an earlier downsample, or "
                                         "remove this one)"),
                              (factor, where + ("repeat",)) + shape_paths))
+        if block.kind == "downsample" and block.style == "merge" and block.norm == "batchnorm":
+            problems.append((where + ("norm",), "patch merging normalizes each merged patch's values: layernorm or "
+                                                "none (batchnorm goes with style: conv)",
+                             (where + ("norm",), where + ("style",))))
         k = getattr(block, "kernel_size", None)
         if k is not None and k % 2 == 0:
             problems.append((where + ("kernel_size",), f"{k} is even; 'same' padding needs an odd kernel size "
