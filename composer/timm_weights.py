@@ -412,7 +412,7 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
         weights = fit_prefix_tokens(weights, model)
     # A backbone (timm's num_classes=0, as DINOv2's): no classifier in the weights; the run keeps
     # a random one and says so, and fine-tuning from it starts a new one
-    classifier = {ours for ours, theirs in names.items() if theirs in ("head.weight", "head.bias")}
+    classifier = {ours for ours in names if ours.split(".")[2] == "classify"}   # stages.{i}.classify.weight
     backbone_only = bool(classifier) and not any(names[ours] in weights for ours in classifier)
     state, problems = model.state_dict(), []
     for ours, theirs in names.items():

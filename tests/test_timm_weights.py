@@ -323,3 +323,23 @@ def test_convnext_variants_import_or_are_refused_by_name(tmp_path, monkeypatch):
         monkeypatch.setattr(timm, "create_model", lambda name, pretrained: variant)
         assert_user_error(run_cli("import", "timm:other", "--out", tmp_path / "other"),
                           f"timm's other is a ConvNeXt with {fragment}")
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin"])
+def test_hierarchical_backbones_import_without_their_classifier(tmp_path, family, monkeypatch):
+    """A ConvNeXt or Swin made with num_classes=0 (its head a pooled norm, no Linear) imports as a
+    backbone, computing timm's pooled features."""
+    reference = timm_model(family)
+    reference.reset_classifier(0)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
+    result = run_cli("import", f"timm:{family}_backbone", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(reference.state_dict())} tensors, all of them" in result.stdout
+    _, model, state = load_run(tmp_path / "run", backend="reference")
+    assert state["backbone_only"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        features = x
+        for stage in model.stages[:-1]:
+            features = stage(features)
+        torch.testing.assert_close(model.stages[-1].features(features), reference(x), rtol=1e-4, atol=1e-4)
