@@ -206,7 +206,8 @@ def sweep(spec_path, axes, out_dir, overrides):
 @click.option("--data", required=True, metavar="FOLDER|KIND",
               help="An image folder (or archive) of <class>/<image>, or cifar10, cifar100, mnist, fashion_mnist, "
                    "digits, synthetic.")
-@click.option("--arch", type=click.Choice(["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer", "convnext+vit"]),
+@click.option("--arch", type=click.Choice(["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer",
+                                           "convnext+vit"]),
               default="vit", show_default=True)
 @click.option("--val", metavar="FOLDER", help="A validation folder of the same classes (default: hold out 10%).")
 @click.option("--labels", metavar="CSV", help="A CSV of image,class rows naming the classes of the folder's images "

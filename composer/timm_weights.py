@@ -1,11 +1,13 @@
 """Pretrained weights from timm: `composer import WEIGHTS SPEC --out RUN_DIR`.
 
-timm's VisionTransformer, MlpMixer, ConvMixer and ConvNeXt compute what composer's vit, mixer,
-convmixer and convnext blocks (with downsample blocks between ConvNeXt's stages) compute (the
-shipped specs vit_ti16/s16/b16, mixer_s16/b16, convmixer_768_32/1536_20 and convnext_tiny have
-their parameter counts), so their weights carry over tensor for tensor under other names. The import writes a run directory whose best.pt holds them with the
-spec: `evaluate`, `predict`, `export` and `visualize` take it as they take a trained run, and
-`train.init_from` fine-tunes from it (a new class count or image size included).
+timm's VisionTransformer, MlpMixer, ConvMixer, ConvNeXt and SwinTransformer compute what
+composer's vit, mixer, convmixer and convnext blocks compute (with downsample blocks between the
+stages of ConvNeXt and Swin; the shipped specs vit_ti16/s16/b16, mixer_s16/b16,
+convmixer_768_32/1536_20, convnext_tiny and swin_t have their parameter counts), so their
+weights carry over tensor for tensor under other names. The import writes a run directory whose
+best.pt holds them with the spec: `evaluate`, `predict`, `export` and `visualize` take it as
+they take a trained run, and `train.init_from` fine-tunes from it (a new class count or image
+size included).
 
 Files: a state dict saved by torch (`.pth`, `.bin`, `.pt`; also one wrapped under "model",
 "state_dict" or "state_dict_ema") or a `.safetensors` file, as timm and the Hugging Face hub

@@ -122,7 +122,7 @@ class Attention(Block):
     def cost(self, ctx: Context) -> Cost:
         n, c = ctx.tokens, ctx.dim
         # scores and their product with v: every token with every token, or within each window
-        pairs = n * n if self.windows is None else sum((a * c) ** 2 for a, c in window_shapes(*self.windows))
+        pairs = n * n if self.windows is None else sum((rows * cols) ** 2 for rows, cols in window_shapes(*self.windows))
         flops = 2 * n * c * 3 * c + 2 * 2 * pairs * c + 2 * n * c * c
         # saved for backward: x, LN out, qkv, attention out, per-row statistics
         return Cost(flops, n * c * 6 + self.heads * n)

@@ -5,8 +5,9 @@
 Each f x f patch of the grid becomes one cell with C' channels: ConvNeXt's downsampling layer
 (LayerNorm over the channels, then the strided convolution), or with style merge Swin's patch
 merging (each 2 x 2 patch's channels side by side, LayerNorm over the 4C, Linear 4C -> 2C): the
-same linear map of the patch, the statistics taken over the patch rather than each cell. The blocks after it see the smaller grid and the new
-width; attention on a grid four times smaller costs sixteen times less.
+same linear map of the patch, the statistics taken over the patch rather than each cell. The
+blocks after it see the smaller grid and the new width; attention on a grid four times smaller
+costs sixteen times less.
 """
 from __future__ import annotations
 
