@@ -167,6 +167,9 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
     if summary["pos_embed"] == "rope":
         notes.append("Positions: 2-D rotary embedding (rope) of every attention block's queries and keys; no table "
                      "is added to the tokens.")
+    if summary["pos_embed"] == "relative":
+        notes.append("Positions: a learned relative position bias in every attention block (Swin's); those blocks "
+                     "run PyTorch's attention, as the fused kernel takes no bias.")
     if summary["drop_path"]:
         notes.append(f"Stochastic depth (model.drop_path): 0 at the first block, rising linearly to "
                      f"{summary['drop_path']:.3g} at the last (each layer's rate: --json).")

@@ -47,6 +47,11 @@ def test_summarize_shows_each_stage_and_its_windows():
     assert rows[4]["window"] == {"size": 7, "shift": 3} and rows[-1]["window"] == {"size": 7, "shift": 0}
     table = " ".join(run_cli("summarize", SPECS / "swin_t_rope.yaml").stdout.split())
     assert "blocks[0].attention #2 (7x7 windows, shifted 3)" in table and "(1, 96, 56, 56) -> (1, 192, 28, 28)" in table
+    swin = " ".join(run_cli("summarize", SPECS / "swin_t.yaml").stdout.split())
+    assert "Positions: a learned relative position bias in every attention block (Swin's); those blocks run " \
+           "PyTorch's attention" in swin
+    rows = json.loads(run_cli("summarize", SPECS / "swin_t.yaml", "--json").stdout)["rows"]
+    assert {r["kernel"] for r in rows if r["kind"] == "attention"} == {"pytorch"}
 
 
 def test_summarize_says_where_rope_positions_go(tmp_path):
