@@ -56,8 +56,9 @@ class Stem(FusedBatchNorm, nn.Module):
         self.act = activation(s.activation) if s.activation else nn.Identity()
         if s.norm == "batchnorm":
             self.norm = nn.BatchNorm2d(s.dim) if s.kind != "linear" else _TokenBatchNorm(s.dim)
-        elif s.norm == "layernorm":   # eps as the blocks' LayerNorms (and ConvNeXt's stem)
-            self.norm = nn.LayerNorm(s.dim, eps=1e-6) if s.kind == "linear" else ChannelLayerNorm(s.dim, eps=1e-6)
+        elif s.norm == "layernorm":
+            norm = nn.LayerNorm if s.kind == "linear" else ChannelLayerNorm
+            self.norm = norm(s.dim, eps=s.norm_eps)
         else:
             self.norm = nn.Identity()
 
@@ -164,12 +165,13 @@ class Head(nn.Module):
 
     `prefix`: tokens before the patches (class token, registers) that mean pooling leaves out."""
 
-    def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: str, dropout: float, prefix: int = 0):
+    def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: str, dropout: float, prefix: int = 0,
+                 norm_eps: float = 1e-6):
         super().__init__()
         self.pool, self.layout, self.prefix = pool, layout, prefix
         # where the LayerNorm goes: on every token before pooling, or on the pooled vector
         self.norm_pooled = norm == "pooled" or layout == "grid"
-        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm != "none" else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm != "none" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.classify = nn.Linear(dim, classes)
 
@@ -342,7 +344,8 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
 
     norm = "layernorm" if m.head.norm == "auto" and layout == "tokens" else m.head.norm
     norm = "none" if norm == "auto" else norm
-    head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout, prefix=tokens - patches)
+    head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout, prefix=tokens - patches,
+                norm_eps=m.head.norm_eps)
     add("head", f"head ({m.head.pool})", layout, shape(layout, tokens), (m.num_classes,), head,
         Cost(2 * dim * m.num_classes, dim))
     model = ComposedModel(m, layers)

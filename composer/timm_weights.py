@@ -250,7 +250,7 @@ def spec_from_timm(model, name: str) -> dict:
     elif kind == "SwinTransformer":
         stem, blocks = _swin_spec(model, name)
         size = model.patch_embed.img_size[0]
-        extras = {"pos_embed": "relative", "head": {"pool": "mean", "norm": "layernorm"}}
+        extras = {"pos_embed": "relative", "head": {"pool": "mean", "norm": "layernorm", "norm_eps": model.norm.eps}}
     elif kind == "ConvNeXt":
         stem, blocks = _convnext_spec(model, name)
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
@@ -327,7 +327,8 @@ def _swin_spec(model, name: str) -> tuple[dict, list[dict]]:
     if extra:
         raise UserError(f"timm's {name} is a Swin with {', '.join(extra)}: parts composer's blocks do not have")
     proj = model.patch_embed.proj
-    stem = {"patch_size": proj.kernel_size[0], "dim": proj.out_channels, "norm": "layernorm"}
+    stem = {"patch_size": proj.kernel_size[0], "dim": proj.out_channels, "norm": "layernorm",
+            "norm_eps": model.patch_embed.norm.eps}
     blocks = []
     for s, stage in enumerate(model.layers):
         if s > 0:

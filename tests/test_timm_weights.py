@@ -19,11 +19,11 @@ SPECS = {
     "mixer": "  stem: {patch_size: 4, dim: 32}\n  blocks: [{kind: mixer, token_hidden: 8, repeat: 2}]\n  head: {pool: mean}\n",
     "convmixer": ("  stem: {patch_size: 4, dim: 32, activation: gelu, norm: batchnorm}\n"
                   "  blocks: [{kind: convmixer, kernel_size: 3, repeat: 2}]\n  head: {pool: mean}\n"),
-    "swin": ("  stem: {patch_size: 2, dim: 8, norm: layernorm}\n  pos_embed: relative\n"
+    "swin": ("  stem: {patch_size: 2, dim: 8, norm: layernorm, norm_eps: 1.0e-5}\n  pos_embed: relative\n"
              "  blocks: [{kind: vit, heads: 2, mlp_ratio: 2, window: 4, shift: true, norm_eps: 1.0e-5, repeat: 2},\n"
              "           {kind: downsample, dim: 16, style: merge, norm_eps: 1.0e-5},\n"
              "           {kind: vit, heads: 2, mlp_ratio: 2, window: 4, norm_eps: 1.0e-5, repeat: 2}]\n"
-             "  head: {pool: mean, norm: layernorm}\n"),
+             "  head: {pool: mean, norm: layernorm, norm_eps: 1.0e-5}\n"),
     "convnext": ("  stem: {patch_size: 1, dim: 8, norm: layernorm}\n"   # timm's: always four stages
                  "  blocks: [{kind: convnext, kernel_size: 3, repeat: 2}, {kind: downsample, dim: 16},\n"
                  "           {kind: convnext, kernel_size: 3}, {kind: downsample}, {kind: convnext, kernel_size: 3},\n"

@@ -37,6 +37,7 @@ class Stem(Strict):
     norm: Literal["none", "batchnorm", "layernorm"] = Field(
         "none", description="Normalization after the projection (ConvMixer uses batchnorm)."
     )
+    norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="layernorm: its epsilon.")
 
 
 # -- blocks -------------------------------------------------------------------
@@ -202,6 +203,7 @@ class Head(Strict):
         "vector (timm's fc_norm, usual with mean pooling); auto = layernorm when the last block uses tokens, else none."
     )
     dropout: Probability = Field(0.0, description="Dropout before the classifier.")
+    norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="The head's LayerNorm epsilon.")
 
 
 class ModelSpec(Strict):
