@@ -127,7 +127,8 @@ def _load(data: DataSpec, model: ModelSpec, root: str | None, train: bool, field
     if data.kind in TORCHVISION_SETS:
         found, where = _load_torchvision(data.kind, root, train, data.download), _expand(root)
     elif data.kind == "folder":
-        found, where = _load_folder(root, model, cache_root(data.cache_dir), field, echo, labels), _expand(root)
+        found, where = (_load_folder(root, model, cache_root(data.cache_dir), field, echo, labels, data.crop),
+                        _expand(root))
     elif data.kind == "digits":
         found, where = _load_digits(), "scikit-learn's digits"
     else:
@@ -225,7 +226,7 @@ def _field_error(field: str, message: str) -> UserError:
 
 
 def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "data.root", echo=None,
-                 labels: str | None = None) -> ImageSet:
+                 labels: str | None = None, crop: float | None = None) -> ImageSet:
     if not root:
         raise SpecFieldError("data.root", "data.root is not set; the folder dataset needs a directory (or archive) of <class>/<image>")
     path = Path(_expand(root))
@@ -250,7 +251,7 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
 
     if table:   # the labels decide which images and classes: part of the key
         source += ["labels", table.text]
-    key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION])
+    key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION] + ([f"crop {crop}"] if crop else []))
     cached = cache / "images" / f"{_slug(path)}-{key}.pt"
     if cached.exists():
         try:
@@ -262,7 +263,7 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
     _check_memory_for(len(files), model, path)
     try:
         decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size,
-                                 _DecodeReport(echo, path, cache) if echo else None)
+                                 _DecodeReport(echo, path, cache) if echo else None, crop)
     except _BadImage as e:
         raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); remove or replace it") from None
     found = ImageSet(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(),
@@ -305,12 +306,13 @@ def image_files(paths: list[str]) -> list[str]:
     return files
 
 
-def decode_files(files: list[str], model: ModelSpec) -> torch.Tensor:
-    """`files` decoded as a folder dataset is: uint8 (N, C, H, W) at the model's image size and channels."""
+def decode_files(files: list[str], model: ModelSpec, crop: float | None = None) -> torch.Tensor:
+    """`files` decoded as a folder dataset is: uint8 (N, C, H, W) at the model's image size and channels
+    (`crop`: as data.crop)."""
     if model.in_channels not in (1, 3):
         raise UserError(f"images load as grayscale (1) or RGB (3), not the model's {model.in_channels} channels")
     try:
-        decoded = _decode_images(files, model.in_channels, model.image_size)
+        decoded = _decode_images(files, model.in_channels, model.image_size, crop=crop)
     except _BadImage as e:
         raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); give image files "
                         f"({', '.join(IMAGE_EXTENSIONS)})") from None
@@ -540,10 +542,11 @@ class _DecodeReport:
                       if done < total else f"decoded {total:,} images in {now - self.started:.0f}s")
 
 
-def _decode_images(paths: list[str], channels: int, size: int, report=None) -> np.ndarray:
+def _decode_images(paths: list[str], channels: int, size: int, report=None, crop: float | None = None) -> np.ndarray:
     """Decodes and resizes images into one uint8 (N, size, size, C) array, in parallel when there are
-    many; `report(done, total)` hears of each chunk done (and of the start, with 0)."""
-    jobs = [(paths[i:i + DECODE_CHUNK], channels, size) for i in range(0, len(paths), DECODE_CHUNK)]
+    many; `report(done, total)` hears of each chunk done (and of the start, with 0); `crop`: the
+    centre crop of data.crop."""
+    jobs = [(paths[i:i + DECODE_CHUNK], channels, size, crop) for i in range(0, len(paths), DECODE_CHUNK)]
     report = report or (lambda done, total: None)
     report(0, len(paths))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -568,22 +571,39 @@ def _decode_images(paths: list[str], channels: int, size: int, report=None) -> n
     return np.concatenate(parts)
 
 
-def _decode_chunk(job: tuple[list[str], int, int]) -> np.ndarray | tuple[str, str]:
+def _decode_chunk(job: tuple[list[str], int, int, float | None]) -> np.ndarray | tuple[str, str]:
     from PIL import Image
 
-    paths, channels, size = job
+    paths, channels, size, crop = job
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(paths), size, size, channels), np.uint8)
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 image = image.convert(mode)
-                if image.size != (size, size):
+                if crop:
+                    image = centre_crop(image, size, crop)
+                elif image.size != (size, size):
                     image = image.resize((size, size), Image.BILINEAR)
                 out[i] = np.asarray(image).reshape(size, size, channels)
         except Exception as e:  # reported with its path; exceptions from PIL plugins vary
             return path, f"{type(e).__name__}: {e}"
     return out
+
+
+def centre_crop(image, size: int, crop: float):
+    """A PIL image's centre as timm evaluates (torchvision's Resize then CenterCrop): the shorter side
+    resized to floor(size / crop), the longer in proportion (rounded down), bilinear; then the
+    central size x size square."""
+    from PIL import Image
+
+    scaled = math.floor(size / crop)
+    w, h = image.size
+    new = (scaled, int(scaled * h / w)) if w <= h else (int(scaled * w / h), scaled)
+    if new != image.size:
+        image = image.resize(new, Image.BILINEAR)
+    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
+    return image.crop((left, top, left + size, top + size))
 
 
 # -- cache helpers -----------------------------------------------------------------

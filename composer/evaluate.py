@@ -76,9 +76,10 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> 
 
 
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
-             device: str = "auto", flip: bool = False, labels: str | None = None) -> dict:
+             device: str = "auto", flip: bool = False, labels: str | None = None, crop: float | None = None) -> dict:
     """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`, whose
-    images `labels`, a CSV of image,class rows, may name the classes of)."""
+    images `labels`, a CSV of image,class rows, may name the classes of); `crop`: decode image files'
+    centres so (data.crop; the run's own by default)."""
     if labels and not data_root:
         raise UserError("--labels names the classes of the images in --data-root; give --data-root too (the run's "
                         "own data takes its labels from the spec)")
@@ -92,7 +93,12 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     if split is None:
         split = "val" if (spec.data.kind in ("folder", "digits") and not data_root) else "test"
-    data = load_split(spec.data, spec.model, split, data_root=data_root, labels=labels)
+    data_spec = spec.data
+    if crop is not None:
+        if spec.data.kind != "folder":
+            raise UserError(f"--crop is how image files are decoded; the run's {spec.data.kind} images come decoded")
+        data_spec = spec.data.model_copy(update={"crop": crop})
+    data = load_split(data_spec, spec.model, split, data_root=data_root, labels=labels)
     classes = state.get("classes")
     if classes and data.classes and list(data.classes) != list(classes):
         folder = (data_root or (spec.data.val_root if split == "val" and spec.data.val_root else spec.data.root)
@@ -133,9 +139,10 @@ def render(result: dict) -> str:
 
 @torch.no_grad()
 def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 256, device: str = "auto",
-            flip: bool = False) -> dict:
+            flip: bool = False, crop: float | None = None) -> dict:
     """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
-    folders of them): for each image, its `top` classes with their softmax probabilities."""
+    folders of them): for each image, its `top` classes with their softmax probabilities. Images
+    are decoded as the run's data was (its data.crop, or `crop`)."""
     from composer.checkpoint import find_checkpoint, load_run, needs_classifier
     from composer.data import decode_files, image_files, normalize
     from composer.train import precision, resolve_device
@@ -150,7 +157,8 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
     k = min(top, spec.model.num_classes)
     rows = []
     for start in range(0, len(files), batch_size):   # decoded a batch at a time: any number of images
-        x = normalize(decode_files(files[start:start + batch_size], spec.model).to(dev), mean, std)
+        decoded = decode_files(files[start:start + batch_size], spec.model, crop if crop is not None else spec.data.crop)
+        x = normalize(decoded.to(dev), mean, std)
         with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             probs = classify(model, x, flip).softmax(-1)
         best = probs.topk(k, dim=-1)

@@ -388,7 +388,10 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
         if cfg.get("mean") and cfg.get("std"):
             trained_with = ([float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]])
         if spec_path is None:
-            text = yaml.safe_dump(spec_from_timm(reference, source[len("timm:"):]), sort_keys=False)
+            derived = spec_from_timm(reference, source[len("timm:"):])
+            if 0 < (cfg.get("crop_pct") or 1.0) < 1.0:   # its evaluation's centre crop, for evaluate and predict
+                derived["data"]["crop"] = float(cfg["crop_pct"])
+            text = yaml.safe_dump(derived, sort_keys=False)
             spec_path = f"{source} (its spec)"
             spec = load_spec_text(text, spec_path, list(overrides))
         else:

@@ -239,7 +239,7 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
     if head is not None and not 0 <= head < heads:
         raise UserError(f"--head {head} is out of range: the attention layers have {heads} heads (0..{heads - 1})")
     if file is not None:   # no label: the caption says what the model sees
-        images = decode_files([file], spec.model)
+        images = decode_files([file], spec.model, spec.data.crop)
         classes = state.get("classes") or [str(i) for i in range(spec.model.num_classes)]
         shown, truth, tag = Path(file).name, None, f"attention_{Path(file).stem}"
     else:

@@ -616,3 +616,35 @@ def test_resized_crop_replaces_the_padded_crop():
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     a = augment(images, Augment(resized_crop=0.35, hflip=False), torch.Generator().manual_seed(0))
     assert torch.equal(a, data_mod.resized_crop(images, 0.35, torch.Generator().manual_seed(0)))
+
+
+def test_centre_crop_decodes_as_timms_evaluation_transform(tmp_path):
+    """data.crop: each image file's centre, as torchvision's Resize(floor(size / crop)) and
+    CenterCrop(size) make it (timm's evaluation), for wide, tall and square images; the whole image
+    without it; refused where images come decoded."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from composer.data import decode_files
+    from composer.spec import SpecError, load_spec_text
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h) in enumerate(((40, 30), (23, 57), (32, 32))):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    spec = load_spec_text("model: {image_size: 16, num_classes: 2, stem: {patch_size: 4, dim: 8}, "
+                          "blocks: [{kind: mixer}]}\ndata: {kind: folder, root: x, crop: 0.875}")
+    decoded = decode_files(files, spec.model, spec.data.crop)
+    timm_eval = transforms.Compose([transforms.Resize(int(16 / 0.875)), transforms.CenterCrop(16)])
+    for image, path in zip(decoded, files):
+        expected = np.asarray(timm_eval(Image.open(path).convert("RGB")))
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), expected), path
+    whole = decode_files(files[:1], spec.model)
+    assert np.array_equal(whole[0].permute(1, 2, 0).numpy(),
+                          np.asarray(Image.open(files[0]).convert("RGB").resize((16, 16), Image.BILINEAR)))
+    with pytest.raises(SpecError) as caught:
+        load_spec_text("model: {image_size: 32, num_classes: 10, stem: {patch_size: 4, dim: 8}, "
+                       "blocks: [{kind: mixer}]}\ndata: {kind: cifar10, root: x, crop: 0.9}", "c.yaml")
+    assert "data.crop: crop is how image files are decoded; cifar10 images come decoded: remove it" in \
+        str(caught.value)

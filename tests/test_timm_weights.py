@@ -174,7 +174,8 @@ def test_timm_name_reads_the_spec_and_normalization_from_timms_model(tmp_path, f
     place, as no network is assumed); the spec comes from its modules, the normalization from its
     configuration."""
     reference = timm_model(family)
-    reference.pretrained_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "input_size": (3, 16, 16)}
+    reference.pretrained_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "input_size": (3, 16, 16),
+                                "crop_pct": 0.9}
     asked = []
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained: asked.append((name, pretrained)) or reference)
     result = run_cli("import", "timm:tiny_one.v2", "--out", tmp_path / "run")
@@ -185,6 +186,7 @@ def test_timm_name_reads_the_spec_and_normalization_from_timms_model(tmp_path, f
     assert spec.name == "tiny_one_v2" and spec.model.num_classes == 5 and spec.model.image_size == 16
     assert spec.model.blocks[0].kind == {"swin": "vit"}.get(family, family) and spec.model.blocks[0].repeat == 2
     assert state["normalization"] == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    assert spec.data.crop == 0.9   # timm's evaluation crop: evaluate and predict decode images so
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)

@@ -75,6 +75,10 @@ class DataSpec(Strict):
     stratify: bool = Field(False, description="Hold out val_split of each class rather than of the whole set, so "
                            "that rare classes are validated too (every class keeps at least one training image).")
     num_samples: PositiveInt = Field(512, description="synthetic: number of images.")
+    crop: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        None, description="folder: decode each image's centre instead of the whole image: its shorter side resized to "
+        "image_size / crop, then the central image_size square (timm's evaluation crop, e.g. 0.875). None: the "
+        "whole image resized to image_size x image_size.")
     augment: Augment = Field(default_factory=Augment)
 
     @property

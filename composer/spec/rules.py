@@ -218,6 +218,10 @@ def _check_data(d: DataSpec) -> list[Finding]:
     if d.augment.crop_padding and d.augment.resized_crop:
         problems.append((padding, f"crop_padding {d.augment.crop_padding} and resized_crop {d.augment.resized_crop} "
                                   "are two crops; keep one of them", (padding, resized)))
+    crop = ("data", "crop")
+    if d.crop is not None and d.kind != "folder":
+        problems.append((crop, f"crop is how image files are decoded; {d.kind} images come decoded: remove it",
+                         (crop, ("data", "kind"))))
     repeats = ("data", "augment", "repeats")
     if d.augment.repeats > 1 and not d.augment.is_random():
         problems.append((repeats, f"{d.augment.repeats} copies of each image would be identical: no augmentation "
