@@ -46,7 +46,7 @@ def test_all_problems_reported_at_their_lines():
         "x.yaml:5:22: model.stem.patch_size: 5 does not divide the image_size 32 (try 1, 2, 4, 8, 16, 32)",
         "x.yaml:8:14: model.blocks[0].heads: 5 does not divide dim 64 (try 1, 2, 4, 8, 16, 32)",
         "x.yaml:9:25: data.val_splt: unknown key 'val_splt' (did you mean 'val_split'?); valid keys: "
-        "kind, root, download, cache_dir, val_root, labels, val_labels, val_split, split_seed, stratify, num_samples, augment",
+        "kind, root, download, cache_dir, val_root, labels, val_labels, val_split, split_seed, stratify, num_samples, crop, augment",
     ]
 
 
