@@ -57,6 +57,14 @@ def timm_model(family, **options):
     return model.eval()
 
 
+@torch.no_grad()
+def pooled_features(model, x):
+    """What the head of a composer model classifies: the pooled features, as timm's backbones return."""
+    for stage in model.stages[:-1]:
+        x = stage(x)
+    return model.stages[-1].features(x)
+
+
 def write_spec(tmp_path, family):
     path = tmp_path / f"{family}.yaml"
     path.write_text(f"name: {family}\nmodel:\n{COMMON}{SPECS[family]}data: {{kind: synthetic}}\n")
@@ -282,11 +290,7 @@ def test_a_backbone_without_classifier_imports_for_fine_tuning(tmp_path, monkeyp
     spec, model, state = load_run(tmp_path / "run", backend="reference")
     assert state["backbone_only"] and spec.model.registers == 4
     x = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        tokens = x
-        for stage in model.stages[:-1]:
-            tokens = stage(tokens)
-        torch.testing.assert_close(model.stages[-1].features(tokens), backbone(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pooled_features(model, x), backbone(x), rtol=1e-4, atol=1e-4)
 
     for command in (["evaluate", tmp_path / "run"], ["predict", tmp_path / "run", tmp_path],
                     ["export", tmp_path / "run", tmp_path / "m.pt2"]):
@@ -340,8 +344,4 @@ def test_hierarchical_backbones_import_without_their_classifier(tmp_path, family
     _, model, state = load_run(tmp_path / "run", backend="reference")
     assert state["backbone_only"]
     x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        features = x
-        for stage in model.stages[:-1]:
-            features = stage(features)
-        torch.testing.assert_close(model.stages[-1].features(features), reference(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pooled_features(model, x), reference(x), rtol=1e-4, atol=1e-4)
