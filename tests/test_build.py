@@ -148,13 +148,14 @@ def test_every_registered_block_runs_on_triton_like_reference():
     ("dwconv", "{kind: dwconv, kernel_size: 3}"), ("attention", "{kind: attention, heads: 2, qk_norm: true, "
                                                   "layer_scale: 0.1}"),
     ("token_mlp", "{kind: token_mlp, layer_scale: 0.1}"), ("attention (rope)", "{kind: attention, heads: 2}"),
-    ("attention (shifted windows)", "{kind: attention, heads: 2, window: 2, shift: true, repeat: 2}")])
+    ("attention (shifted windows)", "{kind: attention, heads: 2, window: 2, shift: true, repeat: 2}"),
+    ("attention (relative)", "{kind: attention, heads: 2, window: 2}")])
 def test_blocks_compile_fullgraph(kind, spec):
     """torch.compile(fullgraph=True) traces each fused-op block without a graph break (reference path on CPU)."""
     from composer.blocks.base import Context
 
     ctx = Context(dim=8, tokens=16, grid=(4, 4), backend="auto", rotary=kind.endswith("(rope)"),
-                  repeat=1)   # the second copy: its windows shifted
+                  repeat=1, relative=kind.endswith("(relative)"))   # the second copy: its windows shifted
     kind = kind.split(" ")[0]
     block_spec = load_spec_text(f"model: {{image_size: 16, num_classes: 2, stem: {{patch_size: 4, dim: 8}}, "
                                 f"blocks: [{spec}]}}").model.blocks[0]

@@ -148,23 +148,34 @@ class RelativePositionBias(nn.Module):
         self.extent, self.prefix, self.grid = extent, prefix, extent
         rows, cols = 2 * extent[0] - 1, 2 * extent[1] - 1
         self.table = nn.Parameter(nn.init.trunc_normal_(torch.empty(rows * cols, heads), std=0.02))   # Swin's init
+        # the table rows of a rectangle's pairs, by (rectangle, device): made once, not every step
+        self._indices: dict[tuple, torch.Tensor] = {}
+
+    def index(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(n, m) the table rows of queries at cells a (n, 2) for keys at cells b (m, 2)."""
+        offset = a[:, None] - b[None, :]   # (n, m, 2)
+        # pairs farther apart than a window (masked out by window attention anyway) take the edge
+        reach = torch.tensor(self.extent) - 1
+        offset = torch.maximum(torch.minimum(offset, reach), -reach)
+        return (offset[..., 0] + self.extent[0] - 1) * (2 * self.extent[1] - 1) + offset[..., 1] + self.extent[1] - 1
 
     def between(self, a: torch.Tensor, b: torch.Tensor, prefix: int = 0) -> torch.Tensor:
         """(H, P + n, P + m) biases of queries at cells a (n, 2) for keys at cells b (m, 2), after P
         prefix tokens (zero bias)."""
-        offset = (a[:, None] - b[None, :]).to(self.table.device)   # (n, m, 2)
-        # pairs farther apart than a window (masked out by window attention anyway) take the edge
-        offset = torch.maximum(torch.minimum(offset, torch.tensor(self.extent, device=offset.device) - 1),
-                               1 - torch.tensor(self.extent, device=offset.device))
-        index = (offset[..., 0] + self.extent[0] - 1) * (2 * self.extent[1] - 1) + offset[..., 1] + self.extent[1] - 1
+        return self.lookup(self.index(a, b).to(self.table.device), prefix)
+
+    def lookup(self, index: torch.Tensor, prefix: int) -> torch.Tensor:
         bias = self.table[index].permute(2, 0, 1)
         return F.pad(bias, (prefix, 0, prefix, 0)) if prefix else bias
 
     def forward(self, cells: tuple[int, int]) -> torch.Tensor:
         """The bias of attention among the tokens of a cells rectangle (after this block's prefix
         tokens when it attends over the whole grid)."""
-        positions = grid_cells(cells)
-        return self.between(positions, positions, self.prefix if cells == self.grid else 0)
+        key = (cells, self.table.device)
+        if key not in self._indices:
+            positions = grid_cells(cells)
+            self._indices[key] = self.index(positions, positions).to(self.table.device)
+        return self.lookup(self._indices[key], self.prefix if cells == self.grid else 0)
 
 
 ROTARY_BASE = 100.0   # the axial 2-D RoPE's base (Heo et al., 2024): patch grids are short sequences

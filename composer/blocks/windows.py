@@ -4,7 +4,7 @@ The grid is cut into window x window cells, optionally offset by `shift` cells (
 windows). Swin computes shifted windows by rolling the grid and masking the windows that wrap
 around; the same attention is a partition whose first and last rows and columns of windows are
 narrower (`bands`), which needs no mask: every window, whole or narrow, is an ordinary attention
-over its own tokens. Windows of one token count are batched into one call of the attention op
+over its own tokens. Windows of one shape are batched into one call of the attention op
 (the fused kernel on GPU), at most nine groups, usually one (no shift) or four (shift of half a
 window: whole windows, two kinds of border windows, corners).
 """
