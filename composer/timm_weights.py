@@ -265,28 +265,31 @@ def spec_from_timm(model, name: str) -> dict:
             "data": {"kind": "folder", "root": "data/train"}}
 
 
+def _class_name(module) -> str:
+    """A timm module's class name: how its parts are told apart (without importing timm here)."""
+    return type(module).__name__
+
+
 def _convnext_spec(model, name: str) -> tuple[dict, list[dict]]:
     """The stem and blocks of a timm ConvNeXt: a downsample block before each stage but the first,
     then the stage's convnext blocks. Variants with parts composer does not build are refused."""
-    def kind(module) -> str:
-        return type(module).__name__
-
     def is_patchify(conv) -> bool:   # kernel = stride, no padding: non-overlapping patches
-        return kind(conv) == "Conv2d" and conv.kernel_size == conv.stride and conv.padding == (0, 0) \
+        return _class_name(conv) == "Conv2d" and conv.kernel_size == conv.stride and conv.padding == (0, 0) \
             and conv.kernel_size[0] == conv.kernel_size[1]
 
     first = model.stages[0].blocks[0]
     extra = [part for part, there in (
         ("an overlapping stem", not (len(model.stem) == 2 and is_patchify(model.stem[0]))),
-        (f"{kind(model.stem[-1])} norms", kind(model.stem[-1]) != "LayerNorm2d"
-         or kind(first.norm) not in ("LayerNorm", "LayerNorm2d")),
-        ("a downsampling first stage", kind(model.stages[0].downsample) != "Identity"),
-        ("a norm before the head (head_norm_first)", kind(model.norm_pre) != "Identity"),
-        ("a hidden layer in the head", kind(getattr(model.head, "pre_logits", None)) not in ("Identity", "NoneType")),
-        (f"{kind(first)} blocks", kind(first) != "ConvNeXtBlock"),
-        (f"a {kind(first.mlp)} MLP", kind(first.mlp) != "Mlp" or kind(first.mlp.act) != "GELU"
-         or kind(first.mlp.norm) != "Identity"),
-        ("a shortcut with weights", kind(first.shortcut) != "Identity"),
+        (f"{_class_name(model.stem[-1])} norms", _class_name(model.stem[-1]) != "LayerNorm2d"
+         or _class_name(first.norm) not in ("LayerNorm", "LayerNorm2d")),
+        ("a downsampling first stage", _class_name(model.stages[0].downsample) != "Identity"),
+        ("a norm before the head (head_norm_first)", _class_name(model.norm_pre) != "Identity"),
+        ("a hidden layer in the head",
+         _class_name(getattr(model.head, "pre_logits", None)) not in ("Identity", "NoneType")),
+        (f"{_class_name(first)} blocks", _class_name(first) != "ConvNeXtBlock"),
+        (f"a {_class_name(first.mlp)} MLP", _class_name(first.mlp) != "Mlp" or _class_name(first.mlp.act) != "GELU"
+         or _class_name(first.mlp.norm) != "Identity"),
+        ("a shortcut with weights", _class_name(first.shortcut) != "Identity"),
         ("dilated convolutions", first.conv_dw.dilation != (1, 1))) if there]
     if extra:
         raise UserError(f"timm's {name} is a ConvNeXt with {', '.join(extra)}: parts composer's convnext blocks do not "
@@ -295,14 +298,14 @@ def _convnext_spec(model, name: str) -> tuple[dict, list[dict]]:
     blocks = []
     for s, stage in enumerate(model.stages):
         if s > 0:
-            merge = stage.downsample[1] if kind(stage.downsample) == "Sequential" else None
-            if merge is None or kind(stage.downsample[0]) != "LayerNorm2d" or not is_patchify(merge):
+            merge = stage.downsample[1] if _class_name(stage.downsample) == "Sequential" else None
+            if merge is None or _class_name(stage.downsample[0]) != "LayerNorm2d" or not is_patchify(merge):
                 raise UserError(f"timm's {name} downsamples its stage {s} with {stage.downsample}, not a "
                                 "LayerNorm and a patchifying convolution")
             blocks.append({"kind": "downsample", "dim": merge.out_channels, "factor": merge.kernel_size[0]})
         block = stage.blocks[0]
         fc1 = block.mlp.fc1
-        hidden = fc1.out_features if kind(fc1) == "Linear" else fc1.out_channels
+        hidden = fc1.out_features if _class_name(fc1) == "Linear" else fc1.out_channels
         blocks.append({"kind": "convnext", "kernel_size": block.conv_dw.kernel_size[0],
                        "mlp_ratio": hidden / block.conv_dw.out_channels,
                        # the trained factors come with the weights; this is where timm starts them
@@ -314,16 +317,14 @@ def _swin_spec(model, name: str) -> tuple[dict, list[dict]]:
     """The stem and blocks of a timm SwinTransformer: before each stage but the first a downsample
     block (patch merging), then the stage's vit blocks with their windows, shifted in every second
     block. Variants with parts composer does not build are refused."""
-    def kind(module) -> str:
-        return type(module).__name__
-
     first = model.layers[0].blocks[0]
     extra = [part for part, there in (
         ("an absolute position embedding", getattr(model, "absolute_pos_embed", None) is not None),
-        ("a patch embedding without its LayerNorm", kind(model.patch_embed.norm) != "LayerNorm"),
-        (f"a {kind(first.mlp)} MLP", kind(first.mlp) != "Mlp" or kind(first.mlp.act) != "GELU"),
+        ("a patch embedding without its LayerNorm", _class_name(model.patch_embed.norm) != "LayerNorm"),
+        (f"a {_class_name(first.mlp)} MLP", _class_name(first.mlp) != "Mlp" or _class_name(first.mlp.act) != "GELU"),
         ("windows that are not square", first.window_size[0] != first.window_size[1]),
-        (f"a {kind(model.head.global_pool)} head", getattr(model.head.global_pool, "pool_type", "avg") != "avg")) if there]
+        (f"a {_class_name(model.head.global_pool)} head",
+         getattr(model.head.global_pool, "pool_type", "avg") != "avg")) if there]
     if extra:
         raise UserError(f"timm's {name} is a Swin with {', '.join(extra)}: parts composer's blocks do not have")
     proj = model.patch_embed.proj
@@ -333,8 +334,8 @@ def _swin_spec(model, name: str) -> tuple[dict, list[dict]]:
     for s, stage in enumerate(model.layers):
         if s > 0:
             merge = stage.downsample
-            if kind(merge) != "PatchMerging":
-                raise UserError(f"timm's {name} downsamples its stage {s} with {kind(merge)}, not patch merging")
+            if _class_name(merge) != "PatchMerging":
+                raise UserError(f"timm's {name} downsamples its stage {s} with {_class_name(merge)}, not patch merging")
             blocks.append({"kind": "downsample", "dim": merge.reduction.out_features, "style": "merge",
                            "norm_eps": merge.norm.eps})
         block, window = stage.blocks[0], stage.blocks[0].window_size[0]
