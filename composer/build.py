@@ -7,6 +7,7 @@ layer came from in the spec and what shapes it sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,14 +109,16 @@ class _TokenBatchNorm(nn.BatchNorm1d):
 class PositionEmbedding(nn.Module):
     """Adds a learned or fixed 2-D sin-cos embedding to tokens (B, N, C)."""
 
-    def __init__(self, kind: str, tokens: int, dim: int, grid: tuple[int, int], has_cls: bool):
+    def __init__(self, kind: str, tokens: int, dim: int, grid: tuple[int, int], prefix: int = 0):
+        """`prefix`: tokens before the patches (class and distillation tokens), which the fixed
+        table leaves as they are (zero rows); a learned table learns a row for each."""
         super().__init__()
         if kind == "learned":
             self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         else:
             table = sincos_2d(grid, dim)
-            if has_cls:
-                table = torch.cat([torch.zeros(1, dim), table])
+            if prefix:
+                table = torch.cat([torch.zeros(prefix, dim), table])
             self.register_buffer("pos", table[None], persistent=False)
 
     def forward(self, x):
@@ -135,23 +138,28 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
 
 
 class ClassToken(nn.Module):
-    """Prepends a learned class token: (B, N, C) -> (B, N + 1, C)."""
+    """Prepends a learned class token: (B, N, C) -> (B, N + 1, C); with `distill`, DeiT's
+    distillation token after it: (B, N + 2, C)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, distill: bool = False):
         super().__init__()
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
+        # DeiT starts it at random (truncated normal), so that it does not start as the class token's twin
+        self.dist_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=0.02)) if distill else None
+        self.count = 1 + distill
 
     def forward(self, x):
-        return torch.cat([self.token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        tokens = self.token if self.dist_token is None else torch.cat([self.token, self.dist_token], dim=1)
+        return torch.cat([tokens.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
 
 
 class RegisterTokens(nn.Module):
-    """Learned register tokens without a position: (B, N, C) -> (B, N + R, C), placed after a
-    class token (token 0) when there is one, else first; the head drops them."""
+    """Learned register tokens without a position: (B, N, C) -> (B, N + R, C), placed after the
+    class (and distillation) token when there is one, else first; the head drops them."""
 
-    def __init__(self, dim: int, count: int, after_class_token: bool):
+    def __init__(self, dim: int, count: int, after: int):
         super().__init__()
-        self.after = int(after_class_token)
+        self.after = after
         # distinct starting values: identical registers would get identical gradients and stay alike
         self.tokens = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, count, dim), std=0.02))
 
@@ -160,13 +168,27 @@ class RegisterTokens(nn.Module):
         return torch.cat([x[:, :self.after], registers, x[:, self.after:]], dim=1)
 
 
+class DistilledLogits(NamedTuple):
+    """What a model with a distillation token returns while it trains: each classifier's logits
+    (the loss gives the first the labels, the second the teacher's predictions)."""
+    cls: torch.Tensor
+    dist: torch.Tensor
+
+    def mean(self) -> torch.Tensor:
+        """The model's prediction: what it returns in evaluation mode."""
+        return (self.cls + self.dist) / 2
+
+
 class Head(nn.Module):
     """(norm) -> pool (class token or mean) -> (norm) -> dropout -> Linear to classes.
 
-    `prefix`: tokens before the patches (class token, registers) that mean pooling leaves out."""
+    `prefix`: tokens before the patches (class token, registers) that mean pooling leaves out.
+    `distill`: DeiT's head, a second classifier on the distillation token (token 1). It returns the
+    mean of both classifiers' logits, or, training with `both_logits` set (a teacher to learn from,
+    `ComposedModel.distilled_training`), both (`DistilledLogits`), as timm's DeiT does."""
 
     def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: str, dropout: float, prefix: int = 0,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, distill: bool = False):
         super().__init__()
         self.pool, self.layout, self.prefix = pool, layout, prefix
         # where the LayerNorm goes: on every token before pooling, or on the pooled vector
@@ -174,17 +196,29 @@ class Head(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm != "none" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.classify = nn.Linear(dim, classes)
+        self.classify_dist = nn.Linear(dim, classes) if distill else None
+        self.both_logits = False
 
-    def features(self, x):
+    def _pooled(self, x, token: int = 0):
         if self.layout == "grid":                        # (B, C, H, W)
             return self.norm(x.mean(dim=(2, 3)))
         if not self.norm_pooled:                         # (B, N, C)
             x = self.norm(x)
-        pooled = x[:, 0] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
+        pooled = x[:, token] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
         return self.norm(pooled) if self.norm_pooled else pooled
 
+    def features(self, x):
+        """The pooled feature vector per image (with a distillation token: the mean of the two tokens')."""
+        if self.classify_dist is None:
+            return self._pooled(x)
+        return (self._pooled(x, 0) + self._pooled(x, 1)) / 2
+
     def forward(self, x):
-        return self.classify(self.dropout(self.features(x)))
+        logits = self.classify(self.dropout(self._pooled(x)))
+        if self.classify_dist is None:
+            return logits
+        both = DistilledLogits(logits, self.classify_dist(self.dropout(self._pooled(x, 1))))
+        return both if self.training and self.both_logits else both.mean()
 
 
 class ComposedModel(nn.Module):
@@ -224,6 +258,16 @@ class ComposedModel(nn.Module):
         for stage in self.stages[:self.frozen]:
             stage.eval()
         return self
+
+    def distilled_training(self, enabled: bool = True) -> bool:
+        """With a distillation token (model.head.distill_token): while training, return each
+        classifier's logits (`DistilledLogits`), for the loss to give one the labels and the other
+        a teacher's predictions. Returns whether the model has such a token."""
+        head = self.stages[-1]
+        if getattr(head, "classify_dist", None) is None:
+            return False
+        head.both_logits = enabled
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
@@ -310,17 +354,25 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     def add_registers():
         nonlocal tokens
         add("registers", "registers", "tokens", shape("tokens", tokens), shape("tokens", tokens + m.registers),
-            RegisterTokens(dim, m.registers, after_class_token=cls_at is not None))
+            RegisterTokens(dim, m.registers, after=class_tokens if cls_at is not None else 0))
         tokens += m.registers
+
+    class_tokens = 1 + m.head.distill_token   # the class token, and DeiT's distillation token beside it
+
+    def add_class_token():
+        nonlocal tokens
+        name = "class + distillation tokens" if m.head.distill_token else "class token"
+        add(name, "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + class_tokens),
+            ClassToken(dim, distill=m.head.distill_token))
+        tokens += class_tokens
 
     if embedded or join_at == 0:
         to("tokens", tokens)
     if cls_at == 0:
-        add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1), ClassToken(dim))
-        tokens += 1
+        add_class_token()
     if embedded:
         add("pos_embed", f"pos_embed ({m.pos_embed})", "tokens", shape("tokens", tokens), shape("tokens", tokens),
-            PositionEmbedding(m.pos_embed, tokens, dim, grid, cls_at == 0))
+            PositionEmbedding(m.pos_embed, tokens, dim, grid, class_tokens if cls_at == 0 else 0))
     if registers_at == 0:   # after the position embedding: registers have no position
         add_registers()
 
@@ -328,9 +380,7 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
         cls = REGISTRY[kind]
         to(cls.layout, tokens)
         if index == cls_at and index > 0:
-            add("class token", "cls_token", "tokens", shape("tokens", tokens), shape("tokens", tokens + 1),
-                ClassToken(dim))
-            tokens += 1
+            add_class_token()
         if index == registers_at and index > 0:
             add_registers()
         ctx = Context(dim, tokens, grid, backend, rotary, repeat, m.pos_embed == "relative")
@@ -345,9 +395,10 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
     norm = "layernorm" if m.head.norm == "auto" and layout == "tokens" else m.head.norm
     norm = "none" if norm == "auto" else norm
     head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout, prefix=tokens - patches,
-                norm_eps=m.head.norm_eps)
-    add("head", f"head ({m.head.pool})", layout, shape(layout, tokens), (m.num_classes,), head,
-        Cost(2 * dim * m.num_classes, dim))
+                norm_eps=m.head.norm_eps, distill=m.head.distill_token)
+    classifiers = 1 + m.head.distill_token
+    add("head", f"head ({m.head.pool}{' + distillation' if m.head.distill_token else ''})", layout,
+        shape(layout, tokens), (m.num_classes,), head, Cost(classifiers * 2 * dim * m.num_classes, classifiers * dim))
     model = ComposedModel(m, layers)
     _init_weights(model)
     return model

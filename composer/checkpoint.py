@@ -158,6 +158,13 @@ def _same_stages(model, spec: Spec, source_spec: Spec, path: Path) -> None:
                         f"this one {spec.model.registers}; set model.registers: {source_spec.model.registers} to start "
                         "from it (the other blocks learned to work with those registers)")
 
+    if source_spec.model.head.distill_token != spec.model.head.distill_token:
+        has = "has a distillation token" if source_spec.model.head.distill_token else "has no distillation token"
+        raise UserError(f"train.init_from {path}: its model {has} and this one "
+                        f"{'does' if spec.model.head.distill_token else 'does not'}; set model.head.distill_token: "
+                        f"{str(source_spec.model.head.distill_token).lower()} to start from it (the blocks learned "
+                        "with that token in the sequence)")
+
     with torch.device("meta"):
         theirs = build_model(source_spec, backend="reference").layers
     for i, (there, here) in enumerate(zip(theirs, model.layers)):
@@ -185,8 +192,8 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
     source_spec = spec_from_checkpoint(state, str(path))
     _same_stages(model, spec, source_spec, path)
     weights = state["ema"] if state.get("ema") else state["model"]
-    classifier = {f"{name}.classify.{p}" for name, m in model.named_modules() if isinstance(m, Head)
-                  for p in ("weight", "bias")}
+    classifier = {f"{name}.{part}.{p}" for name, m in model.named_modules() if isinstance(m, Head)
+                  for part in ("classify", "classify_dist") for p in ("weight", "bias")}
     backbone_only = bool(state.get("backbone_only"))   # its classifier is the import's random start
     positions = {f"{name}.pos" for name, m in model.named_modules()
                  if isinstance(m, PositionEmbedding) and isinstance(m.pos, torch.nn.Parameter)}

@@ -9,12 +9,17 @@ batch as the student does, after augmentation and mixing, and its logits enter t
     soft: (1 - w) * CE(student, targets) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 (Hinton et al., 2015: T^2 keeps the soft term's gradients at the scale of the hard one's.)
+
+With a distillation token (`model.head.distill_token`, DeiT's own design) the model has two
+classifiers: the class token's takes the term against the targets, the distillation token's the
+teacher's term, and the model predicts with the mean of the two.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from composer.build import DistilledLogits
 from composer.errors import UserError
 
 
@@ -82,3 +87,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, base_loss: t
         log_q = F.log_softmax(teacher.float() / temperature, dim=-1)
         term = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature ** 2
     return (1.0 - weight) * base_loss + weight * term
+
+
+def student_logits(output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prediction, logits for the targets' loss, logits for the teacher's term) of what a training
+    model returned: one tensor for all three, or from a model with a distillation token in
+    distilled training (`DistilledLogits`) the mean of both classifiers, the class token's and the
+    distillation token's."""
+    if isinstance(output, DistilledLogits):
+        return output.mean(), output.cls, output.dist
+    return output, output, output

@@ -57,10 +57,10 @@ LAYER_NAMES = {
                  "mix_channels.0": "stages.{s}.blocks.{j}.mlp.fc1", "mix_channels.2": "stages.{s}.blocks.{j}.mlp.fc2",
                  "scale": "stages.{s}.blocks.{j}"},   # scale.gamma -> stages.{s}.blocks.{j}.gamma
     "downsample": {"norm": "stages.{s}.downsample.0", "merge": "stages.{s}.downsample.1"},
-    "cls_token": {"token": "cls_token"},
+    "cls_token": {"token": "cls_token", "dist_token": "dist_token"},
     "registers": {"tokens": "reg_token"},
     "pos_embed": {"pos": "pos_embed"},
-    "head": {"norm": "norm", "classify": "head"},
+    "head": {"norm": "norm", "classify": "head", "classify_dist": "head_dist"},
 }
 POOLED_HEAD_NORM = {"norm": "fc_norm"}   # a head whose LayerNorm follows the pooling (head.norm: pooled)
 HEAD_NAMES = {"convnext": {"norm": "head.norm", "classify": "head.fc"},   # where a family's head differs
@@ -185,10 +185,10 @@ def fit_prefix_tokens(weights: dict[str, torch.Tensor], model) -> dict[str, torc
         return weights
     ours = layers["pos_embed"].pos.shape[1]
     registers = layers["registers"].tokens.shape[1] if "registers" in layers else 0
-    embedded_cls = ours - model.spec.grid ** 2   # 1: a class token has the table's first row
-    fitted = dict(weights)
-    if embedded_cls and pos.shape[1] == ours - 1:
-        fitted["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    embedded_cls = ours - model.spec.grid ** 2   # 1: a class token has the table's first row (2: and DeiT's
+    fitted = dict(weights)                       # distillation token the second)
+    if embedded_cls and pos.shape[1] == ours - embedded_cls:
+        fitted["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :embedded_cls]), pos], dim=1)
     elif registers and pos.shape[1] == ours + registers and "reg_token" in weights:
         rows = pos[:, embedded_cls:embedded_cls + registers]
         fitted["pos_embed"] = torch.cat([pos[:, :embedded_cls], pos[:, embedded_cls + registers:]], dim=1)
@@ -200,7 +200,7 @@ def spec_from_timm(model, name: str) -> dict:
     """The spec (as YAML data) of a timm VisionTransformer, MlpMixer or ConvMixer, read from its
     modules; a variant with parts composer does not build is refused, naming them."""
     kind = type(model).__name__
-    if kind == "VisionTransformer":
+    if kind in ("VisionTransformer", "VisionTransformerDistilled"):   # the second: DeiT with its distillation token
         block = model.blocks[0]
 
         def present(module) -> bool:
@@ -232,6 +232,8 @@ def spec_from_timm(model, name: str) -> dict:
         extras = {"pos_embed": "learned" if model.pos_embed is not None else "none",
                   "registers": model.reg_token.shape[1] if model.reg_token is not None else 0,
                   "head": {"pool": pool, "norm": head_norm}}
+        if kind == "VisionTransformerDistilled":
+            extras["head"]["distill_token"] = True
         blocks = [vit]
     elif kind == "MlpMixer":
         block, dim = model.blocks[0], model.embed_dim
@@ -419,7 +421,8 @@ def import_timm(weights_path: str | Path, spec_path: str | Path | None, out: str
         weights = fit_prefix_tokens(weights, model)
     # A backbone (timm's num_classes=0, as DINOv2's): no classifier in the weights; the run keeps
     # a random one and says so, and fine-tuning from it starts a new one
-    classifier = {ours for ours in names if ours.split(".")[2] == "classify"}   # stages.{i}.classify.weight
+    # stages.{i}.classify.weight (and DeiT's second classifier, classify_dist)
+    classifier = {ours for ours in names if ours.split(".")[2] in ("classify", "classify_dist")}
     backbone_only = bool(classifier) and not any(names[ours] in weights for ours in classifier)
     state, problems = model.state_dict(), []
     for ours, theirs in names.items():

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from composer.build import build_model, count_params, model_backend, prepare_for_compile
 from composer.checkpoint import (BEST, LAST, find_checkpoint, init_from_run, library_versions, load_checkpoint,
                                  model_differences, save_atomic)
-from composer.distill import Teacher, distillation_loss
+from composer.distill import Teacher, distillation_loss, student_logits
 from composer.errors import SpecFieldError, UserError
 from composer.evaluate import evaluate_model
 from composer.graphed_step import GraphedStep, use_cuda_graph
@@ -541,6 +541,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         except UserError as exc:
             raise SpecFieldError("train.distill.teacher", str(exc)) from None
         log(teacher.describe(t.distill.kind, t.distill.weight, t.distill.temperature or 1.0))
+    if model.distilled_training(teacher is not None):   # a distillation token: its classifier learns the teacher
+        log("distillation token: " + ("its classifier learns the teacher's predictions, the class token's the labels"
+                                      if teacher is not None else "no train.distill teacher, so both classifiers "
+                                      "learn the labels (through their mean, the model's prediction)"))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = Ema(model, t.ema) if t.ema else None
     ema_model = build_model(spec, backend=t.kernels).to(device) if ema else None  # evaluated at epoch ends
@@ -613,12 +617,13 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         # autocast's cache of cast weights would outlive a recorded graph: off when recording
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=not graphed):
-            logits = forward_model(x)
+            output = forward_model(x)
             taught = teacher.logits(x) if teacher is not None else None   # the same batch, no gradients
-        loss = soft_cross_entropy(logits, targets, class_weights)
+        logits, for_targets, for_teacher = student_logits(output)
+        loss = soft_cross_entropy(for_targets, targets, class_weights)
         if taught is not None:
             d = t.distill
-            loss = distillation_loss(logits, taught, loss, d.kind, d.weight, d.temperature or 1.0)
+            loss = distillation_loss(for_teacher, taught, loss, d.kind, d.weight, d.temperature or 1.0)
         scaler.scale(loss if share == 1.0 else loss * share).backward()
         if clip_in_step:
             clipped["norm"] = torch.nn.utils.clip_grad_norm_(trained_params, t.grad_clip)

@@ -72,28 +72,36 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     return maps
 
 
-def prefix_tokens(tokens: int, grid: tuple[int, int], class_token: bool) -> list[str]:
-    """The names of the tokens before the patches in a sequence of `tokens` (the class token and
-    the registers join together, the class token first)."""
+def class_token_count(spec) -> int:
+    """How many tokens join before the patches for the head: the class token, and DeiT's
+    distillation token beside it (the registers come after them)."""
+    return (spec.model.head.pool == "cls") + spec.model.head.distill_token
+
+
+def prefix_tokens(tokens: int, grid: tuple[int, int], class_tokens: int) -> list[str]:
+    """The names of the tokens before the patches in a sequence of `tokens` (the class token, the
+    distillation token and the registers join together, in that order)."""
     extra = tokens - grid[0] * grid[1]
-    cls = ["class token"] if class_token and extra > 0 else []
-    return cls + [f"register {i}" for i in range(extra - len(cls))]
+    named = ["class token", "distillation token"][:class_tokens] if extra > 0 else []
+    return named + [f"register {i}" for i in range(extra - len(named))]
+
+
+def _is_register(name: str) -> bool:
+    return name.startswith("register")
 
 
 def _prefix_kinds(prefix: list[str]) -> str:
-    """ "class token", "registers" or "class token and registers": what the prefix tokens are."""
-    has_cls = "class token" in prefix
-    return " and ".join(name for name, present in (("class token", has_cls), ("registers", len(prefix) > has_cls))
-                        if present)
+    """ "class token", "registers", "class token and registers", ...: what the prefix tokens are."""
+    kinds = [name for name in prefix if not _is_register(name)] + (["registers"] if any(map(_is_register, prefix)) else [])
+    return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
 
 
 def _prefix_note(prefix: list[str]) -> str:
     """ "token 0 = class token, 1-4 = registers" """
-    cls = int(bool(prefix) and prefix[0] == "class token")
-    parts = ["0 = class token"] if cls else []
-    registers = len(prefix) - cls
+    parts = [f"{i} = {name}" for i, name in enumerate(prefix) if not _is_register(name)]
+    first, registers = len(parts), sum(map(_is_register, prefix))
     if registers:
-        parts.append(f"{cls} = register" if registers == 1 else f"{cls}-{len(prefix) - 1} = registers")
+        parts.append(f"{first} = register" if registers == 1 else f"{first}-{len(prefix) - 1} = registers")
     return ("tokens " if len(prefix) > 1 else "token ") + ", ".join(parts) if parts else ""
 
 
@@ -269,7 +277,7 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
         name, p = maps[index]
         assert name == info.name  # attention_maps walks the same layers in the same order
         grid = info.ctx.grid   # the stem's patch grid, or a smaller one after a downsample block
-        prefix = prefix_tokens(p.shape[-1], grid, spec.model.head.pool == "cls")
+        prefix = prefix_tokens(p.shape[-1], grid, class_token_count(spec))
         suffix = f"layer{index}" + (f"_head{head}" if head is not None else "")
         windows = info.module.windows   # window attention: zero between windows
         within = (f", within {windows[1]}x{windows[1]} windows" + (f" shifted {windows[2]}" if windows[2] else "")
@@ -284,7 +292,7 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
         # any downsample block)
         grid = _layers_of(model, "attention")[-1].ctx.grid
         last = [m for m, info in zip(maps, _layers_of(model, "attention")) if info.ctx.grid == grid]
-        paths.append(_save(_rollout_figure(last, image, caption, spec.name, grid, spec.model.head.pool == "cls",
+        paths.append(_save(_rollout_figure(last, image, caption, spec.name, grid, class_token_count(spec),
                                            earlier=len(maps) - len(last)),
                            out_dir / f"{tag}_rollout.png"))
     return paths
@@ -344,11 +352,12 @@ def _mark_patch(ax, rc, grid, size):
 
 
 def _overlay_figure(p, head, image, caption, title, grid, prefix) -> Figure:
-    """Rows: query patches (and the class token, the first register); columns: the image, the head
-    mean, each head."""
+    """Rows: query patches (and the class and distillation tokens, the first register); columns: the
+    image, the head mean, each head."""
     heads = p.shape[0]
     offset = len(prefix)
-    queries = [(label, i, None) for i, label in enumerate(prefix) if label in ("class token", "register 0")]
+    queries = [(label, i, None) for i, label in enumerate(prefix)
+               if label in ("class token", "distillation token", "register 0")]
     queries += [(f"query: row {r}, col {c}", offset + r * grid[1] + c, (r, c)) for r, c in _query_patches(grid)]
     shown = [head] if head is not None else list(range(min(heads, MAX_HEAD_COLUMNS)))
     columns = ([] if head is not None or heads == 1 else [("mean over heads", None)]) + \
@@ -378,15 +387,18 @@ def _overlay_figure(p, head, image, caption, title, grid, prefix) -> Figure:
     return fig
 
 
-def _rollout_figure(maps, image, caption, spec_name, grid, class_token: bool, earlier: int = 0) -> Figure:
-    """The image, the rollout matrix, and what the classifier's pooled token draws from. `earlier`:
+def _rollout_figure(maps, image, caption, spec_name, grid, class_tokens: int, earlier: int = 0) -> Figure:
+    """The image, the rollout matrix, and what the classifier's pooled token draws from (with a
+    distillation token, the mean of both tokens' rows: the model predicts with both). `earlier`:
     attention layers on larger grids (before a downsample block), left out."""
     probs = [p for _, p in maps]
     r = attention_rollout(probs)
     n = r.shape[0]
-    prefix = prefix_tokens(n, grid, class_token)
+    prefix = prefix_tokens(n, grid, class_tokens)
     counts = [p.shape[-1] for p in probs]
-    if prefix and prefix[0] == "class token":
+    if prefix and prefix[:2] == ["class token", "distillation token"]:
+        pooled, pooled_label = r[:2, len(prefix):].mean(0), "class and distillation tokens' rollout (mean)"
+    elif prefix and prefix[0] == "class token":
         pooled, pooled_label = r[0, len(prefix):], "class token's rollout over patches"
     else:   # mean pooling leaves registers out
         pooled = r[len(prefix):, len(prefix):].mean(0)
@@ -460,7 +472,7 @@ def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") 
         w = layer.module.mix_in.weight.detach().float().cpu()  # (Hd, N)
         hidden, n = w.shape
         # A class token or registers that joined before this block come first: no place on the grid.
-        prefix = prefix_tokens(n, grid, spec.model.head.pool == "cls")
+        prefix = prefix_tokens(n, grid, class_token_count(spec))
         cls_note = f", the {_prefix_kinds(prefix)} not drawn" if prefix else ""
         tiles = w[:MAX_TILES, n - grid[0] * grid[1]:].reshape(-1, *grid)
         more = f" (first {MAX_TILES} of {hidden})" if hidden > MAX_TILES else ""

@@ -25,6 +25,7 @@ PUBLISHED = {
     "deit3_s16": 22_059_496 + 384,
     "convnext_tiny": 28_589_128,
     "swin_t": 28_288_354,
+    "deit_s16_distilled": 22_436_432,
 }
 ALL_SPECS = sorted(p for p in SPECS.glob("*.yaml"))
 CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -503,6 +504,83 @@ def test_layer_scale_factors_and_registers_get_no_weight_decay():
         name for name, _ in model.named_parameters() if name.endswith((".gamma", ".tokens"))}
     matrices = {name for name, p in model.named_parameters() if name in names and p.ndim >= 2}
     assert matrices == {"stages.2.pos", "stages.7.tokens"}   # the position table and the registers
+
+
+DEIT = """
+model:
+  image_size: 16
+  num_classes: 3
+  stem: {patch_size: 4, dim: 16}
+  pos_embed: POS
+  registers: 2
+  blocks:
+    - {kind: vit, heads: 2, repeat: 2}
+  head: {pool: cls, distill_token: true, dropout: 0.5}
+"""
+
+
+@pytest.mark.parametrize("pos", ["learned", "sincos"])
+def test_distillation_token_joins_beside_the_class_token_with_a_classifier_of_its_own(pos):
+    """DeiT's distillation token: token 1, after the class token and before the registers; it
+    gets a position like the class token (a learned row, or a zero row of the fixed table); its
+    classifier reads it; the model returns their mean, or both logits in distilled training; it costs
+    what flop_counter counts; neither token gets weight decay."""
+    from composer.build import DistilledLogits
+    from composer.optim import param_groups
+
+    spec = load_spec_text(DEIT.replace("POS", pos))
+    plain = build_model(load_spec_text(DEIT.replace("POS", pos).replace("distill_token: true, ", "")))
+    model = build_model(spec, backend="reference")
+    kinds = [layer.kind for layer in model.layers]
+    assert kinds[1:kinds.index("attention")] == ["rearrange", "cls_token", f"pos_embed ({pos})", "registers"]
+    assert model.layers[kinds.index("attention")].in_shape == (16 + 2 + 2, 16)
+    tokens, table = (model.layers[kinds.index(k)].module for k in ("cls_token", f"pos_embed ({pos})"))
+    assert table.pos.shape == (1, 18, 16)
+    if pos == "sincos":
+        assert torch.equal(table.pos[0, :2], torch.zeros(2, 16)) and table.pos[0, 2:].abs().sum() > 0
+    assert tokens.dist_token.std() > 0.005 and not torch.equal(tokens.dist_token, tokens.token)
+    x = torch.randn(2, 16, 16)
+    assert torch.equal(tokens(x)[:, 1], tokens.dist_token.expand(2, -1, -1)[:, 0])
+    head = model.layers[-1].module
+    extra = 16 + 16 * 3 + 3   # the distillation token, its classifier, and one more position row when learned
+    assert count_params(model) == count_params(plain) + extra + 16 * (pos == "learned")
+
+    # the head: both classifiers on the LayerNormed tokens 0 and 1; dropout while training
+    features = torch.randn(4, 20, 16)
+    normed = torch.nn.functional.layer_norm(features, (16,), head.norm.weight, head.norm.bias, eps=1e-6)
+    cls, dist = head.classify(normed[:, 0]), head.classify_dist(normed[:, 1])
+    head.eval()
+    torch.testing.assert_close(head(features), (cls + dist) / 2)
+    torch.testing.assert_close(head.features(features), (normed[:, 0] + normed[:, 1]) / 2)
+    head.train()
+    torch.manual_seed(0)
+    mean = head(features)   # a plain training forward: the mean, as evaluating (timm's default too)
+    torch.manual_seed(0)
+    assert model.distilled_training() and head.both_logits   # what train does when a teacher teaches
+    out = head(features)
+    assert isinstance(out, DistilledLogits)
+    torch.testing.assert_close(mean, out.mean())
+    torch.manual_seed(0)   # the same dropout masks, drawn in the same order
+    kept = torch.nn.functional.dropout(normed[:, 0], 0.5), torch.nn.functional.dropout(normed[:, 1], 0.5)
+    torch.testing.assert_close(out.cls, head.classify(kept[0]))
+    torch.testing.assert_close(out.dist, head.classify_dist(kept[1]))
+    torch.testing.assert_close(out.mean(), (out.cls + out.dist) / 2)
+
+    model.eval()
+    _, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+    decayed = {id(p) for group in param_groups(model, 0.05) if group["weight_decay"] for p in group["params"]}
+    assert {name for name, p in model.named_parameters() if p.ndim >= 2 and id(p) not in decayed} == \
+        {"stages.2.token", "stages.2.dist_token", "stages.4.tokens"} | ({"stages.3.pos"} if pos == "learned" else set())
+
+
+def test_distillation_token_needs_the_class_token():
+    from composer.spec import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(DEIT.replace("POS", "learned").replace("pool: cls", "pool: mean"), "d.yaml")
+    assert ("d.yaml:10:37: model.head.distill_token: the distillation token sits beside the class token (DeiT), and "
+            "mean pooling has none; set head.pool: cls, or remove distill_token") in str(caught.value)
 
 
 def test_model_drop_path_rises_linearly_over_depth():

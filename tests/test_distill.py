@@ -138,3 +138,49 @@ def test_distillation_mistakes_are_named(tmp_path, teacher_run):
         teacher.check_classes(["class_0", "dog", "class_2", "class_3"])
     assert "train.distill is set" in " ".join(reasons_against(torch.device("cuda"), compile=False, processes=1,
                                                               grad_scaler=False, distill=True))
+
+
+def test_a_distillation_token_learns_the_teacher_and_the_class_token_the_labels(tmp_path, teacher_run, monkeypatch):
+    """DeiT's distillation token: in every training step the loss against the labels takes the class
+    token's classifier, the teacher's term the distillation token's; the logged accuracy is the
+    model's prediction (their mean). Without a teacher, both learn the labels through the mean."""
+    from composer import train as training
+    from composer.build import DistilledLogits, Head
+
+    outputs, for_targets, for_teacher = [], [], []
+    real_head, real_ce, real_loss = Head.forward, training.soft_cross_entropy, distill.distillation_loss
+
+    def spy_head(self, x):
+        out = real_head(self, x)
+        outputs.append(out)
+        return out
+
+    def spy_ce(logits, targets, weights=None):
+        for_targets.append(logits)
+        return real_ce(logits, targets, weights)
+
+    def spy_loss(student, teacher, base, kind, weight, temperature):
+        for_teacher.append(student)
+        return real_loss(student, teacher, base, kind, weight, temperature)
+
+    monkeypatch.setattr(Head, "forward", spy_head)
+    monkeypatch.setattr(training, "soft_cross_entropy", spy_ce)
+    monkeypatch.setattr(training, "distillation_loss", spy_loss)
+    text = (STUDENT.replace("TEACHER_RUN", str(teacher_run)).replace("kind: soft", "kind: hard")
+            .replace(", temperature: 2.0", "").replace("heads: 2, mlp_ratio: 2}]", "heads: 2, mlp_ratio: 2}]\n"
+                                                                             "  head: {pool: cls, distill_token: true}"))
+    lines = []
+    train(load_spec_text(text, "student.yaml", [f"train.out_dir={tmp_path / 'run'}"]), echo=lines.append)
+    assert "distillation token: its classifier learns the teacher's predictions, the class token's the labels" in lines
+    both = [out for out in outputs if isinstance(out, DistilledLogits)]   # the student's training steps
+    assert len(both) == len(for_targets) == len(for_teacher) == 4
+    for out, labelled, taught in zip(both, for_targets, for_teacher):
+        assert labelled is out.cls and taught is out.dist
+
+    outputs.clear(), for_targets.clear()
+    no_teacher = text.replace(f"  distill: {{teacher: {teacher_run}, kind: hard, weight: 0.7}}\n", "")
+    assert "distill:" not in no_teacher
+    lines = []
+    train(load_spec_text(no_teacher, "student.yaml", [f"train.out_dir={tmp_path / 'plain'}"]), echo=lines.append)
+    assert any("no train.distill teacher, so both classifiers learn the labels" in line for line in lines)
+    assert not any(isinstance(out, DistilledLogits) for out in outputs) and len(for_targets) == 4

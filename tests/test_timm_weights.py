@@ -153,7 +153,8 @@ def test_import_mistakes_are_named(tmp_path):
     ("vit_ti16", "vit_tiny_patch16_224"), ("vit_s16", "vit_small_patch16_224"), ("vit_b16", "vit_base_patch16_224"),
     ("mixer_s16", "mixer_s16_224"), ("mixer_b16", "mixer_b16_224"), ("convmixer_768_32", "convmixer_768_32"),
     ("convmixer_1536_20", "convmixer_1536_20"), ("deit3_s16", "deit3_small_patch16_224"),
-    ("convnext_tiny", "convnext_tiny"), ("swin_t", "swin_tiny_patch4_window7_224")])
+    ("convnext_tiny", "convnext_tiny"), ("swin_t", "swin_tiny_patch4_window7_224"),
+    ("deit_s16_distilled", "deit_small_distilled_patch16_224")])
 def test_shipped_specs_take_timms_pretrained_models_tensor_for_tensor(name, timm_name):
     """On the meta device (shapes only): every tensor of the spec's model has one of timm's model of
     that name, of the same shape, and every one of timm's is used."""
@@ -268,6 +269,56 @@ def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, mon
     _, again, _ = load_run(tmp_path / "again", backend="reference")
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_deit_with_its_distillation_token_imports_computing_what_timm_computes(tmp_path, monkeypatch):
+    """timm's distilled DeiTs: the spec read from the model has the distillation token; the logits
+    are timm's, evaluating (the mean of both classifiers) and training (each classifier's, as
+    timm's distilled training returns them); a weights file with that spec gives the same model,
+    and fine-tuning to other classes starts both classifiers anew."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    reference = VisionTransformerDistilled(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+                                           num_classes=5).eval()
+    with torch.no_grad():
+        for value in reference.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.3)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
+    result = run_cli("import", "timm:deit_tiny_distilled", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(reference.state_dict())} tensors, all of them" in result.stdout
+    spec, model, _ = load_run(tmp_path / "run", backend="reference")
+    assert spec.model.head.distill_token and spec.model.head.pool == "cls"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+        reference.set_distilled_training(True)
+        reference.train(), model.train(), model.distilled_training()
+        theirs, ours = reference(x), model(x)
+        torch.testing.assert_close(ours.cls, theirs[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.dist, theirs[1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(ours.cls, ours.dist, atol=1e-2)   # two classifiers: a swapped one would show
+
+    weights = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), weights)
+    result = run_cli("import", weights, tmp_path / "run" / "spec.yaml", "--out", tmp_path / "again")
+    assert result.returncode == 0, result.stderr
+    _, again, _ = load_run(tmp_path / "again", backend="reference")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+    tuned = load_spec_text((tmp_path / "run" / "spec.yaml").read_text(), "tuned.yaml", ["model.num_classes=7"])
+    fresh = build_model(tuned, backend="reference")
+    said = init_from_run(fresh, tuned, tmp_path / "run")
+    assert "new classifier (5 -> 7 classes)" in said
+    assert torch.equal(fresh.stages[2].dist_token, model.stages[2].dist_token)
+    assert fresh.layers[-1].module.classify_dist.weight.shape == (7, 32)
+    plain = load_spec_text((tmp_path / "run" / "spec.yaml").read_text(), "plain.yaml", ["model.head.distill_token=false"])
+    with pytest.raises(Exception, match="its model has a distillation token and this one does not; set "
+                                        "model.head.distill_token: true to start from it"):
+        init_from_run(build_model(plain, backend="reference"), plain, tmp_path / "run")
 
 
 def test_a_backbone_without_classifier_imports_for_fine_tuning(tmp_path, monkeypatch):

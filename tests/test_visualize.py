@@ -205,14 +205,34 @@ def test_rollout_averages_heads_adds_identity_and_admits_a_late_class_token():
 
 
 def test_tokens_before_the_patches_are_named():
-    assert visualize.prefix_tokens(16, (4, 4), class_token=True) == []   # not joined yet
-    assert visualize.prefix_tokens(17, (4, 4), class_token=True) == ["class token"]
-    assert visualize.prefix_tokens(19, (4, 4), class_token=True) == ["class token", "register 0", "register 1"]
-    assert visualize.prefix_tokens(18, (4, 4), class_token=False) == ["register 0", "register 1"]
+    assert visualize.prefix_tokens(16, (4, 4), class_tokens=1) == []   # not joined yet
+    assert visualize.prefix_tokens(17, (4, 4), class_tokens=1) == ["class token"]
+    assert visualize.prefix_tokens(19, (4, 4), class_tokens=1) == ["class token", "register 0", "register 1"]
+    assert visualize.prefix_tokens(18, (4, 4), class_tokens=0) == ["register 0", "register 1"]
     assert visualize._prefix_note(["class token"]) == "token 0 = class token"
     assert visualize._prefix_note(["class token", "register 0", "register 1"]) == \
         "tokens 0 = class token, 1-2 = registers"
     assert visualize._prefix_note(["register 0"]) == "token 0 = register"
+    # DeiT's distillation token comes second, before the registers
+    named = visualize.prefix_tokens(20, (4, 4), class_tokens=2)
+    assert named == ["class token", "distillation token", "register 0", "register 1"]
+    assert visualize._prefix_note(named) == "tokens 0 = class token, 1 = distillation token, 2-3 = registers"
+    assert visualize._prefix_kinds(named) == "class token, distillation token and registers"
+    assert visualize._prefix_kinds(named[:2]) == "class token and distillation token"
+    assert visualize._prefix_kinds(["register 0"]) == "registers"
+
+
+def test_rollout_of_a_distilled_model_draws_both_tokens_rows(monkeypatch):
+    """With a distillation token the model predicts with both tokens: the pooled map is the mean of
+    their rollout rows over the patches."""
+    torch.manual_seed(0)
+    maps = [("a", torch.softmax(torch.randn(2, 6, 6), -1))]   # class and distillation tokens, a 2 x 2 grid
+    drawn = []
+    monkeypatch.setattr(visualize, "_overlay", lambda ax, image, values, lo, hi: drawn.append(values) or
+                        ax.imshow(values))
+    visualize._rollout_figure(maps, np.zeros((8, 8)), "caption", "spec", (2, 2), class_tokens=2)
+    r = visualize.attention_rollout([maps[0][1]])
+    np.testing.assert_allclose(drawn[-1], r[:2, 2:].mean(0).reshape(2, 2).numpy(), rtol=1e-6)
 
 
 def test_rollout_of_mean_pooling_leaves_registers_out(monkeypatch):
@@ -223,7 +243,7 @@ def test_rollout_of_mean_pooling_leaves_registers_out(monkeypatch):
     drawn = []
     monkeypatch.setattr(visualize, "_overlay", lambda ax, image, values, lo, hi: drawn.append(values) or
                         ax.imshow(values))
-    visualize._rollout_figure(maps, np.zeros((8, 8)), "caption", "spec", (2, 2), class_token=False)
+    visualize._rollout_figure(maps, np.zeros((8, 8)), "caption", "spec", (2, 2), class_tokens=0)
     r = visualize.attention_rollout([maps[0][1]])
     np.testing.assert_allclose(drawn[-1], r[2:, 2:].mean(0).reshape(2, 2).numpy(), rtol=1e-6)
 

@@ -204,6 +204,10 @@ class Head(Strict):
     )
     dropout: Probability = Field(0.0, description="Dropout before the classifier.")
     norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="The head's LayerNorm epsilon.")
+    distill_token: bool = Field(
+        False, description="DeiT's distillation token (needs pool: cls): a second learned token beside the class "
+        "token, with a classifier of its own that learns the teacher's predictions (train.distill) while the "
+        "class token's learns the labels; the model's prediction is the mean of the two classifiers' logits.")
 
 
 class ModelSpec(Strict):

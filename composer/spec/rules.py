@@ -116,6 +116,10 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((pool_path, f"cls pooling needs token layout at the end, but the last block "
                                     f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
                          (pool_path, last_block)))
+    if m.head.distill_token and m.head.pool != "cls":
+        token_path = ("model", "head", "distill_token")
+        problems.append((token_path, "the distillation token sits beside the class token (DeiT), and mean pooling "
+                                     "has none; set head.pool: cls, or remove distill_token", (token_path, pool_path)))
     if m.drop_path:
         for i, block in enumerate(m.blocks):
             if getattr(block, "drop_path", 0.0):
