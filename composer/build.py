@@ -6,6 +6,7 @@ layer came from in the spec and what shapes it sees.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -184,8 +185,9 @@ class Head(nn.Module):
 
     `prefix`: tokens before the patches (class token, registers) that mean pooling leaves out.
     `distill`: DeiT's head, a second classifier on the distillation token (token 1). It returns the
-    mean of both classifiers' logits, or, training with `both_logits` set (a teacher to learn from,
-    `ComposedModel.distilled_training`), both (`DistilledLogits`), as timm's DeiT does."""
+    mean of both classifiers' logits (the model's prediction), or with `both_logits` set, both
+    (`DistilledLogits`): a teacher's term trains one of them (`ComposedModel.distilled_training`),
+    and evaluation reports each one's accuracy (`each_classifier`)."""
 
     def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: str, dropout: float, prefix: int = 0,
                  norm_eps: float = 1e-6, distill: bool = False):
@@ -218,7 +220,7 @@ class Head(nn.Module):
         if self.classify_dist is None:
             return logits
         both = DistilledLogits(logits, self.classify_dist(self.dropout(self._pooled(x, 1))))
-        return both if self.training and self.both_logits else both.mean()
+        return both if self.both_logits else both.mean()
 
 
 class ComposedModel(nn.Module):
@@ -260,9 +262,10 @@ class ComposedModel(nn.Module):
         return self
 
     def distilled_training(self, enabled: bool = True) -> bool:
-        """With a distillation token (model.head.distill_token): while training, return each
+        """With a distillation token (model.head.distill_token): from now on, return each
         classifier's logits (`DistilledLogits`), for the loss to give one the labels and the other
-        a teacher's predictions. Returns whether the model has such a token."""
+        a teacher's predictions (evaluation takes their mean). Returns whether the model has such a
+        token."""
         head = self.stages[-1]
         if getattr(head, "classify_dist", None) is None:
             return False
@@ -285,6 +288,21 @@ class ComposedModel(nn.Module):
 
     def blocks(self) -> list[Layer]:
         return [layer for layer in self.layers if isinstance(layer.module, Block)]
+
+
+@contextmanager
+def each_classifier(model):
+    """Within it, a model with a distillation token returns each classifier's logits
+    (`DistilledLogits`); yields whether it has one (other models are left as they are)."""
+    head = model.stages[-1] if isinstance(model, ComposedModel) else None
+    if getattr(head, "classify_dist", None) is None:
+        yield False
+        return
+    before, head.both_logits = head.both_logits, True
+    try:
+        yield True
+    finally:
+        head.both_logits = before
 
 
 def expand_blocks(spec: ModelSpec) -> list[tuple[str, str, object, int]]:

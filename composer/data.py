@@ -749,6 +749,40 @@ def resized_crop(images: torch.Tensor, min_scale: float, generator: torch.Genera
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+ERASING_AREA = (0.02, 1 / 3)     # random erasing's box: a fraction of the image's area,
+ERASING_RATIO = (0.3, 1 / 0.3)   # its aspect ratio (log-uniform), and
+ERASING_TRIES = 10               # boxes drawn an image (the first that fits the image is erased)
+
+
+def random_erasing(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al., 2020), as timm's RandomErasing in its 'pixel' mode: with
+    `probability`, an image of the normalized float batch (B, C, H, W) gets one box filled with
+    standard normal noise. The box is drawn as timm draws it: an area fraction uniform in
+    ERASING_AREA, a log-uniform aspect ratio in ERASING_RATIO, the first of ERASING_TRIES draws
+    smaller than the image (none: the image is left as it is), at a uniform position. Every
+    image draws all its tries at once: no host synchronization."""
+    b, _, h, w = images.shape
+    dev = images.device
+    shape = (b, ERASING_TRIES)
+    area = h * w * (ERASING_AREA[0] + (ERASING_AREA[1] - ERASING_AREA[0])
+                    * torch.rand(shape, generator=generator, device=dev))
+    low, high = math.log(ERASING_RATIO[0]), math.log(ERASING_RATIO[1])
+    ratio = torch.exp(low + (high - low) * torch.rand(shape, generator=generator, device=dev))
+    box_h, box_w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    box_h, box_w = box_h.gather(1, first), box_w.gather(1, first)                  # (B, 1)
+    top = (torch.rand((b, 1), generator=generator, device=dev) * (h - box_h + 1)).floor()
+    left = (torch.rand((b, 1), generator=generator, device=dev) * (w - box_w + 1)).floor()
+    erased = (torch.rand(b, generator=generator, device=dev) < probability) & fits.any(1)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    in_rows = (rows >= top) & (rows < top + box_h)                                  # (B, H)
+    in_cols = (cols >= left) & (cols < left + box_w)                                # (B, W)
+    box = erased[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]        # (B, H, W)
+    noise = torch.randn(images.shape, generator=generator, device=dev, dtype=images.dtype)
+    return torch.where(box[:, None], noise, images)
+
+
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, aug: Augment,
         generator: torch.Generator, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or CutMix (one per batch, each with probability 0.5 when both are on) with soft targets.

@@ -16,7 +16,9 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
     """Top-1 / top-5 accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (a
     (K, K) int64 tensor: row = true class, column = top-1 prediction) over uint8 `images` (N, C, H, W)
     and `labels`, on `device` (default: the images'); images elsewhere are copied over a batch at a time.
-    `flip`: test-time augmentation, each image's class probabilities averaged with its mirror image's."""
+    `flip`: test-time augmentation, each image's class probabilities averaged with its mirror image's.
+    A model with a distillation token (DeiT) also gets each classifier's accuracy (`classifiers`)."""
+    from composer.build import DistilledLogits, each_classifier
     from composer.data import normalize
 
     was_training = model.training
@@ -27,20 +29,29 @@ def evaluate_model(model, images: torch.Tensor, labels: torch.Tensor, mean, std,
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(k_all * k_all, dtype=torch.int64, device=device)
-    for start in range(0, images.shape[0], batch_size):
-        x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
-        y = labels[start:start + batch_size]
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = classify(model, x, flip)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top5 += (best == y[:, None]).any(dim=1).double().sum()
-        confusion.index_add_(0, y * k_all + best[:, 0], torch.ones_like(y))
+    each_hits = {"class token": torch.zeros((), dtype=torch.int64, device=device),
+                 "distillation token": torch.zeros((), dtype=torch.int64, device=device)}
+    with each_classifier(model) as distilled:
+        for start in range(0, images.shape[0], batch_size):
+            x = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+            y = labels[start:start + batch_size]
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                views = [model(x)] + ([model(x.flip(-1))] if flip else [])
+            if distilled:   # DistilledLogits: the model's prediction is their mean
+                for name, field in (("class token", "cls"), ("distillation token", "dist")):
+                    each_hits[name] += (_averaged([getattr(v, field) for v in views]).argmax(1) == y).sum()
+            logits = _averaged([v.mean() if isinstance(v, DistilledLogits) else v for v in views])
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top5 += (best == y[:, None]).any(dim=1).double().sum()
+            confusion.index_add_(0, y * k_all + best[:, 0], torch.ones_like(y))
     model.train(was_training)
     confusion = confusion.view(k_all, k_all).cpu()
     count, hits = confusion.sum(1), confusion.diagonal()
     total = max(int(count.sum()), 1)
-    return {
+    classifiers = {"classifiers": {name: int(h) / total for name, h in each_hits.items()}} if distilled else {}
+    return {**classifiers,
         "images": int(count.sum()),
         "loss": float(loss_sum) / total,
         "accuracy": int(hits.sum()) / total,
@@ -56,11 +67,15 @@ def classify(model, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
     """The model's float logits for normalized images `x`; with `flip`, the log of the class
     probabilities averaged over each image and its horizontal mirror (a log-probability is a
     logit: softmax and cross-entropy read it as they read logits)."""
-    logits = model(x).float()
-    if not flip:
-        return logits
-    mirrored = model(x.flip(-1)).float()
-    return torch.logaddexp(logits.log_softmax(-1), mirrored.log_softmax(-1)) - math.log(2.0)
+    return _averaged([model(x)] + ([model(x.flip(-1))] if flip else []))
+
+
+def _averaged(views: list[torch.Tensor]) -> torch.Tensor:
+    """Float logits of one view, or of the class probabilities averaged over two (an image and its mirror)."""
+    if len(views) == 1:
+        return views[0].float()
+    first, mirrored = (v.float().log_softmax(-1) for v in views)
+    return torch.logaddexp(first, mirrored) - math.log(2.0)
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> list[dict]:
@@ -125,6 +140,10 @@ def render(result: dict) -> str:
              + (", each averaged with its mirror image" if result.get("flip") else "") + "):",
              f"  accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
              f"top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
+    if result.get("classifiers"):   # DeiT's two: the accuracy above is their mean's
+        each = result["classifiers"]
+        lines.append(f"  each classifier alone: class token {each['class token']:.4f}, distillation token "
+                     f"{each['distillation token']:.4f} (the model predicts with their mean)")
     for name, acc in zip(result["classes"], result["per_class"]):
         lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
     if result.get("note"):

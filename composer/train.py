@@ -331,6 +331,13 @@ def class_balance(labels: torch.Tensor, classes: list[str], scheme: str) -> tupl
     return None, None
 
 
+def each_classifier_note(val: dict) -> str:
+    """ " (class token 0.7100, distillation token 0.7300)": a distilled model's classifiers alone."""
+    each = val.get("classifiers")
+    return f" (class token {each['class token']:.4f}, distillation token {each['distillation token']:.4f})" \
+        if each else ""
+
+
 def spec_yaml(spec: Spec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
@@ -386,7 +393,7 @@ def _train_on_device(spec: Spec, resume: str | None, echo) -> dict:
 
 
 def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
-    from composer.data import augment, channel_stats, load_split, mix, normalize
+    from composer.data import augment, channel_stats, load_split, mix, normalize, random_erasing
 
     t = spec.train
     run_dir = Path(t.out_dir or Path("runs") / spec.name)
@@ -770,9 +777,11 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
                 # random numbers match any number of processes; so does the gradient, for models without
                 # BatchNorm (statistics are per process) or dropout/drop-path (drawn per process).
-                images = augment(batch, spec.data.augment, aug_gen)
-                x, targets = mix(normalize(images, mean, std), train_labels[idx], spec.model.num_classes,
-                                 spec.data.augment, aug_gen, t.label_smoothing)
+                images = normalize(augment(batch, spec.data.augment, aug_gen), mean, std)
+                if spec.data.augment.erasing:   # noise in normalized units: after normalizing
+                    images = random_erasing(images, spec.data.augment.erasing, aug_gen)
+                x, targets = mix(images, train_labels[idx], spec.model.num_classes, spec.data.augment, aug_gen,
+                                 t.label_smoothing)
                 shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
                 x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
                 if memory_format is not None:
@@ -864,7 +873,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 checkpoint([snapshot_name(epoch + 1)])
             progress.end_epoch(
                 f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
-                f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
+                f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}{each_classifier_note(val)}  "
+                f"lr {row['lr']:.2e}  "
                 f"grad_norm {row['grad_norm']:.3g} (max {row['grad_norm_max']:.3g})  {row['img_per_s']:.0f} img/s")
             final = row
             dist.barrier()

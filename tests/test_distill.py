@@ -172,7 +172,9 @@ def test_a_distillation_token_learns_the_teacher_and_the_class_token_the_labels(
     lines = []
     train(load_spec_text(text, "student.yaml", [f"train.out_dir={tmp_path / 'run'}"]), echo=lines.append)
     assert "distillation token: its classifier learns the teacher's predictions, the class token's the labels" in lines
-    both = [out for out in outputs if isinstance(out, DistilledLogits)]   # the student's training steps
+    assert any(" val_acc " in line and " (class token 0." in line and ", distillation token 0." in line for line in lines)
+    # the student's training steps (its validation, without gradients, gets both too: evaluate reports each)
+    both = [out for out in outputs if isinstance(out, DistilledLogits) and out.cls.requires_grad]
     assert len(both) == len(for_targets) == len(for_teacher) == 4
     for out, labelled, taught in zip(both, for_targets, for_teacher):
         assert labelled is out.cls and taught is out.dist
@@ -183,4 +185,36 @@ def test_a_distillation_token_learns_the_teacher_and_the_class_token_the_labels(
     lines = []
     train(load_spec_text(no_teacher, "student.yaml", [f"train.out_dir={tmp_path / 'plain'}"]), echo=lines.append)
     assert any("no train.distill teacher, so both classifiers learn the labels" in line for line in lines)
-    assert not any(isinstance(out, DistilledLogits) for out in outputs) and len(for_targets) == 4
+    assert not any(isinstance(out, DistilledLogits) and out.cls.requires_grad for out in outputs)
+    assert len(for_targets) == 4
+
+
+def test_evaluation_reports_each_classifier_of_a_distilled_model():
+    """DeiT reports three accuracies: each classifier alone and their mean (the model's). Here the
+    class token's classifier always says class 1 and the distillation token's (twice as sure)
+    class 0, so the three differ; with and without the mirror-image average."""
+    from composer.build import build_model
+    from composer.data import normalize
+    from composer.evaluate import classify, evaluate_model, render
+
+    spec = load_spec_text(STUDENT.replace("TEACHER_RUN", "x").replace(
+        "heads: 2, mlp_ratio: 2}]", "heads: 2, mlp_ratio: 2}]\n  head: {pool: cls, distill_token: true}"))
+    model = build_model(spec, backend="reference").eval()
+    head = model.stages[-1]
+    with torch.no_grad():
+        head.classify.bias[1] += 50.0
+        head.classify_dist.bias[0] += 100.0
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 10)
+    mean, std = [0.5] * 3, [0.25] * 3
+    for flip in (False, True):
+        result = evaluate_model(model, images, labels, mean, std, batch_size=16, flip=flip, num_classes=4)
+        assert result["classifiers"] == {"class token": 0.5, "distillation token": 0.25}
+        assert result["accuracy"] == 0.25   # the mean's: class 0
+        with torch.no_grad():   # the plain forward: the mean of both, as the run predicts
+            assert result["accuracy"] == (classify(model, normalize(images, mean, std), flip).argmax(1) == labels
+                                          ).float().mean().item()
+    assert not head.both_logits   # evaluation leaves the model as it found it
+    result.update({"spec": "s", "split": "val", "epoch": 1, "classes": list("abcd"), "most_confused": []})
+    assert ("each classifier alone: class token 0.5000, distillation token 0.2500 (the model predicts with their "
+            "mean)") in render(result)

@@ -35,7 +35,7 @@ data:
   kind: synthetic
   num_samples: 320
   val_split: 0.2
-  augment: {crop_padding: 1, hflip: true, trivial: true, cutout: 2, mixup: 0.2}
+  augment: {crop_padding: 1, hflip: true, trivial: true, cutout: 2, erasing: 0.25, mixup: 0.2}
 train:
   epochs: 2
   batch_size: 32

@@ -110,7 +110,7 @@ def test_the_batch_pipeline_never_waits_on_the_device(monkeypatch):
     for the device (each wait leaves the GPU idle while the host prepares the next step). Here on
     the CPU, with TrivialAugment selecting as it does on a GPU."""
     import composer.trivial_augment as ta
-    from composer.data import augment, mix
+    from composer.data import augment, mix, random_erasing
 
     monkeypatch.setattr(ta, "by_subsets", lambda device: False)
     from composer.spec.data import Augment
@@ -121,10 +121,10 @@ def test_the_batch_pipeline_never_waits_on_the_device(monkeypatch):
     crops = (Augment(crop_padding=4, hflip=True, trivial=True, cutout=8, mixup=0.2, cutmix=1.0),
              Augment(resized_crop=0.08, trivial=True))
     for aug in crops:   # the strength tables are made once, before
-        mix(augment(images, aug, g).float(), labels, 10, aug, g, 0.1)
+        mix(random_erasing(augment(images, aug, g).float(), 0.25, g), labels, 10, aug, g, 0.1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for aug in crops:
-            mix(augment(images, aug, g).float(), labels, 10, aug, g, 0.1)
+            mix(random_erasing(augment(images, aug, g).float(), 0.25, g), labels, 10, aug, g, 0.1)
     # (one_hot checks its labels' range with .item() on the CPU only; on CUDA it leaves that to
     # a device-side assert)
     def inside_one_hot(event):

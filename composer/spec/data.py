@@ -23,6 +23,11 @@ class Augment(Strict):
                           "translate, rotate, brightness, colour, contrast, sharpness, posterize, solarize, "
                           "autocontrast, equalize or none) at a random strength, after crop and flip.")
     cutout: Annotated[int, Field(ge=0)] = Field(0, description="Side of a random square erased per image (0: off).")
+    erasing: Probability = Field(
+        0.0, description="Random erasing (Zhong et al., 2020; timm's re_prob, 0.25 in the DeiT and ConvNeXt "
+        "recipes): the chance that an image gets one random box of 2%-33% of its area, aspect 0.3-3.3, filled "
+        "with normal noise in normalized units (timm's 'pixel' mode). After crop, flip and TrivialAugment, "
+        "before mixup / cutmix. 0: off.")
     mixup: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Mixup Beta(alpha, alpha) parameter (0: off).")
     cutmix: Annotated[float, Field(ge=0.0)] = Field(0.0, description="CutMix Beta(alpha, alpha) parameter (0: off).")
     repeats: PositiveInt = Field(
@@ -32,8 +37,8 @@ class Augment(Strict):
 
     def is_random(self) -> bool:
         """Whether two copies of an image can come out differently."""
-        return bool(self.padding or self.resized_crop or self.hflip or self.trivial or self.cutout or self.mixup
-                    or self.cutmix)
+        return bool(self.padding or self.resized_crop or self.hflip or self.trivial or self.cutout or self.erasing
+                    or self.mixup or self.cutmix)
 
     @property
     def padding(self) -> int:
