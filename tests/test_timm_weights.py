@@ -225,6 +225,20 @@ def test_timm_name_refuses_variants_composer_does_not_build(tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def import_from_timm(reference, name, out, monkeypatch):
+    """`composer import timm:NAME --out OUT` where timm makes `reference` (every tensor set at random,
+    so that a misplaced one shows) instead of downloading NAME's weights; checks that every tensor
+    was taken. Returns the command's output."""
+    with torch.no_grad():
+        for value in reference.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.3)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
+    result = run_cli("import", f"timm:{name}", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(reference.state_dict())} tensors, all of them" in result.stdout
+    return result.stdout
+
+
 VIT_VARIANTS = {   # timm's keywords of ViTs with parts beyond the original ViT, as its pretrained models use them
     "deit3": dict(no_embed_class=True, init_values=1e-5),   # layer scale; no position for the class token
     "reg4_gap": dict(class_token=False, reg_tokens=4, no_embed_class=True, global_pool="avg"),   # fc_norm
@@ -245,13 +259,7 @@ def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, mon
     torch.manual_seed(0)
     reference = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
                                   num_classes=5, **VIT_VARIANTS[variant]).eval()
-    with torch.no_grad():
-        for value in reference.state_dict().values():
-            value.copy_(torch.randn_like(value) * 0.3)
-    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
-    result = run_cli("import", f"timm:{variant}", "--out", tmp_path / "run")
-    assert result.returncode == 0, result.stderr
-    assert f"{len(reference.state_dict())} tensors, all of them" in result.stdout
+    import_from_timm(reference, variant, tmp_path / "run", monkeypatch)
     spec, model, _ = load_run(tmp_path / "run", backend="reference")
     keywords, block = VIT_VARIANTS[variant], spec.model.blocks[0]
     assert spec.model.registers == keywords.get("reg_tokens", 0)
@@ -281,13 +289,7 @@ def test_deit_with_its_distillation_token_imports_computing_what_timm_computes(t
     torch.manual_seed(0)
     reference = VisionTransformerDistilled(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
                                            num_classes=5).eval()
-    with torch.no_grad():
-        for value in reference.state_dict().values():
-            value.copy_(torch.randn_like(value) * 0.3)
-    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: reference)
-    result = run_cli("import", "timm:deit_tiny_distilled", "--out", tmp_path / "run")
-    assert result.returncode == 0, result.stderr
-    assert f"{len(reference.state_dict())} tensors, all of them" in result.stdout
+    import_from_timm(reference, "deit_tiny_distilled", tmp_path / "run", monkeypatch)
     spec, model, _ = load_run(tmp_path / "run", backend="reference")
     assert spec.model.head.distill_token and spec.model.head.pool == "cls"
     x = torch.randn(3, 3, 16, 16)
@@ -330,14 +332,8 @@ def test_a_backbone_without_classifier_imports_for_fine_tuning(tmp_path, monkeyp
     torch.manual_seed(0)
     backbone = VisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=0,
                                  init_values=1e-5, reg_tokens=4, no_embed_class=True).eval()
-    with torch.no_grad():
-        for value in backbone.state_dict().values():
-            value.copy_(torch.randn_like(value) * 0.3)
-    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: backbone)
-    result = run_cli("import", "timm:tiny_dinov2", "--out", tmp_path / "run")
-    assert result.returncode == 0, result.stderr
-    assert f"{len(backbone.state_dict())} tensors, all of them" in result.stdout
-    assert "the weights have no classifier (a backbone)" in result.stdout and "classes" not in result.stdout
+    said = import_from_timm(backbone, "tiny_dinov2", tmp_path / "run", monkeypatch)
+    assert "the weights have no classifier (a backbone)" in said and "classes" not in said
     spec, model, state = load_run(tmp_path / "run", backend="reference")
     assert state["backbone_only"] and spec.model.registers == 4
     x = torch.randn(2, 3, 28, 28)
