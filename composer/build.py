@@ -169,6 +169,40 @@ class RegisterTokens(nn.Module):
         return torch.cat([x[:, :self.after], registers, x[:, self.after:]], dim=1)
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (MAP: Zhai et al., 2022, "Scaling Vision Transformers"; SigLIP):
+    one learned query attends over the tokens (B, N, C) -> (B, C), then an MLP adds to the result
+    (pre-norm, with a residual), as timm's AttentionPoolLatent."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm_eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.latent = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=dim ** -0.5))
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q = self.q(self.latent.to(x.dtype)).view(1, 1, self.heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = self.kv(x).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)   # each (B, heads, N, d)
+        pooled = self.proj(F.scaled_dot_product_attention(q, k, v).reshape(b, c))
+        return pooled + self.mlp(self.norm(pooled))
+
+    def probs(self, x) -> torch.Tensor:
+        """The query's attention over the tokens, (B, heads, N): what `visualize` draws."""
+        b, n, c = x.shape
+        q = self.q(self.latent.to(x.dtype)).view(self.heads, -1)
+        k = self.kv(x)[..., :c].view(b, n, self.heads, -1)
+        return torch.einsum("hd,bnhd->bhn", q.float(), k.float()).mul(q.shape[-1] ** -0.5).softmax(-1)
+
+    def cost(self, tokens: int, dim: int) -> Cost:
+        hidden = self.mlp[0].out_features
+        flops = 2 * (dim * dim + tokens * dim * 2 * dim + 2 * tokens * dim + dim * dim + 2 * dim * hidden)
+        return Cost(flops, tokens * 3 * dim + 2 * dim + hidden)
+
+
 class DistilledLogits(NamedTuple):
     """What a model with a distillation token returns while it trains: each classifier's logits
     (the loss gives the first the labels, the second the teacher's predictions)."""
@@ -190,12 +224,13 @@ class Head(nn.Module):
     and evaluation reports each one's accuracy (`each_classifier`)."""
 
     def __init__(self, dim: int, classes: int, pool: str, layout: str, norm: str, dropout: float, prefix: int = 0,
-                 norm_eps: float = 1e-6, distill: bool = False):
+                 norm_eps: float = 1e-6, distill: bool = False, attention: AttentionPool | None = None):
         super().__init__()
         self.pool, self.layout, self.prefix = pool, layout, prefix
         # where the LayerNorm goes: on every token before pooling, or on the pooled vector
         self.norm_pooled = norm == "pooled" or layout == "grid"
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm != "none" else nn.Identity()
+        self.attend = attention   # pool: attention (over the patches' tokens, registers left out, as timm's)
         self.dropout = nn.Dropout(dropout)
         self.classify = nn.Linear(dim, classes)
         self.classify_dist = nn.Linear(dim, classes) if distill else None
@@ -206,7 +241,10 @@ class Head(nn.Module):
             return self.norm(x.mean(dim=(2, 3)))
         if not self.norm_pooled:                         # (B, N, C)
             x = self.norm(x)
-        pooled = x[:, token] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
+        if self.attend is not None:
+            pooled = self.attend(x[:, self.prefix:])
+        else:
+            pooled = x[:, token] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
         return self.norm(pooled) if self.norm_pooled else pooled
 
     def features(self, x):
@@ -252,8 +290,16 @@ class ComposedModel(nn.Module):
         self.frozen = stages
         for stage in self.stages[:stages]:
             stage.requires_grad_(False)
+        frozen = sum(p.numel() for stage in self.stages[:stages] for p in stage.parameters())
+        head = self.stages[-1]
+        if stages == len(self.stages) - 1 and getattr(head, "attend", None) is not None:
+            # A linear probe of a model that pools by attention (SigLIP's encoder ends with it): the
+            # pooling, and the LayerNorm before it, are features too; the classifier alone trains.
+            for part in (head.attend,) + ((head.norm,) if not head.norm_pooled else ()):
+                part.requires_grad_(False)
+                frozen += sum(p.numel() for p in part.parameters())
         self.train(self.training)
-        return sum(p.numel() for stage in self.stages[:stages] for p in stage.parameters())
+        return frozen
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -412,11 +458,17 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
 
     norm = "layernorm" if m.head.norm == "auto" and layout == "tokens" else m.head.norm
     norm = "none" if norm == "auto" else norm
+    attention = AttentionPool(dim, m.pool_heads(), m.head.mlp_ratio or 4.0, m.head.norm_eps) \
+        if m.head.pool == "attention" else None
     head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout, prefix=tokens - patches,
-                norm_eps=m.head.norm_eps, distill=m.head.distill_token)
+                norm_eps=m.head.norm_eps, distill=m.head.distill_token, attention=attention)
     classifiers = 1 + m.head.distill_token
+    cost = Cost(classifiers * 2 * dim * m.num_classes, classifiers * dim)
+    if attention is not None:
+        pooling = attention.cost(patches, dim)
+        cost = Cost(cost.flops + pooling.flops, cost.activations + pooling.activations)
     add("head", f"head ({m.head.pool}{' + distillation' if m.head.distill_token else ''})", layout,
-        shape(layout, tokens), (m.num_classes,), head, Cost(classifiers * 2 * dim * m.num_classes, classifiers * dim))
+        shape(layout, tokens), (m.num_classes,), head, cost)
     model = ComposedModel(m, layers)
     _init_weights(model)
     return model

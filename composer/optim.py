@@ -12,15 +12,15 @@ from composer.spec import Spec
 
 def param_groups(model, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """Weight decay on matrices and conv kernels only: not on norms, biases, layer-scale factors, embeddings,
-    class, distillation and register tokens.
+    class, distillation and register tokens, attention pooling's query.
     With `layer_decay`, each layer's parameters also get their own learning-rate scale (`lr_scale`)."""
     depths, top = layer_depths(model) if layer_decay else ({}, 0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # .tokens: register tokens, .dist_token: the distillation token
-        skip = p.ndim <= 1 or name.endswith((".pos", ".token", ".tokens", ".dist_token"))
+        # .tokens: register tokens, .dist_token: the distillation token, .latent: attention pooling's query
+        skip = p.ndim <= 1 or name.endswith((".pos", ".token", ".tokens", ".dist_token", ".latent"))
         depth = depths.get(int(name.split(".")[1]), top) if layer_decay else 0
         group = groups.setdefault((depth, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay})
         group["params"].append(p)

@@ -60,7 +60,9 @@ LAYER_NAMES = {
     "cls_token": {"token": "cls_token", "dist_token": "dist_token"},
     "registers": {"tokens": "reg_token"},
     "pos_embed": {"pos": "pos_embed"},
-    "head": {"norm": "norm", "classify": "head", "classify_dist": "head_dist"},
+    "head": {"norm": "norm", "classify": "head", "classify_dist": "head_dist",
+             # attention pooling (MAP); its MLP first: the first entry that prefixes a name gives it
+             "attend.mlp.0": "attn_pool.mlp.fc1", "attend.mlp.2": "attn_pool.mlp.fc2", "attend": "attn_pool"},
 }
 POOLED_HEAD_NORM = {"norm": "fc_norm"}   # a head whose LayerNorm follows the pooling (head.norm: pooled)
 HEAD_NAMES = {"convnext": {"norm": "head.norm", "classify": "head.fc"},   # where a family's head differs
@@ -206,11 +208,17 @@ def spec_from_timm(model, name: str) -> dict:
         def present(module) -> bool:
             return module is not None and type(module).__name__ != "Identity"
 
-        pool = {"token": "cls", "avg": "mean"}.get(model.global_pool)
+        pool = {"token": "cls", "avg": "mean", "map": "attention"}.get(model.global_pool)
         has_cls = model.cls_token is not None
+        attn_pool = getattr(model, "attn_pool", None)
         extra = [part for part, there in (
             (f"{model.global_pool or 'no'} pooling", pool is None),
             ("a class token its average-pooled head leaves out", pool == "mean" and has_cls),
+            ("a class token beside attention pooling", pool == "attention" and has_cls),
+            ("pooling over the class token and registers too (pool_include_prefix)",
+             getattr(model, "pool_include_prefix", False) and model.num_prefix_tokens > 0),
+            ("attention pooling other than one query, a projection, then a LayerNorm + GELU MLP",
+             pool == "attention" and not _plain_attention_pool(attn_pool)),
             (f"{type(block).__name__} blocks", type(block).__name__ != "Block"),
             (f"a {type(block.mlp).__name__} MLP", type(block.mlp).__name__ != "Mlp"
              or type(block.mlp.act).__name__ != "GELU"),
@@ -232,6 +240,8 @@ def spec_from_timm(model, name: str) -> dict:
         extras = {"pos_embed": "learned" if model.pos_embed is not None else "none",
                   "registers": model.reg_token.shape[1] if model.reg_token is not None else 0,
                   "head": {"pool": pool, "norm": head_norm}}
+        if pool == "attention":
+            extras["head"].update(heads=attn_pool.num_heads, mlp_ratio=attn_pool.mlp.fc1.out_features / dim)
         if kind == "VisionTransformerDistilled":
             extras["head"]["distill_token"] = True
         blocks = [vit]
@@ -265,6 +275,17 @@ def spec_from_timm(model, name: str) -> dict:
             "model": {"image_size": size, "num_classes": max(1, model.num_classes), "stem": stem, **extras,
                       "blocks": blocks},
             "data": {"kind": "folder", "root": "data/train"}}
+
+
+def _plain_attention_pool(pool) -> bool:
+    """Whether timm's AttentionPoolLatent is the one composer builds (head.pool: attention): one
+    latent query through a projection, no position table or qk-norm of its own, the projection
+    out and a LayerNorm + GELU MLP with its residual, the first (only) query's output."""
+    return (pool is not None and pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token"
+            and _class_name(pool.q) == "Linear" and _class_name(pool.q_norm) == "Identity"
+            and getattr(pool, "mlp", None) is not None and _class_name(pool.mlp.act) == "GELU"
+            and getattr(pool.mlp.act, "approximate", "none") == "none" and _class_name(pool.norm) == "LayerNorm"
+            and pool.kv.bias is not None and pool.q.bias is not None)
 
 
 def _class_name(module) -> str:

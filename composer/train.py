@@ -514,8 +514,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     if t.freeze is not None:
         stages = frozen_stages(model, t.freeze)
         frozen = model.freeze(stages)
-        log(f"freeze: {model.layers[0].name} to {model.layers[stages - 1].name} keep their weights ({frozen:,} "
-            f"parameters, run without gradients, BatchNorm and dropout as in evaluation); "
+        in_head = frozen > sum(count_params(stage) for stage in model.stages[:stages])   # attention pooling
+        pooling = " and the head's attention pooling" if in_head else ""
+        log(f"freeze: {model.layers[0].name} to {model.layers[stages - 1].name}{pooling} keep their weights "
+            f"({frozen:,} parameters, run without gradients, BatchNorm and dropout as in evaluation); "
             f"{count_params(model) - frozen:,} parameters train")
         if not t.init_from:
             log("note: train.freeze without train.init_from keeps layers at their random initial weights")

@@ -295,7 +295,48 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
         paths.append(_save(_rollout_figure(last, image, caption, spec.name, grid, class_token_count(spec),
                                            earlier=len(maps) - len(last)),
                            out_dir / f"{tag}_rollout.png"))
+        pooling = pooling_map(model, x)
+        if pooling is not None:
+            paths.append(_save(_pooling_figure(pooling, image, caption, spec.name, model.layers[-1].ctx.grid),
+                               out_dir / f"{tag}_pooling.png"))
     return paths
+
+
+@torch.no_grad()
+def pooling_map(model, x: torch.Tensor) -> torch.Tensor | None:
+    """Where attention pooling (head.pool: attention) looks for one normalized image `x`: its
+    query's attention over the patches, (heads, N); None for a head that pools otherwise."""
+    head = model.stages[-1]
+    if getattr(head, "attend", None) is None:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with using_backend(model, "reference"):
+            for stage in model.stages[:-1]:
+                x = stage(x)
+            tokens = x if head.norm_pooled else head.norm(x)
+            return head.attend.probs(tokens[:, head.prefix:])[0].float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def _pooling_figure(p, image, caption, spec_name, grid) -> Figure:
+    """The image, then where the pooling query looks: the mean over its heads and each head."""
+    columns = ([("mean over heads", p.mean(0))] if p.shape[0] > 1 else []) + \
+        [(f"head {h}", p[h]) for h in range(min(p.shape[0], MAX_HEAD_COLUMNS))]
+    fig = Figure(figsize=(1.9 * (len(columns) + 1) + 0.6, 2.6), layout="constrained")
+    axes = fig.subplots(1, len(columns) + 1, squeeze=False)[0]
+    _show_image(axes[0], image, caption)
+    values = [v.reshape(grid).numpy() for _, v in columns]
+    vmin, vmax = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+    for ax, (label, _), v in zip(axes[1:], columns, values):
+        im = _overlay(ax, image, v, vmin, vmax)
+        ax.set_title(label, fontsize=9)
+    _colorbar(fig, im, axes[-1], "attention weight", shrink=0.85)
+    _suptitle(fig, f"{spec_name} · attention pooling: where the head's learned query looks (softmax over the "
+                   f"{grid[0]}x{grid[1]} patches)")
+    return fig
 
 
 def _matrix_figure(p, head, image, caption, title, prefix) -> Figure:

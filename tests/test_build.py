@@ -583,6 +583,64 @@ def test_distillation_token_needs_the_class_token():
             "mean pooling has none; set head.pool: cls, or remove distill_token") in str(caught.value)
 
 
+def test_attention_pooling_is_one_query_attending_then_an_mlp_and_costs_what_flop_counter_counts():
+    """head.pool: attention (MAP): the pooled vector is a learned query's multi-head attention over
+    the patch tokens (registers left out), projected, plus an MLP of its LayerNorm; written out
+    here with plain matrix products. Its FLOPs are flop_counter's; the query gets no weight decay."""
+    from composer.optim import param_groups
+
+    text = DEIT.replace("POS", "learned").replace("pool: cls, distill_token: true, dropout: 0.5",
+                                                  "pool: attention, heads: 4, mlp_ratio: 2")
+    spec = load_spec_text(text)
+    model = build_model(spec, backend="reference").eval()
+    head = model.stages[-1]
+    pool = head.attend
+    assert pool.heads == 4 and pool.mlp[0].out_features == 32
+    tokens = torch.randn(3, 18, 16)   # 2 registers, then 16 patches
+    x = head.norm(tokens)[:, 2:]
+    q = pool.q(pool.latent[0, 0]).view(4, 4)                      # (heads, d)
+    k, v = pool.kv(x).view(3, 16, 2, 4, 4).unbind(2)              # (B, N, heads, d)
+    weights = torch.einsum("hd,bnhd->bhn", q, k).div(2.0).softmax(-1)
+    assert torch.allclose(weights, pool.probs(x), atol=1e-6)
+    attended = pool.proj(torch.einsum("bhn,bnhd->bhd", weights, v).reshape(3, 16))
+    pooled = attended + pool.mlp(pool.norm(attended))
+    torch.testing.assert_close(head(tokens), head.classify(pooled), rtol=1e-5, atol=1e-5)
+
+    _, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+    decayed = {id(p) for group in param_groups(model, 0.05) if group["weight_decay"] for p in group["params"]}
+    assert id(pool.latent) not in decayed and id(pool.q.weight) in decayed
+    # without head.heads: the last attention block's
+    assert build_model(load_spec_text(text.replace(", heads: 4", ""))).stages[-1].attend.heads == 2
+
+    # a linear probe (train.freeze: backbone) keeps the pooling and the LayerNorm before it: the classifier trains
+    from composer.optim import frozen_stages
+
+    frozen = model.freeze(frozen_stages(model, "backbone"))
+    trains = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trains == [f"stages.{len(model.stages) - 1}.classify.weight", f"stages.{len(model.stages) - 1}.classify.bias"]
+    assert frozen == count_params(model) - 16 * 3 - 3
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (("pool: attention, heads: 4, mlp_ratio: 2", "pool: attention, heads: 3"),
+     "d.yaml:10:34: model.head.heads: attention pooling's 3 heads do not divide the final 16 channels"),
+    (("pool: attention, heads: 4, mlp_ratio: 2", "pool: mean, heads: 4"),
+     "d.yaml:10:29: model.head.heads: heads belongs to attention pooling, and this head pools by mean; set "
+     "head.pool: attention, or remove heads"),
+    (("- {kind: vit, heads: 2, repeat: 2}", "- {kind: vit, heads: 2}\n    - {kind: convmixer, kernel_size: 3}"),
+     "model.head.pool: attention pooling attends over tokens, but the last block (convmixer) works on the grid"),
+])
+def test_attention_pooling_rules(change, fragment):
+    from composer.spec import SpecError
+
+    text = DEIT.replace("POS", "learned").replace("pool: cls, distill_token: true, dropout: 0.5",
+                                                  "pool: attention, heads: 4, mlp_ratio: 2").replace(*change)
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(text.replace("registers: 2", "registers: 0"), "d.yaml")
+    assert fragment in str(caught.value)
+
+
 def test_model_drop_path_rises_linearly_over_depth():
     """model.drop_path: 0 at the first block, the rate at the last, each repeat a step, the halves of a
     composite block sharing one (timm's linspace(0, drop_path_rate, depth))."""

@@ -213,6 +213,18 @@ def test_timm_name_refuses_variants_composer_does_not_build(tmp_path, monkeypatc
                                 global_pool="avg")
     assert_user_error(run_cli("import", "timm:avg_cls", "--out", tmp_path / "run"),
                       "timm's avg_cls is a ViT with a class token its average-pooled head leaves out")
+    variant = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                global_pool="map")
+    assert_user_error(run_cli("import", "timm:map_cls", "--out", tmp_path / "run"),
+                      "timm's map_cls is a ViT with a class token beside attention pooling")
+    variant = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                global_pool="map", class_token=False, reg_tokens=1, pool_include_prefix=True)
+    assert_user_error(run_cli("import", "timm:map_all", "--out", tmp_path / "run"),
+                      "timm's map_all is a ViT with pooling over the class token and registers too")
+    variant.global_pool, variant.attn_pool.latent_len = "map", 2
+    variant.pool_include_prefix = False
+    assert_user_error(run_cli("import", "timm:map_two", "--out", tmp_path / "run"),
+                      "timm's map_two is a ViT with attention pooling other than one query")
 
     def offline(name, pretrained):
         raise RuntimeError("no network")
@@ -245,13 +257,16 @@ VIT_VARIANTS = {   # timm's keywords of ViTs with parts beyond the original ViT,
     "registers_with_positions": dict(reg_tokens=2, qk_norm=True),
     "gap_norm_before_pooling": dict(class_token=False, reg_tokens=3, global_pool="avg", fc_norm=False),
     "everything": dict(reg_tokens=4, no_embed_class=True, init_values=1e-5, qk_norm=True),
+    "map": dict(class_token=False, global_pool="map"),   # attention pooling (SigLIP)
+    "reg2_map": dict(class_token=False, reg_tokens=2, global_pool="map", init_values=1e-5),   # vit_so150m_*_reg4_map
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
 def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, monkeypatch):
     """Layer scale, register tokens (with or without rows in timm's position table), qk-norm, mean
-    pooling with the norm before or after it, a class token without a position: timm:NAME reads the
+    pooling with the norm before or after it, a class token without a position, attention pooling
+    (with registers, which it leaves out as mean pooling does): timm:NAME reads the
     spec, the weights carry over, and the logits are timm's. Every tensor random (the layer-scale
     factors and register tokens too)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -264,7 +279,7 @@ def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, mon
     keywords, block = VIT_VARIANTS[variant], spec.model.blocks[0]
     assert spec.model.registers == keywords.get("reg_tokens", 0)
     assert block.qk_norm == keywords.get("qk_norm", False) and (block.layer_scale is not None) == ("init_values" in keywords)
-    assert spec.model.head.pool == ("mean" if keywords.get("global_pool") == "avg" else "cls")
+    assert spec.model.head.pool == {"avg": "mean", "map": "attention"}.get(keywords.get("global_pool"), "cls")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
@@ -321,6 +336,23 @@ def test_deit_with_its_distillation_token_imports_computing_what_timm_computes(t
     with pytest.raises(Exception, match="its model has a distillation token and this one does not; set "
                                         "model.head.distill_token: true to start from it"):
         init_from_run(build_model(plain, backend="reference"), plain, tmp_path / "run")
+
+
+def test_siglips_image_encoder_reads_as_a_spec_whose_model_has_timms_tensors():
+    """SigLIP's ViT-B/16 (a backbone: attention pooling, no class token), on the meta device: the
+    spec read from timm's model builds a model with each of timm's tensors, in its shape."""
+    from composer.timm_weights import family_of, spec_from_timm, timm_names
+
+    with torch.device("meta"):
+        reference = timm.create_model("vit_base_patch16_siglip_224", pretrained=False)
+        spec = load_spec_text(yaml.safe_dump(spec_from_timm(reference, "vit_base_patch16_siglip_224")))
+        model = build_model(spec, backend="reference")
+    assert spec.model.head.model_dump(include={"pool", "heads", "mlp_ratio"}) == \
+        {"pool": "attention", "heads": 12, "mlp_ratio": 4.0}
+    theirs, ours = reference.state_dict(), model.state_dict()
+    names = {k: v for k, v in timm_names(model, family_of(theirs)).items() if ".classify." not in k}
+    assert sorted(names.values()) == sorted(theirs)   # a backbone: composer's classifier has no timm tensor
+    assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
 
 
 def test_a_backbone_without_classifier_imports_for_fine_tuning(tmp_path, monkeypatch):

@@ -392,3 +392,28 @@ def test_figures_of_a_hierarchical_model_use_each_layers_grid(tmp_path, monkeypa
     monkeypatch.setattr(visualize, "_weight_tiles", lambda t, title, label: tiles.append(t) or real_tiles(t, title, label))
     assert_pngs(visualize.token_mlp(tmp_path, out=tmp_path), 1)
     assert tiles[0].shape == (4, 4, 4)   # 4 hidden units, each over the 4x4 grid of its 16 tokens
+
+
+def test_attention_pooling_map_is_the_pooling_querys_attention_over_the_patches():
+    """`visualize attention` draws where attention pooling looks: the pooling query's softmax over
+    the patches (registers left out), computed from the features the head gets; nothing for a head
+    that pools otherwise."""
+    from composer.build import build_model
+
+    text = ("model:\n  image_size: 16\n  num_classes: 3\n  stem: {patch_size: 4, dim: 16}\n  registers: 1\n"
+            "  blocks: [{kind: vit, heads: 2}]\n  head: {pool: attention, heads: 4}\n")
+    torch.manual_seed(0)
+    model = build_model(load_spec_text(text), backend="reference").eval()
+    x = torch.randn(1, 3, 16, 16)
+    p = visualize.pooling_map(model, x)
+    assert p.shape == (4, 16)
+    torch.testing.assert_close(p.sum(-1), torch.ones(4))
+    head = model.stages[-1]
+    features = x
+    with torch.no_grad():
+        for stage in model.stages[:-1]:
+            features = stage(features)
+        torch.testing.assert_close(p, head.attend.probs(head.norm(features)[:, 1:])[0])
+    assert visualize._pooling_figure(p, np.zeros((16, 16, 3)), "caption", "spec", (4, 4)) is not None
+    plain = build_model(load_spec_text(text.replace("pool: attention, heads: 4", "pool: mean")), backend="reference")
+    assert visualize.pooling_map(plain, x) is None

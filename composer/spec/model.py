@@ -195,9 +195,17 @@ BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "
 class Head(Strict):
     """Pools the features into one vector per image and classifies it."""
 
-    pool: Literal["cls", "mean"] = Field(
-        "mean", description="cls: a learned class token (needs token layout at the end); mean: average over tokens/grid."
+    pool: Literal["cls", "mean", "attention"] = Field(
+        "mean", description="cls: a learned class token (needs token layout at the end); mean: average over "
+        "tokens/grid; attention: attention pooling (MAP: Zhai et al., 2022; SigLIP), a learned query attending "
+        "over the final tokens, then an MLP with a residual (needs token layout at the end; see heads, mlp_ratio)."
     )
+    heads: Optional[PositiveInt] = Field(
+        None, description="pool: attention: the pooling attention's heads (default: the last attention block's, "
+        "or 1 without one).")
+    mlp_ratio: Optional[Annotated[float, Field(gt=0.0)]] = Field(
+        None, description="pool: attention: hidden width of the MLP after the pooling attention, times the "
+        "channels (default 4).")
     norm: Literal["auto", "layernorm", "pooled", "none"] = Field(
         "auto", description="layernorm: LayerNorm of every token before pooling; pooled: LayerNorm of the pooled "
         "vector (timm's fc_norm, usual with mean pooling); auto = layernorm when the last block uses tokens, else none."
@@ -260,3 +268,10 @@ class ModelSpec(Strict):
                 for _ in range(block.repeat):
                     dim, side = block.dim or 2 * dim, side // block.factor
         return out + [(dim, side)]
+
+    def pool_heads(self) -> int:
+        """Attention pooling's heads (head.pool: attention): head.heads, else the last attention
+        block's, else 1."""
+        if self.head.heads:
+            return self.head.heads
+        return next((block.heads for block in reversed(self.blocks) if getattr(block, "heads", None)), 1)

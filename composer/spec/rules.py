@@ -116,6 +116,23 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((pool_path, f"cls pooling needs token layout at the end, but the last block "
                                     f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
                          (pool_path, last_block)))
+    if m.head.pool == "attention" and last_layout != "tokens":
+        problems.append((pool_path, f"attention pooling attends over tokens, but the last block "
+                                    f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
+                         (pool_path, last_block)))
+    final_dim = stages[-1][0]
+    if m.head.pool == "attention" and final_dim % m.pool_heads():
+        heads_path = ("model", "head", "heads")
+        given = m.head.heads is not None
+        whose = "" if given else " (the last attention block's)"
+        problems.append((heads_path if given else pool_path,
+                         f"attention pooling's {m.pool_heads()} heads{whose} do not divide the final {final_dim} "
+                         f"channels; set head.heads (try {_list(divisors(final_dim, 32))})", (heads_path, pool_path)))
+    for field in ("heads", "mlp_ratio"):
+        if getattr(m.head, field) is not None and m.head.pool != "attention":
+            where = ("model", "head", field)
+            problems.append((where, f"{field} belongs to attention pooling, and this head pools by {m.head.pool}; "
+                                    f"set head.pool: attention, or remove {field}", (where, pool_path)))
     if m.head.distill_token and m.head.pool != "cls":
         token_path = ("model", "head", "distill_token")
         problems.append((token_path, "the distillation token sits beside the class token (DeiT), and mean pooling "

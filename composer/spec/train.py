@@ -116,5 +116,5 @@ class TrainSpec(Strict):
     freeze: Optional[Union[Annotated[int, Field(ge=0)], Literal["backbone"]]] = Field(
         None, description="Fine-tuning: layers that keep their weights. N: the stem, the embeddings and the "
         "first N blocks (each repeat counts; a vit, mixer or convmixer block is one); backbone: everything but "
-        "the head (a linear probe). Frozen layers run without gradients, their BatchNorm statistics and "
+        "the head's classifier (a linear probe; attention pooling stays fixed too). Frozen layers run without gradients, their BatchNorm statistics and "
         "dropout as in evaluation. None: every layer trains.")
