@@ -150,7 +150,7 @@ def test_every_registered_block_runs_on_triton_like_reference():
                                                   "layer_scale: 0.1}"),
     ("token_mlp", "{kind: token_mlp, layer_scale: 0.1}"), ("attention (rope)", "{kind: attention, heads: 2}"),
     ("attention (shifted windows)", "{kind: attention, heads: 2, window: 2, shift: true, repeat: 2}"),
-    ("attention (relative)", "{kind: attention, heads: 2, window: 2}")])
+    ("attention (relative)", "{kind: attention, heads: 2, window: 2}"), ("pool", "{kind: pool, layer_scale: 0.1}")])
 def test_blocks_compile_fullgraph(kind, spec):
     """torch.compile(fullgraph=True) traces each fused-op block without a graph break (reference path on CPU)."""
     from composer.blocks.base import Context
@@ -639,6 +639,43 @@ def test_attention_pooling_rules(change, fragment):
     with pytest.raises(SpecError) as caught:
         load_spec_text(text.replace("registers: 2", "registers: 0"), "d.yaml")
     assert fragment in str(caught.value)
+
+
+def test_pool_block_mixes_each_patch_with_the_mean_of_its_neighbourhood():
+    """PoolFormer's token mixer: the LayerNormed patch grid's k x k mean (at the borders, of the cells
+    inside the grid) minus the cell, times LayerScale, added to the input; a class token passes
+    unmixed. Written out here cell by cell. It costs no FLOPs (flop_counter counts none) and a
+    poolformer block is pool + channel_mlp, each with its own parameters."""
+    from composer.blocks.pool import Pool
+
+    torch.manual_seed(0)
+    block = Pool(dim=4, grid=(3, 5), pool_size=3, scale=0.5)
+    with torch.no_grad():
+        block.scale.gamma.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
+        block.norm.weight.copy_(torch.randn(4))
+    x = torch.randn(2, 1 + 15, 4)   # a class token, then 3 x 5 patches
+    normed = block.norm(x)[:, 1:].reshape(2, 3, 5, 4)
+    expected = x.clone()
+    for r in range(3):
+        for c in range(5):
+            around = normed[:, max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].mean(dim=(1, 2))
+            expected[:, 1 + r * 5 + c] += block.scale.gamma * (around - normed[:, r, c])
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
+
+    spec = load_spec_text("model: {image_size: 16, num_classes: 3, stem: {patch_size: 2, dim: 16}, blocks: "
+                          "[{kind: poolformer, pool_size: 5, repeat: 2}, {kind: downsample}, {kind: poolformer}], "
+                          "head: {pool: mean}}")
+    model, measured = per_layer_flops(spec)
+    assert [layer.cost.flops for layer in model.layers] == measured
+    kinds = [layer.kind for layer in model.layers]
+    assert kinds.count("pool") == 3 and kinds.count("channel_mlp") == 3
+    assert model.layers[kinds.index("pool")].module.pool_size == 5
+    assert [layer.module.grid for layer in model.layers if layer.kind == "pool"] == [(8, 8), (8, 8), (4, 4)]
+    with pytest.raises(Exception, match=r"model.blocks\[0\].pool_size: 4 is even; 'same' padding needs an odd "
+                                        r"pool size \(try 3 or 5\)"):
+        load_spec_text("model: {image_size: 16, num_classes: 3, stem: {patch_size: 2, dim: 16}, blocks: "
+                       "[{kind: pool, pool_size: 4}]}")
 
 
 def test_model_drop_path_rises_linearly_over_depth():

@@ -94,6 +94,11 @@ class ChannelMlpFields(BaseModel):
         "mlp_ratio, so mlp_ratio 8/3 matches gelu's 4.")
 
 
+class PoolFields(BaseModel):
+    pool_size: PositiveInt = Field(
+        3, description="Side of the average pooling window on the patch grid (odd, stride 1, 'same' size).")
+
+
 class ConvFields(BaseModel):
     kernel_size: PositiveInt = Field(9, description="Depthwise kernel side (odd, 'same' padding).")
     activation: Activation = Field("gelu", description="Activation after each convolution.")
@@ -115,6 +120,13 @@ class ChannelMlpBlock(TokenBlock, ChannelMlpFields):
     """Pre-norm MLP across channels with a residual connection."""
 
     kind: Literal["channel_mlp"]
+
+
+class PoolBlock(TokenBlock, PoolFields):
+    """Pre-norm average pooling over the patch grid as the token mixer (PoolFormer), minus the token itself,
+    with a residual connection; a class token or registers are not mixed."""
+
+    kind: Literal["pool"]
 
 
 class DwConvBlock(BlockBase, ConvFields):
@@ -173,6 +185,12 @@ class MixerBlock(TokenBlock, TokenMlpFields, ChannelMlpFields):
     kind: Literal["mixer"]
 
 
+class PoolFormerBlock(TokenBlock, PoolFields, ChannelMlpFields):
+    """A PoolFormer (MetaFormer) layer: pool then channel_mlp."""
+
+    kind: Literal["poolformer"]
+
+
 class ConvMixerBlock(BlockBase, ConvFields):
     """A ConvMixer layer: dwconv (with residual) then pointwise."""
 
@@ -181,13 +199,13 @@ class ConvMixerBlock(BlockBase, ConvFields):
 
 Block = Annotated[
     Union[
-        AttentionBlock, TokenMlpBlock, ChannelMlpBlock, DwConvBlock, PointwiseBlock,
-        VitBlock, MixerBlock, ConvMixerBlock, ConvNextBlock, DownsampleBlock,
+        AttentionBlock, TokenMlpBlock, ChannelMlpBlock, PoolBlock, DwConvBlock, PointwiseBlock,
+        VitBlock, MixerBlock, PoolFormerBlock, ConvMixerBlock, ConvNextBlock, DownsampleBlock,
     ],
     Field(discriminator="kind"),
 ]
-BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "dwconv", "pointwise", "vit", "mixer", "convmixer",
-               "convnext", "downsample"]
+BLOCK_KINDS = ["attention", "token_mlp", "channel_mlp", "pool", "dwconv", "pointwise", "vit", "mixer", "poolformer",
+               "convmixer", "convnext", "downsample"]
 
 
 # -- head ---------------------------------------------------------------------

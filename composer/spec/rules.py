@@ -14,6 +14,7 @@ from composer.spec.train import TrainSpec
 # The layout each block kind consumes: tokens (B, N, C) or grid (B, C, H, W).
 LAYOUTS = {
     "attention": "tokens", "token_mlp": "tokens", "channel_mlp": "tokens", "vit": "tokens", "mixer": "tokens",
+    "pool": "tokens", "poolformer": "tokens",
     "dwconv": "grid", "pointwise": "grid", "convmixer": "grid", "convnext": "grid", "downsample": "grid",
 }
 # What the built-in datasets hold: classes, image side, channels (a grayscale set also feeds
@@ -98,10 +99,11 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
             problems.append((where + ("norm",), "patch merging normalizes each merged patch's values: layernorm or "
                                                 "none (batchnorm goes with style: conv)",
                              (where + ("norm",), where + ("style",))))
-        k = getattr(block, "kernel_size", None)
-        if k is not None and k % 2 == 0:
-            problems.append((where + ("kernel_size",), f"{k} is even; 'same' padding needs an odd kernel size "
-                                                       f"(try {k - 1} or {k + 1})", (where + ("kernel_size",),)))
+        for field in ("kernel_size", "pool_size"):
+            k = getattr(block, field, None)
+            if k is not None and k % 2 == 0:
+                problems.append((where + (field,), f"{k} is even; 'same' padding needs an odd {field.replace('_', ' ')} "
+                                                   f"(try {k - 1} or {k + 1})", (where + (field,),)))
 
     depth = sum(block.repeat for block in m.blocks)
     if t is not None and isinstance(t.freeze, int) and t.freeze > depth:
