@@ -147,7 +147,6 @@ class ClassToken(nn.Module):
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
         # DeiT starts it at random (truncated normal), so that it does not start as the class token's twin
         self.dist_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=0.02)) if distill else None
-        self.count = 1 + distill
 
     def forward(self, x):
         tokens = self.token if self.dist_token is None else torch.cat([self.token, self.dist_token], dim=1)
@@ -204,18 +203,19 @@ class AttentionPool(nn.Module):
 
 
 class DistilledLogits(NamedTuple):
-    """What a model with a distillation token returns while it trains: each classifier's logits
-    (the loss gives the first the labels, the second the teacher's predictions)."""
+    """What a model with a distillation token returns when asked for each classifier's logits
+    (training with a teacher: the loss gives the first the labels, the second the teacher's
+    predictions; evaluating: each one's accuracy)."""
     cls: torch.Tensor
     dist: torch.Tensor
 
     def mean(self) -> torch.Tensor:
-        """The model's prediction: what it returns in evaluation mode."""
+        """The model's prediction: what it returns otherwise."""
         return (self.cls + self.dist) / 2
 
 
 class Head(nn.Module):
-    """(norm) -> pool (class token or mean) -> (norm) -> dropout -> Linear to classes.
+    """(norm) -> pool (class token, mean or attention) -> (norm) -> dropout -> Linear to classes.
 
     `prefix`: tokens before the patches (class token, registers) that mean pooling leaves out.
     `distill`: DeiT's head, a second classifier on the distillation token (token 1). It returns the

@@ -206,6 +206,34 @@ def sweep(spec_path, axes, out_dir, overrides):
     click.echo(render(best_first(rows)))
 
 
+@main.command("lr-find")
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--start", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
+              help="Learning rate of the first step.")
+@click.option("--end", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Learning rate of the last step (the test stops earlier once the loss blows up).")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training steps, the learning rate growing geometrically over them (about 30 a decade by "
+                   "default: fewer leave the model too little time at each rate to show its effect).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder of the CSV and the figure (default runs/<name>-lr-find).")
+@set_option
+def lr_find(spec_path, start, end, steps, out_dir, overrides):
+    """The learning-rate range test: train SPEC's model briefly while the learning rate grows from
+    --start to --end, and suggest a peak learning rate from where the loss falls fastest and where
+    it is lowest. Writes the curve as a CSV and a figure; no run directory."""
+    from composer.errors import SpecFieldError
+    from composer.lr_find import lr_find as run, render
+    from composer.spec import load_spec
+
+    spec = load_spec(spec_path, list(overrides))
+    try:
+        result = run(spec, start=start, end=end, steps=steps, out=out_dir, echo=click.echo)
+    except SpecFieldError as exc:
+        raise exc.located(spec.locate(exc.field)) from None
+    click.echo(render(result))
+
+
 @main.command()
 @click.argument("out", metavar="OUT.yaml")
 @click.option("--data", required=True, metavar="FOLDER|KIND",

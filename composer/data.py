@@ -783,6 +783,16 @@ def random_erasing(images: torch.Tensor, probability: float, generator: torch.Ge
     return torch.where(box[:, None], noise, images)
 
 
+def training_batch(batch_uint8: torch.Tensor, labels: torch.Tensor, aug: Augment, num_classes: int, mean, std,
+                   generator: torch.Generator, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step's input and soft targets from its uint8 images: augmented (crop, flip,
+    TrivialAugment, cutout), normalized, randomly erased (noise in normalized units) and mixed."""
+    images = normalize(augment(batch_uint8, aug, generator), mean, std)
+    if aug.erasing:
+        images = random_erasing(images, aug.erasing, generator)
+    return mix(images, labels, num_classes, aug, generator, label_smoothing)
+
+
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, aug: Augment,
         generator: torch.Generator, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or CutMix (one per batch, each with probability 0.5 when both are on) with soft targets.

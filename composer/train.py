@@ -393,7 +393,7 @@ def _train_on_device(spec: Spec, resume: str | None, echo) -> dict:
 
 
 def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
-    from composer.data import augment, channel_stats, load_split, mix, normalize, random_erasing
+    from composer.data import channel_stats, load_split, training_batch
 
     t = spec.train
     run_dir = Path(t.out_dir or Path("runs") / spec.name)
@@ -779,11 +779,8 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                 # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
                 # random numbers match any number of processes; so does the gradient, for models without
                 # BatchNorm (statistics are per process) or dropout/drop-path (drawn per process).
-                images = normalize(augment(batch, spec.data.augment, aug_gen), mean, std)
-                if spec.data.augment.erasing:   # noise in normalized units: after normalizing
-                    images = random_erasing(images, spec.data.augment.erasing, aug_gen)
-                x, targets = mix(images, train_labels[idx], spec.model.num_classes, spec.data.augment, aug_gen,
-                                 t.label_smoothing)
+                x, targets = training_batch(batch, train_labels[idx], spec.data.augment, spec.model.num_classes,
+                                            mean, std, aug_gen, t.label_smoothing)
                 shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
                 x, targets, y = x[shard], targets[shard], train_labels[idx][shard]
                 if memory_format is not None:
