@@ -222,16 +222,11 @@ def lr_find(spec_path, start, end, steps, out_dir, overrides):
     """The learning-rate range test: train SPEC's model briefly while the learning rate grows from
     --start to --end, and suggest a peak learning rate from where the loss falls fastest and where
     it is lowest. Writes the curve as a CSV and a figure; no run directory."""
-    from composer.errors import SpecFieldError
     from composer.lr_find import lr_find as run, render
     from composer.spec import load_spec
 
     spec = load_spec(spec_path, list(overrides))
-    try:
-        result = run(spec, start=start, end=end, steps=steps, out=out_dir, echo=click.echo)
-    except SpecFieldError as exc:
-        raise exc.located(spec.locate(exc.field)) from None
-    click.echo(render(result))
+    click.echo(render(run(spec, start=start, end=end, steps=steps, out=out_dir, echo=click.echo)))
 
 
 @main.command()

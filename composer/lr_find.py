@@ -26,7 +26,15 @@ WARM_STEPS = 10        # ... but not in the first steps, while the average settl
 def lr_find(spec, start: float = 1e-6, end: float = 10.0, steps: int = 200, out: str | None = None,
             echo=print) -> dict:
     """Run the range test on `spec`; returns {"rows": [(lr, loss, smoothed)], "steepest", "minimum",
-    "suggested", "stopped", "csv", "figure"} (learning rates as the optimizer's peak, `lr`)."""
+    "suggested", "stopped", "csv", "figure"} (learning rates as the optimizer's peak, `lr`). A
+    mistake that a field of the spec can fix names the line the field is on."""
+    try:
+        return _range_test(spec, start, end, steps, out, echo)
+    except SpecFieldError as exc:
+        raise exc.located(spec.locate(exc.field)) from None
+
+
+def _range_test(spec, start: float, end: float, steps: int, out: str | None, echo) -> dict:
     from composer.build import build_model
     from composer.checkpoint import init_from_run
     from composer.data import channel_stats, load_split, training_batch
