@@ -7,7 +7,8 @@ are the usual starting points for `train.optimizer.lr` of a new architecture.
 Everything else is the spec's: the data and its augmentation and mixing, the optimizer (kind,
 weight decay, betas, layer decay: each group keeps its share of the rate), precision, gradient
 clipping, accumulation, `init_from` and `freeze`. The schedule is not (the test is its own), nor
-is a distillation teacher (labels only). Nothing is written into a run: a CSV and a figure.
+is a distillation teacher (labels only); the model runs eagerly (no torch.compile or CUDA graph:
+a few hundred steps would not repay compiling). Nothing is written into a run: a CSV and a figure.
 """
 from __future__ import annotations
 
