@@ -173,14 +173,15 @@ class AttentionPool(nn.Module):
     one learned query attends over the tokens (B, N, C) -> (B, C), then an MLP adds to the result
     (pre-norm, with a residual), as timm's AttentionPoolLatent."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm_eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm_eps: float = 1e-6, activation: str = "gelu"):
         super().__init__()
         self.heads = heads
         self.latent = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=dim ** -0.5))
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        gelu = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), gelu, nn.Linear(hidden, dim))
 
     def forward(self, x):
         b, n, c = x.shape
@@ -458,8 +459,8 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
 
     norm = "layernorm" if m.head.norm == "auto" and layout == "tokens" else m.head.norm
     norm = "none" if norm == "auto" else norm
-    attention = AttentionPool(dim, m.pool_heads(), m.head.mlp_ratio or 4.0, m.head.norm_eps) \
-        if m.head.pool == "attention" else None
+    attention = AttentionPool(dim, m.pool_heads(), m.head.mlp_ratio or 4.0, m.head.norm_eps,
+                              m.head.mlp_activation or "gelu") if m.head.pool == "attention" else None
     head = Head(dim, m.num_classes, m.head.pool, layout, norm, m.head.dropout, prefix=tokens - patches,
                 norm_eps=m.head.norm_eps, distill=m.head.distill_token, attention=attention)
     classifiers = 1 + m.head.distill_token

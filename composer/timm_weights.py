@@ -220,8 +220,8 @@ def spec_from_timm(model, name: str) -> dict:
             ("attention pooling other than one query, a projection, then a LayerNorm + GELU MLP",
              pool == "attention" and not _plain_attention_pool(attn_pool)),
             (f"{type(block).__name__} blocks", type(block).__name__ != "Block"),
-            (f"a {type(block.mlp).__name__} MLP", type(block.mlp).__name__ != "Mlp"
-             or type(block.mlp.act).__name__ != "GELU"),
+            (f"a {type(block.mlp).__name__} MLP with {type(block.mlp.act).__name__}", type(block.mlp).__name__ != "Mlp"
+             or _gelu(block.mlp.act) is None),
             ("a norm before the blocks (norm_pre)", present(getattr(model, "norm_pre", None))),
             ("a norm in the patch embedding", present(getattr(model.patch_embed, "norm", None))),
             ("a norm inside attention or the MLP", present(getattr(block.attn, "norm", None))
@@ -232,6 +232,8 @@ def spec_from_timm(model, name: str) -> dict:
         stem, size = {"patch_size": model.patch_embed.patch_size[0], "dim": dim}, model.patch_embed.img_size[0]
         vit = {"kind": "vit", "heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
                "qkv_bias": block.attn.qkv.bias is not None, "repeat": len(model.blocks)}
+        if _gelu(block.mlp.act) == "gelu_tanh":
+            vit["mlp_activation"] = "gelu_tanh"
         if present(block.attn.q_norm):
             vit["qk_norm"] = True
         if present(block.ls1):   # the trained factors come with the weights; this is where they started
@@ -242,6 +244,8 @@ def spec_from_timm(model, name: str) -> dict:
                   "head": {"pool": pool, "norm": head_norm}}
         if pool == "attention":
             extras["head"].update(heads=attn_pool.num_heads, mlp_ratio=attn_pool.mlp.fc1.out_features / dim)
+            if _gelu(attn_pool.mlp.act) == "gelu_tanh":
+                extras["head"]["mlp_activation"] = "gelu_tanh"
         if kind == "VisionTransformerDistilled":
             extras["head"]["distill_token"] = True
         blocks = [vit]
@@ -283,9 +287,19 @@ def _plain_attention_pool(pool) -> bool:
     out and a LayerNorm + GELU MLP with its residual, the first (only) query's output."""
     return (pool is not None and pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token"
             and _class_name(pool.q) == "Linear" and _class_name(pool.q_norm) == "Identity"
-            and getattr(pool, "mlp", None) is not None and _class_name(pool.mlp.act) == "GELU"
-            and getattr(pool.mlp.act, "approximate", "none") == "none" and _class_name(pool.norm) == "LayerNorm"
+            and getattr(pool, "mlp", None) is not None and _gelu(pool.mlp.act) is not None
+            and _class_name(pool.norm) == "LayerNorm"
             and pool.kv.bias is not None and pool.q.bias is not None)
+
+
+def _gelu(act) -> str | None:
+    """ "gelu" or "gelu_tanh" for timm's GELU modules (exact, or the tanh approximation: timm's
+    GELUTanh, or nn.GELU(approximate="tanh")); None for any other activation."""
+    if _class_name(act) == "GELUTanh":
+        return "gelu_tanh"
+    if _class_name(act) == "GELU":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(act, "approximate", "none"))
+    return None
 
 
 def _class_name(module) -> str:

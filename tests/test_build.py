@@ -612,6 +612,11 @@ def test_attention_pooling_is_one_query_attending_then_an_mlp_and_costs_what_flo
     assert id(pool.latent) not in decayed and id(pool.q.weight) in decayed
     # without head.heads: the last attention block's
     assert build_model(load_spec_text(text.replace(", heads: 4", ""))).stages[-1].attend.heads == 2
+    # GELU's tanh approximation (SigLIP's), in the pooling's MLP and the blocks' channel MLPs
+    tanh = build_model(load_spec_text(text.replace("mlp_ratio: 2", "mlp_ratio: 2, mlp_activation: gelu_tanh").replace(
+        "{kind: vit, heads: 2, repeat: 2}", "{kind: vit, heads: 2, repeat: 2, mlp_activation: gelu_tanh}")))
+    gelus = [m for m in tanh.modules() if isinstance(m, torch.nn.GELU)]
+    assert len(gelus) == 3 and all(g.approximate == "tanh" for g in gelus)
 
     # a linear probe (train.freeze: backbone) keeps the pooling and the LayerNorm before it: the classifier trains
     from composer.optim import frozen_stages

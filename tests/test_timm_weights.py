@@ -259,6 +259,7 @@ VIT_VARIANTS = {   # timm's keywords of ViTs with parts beyond the original ViT,
     "everything": dict(reg_tokens=4, no_embed_class=True, init_values=1e-5, qk_norm=True),
     "map": dict(class_token=False, global_pool="map"),   # attention pooling (SigLIP)
     "reg2_map": dict(class_token=False, reg_tokens=2, global_pool="map", init_values=1e-5),   # vit_so150m_*_reg4_map
+    "siglip2": dict(class_token=False, global_pool="map", act_layer="gelu_tanh"),   # vit_so400m_patch16_siglip_*
 }
 
 
@@ -338,17 +339,22 @@ def test_deit_with_its_distillation_token_imports_computing_what_timm_computes(t
         init_from_run(build_model(plain, backend="reference"), plain, tmp_path / "run")
 
 
-def test_siglips_image_encoder_reads_as_a_spec_whose_model_has_timms_tensors():
-    """SigLIP's ViT-B/16 (a backbone: attention pooling, no class token), on the meta device: the
-    spec read from timm's model builds a model with each of timm's tensors, in its shape."""
+@pytest.mark.parametrize("name, head", [
+    ("vit_base_patch16_siglip_224", {"pool": "attention", "heads": 12, "mlp_ratio": 4.0, "mlp_activation": None}),
+    ("vit_so400m_patch16_siglip_256", {"pool": "attention", "heads": 16, "mlp_ratio": 4304 / 1152,
+                                       "mlp_activation": "gelu_tanh"})])
+def test_siglips_image_encoders_read_as_specs_whose_models_have_timms_tensors(name, head):
+    """SigLIP's ViT-B/16 and SigLIP 2's So400m/16 (backbones: attention pooling, no class token; the
+    second with GELU's tanh approximation and an MLP of 4,304 = 3.74 x 1,152), on the meta device:
+    the spec read from timm's model builds a model with each of timm's tensors, in its shape."""
     from composer.timm_weights import family_of, spec_from_timm, timm_names
 
     with torch.device("meta"):
-        reference = timm.create_model("vit_base_patch16_siglip_224", pretrained=False)
-        spec = load_spec_text(yaml.safe_dump(spec_from_timm(reference, "vit_base_patch16_siglip_224")))
+        reference = timm.create_model(name, pretrained=False)
+        spec = load_spec_text(yaml.safe_dump(spec_from_timm(reference, name)))
         model = build_model(spec, backend="reference")
-    assert spec.model.head.model_dump(include={"pool", "heads", "mlp_ratio"}) == \
-        {"pool": "attention", "heads": 12, "mlp_ratio": 4.0}
+    assert spec.model.head.model_dump(include=set(head)) == head
+    assert spec.model.blocks[0].mlp_activation == (head["mlp_activation"] or "gelu")
     theirs, ours = reference.state_dict(), model.state_dict()
     names = {k: v for k, v in timm_names(model, family_of(theirs)).items() if ".classify." not in k}
     assert sorted(names.values()) == sorted(theirs)   # a backbone: composer's classifier has no timm tensor

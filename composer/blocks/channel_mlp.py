@@ -13,7 +13,8 @@ class ChannelMlp(Block):
     """Args:
         dim: channels C; hidden: hidden width; dropout: after each Linear;
         drop_path: stochastic depth; norm_eps: LayerNorm eps; scale: LayerScale's initial value (None: none);
-        activation: gelu, or swiglu (a gated MLP: the first Linear makes value and gate, hidden each).
+        activation: gelu, gelu_tanh (its tanh approximation), or swiglu (a gated MLP: the first Linear
+        makes value and gate, hidden each).
     """
 
     kind, layout = "channel_mlp", "tokens"
@@ -22,8 +23,9 @@ class ChannelMlp(Block):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         gated = activation == "swiglu"
+        act = SwiGLU() if gated else nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.mix_channels = nn.Sequential(   # the same indices either way: 0 and 3 are the Linears
-            nn.Linear(dim, 2 * hidden if gated else hidden), SwiGLU() if gated else nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(dim, 2 * hidden if gated else hidden), act, nn.Dropout(dropout),
             nn.Linear(hidden, dim), nn.Dropout(dropout))
         self.scale = layer_scale(dim, scale)
         self.drop_path = DropPath(drop_path)

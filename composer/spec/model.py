@@ -88,10 +88,11 @@ class TokenMlpFields(BaseModel):
 class ChannelMlpFields(BaseModel):
     mlp_ratio: Annotated[float, Field(gt=0.0)] = Field(4.0, description="Channel-MLP hidden width as a multiple of dim.")
     dropout: Probability = Field(0.0, description="Dropout after each channel-MLP layer.")
-    mlp_activation: Literal["gelu", "swiglu"] = Field(
-        "gelu", description="gelu: Linear, GELU, Linear. swiglu: a gated MLP (LLaMA, EVA-02): the first Linear makes "
-        "a value and a gate of the hidden width each, value * SiLU(gate) goes on; 1.5x the parameters at one "
-        "mlp_ratio, so mlp_ratio 8/3 matches gelu's 4.")
+    mlp_activation: Literal["gelu", "gelu_tanh", "swiglu"] = Field(
+        "gelu", description="gelu: Linear, GELU, Linear. gelu_tanh: the same with GELU's tanh approximation (as "
+        "SigLIP's encoders). swiglu: a gated MLP (LLaMA, EVA-02): the first Linear makes a value and a gate of the "
+        "hidden width each, value * SiLU(gate) goes on; 1.5x the parameters at one mlp_ratio, so mlp_ratio 8/3 "
+        "matches gelu's 4.")
 
 
 class PoolFields(BaseModel):
@@ -224,6 +225,8 @@ class Head(Strict):
     mlp_ratio: Optional[Annotated[float, Field(gt=0.0)]] = Field(
         None, description="pool: attention: hidden width of the MLP after the pooling attention, times the "
         "channels (default 4).")
+    mlp_activation: Optional[Literal["gelu", "gelu_tanh"]] = Field(
+        None, description="pool: attention: that MLP's GELU, exact (default) or its tanh approximation (SigLIP's).")
     norm: Literal["auto", "layernorm", "pooled", "none"] = Field(
         "auto", description="layernorm: LayerNorm of every token before pooling; pooled: LayerNorm of the pooled "
         "vector (timm's fc_norm, usual with mean pooling); auto = layernorm when the last block uses tokens, else none."

@@ -130,7 +130,7 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((heads_path if given else pool_path,
                          f"attention pooling's {m.pool_heads()} heads{whose} do not divide the final {final_dim} "
                          f"channels; set head.heads (try {_list(divisors(final_dim, 32))})", (heads_path, pool_path)))
-    for field in ("heads", "mlp_ratio"):
+    for field in ("heads", "mlp_ratio", "mlp_activation"):
         if getattr(m.head, field) is not None and m.head.pool != "attention":
             where = ("model", "head", field)
             problems.append((where, f"{field} belongs to attention pooling, and this head pools by {m.head.pool}; "
