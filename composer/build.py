@@ -48,12 +48,12 @@ class Stem(FusedBatchNorm, nn.Module):
         if s.kind == "conv" and s.norm == "batchnorm" and s.activation == "gelu":
             self.norm_op = "batch_norm"
         if s.kind == "conv":
-            self.project = nn.Conv2d(spec.in_channels, s.dim, p, stride=p)
+            self.project = nn.Conv2d(spec.in_channels, s.dim, p, stride=p, bias=s.bias)
         elif s.kind == "convs":
-            self.project = conv_stem(spec.in_channels, s.dim, p)
+            self.project = conv_stem(spec.in_channels, s.dim, p, bias=s.bias)
         else:
-            self.project = nn.Sequential(
-                Rearrange("b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p), nn.Linear(p * p * spec.in_channels, s.dim))
+            self.project = nn.Sequential(Rearrange("b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p),
+                                         nn.Linear(p * p * spec.in_channels, s.dim, bias=s.bias))
         self.out_layout = "tokens" if s.kind == "linear" else "grid"
         self.act = activation(s.activation) if s.activation else nn.Identity()
         if s.norm == "batchnorm":
@@ -89,7 +89,7 @@ class Stem(FusedBatchNorm, nn.Module):
         return self.norm(self.act(self.project(x)))
 
 
-def conv_stem(in_channels: int, dim: int, patch: int) -> nn.Sequential:
+def conv_stem(in_channels: int, dim: int, patch: int, bias: bool = True) -> nn.Sequential:
     """ViT_C's convolutional stem (Xiao et al., 2021): log2(patch) 3x3 convolutions of stride 2
     (BatchNorm, ReLU after each; no bias before BatchNorm), their channels doubling to end at dim,
     then a 1x1 convolution to dim. For ViT-S/16: 48, 96, 192, 384, then 384."""
@@ -99,7 +99,18 @@ def conv_stem(in_channels: int, dim: int, patch: int) -> nn.Sequential:
         cout = max(1, dim >> (steps - 1 - i))
         layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
         cin = cout
-    return nn.Sequential(*layers, nn.Conv2d(cin, dim, 1))
+    return nn.Sequential(*layers, nn.Conv2d(cin, dim, 1, bias=bias))
+
+
+class TokenNorm(nn.Module):
+    """A LayerNorm over every token (B, N, C): model.norm_pre, CLIP's ln_pre."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x):
+        return self.norm(x)
 
 
 class _TokenBatchNorm(nn.BatchNorm1d):
@@ -440,6 +451,10 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
             PositionEmbedding(m.pos_embed, tokens, dim, grid, class_tokens if cls_at == 0 else 0))
     if registers_at == 0:   # after the position embedding: registers have no position
         add_registers()
+    if m.norm_pre:   # over all of them (the rules: the first block works on tokens)
+        to("tokens", tokens)
+        add("norm_pre", "norm_pre", "tokens", shape("tokens", tokens), shape("tokens", tokens),
+            TokenNorm(dim, m.norm_pre_eps))
 
     for index, (name, kind, block_spec, repeat) in enumerate(instances):
         cls = REGISTRY[kind]

@@ -60,6 +60,7 @@ LAYER_NAMES = {
     "cls_token": {"token": "cls_token", "dist_token": "dist_token"},
     "registers": {"tokens": "reg_token"},
     "pos_embed": {"pos": "pos_embed"},
+    "norm_pre": {"norm": "norm_pre"},
     "head": {"norm": "norm", "classify": "head", "classify_dist": "head_dist",
              # attention pooling (MAP); its MLP first: the first entry that prefixes a name gives it
              "attend.mlp.0": "attn_pool.mlp.fc1", "attend.mlp.2": "attn_pool.mlp.fc2", "attend": "attn_pool"},
@@ -222,7 +223,6 @@ def spec_from_timm(model, name: str) -> dict:
             (f"{type(block).__name__} blocks", type(block).__name__ != "Block"),
             (f"a {type(block.mlp).__name__} MLP with {type(block.mlp.act).__name__}", type(block.mlp).__name__ != "Mlp"
              or _gelu(block.mlp.act) is None),
-            ("a norm before the blocks (norm_pre)", present(getattr(model, "norm_pre", None))),
             ("a norm in the patch embedding", present(getattr(model.patch_embed, "norm", None))),
             ("a norm inside attention or the MLP", present(getattr(block.attn, "norm", None))
              or present(getattr(block.mlp, "norm", None)))) if there]
@@ -230,10 +230,14 @@ def spec_from_timm(model, name: str) -> dict:
             raise UserError(f"timm's {name} is a ViT with {', '.join(extra)}: parts composer's vit blocks do not have")
         dim = model.embed_dim
         stem, size = {"patch_size": model.patch_embed.patch_size[0], "dim": dim}, model.patch_embed.img_size[0]
+        if model.patch_embed.proj.bias is None:   # CLIP's
+            stem["bias"] = False
         vit = {"kind": "vit", "heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / dim,
                "qkv_bias": block.attn.qkv.bias is not None, "repeat": len(model.blocks)}
-        if _gelu(block.mlp.act) == "gelu_tanh":
-            vit["mlp_activation"] = "gelu_tanh"
+        if _gelu(block.mlp.act) != "gelu":
+            vit["mlp_activation"] = _gelu(block.mlp.act)
+        if block.norm1.eps != 1e-6:   # timm's ViTs mostly use 1e-6; CLIP's 1e-5
+            vit["norm_eps"] = block.norm1.eps
         if present(block.attn.q_norm):
             vit["qk_norm"] = True
         if present(block.ls1):   # the trained factors come with the weights; this is where they started
@@ -242,6 +246,11 @@ def spec_from_timm(model, name: str) -> dict:
         extras = {"pos_embed": "learned" if model.pos_embed is not None else "none",
                   "registers": model.reg_token.shape[1] if model.reg_token is not None else 0,
                   "head": {"pool": pool, "norm": head_norm}}
+        head_norm_module = model.fc_norm if head_norm == "pooled" else model.norm
+        if present(head_norm_module) and head_norm_module.eps != 1e-6:
+            extras["head"]["norm_eps"] = head_norm_module.eps
+        if present(getattr(model, "norm_pre", None)):   # CLIP's ln_pre
+            extras.update(norm_pre=True, norm_pre_eps=model.norm_pre.eps)
         if pool == "attention":
             extras["head"].update(heads=attn_pool.num_heads, mlp_ratio=attn_pool.mlp.fc1.out_features / dim)
             if _gelu(attn_pool.mlp.act) == "gelu_tanh":
@@ -287,16 +296,16 @@ def _plain_attention_pool(pool) -> bool:
     out and a LayerNorm + GELU MLP with its residual, the first (only) query's output."""
     return (pool is not None and pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token"
             and _class_name(pool.q) == "Linear" and _class_name(pool.q_norm) == "Identity"
-            and getattr(pool, "mlp", None) is not None and _gelu(pool.mlp.act) is not None
+            and getattr(pool, "mlp", None) is not None and _gelu(pool.mlp.act) in ("gelu", "gelu_tanh")
             and _class_name(pool.norm) == "LayerNorm"
             and pool.kv.bias is not None and pool.q.bias is not None)
 
 
 def _gelu(act) -> str | None:
-    """ "gelu" or "gelu_tanh" for timm's GELU modules (exact, or the tanh approximation: timm's
-    GELUTanh, or nn.GELU(approximate="tanh")); None for any other activation."""
-    if _class_name(act) == "GELUTanh":
-        return "gelu_tanh"
+    """ "gelu", "gelu_tanh" or "quick_gelu" for timm's GELU modules (exact; the tanh approximation:
+    timm's GELUTanh, or nn.GELU(approximate="tanh"); CLIP's QuickGELU); None for any other activation."""
+    if _class_name(act) in ("GELUTanh", "QuickGELU"):
+        return {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}[_class_name(act)]
     if _class_name(act) == "GELU":
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(act, "approximate", "none"))
     return None

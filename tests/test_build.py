@@ -683,6 +683,32 @@ def test_pool_block_mixes_each_patch_with_the_mean_of_its_neighbourhood():
                        "[{kind: pool, pool_size: 4}]}")
 
 
+def test_clips_parts_a_norm_before_the_blocks_no_stem_bias_and_quick_gelu():
+    """model.norm_pre: a LayerNorm (its own eps) over every token after the class token, the position
+    table and the registers, before the first block; stem.bias: false leaves the projection without
+    one; mlp_activation: quick_gelu is x * sigmoid(1.702 x). norm_pre needs a token block first."""
+    from composer.blocks.channel_mlp import QuickGELU
+    from composer.spec import SpecError
+
+    text = ("model:\n  image_size: 16\n  num_classes: 3\n  stem: {patch_size: 4, dim: 16, bias: false}\n"
+            "  pos_embed: learned\n  registers: 1\n  norm_pre: true\n  norm_pre_eps: 1.0e-5\n"
+            "  blocks: [{kind: vit, heads: 2, mlp_activation: quick_gelu}]\n  head: {pool: cls}\n")
+    model = build_model(load_spec_text(text), backend="reference")
+    kinds = [layer.kind for layer in model.layers]
+    assert kinds[1:kinds.index("attention")] == ["rearrange", "cls_token", "pos_embed (learned)", "registers",
+                                                 "norm_pre"]
+    norm = model.layers[kinds.index("norm_pre")].module.norm
+    assert norm.eps == 1e-5 and model.layers[kinds.index("norm_pre")].in_shape == (16 + 2, 16)
+    assert model.stages[0].project.bias is None
+    (act,) = [m for m in model.modules() if isinstance(m, QuickGELU)]
+    x = torch.randn(50)
+    torch.testing.assert_close(act(x), x * torch.sigmoid(1.702 * x))
+    with pytest.raises(SpecError) as caught:
+        load_spec_text(text.replace("[{kind: vit,", "[{kind: convmixer, kernel_size: 3}, {kind: vit,"), "c.yaml")
+    assert ("c.yaml:7:13: model.norm_pre: norm_pre normalizes the tokens before the first block, but blocks[0] "
+            "(convmixer) works on the grid") in str(caught.value)
+
+
 def test_model_drop_path_rises_linearly_over_depth():
     """model.drop_path: 0 at the first block, the rate at the last, each repeat a step, the halves of a
     composite block sharing one (timm's linspace(0, drop_path_rate, depth))."""

@@ -208,7 +208,7 @@ def test_timm_name_refuses_variants_composer_does_not_build(tmp_path, monkeypatc
                                 global_pool="max", pre_norm=True)
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained: variant)
     assert_user_error(run_cli("import", "timm:max_pre", "--out", tmp_path / "run"),
-                      "timm's max_pre is a ViT with max pooling, a norm before the blocks (norm_pre): parts")
+                      "timm's max_pre is a ViT with max pooling: parts")
     variant = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
                                 global_pool="avg")
     assert_user_error(run_cli("import", "timm:avg_cls", "--out", tmp_path / "run"),
@@ -260,6 +260,9 @@ VIT_VARIANTS = {   # timm's keywords of ViTs with parts beyond the original ViT,
     "map": dict(class_token=False, global_pool="map"),   # attention pooling (SigLIP)
     "reg2_map": dict(class_token=False, reg_tokens=2, global_pool="map", init_values=1e-5),   # vit_so150m_*_reg4_map
     "siglip2": dict(class_token=False, global_pool="map", act_layer="gelu_tanh"),   # vit_so400m_patch16_siglip_*
+    # CLIP's: a LayerNorm before the blocks, no bias in the patch embedding, LayerNorms of eps 1e-5
+    "clip": dict(pre_norm=True, norm_layer="layernorm"),
+    "clip_quickgelu_registers": dict(pre_norm=True, act_layer="quick_gelu", reg_tokens=2),   # OpenAI's activation
 }
 
 
@@ -281,6 +284,7 @@ def test_vit_variants_import_computing_what_timm_computes(tmp_path, variant, mon
     assert spec.model.registers == keywords.get("reg_tokens", 0)
     assert block.qk_norm == keywords.get("qk_norm", False) and (block.layer_scale is not None) == ("init_values" in keywords)
     assert spec.model.head.pool == {"avg": "mean", "map": "attention"}.get(keywords.get("global_pool"), "cls")
+    assert spec.model.norm_pre == keywords.get("pre_norm", False)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
@@ -339,14 +343,19 @@ def test_deit_with_its_distillation_token_imports_computing_what_timm_computes(t
         init_from_run(build_model(plain, backend="reference"), plain, tmp_path / "run")
 
 
-@pytest.mark.parametrize("name, head", [
-    ("vit_base_patch16_siglip_224", {"pool": "attention", "heads": 12, "mlp_ratio": 4.0, "mlp_activation": None}),
+@pytest.mark.parametrize("name, head, activation", [
+    ("vit_base_patch16_siglip_224", {"pool": "attention", "heads": 12, "mlp_ratio": 4.0, "mlp_activation": None},
+     "gelu"),
     ("vit_so400m_patch16_siglip_256", {"pool": "attention", "heads": 16, "mlp_ratio": 4304 / 1152,
-                                       "mlp_activation": "gelu_tanh"})])
-def test_siglips_image_encoders_read_as_specs_whose_models_have_timms_tensors(name, head):
+                                       "mlp_activation": "gelu_tanh"}, "gelu_tanh"),
+    ("vit_base_patch16_clip_224", {"pool": "cls", "norm_eps": 1e-5}, "gelu"),
+    ("vit_base_patch16_clip_quickgelu_224", {"pool": "cls", "norm_eps": 1e-5}, "quick_gelu")])
+def test_image_encoders_read_as_specs_whose_models_have_timms_tensors(name, head, activation):
     """SigLIP's ViT-B/16 and SigLIP 2's So400m/16 (backbones: attention pooling, no class token; the
-    second with GELU's tanh approximation and an MLP of 4,304 = 3.74 x 1,152), on the meta device:
-    the spec read from timm's model builds a model with each of timm's tensors, in its shape."""
+    second with GELU's tanh approximation and an MLP of 4,304 = 3.74 x 1,152), CLIP's ViT-B/16 (a
+    LayerNorm before the blocks, no bias in the patch embedding; OpenAI's with QuickGELU), on the
+    meta device: the spec read from timm's model builds a model with each of timm's tensors, in its
+    shape."""
     from composer.timm_weights import family_of, spec_from_timm, timm_names
 
     with torch.device("meta"):
@@ -354,10 +363,12 @@ def test_siglips_image_encoders_read_as_specs_whose_models_have_timms_tensors(na
         spec = load_spec_text(yaml.safe_dump(spec_from_timm(reference, name)))
         model = build_model(spec, backend="reference")
     assert spec.model.head.model_dump(include=set(head)) == head
-    assert spec.model.blocks[0].mlp_activation == (head["mlp_activation"] or "gelu")
+    assert spec.model.blocks[0].mlp_activation == activation
+    assert spec.model.norm_pre == ("clip" in name) and spec.model.stem.bias == ("clip" not in name)
     theirs, ours = reference.state_dict(), model.state_dict()
-    names = {k: v for k, v in timm_names(model, family_of(theirs)).items() if ".classify." not in k}
-    assert sorted(names.values()) == sorted(theirs)   # a backbone: composer's classifier has no timm tensor
+    names = {k: v for k, v in timm_names(model, family_of(theirs)).items()
+             if reference.num_classes or ".classify." not in k}   # a backbone: composer's classifier has no timm tensor
+    assert sorted(names.values()) == sorted(theirs)
     assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
 
 

@@ -13,8 +13,8 @@ class ChannelMlp(Block):
     """Args:
         dim: channels C; hidden: hidden width; dropout: after each Linear;
         drop_path: stochastic depth; norm_eps: LayerNorm eps; scale: LayerScale's initial value (None: none);
-        activation: gelu, gelu_tanh (its tanh approximation), or swiglu (a gated MLP: the first Linear
-        makes value and gate, hidden each).
+        activation: gelu, gelu_tanh (its tanh approximation), quick_gelu (CLIP's), or swiglu (a gated
+        MLP: the first Linear makes value and gate, hidden each).
     """
 
     kind, layout = "channel_mlp", "tokens"
@@ -23,7 +23,8 @@ class ChannelMlp(Block):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         gated = activation == "swiglu"
-        act = SwiGLU() if gated else nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
+        act = SwiGLU() if gated else QuickGELU() if activation == "quick_gelu" else \
+            nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.mix_channels = nn.Sequential(   # the same indices either way: 0 and 3 are the Linears
             nn.Linear(dim, 2 * hidden if gated else hidden), act, nn.Dropout(dropout),
             nn.Linear(hidden, dim), nn.Dropout(dropout))
@@ -50,3 +51,10 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = x.chunk(2, dim=-1)
         return value * F.silu(gate)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)

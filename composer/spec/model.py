@@ -38,6 +38,7 @@ class Stem(Strict):
         "none", description="Normalization after the projection (ConvMixer uses batchnorm)."
     )
     norm_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="layernorm: its epsilon.")
+    bias: bool = Field(True, description="A bias in the projection (CLIP's patch embedding has none).")
 
 
 # -- blocks -------------------------------------------------------------------
@@ -88,9 +89,9 @@ class TokenMlpFields(BaseModel):
 class ChannelMlpFields(BaseModel):
     mlp_ratio: Annotated[float, Field(gt=0.0)] = Field(4.0, description="Channel-MLP hidden width as a multiple of dim.")
     dropout: Probability = Field(0.0, description="Dropout after each channel-MLP layer.")
-    mlp_activation: Literal["gelu", "gelu_tanh", "swiglu"] = Field(
+    mlp_activation: Literal["gelu", "gelu_tanh", "quick_gelu", "swiglu"] = Field(
         "gelu", description="gelu: Linear, GELU, Linear. gelu_tanh: the same with GELU's tanh approximation (as "
-        "SigLIP's encoders). swiglu: a gated MLP (LLaMA, EVA-02): the first Linear makes a value and a gate of the "
+        "SigLIP's encoders); quick_gelu: x * sigmoid(1.702 x) (OpenAI's CLIP). swiglu: a gated MLP (LLaMA, EVA-02): the first Linear makes a value and a gate of the "
         "hidden width each, value * SiLU(gate) goes on; 1.5x the parameters at one mlp_ratio, so mlp_ratio 8/3 "
         "matches gelu's 4.")
 
@@ -267,6 +268,10 @@ class ModelSpec(Strict):
         "tokens without a position that join the sequence where a class token would (after it) and are dropped at "
         "the head; they give attention a place for global information other than background patches. Needs "
         "token layout at the end.")
+    norm_pre: bool = Field(
+        False, description="A LayerNorm over every token before the first block, after the class token, the "
+        "position table and registers have joined (CLIP's ln_pre). Needs a token block first.")
+    norm_pre_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="norm_pre's epsilon.")
     head: Head = Field(default_factory=Head)
 
     @property

@@ -118,6 +118,11 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
         problems.append((pool_path, f"cls pooling needs token layout at the end, but the last block "
                                     f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
                          (pool_path, last_block)))
+    if m.norm_pre and LAYOUTS[m.blocks[0].kind] != "tokens":
+        problems.append((("model", "norm_pre"), f"norm_pre normalizes the tokens before the first block, but "
+                                                f"blocks[0] ({m.blocks[0].kind}) works on the grid; start with a token "
+                                                "block or remove norm_pre", (("model", "norm_pre"),
+                                                                              ("model", "blocks", 0, "kind"))))
     if m.head.pool == "attention" and last_layout != "tokens":
         problems.append((pool_path, f"attention pooling attends over tokens, but the last block "
                                     f"({m.blocks[-1].kind}) works on the grid; use pool: mean or end with a token block",
