@@ -270,10 +270,11 @@ def info(as_json):
 @click.argument("weights", metavar="WEIGHTS|timm:NAME")
 @click.argument("spec_path", metavar="[SPEC]", required=False)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory to write.")
-@click.option("--normalization", type=click.Choice(["inception", "imagenet"]),
-              help="The input normalization the weights were trained with: inception (mean and std 0.5) or imagenet "
-                   "(0.485, 0.456, 0.406 / 0.229, 0.224, 0.225). Default: that of timm's default weights of the "
-                   "family (inception for ViT and Mixer, imagenet for ConvMixer).")
+@click.option("--normalization", type=click.Choice(["inception", "imagenet", "clip"]),
+              help="The input normalization the weights were trained with: inception (mean and std 0.5), imagenet "
+                   "(0.485, 0.456, 0.406 / 0.229, 0.224, 0.225) or clip (OpenAI's: 0.481, 0.458, 0.408 / 0.269, "
+                   "0.261, 0.276). Default: that of timm's default weights of the family (inception for ViT and "
+                   "Mixer, imagenet for ConvMixer, ConvNeXt and Swin); timm:NAME reads the weights' own.")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False),
               help="A text file of class names, one a line, in the classifier's order (default: 0, 1, ...).")
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in --out.")

@@ -109,6 +109,9 @@ def test_safetensors_file_and_class_names_then_fine_tuning(tmp_path):
     assert result.returncode == 0, result.stderr
     _, model, saved = load_run(tmp_path / "run", backend="reference")
     assert saved["classes"] == ["cat", "dog", "fox", "owl", "emu"] and saved["normalization"]["std"][0] == 0.229
+    result = run_cli("import", weights, write_spec(tmp_path, "vit"), "--out", tmp_path / "clip", "--normalization", "clip")
+    assert result.returncode == 0, result.stderr
+    assert load_run(tmp_path / "clip", backend="reference")[2]["normalization"]["mean"][0] == 0.48145466   # OpenAI's
     assert torch.equal(model.state_dict()["stages.3.pos"], state["pos_embed"].float())
     # fine-tuning from the import: another class count and image size
     spec = load_spec_text(write_spec(tmp_path, "vit").read_text(), "ft.yaml", ["model.num_classes=3",
