@@ -177,12 +177,13 @@ def _same_stages(model, spec: Spec, source_spec: Spec, path: Path) -> None:
                         f"{len(model.layers)}; the blocks (and their repeats) must be the run's")
 
 
-def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str:
+def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path, found: dict | None = None) -> str:
     """Fine-tuning: start `model` (built from `spec`) from the weights of a trained run or
     checkpoint (its EMA weights where it kept them). Tensors of the same name and shape are
     copied; the classifier stays new where the class count differs; a learned position embedding
     is resized (bicubic, over its patch grid) where the grid differs. Any other difference is a
-    user error listing them. Returns a one-line account of what was done."""
+    user error listing them. Returns a one-line account of what was done; `found`, when given,
+    gets the source's input normalization (the statistics its weights learned with)."""
     import torch.nn.functional as F
 
     from composer.build import Head, PositionEmbedding
@@ -192,6 +193,8 @@ def init_from_run(model: torch.nn.Module, spec: Spec, source: str | Path) -> str
     source_spec = spec_from_checkpoint(state, str(path))
     _same_stages(model, spec, source_spec, path)
     weights = state["ema"] if state.get("ema") else state["model"]
+    if found is not None:
+        found["normalization"] = state.get("normalization")
     classifier = {f"{name}.{part}.{p}" for name, m in model.named_modules() if isinstance(m, Head)
                   for part in ("classify", "classify_dist") for p in ("weight", "bias")}
     backbone_only = bool(state.get("backbone_only"))   # its classifier is the import's random start

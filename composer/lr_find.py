@@ -63,11 +63,14 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
 
     model = build_model(spec, backend=t.kernels).to(device)
     if t.init_from:
+        source = {}
         with torch.no_grad():
             try:
-                echo(init_from_run(model, spec, t.init_from))
+                echo(init_from_run(model, spec, t.init_from, found=source))
             except UserError as exc:
                 raise SpecFieldError("train.init_from", str(exc)) from None
+        if source["normalization"]:   # as train: the pretrained weights' input statistics
+            mean, std = source["normalization"]["mean"], source["normalization"]["std"]
     if t.freeze is not None:
         model.freeze(frozen_stages(model, t.freeze))
     memory_format = training_memory_format(spec, device)

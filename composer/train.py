@@ -331,6 +331,10 @@ def class_balance(labels: torch.Tensor, classes: list[str], scheme: str) -> tupl
     return None, None
 
 
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
 def each_classifier_note(val: dict) -> str:
     """ " (class token 0.7100, distillation token 0.7300)": a distilled model's classifiers alone."""
     each = val.get("classifiers")
@@ -506,11 +510,16 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     log(f"model: {count_params(model):,} parameters, {human(flops)} FLOPs an image forward "
         f"({t.batch_size} images a step" + (f" in {t.accumulate} slices)" if t.accumulate > 1 else ")"))
     if t.init_from and state is None:   # a resume takes its own checkpoint's weights
+        source = {}
         with torch.no_grad():
             try:
-                log(init_from_run(model, spec, t.init_from))
+                log(init_from_run(model, spec, t.init_from, found=source))
             except UserError as exc:
                 raise SpecFieldError("train.init_from", str(exc)) from None
+        if source["normalization"]:   # the statistics the pretrained weights saw their inputs in
+            mean, std = source["normalization"]["mean"], source["normalization"]["std"]
+            log(f"input normalization: the pretrained run's (mean {_rounded(mean)}, std {_rounded(std)}), not "
+                "this data's own")
     if t.freeze is not None:
         stages = frozen_stages(model, t.freeze)
         frozen = model.freeze(stages)

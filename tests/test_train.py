@@ -429,8 +429,9 @@ def test_fine_tuning_starts_from_a_run_with_a_new_head_and_image_size(tmp_path):
     # the position embedding made a known function of the patch row: resizing must keep it one
     rows = torch.arange(4.0).repeat_interleave(4)   # (16,) row index of each patch, row-major
     source["stages.3.pos"][0, 1:, 0] = rows
-    torch.save({**torch.load(tmp_path / "pre" / "best.pt", weights_only=False), "ema": source},
-               tmp_path / "pre" / "best.pt")
+    pretrained_stats = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}   # not the fine-tuning data's
+    torch.save({**torch.load(tmp_path / "pre" / "best.pt", weights_only=False), "ema": source,
+                "normalization": pretrained_stats}, tmp_path / "pre" / "best.pt")
 
     spec = load_spec_text(VIT, "vit.yaml", ["model.num_classes=3", "model.image_size=16"])
     model = build_model(spec)
@@ -457,6 +458,10 @@ def test_fine_tuning_starts_from_a_run_with_a_new_head_and_image_size(tmp_path):
     said = []
     train(load_spec_text(VIT, "vit.yaml", overrides), echo=lambda line="", *a, **k: said.append(str(line)))
     assert any(line.startswith("weights from") and "new classifier" in line for line in said), said
+    # the inputs normalized as the pretrained weights saw theirs, not by the new data's statistics
+    assert "input normalization: the pretrained run's (mean (0.1, 0.2, 0.3), std (0.4, 0.5, 0.6)), not this " \
+           "data's own" in said
+    assert torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["normalization"] == pretrained_stats
     said = []
     train(load_spec_text(VIT, "vit.yaml", overrides + ["train.epochs=2"]), resume="auto",
           echo=lambda line="", *a, **k: said.append(str(line)))
