@@ -236,21 +236,26 @@ def lr_find(spec_path, start, end, steps, out_dir, overrides):
                    "digits, synthetic.")
 @click.option("--arch", type=click.Choice(["vit", "mixer", "convmixer", "mixer+vit", "convmixer+mixer",
                                            "convnext+vit"]),
-              default="vit", show_default=True)
+              default=None, help="The architecture (default vit).")
+@click.option("--from", "source", metavar="RUN", help="Instead of --arch: fine-tune the model of a trained run or "
+              "an import (composer import) on the data, its weights through train.init_from.")
 @click.option("--val", metavar="FOLDER", help="A validation folder of the same classes (default: hold out 10%).")
 @click.option("--labels", metavar="CSV", help="A CSV of image,class rows naming the classes of the folder's images "
                                               "(when they are not in class subfolders).")
 @click.option("--image-size", type=click.IntRange(min=4), help="The model's input size (default: from the images).")
 @click.option("--root", help="Where a torchvision dataset is (or will be downloaded); default data/<kind>.")
 @click.option("--force", is_flag=True, help="Replace OUT.yaml if it exists.")
-def init(out, data, arch, val, labels, image_size, root, force):
-    """Write a starting spec for a dataset and an architecture, sized from the data."""
+def init(out, data, arch, source, val, labels, image_size, root, force):
+    """Write a starting spec for a dataset and an architecture, sized from the data (or for
+    fine-tuning a run's model on it, --from)."""
     from composer.init import write_init
 
-    result = write_init(out, data, arch=arch, val=val, image_size=image_size, root=root, force=force, labels=labels)
+    result = write_init(out, data, arch=arch, val=val, image_size=image_size, root=root, force=force, labels=labels,
+                        source=source)
     spec = result["spec"]
+    what = f"fine-tuning {source}" if source else arch or "vit"
     click.echo(f"{result['found']}")
-    click.echo(f"wrote {result['path']}: {arch}, {result['params']:,} parameters, {spec.model.input_size}x"
+    click.echo(f"wrote {result['path']}: {what}, {result['params']:,} parameters, {spec.model.input_size}x"
                f"{spec.model.input_size} input, patch {spec.model.stem.patch_size}, batch {spec.train.batch_size}, "
                f"{spec.train.epochs} epochs")
     click.echo(f"next: composer summarize {result['path']}; composer train {result['path']}")

@@ -2,12 +2,15 @@
 
     composer init my_vit.yaml --data ~/images/train --arch vit
     composer init c100.yaml --data cifar100 --arch convmixer
+    composer init ft.yaml --data ~/images/train --from runs/siglip    # fine-tune a run or an import
 
 For an image folder it counts the classes and images and samples the images' sizes; the spec
 then takes the image size from them, a patch size that gives the architecture its usual grid,
 a batch size the data can fill, and the augmentation recipe of the project's CIFAR specs
 (crop and flip for small images, random resized crops for larger ones, TrivialAugment). The
-recipes are those of specs/*_cifar.yaml; the file is validated before it is written.
+recipes are those of specs/*_cifar.yaml; the file is validated before it is written. With
+--from, the model is a trained run's (or `composer import`'s), for the data's classes, and the
+recipe fine-tunes it (FINE_TUNE).
 """
 from __future__ import annotations
 
@@ -156,12 +159,18 @@ def choose_size(side: int) -> int:
     return max(s for s in IMAGE_SIZES if s <= side)
 
 
-def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, image_size: int | None = None,
-               root: str | None = None, force: bool = False, labels: str | None = None) -> dict:
-    """Write a spec for `data` (a built-in dataset's name, or an image folder / archive) and `arch`."""
+def write_init(out: str, data: str, arch: str | None = None, val: str | None = None, image_size: int | None = None,
+               root: str | None = None, force: bool = False, labels: str | None = None,
+               source: str | None = None) -> dict:
+    """Write a spec for `data` (a built-in dataset's name, or an image folder / archive) and `arch`
+    (default vit), or for fine-tuning the model of the run or checkpoint `source` on it."""
     from composer.build import build_model, count_params
     from composer.spec import load_spec_text
 
+    if source and arch:
+        raise UserError("--from fine-tunes a run's model and --arch picks a new one; give one of them")
+    pretrained = _pretrained_model(source) if source else None
+    arch = arch or "vit"
     path = Path(out)
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"{out}: a spec is a .yaml file; name it e.g. {path.with_suffix('.yaml').name}")
@@ -192,25 +201,36 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
         found = (f"{data}: {classes} classes, {facts['images']:,} images, median shorter side {facts['side']} px"
                  + (", grayscale" if facts["gray"] else ""))
     resize = None
+    if pretrained is not None and not image_size:   # the run's own input size
+        image_size = pretrained["model"].get("resize") or pretrained["model"]["image_size"]
     if image_size and data in BUILTIN and image_size != size:
         resize = image_size   # the dataset's images come at their size; the model enlarges them
     elif image_size:
         size = image_size
-    model = model_section(arch, resize or size, channels, classes, small=train_images < SMALL_DATA)
+    if pretrained is not None:
+        model = {**pretrained["model"], "image_size": resize or size, "num_classes": classes}
+        model.pop("resize", None)
+    else:
+        model = model_section(arch, resize or size, channels, classes, small=train_images < SMALL_DATA)
     if resize:
         model = {"image_size": size, "resize": resize, **{k: v for k, v in model.items() if k != "image_size"}}
     data_section["augment"] = augment_section(size, mirror)
     name = path.stem
-    train = train_section(arch, train_images)
+    train = train_section(arch, train_images) if pretrained is None else fine_tune_section(train_images, pretrained)
     if data not in BUILTIN and facts["imbalance"] >= 5:   # as the training log would say
         train["class_weights"] = "balanced"
         if not val:   # every class validated in proportion
             data_section["stratify"] = True
         found += (f", the largest class {facts['imbalance']:.0f}x the smallest (class_weights: balanced"
                   + (", stratify: true)" if not val else ")"))
-    spec = {"name": name, "description": f"{arch} for {found.split(':')[0]}, written by composer init",
+    what = f"{pretrained['name']}'s model fine-tuned" if pretrained is not None else arch
+    spec = {"name": name, "description": f"{what} for {found.split(':')[0]}, written by composer init",
             "model": model, "data": data_section, "train": train}
     notes = [found, "written by composer init; every key: composer schema, or the README's spec section"]
+    if pretrained is not None:
+        notes += [f"starts from {train['init_from']} (train.init_from; inputs normalized as its weights were "
+                  "trained); the learning rate is a cautious start: composer lr-find measures one",
+                  "train.freeze: backbone trains the classifier alone (a linear probe: little data, or a quick look)"]
     if data not in BUILTIN:
         notes.append("data.augment.hflip: set it to false if a mirrored image is another class (text, digits)")
     text = ("".join(f"# {note}\n" for note in notes)
@@ -223,6 +243,38 @@ def write_init(out: str, data: str, arch: str = "vit", val: str | None = None, i
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return {"path": str(path), "found": found, "params": params, "spec": parsed}
+
+
+FINE_TUNE = {"lr": 1e-4, "layer_decay": 0.75, "batch": 128}   # AdamW at batch 128; scaled by sqrt(batch)
+
+
+def _pretrained_model(source: str) -> dict:
+    """The run or checkpoint `source`: its model section ("model"), name, and where it is ("path")."""
+    from composer.checkpoint import find_checkpoint, load_checkpoint, spec_from_checkpoint
+
+    try:
+        path = find_checkpoint(source)
+        state = load_checkpoint(path, fix="give --from a run directory or a checkpoint written by composer train "
+                                          "or composer import")
+    except UserError as exc:
+        raise UserError(f"--from: {exc}") from None
+    spec = spec_from_checkpoint(state, str(path))
+    model = spec.model.model_dump(mode="json", exclude_defaults=True)
+    model["blocks"] = [{"kind": block.pop("kind"), **block} for block in model["blocks"]]   # the kind first, to read
+    return {"model": model, "name": spec.name, "path": str(Path(source).expanduser().resolve())}
+
+
+def fine_tune_section(train_images: int, pretrained: dict) -> dict:
+    """Fine-tuning a pretrained model: AdamW at a low rate (FINE_TUNE, scaled by the square root
+    of the batch), layer-wise decay, a short warmup and cosine, fewer epochs than from scratch;
+    the batch the data fills, at most 128 (a large model's activations)."""
+    batch = 2 ** max(3, min(7, int(math.log2(max(8, train_images // 10)))))
+    batch = min(batch, 2 ** int(math.log2(max(1, train_images))))
+    lr = _round(FINE_TUNE["lr"] * math.sqrt(batch / FINE_TUNE["batch"]))
+    return {"epochs": 30 if train_images < 20_000 else 10, "batch_size": batch,
+            "optimizer": {"kind": "adamw", "lr": lr, "weight_decay": 0.05, "layer_decay": FINE_TUNE["layer_decay"]},
+            "schedule": {"kind": "cosine", "warmup_epochs": 1}, "label_smoothing": 0.1, "grad_clip": 1.0,
+            "init_from": pretrained["path"]}
 
 
 def _round(lr: float) -> float:

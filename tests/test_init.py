@@ -124,3 +124,41 @@ def test_init_mistakes(tmp_path):
                       "image folders")
     assert_user_error(run_cli("init", tmp_path / "b.txt", "--data", "cifar10"), "a spec is a .yaml file")
     assert not (tmp_path / "b.yaml").exists()
+
+
+def test_init_from_a_run_writes_a_fine_tuning_spec_that_trains(tmp_path):
+    """--from: the run's model (its blocks and head as they were) for the data's classes at the run's
+    input size, its weights through train.init_from, the fine-tuning recipe; it trains from them.
+    For a built-in dataset, whose images come at their own size, the model resizes them to the run's."""
+    from composer.init import FINE_TUNE
+
+    pre = tmp_path / "pre.yaml"
+    pre.write_text("name: pre\nmodel:\n  image_size: 16\n  num_classes: 5\n  stem: {patch_size: 4, dim: 16}\n"
+                   "  pos_embed: learned\n  blocks: [{kind: vit, heads: 2, mlp_ratio: 2, repeat: 2}]\n"
+                   "  head: {pool: attention, heads: 4}\n"
+                   "data: {kind: synthetic, num_samples: 64, val_split: 0.0}\n"
+                   "train: {epochs: 1, batch_size: 32, device: cpu}\n")
+    assert run_cli("train", pre, "--out", tmp_path / "run").returncode == 0
+    folder = image_folder(tmp_path / "images")
+    out = tmp_path / "ft.yaml"
+    result = run_cli("init", out, "--data", folder, "--from", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}: fine-tuning {tmp_path / 'run'}" in result.stdout
+    spec, run_spec = load_spec(out), load_spec(tmp_path / "run" / "spec.yaml")
+    assert spec.model.num_classes == 3 and spec.model.image_size == 16
+    assert spec.model.model_dump(exclude={"num_classes"}) == run_spec.model.model_dump(exclude={"num_classes"})
+    t = spec.train
+    assert t.init_from == str(tmp_path / "run") and t.optimizer.layer_decay == FINE_TUNE["layer_decay"]
+    assert t.optimizer.lr < 1e-4 and t.batch_size == 8   # 16 training images: a batch they fill
+    assert "composer lr-find measures one" in out.read_text()
+    trained = run_cli("train", out, "--epochs", "1", "--out", tmp_path / "ft", "--set", "train.device=cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert "new classifier (5 -> 3 classes)" in trained.stdout + trained.stderr
+
+    assert run_cli("init", tmp_path / "c.yaml", "--data", "cifar10", "--from", tmp_path / "run").returncode == 0
+    spec = load_spec(tmp_path / "c.yaml")
+    assert (spec.model.image_size, spec.model.resize, spec.model.num_classes) == (32, 16, 10)
+    assert_user_error(run_cli("init", tmp_path / "x.yaml", "--data", folder, "--from", tmp_path / "run", "--arch",
+                              "vit"), "--from fine-tunes a run's model and --arch picks a new one")
+    assert_user_error(run_cli("init", tmp_path / "x.yaml", "--data", folder, "--from", tmp_path / "nowhere"),
+                      "--from: ", "nowhere")
