@@ -206,6 +206,21 @@ def sweep(spec_path, axes, out_dir, overrides):
     click.echo(render(best_first(rows)))
 
 
+@main.command("soup")
+@click.argument("targets", nargs=-1, required=True, metavar="RUN_OR_FOLDER...")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory of the soup.")
+@click.option("--uniform", is_flag=True, help="Average every run (default: greedy, each run kept only if the soup's "
+                                               "validation accuracy holds).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the greedy soup's validation runs.")
+def soup(targets, out, uniform, device):
+    """Model soup: average the weights of runs fine-tuned from the same weights (run directories,
+    or folders of them such as a sweep's) into one model."""
+    from composer.soup import render, soup as run
+
+    click.echo(render(run(list(targets), out, greedy=not uniform, device=device, echo=click.echo)))
+
+
 @main.command("lr-find")
 @click.argument("spec_path", metavar="SPEC")
 @click.option("--start", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,

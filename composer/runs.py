@@ -61,6 +61,12 @@ def describe(run: Path) -> dict:
     scored = [r for r in rows if _number(r.get("val_acc")) is not None]
     best = max(scored, key=lambda r: _number(r["val_acc"]), default=None)
     final = _final(run)
+    soup = _soup(run)
+    if soup:
+        state = f"{soup['kind']} soup of {len(soup['from'])}"
+        return {"run": str(run), "spec": spec.get("name") or run.name, "params": _params(spec), "epochs": 0,
+                "planned_epochs": None, "state": state, "best_val_acc": _number(soup.get("val_acc")),
+                "best_epoch": None, "last_val_acc": _number(soup.get("val_acc")), "img_per_s": None}
     if _running(run):
         state = "running"
     elif final.get("stopped_early") and final.get("epoch") == done:
@@ -115,6 +121,14 @@ def _metrics(path: Path) -> list[dict]:
             return [row for row in csv.DictReader(f) if row.get("epoch")]
     except OSError:
         return []
+
+
+def _soup(run: Path) -> dict:
+    """A soup's record (composer soup), or {} for a run that trained or was imported."""
+    try:
+        return json.loads((run / "soup.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _final(run: Path) -> dict:
