@@ -21,10 +21,11 @@ from composer.errors import UserError
 from composer.evaluate import evaluate, predict
 from composer.export import export
 from composer.lr_find import lr_find
+from composer.soup import soup
 from composer.spec import Spec, SpecError, load_spec, load_spec_text
 from composer.summarize import summarize
 from composer.timm_weights import import_timm
 from composer.train import train
 
 __all__ = ["Spec", "SpecError", "UserError", "build_model", "evaluate", "export", "import_timm", "load_run",
-           "load_spec", "load_spec_text", "lr_find", "predict", "summarize", "train"]
+           "load_spec", "load_spec_text", "lr_find", "predict", "soup", "summarize", "train"]
