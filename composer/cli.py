@@ -154,13 +154,16 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, cuda_gr
 @click.option("--crop", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, metavar="FRACTION",
               help="Decode each image file's centre (the shorter side to size / FRACTION, then the central square; "
                    "timm evaluates at 0.875). Default: as the run's data.crop.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Evaluate at another input size (a learned position table resized to the new grid, as fine-tuning "
+                   "does; FixRes: models trained on random crops often do better a little above their size).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, as_json):
+def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, image_size, as_json):
     """Accuracy (top-1, top-5), loss, per-class accuracy and the most confused classes of a trained run."""
     from composer.evaluate import evaluate as run, render
 
     result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device, flip=flip,
-                 labels=labels, crop=crop)
+                 labels=labels, crop=crop, image_size=image_size)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
@@ -173,14 +176,17 @@ def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, a
 @click.option("--flip", is_flag=True, help="Average each image's class probabilities with its mirror image's.")
 @click.option("--crop", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, metavar="FRACTION",
               help="Decode each image's centre (as evaluate --crop). Default: as the run's data.crop.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Classify at another input size (as evaluate --image-size).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Also write image,class,probability rows (each image's top class) to this CSV file.")
-def predict(target, images, top, batch_size, device, flip, crop, as_json, csv_path):
+def predict(target, images, top, batch_size, device, flip, crop, image_size, as_json, csv_path):
     """Classify IMAGES (files, or folders of them) with a trained run: the top classes and their probabilities."""
     from composer.evaluate import predict as run, render_predictions, write_predictions_csv
 
-    result = run(target, list(images), top=top, batch_size=batch_size, device=device, flip=flip, crop=crop)
+    result = run(target, list(images), top=top, batch_size=batch_size, device=device, flip=flip, crop=crop,
+                 image_size=image_size)
     if csv_path:
         write_predictions_csv(result, csv_path)
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))

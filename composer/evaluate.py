@@ -78,6 +78,31 @@ def _averaged(views: list[torch.Tensor]) -> torch.Tensor:
     return torch.logaddexp(first, mirrored) - math.log(2.0)
 
 
+def load_at_size(target: str, device: torch.device, image_size: int | None):
+    """(spec, model in eval mode, checkpoint, what was resized or None) of a run at the input size
+    `image_size` (None: its own): the spec's input size changed (`model.resize` where the model
+    resizes its input or the data comes decoded; else `model.image_size`, the size image files
+    are decoded at), the weights carried over as fine-tuning carries them (a learned position
+    table resized over the new grid)."""
+    from composer.build import build_model
+    from composer.checkpoint import init_from_run, load_run
+    from composer.spec import SpecError, load_spec_text
+
+    spec, model, state = load_run(target, device=device)
+    if image_size is None or image_size == spec.model.input_size:
+        return spec, model, state, None
+    field = "model.resize" if spec.model.resize or spec.data.kind != "folder" else "model.image_size"
+    try:
+        sized = load_spec_text(state["spec_yaml"], f"{target} (its spec)", [f"{field}={image_size}"])
+        model = build_model(sized)
+        with torch.no_grad():
+            said = init_from_run(model, sized, target)
+    except (SpecError, UserError) as exc:
+        raise UserError(f"--image-size {image_size}: {exc}") from None
+    resized = [part for part in said.split(", ") if part.startswith("resized ")]
+    return sized, model.to(device).eval(), state, "; ".join(resized) or "nothing to resize"
+
+
 def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> list[dict]:
     """The `top` largest off-diagonal cells: which true class is most often taken for which other."""
     off = confusion.clone()
@@ -91,19 +116,21 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> 
 
 
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
-             device: str = "auto", flip: bool = False, labels: str | None = None, crop: float | None = None) -> dict:
+             device: str = "auto", flip: bool = False, labels: str | None = None, crop: float | None = None,
+             image_size: int | None = None) -> dict:
     """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`, whose
     images `labels`, a CSV of image,class rows, may name the classes of); `crop`: decode image files'
-    centres so (data.crop; the run's own by default)."""
+    centres so (data.crop; the run's own by default); `image_size`: at that input size
+    (`load_at_size`)."""
     if labels and not data_root:
         raise UserError("--labels names the classes of the images in --data-root; give --data-root too (the run's "
                         "own data takes its labels from the spec)")
-    from composer.checkpoint import find_checkpoint, load_run, needs_classifier
+    from composer.checkpoint import find_checkpoint, needs_classifier
     from composer.data import load_split
     from composer.train import precision, resolve_device
 
     dev = resolve_device(device)
-    spec, model, state = load_run(target, device=dev)
+    spec, model, state, resized = load_at_size(target, dev, image_size)
     needs_classifier(state, target, "evaluate")
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     if split is None:
@@ -128,7 +155,10 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
         result["note"] = ("the run trained without mirrored images (data.augment.hflip: false), so --flip shows it "
                           "images unlike its training data")
     names = list(data.classes or classes or [str(i) for i in range(spec.model.num_classes)])
+    if resized:
+        result["resized"] = resized
     result.update({"spec": spec.name, "split": split, "flip": flip, "checkpoint": str(find_checkpoint(target)),
+                   "image_size": spec.model.input_size,
                    "epoch": state.get("epoch"), "classes": names,
                    "most_confused": most_confused(result["confusion"], names),
                    "confusion": result["confusion"].tolist()})
@@ -137,6 +167,7 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
 
 def render(result: dict) -> str:
     lines = [f"{result['spec']} on {result['split']} ({result['images']} images, epoch {result['epoch']}"
+             + (f", at {result['image_size']} px: {result['resized']}" if result.get("resized") else "")
              + (", each averaged with its mirror image" if result.get("flip") else "") + "):",
              f"  accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
              f"top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
@@ -158,16 +189,16 @@ def render(result: dict) -> str:
 
 @torch.no_grad()
 def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 256, device: str = "auto",
-            flip: bool = False, crop: float | None = None) -> dict:
+            flip: bool = False, crop: float | None = None, image_size: int | None = None) -> dict:
     """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
     folders of them): for each image, its `top` classes with their softmax probabilities. Images
     are decoded as the run's data was (its data.crop, or `crop`)."""
-    from composer.checkpoint import find_checkpoint, load_run, needs_classifier
+    from composer.checkpoint import find_checkpoint, needs_classifier
     from composer.data import decode_files, image_files, normalize
     from composer.train import precision, resolve_device
 
     dev = resolve_device(device)
-    spec, model, state = load_run(target, device=dev)
+    spec, model, state, _ = load_at_size(target, dev, image_size)
     needs_classifier(state, target, "predict")
     files = image_files(paths)
     classes = state.get("classes") or [str(i) for i in range(spec.model.num_classes)]

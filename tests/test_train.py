@@ -469,6 +469,36 @@ def test_fine_tuning_starts_from_a_run_with_a_new_head_and_image_size(tmp_path):
     assert not any(line.startswith("weights from") for line in said), said
 
 
+def test_evaluate_and_predict_at_another_image_size(tmp_path):
+    """--image-size: the run's model at another input size, its position table resized as
+    fine-tuning resizes it (synthetic data comes decoded: the model resizes its input); the same
+    size changes nothing; sizes the patch does not divide, and token-mixing MLPs, are refused."""
+    from PIL import Image
+
+    from composer.evaluate import load_at_size
+
+    train(load_spec_text(VIT, "vit.yaml", [f"train.out_dir={tmp_path / 'run'}"]), echo=lambda *a, **k: None)
+    result = run_cli("evaluate", tmp_path / "run", "--image-size", 12, "--json")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout)
+    assert evaluated["image_size"] == 12 and evaluated["resized"] == "resized stages.3.pos (4x4 -> 6x6 patches)"
+    spec, model, _, said = load_at_size(str(tmp_path / "run"), torch.device("cpu"), 12)
+    assert spec.model.resize == 12 and model.layers[3].module.pos.shape == (1, 1 + 36, 16)
+    plain, same = (json.loads(run_cli("evaluate", tmp_path / "run", *extra, "--json").stdout)
+                   for extra in ((), ("--image-size", 8)))
+    assert plain["accuracy"] == same["accuracy"] and plain["loss"] == same["loss"] and "resized" not in same
+    Image.new("RGB", (20, 20), 90).save(tmp_path / "x.png")
+    predicted = run_cli("predict", tmp_path / "run", tmp_path / "x.png", "--image-size", 12)
+    assert predicted.returncode == 0, predicted.stderr
+    assert_user_error(run_cli("evaluate", tmp_path / "run", "--image-size", 11),
+                      "--image-size 11: ", "does not divide")
+    mixer = VIT.replace("{kind: vit, heads: 2, repeat: 2}", "{kind: mixer, token_hidden: 8}").replace("pool: cls",
+                                                                                                   "pool: mean")
+    train(load_spec_text(mixer, "m.yaml", [f"train.out_dir={tmp_path / 'mixer'}"]), echo=lambda *a, **k: None)
+    assert_user_error(run_cli("evaluate", tmp_path / "mixer", "--image-size", 12),
+                      "--image-size 12: ", "token-mixing MLPs are tied to their token count")
+
+
 def test_freeze_trains_the_head_alone_on_the_features_of_a_run(tmp_path):
     from composer.errors import UserError
 
