@@ -37,11 +37,10 @@ def lr_find(spec, start: float = 1e-6, end: float = 10.0, steps: int = 200, out:
 
 def _range_test(spec, start: float, end: float, steps: int, out: str | None, echo) -> dict:
     from composer.build import build_model
-    from composer.checkpoint import init_from_run
     from composer.data import channel_stats, load_split, training_batch
     from composer.optim import frozen_stages, make_optimizer
     from composer.train import (_check_triton, in_slices, keep_data_on_host, precision, resolve_device,
-                                seed_everything, soft_cross_entropy, training_memory_format)
+                                seed_everything, soft_cross_entropy, start_from_pretrained, training_memory_format)
 
     if not 0 < start < end:
         raise UserError(f"--start {start:g} must be below --end {end:g} (both above 0)")
@@ -63,14 +62,9 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
 
     model = build_model(spec, backend=t.kernels).to(device)
     if t.init_from:
-        source = {}
-        with torch.no_grad():
-            try:
-                echo(init_from_run(model, spec, t.init_from, found=source))
-            except UserError as exc:
-                raise SpecFieldError("train.init_from", str(exc)) from None
-        if source["normalization"]:   # as train: the pretrained weights' input statistics
-            mean, std = source["normalization"]["mean"], source["normalization"]["std"]
+        pretrained = start_from_pretrained(model, spec, echo)   # as train: its weights, its input statistics
+        if pretrained:
+            mean, std = pretrained["mean"], pretrained["std"]
     if t.freeze is not None:
         model.freeze(frozen_stages(model, t.freeze))
     memory_format = training_memory_format(spec, device)

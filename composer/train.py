@@ -331,6 +331,23 @@ def class_balance(labels: torch.Tensor, classes: list[str], scheme: str) -> tupl
     return None, None
 
 
+def start_from_pretrained(model, spec: Spec, log) -> dict | None:
+    """train.init_from: the pretrained run's weights into `model` (what was done, logged). Returns
+    its input normalization ({"mean", "std"}), which the run then takes instead of its data's own
+    statistics: the pretrained features were learned on inputs in those (logged too)."""
+    found = {}
+    with torch.no_grad():
+        try:
+            log(init_from_run(model, spec, spec.train.init_from, found=found))
+        except UserError as exc:
+            raise SpecFieldError("train.init_from", str(exc)) from None
+    normalization = found["normalization"]
+    if normalization:
+        log(f"input normalization: the pretrained run's (mean {_rounded(normalization['mean'])}, std "
+            f"{_rounded(normalization['std'])}), not this data's own")
+    return normalization
+
+
 def _rounded(values) -> str:
     return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
@@ -510,16 +527,9 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     log(f"model: {count_params(model):,} parameters, {human(flops)} FLOPs an image forward "
         f"({t.batch_size} images a step" + (f" in {t.accumulate} slices)" if t.accumulate > 1 else ")"))
     if t.init_from and state is None:   # a resume takes its own checkpoint's weights
-        source = {}
-        with torch.no_grad():
-            try:
-                log(init_from_run(model, spec, t.init_from, found=source))
-            except UserError as exc:
-                raise SpecFieldError("train.init_from", str(exc)) from None
-        if source["normalization"]:   # the statistics the pretrained weights saw their inputs in
-            mean, std = source["normalization"]["mean"], source["normalization"]["std"]
-            log(f"input normalization: the pretrained run's (mean {_rounded(mean)}, std {_rounded(std)}), not "
-                "this data's own")
+        pretrained = start_from_pretrained(model, spec, log)
+        if pretrained:
+            mean, std = pretrained["mean"], pretrained["std"]
     if t.freeze is not None:
         stages = frozen_stages(model, t.freeze)
         frozen = model.freeze(stages)

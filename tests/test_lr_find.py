@@ -92,6 +92,15 @@ def test_range_test_command_and_its_mistakes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "suggested peak learning rate: " in result.stdout and f"wrote {tmp_path / 'out' / 'lr_find.csv'}" in \
         result.stdout
+    # from a pretrained run: its weights and its input statistics, as train takes them
+    from composer.train import train
+
+    train(load_spec_text(SPEC, "pre.yaml", [f"train.out_dir={tmp_path / 'pre'}", "train.epochs=1"]),
+          echo=lambda *a, **k: None)
+    tuned = run_cli("lr-find", path, "--steps", 20, "--out", tmp_path / "tuned", "--set",
+                    f"train.init_from={tmp_path / 'pre'}")
+    assert tuned.returncode == 0, tuned.stderr
+    assert "weights from" in tuned.stdout and "input normalization: the pretrained run's" in tuned.stdout
     assert_user_error(run_cli("lr-find", path, "--start", 1, "--end", 0.1), "--start 1 must be below --end 0.1")
     assert_user_error(run_cli("lr-find", path, "--set", "train.batch_size=500", "--out", tmp_path / "o"),
                       "--set train.batch_size=500: train.batch_size 500 is larger than the 96 training images")
