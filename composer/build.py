@@ -184,15 +184,14 @@ class AttentionPool(nn.Module):
     one learned query attends over the tokens (B, N, C) -> (B, C), then an MLP adds to the result
     (pre-norm, with a residual), as timm's AttentionPoolLatent."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm_eps: float = 1e-6, activation: str = "gelu"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm_eps: float = 1e-6, mlp_activation: str = "gelu"):
         super().__init__()
         self.heads = heads
         self.latent = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=dim ** -0.5))
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         hidden = int(dim * mlp_ratio)
-        gelu = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), gelu, nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), activation(mlp_activation), nn.Linear(hidden, dim))
 
     def forward(self, x):
         b, n, c = x.shape
@@ -203,10 +202,12 @@ class AttentionPool(nn.Module):
 
     def probs(self, x) -> torch.Tensor:
         """The query's attention over the tokens, (B, heads, N): what `visualize` draws."""
+        from kernels.attention.reference import attention_probs
+
         b, n, c = x.shape
-        q = self.q(self.latent.to(x.dtype)).view(self.heads, -1)
-        k = self.kv(x)[..., :c].view(b, n, self.heads, -1)
-        return torch.einsum("hd,bnhd->bhn", q.float(), k.float()).mul(q.shape[-1] ** -0.5).softmax(-1)
+        q = self.q(self.latent.to(x.dtype)).view(1, 1, self.heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
+        k = self.kv(x)[..., :c].view(b, n, self.heads, -1).transpose(1, 2)
+        return attention_probs(q, k)[:, :, 0]
 
     def cost(self, tokens: int, dim: int) -> Cost:
         hidden = self.mlp[0].out_features
@@ -254,10 +255,15 @@ class Head(nn.Module):
         if not self.norm_pooled:                         # (B, N, C)
             x = self.norm(x)
         if self.attend is not None:
-            pooled = self.attend(x[:, self.prefix:])
+            pooled = self.attend(x[:, self.prefix:])     # (pooling_probs: where it looks)
         else:
             pooled = x[:, token] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
         return self.norm(pooled) if self.norm_pooled else pooled
+
+    def pooling_probs(self, x) -> torch.Tensor:
+        """With attention pooling: its query's attention over the patch tokens of `x`, (B, heads, N),
+        from the same input `_pooled` gives it."""
+        return self.attend.probs((x if self.norm_pooled else self.norm(x))[:, self.prefix:])
 
     def features(self, x):
         """The pooled feature vector per image (with a distillation token: the mean of the two tokens')."""

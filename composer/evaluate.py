@@ -78,6 +78,13 @@ def _averaged(views: list[torch.Tensor]) -> torch.Tensor:
     return torch.logaddexp(first, mirrored) - math.log(2.0)
 
 
+def classifiers_note(result: dict) -> str:
+    """ "class token 0.7100, distillation token 0.7300": a distilled model's classifiers alone
+    (evaluate_model's `classifiers`), or "" for other models."""
+    each = result.get("classifiers")
+    return ", ".join(f"{name} {accuracy:.4f}" for name, accuracy in each.items()) if each else ""
+
+
 def load_at_size(target: str, device: torch.device, image_size: int | None):
     """(spec, model in eval mode, checkpoint, what was resized or None) of a run at the input size
     `image_size` (None: its own): the spec's input size changed (`model.resize` where the model
@@ -172,9 +179,7 @@ def render(result: dict) -> str:
              f"  accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
              f"top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
     if result.get("classifiers"):   # DeiT's two: the accuracy above is their mean's
-        each = result["classifiers"]
-        lines.append(f"  each classifier alone: class token {each['class token']:.4f}, distillation token "
-                     f"{each['distillation token']:.4f} (the model predicts with their mean)")
+        lines.append(f"  each classifier alone: {classifiers_note(result)} (the model predicts with their mean)")
     for name, acc in zip(result["classes"], result["per_class"]):
         lines.append(f"  {name:>16s}  {'-' if acc is None else f'{acc:.4f}'}")
     if result.get("note"):

@@ -305,11 +305,9 @@ def _plain_attention_pool(pool) -> bool:
 def _gelu(act) -> str | None:
     """ "gelu", "gelu_tanh" or "quick_gelu" for timm's GELU modules (exact; the tanh approximation:
     timm's GELUTanh, or nn.GELU(approximate="tanh"); CLIP's QuickGELU); None for any other activation."""
-    if _class_name(act) in ("GELUTanh", "QuickGELU"):
-        return {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}[_class_name(act)]
     if _class_name(act) == "GELU":
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(act, "approximate", "none"))
-    return None
+    return {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}.get(_class_name(act))
 
 
 def _class_name(module) -> str:

@@ -315,8 +315,7 @@ def pooling_map(model, x: torch.Tensor) -> torch.Tensor | None:
         with using_backend(model, "reference"):
             for stage in model.stages[:-1]:
                 x = stage(x)
-            tokens = x if head.norm_pooled else head.norm(x)
-            return head.attend.probs(tokens[:, head.prefix:])[0].float().cpu()
+            return head.pooling_probs(x)[0].float().cpu()
     finally:
         model.train(was_training)
 

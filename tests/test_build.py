@@ -687,7 +687,7 @@ def test_clips_parts_a_norm_before_the_blocks_no_stem_bias_and_quick_gelu():
     """model.norm_pre: a LayerNorm (its own eps) over every token after the class token, the position
     table and the registers, before the first block; stem.bias: false leaves the projection without
     one; mlp_activation: quick_gelu is x * sigmoid(1.702 x). norm_pre needs a token block first."""
-    from composer.blocks.channel_mlp import QuickGELU
+    from composer.blocks.base import QuickGELU
     from composer.spec import SpecError
 
     text = ("model:\n  image_size: 16\n  num_classes: 3\n  stem: {patch_size: 4, dim: 16, bias: false}\n"

@@ -198,4 +198,16 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 def activation(name: str) -> nn.Module:
-    return {"gelu": nn.GELU(), "relu": nn.ReLU()}[name]
+    """gelu (exact), gelu_tanh (its tanh approximation: SigLIP's), quick_gelu (OpenAI CLIP's) or relu."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    return nn.GELU(approximate={"gelu": "none", "gelu_tanh": "tanh"}[name])
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from composer.blocks.base import Block, Context, Cost, DropPath, layer_scale, register
+from composer.blocks.base import activation as make_activation
 
 
 @register
@@ -23,10 +24,9 @@ class ChannelMlp(Block):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         gated = activation == "swiglu"
-        act = SwiGLU() if gated else QuickGELU() if activation == "quick_gelu" else \
-            nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.mix_channels = nn.Sequential(   # the same indices either way: 0 and 3 are the Linears
-            nn.Linear(dim, 2 * hidden if gated else hidden), act, nn.Dropout(dropout),
+            nn.Linear(dim, 2 * hidden if gated else hidden), SwiGLU() if gated else make_activation(activation),
+            nn.Dropout(dropout),
             nn.Linear(hidden, dim), nn.Dropout(dropout))
         self.scale = layer_scale(dim, scale)
         self.drop_path = DropPath(drop_path)
@@ -51,10 +51,3 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = x.chunk(2, dim=-1)
         return value * F.silu(gate)
-
-
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP trained with."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
