@@ -4,11 +4,12 @@ few hundred steps while the learning rate grows geometrically from tiny to huge;
 barely moves, then falls, then blows up. Where it falls fastest, and a tenth of where it is lowest,
 are the usual starting points for `train.optimizer.lr` of a new architecture.
 
-Everything else is the spec's: the data and its augmentation and mixing, the optimizer (kind,
-weight decay, betas, layer decay: each group keeps its share of the rate), precision, gradient
-clipping, accumulation, `init_from` and `freeze`. The schedule is not (the test is its own), nor
-is a distillation teacher (labels only); the model runs eagerly (no torch.compile or CUDA graph:
-a few hundred steps would not repay compiling). Nothing is written into a run: a CSV and a figure.
+Everything else is the spec's: the data, its order (repeated augmentation), augmentation and
+mixing, the optimizer (kind, weight decay, betas, layer decay: each group keeps its share of the
+rate), precision, gradient clipping, accumulation, `init_from` and `freeze`. The schedule is not
+(the test is its own), nor is a distillation teacher (the labels alone, weighed by
+train.class_weights as in training); the model runs eagerly (no torch.compile or CUDA graph: a
+few hundred steps would not repay compiling). Nothing is written into a run: a CSV and a figure.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
     from composer.build import build_model
     from composer.data import channel_stats, load_split, training_batch
     from composer.optim import frozen_stages, make_optimizer
-    from composer.train import (_check_triton, in_slices, keep_data_on_host, precision, resolve_device,
-                                seed_everything, soft_cross_entropy, start_from_pretrained, training_memory_format)
+    from composer.train import (_check_triton, class_balance, epoch_order, in_slices, keep_data_on_host, precision,
+                                resolve_device, seed_everything, soft_cross_entropy, start_from_pretrained,
+                                training_memory_format)
 
     if not 0 < start < end:
         raise UserError(f"--start {start:g} must be below --end {end:g} (both above 0)")
@@ -56,6 +58,9 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
         images = images.to(device)
     labels = train_set.labels.to(device)
     n = images.shape[0]
+    class_weights, _ = class_balance(train_set.labels, list(train_set.classes or range(spec.model.num_classes)),
+                                     t.class_weights)
+    class_weights = class_weights.to(device) if class_weights is not None else None
     if t.batch_size > n:
         raise SpecFieldError("train.batch_size", f"train.batch_size {t.batch_size} is larger than the {n} training "
                                                  "images; lower it")
@@ -81,27 +86,28 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     trained = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator(device=device).manual_seed(t.seed + 1)
-    order_generator = torch.Generator().manual_seed(t.seed)
     if t.distill is not None:
         echo("note: the range test trains on the labels alone (no teacher)")
 
     def forward_backward(x, targets, share):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             output = model(x)   # a distillation token's model: the mean of both classifiers
-        loss = soft_cross_entropy(output, targets)
+        loss = soft_cross_entropy(output, targets, class_weights)
         scaler.scale(loss * share).backward()
         return output, loss
 
     echo(f"learning-rate range test: {steps} steps of {t.batch_size} images, lr {start:.1e} -> {end:.1e} "
          f"({t.optimizer.kind}, weight decay {t.optimizer.weight_decay})")
     rows, average, lowest, stopped = [], 0.0, math.inf, f"ran all {steps} steps"
-    order, position = torch.randperm(n, generator=order_generator), 0
+    epoch, position = 0, 0
+    order = epoch_order(n, t.seed * 100_003, spec.data.augment.repeats)   # as train orders its epochs
     for step in range(steps):
         lr = start * (end / start) ** (step / (steps - 1))
         for group, share in zip(optimizer.param_groups, shares):
             group["lr"] = lr * share
         if position + t.batch_size > n:   # the next epoch's order
-            order, position = torch.randperm(n, generator=order_generator), 0
+            epoch, position = epoch + 1, 0
+            order = epoch_order(n, t.seed * 100_003 + epoch, spec.data.augment.repeats)
         idx = order[position:position + t.batch_size]
         position += t.batch_size
         batch = images[idx].to(device, non_blocking=True)

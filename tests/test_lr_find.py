@@ -85,6 +85,31 @@ def test_range_test_grows_the_rate_geometrically_and_smooths_the_loss(tmp_path, 
     assert any("learning-rate range test: 40 steps of 32 images" in line for line in lines)
 
 
+def test_range_test_orders_and_weighs_batches_as_training_does(tmp_path, monkeypatch):
+    """Repeated augmentation: each batch holds each drawn image twice, side by side (before
+    augmentation); class weights reach the loss, as in training."""
+    from composer import data, train as training
+
+    batches, weighed = [], []
+    real_batch, real_ce = data.training_batch, training.soft_cross_entropy
+
+    def spy_batch(batch, *args, **kwargs):
+        batches.append(batch.clone())
+        return real_batch(batch, *args, **kwargs)
+
+    def spy_ce(logits, targets, weights=None):
+        weighed.append(weights)
+        return real_ce(logits, targets, weights)
+
+    monkeypatch.setattr(data, "training_batch", spy_batch)
+    monkeypatch.setattr(training, "soft_cross_entropy", spy_ce)
+    spec = load_spec_text(SPEC.replace("mixup: 0.2}", "mixup: 0.2, repeats: 2}").replace(
+        "  grad_clip: 1.0\n", "  grad_clip: 1.0\n  class_weights: balanced\n"), "tiny.yaml")
+    finder.lr_find(spec, start=1e-5, end=1e-3, steps=20, out=str(tmp_path / "out"), echo=lambda *a: None)
+    assert len(batches) == 20 and all(torch.equal(b[0::2], b[1::2]) for b in batches)
+    assert len(weighed) == 20 and all(w is not None and w.shape == (4,) for w in weighed)
+
+
 def test_range_test_command_and_its_mistakes(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(SPEC)
