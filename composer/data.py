@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from composer.errors import SpecFieldError, UserError, first_few
 from composer.spec.data import Augment, DataSpec
 from composer.spec.model import ModelSpec
+from composer.three_augment import color_jitter, three_augment
 from composer.trivial_augment import trivial_augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
@@ -674,8 +675,8 @@ def normalize(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 # -- augmentation -------------------------------------------------------------------
 
 def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random resized crop or random crop after zero padding, horizontal flip, TrivialAugment and
-    cutout, batched on the batch's device.
+    """Random resized crop or random crop after zero padding, horizontal flip, TrivialAugment,
+    3-Augment, colour jitter and cutout, batched on the batch's device.
 
     All randomness comes from `generator`, which must live on the batch's device.
     """
@@ -698,6 +699,10 @@ def augment(batch_uint8: torch.Tensor, aug: Augment, generator: torch.Generator)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     if aug.trivial:
         out = trivial_augment(out, generator)
+    if aug.three_augment:
+        out = three_augment(out, generator)
+    if aug.color_jitter:
+        out = color_jitter(out, aug.color_jitter, generator)
     if aug.cutout > 0:
         s = min(aug.cutout, h, w)  # the square lies inside the image, so every image loses the same area
         top = torch.randint(0, h - s + 1, (b, 1), generator=generator, device=dev)
@@ -786,7 +791,8 @@ def random_erasing(images: torch.Tensor, probability: float, generator: torch.Ge
 def training_batch(batch_uint8: torch.Tensor, labels: torch.Tensor, aug: Augment, num_classes: int, mean, std,
                    generator: torch.Generator, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A training step's input and soft targets from its uint8 images: augmented (crop, flip,
-    TrivialAugment, cutout), normalized, randomly erased (noise in normalized units) and mixed."""
+    TrivialAugment, 3-Augment, colour jitter, cutout), normalized, randomly erased (noise in
+    normalized units) and mixed."""
     images = normalize(augment(batch_uint8, aug, generator), mean, std)
     if aug.erasing:
         images = random_erasing(images, aug.erasing, generator)

@@ -101,11 +101,11 @@ def _operation(name: str, images: torch.Tensor, x: torch.Tensor, op: torch.Tenso
         return _affine(x, op, m)
     factor = (1.0 + m).view(-1, 1, 1, 1)
     if name == "brightness":
-        return _blend(x, None, factor)
+        return blend(x, None, factor)
     if name == "color":
-        return _blend(x, _gray(x), factor) if x.shape[1] == 3 else images
+        return blend(x, luma(x), factor) if x.shape[1] == 3 else images
     if name == "contrast":
-        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+        return blend(x, luma(x).mean(dim=(1, 2, 3), keepdim=True), factor)
     if name == "sharpness":
         return _sharpen(x, factor)
     if name == "posterize":
@@ -149,7 +149,7 @@ def _affine(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid.float(), mode="nearest", padding_mode="zeros", align_corners=False).to(torch.uint8)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+def blend(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
     """factor * x + (1 - factor) * other (None: 0), clamped and truncated to uint8: torchvision's
     `_blend`, to the bit. Both weights are rounded to float32 from float64 (as a Python float
     multiplying a float32 tensor is), and the second product is added in one rounding (addcmul,
@@ -160,7 +160,7 @@ def _blend(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) ->
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def luma(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) luma, floored: what torchvision blends uint8 colour images with."""
     if x.shape[1] == 1:
         return x

@@ -119,7 +119,7 @@ def test_the_batch_pipeline_never_waits_on_the_device(monkeypatch):
     images, labels = photo(64, 3, 32, 32), torch.randint(0, 10, (64,))
     g = torch.Generator().manual_seed(0)
     crops = (Augment(crop_padding=4, hflip=True, trivial=True, cutout=8, mixup=0.2, cutmix=1.0),
-             Augment(resized_crop=0.08, trivial=True))
+             Augment(resized_crop=0.08, trivial=True, three_augment=True, color_jitter=0.3))
     for aug in crops:   # the strength tables are made once, before
         mix(random_erasing(augment(images, aug, g).float(), 0.25, g), labels, 10, aug, g, 0.1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -22,6 +22,14 @@ class Augment(Strict):
     trivial: bool = Field(False, description="TrivialAugment (wide): one random operation an image (shear, "
                           "translate, rotate, brightness, colour, contrast, sharpness, posterize, solarize, "
                           "autocontrast, equalize or none) at a random strength, after crop and flip.")
+    three_augment: bool = Field(
+        False, description="3-Augment (DeiT III, Touvron et al., 2022): one of grayscale, solarization (pixels "
+        "from 128 up inverted) or a Gaussian blur (standard deviation 0.1-2 pixels) an image, drawn uniformly; "
+        "after crop, flip and TrivialAugment.")
+    color_jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="Colour jitter (DeiT III uses 0.3): brightness, contrast and saturation each scaled by a "
+        "factor uniform in 1 - s .. 1 + s, in a random order an image (torchvision's ColorJitter); after "
+        "3-Augment. 0: off.")
     cutout: Annotated[int, Field(ge=0)] = Field(0, description="Side of a random square erased per image (0: off).")
     erasing: Probability = Field(
         0.0, description="Random erasing (Zhong et al., 2020; timm's re_prob, 0.25 in the DeiT and ConvNeXt "
@@ -37,7 +45,8 @@ class Augment(Strict):
 
     def is_random(self) -> bool:
         """Whether two copies of an image can come out differently."""
-        return bool(self.padding or self.resized_crop or self.hflip or self.trivial or self.cutout or self.erasing
+        return bool(self.padding or self.resized_crop or self.hflip or self.trivial or self.three_augment
+                    or self.color_jitter or self.cutout or self.erasing
                     or self.mixup or self.cutmix)
 
     @property
