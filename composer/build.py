@@ -193,11 +193,12 @@ class AttentionPool(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), activation(mlp_activation), nn.Linear(hidden, dim))
 
-    def forward(self, x):
+    def forward(self, x, key_bias=None):
+        """`key_bias`: (B, 1, 1, N) added to the query's logits (merged tokens: log of their sizes)."""
         b, n, c = x.shape
         q = self.q(self.latent.to(x.dtype)).view(1, 1, self.heads, -1).transpose(1, 2).expand(b, -1, -1, -1)
         k, v = self.kv(x).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)   # each (B, heads, N, d)
-        pooled = self.proj(F.scaled_dot_product_attention(q, k, v).reshape(b, c))
+        pooled = self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias).reshape(b, c))
         return pooled + self.mlp(self.norm(pooled))
 
     def probs(self, x) -> torch.Tensor:
@@ -248,16 +249,24 @@ class Head(nn.Module):
         self.classify = nn.Linear(dim, classes)
         self.classify_dist = nn.Linear(dim, classes) if distill else None
         self.both_logits = False
+        self.token_merging = None   # a composer.merging.TokenMerging while the model merges tokens
 
     def _pooled(self, x, token: int = 0):
         if self.layout == "grid":                        # (B, C, H, W)
             return self.norm(x.mean(dim=(2, 3)))
         if not self.norm_pooled:                         # (B, N, C)
             x = self.norm(x)
+        merged = self.token_merging is not None and self.token_merging.size is not None
         if self.attend is not None:
-            pooled = self.attend(x[:, self.prefix:])     # (pooling_probs: where it looks)
+            bias = self.token_merging.key_bias(x.dtype)[..., self.prefix:] if merged else None
+            pooled = self.attend(x[:, self.prefix:], bias)     # (pooling_probs: where it looks)
+        elif self.pool == "cls":
+            pooled = x[:, token]
+        elif merged:   # each token weighed by the patches it stands for: the mean over the patches
+            size = self.token_merging.size[:, self.prefix:]
+            pooled = ((x[:, self.prefix:] * size).sum(1) / size.sum(1)).to(x.dtype)
         else:
-            pooled = x[:, token] if self.pool == "cls" else x[:, self.prefix:].mean(dim=1)
+            pooled = x[:, self.prefix:].mean(dim=1)
         return self.norm(pooled) if self.norm_pooled else pooled
 
     def pooling_probs(self, x) -> torch.Tensor:
@@ -289,6 +298,7 @@ class ComposedModel(nn.Module):
         self.stages = nn.ModuleList(layer.module for layer in layers)
         self.recomputed: frozenset[int] = frozenset()   # stages whose activations the backward recomputes
         self.frozen = 0   # the first stages that keep their weights (train.freeze)
+        self.token_merging = None   # a composer.merging.TokenMerging while it merges tokens (composer.merging)
 
     def recompute_token_blocks(self) -> int:
         """Activation checkpointing (train.recompute): from now on, each block in token layout
@@ -337,6 +347,8 @@ class ComposedModel(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_merging is not None:   # every image starts with one token a patch
+            self.token_merging.size = None
         if self.frozen:
             with torch.no_grad():
                 for stage in self.stages[:self.frozen]:

@@ -157,13 +157,16 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, cuda_gr
 @click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate at another input size (a learned position table resized to the new grid, as fine-tuning "
                    "does; FixRes: models trained on random crops often do better a little above their size).")
+@click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
+              help="Token merging (ToMe): merge R pairs of similar tokens in each attention block at the end of "
+                   "the model, for speed (no retraining; accuracy usually drops a little).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, image_size, as_json):
+def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, image_size, merge, as_json):
     """Accuracy (top-1, top-5), loss, per-class accuracy and the most confused classes of a trained run."""
     from composer.evaluate import evaluate as run, render
 
     result = run(target, data_root=data_root, split=split, batch_size=batch_size, device=device, flip=flip,
-                 labels=labels, crop=crop, image_size=image_size)
+                 labels=labels, crop=crop, image_size=image_size, merge=merge)
     click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
@@ -178,15 +181,18 @@ def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, i
               help="Decode each image's centre (as evaluate --crop). Default: as the run's data.crop.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="Classify at another input size (as evaluate --image-size).")
+@click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
+              help="Token merging: R pairs of tokens merged in each attention block at the end of the model "
+                   "(as evaluate --merge).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Also write image,class,probability rows (each image's top class) to this CSV file.")
-def predict(target, images, top, batch_size, device, flip, crop, image_size, as_json, csv_path):
+def predict(target, images, top, batch_size, device, flip, crop, image_size, merge, as_json, csv_path):
     """Classify IMAGES (files, or folders of them) with a trained run: the top classes and their probabilities."""
     from composer.evaluate import predict as run, render_predictions, write_predictions_csv
 
     result = run(target, list(images), top=top, batch_size=batch_size, device=device, flip=flip, crop=crop,
-                 image_size=image_size)
+                 image_size=image_size, merge=merge)
     if csv_path:
         write_predictions_csv(result, csv_path)
     click.echo(json.dumps(result, indent=2) if as_json else render_predictions(result))
@@ -329,11 +335,17 @@ def list_runs(paths, as_json):
 @main.command("export")
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT")
 @click.argument("out", metavar="OUT.pt2|OUT.onnx")
-def export_run(target, out):
+@click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
+              help="Token merging built into the program: R pairs of tokens merged in each attention block at the "
+                   "end of the model (as evaluate --merge).")
+def export_run(target, out, merge):
     """Save a trained run as one file for inference (torch.export .pt2 or .onnx): uint8 images in, logits out."""
+    from composer.evaluate import merge_note
     from composer.export import export
 
-    result = export(target, out)
+    result = export(target, out, merge=merge)
+    if result.get("merge"):
+        click.echo(merge_note(result["merge"]))
     if result["path"].endswith(".onnx"):
         use = ("onnxruntime.InferenceSession(path).run(None, {'images': images}); class names and "
                "normalization in its metadata property composer.json")

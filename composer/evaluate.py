@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,30 @@ def load_at_size(target: str, device: torch.device, image_size: int | None):
     return sized, model.to(device).eval(), state, "; ".join(resized) or "nothing to resize"
 
 
+@contextmanager
+def merged_tokens(model, merge: int | None):
+    """Within it, `model` merges `merge` tokens in each merging block (composer.merging; None: as it
+    is); yields {"r", "blocks", "tokens": [first block's input, last block's output]} or None."""
+    if not merge:
+        yield None
+        return
+    from composer.merging import flops_with, merging, tokens_after
+
+    with merging(model, merge):
+        counts = tokens_after(model, merge)
+        flops = [sum(layer.cost.flops for layer in model.layers), flops_with(model, merge)]
+        yield {"r": merge, "blocks": len(counts), "tokens": [counts[0][1], counts[-1][2]], "flops": flops}
+
+
+def merge_note(merge: dict) -> str:
+    """ "token merging: 8 a block in 12 attention blocks, 197 -> 101 tokens, 4.6 -> 2.9 GFLOPs an image" """
+    from composer.summarize import human
+
+    before, after = merge["flops"]
+    return (f"token merging: {merge['r']} a block in {merge['blocks']} attention block{'s' * (merge['blocks'] != 1)}, "
+            f"{merge['tokens'][0]} -> {merge['tokens'][1]} tokens, {human(before)} -> {human(after)} FLOPs an image")
+
+
 def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> list[dict]:
     """The `top` largest off-diagonal cells: which true class is most often taken for which other."""
     off = confusion.clone()
@@ -124,11 +150,12 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> 
 
 def evaluate(target: str, *, data_root: str | None = None, split: str | None = None, batch_size: int = 256,
              device: str = "auto", flip: bool = False, labels: str | None = None, crop: float | None = None,
-             image_size: int | None = None) -> dict:
+             image_size: int | None = None, merge: int | None = None) -> dict:
     """Evaluate the run directory or checkpoint `target` on its data (or on `data_root`, whose
     images `labels`, a CSV of image,class rows, may name the classes of); `crop`: decode image files'
     centres so (data.crop; the run's own by default); `image_size`: at that input size
-    (`load_at_size`)."""
+    (`load_at_size`); `merge`: with that many tokens merged in each merging attention block
+    (composer.merging). The result's `img_per_s` is the throughput of the whole evaluation."""
     if labels and not data_root:
         raise UserError("--labels names the classes of the images in --data-root; give --data-root too (the run's "
                         "own data takes its labels from the spec)")
@@ -155,9 +182,14 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
         raise UserError(f"the classes of {folder} ({', '.join(data.classes[:5])}...) differ "
                         f"from the run's ({', '.join(classes[:5])}...); evaluate on data with the same class folders")
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    # the images stay in host memory, each batch copied over: a test set need not fit on the GPU
-    result = evaluate_model(model, data.images, data.labels, mean, std, batch_size=batch_size,
-                            autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev, flip=flip)
+    with merged_tokens(model, merge) as merging:
+        start = time.perf_counter()
+        # the images stay in host memory, each batch copied over: a test set need not fit on the GPU
+        result = evaluate_model(model, data.images, data.labels, mean, std, batch_size=batch_size,
+                                autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev, flip=flip)
+        result["img_per_s"] = result["images"] / max(time.perf_counter() - start, 1e-9)   # (read back: synced)
+    if merging:
+        result["merge"] = merging
     if flip and not spec.data.augment.hflip:
         result["note"] = ("the run trained without mirrored images (data.augment.hflip: false), so --flip shows it "
                           "images unlike its training data")
@@ -177,7 +209,10 @@ def render(result: dict) -> str:
              + (f", at {result['image_size']} px: {result['resized']}" if result.get("resized") else "")
              + (", each averaged with its mirror image" if result.get("flip") else "") + "):",
              f"  accuracy {result['accuracy']:.4f}   balanced {result['balanced_accuracy']:.4f}   "
-             f"top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"]
+             f"top-5 {result['top5']:.4f}   loss {result['loss']:.4f}"
+             + (f"   {result['img_per_s']:,.0f} img/s" if "img_per_s" in result else "")]
+    if result.get("merge"):
+        lines.append(f"  {merge_note(result['merge'])}")
     if result.get("classifiers"):   # DeiT's two: the accuracy above is their mean's
         lines.append(f"  each classifier alone: {classifiers_note(result)} (the model predicts with their mean)")
     for name, acc in zip(result["classes"], result["per_class"]):
@@ -194,10 +229,11 @@ def render(result: dict) -> str:
 
 @torch.no_grad()
 def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 256, device: str = "auto",
-            flip: bool = False, crop: float | None = None, image_size: int | None = None) -> dict:
+            flip: bool = False, crop: float | None = None, image_size: int | None = None,
+            merge: int | None = None) -> dict:
     """The classes a trained run (directory or checkpoint) gives the images at `paths` (files or
     folders of them): for each image, its `top` classes with their softmax probabilities. Images
-    are decoded as the run's data was (its data.crop, or `crop`)."""
+    are decoded as the run's data was (its data.crop, or `crop`); `merge`: as evaluate's."""
     from composer.checkpoint import find_checkpoint, needs_classifier
     from composer.data import decode_files, image_files, normalize
     from composer.train import precision, resolve_device
@@ -211,17 +247,19 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     k = min(top, spec.model.num_classes)
     rows = []
-    for start in range(0, len(files), batch_size):   # decoded a batch at a time: any number of images
-        decoded = decode_files(files[start:start + batch_size], spec.model, crop if crop is not None else spec.data.crop)
-        x = normalize(decoded.to(dev), mean, std)
-        with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            probs = classify(model, x, flip).softmax(-1)
-        best = probs.topk(k, dim=-1)
-        for i, (p, c) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
-            rows.append({"image": files[start + i],
-                         "top": [{"class": classes[j], "probability": q} for q, j in zip(p, c)]})
+    with merged_tokens(model, merge) as merging:
+        for start in range(0, len(files), batch_size):   # decoded a batch at a time: any number of images
+            decoded = decode_files(files[start:start + batch_size], spec.model,
+                                   crop if crop is not None else spec.data.crop)
+            x = normalize(decoded.to(dev), mean, std)
+            with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                probs = classify(model, x, flip).softmax(-1)
+            best = probs.topk(k, dim=-1)
+            for i, (p, c) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+                rows.append({"image": files[start + i],
+                             "top": [{"class": classes[j], "probability": q} for q, j in zip(p, c)]})
     return {"spec": spec.name, "checkpoint": str(find_checkpoint(target)), "epoch": state.get("epoch"),
-            "predictions": rows}
+            "predictions": rows, **({"merge": merging} if merging else {})}
 
 
 def write_predictions_csv(result: dict, path: str) -> None:
@@ -240,6 +278,8 @@ def write_predictions_csv(result: dict, path: str) -> None:
 
 def render_predictions(result: dict) -> str:
     lines = [f"{result['spec']} (epoch {result['epoch']}), {len(result['predictions'])} images:"]
+    if result.get("merge"):
+        lines.append(f"  {merge_note(result['merge'])}")
     for row in result["predictions"]:
         guesses = "  ".join(f"{g['class']} {g['probability']:.3f}" for g in row["top"])
         lines.append(f"  {row['image']}: {guesses}")

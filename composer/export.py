@@ -41,8 +41,11 @@ class Classifier(torch.nn.Module):
         return self.model(images.float() * self.scale - self.shift)   # as composer.data.normalize
 
 
-def export(target: str, out: str | Path) -> dict:
-    """Export the run directory or checkpoint `target` to `out` (.pt2); returns its metadata."""
+def export(target: str, out: str | Path, merge: int | None = None) -> dict:
+    """Export the run directory or checkpoint `target` to `out` (.pt2 or .onnx); returns its
+    metadata. `merge`: with token merging, that many tokens a merging block (composer.merging)."""
+    from composer.evaluate import merged_tokens
+
     from composer.checkpoint import find_checkpoint, load_run, needs_classifier
 
     out = Path(out)
@@ -58,7 +61,7 @@ def export(target: str, out: str | Path) -> dict:
     m = spec.model
     example = torch.randint(0, 256, (2, m.in_channels, m.image_size, m.image_size), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.no_grad():
+    with torch.no_grad(), merged_tokens(model, merge) as merging:
         program = torch.export.export(classifier, (example,), dynamic_shapes=({0: batch},))
         if out.suffix == ".onnx":   # from the exported program, so both formats hold the same graph
             program = torch.onnx.export(program, input_names=["images"], output_names=["logits"],
@@ -69,6 +72,7 @@ def export(target: str, out: str | Path) -> dict:
         "input": {"dtype": "uint8", "shape": ["batch", m.in_channels, m.image_size, m.image_size]},
         "normalization": {"mean": mean, "std": std},
         "torch": torch.__version__,
+        **({"merge": merging} if merging else {}),
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

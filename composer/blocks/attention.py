@@ -25,6 +25,7 @@ class Attention(Block):
     """
 
     kind, layout, kernel_op = "attention", "tokens", "attention"
+    token_merging = None   # a composer.merging.TokenMerging while the model merges tokens (inference)
 
     def __init__(self, dim, heads, qkv_bias=True, attn_dropout=0.0, proj_dropout=0.0, drop_path=0.0,
                  norm_eps=1e-6, backend="auto", qk_norm=False, scale=None, rotary=None, windows=None, relative=None):
@@ -96,11 +97,19 @@ class Attention(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.packed_qkv(x)
-        if self.windows is None:
+        merging = self.token_merging
+        if merging is not None and merging.size is not None:   # tokens merged before: proportional attention
+            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads).unbind(0)
+            out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=merging.key_bias(q.dtype)),
+                            "b h n d -> b n (h d)")
+        elif self.windows is None:
             out = self.attend(qkv, self.relative.grid if self.relative is not None else (0, 0))
         else:
             out = in_windows(qkv, *self.windows, self.attend)
-        return x + self.drop_path(self.scale(self.proj_dropout(self.to_out(out))))
+        x = x + self.drop_path(self.scale(self.proj_dropout(self.to_out(out))))
+        if merging is not None:   # keys averaged over heads: what tokens are compared by
+            x = merging(x, qkv.unflatten(-1, (3, self.heads, -1))[:, :, 1].mean(2))
+        return x
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax(Q K^T / sqrt(D)) of this layer for input x, recomputed exactly: (B, H, N, N); with

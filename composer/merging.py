@@ -1,0 +1,163 @@
+"""Token merging (ToMe: Bolya et al., 2023, "Token Merging: Your ViT But Faster"), for inference.
+
+In each merging attention block, after the attention and its residual, `r` pairs of similar patch
+tokens become one (so the channel MLP and every later block see r tokens fewer): the tokens are
+split into two alternating sets, each token of the first set finds its most similar token of the
+second (cosine similarity of the attention's keys, averaged over heads), and the r most similar
+pairs are merged into the average of their tokens, weighted by how many patches each already stands
+for. Later attention adds log(size) to every key's logit (proportional attention: a token that
+stands for s patches is attended as s copies of it would be), and mean pooling weighs each token by
+its size. Class, distillation and register tokens are never merged.
+
+Merging needs nothing to depend on where a token is on the grid after it, so it runs in the
+attention blocks of the model's last run of attention and channel-MLP blocks, and not in windowed
+attention or attention with rope or relative position bias (positions); earlier attention blocks
+(before a token-mixing MLP, a convolution, a downsample) keep all their tokens.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from composer.errors import UserError
+
+
+class TokenMerging:
+    """What the merging blocks and the head share during one forward pass: `r` (pairs merged in
+    each merging block), `prefix` (tokens before the patches, never merged), and `size`, how many
+    patches each token stands for ((B, N, 1), None until the first merge)."""
+
+    def __init__(self, r: int, prefix: int):
+        self.r, self.prefix = r, prefix
+        self.size: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C) -> (B, N - r', C), r' = min(r, patches // 2); `keys` (B, N, D) the metric."""
+        p = self.prefix
+        r = min(self.r, (x.shape[1] - p) // 2)
+        if r <= 0:
+            return x
+        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        plan = match(keys[:, p:], r)
+        patches = merge(x[:, p:].float() * size[:, p:], plan)
+        sizes = merge(size[:, p:], plan)
+        self.size = torch.cat([size[:, :p], sizes], 1)
+        return torch.cat([x[:, :p], (patches / sizes).to(x.dtype)], 1)
+
+    def key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Proportional attention's (B, 1, 1, N) bias of every key's logits: log(size); None
+        before the first merge."""
+        return None if self.size is None else self.size.log().to(dtype)[:, None, None, :, 0]
+
+
+def match(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bipartite soft matching of tokens (B, T, D): tokens 0, 2, 4, ... (set A) each pick their most
+    similar token of 1, 3, 5, ... (set B) by cosine similarity; the r best-matched A tokens merge
+    into their B token. Returns (A tokens kept, in their order; A tokens merged; the B token each
+    merges into), each (B, index) into its set."""
+    metric = F.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    best, partner = (a @ b.transpose(1, 2)).max(-1)
+    order = best.argsort(-1, descending=True)
+    merged = order[:, :r]
+    return order[:, r:].sort(-1).values, merged, partner.gather(1, merged)
+
+
+def merge(t: torch.Tensor, plan) -> torch.Tensor:
+    """(B, T, C) -> (B, T - r, C) by `match`'s plan: the kept A tokens, then the B tokens with the
+    merged A tokens added to theirs (sums: divide by the merged sizes for means)."""
+    kept, merged, into = plan
+    a, b = t[:, ::2], t[:, 1::2]
+    along = lambda index: index[..., None].expand(-1, -1, t.shape[-1])
+    moved = a.gather(1, along(merged))
+    return torch.cat([a.gather(1, along(kept)), b.scatter_add(1, along(into), moved)], 1)
+
+
+def merging_blocks(model) -> list:
+    """The layers (composer.build.Layer) of `model` whose attention merges tokens: the attention
+    blocks of its last run of attention and channel-MLP blocks before the head (see the module's
+    docstring). Raises UserError naming what stops a model that has none."""
+    from composer.blocks.attention import Attention
+
+    found, stop = [], None
+    for layer in reversed(model.layers[:-1]):   # from the block before the head back
+        module = layer.module
+        if layer.kind == "channel_mlp":
+            continue
+        if isinstance(module, Attention) and not (module.windows or module.rotary or module.relative is not None):
+            found.append(layer)
+            continue
+        stop = layer
+        break
+    if found:
+        return found[::-1]
+    if stop is not None and isinstance(stop.module, Attention):
+        what = ("windowed attention (Swin)" if stop.module.windows else
+                "rope" if stop.module.rotary else "relative position bias")
+        raise UserError(f"token merging cannot run in {stop.name}: {what} needs each token's place on the grid, "
+                        "which merging loses")
+    where = ("it has no attention blocks" if not any(isinstance(layer.module, Attention) for layer in model.layers)
+             else f"{stop.name} comes after its last attention block")
+    raise UserError(f"token merging runs in the attention blocks at the end of a model (a ViT, or the attention half "
+                    f"of a hybrid); in this model {where}")
+
+
+@contextmanager
+def merging(model, r: int):
+    """Within it, `model` (a ComposedModel) merges `r` tokens in each of `merging_blocks(model)`;
+    yields those layers. Everything is as it was afterwards."""
+    if r < 0:
+        raise UserError(f"--merge {r}: the tokens merged in each block cannot be negative")
+    layers = merging_blocks(model)
+    ctx = layers[0].ctx
+    state = TokenMerging(r, ctx.tokens - ctx.grid[0] * ctx.grid[1])
+    head = model.stages[-1]
+    parts = [layer.module for layer in layers] + [head, model]
+    for part in parts:
+        part.token_merging = state
+    try:
+        yield layers
+    finally:
+        for part in parts:
+            part.token_merging = None
+
+
+def tokens_after(model, r: int) -> list[tuple[str, int, int]]:
+    """(layer name, tokens in, tokens out) of each merging block with `r` (no forward pass)."""
+    layers = merging_blocks(model)
+    ctx = layers[0].ctx
+    prefix, patches = ctx.tokens - ctx.grid[0] * ctx.grid[1], ctx.grid[0] * ctx.grid[1]
+    out = []
+    for layer in layers:
+        merged = min(r, patches // 2)
+        out.append((layer.name, prefix + patches, prefix + patches - merged))
+        patches -= merged
+    return out
+
+
+def flops_with(model, r: int) -> int:
+    """FLOPs an image forward while merging `r` tokens a merging block (the model's own
+    `layers` costs, each block after the first merge at the tokens it then sees), the matching's
+    similarities included (a multiply-add: 2 FLOPs, as everywhere)."""
+    from dataclasses import replace
+
+    from composer.blocks import Block
+
+    layers = merging_blocks(model)
+    after = {layer.name: out for layer, (_, _, out) in zip(layers, tokens_after(model, r))}
+    ctx = layers[0].ctx
+    prefix = ctx.tokens - ctx.grid[0] * ctx.grid[1]
+    total, tokens = 0, None
+    for layer in model.layers:
+        if tokens is not None and isinstance(layer.module, Block):
+            total += layer.module.cost(replace(layer.ctx, tokens=tokens)).flops
+        else:
+            total += layer.cost.flops
+        if layer.name in after:
+            patches = (tokens or ctx.tokens) - prefix
+            if after[layer.name] < prefix + patches:   # matched (a block that merges nothing skips it)
+                total += 2 * (patches - patches // 2) * (patches // 2) * (ctx.dim // layer.module.heads)
+            tokens = after[layer.name]
+    return total
