@@ -75,9 +75,12 @@ def schema(output):
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="Batch for shapes/memory.")
 @click.option("--kernels", "backend", type=click.Choice(["auto", "triton", "reference"]), default=None,
               help="Kernel backend to report (default: the spec's train.kernels).")
+@click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
+              help="Shapes and FLOPs at inference with token merging (R pairs merged in each attention block at the "
+                   "end of the model; as evaluate --merge).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @set_option
-def summarize(spec_paths, batch_size, backend, as_json, overrides):
+def summarize(spec_paths, batch_size, backend, merge, as_json, overrides):
     """Per-block shapes, parameters, FLOPs, activation memory and kernel path; with several
     specs, one row each, side by side."""
     from composer.spec import SpecError, load_spec
@@ -91,7 +94,7 @@ def summarize(spec_paths, batch_size, backend, as_json, overrides):
             problems += exc.problems
     if problems:
         raise SpecError(problems)
-    results = [run(spec, batch_size=batch_size, backend=backend) for spec in specs]
+    results = [run(spec, batch_size=batch_size, backend=backend, merge=merge) for spec in specs]
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:

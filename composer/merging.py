@@ -138,9 +138,15 @@ def tokens_after(model, r: int) -> list[tuple[str, int, int]]:
 
 
 def flops_with(model, r: int) -> int:
-    """FLOPs an image forward while merging `r` tokens a merging block (the model's own
-    `layers` costs, each block after the first merge at the tokens it then sees), the matching's
-    similarities included (a multiply-add: 2 FLOPs, as everywhere)."""
+    """FLOPs an image forward while merging `r` tokens a merging block: the sum of `layer_costs`."""
+    return sum(flops for _, _, flops in layer_costs(model, r))
+
+
+def layer_costs(model, r: int) -> list[tuple[int | None, int | None, int]]:
+    """(tokens in, tokens out, FLOPs an image) of each of the model's `layers` while merging `r`
+    tokens a merging block (tokens None: as the layer was built, before any merge): the layers'
+    own costs, each block after the first merge at the tokens it then sees, a merging block's
+    matching (its similarities: a multiply-add is 2 FLOPs, as everywhere) in its own."""
     from dataclasses import replace
 
     from composer.blocks import Block
@@ -149,15 +155,17 @@ def flops_with(model, r: int) -> int:
     after = {layer.name: out for layer, (_, _, out) in zip(layers, tokens_after(model, r))}
     ctx = layers[0].ctx
     prefix = ctx.tokens - ctx.grid[0] * ctx.grid[1]
-    total, tokens = 0, None
+    rows, tokens = [], None
     for layer in model.layers:
-        if tokens is not None and isinstance(layer.module, Block):
-            total += layer.module.cost(replace(layer.ctx, tokens=tokens)).flops
+        seen = tokens
+        if seen is not None and isinstance(layer.module, Block):
+            flops = layer.module.cost(replace(layer.ctx, tokens=seen)).flops
         else:
-            total += layer.cost.flops
+            flops = layer.cost.flops
         if layer.name in after:
-            patches = (tokens or ctx.tokens) - prefix
+            patches = (seen or ctx.tokens) - prefix
             if after[layer.name] < prefix + patches:   # matched (a block that merges nothing skips it)
-                total += 2 * (patches - patches // 2) * (patches // 2) * (ctx.dim // layer.module.heads)
+                flops += 2 * (patches - patches // 2) * (patches // 2) * (ctx.dim // layer.module.heads)
             tokens = after[layer.name]
-    return total
+        rows.append((seen, tokens, flops))
+    return rows

@@ -56,7 +56,9 @@ def norm_path(layer, backend: str, device: str, dtype: torch.dtype, compiled: bo
 
 
 def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
-              model: ComposedModel | None = None) -> dict:
+              model: ComposedModel | None = None, merge: int | None = None) -> dict:
+    """The summary of the spec's model (the rows and totals `render` shows); `merge`: at inference
+    with token merging (composer.merging), each layer's tokens and FLOPs as they then are."""
     requested = backend or spec.train.kernels
     backend = model_backend(requested, spec.train.compile)
     device, dtype = training_device_and_dtype(spec)
@@ -70,6 +72,11 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
     act_bytes = torch.finfo(dtype).bits // 8
     frozen = frozen_stages(model, spec.train.freeze)   # they keep no activations: ComposedModel.freeze
     channels_last = training_memory_format(spec, torch.device(device)) == torch.channels_last
+    merged = None
+    if merge:
+        from composer.merging import layer_costs
+
+        merged = layer_costs(model, merge)
     rows = []
     for i, layer in enumerate(model.layers):
         block_backend = getattr(layer.module, "backend", backend)
@@ -92,6 +99,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
             "output": [batch_size, *layer.out_shape],
             "params": count_params(layer.module),
             "flops_per_image": layer.cost.flops,
+            **(_merged_row(layer, merged[i], batch_size) if merged else {}),
             "activation_bytes": 0 if i < frozen else kept_activations(layer, spec.train.recompute) * act_bytes
             * batch_size,
             "frozen": i < frozen,
@@ -114,8 +122,20 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
         "pos_embed": spec.model.pos_embed,
         "trainable_params": sum(r["params"] for r in rows if not r["frozen"]),
         "flop_convention": FLOP_CONVENTION,
+        **({"merge": merge} if merged else {}),
         "rows": rows,
     }
+
+
+def _merged_row(layer, merged: tuple, batch_size: int) -> dict:
+    """A row's input, output and FLOPs with token merging (composer.merging.layer_costs)."""
+    tokens_in, tokens_out, flops = merged
+    row = {"flops_per_image": flops}
+    if tokens_in is not None:
+        row["input"] = [batch_size, tokens_in, *layer.in_shape[1:]]
+    if tokens_out is not None and not layer.kind.startswith("head"):   # the head outputs logits
+        row["output"] = [batch_size, tokens_out, *layer.out_shape[1:]]
+    return row
 
 
 def _window(module) -> dict | None:
@@ -170,6 +190,9 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
     if summary["pos_embed"] == "relative":
         notes.append("Positions: a learned relative position bias in every attention block (Swin's); those blocks "
                      "run PyTorch's attention, as the fused kernel takes no bias.")
+    if summary.get("merge"):
+        notes.append(f"Token merging (--merge {summary['merge']}): shapes and FLOPs of inference with {summary['merge']} "
+                     "token pairs merged in each attention block at the end of the model (composer evaluate --merge).")
     if summary["drop_path"]:
         notes.append(f"Stochastic depth (model.drop_path): 0 at the first block, rising linearly to "
                      f"{summary['drop_path']:.3g} at the last (each layer's rate: --json).")

@@ -5,6 +5,8 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 
@@ -56,3 +58,15 @@ def record_launches(monkeypatch, *modules) -> list:
             return Launch()
         monkeypatch.setattr(module, "wrap_triton", recording)
     return launches
+
+
+def count_cpu_attention_flops() -> None:
+    """Teach torch's flop counter the CPU attention op the reference path runs: it knows the CUDA
+    SDPA variants only (same formula)."""
+    from torch.utils import flop_counter
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_sdpa not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(cpu_sdpa)
+        def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query, key, value)

@@ -2,14 +2,13 @@
 import einops
 import pytest
 import torch
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer.blocks import REGISTRY, set_backend
 from composer.build import build_model, count_params
 from composer.spec import load_spec, load_spec_text
 from composer.summarize import summarize
-from tests.helpers import SPECS
+from tests.helpers import SPECS, count_cpu_attention_flops
 
 # Parameter counts of the published reference implementations (timm, pretrained=False).
 PUBLISHED = {
@@ -28,13 +27,7 @@ PUBLISHED = {
     "deit_s16_distilled": 22_436_432,
 }
 ALL_SPECS = sorted(p for p in SPECS.glob("*.yaml"))
-CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-# flop_counter knows the CUDA SDPA variants but not the CPU one the reference path runs; same formula.
-if CPU_SDPA not in flop_counter.flop_registry:
-    @flop_counter.register_flop_formula(CPU_SDPA)
-    def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_flop_count(query, key, value)
+count_cpu_attention_flops()
 
 
 @pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: p.stem)

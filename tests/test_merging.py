@@ -10,7 +10,7 @@ from composer.build import AttentionPool, Head, build_model
 from composer.errors import UserError
 from composer.merging import TokenMerging, flops_with, match, merge, merging, merging_blocks, tokens_after
 from composer.spec import load_spec_text
-from tests.helpers import assert_user_error, run_cli
+from tests.helpers import SPECS, assert_user_error, count_cpu_attention_flops, run_cli
 
 
 def spec_text(blocks: str, head: str = "{pool: cls}", extra: str = "", pos: str = "learned") -> str:
@@ -209,15 +209,34 @@ def test_export_builds_token_merging_into_the_program(tmp_path):
                                          ("[{kind: mixer, token_hidden: 8}, {kind: vit, heads: 2, repeat: 2}]",
                                           "{pool: mean}")])
 def test_flops_while_merging_as_flop_counter_counts_them(blocks, head):
-    """flops_with: torch's flop counter over a merging forward pass (every projection, MLP and the
-    matching's similarities at the tokens they really see), plus the attention's own products,
-    which it does not count on the CPU path (2 x 2 N^2 C a block, N its input tokens)."""
+    """flops_with: torch's flop counter over a merging forward pass (every projection, attention, MLP
+    and the matching's similarities at the tokens they really see)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    count_cpu_attention_flops()
     model = build_model(spec_of(blocks, head)).eval()
     for r in (0, 3):
         with torch.no_grad(), merging(model, r), FlopCounterMode(display=False) as counter:
             model(torch.randn(1, 3, 8, 8))
-        attention = sum(4 * n * n * 16 for _, n, _ in tokens_after(model, r))
-        assert flops_with(model, r) == counter.get_total_flops() + attention
+        assert flops_with(model, r) == counter.get_total_flops(), r
     assert flops_with(model, 0) == sum(layer.cost.flops for layer in model.layers)   # no merge: the summary's
+
+
+def test_summarize_shows_tokens_and_flops_while_merging(tmp_path):
+    from composer.summarize import summarize
+
+    spec = spec_of("[{kind: mixer, token_hidden: 8}, {kind: vit, heads: 2, repeat: 2}]", "{pool: mean}")
+    model = build_model(spec)
+    plain, merged = summarize(spec), summarize(spec, merge=3)
+    assert merged["flops"] == flops_with(model, 3) < plain["flops"] and merged["merge"] == 3
+    shapes = [(r["name"], r["input"][1], r["output"][1]) for r in merged["rows"][-5:]]
+    assert shapes == [("blocks[1].attention #1", 16, 13), ("blocks[1].channel_mlp #1", 13, 13),
+                      ("blocks[1].attention #2", 13, 10), ("blocks[1].channel_mlp #2", 10, 10), ("head", 10, 4)]
+    assert [r["input"] for r in merged["rows"][:-5]] == [r["input"] for r in plain["rows"][:-5]]
+    (tmp_path / "m.yaml").write_text(spec_text("[{kind: vit, heads: 2, repeat: 2}]"))
+    shown = run_cli("summarize", tmp_path / "m.yaml", "--merge", 3)
+    assert shown.returncode == 0 and "(1, 14, 16) -> (1, 11, 16)" in shown.stdout and "--merge 3" in shown.stdout
+    assert_user_error(run_cli("summarize", SPECS / "swin_t.yaml", "--merge", 3), "windowed attention")
+
+
+
