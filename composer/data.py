@@ -49,12 +49,39 @@ SYNTHETIC_TRAIN_SEED, SYNTHETIC_TEST_SEED = 0, 1
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,)
+    images: torch.Tensor  # uint8 (M, C, H, W): the set's images, or with `rows` a larger set holding them
+    labels: torch.Tensor  # int64 (N,), one a image of the set
     classes: list[str]    # class names, index = label
+    # Whether `images` is a folder decoded to a file on disk, mapped into memory (its pages read as
+    # they are used: see _load_folder), and whether the set's images are images[rows] (a copy of
+    # them would not fit in memory either; None: images is the set).
+    on_disk: bool = False
+    rows: torch.Tensor | None = None
 
     def to(self, device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+        """The set on `device`, its images one tensor there (gathered a chunk at a time from `rows`)."""
+        if torch.device(device) == self.images.device:   # (a file on disk stays mapped)
+            return ImageSet(self.images, self.labels.to(device), self.classes, self.on_disk, self.rows)
+        if self.rows is None:
+            return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+        out = torch.empty((len(self), *self.images.shape[1:]), dtype=torch.uint8, device=device)
+        for start, chunk in self.chunks():
+            out[start:start + len(chunk)] = chunk.to(device)
+        return ImageSet(out, self.labels.to(device), self.classes)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 (len(index), C, H, W): the set's images at positions `index`."""
+        return self.images[index if self.rows is None else self.rows[index]]
+
+    def chunks(self, size: int = 4096):
+        """(first position, uint8 images) of the set, in order, `size` at a time: bounded memory."""
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            yield start, (self.images[start:stop] if self.rows is None else self.images[self.rows[start:stop]])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.images[0].nbytes if len(self) else 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,6 +128,10 @@ def load_split(data: DataSpec, model: ModelSpec, split: str, data_root: str | No
     keep = torch.zeros(len(full), dtype=torch.bool)
     keep[val_index] = True
     index = torch.nonzero(keep if split == "val" else ~keep).flatten()
+    if full.on_disk and split == "train":   # a copy of most of it would not fit in memory either
+        return ImageSet(full.images, full.labels[index], full.classes, on_disk=True, rows=index)
+    if full.on_disk:   # the held-out images, copied into memory
+        _check_held_out_fits(len(index), model, Path(_expand(root)))
     return ImageSet(full.images[index], full.labels[index], full.classes)
 
 
@@ -254,23 +285,42 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         source += ["labels", table.text]
     key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION] + ([f"crop {crop}"] if crop else []))
     cached = cache / "images" / f"{_slug(path)}-{key}.pt"
+    mapped = cached.with_suffix(".npy")   # the images of a set too large for memory, beside its .pt (labels)
     if cached.exists():
         try:
-            return ImageSet(**torch.load(cached, weights_only=True))
+            saved = torch.load(cached, weights_only=True)
+            if "shape" in saved:   # decoded to disk: mapped, not read
+                return ImageSet(_map(mapped, saved.pop("shape")), **saved, on_disk=True)
+            return ImageSet(**saved)
         except Exception:  # a damaged entry (e.g. a full disk at write time) is rebuilt below
             pass
     if files is None:  # an archive: extract once, then treat it as a folder
         files, classes = _scan_any(_extract(path, cache), table, f"archive {path}", extracted=True)
-    _check_memory_for(len(files), model, path)
+    labels_of = torch.tensor([label for _, label in files], dtype=torch.int64)
+    report = _DecodeReport(echo, path, cache) if echo else None
+    shape = (len(files), model.in_channels, model.image_size, model.image_size)
     try:
-        decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size,
-                                 _DecodeReport(echo, path, cache) if echo else None, crop)
+        if _fits_in_memory(len(files), model):
+            decoded = _decode_images([f for f, _ in files], model.in_channels, model.image_size, report, crop)
+            found = ImageSet(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(), labels_of, classes)
+            _save_atomic({"images": found.images, "labels": found.labels, "classes": found.classes}, cached)
+            return found
+        # Too large to hold: decoded straight into a file that training then maps into memory
+        # (the operating system reads its pages as batches use them, and keeps what fits cached).
+        _check_disk_for(shape, mapped, path)
+        partial = mapped.with_suffix(f".npy.partial-{os.getpid()}")   # each process its own (torchrun ranks)
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        _decode_images([f for f, _ in files], model.in_channels, model.image_size, report, crop, out=out)
+        out.flush()
+        del out
+        os.replace(partial, mapped)
     except _BadImage as e:
         raise UserError(f"cannot read image {e.args[0]} ({e.args[1]}); remove or replace it") from None
-    found = ImageSet(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(),
-                     torch.tensor([label for _, label in files], dtype=torch.int64), classes)
-    _save_atomic({"images": found.images, "labels": found.labels, "classes": found.classes}, cached)
-    return found
+    _save_atomic({"labels": labels_of, "classes": classes, "shape": list(shape)}, cached)
+    if echo:
+        echo(f"{path}: {shape[0]:,} images decoded to {mapped} ({np.prod(shape) / 2**30:.1f} GiB, more than half "
+             "of this machine's available memory): training reads them from there")
+    return ImageSet(_map(mapped, list(shape)), labels_of, classes, on_disk=True)
 
 
 def scan_folder(root: str, cache_dir: str | None = None, labels: str | None = None
@@ -332,18 +382,48 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_memory_for(count: int, model: ModelSpec, path: Path) -> None:
-    """Refuse, before hours of decoding, a folder whose decoded images cannot be held: they are one
-    uint8 tensor at the model's image size, and decoding holds them twice (the decoded array and
-    the tensor in training layout)."""
+def _fits_in_memory(count: int, model: ModelSpec) -> bool:
+    """Whether `count` images decoded at the model's size can be held in memory: decoding holds them
+    twice (the decoded array and the tensor in training layout). Otherwise _load_folder decodes
+    them to a file on disk."""
+    available = available_memory()
+    return available is None or 2 * count * model.in_channels * model.image_size ** 2 <= available
+
+
+def _check_held_out_fits(count: int, model: ModelSpec, path: Path) -> None:
+    """Refuse, before copying them, held-out images (data.val_split) of a folder decoded to disk
+    that cannot be held in memory."""
     need = count * model.in_channels * model.image_size ** 2
     available = available_memory()
-    if available is not None and 2 * need > available:
-        raise SpecFieldError("model.image_size", f"{path} holds {count:,} images: decoded at {model.image_size}x{model.image_size} they take "
-                        f"{need / 2**30:.1f} GiB, {2 * need / 2**30:.1f} GiB while decoding, and this machine has "
-                        f"{available / 2**30:.1f} GiB of memory available. The images are held in memory as one "
-                        "tensor: train at a smaller model.image_size (model.resize still feeds the network "
-                        "larger images), on a subset of the folder, or on a machine with more memory")
+    if available is not None and need > available:
+        raise SpecFieldError("data.val_split", f"the {count:,} images data.val_split holds out of {path} take "
+                             f"{need / 2**30:.1f} GiB decoded, and this machine has {available / 2**30:.1f} GiB of "
+                             "memory available; hold out fewer (a smaller data.val_split) or give a validation "
+                             "folder (data.val_root)")
+
+
+def _check_disk_for(shape: tuple, mapped: Path, path: Path) -> None:
+    """Refuse, before hours of decoding, a folder whose decoded images the cache's disk cannot hold."""
+    import shutil
+
+    need = int(np.prod(shape))
+    mapped.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(mapped.parent).free
+    if need > free:
+        raise UserError(f"{path} holds {shape[0]:,} images: decoded at {shape[2]}x{shape[3]} they take "
+                        f"{need / 2**30:.1f} GiB, more than half of this machine's memory, so they go to a file in "
+                        f"the cache ({mapped.parent}), whose disk has {free / 2**30:.1f} GiB free; point "
+                        "data.cache_dir (or COMPOSER_CACHE) at a disk with room, or train at a smaller "
+                        "model.image_size (model.resize still feeds the network larger images)")
+
+
+def _map(path: Path, shape: list) -> torch.Tensor:
+    """The uint8 images of a file written by _load_folder, mapped into memory: nothing is read until
+    it is used, and writes stay private (copy on write)."""
+    array = np.load(path, mmap_mode="c")
+    if list(array.shape) != list(shape):
+        raise ValueError(f"{path} holds {array.shape}, not {shape}")
+    return torch.from_numpy(array)
 
 
 def _scan_any(folder: Path, table: _Labels | None, shown: str, extracted: bool = False
@@ -543,10 +623,12 @@ class _DecodeReport:
                       if done < total else f"decoded {total:,} images in {now - self.started:.0f}s")
 
 
-def _decode_images(paths: list[str], channels: int, size: int, report=None, crop: float | None = None) -> np.ndarray:
+def _decode_images(paths: list[str], channels: int, size: int, report=None, crop: float | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """Decodes and resizes images into one uint8 (N, size, size, C) array, in parallel when there are
     many; `report(done, total)` hears of each chunk done (and of the start, with 0); `crop`: the
-    centre crop of data.crop."""
+    centre crop of data.crop. With `out` (N, C, size, size), e.g. a file mapped into memory, each
+    chunk is written there in training layout as it comes instead (memory: a few chunks)."""
     jobs = [(paths[i:i + DECODE_CHUNK], channels, size, crop) for i in range(0, len(paths), DECODE_CHUNK)]
     report = report or (lambda done, total: None)
     report(0, len(paths))
@@ -562,14 +644,17 @@ def _decode_images(paths: list[str], channels: int, size: int, report=None, crop
     with pool:
         # in order, each chunk as it is done
         chunks = pool.imap(_decode_chunk, jobs) if parallel else map(_decode_chunk, jobs)
-        parts = []
+        parts, done = [], 0
         for part in chunks:
-            parts.append(part)
-            report(min(len(parts) * DECODE_CHUNK, len(paths)), len(paths))
-    for part in parts:
-        if isinstance(part, tuple):
-            raise _BadImage(*part)
-    return np.concatenate(parts)
+            if isinstance(part, tuple):
+                raise _BadImage(*part)
+            if out is not None:
+                out[done:done + len(part)] = part.transpose(0, 3, 1, 2)
+            else:
+                parts.append(part)
+            done += len(part)
+            report(done, len(paths))
+    return out if out is not None else np.concatenate(parts)
 
 
 def _decode_chunk(job: tuple[list[str], int, int, float | None]) -> np.ndarray | tuple[str, str]:
@@ -649,16 +734,18 @@ def _save_atomic(obj, path: Path) -> None:
 
 # -- normalization -----------------------------------------------------------------
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 (N, C, H, W) images, in [0, 1] units."""
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.int64, device=images.device)
-    squares = torch.zeros(c, dtype=torch.int64, device=images.device)
-    for chunk in images.split(4096):  # integer sums: exact, and no float copy of the whole set
+def channel_stats(images: torch.Tensor | ImageSet) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images (or an ImageSet's), in [0, 1] units."""
+    chunks = ((chunk for _, chunk in images.chunks()) if isinstance(images, ImageSet) else images.split(4096))
+    c = images.images.shape[1] if isinstance(images, ImageSet) else images.shape[1]
+    total = torch.zeros(c, dtype=torch.int64)
+    squares = torch.zeros(c, dtype=torch.int64)
+    count = 0
+    for chunk in chunks:  # integer sums: exact, and no float copy of the whole set
         x = chunk.to(torch.int64)
-        total += x.sum((0, 2, 3))
-        squares += (x * x).sum((0, 2, 3))
-    count = images.numel() // c
+        total += x.sum((0, 2, 3)).cpu()
+        squares += (x * x).sum((0, 2, 3)).cpu()
+        count += x.numel() // c
     mean = total.double() / count
     std = (squares.double() / count - mean**2).clamp_min(0).sqrt()
     std = torch.where(std > 0, std, 255.0)  # a constant channel: std 1 rather than a division by zero

@@ -52,12 +52,10 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
     device = resolve_device(t.device)
     seed_everything(t.seed, t.deterministic)
     train_set = load_split(spec.data, spec.model, "train", echo=echo)
-    mean, std = channel_stats(train_set.images)
-    images = train_set.images
-    if not keep_data_on_host(images.nbytes, device):
-        images = images.to(device)
+    mean, std = channel_stats(train_set)
+    images = train_set if keep_data_on_host(train_set.nbytes, device) else train_set.to(device)
     labels = train_set.labels.to(device)
-    n = images.shape[0]
+    n = len(images)
     class_weights, _ = class_balance(train_set.labels, list(train_set.classes or range(spec.model.num_classes)),
                                      t.class_weights)
     class_weights = class_weights.to(device) if class_weights is not None else None
@@ -110,7 +108,7 @@ def _range_test(spec, start: float, end: float, steps: int, out: str | None, ech
             order = epoch_order(n, t.seed * 100_003 + epoch, spec.data.augment.repeats)
         idx = order[position:position + t.batch_size]
         position += t.batch_size
-        batch = images[idx].to(device, non_blocking=True)
+        batch = images.take(idx).to(device, non_blocking=True)
         x, targets = training_batch(batch, labels[idx.to(labels.device)], spec.data.augment, spec.model.num_classes,
                                     mean, std, generator, t.label_smoothing)
         if memory_format is not None:

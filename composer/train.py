@@ -488,26 +488,28 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     if state is not None:
         mean, std = state["normalization"]["mean"], state["normalization"]["std"]
     else:
-        mean, std = channel_stats(train_set.images)
-    data_bytes = train_set.images.nbytes + (val_set.images.nbytes if val_set is not None else 0)
+        mean, std = channel_stats(train_set)
+    data_bytes = train_set.nbytes + (val_set.nbytes if val_set is not None else 0)
     on_host = keep_data_on_host(data_bytes, device)
     # On the host, the loop gathers each batch there and copies it over, from pinned memory so
     # that the copy does not hold the host up (a pinned copy of the whole set would need twice
     # its memory at once). Labels and the shuffled order are small: they go to the device.
     pinned = (lambda images: images.pin_memory()) if device.type == "cuda" else (lambda images: images)
-    train_images = train_set.images if on_host else train_set.images.to(device)
+    train_images = train_set if on_host else train_set.to(device)   # batches: train_images.take(positions)
     train_labels = train_set.labels.to(device)
     if val_set is not None and not on_host:
         val_set = val_set.to(device)
-    n = train_images.shape[0]
+    n = len(train_images)
     steps_per_epoch = min(n // t.batch_size, t.max_steps_per_epoch or n)
     if steps_per_epoch == 0:
         raise SpecFieldError("train.batch_size", f"train.batch_size {t.batch_size} is larger than the {n} training "
                                                  "images; lower it")
     where = (f"in host memory ({data_bytes / 2**30:.1f} GiB: more than the GPU's free memory leaves the model; "
              "each batch is copied over)" if on_host else f"on {device}")
+    if train_images.on_disk:
+        where = f"in a file on disk, {data_bytes / 2**30:.1f} GiB read as batches use them"
     log(f"data: {n} train / {0 if val_set is None else len(val_set.labels)} val images of "
-        f"{tuple(train_images.shape[1:])} {where} ({time.perf_counter() - started:.1f}s)")
+        f"{tuple(train_images.images.shape[1:])} {where} ({time.perf_counter() - started:.1f}s)")
     if spec.data.augment.repeats > 1:
         r = spec.data.augment.repeats
         log(f"repeated augmentation: each image drawn {r} times in its batch, augmented apart; "
@@ -790,10 +792,10 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
                     tic, timed_from = time.perf_counter(), step
                 idx = order[step * t.batch_size:(step + 1) * t.batch_size]
                 if on_host:
-                    batch = train_images[host_order[step * t.batch_size:(step + 1) * t.batch_size]]
+                    batch = train_images.take(host_order[step * t.batch_size:(step + 1) * t.batch_size])
                     batch = pinned(batch).to(device, non_blocking=True)
                 else:
-                    batch = train_images[idx]
+                    batch = train_images.take(idx)
                 # Every rank augments the whole global batch (cheap, on device) and keeps its shard, so the
                 # random numbers match any number of processes; so does the gradient, for models without
                 # BatchNorm (statistics are per process) or dropout/drop-path (drawn per process).

@@ -409,19 +409,92 @@ def test_a_validation_folder_of_its_own(tmp_path):
         load_split(spec, model_spec(), "val")
 
 
-def test_a_folder_too_large_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+def test_a_folder_too_large_for_memory_is_decoded_to_disk_and_read_from_there(tmp_path, monkeypatch):
+    """A folder whose decoded images would take more than half the available memory is decoded a
+    chunk at a time into a file in the cache and mapped into memory, not read: the same images,
+    labels and split as the in-memory path, the training split as rows of the file (no copy), the
+    held-out images copied; later loads map the file without decoding."""
     folder = make_folder(tmp_path)
+    plain = {split: load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "ram")), model_spec(), split)
+             for split in ("train", "val")}
     # 12 images of 3x8x8 bytes: 2,304 decoded, twice that while decoding
     monkeypatch.setattr(data_mod, "available_memory", lambda: 4000)
-    monkeypatch.setattr(data_mod, "_decode_images", lambda *a: pytest.fail("decoded anyway"))
-    with pytest.raises(UserError, match=r"holds 12 images: decoded at 8x8 they take 0.0 GiB, 0.0 GiB while "
-                                        r"decoding, .* train at a smaller model.image_size"):
-        load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "c")), model_spec(), "train")
-    monkeypatch.setattr(data_mod, "available_memory", lambda: 4608)   # exactly enough
-    monkeypatch.setattr(data_mod, "_decode_images", lambda *a: np.zeros((12, 8, 8, 3), np.uint8))
-    # the 12 images decoded (11 train: data.val_split holds one out)
-    assert len(load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "c")), model_spec(), "train")) == 11
+    spec = data_spec("folder", folder, cache_dir=str(tmp_path / "disk"))
+    said = []
+    train = load_split(spec, model_spec(), "train", echo=said.append)
+    assert train.on_disk and train.rows is not None and train.images.shape == (12, 3, 8, 8)
+    assert any("12 images decoded to" in line and "training reads them from there" in line for line in said), said
+    files = sorted(p.name for p in (tmp_path / "disk" / "images").iterdir())
+    assert [name.rsplit(".", 1)[1] for name in files] == ["npy", "pt"], files
+    val = load_split(spec, model_spec(), "val")
+    for split, got in (("train", train), ("val", val)):
+        want = plain[split]
+        assert torch.equal(got.take(torch.arange(len(got))), want.images), split
+        assert torch.equal(got.labels, want.labels) and got.classes == want.classes and got.nbytes == want.images.nbytes
+        assert torch.equal(torch.cat([chunk for _, chunk in got.chunks(5)]), want.images)
+        assert channel_stats(got) == channel_stats(want.images)
+        backwards = torch.arange(len(got)).flip(0)
+        assert torch.equal(got.to("cpu").take(backwards), want.images[backwards])
+    assert val.rows is None and not val.on_disk   # held out: copied into memory
+    monkeypatch.setattr(data_mod, "_decode_images", lambda *a, **k: pytest.fail("decoded again"))
+    again = load_split(spec, model_spec(), "train")
+    assert again.on_disk and torch.equal(again.take(torch.arange(len(again))), plain["train"].images)
     assert data_mod.available_memory() is None or data_mod.available_memory() > 0
+
+
+def test_training_on_a_folder_read_from_disk_is_training_on_it_in_memory(tmp_path, monkeypatch):
+    """The same run, image for image and step for step: batches gathered from the file's rows
+    instead of a tensor in memory (and lr-find reads them the same way)."""
+    from composer.api import lr_find, train
+    from composer.spec import load_spec_text
+
+    folder = make_folder(tmp_path)
+    text = f"""\
+model:
+  image_size: 8
+  num_classes: 3
+  stem: {{patch_size: 4, dim: 8}}
+  blocks: [{{kind: mixer, token_hidden: 8}}]
+data: {{kind: folder, root: {folder}, val_split: 0.25, augment: {{crop_padding: 1}}}}
+train: {{epochs: 2, batch_size: 3, device: cpu, deterministic: true}}
+"""
+
+    def run(name):
+        spec = load_spec_text(text, "f.yaml", [f"train.out_dir={tmp_path / name}", f"data.cache_dir={tmp_path / name}c"])
+        said = []
+        train(spec, echo=lambda line="", *a, **k: said.append(str(line)))
+        curve = lr_find(spec, steps=20, out=str(tmp_path / f"{name}-lr"), echo=lambda *a, **k: None)["rows"]
+        metrics = (tmp_path / name / "metrics.csv").read_text().splitlines()
+        return [row.split(",")[:6] for row in metrics], said, curve
+
+    in_memory, said_memory, curve_memory = run("ram")
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 4000)
+    on_disk, said_disk, curve_disk = run("disk")
+    assert len(in_memory) == 3 and on_disk == in_memory and curve_disk == curve_memory
+    assert any("in a file on disk" in line for line in said_disk), said_disk
+    assert not any("in a file on disk" in line for line in said_memory)
+
+
+def test_a_folder_for_disk_is_refused_when_the_disk_or_memory_cannot_hold_it(tmp_path, monkeypatch):
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    folder = make_folder(tmp_path)
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 4000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(data_mod, "_decode_images", lambda *a, **k: pytest.fail("decoded anyway"))
+    with pytest.raises(UserError, match=r"holds 12 images: decoded at 8x8 they take 0.0 GiB, more than half of this "
+                                        r"machine's memory, .* whose disk has 0.0 GiB free; point data.cache_dir"):
+        load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "c")), model_spec(), "train")
+    monkeypatch.undo()
+    # the held-out images are copied into memory: refused when they cannot be held there either
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 1000)
+    spec = data_spec("folder", folder, cache_dir=str(tmp_path / "c"), val_split=0.5)
+    assert load_split(spec, model_spec(), "train").on_disk
+    with pytest.raises(UserError, match=r"the 6 images data.val_split holds out of .* take 0.0 GiB decoded, .* hold "
+                                        r"out fewer .* or give a validation folder \(data.val_root\)"):
+        load_split(spec, model_spec(), "val")
 
 
 @pytest.mark.parametrize("make, message", [
