@@ -275,7 +275,7 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         stats = [os.stat(f) for f, _ in files]
         source = ["dir", path] + [f"{f}:{s.st_size}:{s.st_mtime_ns}" for (f, _), s in zip(files, stats)]
     elif path.name.lower().endswith(ARCHIVE_EXTENSIONS):
-        files, stat = None, path.stat()
+        files, classes, stat = None, None, path.stat()
         source = ["archive", path, stat.st_size, stat.st_mtime_ns]
     else:
         raise _field_error(field, f"{path} is neither a directory nor an archive ({', '.join(ARCHIVE_EXTENSIONS)}); "
@@ -285,15 +285,55 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         source += ["labels", table.text]
     key = _digest(source + [model.image_size, model.in_channels, CACHE_VERSION] + ([f"crop {crop}"] if crop else []))
     cached = cache / "images" / f"{_slug(path)}-{key}.pt"
-    mapped = cached.with_suffix(".npy")   # the images of a set too large for memory, beside its .pt (labels)
-    if cached.exists():
+    found = _cached_set(cached)
+    if found is not None:
+        return found
+    # One process decodes a folder; another one that wants it meanwhile (a torchrun rank, a second
+    # run) waits for its cache entry instead of decoding it too (for a folder decoded to disk: a
+    # second file as large)
+    with _locked(cached.with_suffix(".lock")):
+        found = _cached_set(cached)
+        if found is not None:
+            return found
+        return _decode_folder(path, files, classes, table, model, cache, cached, echo, crop)
+
+
+def _cached_set(cached: Path) -> ImageSet | None:
+    """The ImageSet a cache entry holds (a folder decoded to disk: its file mapped, not read), or
+    None when there is none or it is damaged (e.g. a full disk at write time: it is rebuilt)."""
+    if not cached.exists():
+        return None
+    try:
+        saved = torch.load(cached, weights_only=True)
+        if "shape" in saved:
+            return ImageSet(_map(cached.with_suffix(".npy"), saved.pop("shape")), **saved, on_disk=True)
+        return ImageSet(**saved)
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` (created) while inside, across processes; none where the
+    platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            saved = torch.load(cached, weights_only=True)
-            if "shape" in saved:   # decoded to disk: mapped, not read
-                return ImageSet(_map(mapped, saved.pop("shape")), **saved, on_disk=True)
-            return ImageSet(**saved)
-        except Exception:  # a damaged entry (e.g. a full disk at write time) is rebuilt below
-            pass
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decode_folder(path: Path, files, classes, table, model: ModelSpec, cache: Path, cached: Path, echo,
+                   crop: float | None) -> ImageSet:
+    """Decode a folder's (or archive's: `files` None) images and write its cache entry `cached`."""
+    mapped = cached.with_suffix(".npy")   # the images of a set too large for memory, beside its .pt (labels)
     if files is None:  # an archive: extract once, then treat it as a folder
         files, classes = _scan_any(_extract(path, cache), table, f"archive {path}", extracted=True)
     labels_of = torch.tensor([label for _, label in files], dtype=torch.int64)
@@ -308,7 +348,8 @@ def _load_folder(root: str | None, model: ModelSpec, cache: Path, field: str = "
         # Too large to hold: decoded straight into a file that training then maps into memory
         # (the operating system reads its pages as batches use them, and keeps what fits cached).
         _check_disk_for(shape, mapped, path)
-        partial = mapped.with_suffix(f".npy.partial-{os.getpid()}")   # each process its own (torchrun ranks)
+        # (under _locked: no other process writes it; one a killed process left is overwritten)
+        partial = mapped.with_suffix(".npy.partial")
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
         _decode_images([f for f, _ in files], model.in_channels, model.image_size, report, crop, out=out)
         out.flush()

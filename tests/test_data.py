@@ -425,7 +425,7 @@ def test_a_folder_too_large_for_memory_is_decoded_to_disk_and_read_from_there(tm
     assert train.on_disk and train.rows is not None and train.images.shape == (12, 3, 8, 8)
     assert any("12 images decoded to" in line and "training reads them from there" in line for line in said), said
     files = sorted(p.name for p in (tmp_path / "disk" / "images").iterdir())
-    assert [name.rsplit(".", 1)[1] for name in files] == ["npy", "pt"], files
+    assert [name.rsplit(".", 1)[1] for name in files] == ["lock", "npy", "pt"], files
     val = load_split(spec, model_spec(), "val")
     for split, got in (("train", train), ("val", val)):
         want = plain[split]
@@ -766,3 +766,28 @@ def test_centre_crop_decodes_as_timms_evaluation_transform(tmp_path):
                        "blocks: [{kind: mixer}]}\ndata: {kind: cifar10, root: x, crop: 0.9}", "c.yaml")
     assert "data.crop: crop is how image files are decoded; cifar10 images come decoded: remove it" in \
         str(caught.value)
+
+
+def test_a_folder_being_decoded_by_another_process_is_waited_for_not_decoded_again(tmp_path, monkeypatch):
+    """torchrun's ranks (or two runs) wanting one folder: the first decodes it under a lock on its
+    cache entry; the others wait, then read the entry it wrote."""
+    import threading
+
+    folder = make_folder(tmp_path)
+    spec = data_spec("folder", folder, cache_dir=str(tmp_path / "c"))
+    calls = []
+    real = data_mod._decode_images
+    monkeypatch.setattr(data_mod, "_decode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = load_split(spec, model_spec(), "train")
+    (entry,) = (tmp_path / "c" / "images").glob("*.pt")
+    written = entry.read_bytes()
+    entry.unlink()
+    results = []
+    with data_mod._locked(entry.with_suffix(".lock")):   # another process is decoding the folder
+        waiting = threading.Thread(target=lambda: results.append(load_split(spec, model_spec(), "train")))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not results   # it waits for the lock
+        entry.write_bytes(written)   # the other process's entry, written before it lets go
+    waiting.join(30)
+    assert len(results) == 1 and same(results[0], first) and len(calls) == 1   # read, not decoded again
