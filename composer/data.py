@@ -351,6 +351,7 @@ def _decode_folder(path: Path, files, classes, table, model: ModelSpec, cache: P
         # (under _locked: no other process writes it; one a killed process left is overwritten)
         partial = mapped.with_suffix(".npy.partial")
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(partial, mapped.parent)
         _decode_images([f for f, _ in files], model.in_channels, model.image_size, report, crop, out=out)
         out.flush()
         del out
@@ -456,6 +457,21 @@ def _check_disk_for(shape: tuple, mapped: Path, path: Path) -> None:
                         f"the cache ({mapped.parent}), whose disk has {free / 2**30:.1f} GiB free; point "
                         "data.cache_dir (or COMPOSER_CACHE) at a disk with room, or train at a smaller "
                         "model.image_size (model.resize still feeds the network larger images)")
+
+
+def _reserve(path: Path, folder: Path) -> None:
+    """Allocate a file's blocks now: a disk that fills while a mapped file is written kills the
+    process (SIGBUS) instead of raising; here it is an error with the fix."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = os.path.getsize(path)
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, size)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise UserError(f"cannot reserve {size / 2**30:.1f} GiB for the decoded images in {folder}: "
+                        f"{exc.strerror or exc}; point data.cache_dir (or COMPOSER_CACHE) at a disk with room") from None
 
 
 def _map(path: Path, shape: list) -> torch.Tensor:

@@ -488,6 +488,16 @@ def test_a_folder_for_disk_is_refused_when_the_disk_or_memory_cannot_hold_it(tmp
                                         r"machine's memory, .* whose disk has 0.0 GiB free; point data.cache_dir"):
         load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "c")), model_spec(), "train")
     monkeypatch.undo()
+    # a disk that fills meanwhile: the file's blocks are reserved before decoding, so it is refused then too
+    monkeypatch.setattr(data_mod, "available_memory", lambda: 4000)
+    monkeypatch.setattr(data_mod, "_decode_images", lambda *a, **k: pytest.fail("decoded anyway"))
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")), raising=False)
+    with pytest.raises(UserError, match=r"cannot reserve 0.0 GiB for the decoded images in .*: No space left on "
+                                        r"device; point data.cache_dir"):
+        load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "full")), model_spec(), "train")
+    assert not list((tmp_path / "full" / "images").glob("*.partial"))
+    monkeypatch.undo()
     # the held-out images are copied into memory: refused when they cannot be held there either
     monkeypatch.setattr(data_mod, "available_memory", lambda: 1000)
     spec = data_spec("folder", folder, cache_dir=str(tmp_path / "c"), val_split=0.5)
