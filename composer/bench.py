@@ -9,7 +9,7 @@ rate, whichever is larger. Both ceilings are measured at the start of the same r
 from __future__ import annotations
 
 import collections
-
+import contextlib
 import importlib
 import re
 import statistics
@@ -572,4 +572,61 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
         rows.append({"name": e.key, "us_per_step": us, "share": us / total if total else 0.0,
                      "calls_per_step": e.count / steps})
         echo(f"  {us:10.1f} {us / total if total else 0:6.1%} {e.count / steps:10.1f}  {e.key[:110]}")
+    return rows
+
+
+def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] = (0,), rounds: int = 10,
+                device: str = "auto", echo=print) -> list[dict]:
+    """Inference throughput of a trained run (directory or checkpoint) or of a spec's model (fresh
+    weights) on random images of its input size: each of `merges` (tokens merged a block,
+    composer.merging; 0: none) timed once a round, round after round (so that a machine's drift
+    falls on every setting alike), the median of the rounds after the first two. In the run's
+    precision (bf16 autocast on CUDA by default), with its kernels, under no_grad."""
+    from composer.build import build_model
+    from composer.checkpoint import load_run
+    from composer.merging import flops_with, merging, tokens_after
+    from composer.spec import load_spec
+    from composer.summarize import human
+    from composer.train import precision, resolve_device
+
+    if rounds < 3:
+        raise UserError(f"--rounds {rounds}: the first two rounds warm up; give at least 3")
+    dev = resolve_device(device)
+    if str(target).endswith((".yaml", ".yml")):
+        spec = load_spec(target)
+        model = build_model(spec).to(dev).eval()
+    else:
+        spec, model, _ = load_run(target, device=dev)
+    autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
+    m = spec.model
+    x = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, device=dev)
+    settings = []
+    for r in merges:
+        if r:
+            counts = tokens_after(model, r)
+            settings.append((r, (counts[0][1], counts[-1][2]), flops_with(model, r)))
+        else:
+            settings.append((0, None, sum(layer.cost.flops for layer in model.layers)))
+    times = {r: [] for r, _, _ in settings}
+    with torch.no_grad(), torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        for _ in range(rounds):
+            for r, _, _ in settings:
+                with merging(model, r) if r else contextlib.nullcontext():
+                    _sync(dev)
+                    start = time.perf_counter()
+                    model(x)
+                    _sync(dev)
+                    times[r].append(time.perf_counter() - start)
+    rows = []
+    for r, tokens, flops in settings:
+        seconds = statistics.median(times[r][2:])
+        rows.append({"merge": r, "tokens": tokens, "flops_per_image": flops, "img_per_s": batch_size / seconds,
+                     "ms_per_batch": 1e3 * seconds})
+    base = rows[0]["img_per_s"]
+    for row in rows:
+        tokens = f"{row['tokens'][0]} -> {row['tokens'][1]} tokens" if row["tokens"] else "no merging"
+        echo(f"{spec.name}: --merge {row['merge']:<3d} {tokens:<20s} {human(row['flops_per_image'])} FLOPs an image  "
+             f"{row['img_per_s']:,.0f} img/s  {row['ms_per_batch']:.1f} ms a batch of {batch_size}  "
+             f"({row['img_per_s'] / base:.2f}x the first)")
+    echo(f"({dev}, {str(autocast or torch.float32).replace('torch.', '')}, medians of {rounds - 2} interleaved rounds)")
     return rows

@@ -240,3 +240,27 @@ def test_summarize_shows_tokens_and_flops_while_merging(tmp_path):
 
 
 
+
+
+def test_bench_infer_times_each_merge_setting(tmp_path, monkeypatch):
+    """`composer bench infer`: every --merge setting timed once a round, interleaved, the median of
+    the rounds after two warm-up ones; a spec's model (fresh weights) or a run's; mistakes named."""
+    import composer.bench as bench
+
+    (tmp_path / "m.yaml").write_text(spec_text("[{kind: vit, heads: 2, repeat: 2}]"))
+    calls = []
+    real = merging
+    monkeypatch.setattr("composer.merging.merging", lambda model, r: calls.append(r) or real(model, r))
+    rows = bench.bench_infer(str(tmp_path / "m.yaml"), batch_size=4, merges=(0, 3), rounds=4, echo=lambda *a: None)
+    assert calls == [3] * 4   # merge 0 runs the model as it is
+    model = build_model(spec_of("[{kind: vit, heads: 2, repeat: 2}]"))
+    assert [(row["merge"], row["tokens"], row["flops_per_image"]) for row in rows] == [
+        (0, None, sum(layer.cost.flops for layer in model.layers)), (3, (17, 11), flops_with(model, 3))]
+    assert all(row["img_per_s"] > 0 and row["ms_per_batch"] > 0 for row in rows)
+    shown = run_cli("bench", "infer", tmp_path / "m.yaml", "--merge", "0,3", "--batch-size", 4, "--rounds", 3)
+    assert shown.returncode == 0, shown.stderr
+    assert "--merge 3   17 -> 11 tokens" in shown.stdout and "medians of 1 interleaved rounds" in shown.stdout
+    assert_user_error(run_cli("bench", "infer", tmp_path / "m.yaml", "--merge", "0,a"), "--merge 0,a: give whole numbers")
+    assert_user_error(run_cli("bench", "infer", tmp_path / "m.yaml", "--rounds", 2), "--rounds 2: the first two")
+    (tmp_path / "x.yaml").write_text(spec_text("[{kind: mixer, token_hidden: 8}]", "{pool: mean}"))
+    assert_user_error(run_cli("bench", "infer", tmp_path / "x.yaml", "--merge", "4"), "it has no attention blocks")
