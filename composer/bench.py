@@ -9,7 +9,6 @@ rate, whichever is larger. Both ceilings are measured at the start of the same r
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib
 import re
 import statistics
@@ -575,12 +574,13 @@ def profile_train(spec, steps: int = 10, top: int = 15, echo=print) -> list[dict
     return rows
 
 
-def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] = (0,), rounds: int = 10,
+def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] | None = None, rounds: int = 10,
                 device: str = "auto", echo=print) -> list[dict]:
     """Inference throughput of a trained run (directory or checkpoint) or of a spec's model (fresh
     weights) on random images of its input size: each of `merges` (tokens merged a block,
     composer.merging; 0: none) timed once a round, round after round (so that a machine's drift
-    falls on every setting alike), the median of the rounds after the first two. In the run's
+    falls on every setting alike), the median of the rounds after the first two; default: the
+    model's own (model.token_merging). In the run's
     precision (bf16 autocast on CUDA by default), with its kernels, under no_grad."""
     from composer.build import build_model
     from composer.checkpoint import load_run
@@ -599,6 +599,7 @@ def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] = (0
         spec, model, _ = load_run(target, device=dev)
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     m = spec.model
+    merges = (m.token_merging,) if merges is None else merges   # default: as the model was built
     x = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, device=dev)
     settings = []
     for r in merges:
@@ -611,7 +612,7 @@ def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] = (0
     with torch.no_grad(), torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         for _ in range(rounds):
             for r, _, _ in settings:
-                with merging(model, r) if r else contextlib.nullcontext():
+                with merging(model, r):
                     _sync(dev)
                     start = time.perf_counter()
                     model(x)

@@ -505,6 +505,10 @@ def build_model(spec: Spec | ModelSpec, backend: str = "auto") -> ComposedModel:
         shape(layout, tokens), (m.num_classes,), head, cost)
     model = ComposedModel(m, layers)
     _init_weights(model)
+    if m.token_merging:   # ToMe in training and inference (composer.merging)
+        from composer.merging import attach
+
+        attach(model, m.token_merging)
     return model
 
 

@@ -503,9 +503,9 @@ def bench_kernels(op, dtype, cuda_graph, sweep, limit, only_case, save, profile,
 @bench.command("infer")
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT|SPEC")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--merge", "merges", default="0", show_default=True, metavar="R[,R...]",
+@click.option("--merge", "merges", default=None, metavar="R[,R...]",
               help="Token merging settings to compare (R pairs merged in each attention block at the end of the "
-                   "model; 0: none), e.g. 0,8,16.")
+                   "model; 0: none), e.g. 0,8,16. Default: the model's own (model.token_merging).")
 @click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
               help="Forward passes of each setting, interleaved; the first two warm up.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -514,10 +514,10 @@ def bench_infer(target, batch_size, merges, rounds, device):
     from composer import bench as b
 
     try:
-        settings = tuple(int(part) for part in merges.split(","))
+        settings = None if merges is None else tuple(int(part) for part in merges.split(","))
     except ValueError:
         raise UserError(f"--merge {merges}: give whole numbers of tokens separated by commas, e.g. 0,8,16") from None
-    if any(r < 0 for r in settings):
+    if settings and any(r < 0 for r in settings):
         raise UserError(f"--merge {merges}: the tokens merged in each block cannot be negative")
     b.bench_infer(target, batch_size=batch_size, merges=settings, rounds=rounds, device=device, echo=click.echo)
 

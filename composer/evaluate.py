@@ -115,13 +115,19 @@ def load_at_size(target: str, device: torch.device, image_size: int | None):
 @contextmanager
 def merged_tokens(model, merge: int | None):
     """Within it, `model` merges `merge` tokens in each merging block (composer.merging; None: as it
-    is); yields {"r", "blocks", "tokens": [first block's input, last block's output]} or None."""
-    if not merge:
+    was built, model.token_merging); yields {"r", "blocks", "tokens": [first block's input, last
+    block's output], "flops": [without, with]}, or None when it merges nothing."""
+    own = model.token_merging.r if model.token_merging is not None else 0
+    merge = own if merge is None else merge
+    if not merge and not own:
         yield None
         return
     from composer.merging import flops_with, merging, tokens_after
 
     with merging(model, merge):
+        if not merge:   # --merge 0 on a model trained merging
+            yield None
+            return
         counts = tokens_after(model, merge)
         flops = [sum(layer.cost.flops for layer in model.layers), flops_with(model, merge)]
         yield {"r": merge, "blocks": len(counts), "tokens": [counts[0][1], counts[-1][2]], "flops": flops}

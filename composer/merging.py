@@ -39,9 +39,10 @@ class TokenMerging:
         r = min(self.r, (x.shape[1] - p) // 2)
         if r <= 0:
             return x
-        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        wide = torch.promote_types(x.dtype, torch.float32)   # sums of 16-bit tokens in fp32
+        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1, dtype=wide)
         plan = match(keys[:, p:], r)
-        patches = merge(x[:, p:].float() * size[:, p:], plan)
+        patches = merge(x[:, p:].to(wide) * size[:, p:], plan)
         sizes = merge(size[:, p:], plan)
         self.size = torch.cat([size[:, :p], sizes], 1)
         return torch.cat([x[:, :p], (patches / sizes).to(x.dtype)], 1)
@@ -104,24 +105,36 @@ def merging_blocks(model) -> list:
                     f"of a hybrid); in this model {where}")
 
 
-@contextmanager
-def merging(model, r: int):
-    """Within it, `model` (a ComposedModel) merges `r` tokens in each of `merging_blocks(model)`;
-    yields those layers. Everything is as it was afterwards."""
-    if r < 0:
-        raise UserError(f"--merge {r}: the tokens merged in each block cannot be negative")
+def attach(model, r: int) -> list:
+    """From now on `model` (a ComposedModel) merges `r` tokens in each of `merging_blocks(model)`
+    (0: in none); returns those layers. What model.token_merging builds in, and `merging` does
+    for a while."""
+    from composer.blocks.attention import Attention
+
+    for module in model.modules():   # whatever merged before
+        if isinstance(module, Attention) or module is model.stages[-1] or module is model:
+            module.token_merging = None
+    if r == 0:
+        return []
     layers = merging_blocks(model)
     ctx = layers[0].ctx
     state = TokenMerging(r, ctx.tokens - ctx.grid[0] * ctx.grid[1])
-    head = model.stages[-1]
-    parts = [layer.module for layer in layers] + [head, model]
-    for part in parts:
+    for part in [layer.module for layer in layers] + [model.stages[-1], model]:
         part.token_merging = state
+    return layers
+
+
+@contextmanager
+def merging(model, r: int):
+    """Within it, `model` merges `r` tokens in each of `merging_blocks(model)` (0: none); yields those
+    layers. Afterwards it merges as before (a model built with model.token_merging: its own)."""
+    if r < 0:
+        raise UserError(f"--merge {r}: the tokens merged in each block cannot be negative")
+    before = model.token_merging.r if model.token_merging is not None else 0
     try:
-        yield layers
+        yield attach(model, r)
     finally:
-        for part in parts:
-            part.token_merging = None
+        attach(model, before)
 
 
 def tokens_after(model, r: int) -> list[tuple[str, int, int]]:

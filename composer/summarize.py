@@ -57,8 +57,9 @@ def norm_path(layer, backend: str, device: str, dtype: torch.dtype, compiled: bo
 
 def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
               model: ComposedModel | None = None, merge: int | None = None) -> dict:
-    """The summary of the spec's model (the rows and totals `render` shows); `merge`: at inference
-    with token merging (composer.merging), each layer's tokens and FLOPs as they then are."""
+    """The summary of the spec's model (the rows and totals `render` shows); `merge`: with token
+    merging (composer.merging) of that many tokens a block (default: model.token_merging), each
+    layer's tokens and FLOPs as they then are."""
     requested = backend or spec.train.kernels
     backend = model_backend(requested, spec.train.compile)
     device, dtype = training_device_and_dtype(spec)
@@ -73,6 +74,7 @@ def summarize(spec: Spec, batch_size: int = 1, backend: str | None = None,
     frozen = frozen_stages(model, spec.train.freeze)   # they keep no activations: ComposedModel.freeze
     channels_last = training_memory_format(spec, torch.device(device)) == torch.channels_last
     merged = None
+    merge = spec.model.token_merging if merge is None else merge   # the model's own, unless told
     if merge:
         from composer.merging import layer_costs
 
@@ -191,8 +193,8 @@ def render(summary: dict) -> "rich.table.Table":  # noqa: F821
         notes.append("Positions: a learned relative position bias in every attention block (Swin's); those blocks "
                      "run PyTorch's attention, as the fused kernel takes no bias.")
     if summary.get("merge"):
-        notes.append(f"Token merging (--merge {summary['merge']}): shapes and FLOPs of inference with {summary['merge']} "
-                     "token pairs merged in each attention block at the end of the model (composer evaluate --merge).")
+        notes.append(f"Token merging ({summary['merge']}): shapes and FLOPs with {summary['merge']} token pairs merged "
+                     "in each attention block at the end of the model (model.token_merging, or --merge).")
     if summary["drop_path"]:
         notes.append(f"Stochastic depth (model.drop_path): 0 at the first block, rising linearly to "
                      f"{summary['drop_path']:.3g} at the last (each layer's rate: --json).")

@@ -525,6 +525,13 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
     if t.recompute:
         log(f"recompute: {model.recompute_token_blocks()} token blocks recompute their activations in the backward")
     flops = sum(layer.cost.flops for layer in model.layers)
+    if spec.model.token_merging:
+        from composer.merging import flops_with, tokens_after
+
+        merged = tokens_after(model, spec.model.token_merging)
+        log(f"token merging: {spec.model.token_merging} a block in {len(merged)} attention blocks, "
+            f"{merged[0][1]} -> {merged[-1][2]} tokens")
+        flops = flops_with(model, spec.model.token_merging)
     log(f"model: {count_params(model):,} parameters, {human(flops)} FLOPs an image forward "
         f"({t.batch_size} images a step" + (f" in {t.accumulate} slices)" if t.accumulate > 1 else ")"))
     if t.init_from and state is None:   # a resume takes its own checkpoint's weights

@@ -30,6 +30,7 @@ from PIL import Image
 from composer.blocks.base import using_backend
 from composer.checkpoint import load_run
 from composer.errors import UserError
+from composer.merging import attach
 
 COMMAND_OF_KIND = {"attention": "attention", "token_mlp": "token-mlp", "dwconv": "dwconv", "convnext": "dwconv"}
 MAX_TILES = 256        # units / channels drawn per figure; the title says when there are more
@@ -71,6 +72,13 @@ def attention_maps(model, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         model.train(was_training)
     return maps
 
+
+def _load_unmerged(run_dir, device):
+    """load_run, the model with every token on its grid cell: a run trained with token merging
+    (model.token_merging) is drawn without it, so that each layer's maps cover the whole grid."""
+    spec, model, state = load_run(run_dir, device)
+    attach(model, 0)
+    return spec, model, state
 
 def class_token_count(spec) -> int:
     """How many tokens join before the patches for the head: the class token, and DeiT's
@@ -241,7 +249,7 @@ def attention(run_dir, image_index: int | None = None, split: str = "val", layer
 
     if file is not None and image_index is not None:
         raise UserError("--image picks an image of the run's data and --file gives one of your own; give one of them")
-    spec, model, state = load_run(run_dir, device)
+    spec, model, state = _load_unmerged(run_dir, device)
     chosen = _select(model, spec, "attention", layer, "--layer")
     heads = min(info.module.heads for _, info in chosen)  # blocks of one spec may differ in heads
     if head is not None and not 0 <= head < heads:
@@ -504,7 +512,7 @@ def _weight_tiles(tiles: torch.Tensor, title: str, bar_label: str) -> Figure:
 
 def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") -> list[str]:
     """First-layer weights of each token-mixing MLP, one patch-grid image per hidden unit."""
-    spec, model, _ = load_run(run_dir, device)
+    spec, model, _ = _load_unmerged(run_dir, device)
     chosen = _select(model, spec, "token_mlp", block, "--block")
     out_dir, paths = _out_dir(run_dir, out), []
     for index, layer in chosen:
@@ -526,7 +534,7 @@ def token_mlp(run_dir, block: int | None = None, out=None, device: str = "cpu") 
 
 def dwconv(run_dir, block: int | None = None, out=None, device: str = "cpu") -> list[str]:
     """The learned depthwise kernels of each dwconv block, one tile per channel."""
-    spec, model, _ = load_run(run_dir, device)
+    spec, model, _ = _load_unmerged(run_dir, device)
     chosen = _select(model, spec, "dwconv", block, "--block")
     out_dir, paths = _out_dir(run_dir, out), []
     for index, layer in chosen:
@@ -555,7 +563,7 @@ def pos_embed(run_dir, out=None, device: str = "cpu") -> list[str]:
     mean over channel pairs of cos(angle difference), what q·k of equal contents is made of."""
     from composer.build import PositionEmbedding
 
-    spec, model, _ = load_run(run_dir, device)
+    spec, model, _ = _load_unmerged(run_dir, device)
     h = w = spec.model.grid
     if spec.model.pos_embed == "rope":   # the first attention layer's rotations, on its grid
         first = next(layer for layer in model.layers if layer.kind == "attention")

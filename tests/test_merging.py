@@ -235,7 +235,7 @@ def test_summarize_shows_tokens_and_flops_while_merging(tmp_path):
     assert [r["input"] for r in merged["rows"][:-5]] == [r["input"] for r in plain["rows"][:-5]]
     (tmp_path / "m.yaml").write_text(spec_text("[{kind: vit, heads: 2, repeat: 2}]"))
     shown = run_cli("summarize", tmp_path / "m.yaml", "--merge", 3)
-    assert shown.returncode == 0 and "(1, 14, 16) -> (1, 11, 16)" in shown.stdout and "--merge 3" in shown.stdout
+    assert shown.returncode == 0 and "(1, 14, 16) -> (1, 11, 16)" in shown.stdout and "Token merging (3)" in shown.stdout
     assert_user_error(run_cli("summarize", SPECS / "swin_t.yaml", "--merge", 3), "windowed attention")
 
 
@@ -252,7 +252,7 @@ def test_bench_infer_times_each_merge_setting(tmp_path, monkeypatch):
     real = merging
     monkeypatch.setattr("composer.merging.merging", lambda model, r: calls.append(r) or real(model, r))
     rows = bench.bench_infer(str(tmp_path / "m.yaml"), batch_size=4, merges=(0, 3), rounds=4, echo=lambda *a: None)
-    assert calls == [3] * 4   # merge 0 runs the model as it is
+    assert calls == [0, 3] * 4   # one of each a round
     model = build_model(spec_of("[{kind: vit, heads: 2, repeat: 2}]"))
     assert [(row["merge"], row["tokens"], row["flops_per_image"]) for row in rows] == [
         (0, None, sum(layer.cost.flops for layer in model.layers)), (3, (17, 11), flops_with(model, 3))]
@@ -264,3 +264,53 @@ def test_bench_infer_times_each_merge_setting(tmp_path, monkeypatch):
     assert_user_error(run_cli("bench", "infer", tmp_path / "m.yaml", "--rounds", 2), "--rounds 2: the first two")
     (tmp_path / "x.yaml").write_text(spec_text("[{kind: mixer, token_hidden: 8}]", "{pool: mean}"))
     assert_user_error(run_cli("bench", "infer", tmp_path / "x.yaml", "--merge", "4"), "it has no attention blocks")
+
+
+def test_spec_rules_of_token_merging_point_at_their_lines():
+    from composer.spec import SpecError
+
+    cases = {
+        spec_text("[{kind: vit, heads: 2}, {kind: mixer, token_hidden: 8}]", "{pool: mean}",
+                  extra="  token_merging: 2\n"): ("model.token_merging", "blocks[1] (mixer) ends this one"),
+        spec_text("[{kind: vit, heads: 2}]", extra="  token_merging: 2\n", pos="rope"):
+            ("model.token_merging", "pos_embed rope needs each token's place on the grid"),
+        spec_text("[{kind: vit, heads: 2, window: 2}]", "{pool: mean}", extra="  token_merging: 2\n"):
+            ("model.token_merging", "blocks[0] attends within windows"),
+        spec_text("[{kind: vit, heads: 2}]", extra="  token_merging: 2\n").replace(
+            "device: cpu}", "device: cpu, recompute: true}"): ("train.recompute", "the tokens it merged are gone"),
+    }
+    for text, (field, message) in cases.items():
+        with pytest.raises(SpecError) as caught:
+            load_spec_text(text, "m.yaml")
+        said = str(caught.value)
+        key = field.split(".")[1] + ":"
+        line = next(i for i, text_line in enumerate(text.splitlines(), 1) if key in text_line)
+        assert message in said and f"m.yaml:{line}:" in said and field in said, said
+
+
+def test_a_model_trained_with_token_merging(tmp_path):
+    """model.token_merging: the model merges in training (its gradients those of the merging
+    computation: gradcheck in float64), the log says so, and evaluate, summarize and export
+    merge by default (--merge 0 turns it off); visualize draws the unmerged model's maps."""
+    from composer.api import train
+    from composer.summarize import summarize
+
+    spec = spec_of("[{kind: vit, heads: 2, repeat: 2}]", extra="  token_merging: 2\n",
+                   overrides=[f"train.out_dir={tmp_path / 'run'}"])
+    model = build_model(spec).double()
+    assert model.token_merging is not None and model.token_merging.r == 2
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda images: model(images).sum(), (x,))
+    with torch.no_grad(), merging(model, 0):
+        assert model.token_merging is None
+    assert model.token_merging.r == 2   # back to its own after the context
+    said = []
+    train(spec, echo=lambda line="", *a, **k: said.append(str(line)))
+    assert "token merging: 2 a block in 2 attention blocks, 17 -> 13 tokens" in said, said
+    assert summarize(spec)["merge"] == 2 and summarize(spec, merge=0).get("merge") is None
+    own = json.loads(run_cli("evaluate", tmp_path / "run", "--json").stdout)
+    assert own["merge"]["tokens"] == [17, 13]
+    off = json.loads(run_cli("evaluate", tmp_path / "run", "--merge", "0", "--json").stdout)
+    assert "merge" not in off
+    drawn = run_cli("visualize", "attention", tmp_path / "run", "--image", 0, "--out", tmp_path / "fig")
+    assert drawn.returncode == 0, drawn.stderr

@@ -272,6 +272,11 @@ class ModelSpec(Strict):
         False, description="A LayerNorm over every token before the first block, after the class token, the "
         "position table and registers have joined (CLIP's ln_pre). Needs a token block first.")
     norm_pre_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="norm_pre's epsilon.")
+    token_merging: Annotated[int, Field(ge=0)] = Field(
+        0, description="Token merging (ToMe, Bolya et al., 2023), in training and inference: this many pairs of "
+        "similar patch tokens merged into one in each attention block of the model's last run of attention and "
+        "channel-MLP blocks (fewer tokens for every later layer: faster). Not with windows, rope or relative "
+        "position bias, nor train.recompute. evaluate, predict, export and summarize --merge R override it. 0: off.")
     head: Head = Field(default_factory=Head)
 
     @property

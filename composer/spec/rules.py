@@ -157,6 +157,8 @@ def check(m: ModelSpec | None, d: DataSpec | None, t: TrainSpec | None = None) -
                 else "relative biases attention's logits")
         problems.append((pos, f"{what}, but the model has no attention block; use learned or sincos",
                          (pos, ("model", "blocks"))))
+    if m.token_merging:
+        problems += _merging_problems(m, t)
     if m.registers and last_layout != "tokens":
         registers = ("model", "registers")
         problems.append((registers, f"register tokens need token layout at the end, but the last block "
@@ -221,6 +223,36 @@ def _window_problems(m: ModelSpec, i: int, side: int, shape_paths: tuple, exact:
                          (window_path, ("model", "head", "pool"), ("model", "registers"))
                          + tuple(("model", "blocks", j, "kind") for j in range(i, len(m.blocks)))))
     return problems
+
+
+def _merging_problems(m: ModelSpec, t: TrainSpec | None) -> list[Finding]:
+    """model.token_merging: it merges in the attention blocks of the model's last run of attention and
+    channel-MLP blocks (composer.merging), where no position on the grid is needed."""
+    merge = ("model", "token_merging")
+    tail = []
+    for i in range(len(m.blocks) - 1, -1, -1):
+        if m.blocks[i].kind not in ("vit", "attention", "channel_mlp"):
+            break
+        tail.append(i)
+    attention = [i for i in tail if m.blocks[i].kind != "channel_mlp"]
+    if not attention:
+        last = len(m.blocks) - 1
+        return [(merge, f"token merging runs in attention blocks at the end of the model, and blocks[{last}] "
+                        f"({m.blocks[last].kind}) ends this one; end with vit blocks or set token_merging: 0",
+                 (merge, ("model", "blocks", last, "kind")))]
+    if m.pos_embed in ("rope", "relative"):
+        return [(merge, f"pos_embed {m.pos_embed} needs each token's place on the grid, which merging loses; use "
+                        "learned or sincos, or set token_merging: 0", (merge, ("model", "pos_embed")))]
+    windowed = [i for i in attention if getattr(m.blocks[i], "window", None)]
+    if windowed:
+        window = ("model", "blocks", windowed[0], "window")
+        return [(merge, f"blocks[{windowed[0]}] attends within windows of the grid, which merging loses; set "
+                        "token_merging: 0 or remove the window", (merge, window))]
+    if t is not None and t.recompute:
+        return [(("train", "recompute"), "recompute runs each block again in the backward, and with "
+                                         "model.token_merging the tokens it merged are gone by then; set "
+                                         "recompute: false or token_merging: 0", (merge, ("train", "recompute")))]
+    return []
 
 
 def _list(values: list[int]) -> str:
