@@ -296,7 +296,7 @@ def test_a_model_trained_with_token_merging(tmp_path):
     from composer.summarize import summarize
 
     spec = spec_of("[{kind: vit, heads: 2, repeat: 2}]", extra="  token_merging: 2\n",
-                   overrides=[f"train.out_dir={tmp_path / 'run'}"])
+                   overrides=[f"train.out_dir={tmp_path / 'run'}", "train.ema=0.9"])   # (the EMA copy merges too)
     model = build_model(spec).double()
     assert model.token_merging is not None and model.token_merging.r == 2
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
@@ -314,3 +314,19 @@ def test_a_model_trained_with_token_merging(tmp_path):
     assert "merge" not in off
     drawn = run_cli("visualize", "attention", tmp_path / "run", "--image", 0, "--out", tmp_path / "fig")
     assert drawn.returncode == 0, drawn.stderr
+
+
+def test_a_merging_model_compiles_to_the_same_forward_and_backward():
+    torch.manual_seed(0)
+    model = build_model(spec_of("[{kind: vit, heads: 2, repeat: 2}]", extra="  token_merging: 3\n"))
+    x = torch.randn(4, 3, 8, 8)
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)   # traced whole: no graph break
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    assert model.token_merging.size.shape == (4, 11, 1)   # 16 patches, 3 merged twice, and the class token
