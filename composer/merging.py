@@ -1,4 +1,6 @@
-"""Token merging (ToMe: Bolya et al., 2023, "Token Merging: Your ViT But Faster"), for inference.
+"""Token merging (ToMe: Bolya et al., 2023, "Token Merging: Your ViT But Faster"): in a model built
+with model.token_merging (training and inference), or for a while with `merging` (evaluate,
+predict, export, summarize and bench infer --merge).
 
 In each merging attention block, after the attention and its residual, `r` pairs of similar patch
 tokens become one (so the channel MLP and every later block see r tokens fewer): the tokens are
