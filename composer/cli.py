@@ -76,8 +76,8 @@ def schema(output):
 @click.option("--kernels", "backend", type=click.Choice(["auto", "triton", "reference"]), default=None,
               help="Kernel backend to report (default: the spec's train.kernels).")
 @click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
-              help="Shapes and FLOPs at inference with token merging (R pairs merged in each attention block at the "
-                   "end of the model; as evaluate --merge).")
+              help="Shapes and FLOPs with token merging (R pairs merged in each attention block at the end of the "
+                   "model; as evaluate --merge; default: model.token_merging).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @set_option
 def summarize(spec_paths, batch_size, backend, merge, as_json, overrides):
@@ -162,7 +162,8 @@ def train(spec_path, out_dir, resume, epochs, kernels, device, compile_, cuda_gr
                    "does; FixRes: models trained on random crops often do better a little above their size).")
 @click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
               help="Token merging (ToMe): merge R pairs of similar tokens in each attention block at the end of "
-                   "the model, for speed (no retraining; accuracy usually drops a little).")
+                   "the model, for speed (no retraining; accuracy usually drops a little). Default: the model's "
+                   "own (model.token_merging); 0: none.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, image_size, merge, as_json):
     """Accuracy (top-1, top-5), loss, per-class accuracy and the most confused classes of a trained run."""
@@ -186,7 +187,7 @@ def evaluate(target, data_root, labels, split, batch_size, device, flip, crop, i
               help="Classify at another input size (as evaluate --image-size).")
 @click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
               help="Token merging: R pairs of tokens merged in each attention block at the end of the model "
-                   "(as evaluate --merge).")
+                   "(as evaluate --merge; default: the model's own).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Also write image,class,probability rows (each image's top class) to this CSV file.")
@@ -340,7 +341,7 @@ def list_runs(paths, as_json):
 @click.argument("out", metavar="OUT.pt2|OUT.onnx")
 @click.option("--merge", type=click.IntRange(min=0), default=None, metavar="R",
               help="Token merging built into the program: R pairs of tokens merged in each attention block at the "
-                   "end of the model (as evaluate --merge).")
+                   "end of the model (as evaluate --merge; default: the model's own).")
 def export_run(target, out, merge):
     """Save a trained run as one file for inference (torch.export .pt2 or .onnx): uint8 images in, logits out."""
     from composer.evaluate import merge_note
