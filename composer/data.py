@@ -321,8 +321,13 @@ def _locked(path: Path):
     except ImportError:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write the cache folder {path.parent}: {e.strerror or e}; set data.cache_dir or "
+                        "COMPOSER_CACHE to a writable folder with space") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

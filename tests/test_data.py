@@ -801,3 +801,11 @@ def test_a_folder_being_decoded_by_another_process_is_waited_for_not_decoded_aga
         entry.write_bytes(written)   # the other process's entry, written before it lets go
     waiting.join(30)
     assert len(results) == 1 and same(results[0], first) and len(calls) == 1   # read, not decoded again
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path):
+    folder = make_folder(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")   # (a read-only folder would not stop root)
+    with pytest.raises(UserError, match=r"cannot write the cache folder .*a_file/images: .*; set data.cache_dir or "
+                                        r"COMPOSER_CACHE to a writable folder"):
+        load_split(data_spec("folder", folder, cache_dir=str(tmp_path / "a_file")), model_spec(), "train")
