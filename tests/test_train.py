@@ -325,9 +325,9 @@ def test_train_and_evaluate_with_a_validation_folder(tmp_path):
     report = json.loads(run_cli("evaluate", tmp_path / "run", "--json").stdout)
     assert report["split"] == "val" and report["images"] == 12 and report["classes"] == ["bird", "cat", "dog"]
     # --crop decodes the images' centres: another decoding, cached apart from the whole images'
-    cached = set((tmp_path / "cache" / "images").iterdir())
+    cached = set((tmp_path / "cache" / "images").glob("*.pt"))
     cropped = json.loads(run_cli("evaluate", tmp_path / "run", "--json", "--crop", "0.875").stdout)
-    assert cropped["images"] == 12 and len(set((tmp_path / "cache" / "images").iterdir()) - cached) == 1
+    assert cropped["images"] == 12 and len(set((tmp_path / "cache" / "images").glob("*.pt")) - cached) == 1
 
     (val_dir / "dog").rename(val_dir / "wolf")   # same count, another class
     assert_user_error(run_cli("train", spec, "--out", tmp_path / "run2", "--epochs", "1"),
