@@ -584,7 +584,7 @@ def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] | No
     precision (bf16 autocast on CUDA by default), with its kernels, under no_grad."""
     from composer.build import build_model
     from composer.checkpoint import load_run
-    from composer.merging import flops_with, merging, tokens_after
+    from composer.merging import describe, merging
     from composer.spec import load_spec
     from composer.summarize import human
     from composer.train import precision, resolve_device
@@ -603,11 +603,9 @@ def bench_infer(target: str, batch_size: int = 256, merges: tuple[int, ...] | No
     x = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, device=dev)
     settings = []
     for r in merges:
-        if r:
-            counts = tokens_after(model, r)
-            settings.append((r, (counts[0][1], counts[-1][2]), flops_with(model, r)))
-        else:
-            settings.append((0, None, sum(layer.cost.flops for layer in model.layers)))
+        info = describe(model, r) if r else None
+        settings.append((r, tuple(info["tokens"]) if info else None,
+                         info["flops"][1] if info else sum(layer.cost.flops for layer in model.layers)))
     times = {r: [] for r, _, _ in settings}
     with torch.no_grad(), torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         for _ in range(rounds):

@@ -344,8 +344,8 @@ def list_runs(paths, as_json):
                    "end of the model (as evaluate --merge; default: the model's own).")
 def export_run(target, out, merge):
     """Save a trained run as one file for inference (torch.export .pt2 or .onnx): uint8 images in, logits out."""
-    from composer.evaluate import merge_note
     from composer.export import export
+    from composer.merging import merge_note
 
     result = export(target, out, merge=merge)
     if result.get("merge"):

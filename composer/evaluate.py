@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.errors import UserError
+from composer.merging import describe, merge_note, merging
 
 
 @torch.no_grad()
@@ -115,31 +116,15 @@ def load_at_size(target: str, device: torch.device, image_size: int | None):
 @contextmanager
 def merged_tokens(model, merge: int | None):
     """Within it, `model` merges `merge` tokens in each merging block (composer.merging; None: as it
-    was built, model.token_merging); yields {"r", "blocks", "tokens": [first block's input, last
-    block's output], "flops": [without, with]}, or None when it merges nothing."""
+    was built, model.token_merging); yields what it does (composer.merging.describe), or None when
+    it merges nothing."""
     own = model.token_merging.r if model.token_merging is not None else 0
     merge = own if merge is None else merge
     if not merge and not own:
         yield None
         return
-    from composer.merging import flops_with, merging, tokens_after
-
     with merging(model, merge):
-        if not merge:   # --merge 0 on a model trained merging
-            yield None
-            return
-        counts = tokens_after(model, merge)
-        flops = [sum(layer.cost.flops for layer in model.layers), flops_with(model, merge)]
-        yield {"r": merge, "blocks": len(counts), "tokens": [counts[0][1], counts[-1][2]], "flops": flops}
-
-
-def merge_note(merge: dict) -> str:
-    """ "token merging: 8 a block in 12 attention blocks, 197 -> 101 tokens, 4.6 -> 2.9 GFLOPs an image" """
-    from composer.summarize import human
-
-    before, after = merge["flops"]
-    return (f"token merging: {merge['r']} a block in {merge['blocks']} attention block{'s' * (merge['blocks'] != 1)}, "
-            f"{merge['tokens'][0]} -> {merge['tokens'][1]} tokens, {human(before)} -> {human(after)} FLOPs an image")
+        yield describe(model, merge) if merge else None   # (0: --merge 0 on a model trained merging)
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 5) -> list[dict]:
@@ -188,14 +173,14 @@ def evaluate(target: str, *, data_root: str | None = None, split: str | None = N
         raise UserError(f"the classes of {folder} ({', '.join(data.classes[:5])}...) differ "
                         f"from the run's ({', '.join(classes[:5])}...); evaluate on data with the same class folders")
     mean, std = state["normalization"]["mean"], state["normalization"]["std"]
-    with merged_tokens(model, merge) as merging:
+    with merged_tokens(model, merge) as merged:
         start = time.perf_counter()
         # the images stay in host memory, each batch copied over: a test set need not fit on the GPU
         result = evaluate_model(model, data.images, data.labels, mean, std, batch_size=batch_size,
                                 autocast_dtype=autocast, num_classes=spec.model.num_classes, device=dev, flip=flip)
         result["img_per_s"] = result["images"] / max(time.perf_counter() - start, 1e-9)   # (read back: synced)
-    if merging:
-        result["merge"] = merging
+    if merged:
+        result["merge"] = merged
     if flip and not spec.data.augment.hflip:
         result["note"] = ("the run trained without mirrored images (data.augment.hflip: false), so --flip shows it "
                           "images unlike its training data")
@@ -253,7 +238,7 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
     autocast, _ = precision(spec, dev) if not (dev.type == "cpu" and spec.train.precision == "fp16") else (None, False)
     k = min(top, spec.model.num_classes)
     rows = []
-    with merged_tokens(model, merge) as merging:
+    with merged_tokens(model, merge) as merged:
         for start in range(0, len(files), batch_size):   # decoded a batch at a time: any number of images
             decoded = decode_files(files[start:start + batch_size], spec.model,
                                    crop if crop is not None else spec.data.crop)
@@ -265,7 +250,7 @@ def predict(target: str, paths: list[str], *, top: int = 5, batch_size: int = 25
                 rows.append({"image": files[start + i],
                              "top": [{"class": classes[j], "probability": q} for q, j in zip(p, c)]})
     return {"spec": spec.name, "checkpoint": str(find_checkpoint(target)), "epoch": state.get("epoch"),
-            "predictions": rows, **({"merge": merging} if merging else {})}
+            "predictions": rows, **({"merge": merged} if merged else {})}
 
 
 def write_predictions_csv(result: dict, path: str) -> None:

@@ -61,7 +61,7 @@ def export(target: str, out: str | Path, merge: int | None = None) -> dict:
     m = spec.model
     example = torch.randint(0, 256, (2, m.in_channels, m.image_size, m.image_size), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.no_grad(), merged_tokens(model, merge) as merging:
+    with torch.no_grad(), merged_tokens(model, merge) as merged:
         program = torch.export.export(classifier, (example,), dynamic_shapes=({0: batch},))
         if out.suffix == ".onnx":   # from the exported program, so both formats hold the same graph
             program = torch.onnx.export(program, input_names=["images"], output_names=["logits"],
@@ -72,7 +72,7 @@ def export(target: str, out: str | Path, merge: int | None = None) -> dict:
         "input": {"dtype": "uint8", "shape": ["batch", m.in_channels, m.image_size, m.image_size]},
         "normalization": {"mean": mean, "std": std},
         "torch": torch.__version__,
-        **({"merge": merging} if merging else {}),
+        **({"merge": merged} if merged else {}),
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -526,12 +526,11 @@ def _train(spec, resume, echo, device, dist, cleanup: ExitStack):
         log(f"recompute: {model.recompute_token_blocks()} token blocks recompute their activations in the backward")
     flops = sum(layer.cost.flops for layer in model.layers)
     if spec.model.token_merging:
-        from composer.merging import flops_with, tokens_after
+        from composer.merging import describe, merge_note
 
-        merged = tokens_after(model, spec.model.token_merging)
-        log(f"token merging: {spec.model.token_merging} a block in {len(merged)} attention blocks, "
-            f"{merged[0][1]} -> {merged[-1][2]} tokens")
-        flops = flops_with(model, spec.model.token_merging)
+        merged = describe(model, spec.model.token_merging)
+        log(merge_note(merged, flops=False))   # (the next line says the FLOPs)
+        flops = merged["flops"][1]
     log(f"model: {count_params(model):,} parameters, {human(flops)} FLOPs an image forward "
         f"({t.batch_size} images a step" + (f" in {t.accumulate} slices)" if t.accumulate > 1 else ")"))
     if t.init_from and state is None:   # a resume takes its own checkpoint's weights
